@@ -1,0 +1,54 @@
+# The README's commands. Each one sets up .venv first (only when pyproject.toml changed).
+#   make pipeline   set up, then run the whole DVC pipeline (dvc repro)
+#   make test       set up, then run the test suite
+#   make lint       ruff
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.llmcore-installed
+# Torch: a CPU build where no NVIDIA GPU is visible (no multi-GB CUDA download), the default
+# (CUDA) build otherwise. Override with e.g. `make TORCH_SPEC='torch==2.13.0' setup`.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+export PATH := $(abspath $(BIN)):$(PATH)
+export DO_NOT_TRACK := true
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export TOKENIZERS_PARALLELISM := true
+
+.PHONY: setup pipeline test lint bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "setup: NVIDIA GPU found, installing the default (CUDA) torch build"; \
+	  $(BIN)/python -m pip install -q '$(TORCH_SPEC)'; \
+	else \
+	  echo "setup: no NVIDIA GPU, installing the CPU build of torch"; \
+	  $(BIN)/python -m pip install -q --retries 1 '$(TORCH_SPEC)' \
+	    --extra-index-url $(TORCH_CPU_INDEX) 2>&1 | grep -v -e '^WARNING: Location' -e 'Retrying' ; \
+	  $(BIN)/python -W ignore -c 'import torch' || { echo "setup: torch failed to install"; exit 1; }; \
+	fi
+	@$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+	@$(BIN)/python -c 'import llmcore, torch, dvc, mlflow, prefect, tokenizers' \
+	  || { echo "setup: installing the project failed"; exit 1; }
+	@touch $(STAMP)
+
+pipeline: setup
+	$(BIN)/dvc repro
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python benchmarks/pack.py
+
+clean-venv:
+	rm -rf $(VENV)

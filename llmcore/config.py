@@ -1,0 +1,321 @@
+"""Typed parameter schemas and their validation.
+
+Every stage reads the sections of ``params.yaml`` it needs and turns each one into a frozen
+dataclass through :func:`parse_section`. Validation happens before any work starts, and every
+error names the key and what is allowed, e.g.
+``params.yaml: tokenizer.vocab_size must be >= 260 (got 12)``. Unknown keys are errors, with a
+suggestion for near misses, because a typo silently ignored is a run silently wrong.
+
+Trade-off: the schema is plain dataclasses plus a small checker written here rather than
+pydantic. The checker is ~150 lines, produces exactly the messages above, and keeps the configs
+trivially picklable and printable; what it gives up is pydantic's coercion zoo (it converts
+nothing except int -> float).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+PARAMS_FILE = "params.yaml"
+
+
+class UserError(ValueError):
+    """A problem the user fixes (params, input data, missing stage output), not a bug.
+
+    Stages print its message without a traceback and exit non-zero.
+    """
+
+
+class ConfigError(UserError):
+    """Invalid parameters. The message lists every problem, one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def spec(
+    default: Any = dataclasses.MISSING,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: tuple[Any, ...] | None = None,
+    doc: str = "",
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
+    """A dataclass field with bounds/choices that :func:`parse_section` enforces."""
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "doc": doc}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """``base:`` settings shared by every stage."""
+
+    seed: int = spec(1337, ge=0, doc="seed of every random choice in the pipeline")
+    device: str = spec("auto", doc="auto | cpu | cuda | cuda:N | mps")
+    dtype: str = spec("auto", choices=("auto", "float32", "bfloat16", "float16"))
+    run_name: str | None = spec(None, doc="MLflow run name prefix; default: the stage name")
+    tracking: str = spec("mlflow", choices=("mlflow", "none"))
+
+    def validate(self) -> list[str]:
+        ok = self.device in ("auto", "cpu", "cuda", "mps") or (
+            self.device.startswith("cuda:") and self.device[5:].isdigit()
+        )
+        if not ok:
+            return [f"base.device must be auto, cpu, cuda, cuda:N or mps (got {self.device!r})"]
+        return []
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """``fetch:`` where the corpus comes from and how it is cleaned and split."""
+
+    source: str = spec("builtin", choices=("builtin", "files", "hf"))
+    paths: list[str] = spec(default_factory=list, doc="files or globs for source: files")
+    text_field: str = spec("text", doc="field holding a document's text (jsonl, parquet, hf)")
+    hf_dataset: str | None = spec(None, doc="Hugging Face dataset id or a local dataset folder")
+    hf_config: str | None = spec(None)
+    hf_split: str = spec("train")
+    val_fraction: float = spec(0.05, gt=0.0, lt=0.5)
+    max_documents: int | None = spec(None, ge=1)
+    max_bytes: int | None = spec(None, ge=1)
+    min_chars: int = spec(1, ge=1, doc="documents shorter than this (after strip) are dropped")
+    strict: bool = spec(False, doc="fail on the first malformed record instead of skipping it")
+    doc_questions: bool = spec(True, doc="add SFT questions answered from the stdlib docs")
+    synthetic_per_task: int = spec(1000, ge=0, doc="SFT examples per synthetic task")
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.source == "files" and not self.paths:
+            problems.append(
+                "fetch.paths must list at least one file or glob when fetch.source is files"
+            )
+        if self.source == "hf" and not self.hf_dataset:
+            problems.append(
+                "fetch.hf_dataset must name a dataset (hub id or local folder) "
+                "when fetch.source is hf"
+            )
+        return problems
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """``tokenizer:`` byte-level BPE training."""
+
+    vocab_size: int = spec(6400, ge=260, le=65536 * 4)
+    min_frequency: int = spec(2, ge=1)
+    include_sft: bool = spec(True, doc="also train on the SFT conversations' text")
+    max_train_bytes: int | None = spec(None, ge=1, doc="cap on the training text, in bytes")
+    split_digits: bool = spec(True, doc="one token per digit (helps arithmetic)")
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    """``pack:`` token rows written as Arrow shards."""
+
+    seq_len: int = spec(256, ge=8, le=1 << 20)
+    rows_per_shard: int = spec(4096, ge=1)
+    sft_overflow: str = spec("truncate", choices=("truncate", "drop"))
+    batch_documents: int = spec(256, ge=1, doc="documents per encode_batch call")
+
+
+SECTIONS: dict[str, type] = {
+    "base": BaseConfig,
+    "fetch": FetchConfig,
+    "tokenizer": TokenizerConfig,
+    "pack": PackConfig,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if tp in names:
+        return names[tp]
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"a list of {_type_name(inner).split(' ', 1)[1]}s"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_type(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Return (ok, converted value) for a value against a simple type annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return True, None
+        for arg in args:
+            if arg is type(None):
+                continue
+            ok, conv = _check_type(value, arg)
+            if ok:
+                return True, conv
+        return False, value
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            return False, value
+        out = []
+        for item in value:
+            ok, conv = _check_type(item, inner)
+            if not ok:
+                return False, value
+            out.append(conv)
+        return True, out
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if dataclasses.is_dataclass(tp):
+        return isinstance(value, Mapping), value
+    return isinstance(value, tp), value
+
+
+def _bounds_problem(key: str, value: Any, meta: Mapping[str, Any]) -> str | None:
+    if value is None:
+        return None
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        allowed = ", ".join(str(c) for c in choices)
+        return f"{key} must be one of {allowed} (got {value!r})"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    for name, op, word in (
+        ("ge", lambda a, b: a >= b, ">="),
+        ("gt", lambda a, b: a > b, ">"),
+        ("le", lambda a, b: a <= b, "<="),
+        ("lt", lambda a, b: a < b, "<"),
+    ):
+        bound = meta.get(name)
+        if bound is not None and not op(value, bound):
+            return f"{key} must be {word} {bound:g} (got {value!r})"
+    return None
+
+
+def _parse(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        problems.append(f"{prefix} must be a mapping of keys to values (got {raw!r})")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            problems.append(
+                f"unknown key {prefix}.{key} ({hint}allowed: {', '.join(sorted(fields))})"
+            )
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}"
+        if name not in raw:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            values[name] = _parse(tp, raw[name], key, problems)
+            continue
+        ok, conv = _check_type(raw[name], tp)
+        if not ok:
+            problems.append(f"{key} must be {_type_name(_strip_optional(tp))} (got {raw[name]!r})")
+            continue
+        problem = _bounds_problem(key, conv, f.metadata)
+        if problem:
+            problems.append(problem)
+            continue
+        values[name] = conv
+    try:
+        obj = cls(**values)
+    except TypeError as exc:  # a required field is missing
+        problems.append(f"{prefix}: {exc}")
+        return None
+    validate = getattr(obj, "validate", None)
+    if validate is not None and not any(p.startswith(prefix) for p in problems):
+        problems.extend(validate())
+    return obj
+
+
+def _strip_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def parse_section(name: str, raw: Any, cls: type | None = None) -> Any:
+    """Validate one params section and return its typed config.
+
+    Raises :class:`ConfigError` listing every problem as ``params.yaml: <key> ...``.
+    """
+    cls = cls or SECTIONS.get(name)
+    if cls is None:
+        raise ConfigError([f"{PARAMS_FILE}: unknown section {name!r} (known: {', '.join(SECTIONS)})"])
+    problems: list[str] = []
+    obj = _parse(cls, raw, name, problems)
+    if problems:
+        raise ConfigError([f"{PARAMS_FILE}: {p}" for p in problems])
+    return obj
+
+
+def parse_sections(params: Mapping[str, Any], names: list[str]) -> dict[str, Any]:
+    """Validate several sections of a params mapping; all problems are reported together."""
+    problems: list[str] = []
+    out: dict[str, Any] = {}
+    for name in names:
+        try:
+            out[name] = parse_section(name, params.get(name))
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain dict of a config (for logging and meta files)."""
+    return dataclasses.asdict(cfg)
+
+
+def flatten(prefix: str, cfg: Any) -> dict[str, Any]:
+    """``{"prefix.key": value}`` for a config, nested sections joined with dots."""
+    out: dict[str, Any] = {}
+
+    def walk(p: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{p}.{k}", v)
+        else:
+            out[p] = value
+
+    walk(prefix, to_dict(cfg))
+    return out

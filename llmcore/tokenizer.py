@@ -1,0 +1,212 @@
+"""Byte-level BPE tokenizer, special tokens, the ChatML template and the SFT loss mask.
+
+Training uses Hugging Face ``tokenizers`` (Rust, parallel). The pipeline is byte-level with no
+normalizer, so encoding then decoding returns the exact input for any text (CJK, emoji, code,
+runs of whitespace); every one of the 256 bytes is in the base alphabet, so nothing is ever
+unknown. Digits are split one per token by default: the vocabulary loses a few hundred merges
+of number chunks, and arithmetic becomes learnable by a small model.
+
+Special tokens get the first ids: ``<|endoftext|>`` 0, ``<|im_start|>`` 1, ``<|im_end|>`` 2,
+``<|pad|>`` 3. The saved directory (``tokenizer.json`` + ``tokenizer_config.json``) loads with
+``transformers.AutoTokenizer.from_pretrained`` and its ``apply_chat_template`` renders the
+same ChatML text as :func:`render_chat`.
+
+The loss mask is computed from character offsets of one encoding of the whole rendered
+conversation, not by encoding pieces separately: BPE merges across piece boundaries would make
+piece-wise ids differ from what ``apply_chat_template`` produces. A token that straddles the
+boundary between an assistant header and its reply (rare: only when the reply starts with
+spaces) counts as header and is not trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+EOT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = (EOT, IM_START, IM_END, PAD)
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
+
+# ChatML. Kept byte-identical to render_chat() below; a test checks the two agree.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def render_chat(messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    """The ChatML text of a conversation, exactly as CHAT_TEMPLATE renders it."""
+    text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+    if add_generation_prompt:
+        text += f"{IM_START}assistant\n"
+    return text
+
+
+def _pre_tokenizer(split_digits: bool) -> Any:
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if not split_digits:
+        return byte_level
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
+              split_digits: bool = True, show_progress: bool = False) -> Tokenizer:
+    """Train a byte-level BPE whose first ids are the special tokens."""
+    if vocab_size < MIN_VOCAB:
+        raise ValueError(f"vocab_size must be >= {MIN_VOCAB} (256 bytes + specials)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = _pre_tokenizer(split_digits)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    for i, s in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(s) == i, "special tokens must take ids 0..3"
+    return tok
+
+
+class LLMTokenizer:
+    """A trained tokenizer plus the ids and chat helpers the pipeline needs."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok = tok
+        self.eot_id = self._id(EOT)
+        self.im_start_id = self._id(IM_START)
+        self.im_end_id = self._id(IM_END)
+        self.pad_id = self._id(PAD)
+
+    def _id(self, token: str) -> int:
+        i = self.tok.token_to_id(token)
+        if i is None:
+            raise ValueError(f"tokenizer has no special token {token}")
+        return i
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def encode_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False
+                    ) -> tuple[list[int], list[int]]:
+        """Token ids of the rendered conversation and a mask that is 1 on tokens to train on.
+
+        ``mask[i] == 1`` exactly when token ``i`` lies inside an assistant reply or is that
+        reply's closing ``<|im_end|>``.
+        """
+        text = render_chat(messages, add_generation_prompt)
+        enc = self.tok.encode(text, add_special_tokens=False)
+        return enc.ids, mask_from_offsets(enc.offsets, assistant_spans(messages))
+
+    def encode_chat_batch(self, conversations: Sequence[Sequence[dict[str, str]]]
+                          ) -> list[tuple[list[int], list[int]]]:
+        """:meth:`encode_chat` for many conversations, encoded in parallel."""
+        texts = [render_chat(c) for c in conversations]
+        encs = self.tok.encode_batch(texts, add_special_tokens=False)
+        return [(e.ids, mask_from_offsets(e.offsets, assistant_spans(c)))
+                for c, e in zip(conversations, encs, strict=True)]
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.tok.to_str().encode("utf-8")).hexdigest()
+
+    def save(self, out_dir: Path, model_max_length: int = 1 << 20) -> None:
+        save_tokenizer(self.tok, out_dir, model_max_length)
+
+    @classmethod
+    def load(cls, directory: Path) -> LLMTokenizer:
+        path = Path(directory) / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run the tokenizer stage first")
+        return cls(Tokenizer.from_file(str(path)))
+
+
+def assistant_spans(messages: Sequence[dict[str, str]]) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of each assistant reply plus its ``<|im_end|>``."""
+    spans = []
+    pos = 0
+    for m in messages:
+        header = f"{IM_START}{m['role']}\n"
+        start = pos + len(header)
+        end = start + len(m["content"]) + len(IM_END)
+        if m["role"] == "assistant":
+            spans.append((start, end))
+        pos = end + 1  # the newline after <|im_end|>
+    return spans
+
+
+def mask_from_offsets(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
+                      ) -> list[int]:
+    """1 for each token whose character range lies inside one of ``spans``, else 0."""
+    mask = [0] * len(offsets)
+    j = 0
+    for i, (start, end) in enumerate(offsets):
+        while j < len(spans) and spans[j][1] <= start:
+            j += 1
+        if j < len(spans) and spans[j][0] <= start < end <= spans[j][1]:
+            mask[i] = 1
+    return mask
+
+
+def tokenizer_config(model_max_length: int) -> dict[str, Any]:
+    """The ``tokenizer_config.json`` that makes ``AutoTokenizer`` load the directory."""
+    added = {
+        str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
+                 "single_word": False, "special": True}
+        for i, s in enumerate(SPECIAL_TOKENS)
+    }
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "added_tokens_decoder": added,
+        "bos_token": None,
+        "eos_token": IM_END,
+        "pad_token": PAD,
+        "unk_token": None,
+        "additional_special_tokens": [EOT, IM_START],
+        "chat_template": CHAT_TEMPLATE,
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+        "add_bos_token": False,
+        "add_eos_token": False,
+    }
+
+
+def save_tokenizer(tok: Tokenizer, out_dir: Path, model_max_length: int = 1 << 20) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(tokenizer_config(model_max_length), indent=2, ensure_ascii=False) + "\n"
+    )
+    (out_dir / "special_tokens_map.json").write_text(
+        json.dumps({"eos_token": IM_END, "pad_token": PAD,
+                    "additional_special_tokens": [EOT, IM_START]}, indent=2) + "\n"
+    )
+
+
+def bytes_per_token(tok: LLMTokenizer, texts: Sequence[str]) -> float:
+    """UTF-8 bytes per token over ``texts`` (higher is a better compression)."""
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    n_tokens = sum(len(ids) for ids in tok.encode_batch(texts))
+    return n_bytes / max(n_tokens, 1)

@@ -1,0 +1,152 @@
+"""Experiment tracking behind a small interface: MLflow for real runs, a null one for tests.
+
+Only this module imports ``mlflow``. The store is SQLite at an absolute path inside the
+repository (``sqlite:///<repo>/mlflow.db``) and artifacts go to ``<repo>/mlartifacts``, so runs
+started from a ``dvc exp run --temp`` copy of the repository land in the same store. Per-step
+metrics are buffered and sent with ``log_batch`` (one ``log_metric`` call costs milliseconds);
+call :meth:`Tracker.flush` or close the tracker to send them.
+
+Telemetry of MLflow is switched off before it is imported.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+EXPERIMENT = "llmcore"
+_PARAM_MAX = 6000  # MLflow's limit on a param value's length
+
+
+class Tracker(Protocol):
+    run_id: str | None
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def flush(self) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+class NullTracker:
+    """Keeps everything in memory; what tests and ``base.tracking: none`` use."""
+
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+        self.params: dict[str, Any] = {}
+        self.metrics: list[tuple[int | None, dict[str, float]]] = []
+        self.tags: dict[str, str] = {}
+        self.artifacts: list[tuple[Path, str | None]] = []
+        self.status: str | None = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.params.update(params)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.tags.update(tags)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.artifacts.append((Path(path), artifact_path))
+
+    def flush(self) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.status = status
+
+    def __enter__(self) -> NullTracker:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self.finish("FAILED" if exc_type else "FINISHED")
+
+
+def default_uri(repo_root: Path) -> str:
+    return f"sqlite:///{Path(repo_root).resolve() / 'mlflow.db'}"
+
+
+def quiet_telemetry() -> None:
+    for key, value in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("DO_NOT_TRACK", "true"),
+                       ("MLFLOW_ENABLE_ASYNC_LOGGING", "false")):
+        os.environ.setdefault(key, value)
+
+
+class MlflowTracker:
+    """One MLflow run (optionally nested under ``parent_run_id``) with buffered metrics."""
+
+    def __init__(self, tracking_uri: str, run_name: str, tags: Mapping[str, str] | None = None,
+                 experiment: str = EXPERIMENT, artifact_root: Path | None = None,
+                 parent_run_id: str | None = None, flush_every: int = 500) -> None:
+        quiet_telemetry()
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = Path(artifact_root).resolve().as_uri() if artifact_root else None
+            exp_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(exp_id, run_name=run_name, tags=all_tags)
+        self.run_id: str | None = run.info.run_id
+        self.flush_every = flush_every
+        self._buffer: list[Any] = []
+        self._finished = False
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:_PARAM_MAX]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow caps params per batch at 100
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
+            self._buffer.append(Metric(key, float(value), now, step or 0))
+        if len(self._buffer) >= self.flush_every:
+            self.flush()
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def flush(self) -> None:
+        while self._buffer:
+            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self._finished:
+            return
+        self.flush()
+        self.client.set_terminated(self.run_id, status=status)
+        self._finished = True
+
+    def __enter__(self) -> MlflowTracker:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self.finish("FAILED" if exc_type else "FINISHED")

@@ -1,0 +1,61 @@
+"""DVC stage ``pack``: encode the corpus into token-row Arrow shards in ``data/shards/``."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from llmcore.corpus import read_conversations, read_texts, replace_dir
+from llmcore.shards import pack_all
+from llmcore.tokenizer import LLMTokenizer
+from stages._common import log, repo_root, run_stage
+
+CORPUS, TOKENIZER, OUT = "data/corpus", "data/tokenizer", "data/shards"
+
+
+def body(cfgs, tracker):
+    cfg, root = cfgs["pack"], repo_root()
+    tok = LLMTokenizer.load(root / TOKENIZER)
+    pretrain = {s: read_texts(root / CORPUS, s) for s in ("train", "val")}
+    sft = {s: [c["messages"] for c in read_conversations(root / CORPUS, s)]
+           for s in ("train", "val")}
+    total = sum(map(len, pretrain.values())) + sum(map(len, sft.values()))
+    tmp = tempfile.mkdtemp(prefix=".shards-", dir=root / "data")
+    try:
+        with tqdm(total=total, desc="pack", unit="doc", mininterval=1.0) as bar:
+            manifest = pack_all(tok, pretrain, sft, tmp, cfg.seq_len, cfg.rows_per_shard,
+                                cfg.sft_overflow, cfg.batch_documents, progress=bar.update)
+        replace_dir(Path(tmp), root / OUT)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    metrics = {"pack/seconds": manifest["seconds"]}
+    written = 0
+    for name, s in manifest["splits"].items():
+        metrics[f"pack/{name}_rows"] = s["rows"]
+        metrics[f"pack/{name}_tokens"] = s["tokens"]
+        written += s["tokens"]
+        produced = max(s["source_tokens"], 1)
+        metrics[f"pack/{name}_cropped_fraction"] = round(s["cropped_tokens"] / produced, 5)
+        if s["has_loss_mask"]:
+            row_tokens = max(s["rows"] * manifest["row_len"], 1)
+            metrics[f"pack/{name}_padded_fraction"] = round(s["padded_tokens"] / row_tokens, 5)
+            metrics[f"pack/{name}_truncated"] = s["truncated_rows"]
+            metrics[f"pack/{name}_dropped"] = s["dropped_rows"]
+            metrics[f"pack/{name}_target_tokens"] = s["target_tokens"]
+    metrics["pack/tokens"] = written
+    metrics["pack/tokens_per_second"] = round(written / max(manifest["seconds"], 1e-9), 1)
+    log(f"pack: {written} tokens in {manifest['seconds']:.1f}s "
+        f"({metrics['pack/tokens_per_second']:.0f} tokens/s)")
+    return metrics
+
+
+def main() -> None:
+    run_stage("pack", ["base", "pack"], body)
+
+
+if __name__ == "__main__":
+    main()

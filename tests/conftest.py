@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmcore.tokenizer import LLMTokenizer, train_bpe
+
+REPO = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+SAMPLE_TEXTS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n",
+    "Tokenizers split text into pieces; byte-level BPE never meets an unknown character.",
+    "A list is a mutable sequence. A tuple is an immutable sequence.",
+    "中文文本和表情符号 🎉 should round-trip exactly.",
+    "Numbers like 12345 and 3.14159 are split into single digits.",
+] * 4
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> LLMTokenizer:
+    return LLMTokenizer(train_bpe(SAMPLE_TEXTS, vocab_size=300, min_frequency=1))
+
+
+def project_env() -> dict[str, str]:
+    """Environment for subprocesses: the venv's bin first on PATH, telemetry off."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(DO_NOT_TRACK="true", MLFLOW_DISABLE_TELEMETRY="true", DVC_NO_ANALYTICS="1",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+    env.pop("DVC_ROOT", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def copy_project(dest: Path) -> Path:
+    """The repository's working files (tracked and untracked, not ignored) in a new git repo."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, check=True,
+    ).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if not src.is_file():
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest / rel)
+    env = project_env()
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=dest, check=True, env=env)
+    return dest

@@ -1,0 +1,72 @@
+import pytest
+
+from llmcore.config import (
+    ConfigError,
+    FetchConfig,
+    PackConfig,
+    TokenizerConfig,
+    flatten,
+    parse_section,
+    parse_sections,
+)
+
+
+def test_defaults_parse():
+    cfg = parse_section("tokenizer", {})
+    assert cfg == TokenizerConfig()
+    assert parse_section("fetch", None) == FetchConfig()
+
+
+def test_bound_message_names_key_and_value():
+    with pytest.raises(ConfigError) as err:
+        parse_section("tokenizer", {"vocab_size": 12})
+    assert str(err.value) == "params.yaml: tokenizer.vocab_size must be >= 260 (got 12)"
+
+
+def test_unknown_key_suggests_close_match():
+    with pytest.raises(ConfigError, match=r"unknown key tokenizer\.vocab_sise \(did you mean "
+                                          r"vocab_size\?"):
+        parse_section("tokenizer", {"vocab_sise": 1000})
+
+
+def test_type_and_choice_errors_are_all_reported():
+    with pytest.raises(ConfigError) as err:
+        parse_section("pack", {"seq_len": "long", "sft_overflow": "wrap", "rows_per_shard": 1.5})
+    problems = err.value.problems
+    assert "params.yaml: pack.seq_len must be an integer (got 'long')" in problems
+    assert "params.yaml: pack.sft_overflow must be one of truncate, drop (got 'wrap')" in problems
+    assert "params.yaml: pack.rows_per_shard must be an integer (got 1.5)" in problems
+
+
+def test_bool_is_not_an_integer_and_int_is_a_float():
+    with pytest.raises(ConfigError, match="pack.seq_len must be an integer"):
+        parse_section("pack", {"seq_len": True})
+    cfg = parse_section("fetch", {"val_fraction": 0.1, "max_documents": None})
+    assert cfg.val_fraction == 0.1 and cfg.max_documents is None
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError, match="fetch.paths must list at least one file"):
+        parse_section("fetch", {"source": "files"})
+    with pytest.raises(ConfigError, match="fetch.hf_dataset must name a dataset"):
+        parse_section("fetch", {"source": "hf"})
+    with pytest.raises(ConfigError, match=r"base.device must be auto, cpu, cuda"):
+        parse_section("base", {"device": "tpu"})
+    assert parse_section("base", {"device": "cuda:1"}).device == "cuda:1"
+
+
+def test_list_type_checked():
+    with pytest.raises(ConfigError, match=r"fetch.paths must be a list of strings \(got 'a.txt'\)"):
+        parse_section("fetch", {"source": "files", "paths": "a.txt"})
+
+
+def test_section_must_be_mapping_and_sections_collect_errors():
+    with pytest.raises(ConfigError) as err:
+        parse_sections({"pack": [1, 2], "tokenizer": {"vocab_size": 0}}, ["pack", "tokenizer"])
+    text = str(err.value)
+    assert "pack must be a mapping" in text and "tokenizer.vocab_size must be >= 260" in text
+
+
+def test_flatten_names_keys_by_section():
+    flat = flatten("pack", PackConfig(seq_len=64))
+    assert flat["pack.seq_len"] == 64 and "pack.sft_overflow" in flat

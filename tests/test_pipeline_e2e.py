@@ -1,0 +1,99 @@
+"""End to end: the real DVC pipeline in a temporary git repository."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import copy_project, project_env
+
+TINY = {
+    "base": {"tracking": "mlflow"},
+    "fetch": {"max_documents": 80, "synthetic_per_task": 20, "doc_questions": False},
+    "tokenizer": {"vocab_size": 400},
+    "pack": {"seq_len": 32, "rows_per_shard": 64},
+}
+
+
+def set_params(root: Path, updates: dict) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in updates.items():
+        params.setdefault(section, {}).update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["dvc", *args], cwd=root, env=project_env(), capture_output=True,
+                          text=True, timeout=600)
+
+
+def ran(out: str) -> set[str]:
+    return {s for s in ("fetch", "tokenizer", "pack") if f"Running stage '{s}'" in out}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = copy_project(tmp_path_factory.mktemp("e2e"))
+    set_params(root, TINY)
+    return root
+
+
+def test_repro_pack_then_nothing_then_only_downstream(project):
+    first = dvc(project, "repro", "pack")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert ran(first.stdout) == {"fetch", "tokenizer", "pack"}
+    manifest = json.loads((project / "data/shards/manifest.json").read_text())
+    assert manifest["seq_len"] == 32 and manifest["splits"]["pretrain_train"]["rows"] > 0
+    assert manifest["splits"]["sft_train"]["has_loss_mask"] is True
+    for stage, keys in {"fetch": ["fetch/documents", "fetch/bytes", "fetch/bad_records",
+                                  "fetch/duplicates_dropped"],
+                        "tokenizer": ["tokenizer/vocab_size", "tokenizer/bytes_per_token_val"],
+                        "pack": ["pack/tokens", "pack/tokens_per_second",
+                                 "pack/pretrain_train_cropped_fraction",
+                                 "pack/sft_train_padded_fraction"]}.items():
+        metrics = json.loads((project / f"metrics/{stage}.json").read_text())
+        assert set(keys) <= set(metrics), (stage, metrics)
+    assert json.loads((project / "metrics/fetch.json").read_text())["fetch/documents"] == 80
+
+    second = dvc(project, "repro", "pack")
+    assert second.returncode == 0 and ran(second.stdout) == set(), second.stdout
+
+    set_params(project, {"tokenizer": {"vocab_size": 420}})
+    third = dvc(project, "repro", "pack")
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert ran(third.stdout) == {"tokenizer", "pack"}
+    assert json.loads((project / "metrics/tokenizer.json").read_text())[
+        "tokenizer/vocab_size"] == 420
+
+
+def test_stages_are_tracked_in_mlflow(project):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("llmcore")
+    runs = client.search_runs([exp.experiment_id])
+    by_stage = {}
+    for r in runs:
+        by_stage.setdefault(r.data.tags["llmcore.stage"], []).append(r)
+    assert set(by_stage) == {"fetch", "tokenizer", "pack"} and len(by_stage["tokenizer"]) == 2
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True,
+                          text=True).stdout.strip()
+    pack = by_stage["pack"][0]
+    assert pack.data.tags["git_commit"] == head and pack.data.tags["dvc.stage"] == "pack"
+    assert pack.data.params["pack.seq_len"] == "32" and pack.data.metrics["pack/tokens"] > 0
+
+
+def test_invalid_params_fail_clearly_and_lose_nothing(project):
+    before = (project / "data/shards/manifest.json").read_text()
+    set_params(project, {"pack": {"seq_len": 2}})
+    bad = dvc(project, "repro", "pack")
+    assert bad.returncode != 0
+    assert "params.yaml: pack.seq_len must be >= 8 (got 2)" in bad.stderr + bad.stdout
+    assert "Traceback" not in bad.stderr
+    set_params(project, {"pack": {"seq_len": 32}})
+    again = dvc(project, "repro", "pack")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert ran(again.stdout) == set()  # restored from the run cache, nothing re-computed
+    assert (project / "data/shards/manifest.json").read_text() == before

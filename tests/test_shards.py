@@ -1,0 +1,148 @@
+import numpy as np
+import pytest
+import torch
+
+from llmcore.shards import (
+    PackStats,
+    ShardDataset,
+    ShardLoader,
+    pack_all,
+    pretrain_rows,
+    read_manifest,
+    row_tensor,
+    sft_rows,
+)
+
+CONVS = [
+    [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+    for i in range(30)
+]
+
+
+@pytest.fixture()
+def packed(tiny_tokenizer, tmp_path):
+    texts = [f"document {i}: " + "words and more words " * (i % 7 + 1) for i in range(60)]
+    manifest = pack_all(tiny_tokenizer, {"train": texts[:50], "val": texts[50:]},
+                        {"train": CONVS[:25], "val": CONVS[25:]}, tmp_path, seq_len=64,
+                        rows_per_shard=7)
+    return tmp_path, manifest, texts
+
+
+def test_pretrain_rows_overlap_by_one_and_lose_only_the_tail():
+    docs = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    st = PackStats()
+    rows = list(pretrain_rows(docs, seq_len=4, eot_id=0, stats=st))
+    stream = [5, 6, 7, 0, 8, 9, 0, 10, 11, 12, 13, 0]
+    assert [r.tolist() for r in rows] == [stream[0:5], stream[4:9]]
+    assert st.tokens == 9 and st.source_tokens == 12 and st.cropped_tokens == 3
+    # every transition of the kept stream is a target exactly once
+    pairs = [(r[i], r[i + 1]) for r in rows for i in range(4)]
+    assert pairs == list(zip(stream[:8], stream[1:9], strict=True))
+
+
+def test_sft_rows_pad_truncate_drop():
+    enc = [([1, 2, 3], [0, 1, 1]), ([1] * 10, [0] * 5 + [1] * 5), ([4, 5], [0, 0])]
+    st = PackStats()
+    rows = list(sft_rows(enc, seq_len=5, pad_id=3, overflow="truncate", stats=st))
+    assert rows[0][0].tolist() == [1, 2, 3, 3, 3, 3] and rows[0][1].tolist() == [0, 1, 1, 0, 0, 0]
+    assert rows[1][0].tolist() == [1] * 6 and rows[1][1].tolist() == [0] * 5 + [1]
+    assert len(rows) == 2 and st.truncated_rows == 1 and st.dropped_rows == 1
+    st = PackStats()
+    rows = list(sft_rows(enc, seq_len=5, pad_id=3, overflow="drop", stats=st))
+    assert len(rows) == 1 and st.dropped_rows == 2
+
+
+def test_shard_layout_and_manifest(packed, tiny_tokenizer):
+    out, manifest, _ = packed
+    m = read_manifest(out)
+    assert m == manifest and m["dtype"] == "uint16" and m["row_len"] == 65
+    assert m["tokenizer_sha256"] == tiny_tokenizer.sha256()
+    train = m["splits"]["pretrain_train"]
+    assert len(train["shards"]) == -(-train["rows"] // 7)
+    assert all((out / s["file"]).is_file() for s in train["shards"])
+    ds = ShardDataset(out, "pretrain_train")
+    assert len(ds) == train["rows"] and ds[0][0].dtype == np.uint16 and ds[0][1] is None
+    # rows are the token stream: consecutive rows share one token
+    assert ds[0][0][-1] == ds[1][0][0]
+    # a row view reads the mapped file without a copy
+    t = row_tensor(ds, 3)
+    assert t.dtype == torch.uint16 and t.data_ptr() == ds[3][0].ctypes.data
+    assert np.shares_memory(ds[3][0], ds._ids[0])
+
+
+def test_sft_shards_carry_the_mask(packed, tiny_tokenizer):
+    out, _, _ = packed
+    ds = ShardDataset(out, "sft_train")
+    assert ds.has_loss_mask and len(ds) == 25
+    ids, mask = ds[4]
+    text = "".join(tiny_tokenizer.decode([i]) for i, k in zip(ids, mask, strict=True) if k)
+    assert text.startswith("answer ") and text.endswith("<|im_end|>")
+
+
+def test_loader_is_deterministic_and_covers_an_epoch(packed):
+    out, _, _ = packed
+    ds = ShardDataset(out, "pretrain_train")
+    a, b = ShardLoader(ds, 2, seed=7), ShardLoader(ds, 2, seed=7)
+    for _ in range(5):
+        x, y = a.next_batch(), b.next_batch()
+        assert torch.equal(x.input_ids, y.input_ids)
+    seen = np.concatenate([a.indices(0, s) for s in range(a.steps_per_epoch)])
+    assert len(set(seen.tolist())) == len(seen) == a.steps_per_epoch * 2
+    other = ShardLoader(ds, 2, seed=8)
+    assert not np.array_equal(other._permutation(0), a._permutation(0))
+    assert not np.array_equal(a._permutation(0), a._permutation(1))
+
+
+def test_batch_targets_are_shifted_inputs(packed):
+    out, _, _ = packed
+    batch = ShardLoader(ShardDataset(out, "pretrain_train"), 3, seed=1).next_batch()
+    assert batch.input_ids.shape == (3, 64) and batch.input_ids.dtype == torch.int64
+    assert torch.equal(batch.input_ids[:, 1:], batch.targets[:, :-1])
+    assert torch.all(batch.loss_mask == 1)
+    sft = ShardLoader(ShardDataset(out, "sft_train"), 4, seed=1).next_batch()
+    assert 0 < sft.loss_mask.sum() < sft.loss_mask.numel()
+
+
+def test_loader_resumes_exactly(packed):
+    out, _, _ = packed
+    ds = ShardDataset(out, "pretrain_train")
+    full = ShardLoader(ds, 2, seed=3)
+    reference = [full.next_batch().input_ids for _ in range(12)]  # crosses an epoch boundary
+    first = ShardLoader(ds, 2, seed=3)
+    for _ in range(5):
+        first.next_batch()
+    state = first.state_dict()
+    resumed = ShardLoader(ds, 2, seed=3)
+    resumed.load_state_dict(state)
+    rest = [resumed.next_batch().input_ids for _ in range(7)]
+    assert all(torch.equal(x, y) for x, y in zip(rest, reference[5:], strict=True))
+    with pytest.raises(ValueError, match="saved with batch_size=2"):
+        ShardLoader(ds, 4, seed=3).load_state_dict(state)
+
+
+def test_ranks_split_each_global_batch(packed):
+    out, _, _ = packed
+    ds = ShardDataset(out, "pretrain_train")
+    single = ShardLoader(ds, 4, seed=5)
+    ranks = [ShardLoader(ds, 2, seed=5, rank=r, world_size=2) for r in range(2)]
+    for _ in range(3):
+        whole = single.next_batch().input_ids
+        parts = torch.cat([r.next_batch().input_ids for r in ranks])
+        assert torch.equal(whole, parts)
+
+
+def test_too_few_rows_is_a_clear_error(packed):
+    out, _, _ = packed
+    ds = ShardDataset(out, "pretrain_val")
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        ShardLoader(ds, len(ds) + 1)
+
+
+def test_manifest_mismatch_is_detected(packed):
+    out, _, _ = packed
+    import json
+    m = json.loads((out / "manifest.json").read_text())
+    m["splits"]["pretrain_train"]["shards"][0]["rows"] += 1
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="re-run the pack stage"):
+        ShardDataset(out, "pretrain_train")

@@ -1,0 +1,43 @@
+import pytest
+
+from llmcore.tracking import MlflowTracker, NullTracker, default_uri
+
+
+def test_null_tracker_records_in_memory():
+    t = NullTracker()
+    with t:
+        t.log_params({"a": 1})
+        t.log_metrics({"loss": 2.0}, step=3)
+    assert t.params == {"a": 1} and t.metrics == [(3, {"loss": 2.0})] and t.status == "FINISHED"
+    with pytest.raises(RuntimeError), NullTracker() as failing:
+        raise RuntimeError("boom")
+    assert failing.status == "FAILED"
+
+
+def test_mlflow_tracker_writes_runs_to_sqlite(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = default_uri(tmp_path)
+    assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    parent = MlflowTracker(uri, "pipeline", artifact_root=tmp_path / "art")
+    child = MlflowTracker(uri, "pack", tags={"llmcore.stage": "pack"},
+                          artifact_root=tmp_path / "art", parent_run_id=parent.run_id,
+                          flush_every=10_000)
+    child.log_params({"pack.seq_len": 64, "pack.note": "x" * 10_000})
+    for step in range(25):
+        child.log_metrics({"train/loss": 10.0 - step, "bad": float("nan")}, step=step)
+    (tmp_path / "note.txt").write_text("hello")
+    child.log_artifact(tmp_path / "note.txt", "notes")
+    child.finish()
+    parent.finish()
+    client = MlflowClient(uri)
+    run = client.get_run(child.run_id)
+    assert run.data.params["pack.seq_len"] == "64"
+    assert run.data.tags["llmcore.stage"] == "pack"
+    assert run.data.tags["mlflow.parentRunId"] == parent.run_id
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(child.run_id, "train/loss")
+    assert [m.step for m in history] == list(range(25)) and history[-1].value == -14.0
+    assert "bad" not in run.data.metrics
+    assert [a.path for a in client.list_artifacts(child.run_id, "notes")] == ["notes/note.txt"]
+    assert (tmp_path / "art").is_dir()
