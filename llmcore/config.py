@@ -132,6 +132,7 @@ class PackConfig:
     seq_len: int = spec(256, ge=8, le=1 << 20)
     rows_per_shard: int = spec(4096, ge=1)
     sft_overflow: str = spec("truncate", choices=("truncate", "drop"))
+    sft_packing: bool = spec(True, doc="pack several conversations into a row while they fit")
     batch_documents: int = spec(256, ge=1, doc="documents per encode_batch call")
 
 

@@ -326,6 +326,24 @@ def _signature(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
     return f"{node.name}({args})"
 
 
+def _collect_entries(body: list[ast.stmt], prefix: str, depth: int, out: list[DocEntry]) -> None:
+    """Documented public classes and functions (and methods of top-level classes)."""
+    for node in body:
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        if node.name.startswith("_") and node.name != "__init__":
+            continue
+        doc = ast.get_docstring(node)
+        qual = f"{prefix}.{node.name}"
+        if isinstance(node, ast.ClassDef):
+            if doc:
+                out.append(DocEntry("class", qual, f"class {qual}", doc))
+            if depth == 0:
+                _collect_entries(node.body, qual, depth + 1, out)
+        elif doc:
+            out.append(DocEntry("function", qual, f"{prefix}.{_signature(node)}", doc))
+
+
 def stdlib_entries() -> Iterator[tuple[str, list[DocEntry]]]:
     """``(module name, entries)`` for each stdlib module, in a stable order."""
     for modname, path in _stdlib_files():
@@ -337,24 +355,7 @@ def stdlib_entries() -> Iterator[tuple[str, list[DocEntry]]]:
         mdoc = ast.get_docstring(tree)
         if mdoc:
             entries.append(DocEntry("module", modname, modname, mdoc))
-
-        def visit(body: list[ast.stmt], prefix: str, depth: int) -> None:
-            for node in body:
-                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                    if node.name.startswith("_") and node.name != "__init__":
-                        continue
-                    doc = ast.get_docstring(node)
-                    qual = f"{prefix}.{node.name}"
-                    if isinstance(node, ast.ClassDef):
-                        if doc:
-                            entries.append(DocEntry("class", qual, f"class {qual}", doc))
-                        if depth == 0:
-                            visit(node.body, qual, depth + 1)
-                    elif doc:
-                        sig = _signature(node)
-                        entries.append(DocEntry("function", qual, f"{prefix}.{sig}", doc))
-
-        visit(tree.body, modname, 0)
+        _collect_entries(tree.body, modname, 0, entries)
         if entries:
             yield modname, entries
 

@@ -27,7 +27,8 @@ def body(cfgs, tracker):
     try:
         with tqdm(total=total, desc="pack", unit="doc", mininterval=1.0) as bar:
             manifest = pack_all(tok, pretrain, sft, tmp, cfg.seq_len, cfg.rows_per_shard,
-                                cfg.sft_overflow, cfg.batch_documents, progress=bar.update)
+                                cfg.sft_overflow, cfg.batch_documents, cfg.sft_packing,
+                                progress=bar.update)
         replace_dir(Path(tmp), root / OUT)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -43,6 +44,7 @@ def body(cfgs, tracker):
         if s["has_loss_mask"]:
             row_tokens = max(s["rows"] * manifest["row_len"], 1)
             metrics[f"pack/{name}_padded_fraction"] = round(s["padded_tokens"] / row_tokens, 5)
+            metrics[f"pack/{name}_conversations"] = s["conversations"]
             metrics[f"pack/{name}_truncated"] = s["truncated_rows"]
             metrics[f"pack/{name}_dropped"] = s["dropped_rows"]
             metrics[f"pack/{name}_target_tokens"] = s["target_tokens"]

@@ -40,6 +40,12 @@ def project(tmp_path_factory):
     return root
 
 
+def test_stages_import_the_projects_own_code(project):
+    out = subprocess.run(["python", "-c", "import llmcore; print(llmcore.__file__)"], cwd=project,
+                         env=project_env(), capture_output=True, text=True, check=True)
+    assert Path(out.stdout.strip()).resolve().is_relative_to(project.resolve())
+
+
 def test_repro_pack_then_nothing_then_only_downstream(project):
     first = dvc(project, "repro", "pack")
     assert first.returncode == 0, first.stdout + first.stderr

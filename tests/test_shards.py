@@ -23,7 +23,7 @@ CONVS = [
 def packed(tiny_tokenizer, tmp_path):
     texts = [f"document {i}: " + "words and more words " * (i % 7 + 1) for i in range(60)]
     manifest = pack_all(tiny_tokenizer, {"train": texts[:50], "val": texts[50:]},
-                        {"train": CONVS[:25], "val": CONVS[25:]}, tmp_path, seq_len=64,
+                        {"train": CONVS[:25], "val": CONVS[25:]}, tmp_path, seq_len=128,
                         rows_per_shard=7)
     return tmp_path, manifest, texts
 
@@ -31,7 +31,8 @@ def packed(tiny_tokenizer, tmp_path):
 def test_pretrain_rows_overlap_by_one_and_lose_only_the_tail():
     docs = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
     st = PackStats()
-    rows = list(pretrain_rows(docs, seq_len=4, eot_id=0, stats=st))
+    rows = [r for block in pretrain_rows([docs[:1], docs[1:]], seq_len=4, eot_id=0, stats=st)
+            for r in block]
     stream = [5, 6, 7, 0, 8, 9, 0, 10, 11, 12, 13, 0]
     assert [r.tolist() for r in rows] == [stream[0:5], stream[4:9]]
     assert st.tokens == 9 and st.source_tokens == 12 and st.cropped_tokens == 3
@@ -52,10 +53,20 @@ def test_sft_rows_pad_truncate_drop():
     assert len(rows) == 1 and st.dropped_rows == 2
 
 
+def test_sft_packing_keeps_conversations_whole():
+    enc = [([1, 2], [0, 1]), ([4, 5, 6], [0, 1, 1]), ([7, 8], [0, 1]), ([9] * 9, [0] + [1] * 8)]
+    st = PackStats()
+    rows = list(sft_rows(enc, seq_len=5, pad_id=3, overflow="truncate", stats=st, packed=True))
+    assert [r.tolist() for r, _ in rows] == [[1, 2, 4, 5, 6, 3], [7, 8, 3, 3, 3, 3], [9] * 6]
+    assert [m.tolist() for _, m in rows] == [[0, 1, 0, 1, 1, 0], [0, 1, 0, 0, 0, 0], [0] + [1] * 5]
+    assert st.conversations == 4 and st.rows == 3 and st.truncated_rows == 1
+    assert st.padded_tokens == 1 + 4 and st.tokens == 5 + 2 + 6
+
+
 def test_shard_layout_and_manifest(packed, tiny_tokenizer):
     out, manifest, _ = packed
     m = read_manifest(out)
-    assert m == manifest and m["dtype"] == "uint16" and m["row_len"] == 65
+    assert m == manifest and m["dtype"] == "uint16" and m["row_len"] == 129
     assert m["tokenizer_sha256"] == tiny_tokenizer.sha256()
     train = m["splits"]["pretrain_train"]
     assert len(train["shards"]) == -(-train["rows"] // 7)
@@ -73,10 +84,11 @@ def test_shard_layout_and_manifest(packed, tiny_tokenizer):
 def test_sft_shards_carry_the_mask(packed, tiny_tokenizer):
     out, _, _ = packed
     ds = ShardDataset(out, "sft_train")
-    assert ds.has_loss_mask and len(ds) == 25
+    assert ds.has_loss_mask and 0 < len(ds) < 25  # packed: several conversations a row
     ids, mask = ds[4]
     text = "".join(tiny_tokenizer.decode([i]) for i, k in zip(ids, mask, strict=True) if k)
     assert text.startswith("answer ") and text.endswith("<|im_end|>")
+    assert text.count("<|im_end|>") >= 2 and "question" not in text
 
 
 def test_loader_is_deterministic_and_covers_an_epoch(packed):
@@ -96,7 +108,7 @@ def test_loader_is_deterministic_and_covers_an_epoch(packed):
 def test_batch_targets_are_shifted_inputs(packed):
     out, _, _ = packed
     batch = ShardLoader(ShardDataset(out, "pretrain_train"), 3, seed=1).next_batch()
-    assert batch.input_ids.shape == (3, 64) and batch.input_ids.dtype == torch.int64
+    assert batch.input_ids.shape == (3, 128) and batch.input_ids.dtype == torch.int64
     assert torch.equal(batch.input_ids[:, 1:], batch.targets[:, :-1])
     assert torch.all(batch.loss_mask == 1)
     sft = ShardLoader(ShardDataset(out, "sft_train"), 4, seed=1).next_batch()
