@@ -136,11 +136,137 @@ class PackConfig:
     batch_documents: int = spec(256, ge=1, doc="documents per encode_batch call")
 
 
+@dataclass(frozen=True)
+class ModelConfig:
+    """``model:`` the decoder's shape and switches (a preset plus per-field overrides)."""
+
+    preset: str = spec("cpu-small", doc="one of llmcore.config.PRESETS")
+    vocab_size: int = spec(6400, ge=8, doc="set from the tokenizer by the stages")
+    n_layers: int = spec(4, ge=1)
+    d_model: int = spec(256, ge=8)
+    n_heads: int = spec(4, ge=1)
+    n_kv_heads: int | None = spec(None, ge=1, doc="grouped KV heads; default n_heads")
+    d_ff: int | None = spec(None, ge=1, doc="MLP width; default 4*d (gelu), ~8/3*d (swiglu)")
+    max_seq_len: int = spec(1024, ge=8, doc="longest sequence (size of a learned table)")
+    positions: str = spec("rope", choices=("rope", "learned", "none"))
+    rope_theta: float = spec(1e6, gt=0)
+    norm: str = spec("rmsnorm", choices=("rmsnorm", "layernorm"))
+    norm_eps: float = spec(1e-5, gt=0)
+    mlp: str = spec("swiglu", choices=("swiglu", "gelu"))
+    bias: bool = spec(False)
+    tie_embeddings: bool = spec(True)
+    dropout: float = spec(0.0, ge=0.0, lt=1.0)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.d_ff is None:
+            ff = 4 * self.d_model if self.mlp == "gelu" else int(8 * self.d_model / 3)
+            object.__setattr__(self, "d_ff", -(-ff // 16) * 16)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.preset not in PRESETS:
+            problems.append(f"model.preset must be one of {', '.join(PRESETS)} "
+                            f"(got {self.preset!r})")
+        if self.d_model % self.n_heads:
+            problems.append(f"model.d_model ({self.d_model}) must be divisible by "
+                            f"model.n_heads ({self.n_heads})")
+        elif self.positions == "rope" and self.head_dim % 2:
+            problems.append(f"model.d_model / model.n_heads = {self.head_dim} must be even "
+                            "for rope positions")
+        assert self.n_kv_heads is not None
+        if self.n_heads % self.n_kv_heads:
+            problems.append(f"model.n_heads ({self.n_heads}) must be a multiple of "
+                            f"model.n_kv_heads ({self.n_kv_heads})")
+        return problems
+
+
+# The model presets. Each is a full set of ModelConfig fields; params.yaml picks one with
+# ``model.preset`` and may override any field.
+PRESETS: dict[str, dict[str, Any]] = {
+    # for tests: builds and trains in milliseconds
+    "tiny": dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=256),
+    # the CPU default: the whole pipeline in minutes on 2 cores, and it still learns
+    "cpu-small": dict(n_layers=4, d_model=256, n_heads=4, n_kv_heads=4, max_seq_len=1024),
+    # GPT-2 style: learned positions, layernorm with biases, GELU MLP
+    "gpt2-mini": dict(n_layers=6, d_model=384, n_heads=6, max_seq_len=1024, positions="learned",
+                      norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True),
+    # Llama style, ~0.5B parameters at vocab 6400 (GQA 16 query / 4 KV heads)
+    "llama-0.5b": dict(n_layers=20, d_model=1536, n_heads=16, n_kv_heads=4, d_ff=4096,
+                       max_seq_len=2048, tie_embeddings=True),
+}
+
+
+def parse_model(raw: Any) -> ModelConfig:
+    """``model:`` = a preset name plus overrides of any ModelConfig field."""
+    raw = dict(raw or {}) if isinstance(raw, Mapping) else raw
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{PARAMS_FILE}: model must be a mapping (got {raw!r})"])
+    name = raw.get("preset", ModelConfig.preset)
+    if name not in PRESETS:
+        raise ConfigError([f"{PARAMS_FILE}: model.preset must be one of "
+                           f"{', '.join(PRESETS)} (got {name!r})"])
+    merged = {**PRESETS[name], **raw, "preset": name}
+    problems: list[str] = []
+    obj = _parse(ModelConfig, merged, "model", problems)
+    if problems:
+        raise ConfigError([f"{PARAMS_FILE}: {p}" for p in problems])
+    return obj
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``pretrain:`` / ``sft:`` the training loop (one schema, two sections)."""
+
+    max_steps: int = spec(600, ge=1, doc="optimizer steps")
+    batch_size: int = spec(16, ge=1, doc="rows per micro-batch per process")
+    grad_accum: int = spec(1, ge=1, doc="micro-batches per optimizer step")
+    lr: float = spec(3e-4, gt=0)
+    min_lr: float = spec(3e-5, ge=0)
+    schedule: str = spec("cosine", choices=("cosine", "wsd", "constant"))
+    warmup_steps: int = spec(50, ge=0)
+    decay_fraction: float = spec(0.2, gt=0, le=1, doc="wsd: share of steps spent decaying")
+    weight_decay: float = spec(0.1, ge=0)
+    beta1: float = spec(0.9, ge=0, lt=1)
+    beta2: float = spec(0.95, ge=0, lt=1)
+    eps: float = spec(1e-8, gt=0)
+    grad_clip: float = spec(1.0, ge=0, doc="max global grad norm; 0 disables")
+    eval_every: int = spec(100, ge=1)
+    eval_batches: int = spec(20, ge=1)
+    log_every: int = spec(10, ge=1)
+    checkpoint_every: int = spec(100, ge=1)
+    keep_checkpoints: int = spec(2, ge=1)
+    early_stopping_patience: int | None = spec(None, ge=1, doc="evals without improvement")
+    export: str = spec("best", choices=("best", "last"), doc="which weights become the model")
+    resume: str = spec("auto", choices=("auto", "never", "must"))
+    compile: bool = spec(False, doc="torch.compile the model")
+    nproc_per_node: int = spec(1, ge=1, doc="> 1: run under torchrun (DDP)")
+    peak_flops: float | None = spec(None, gt=0, doc="device peak FLOP/s for MFU; None: measure")
+    threads: int | None = spec(None, ge=1, doc="CPU threads per process; None: torch default")
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.min_lr > self.lr:
+            problems.append(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        if self.warmup_steps >= self.max_steps:
+            problems.append(f"warmup_steps ({self.warmup_steps}) must be < max_steps "
+                            f"({self.max_steps})")
+        return problems
+
+
 SECTIONS: dict[str, type] = {
     "base": BaseConfig,
     "fetch": FetchConfig,
     "tokenizer": TokenizerConfig,
     "pack": PackConfig,
+    "model": ModelConfig,
+    "pretrain": TrainConfig,
+    "sft": TrainConfig,
 }
 
 
@@ -261,7 +387,10 @@ def _parse(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
         return None
     validate = getattr(obj, "validate", None)
     if validate is not None and not any(p.startswith(prefix) for p in problems):
-        problems.extend(validate())
+        for problem in validate():
+            # schemas shared by several sections report keys without their section
+            problems.append(problem if "." in problem.split(" ", 1)[0]
+                            else f"{prefix}.{problem}")
     return obj
 
 
@@ -278,6 +407,8 @@ def parse_section(name: str, raw: Any, cls: type | None = None) -> Any:
 
     Raises :class:`ConfigError` listing every problem as ``params.yaml: <key> ...``.
     """
+    if name == "model" and cls is None:
+        return parse_model(raw)
     cls = cls or SECTIONS.get(name)
     if cls is None:
         raise ConfigError([f"{PARAMS_FILE}: unknown section {name!r} (known: {', '.join(SECTIONS)})"])

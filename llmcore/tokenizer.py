@@ -205,6 +205,20 @@ def save_tokenizer(tok: Tokenizer, out_dir: Path, model_max_length: int = 1 << 2
     )
 
 
+def token_bytes(tok: LLMTokenizer) -> list[int]:
+    """UTF-8 bytes each token id stands for; 0 for special tokens (not text).
+
+    Byte-level BPE spells every token with one printable character per byte, so the length of
+    the token's string is its byte count.
+    """
+    specials = set(SPECIAL_TOKENS)
+    out = []
+    for i in range(tok.vocab_size):
+        piece = tok.tok.id_to_token(i)
+        out.append(0 if piece is None or piece in specials else len(piece))
+    return out
+
+
 def bytes_per_token(tok: LLMTokenizer, texts: Sequence[str]) -> float:
     """UTF-8 bytes per token over ``texts`` (higher is a better compression)."""
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)

@@ -65,11 +65,39 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
 
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if rank() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def write_tsv(path: Path, rows: list[Mapping[str, Any]], columns: list[str]) -> None:
+    """A small TSV for ``dvc plots`` (rows missing a column get an empty cell)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["\t".join(columns)]
+    for row in rows:
+        lines.append("\t".join("" if row.get(c) is None else f"{row[c]:.6g}"
+                               if isinstance(row[c], float) else str(row[c]) for c in columns))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+def relaunch_under_torchrun(nproc: int, module: str) -> None:
+    """Replace this process by ``torchrun --nproc_per_node nproc -m module`` (once)."""
+    if nproc <= 1 or "LOCAL_RANK" in os.environ:
+        return
+    log(f"{module}: starting {nproc} processes with torchrun")
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", "-m", module]
+    os.execv(sys.executable, args)
+
+
+def rank() -> int:
+    """This process's rank under torchrun (0 when not distributed)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def make_tracker(base: Any, stage: str, root: Path, cfgs: dict[str, Any]) -> Tracker:
-    if base.tracking == "none":
+    if base.tracking == "none" or rank() != 0:
         return NullTracker()
     tags = {
         "llmcore.stage": stage,
@@ -102,6 +130,8 @@ def run_stage(stage: str, sections: list[str], body: Body) -> None:
         sys.exit(2)
     try:
         metrics = dict(body(cfgs, tracker))
+        if rank() != 0:
+            return
         metrics[f"{stage}/stage_seconds"] = round(time.perf_counter() - start, 3)
         write_json(root / "metrics" / f"{stage}.json", metrics)
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})

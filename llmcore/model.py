@@ -1,0 +1,211 @@
+"""A decoder-only transformer whose switches are the things a learner compares.
+
+Positions ``rope`` | ``learned`` | ``none``; norm ``rmsnorm`` | ``layernorm``; MLP ``swiglu`` |
+``gelu``; grouped KV heads; tied embeddings; dropout. Pre-norm blocks, attention through
+``scaled_dot_product_attention``. With rope + rmsnorm + swiglu and no biases the module names
+and the math are those of Hugging Face's Llama (rotate-half RoPE, RMSNorm in fp32), so its
+state dict maps 1:1 onto ``LlamaForCausalLM`` (a test checks the logits agree).
+
+Shapes in comments: B batch, T tokens, D model width, H query heads, K key/value heads,
+Hd head width, F MLP width, V vocabulary.
+
+Architecture only: no loss, no optimizer, no sampling. ``forward`` takes an optional cache
+object (see ``llmcore.generate``) with ``offset`` (tokens already cached) and
+``update(layer, k, v) -> (k_all, v_all)``.
+
+Trade-offs: K/V heads are expanded with ``repeat_interleave`` before attention rather than
+relying on SDPA's ``enable_gqa`` (newer torch only); the copy costs memory at long context.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmcore.config import ModelConfig
+
+
+def rope_cache(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, ...]:
+    """cos, sin of shape (T, Hd) for the given positions, in fp32 (rotate-half layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
+                                             device=positions.device) / head_dim))  # (Hd/2,)
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, Hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, Hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, heads, T, Hd) by position; pairs are (i, i + Hd/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        d, hd = cfg.d_model, cfg.head_dim
+        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=cfg.bias)
+        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.bias)
+        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: Any = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        past = 0
+        if cache is not None:
+            past = cache.offset
+            k, v = cache.update(self.layer, k, v)  # (B, K, past + T, Hd)
+        if self.n_kv != self.n_heads:
+            rep = self.n_heads // self.n_kv
+            k = k.repeat_interleave(rep, dim=1)  # (B, H, S, Hd)
+            v = v.repeat_interleave(rep, dim=1)
+        dropout = self.cfg.dropout if self.training else 0.0
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:
+            # queries sit at positions past..past+T-1 and see every key up to their own
+            S = k.shape[2]
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            if cache.key_padding is not None:  # (B, S): False where a batch row has padding
+                mask = mask[None, None] & cache.key_padding[:, None, None, :S]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*Hd)
+        return self.o_proj(y)  # (B, T, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.kind = cfg.mlp
+        if cfg.mlp == "swiglu":
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+        if self.kind == "swiglu":
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, F)
+        else:
+            h = F.gelu(self.up_proj(x), approximate="tanh")  # (B, T, F)
+        return self.down_proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = make_norm(cfg)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: Any, cache: Any = None) -> torch.Tensor:
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, cache))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Transformer(nn.Module):
+    """Token ids (B, T) -> logits (B, T, V)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_positions = (nn.Embedding(cfg.max_seq_len, cfg.d_model)
+                                if cfg.positions == "learned" else None)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """normal(0, 0.02); residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        std = 0.02
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scale = 1.0
+                if name.endswith(("o_proj", "down_proj")):
+                    scale = 1.0 / math.sqrt(2 * self.cfg.n_layers)
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
+                module.reset_parameters()
+
+    def forward(self, input_ids: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        B, T = input_ids.shape
+        offset = cache.offset if cache is not None else 0
+        if offset + T > self.cfg.max_seq_len and self.cfg.positions == "learned":
+            raise ValueError(f"sequence of {offset + T} tokens exceeds the learned position "
+                             f"table (model.max_seq_len = {self.cfg.max_seq_len})")
+        positions = torch.arange(offset, offset + T, device=input_ids.device)  # (T,)
+        x = self.embed_tokens(input_ids)  # (B, T, D)
+        rope = None
+        if self.cfg.positions == "learned":
+            assert self.embed_positions is not None
+            x = x + self.embed_positions(positions)[None]
+        elif self.cfg.positions == "rope":
+            rope = rope_cache(self.cfg.head_dim, positions, self.cfg.rope_theta)
+        x = self.dropout(x)
+        for layer in self.layers:
+            x = layer(x, rope, cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (a tied matrix counts once)."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Closed-form parameter count; equals ``Transformer(cfg).num_parameters()``."""
+    d, f, hd, v = cfg.d_model, cfg.d_ff, cfg.head_dim, cfg.vocab_size
+    b = 1 if cfg.bias else 0
+    norm = d if cfg.norm == "rmsnorm" else d * (1 + b)
+    q_out, kv_out = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    attn = d * q_out + q_out * b + 2 * (d * kv_out + kv_out * b) + q_out * d + d * b
+    n_up = 2 if cfg.mlp == "swiglu" else 1
+    mlp = n_up * (d * f + f * b) + f * d + d * b
+    per_layer = 2 * norm + attn + mlp
+    total = v * d + cfg.n_layers * per_layer + norm
+    if cfg.positions == "learned":
+        total += cfg.max_seq_len * d
+    if not cfg.tie_embeddings:
+        total += v * d
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token: 6 x matmul params + attention scores (PaLM appendix B)."""
+    matmul_params = count_parameters(cfg) - cfg.vocab_size * cfg.d_model  # embedding lookup
+    if cfg.tie_embeddings:
+        matmul_params += cfg.vocab_size * cfg.d_model  # the tied matrix is still the LM head
+    if cfg.positions == "learned":
+        matmul_params -= cfg.max_seq_len * cfg.d_model
+    attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len // 2  # causal half
+    return 6 * matmul_params + attention
