@@ -28,6 +28,7 @@ import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,7 +69,7 @@ def pick_device(name: str) -> torch.device:
 def cpu_has_bf16() -> bool:
     """Whether this CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
     try:
-        flags = open("/proc/cpuinfo").read()
+        flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
@@ -518,7 +519,6 @@ def run_fingerprint(model_cfg: Any, train_cfg: TrainConfig, extra: dict[str, Any
     """What shapes a run: model and loop params, seed, precision, data and code hashes."""
     import dataclasses
     import hashlib
-    from pathlib import Path
 
     from llmcore.checkpoint import fingerprint
 

@@ -59,3 +59,18 @@ def copy_project(dest: Path) -> Path:
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         subprocess.run(cmd, cwd=dest, check=True, env=env)
     return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """Shards of a small slice of the builtin corpus, seq_len 32, vocab 300."""
+    from llmcore.corpus import builtin_documents, synthetic_conversations
+    from llmcore.shards import pack_all
+
+    docs = [d.text for _, d in zip(range(40), builtin_documents(), strict=False)]
+    convs = [c.as_dicts() for c in synthetic_conversations(40, seed=0)]
+    tok = LLMTokenizer(train_bpe(docs, vocab_size=300, min_frequency=2))
+    out = tmp_path_factory.mktemp("shards")
+    pack_all(tok, {"train": docs[4:], "val": docs[:4]}, {"train": convs[16:], "val": convs[:16]},
+             out, seq_len=32, rows_per_shard=256)
+    return out, tok

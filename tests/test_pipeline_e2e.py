@@ -1,10 +1,15 @@
 """End to end: the real DVC pipeline in a temporary git repository."""
 
+import glob
 import json
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import copy_project, project_env
@@ -14,6 +19,9 @@ TINY = {
     "fetch": {"max_documents": 80, "synthetic_per_task": 20, "doc_questions": False},
     "tokenizer": {"vocab_size": 400},
     "pack": {"seq_len": 32, "rows_per_shard": 64},
+    "model": {"preset": "tiny", "dropout": 0.1},
+    "pretrain": {"max_steps": 600, "batch_size": 8, "warmup_steps": 10, "eval_every": 300,
+                 "eval_batches": 2, "checkpoint_every": 20, "log_every": 100, "export": "last"},
 }
 
 
@@ -30,7 +38,7 @@ def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def ran(out: str) -> set[str]:
-    return {s for s in ("fetch", "tokenizer", "pack") if f"Running stage '{s}'" in out}
+    return {s for s in ("fetch", "tokenizer", "pack", "pretrain") if f"Running stage '{s}'" in out}
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +111,43 @@ def test_invalid_params_fail_clearly_and_lose_nothing(project):
     assert again.returncode == 0, again.stdout + again.stderr
     assert ran(again.stdout) == set()  # restored from the run cache, nothing re-computed
     assert (project / "data/shards/manifest.json").read_text() == before
+
+
+def checkpoint_steps(root: Path) -> list[int]:
+    return sorted(int(Path(p).name[5:])
+                  for p in glob.glob(str(root / "data/checkpoints/pretrain/*/step-*")))
+
+
+def test_pretrain_resumes_bit_exactly_after_sigkill(project):
+    from safetensors.torch import load_file
+
+    proc = subprocess.Popen(["dvc", "repro", "pretrain"], cwd=project, env=project_env(),
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        steps = checkpoint_steps(project)
+        if steps and steps[-1] >= 200:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert 200 <= checkpoint_steps(project)[-1] < 600
+    assert not (project / "data/models/pretrain").exists()
+
+    resumed = dvc(project, "repro", "pretrain")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming from" in resumed.stderr + resumed.stdout
+    metrics = json.loads((project / "metrics/pretrain.json").read_text())
+    assert metrics["pretrain/resumed_from"] >= 200 and metrics["pretrain/steps"] == 600
+    after_kill = load_file(str(project / "data/models/pretrain/model.safetensors"))
+    assert (project / "metrics/pretrain_train.tsv").read_text().count("\n") == 601
+
+    set_params(project, {"pretrain": {"resume": "never"}})  # same run, never interrupted
+    fresh = dvc(project, "repro", "pretrain")
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    assert json.loads((project / "metrics/pretrain.json").read_text())[
+        "pretrain/resumed_from"] == -1
+    never_killed = load_file(str(project / "data/models/pretrain/model.safetensors"))
+    assert after_kill.keys() == never_killed.keys()
+    assert all(torch.equal(after_kill[k], never_killed[k]) for k in after_kill)

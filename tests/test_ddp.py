@@ -1,0 +1,36 @@
+"""DDP with 2 CPU processes (gloo) follows the same loss curve as 1 process."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import project_env
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_two_processes_match_one_at_the_same_global_batch(tiny_shards, tmp_path):
+    shard_dir, tok = tiny_shards
+    data = tmp_path / "shards"
+    shutil.copytree(shard_dir, data)
+    tok.save(data / "tok")
+    env = project_env()
+    env["OMP_NUM_THREADS"] = "1"
+    single = subprocess.run([sys.executable, str(HERE / "ddp_fit.py"), str(data),
+                             str(tmp_path / "one.json"), "8"], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(HERE / "ddp_fit.py"), str(data),
+                             str(tmp_path / "two.json"), "4"], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert len(one) == len(two) == 12
+    assert one[-1] < one[0]
+    assert two == pytest.approx(one, rel=1e-5, abs=1e-6)
