@@ -280,12 +280,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def save_model_dir(out: Path, cfg: ModelConfig, weights: Mapping[str, torch.Tensor],
                    tokenizer_dir: Path, meta: Mapping[str, Any],
-                   generation: Mapping[str, Any]) -> None:
+                   generation: Mapping[str, Any],
+                   quantization: Mapping[str, Any] | None = None) -> None:
     """Write a self-describing, Hugging Face shaped model directory atomically."""
 
     def fill(tmp: Path) -> None:
         config = {"architectures": ["LLMCoreForCausalLM"], "model_type": "llmcore",
                   **dataclasses.asdict(cfg), "torch_dtype": "float32"}
+        if quantization:
+            config["quantization"] = dict(quantization)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
                   str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -307,15 +310,26 @@ def read_model_config(path: Path) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in raw.items() if k in fields})
 
 
-def load_model_dir(path: Path, device: str | torch.device = "cpu") -> tuple[Any, ModelConfig]:
-    """Rebuild the model of a model directory (weights on ``device``, eval mode)."""
+def load_model_dir(path: Path, device: str | torch.device = "cpu",
+                   quant_runtime: str = "auto") -> tuple[Any, ModelConfig]:
+    """Rebuild the model of a model directory (weights on ``device``, eval mode).
+
+    Quantized directories (``quantization`` in config.json) load through
+    :func:`llmcore.quantize.load_quantized` with ``quant_runtime``.
+    """
     from llmcore.model import Transformer
 
     cfg = read_model_config(path)
-    model = Transformer(cfg)
+    quant = json.loads((Path(path) / "config.json").read_text()).get("quantization")
+    model = Transformer(cfg).to(device)
     try:
         weights = load_file(str(Path(path) / "model.safetensors"))
     except Exception as exc:  # safetensors raises its own error types for bad headers
         raise CheckpointError(f"{path}/model.safetensors is unreadable ({exc})") from exc
-    load_weights(model, weights)
-    return model.to(device).eval(), cfg
+    if quant:
+        from llmcore.quantize import load_quantized
+
+        load_quantized(model, weights, quant, quant_runtime)
+    else:
+        load_weights(model, weights)
+    return model.eval(), cfg

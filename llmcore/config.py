@@ -223,7 +223,8 @@ def parse_model(raw: Any) -> ModelConfig:
 class TrainConfig:
     """``pretrain:`` / ``sft:`` the training loop (one schema, two sections)."""
 
-    max_steps: int = spec(600, ge=1, doc="optimizer steps")
+    max_steps: int = spec(600, ge=1, doc="optimizer steps (ignored when epochs is set)")
+    epochs: float | None = spec(None, gt=0, doc="passes over the training rows; sets max_steps")
     batch_size: int = spec(16, ge=1, doc="rows per micro-batch per process")
     grad_accum: int = spec(1, ge=1, doc="micro-batches per optimizer step")
     lr: float = spec(3e-4, gt=0)
@@ -253,10 +254,49 @@ class TrainConfig:
         problems = []
         if self.min_lr > self.lr:
             problems.append(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
-        if self.warmup_steps >= self.max_steps:
+        if self.epochs is None and self.warmup_steps >= self.max_steps:
             problems.append(f"warmup_steps ({self.warmup_steps}) must be < max_steps "
                             f"({self.max_steps})")
         return problems
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """``evaluate:`` comparing the pretrained and the SFT model."""
+
+    batch_size: int = spec(16, ge=1)
+    max_rows: int | None = spec(None, ge=1, doc="cap on validation rows for loss / bpb")
+    context_factors: list[int] = spec(default_factory=lambda: [1, 2, 4],
+                                      doc="bpb at these multiples of the training context")
+    max_task_examples: int = spec(100, ge=1, doc="held-out conversations per task")
+    max_new_tokens: int = spec(48, ge=1)
+    choices: int = spec(4, ge=2, doc="answers per multiple-choice doc question")
+    prompts: list[str] = spec(default_factory=lambda: [
+        "What is 12 + 7?",
+        "Spell the word 'python'.",
+        "Reverse the word 'stack'.",
+        "What does `os.path.join` do?",
+        "What is the Python `json` module for?",
+        "Explain the \"with\" statement in Python.",
+    ], doc="prompts answered by both models in reports/samples.md")
+
+    def validate(self) -> list[str]:
+        if not self.context_factors or any(f < 1 for f in self.context_factors):
+            return ["evaluate.context_factors must be a non-empty list of integers >= 1"]
+        return []
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """``quantize:`` weight-only quantization of the SFT model."""
+
+    method: str = spec("int8", choices=("int8", "int4"))
+    group_size: int = spec(64, ge=2, doc="int4: input columns sharing one scale")
+    runtime: str = spec("auto", choices=("auto", "dequant", "int8mm"),
+                        doc="how quantized weights run: expanded at load, or int8 kernel")
+    agreement_prompts: int = spec(32, ge=1, doc="held-out prompts for greedy agreement")
+    agreement_tokens: int = spec(32, ge=1)
+    decode_tokens: int = spec(64, ge=8, doc="tokens decoded to time decode speed")
 
 
 SECTIONS: dict[str, type] = {
@@ -267,6 +307,8 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "pretrain": TrainConfig,
     "sft": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "quantize": QuantizeConfig,
 }
 
 

@@ -124,11 +124,11 @@ def stream_batch(model: Any, prompts: Sequence[Sequence[int]], sampling: Samplin
     ids, real = _left_pad(prompts, pad_id, device)
     B, T = ids.shape
     total = T + sampling.max_new_tokens
-    if model.cfg.positions == "learned" and total > model.cfg.max_seq_len:
-        total = model.cfg.max_seq_len
-    if T > total or T > model.cfg.max_seq_len and model.cfg.positions == "learned":
-        raise ValueError(f"prompt of {T} tokens does not fit model.max_seq_len "
-                         f"{model.cfg.max_seq_len}")
+    if model.cfg.positions == "learned":  # the position table bounds the whole sequence
+        if T > model.cfg.max_seq_len:
+            raise ValueError(f"prompt of {T} tokens does not fit model.max_seq_len "
+                             f"{model.cfg.max_seq_len}")
+        total = min(total, model.cfg.max_seq_len)
     padded = not bool(real.all())
     key_padding = None
     if padded:
@@ -151,8 +151,6 @@ def stream_batch(model: Any, prompts: Sequence[Sequence[int]], sampling: Samplin
         if len(stops):
             active &= ~torch.isin(tok, stops)
         if not bool(active.any()) or cache.offset >= total:
-            return
-        if cache.offset >= total:
             return
         pos = next_pos[:, None] if padded else None
         logits = model(tok[:, None], cache=cache, positions=pos)[:, -1]

@@ -30,11 +30,13 @@ from llmcore.config import ModelConfig
 
 
 def rope_cache(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, ...]:
-    """cos, sin of shape (T, Hd) for the given positions, in fp32 (rotate-half layout)."""
+    """cos, sin for positions (T,) -> (T, Hd), or (B, T) -> (B, 1, T, Hd); fp32, rotate-half."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
                                              device=positions.device) / head_dim))  # (Hd/2,)
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, Hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (T, Hd)
+    freqs = positions.float()[..., None] * inv_freq  # (..., T, Hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (..., T, Hd)
+    if emb.ndim == 3:
+        emb = emb[:, None]  # (B, 1, T, Hd): broadcast over heads
     return emb.cos(), emb.sin()
 
 
@@ -79,7 +81,7 @@ class Attention(nn.Module):
             k = k.repeat_interleave(rep, dim=1)  # (B, H, S, Hd)
             v = v.repeat_interleave(rep, dim=1)
         dropout = self.cfg.dropout if self.training else 0.0
-        if past == 0:
+        if past == 0 and (cache is None or cache.key_padding is None):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         else:
             # queries sit at positions past..past+T-1 and see every key up to their own
@@ -156,18 +158,22 @@ class Transformer(nn.Module):
             elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
                 module.reset_parameters()
 
-    def forward(self, input_ids: torch.Tensor, cache: Any = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: Any = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``positions`` (B, T) overrides the default ``offset + arange(T)`` (left padding)."""
         B, T = input_ids.shape
         offset = cache.offset if cache is not None else 0
-        if offset + T > self.cfg.max_seq_len and self.cfg.positions == "learned":
-            raise ValueError(f"sequence of {offset + T} tokens exceeds the learned position "
+        if positions is None:
+            positions = torch.arange(offset, offset + T, device=input_ids.device)  # (T,)
+        if self.cfg.positions == "learned" and int(positions.max()) >= self.cfg.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} is past the learned position "
                              f"table (model.max_seq_len = {self.cfg.max_seq_len})")
-        positions = torch.arange(offset, offset + T, device=input_ids.device)  # (T,)
         x = self.embed_tokens(input_ids)  # (B, T, D)
         rope = None
         if self.cfg.positions == "learned":
             assert self.embed_positions is not None
-            x = x + self.embed_positions(positions)[None]
+            pos = self.embed_positions(positions)  # (T, D) or (B, T, D)
+            x = x + (pos[None] if pos.ndim == 2 else pos)
         elif self.cfg.positions == "rope":
             rope = rope_cache(self.cfg.head_dim, positions, self.cfg.rope_theta)
         x = self.dropout(x)

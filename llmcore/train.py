@@ -23,6 +23,7 @@ simple and deterministic, but idle time on big clusters.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import resource
 import time
@@ -517,7 +518,6 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
 
 def run_fingerprint(model_cfg: Any, train_cfg: TrainConfig, extra: dict[str, Any]) -> str:
     """What shapes a run: model and loop params, seed, precision, data and code hashes."""
-    import dataclasses
     import hashlib
 
     from llmcore.checkpoint import fingerprint
@@ -572,6 +572,13 @@ def fit(*, model_cfg: Any, cfg: TrainConfig, seed: int, device_name: str, dtype_
     model.to(device)
     loader = ShardLoader(train_ds, cfg.batch_size, seed=seed, rank=dist_info.rank,
                          world_size=dist_info.world_size)
+    if cfg.epochs is not None:
+        steps = max(1, math.ceil(cfg.epochs * loader.steps_per_epoch / cfg.grad_accum))
+        if cfg.warmup_steps >= steps:
+            raise UserError(f"{prefix}.warmup_steps ({cfg.warmup_steps}) must be < the "
+                            f"{steps} steps that {prefix}.epochs = {cfg.epochs} gives")
+        cfg = dataclasses.replace(cfg, max_steps=steps)
+        log(f"{prefix}: {cfg.epochs} epochs of {len(train_ds)} rows = {steps} steps")
     manager = CheckpointManager(checkpoint_root, fp, keep=cfg.keep_checkpoints, log=log)
     tb = torch.tensor(list(token_bytes), dtype=torch.int64)
     trainer = Trainer(model, cfg, loader, val_ds, tb, device, dtype, manager, tracker,

@@ -96,7 +96,7 @@ def test_rope_depends_only_on_relative_offsets():
 
 def test_learned_positions_refuse_sequences_past_the_table():
     model = build(positions="learned", max_seq_len=16)
-    with pytest.raises(ValueError, match="model.max_seq_len = 16"):
+    with pytest.raises(ValueError, match=r"position 16 is past the learned position table \(model.max_seq_len = 16\)"):
         model(torch.zeros(1, 17, dtype=torch.long))
 
 

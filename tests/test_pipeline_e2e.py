@@ -22,6 +22,11 @@ TINY = {
     "model": {"preset": "tiny", "dropout": 0.1},
     "pretrain": {"max_steps": 600, "batch_size": 8, "warmup_steps": 10, "eval_every": 300,
                  "eval_batches": 2, "checkpoint_every": 20, "log_every": 100, "export": "last"},
+    "sft": {"max_steps": 30, "batch_size": 8, "warmup_steps": 5, "eval_every": 10,
+            "eval_batches": 2, "checkpoint_every": 10, "log_every": 10},
+    "evaluate": {"max_task_examples": 6, "max_new_tokens": 8, "max_rows": 16,
+                 "prompts": ["What is 1 + 1?", "Spell the word 'a'."]},
+    "quantize": {"agreement_prompts": 4, "agreement_tokens": 8, "decode_tokens": 8},
 }
 
 
@@ -38,7 +43,10 @@ def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def ran(out: str) -> set[str]:
-    return {s for s in ("fetch", "tokenizer", "pack", "pretrain") if f"Running stage '{s}'" in out}
+    return {s for s in STAGES if f"Running stage '{s}'" in out}
+
+
+STAGES = ("fetch", "tokenizer", "pack", "pretrain", "sft", "evaluate", "quantize")
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +159,33 @@ def test_pretrain_resumes_bit_exactly_after_sigkill(project):
     never_killed = load_file(str(project / "data/models/pretrain/model.safetensors"))
     assert after_kill.keys() == never_killed.keys()
     assert all(torch.equal(after_kill[k], never_killed[k]) for k in after_kill)
+
+
+def test_repro_runs_all_seven_stages_then_nothing_then_sft_downstream(project):
+    full = dvc(project, "repro")
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    keys = {
+        "sft": ["sft/val_bpb", "sft/val_loss", "sft/tokens_per_second", "sft/mfu"],
+        "evaluate": ["evaluate/pretrain/val_bpb", "evaluate/sft/val_bpb",
+                     "evaluate/sft/sft_val_bpb", "evaluate/pretrain/bpb_ctx2x",
+                     "evaluate/sft/bpb_ctx4x", "evaluate/sft/arithmetic_exact_match",
+                     "evaluate/pretrain/doc_mc_accuracy", "evaluate/sft/im_end_rate"],
+        "quantize": ["quantize/size_ratio", "quantize/bpb_delta",
+                     "quantize/greedy_token_agreement", "quantize/decode_speed_ratio"],
+    }
+    for stage, wanted in keys.items():
+        metrics = json.loads((project / f"metrics/{stage}.json").read_text())
+        assert set(wanted) <= set(metrics), (stage, sorted(metrics))
+    q = json.loads((project / "metrics/quantize.json").read_text())
+    assert q["quantize/size_ratio"] > 1.5 and abs(q["quantize/bpb_delta"]) < 0.1
+    for report in ("comparison.md", "extrapolation.md", "samples.md"):
+        assert (project / "reports" / report).read_text().startswith("# ")
+    assert (project / "data/models/sft-int8/config.json").is_file()
+
+    again = dvc(project, "repro")
+    assert again.returncode == 0 and ran(again.stdout) == set(), again.stdout
+
+    set_params(project, {"sft": {"lr": 0.002}})
+    changed = dvc(project, "repro")
+    assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
+    assert ran(changed.stdout) == {"sft", "evaluate", "quantize"}

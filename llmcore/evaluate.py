@@ -1,0 +1,156 @@
+"""Evaluation: bits per byte, length extrapolation, task accuracy, samples.
+
+All functions take a model and data and return plain dicts; the evaluate stage writes them.
+
+* Bits per byte on held-out rows (pretraining text, or SFT rows on their masked tokens) via
+  :func:`llmcore.train.evaluate`.
+* Length extrapolation: the same held-out text re-cut into windows of 1x, 2x, 4x the training
+  context. RoPE keeps working past the trained length (somewhat); a learned position table has
+  rows that training never touched, so its loss blows up there.
+* Task accuracy on held-out SFT conversations, for any model prompted with the chat template:
+  exact match of the greedy reply on the synthetic tasks (arithmetic, spelling, counting,
+  reversing), a likelihood multiple choice on the doc questions (the documented answer against
+  answers to other questions, scored by mean log-probability per token), and how often a reply
+  ends with ``<|im_end|>`` within the token budget.
+
+Trade-off: multiple choice by length-normalised likelihood favours short fluent distractors a
+little; it needs no generation and no judge, and it separates a model that read the docs from
+one that did not.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llmcore.generate import Sampling, generate
+from llmcore.shards import ShardDataset
+from llmcore.tokenizer import IM_END, LLMTokenizer, render_chat
+from llmcore.train import evaluate
+
+
+def bpb_at_contexts(model: Any, ds: ShardDataset, token_bytes: torch.Tensor, factors: Sequence[int],
+                    batch_size: int, max_rows: int | None, device: torch.device,
+                    dtype: torch.dtype) -> dict[int, dict[str, float] | None]:
+    """Bits per byte with windows of ``factor x`` the training context (None if it cannot run)."""
+    seq_len = ds.row_len - 1
+    rows = min(len(ds), max_rows or len(ds))
+    out: dict[int, dict[str, float] | None] = {}
+    for f in factors:
+        window = f * seq_len
+        if model.cfg.positions == "learned" and window > model.cfg.max_seq_len:
+            out[f] = None  # past the position table: the model cannot even run
+            continue
+        if (rows * seq_len) // window == 0:
+            out[f] = None  # not enough held-out text for one window
+            continue
+        per_batch = max(1, batch_size // f)
+        out[f] = evaluate(model, ds, per_batch, -(-rows // per_batch), token_bytes, device, dtype,
+                          seq_len=None if f == 1 else window)
+    return out
+
+
+def _prompt_ids(tok: LLMTokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
+    return tok.encode(render_chat(messages, add_generation_prompt=True))
+
+
+def task_accuracy(model: Any, tok: LLMTokenizer, conversations: Sequence[dict[str, Any]],
+                  max_per_task: int, max_new_tokens: int, batch_size: int = 32
+                  ) -> dict[str, dict[str, float]]:
+    """Exact match and ``<|im_end|>`` rate per synthetic task on held-out conversations."""
+    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for conv in conversations:
+        task = conv["task"]
+        if task != "doc" and conv.get("answer") is not None and \
+                len(by_task[task]) < max_per_task:
+            by_task[task].append(conv)
+    results: dict[str, dict[str, float]] = {}
+    stops = [tok.im_end_id, tok.eot_id]
+    for task, convs in sorted(by_task.items()):
+        correct = ended = 0
+        for i in range(0, len(convs), batch_size):
+            chunk = convs[i : i + batch_size]
+            prompts = [_prompt_ids(tok, c["messages"][:-1]) for c in chunk]
+            outs = generate(model, prompts, Sampling(max_new_tokens=max_new_tokens), stops,
+                            pad_id=tok.pad_id, keep_stop=True)
+            for conv, ids in zip(chunk, outs, strict=True):
+                stopped = bool(ids) and ids[-1] == tok.im_end_id
+                reply = tok.decode(ids[:-1] if ids and ids[-1] in stops else ids).strip()
+                correct += reply == conv["answer"].strip()
+                ended += stopped
+        results[task] = {"exact_match": correct / len(convs), "im_end_rate": ended / len(convs),
+                         "n": len(convs)}
+    return results
+
+
+@torch.no_grad()
+def _mean_logprob(model: Any, prompt: list[int], candidates: list[list[int]], pad_id: int,
+                  max_len: int) -> list[float]:
+    seqs = []
+    for cand in candidates:
+        cand = cand[: max(1, max_len - len(prompt))]
+        seqs.append((prompt + cand)[-max_len:])
+    longest = max(len(s) for s in seqs)
+    device = next(model.parameters()).device
+    ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), longest)
+    for i, (s, cand) in enumerate(zip(seqs, candidates, strict=True)):
+        ids[i, : len(s)] = torch.tensor(s)
+        n = min(len(cand), len(s) - 1)
+        mask[i, len(s) - n : len(s)] = 1.0
+    ids, mask = ids.to(device), mask.to(device)
+    logits = model(ids[:, :-1]).float()
+    logp = -F.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1),
+                            reduction="none").view(len(seqs), -1)
+    m = mask[:, 1:]
+    return ((logp * m).sum(1) / m.sum(1).clamp(min=1)).tolist()
+
+
+def doc_multiple_choice(model: Any, tok: LLMTokenizer, conversations: Sequence[dict[str, Any]],
+                        choices: int, max_questions: int, seed: int = 0) -> dict[str, float]:
+    """Accuracy of picking the documented answer among ``choices`` candidates."""
+    docs = [c for c in conversations if c["task"] == "doc" and c.get("answer")]
+    if len(docs) < choices:
+        return {"accuracy": float("nan"), "n": 0, "chance": 1.0 / choices}
+    rng = random.Random(seed)
+    questions = docs[:max_questions]
+    max_len = model.cfg.max_seq_len
+    correct = 0
+    for i, conv in enumerate(questions):
+        others = [d["answer"] for j, d in enumerate(docs) if j != i]
+        candidates = [conv["answer"]] + rng.sample(others, choices - 1)
+        prompt = _prompt_ids(tok, conv["messages"][:-1])
+        cand_ids = [tok.encode(a + IM_END) for a in candidates]
+        scores = _mean_logprob(model, prompt, cand_ids, tok.pad_id, max_len)
+        correct += max(range(len(scores)), key=scores.__getitem__) == 0
+    return {"accuracy": correct / len(questions), "n": len(questions), "chance": 1.0 / choices}
+
+
+def answer_prompts(model: Any, tok: LLMTokenizer, prompts: Sequence[str], max_new_tokens: int
+                   ) -> list[str]:
+    """Greedy replies to single-turn chat prompts."""
+    ids = [_prompt_ids(tok, [{"role": "user", "content": p}]) for p in prompts]
+    outs = generate(model, ids, Sampling(max_new_tokens=max_new_tokens),
+                    [tok.im_end_id, tok.eot_id], pad_id=tok.pad_id)
+    return [tok.decode(o).strip() for o in outs]
+
+
+def evaluate_model(model: Any, tok: LLMTokenizer, *, pretrain_val: ShardDataset,
+                   sft_val: ShardDataset, conversations: Sequence[dict[str, Any]],
+                   token_bytes: torch.Tensor, cfg: Any, device: torch.device,
+                   dtype: torch.dtype) -> dict[str, Any]:
+    """Everything the evaluate stage reports for one model, as a nested dict."""
+    ctx = bpb_at_contexts(model, pretrain_val, token_bytes, cfg.context_factors, cfg.batch_size,
+                          cfg.max_rows, device, dtype)
+    sft = evaluate(model, sft_val, cfg.batch_size, -(-min(len(sft_val), cfg.max_rows or
+                                                          len(sft_val)) // cfg.batch_size),
+                   token_bytes, device, dtype)
+    tasks = task_accuracy(model, tok, conversations, cfg.max_task_examples, cfg.max_new_tokens)
+    mc = doc_multiple_choice(model, tok, conversations, cfg.choices, cfg.max_task_examples)
+    samples = answer_prompts(model, tok, cfg.prompts, cfg.max_new_tokens)
+    return {"contexts": ctx, "sft_val": sft, "tasks": tasks, "doc_mc": mc, "samples": samples}

@@ -1,0 +1,35 @@
+"""DVC stage ``sft``: fine-tune the pretrained model on chat data, loss on assistant tokens.
+
+Starts from ``data/models/pretrain/``; writes ``data/models/sft/`` and resumable checkpoints in
+``data/checkpoints/sft/``.
+"""
+
+from __future__ import annotations
+
+from safetensors.torch import load_file
+
+from llmcore.checkpoint import read_model_config, sha256_file
+from stages._common import read_params, relaunch_under_torchrun, repo_root, run_stage
+from stages._training import train_and_export
+
+INIT = "data/models/pretrain"
+
+
+def body(cfgs, tracker):
+    init = repo_root() / INIT
+    model_cfg = read_model_config(init)
+    weights = load_file(str(init / "model.safetensors"))
+    return train_and_export("sft", model_cfg, cfgs["sft"], cfgs["base"], "sft_train", "sft_val",
+                            tracker, init_weights=weights,
+                            extra_meta={"init_from": INIT,
+                                        "init_sha256": sha256_file(init / "model.safetensors")})
+
+
+def main() -> None:
+    nproc = (read_params(repo_root()).get("sft") or {}).get("nproc_per_node", 1)
+    relaunch_under_torchrun(nproc if isinstance(nproc, int) else 1, "stages.sft")
+    run_stage("sft", ["base", "sft"], body)
+
+
+if __name__ == "__main__":
+    main()
