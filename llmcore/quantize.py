@@ -44,26 +44,33 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, in) float -> packed uint8 (out, in/2) and fp32 scales (out, in/group_size)."""
+    """(out, in) float -> packed uint8 (out, ceil(in/g)*g/2) and fp32 scales (out, ceil(in/g)).
+
+    An input width that is not a multiple of ``group_size`` is padded with zeros (the last
+    group is partly empty); :func:`dequantize_int4` crops it back with ``in_features``.
+    """
+    if group_size % 2:
+        raise ValueError(f"quantize.group_size must be even (got {group_size})")
     out_f, in_f = w.shape
-    if in_f % group_size or group_size % 2:
-        raise ValueError(f"input width {in_f} is not a multiple of group size {group_size} "
-                         "(quantize.group_size must divide every layer's input width)")
-    g = w.detach().float().reshape(out_f, in_f // group_size, group_size)
+    padded = -(-in_f // group_size) * group_size
+    w = torch.nn.functional.pad(w.detach().float(), (0, padded - in_f))
+    g = w.reshape(out_f, padded // group_size, group_size)
     scale = (g.abs().amax(dim=2) / 7.0).clamp(min=1e-12)  # (out, groups)
-    q = torch.round(g / scale[..., None]).clamp(-8, 7).to(torch.int16).reshape(out_f, in_f)
+    q = torch.round(g / scale[..., None]).clamp(-8, 7).to(torch.int16).reshape(out_f, padded)
     u = (q + 8).to(torch.uint8)  # 0..15
-    packed = u[:, 0::2] | (u[:, 1::2] << 4)  # (out, in/2)
+    packed = u[:, 0::2] | (u[:, 1::2] << 4)  # (out, padded/2)
     return packed, scale
 
 
-def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, group_size: int,
+                    in_features: int | None = None) -> torch.Tensor:
     low = (packed & 0x0F).to(torch.int16) - 8
     high = (packed >> 4).to(torch.int16) - 8
-    q = torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1).float()  # (out, in)
-    out_f, in_f = q.shape
-    return (q.reshape(out_f, in_f // group_size, group_size) * scale[..., None]).reshape(out_f,
-                                                                                          in_f)
+    q = torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1).float()  # (out, padded)
+    out_f, padded = q.shape
+    w = (q.reshape(out_f, padded // group_size, group_size) * scale[..., None]).reshape(out_f,
+                                                                                        padded)
+    return w if in_features is None else w[:, :in_features]
 
 
 @dataclass(frozen=True)
@@ -102,7 +109,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec
             back = dequantize_int8(q, s)
         else:
             q, s = quantize_int4(w, spec.group_size)
-            back = dequantize_int4(q, s, spec.group_size)
+            back = dequantize_int4(q, s, spec.group_size, w.shape[1])
         tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = q.contiguous(), s.contiguous()
         errors[name] = float((back - w).norm() / w.norm().clamp(min=1e-12))
     skip = {f"{n}.weight" for n in layers}
@@ -172,7 +179,8 @@ def load_quantized(model: nn.Module, tensors: Mapping[str, torch.Tensor],
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, Int8Linear(q.to(device), s.to(device), layer.bias))
             continue
-        w = dequantize_int8(q, s) if method == "int8" else dequantize_int4(q, s, group)
+        w = (dequantize_int8(q, s) if method == "int8"
+             else dequantize_int4(q, s, group, layer.in_features))
         with torch.no_grad():
             layer.weight.copy_(w.to(layer.weight.dtype))
     return model

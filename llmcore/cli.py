@@ -1,0 +1,138 @@
+"""The ``llmcore`` command: generate from and chat with any model directory.
+
+    llmcore generate data/models/sft "What is 12 + 7?"
+    llmcore generate data/models/pretrain "The list type" --raw --temperature 0.8 --top-p 0.9
+    llmcore chat data/models/sft-int8
+
+``generate`` wraps the prompt in the chat template unless ``--raw``; ``chat`` keeps the
+conversation and streams each reply (``/reset`` clears it, ``/quit`` or end of input leaves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _sampling(args: argparse.Namespace) -> Any:
+    from llmcore.generate import Sampling
+
+    return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def _load(path: str, device: str) -> tuple[Any, Any]:
+    from llmcore.checkpoint import load_model_dir
+    from llmcore.tokenizer import LLMTokenizer
+    from llmcore.train import pick_device
+
+    directory = Path(path)
+    if not (directory / "config.json").is_file():
+        raise SystemExit(f"llmcore: {directory} is not a model directory (no config.json); "
+                         "run `dvc repro` or pass e.g. data/models/sft")
+    model, _ = load_model_dir(directory, pick_device(device))
+    return model, LLMTokenizer.load(directory)
+
+
+def _stream_reply(model: Any, tok: Any, ids: list[int], args: argparse.Namespace,
+                  out: Any) -> str:
+    from llmcore.generate import TextStreamer, stream
+
+    streamer = TextStreamer(tok)
+    pieces = []
+    for token in stream(model, ids, _sampling(args), [tok.im_end_id, tok.eot_id]):
+        piece = streamer.push(token)
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    return "".join(pieces)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from llmcore.tokenizer import render_chat
+
+    model, tok = _load(args.model, args.device)
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    for prompt in prompts:
+        text = prompt if args.raw else render_chat([{"role": "user", "content": prompt}],
+                                                   add_generation_prompt=True)
+        ids = tok.encode(text)
+        if not ids:
+            print("llmcore: empty prompt", file=sys.stderr)
+            return 2
+        _stream_reply(model, tok, ids, args, sys.stdout)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from llmcore.tokenizer import render_chat
+
+    model, tok = _load(args.model, args.device)
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("you> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/quit":
+            return 0
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": line})
+        ids = tok.encode(render_chat(history, add_generation_prompt=True))
+        if interactive:
+            sys.stdout.write("model> ")
+        reply = _stream_reply(model, tok, ids, args, sys.stdout)
+        history.append({"role": "assistant", "content": reply})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmcore", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def sampling_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("model", help="a model directory, e.g. data/models/sft")
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--top-k", type=int, default=None)
+        p.add_argument("--top-p", type=float, default=None)
+        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--device", default="auto")
+
+    g = sub.add_parser("generate", help="complete prompts (arguments, or one per stdin line)")
+    sampling_args(g)
+    g.add_argument("prompt", nargs="*")
+    g.add_argument("--raw", action="store_true", help="no chat template: plain continuation")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="a multi-turn conversation on stdin/stdout")
+    sampling_args(c)
+    c.add_argument("--system", default=None, help="a system message")
+    c.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as exc:  # bad sampling values, prompt too long, ...
+        print(f"llmcore: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llmcore.checkpoint import save_model_dir, state_dict_for_save
+from llmcore.config import parse_section
+from llmcore.generate import Sampling, generate
+from llmcore.model import Transformer
+from llmcore.tokenizer import render_chat
+from tests.conftest import project_env
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("cli")
+    tiny_tokenizer.save(root / "tok")
+    torch.manual_seed(0)
+    cfg = parse_section("model", {"preset": "tiny", "vocab_size": 300})
+    model = Transformer(cfg).eval()
+    save_model_dir(root / "m", cfg, state_dict_for_save(model), root / "tok", {}, {})
+    return root / "m", model
+
+
+def run_cli(*args, stdin=""):
+    return subprocess.run([sys.executable, "-m", "llmcore.cli", *args], input=stdin,
+                          capture_output=True, text=True, env=project_env(), timeout=120)
+
+
+def test_generate_matches_library_greedy(model_dir, tiny_tokenizer):
+    path, model = model_dir
+    out = run_cli("generate", str(path), "hello there", "--max-new-tokens", "12",
+                  "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    ids = tiny_tokenizer.encode(render_chat([{"role": "user", "content": "hello there"}],
+                                            add_generation_prompt=True))
+    expected = generate(model, [ids], Sampling(max_new_tokens=12),
+                        [tiny_tokenizer.im_end_id, tiny_tokenizer.eot_id])[0]
+    assert out.stdout == tiny_tokenizer.decode(expected) + "\n"
+
+
+def test_chat_reads_turns_from_stdin(model_dir, tiny_tokenizer):
+    path, model = model_dir
+    out = run_cli("chat", str(path), "--max-new-tokens", "4", "--device", "cpu",
+                  stdin="hi\n/reset\nsecond\n/quit\nignored\n")
+    assert out.returncode == 0, out.stderr
+
+    def reply(text):
+        ids = tiny_tokenizer.encode(render_chat([{"role": "user", "content": text}],
+                                                add_generation_prompt=True))
+        toks = generate(model, [ids], Sampling(max_new_tokens=4),
+                        [tiny_tokenizer.im_end_id, tiny_tokenizer.eot_id])[0]
+        return tiny_tokenizer.decode(toks)
+
+    # /reset forgets the first turn; nothing after /quit is answered
+    assert out.stdout == reply("hi") + "\n" + reply("second") + "\n"
+
+
+def test_bad_arguments_are_clear(model_dir, tmp_path):
+    path, _ = model_dir
+    out = run_cli("generate", str(tmp_path), "x")
+    assert out.returncode != 0 and "is not a model directory" in out.stderr
+    out = run_cli("generate", str(path), "x", "--top-p", "2", "--device", "cpu")
+    assert out.returncode == 2 and "top_p must be in (0, 1]" in out.stderr
