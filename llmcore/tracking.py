@@ -150,3 +150,37 @@ class MlflowTracker:
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         self.finish("FAILED" if exc_type else "FINISHED")
+
+
+def register_model(tracker: Any, model_dir: Path, val_bpb: float | None, kind: str,
+                   name: str = EXPERIMENT) -> str | None:
+    """Log ``model_dir`` to the run and register it as a new version of model ``name``.
+
+    Alias ``best`` moves to the version with the lowest ``val_bpb`` tag so far. (``latest``
+    needs no alias: MLflow reserves that name and ``models:/llmcore/latest`` already resolves
+    to the newest version.) Returns the version, or None for a tracker without a registry.
+    """
+    client = getattr(tracker, "client", None)
+    if client is None or tracker.run_id is None:
+        return None
+    from mlflow.exceptions import MlflowException
+
+    tracker.log_artifact(model_dir, "model")
+    try:
+        client.create_registered_model(name)
+    except MlflowException:
+        pass  # already registered
+    version = client.create_model_version(name, f"runs:/{tracker.run_id}/model",
+                                          run_id=tracker.run_id,
+                                          tags={"kind": kind, "val_bpb": str(val_bpb)})
+    best, best_bpb = None, math.inf
+    for v in client.search_model_versions(f"name='{name}'"):
+        try:
+            bpb = float(v.tags.get("val_bpb", "nan"))
+        except ValueError:
+            continue
+        if math.isfinite(bpb) and bpb < best_bpb:
+            best, best_bpb = v.version, bpb
+    if best is not None:
+        client.set_registered_model_alias(name, "best", best)
+    return str(version.version)

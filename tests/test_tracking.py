@@ -41,3 +41,24 @@ def test_mlflow_tracker_writes_runs_to_sqlite(tmp_path):
     assert "bad" not in run.data.metrics
     assert [a.path for a in client.list_artifacts(child.run_id, "notes")] == ["notes/note.txt"]
     assert (tmp_path / "art").is_dir()
+
+
+def test_registry_best_alias_follows_lowest_bpb(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from llmcore.tracking import register_model
+
+    uri = default_uri(tmp_path)
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    versions = []
+    for bpb in (2.0, 1.5, 1.8):
+        t = MlflowTracker(uri, "sft", artifact_root=tmp_path / "art")
+        versions.append(register_model(t, model_dir, bpb, "sft"))
+        t.finish()
+    client = MlflowClient(uri)
+    assert max(int(v.version) for v in client.search_model_versions("name='llmcore'")) == \
+        int(versions[-1])
+    assert str(client.get_model_version_by_alias("llmcore", "best").version) == versions[1]
+    assert register_model(NullTracker(), model_dir, 1.0, "sft") is None

@@ -1,0 +1,274 @@
+"""Prefect flow ``llm-pipeline``: one task per DVC stage, DVC decides what is stale.
+
+    python -m stages.flow serve                      # serve deployment llm-pipeline/local
+    python -m stages.flow run --set pretrain.lr=0.001 --name lr-1e-3   # run once, no server
+
+Each task runs ``dvc repro <stage>`` in its own process group (a timeout or a cancellation
+kills the whole tree), retries transient failures (not a stage that failed on bad input,
+which exits with status 2), and has a per-stage timeout from ``flow.timeouts`` in
+params.yaml. Prefect's own result caching is off: DVC knows what is stale.
+
+With param overrides the run is a DVC experiment: the overrides are applied to params.yaml,
+the stages run, ``dvc exp save -n NAME`` records the experiment (so it shows in
+``dvc exp show``), and the workspace (params.yaml, dvc.lock, metrics/, reports/ and the DVC
+outputs) is put back as it was, whether the run succeeded or not.
+
+The flow opens the MLflow parent run; every stage's run is its child. The deployment is
+served with a global concurrency limit of 1: DVC's lock allows one pipeline at a time, so a
+second triggered run waits for the first instead of failing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from llmcore.tracking import MlflowTracker, default_uri
+
+STAGES = ("fetch", "tokenizer", "pack", "pretrain", "sft", "evaluate", "quantize")
+USER_ERROR = 2  # what stages exit with on bad params / bad input: not worth a retry
+DEFAULT_TIMEOUT = 4 * 3600
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, returncode: int, tail: str) -> None:
+        self.stage, self.returncode = stage, returncode
+        super().__init__(f"stage {stage} failed (exit {returncode}):\n{tail}")
+
+
+def flow_settings(root: Path) -> dict[str, Any]:
+    params = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    settings = params.get("flow") or {}
+    unknown = set(settings) - {"timeouts", "retries", "retry_delay"}
+    if unknown:
+        raise ValueError(f"params.yaml: unknown key(s) flow.{', flow.'.join(sorted(unknown))} "
+                         "(allowed: timeouts, retries, retry_delay)")
+    return settings
+
+
+def run_command(args: list[str], cwd: Path, env: Mapping[str, str], timeout: float,
+                logger: Any) -> tuple[int, str]:
+    """Run a command in its own process group; stream its output; kill the group on exit."""
+    proc = subprocess.Popen(args, cwd=cwd, env=dict(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    try:
+        assert proc.stdout is not None
+        os.set_blocking(proc.stdout.fileno(), False)
+        while True:
+            chunk = proc.stdout.readline()
+            if chunk:
+                lines.append(chunk.rstrip("\n"))
+                logger.info(chunk.rstrip("\n"))
+                continue
+            if proc.poll() is not None:
+                rest = proc.stdout.read() or ""
+                for line in rest.splitlines():
+                    lines.append(line)
+                    logger.info(line)
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{' '.join(args)} ran past its {timeout:.0f}s timeout")
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:  # timeout, cancellation, or the flow process is going away
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    return proc.returncode, "\n".join(lines[-40:])
+
+
+def _no_retry_on_user_error(task: Any, task_run: Any, state: Any) -> bool:
+    try:
+        state.result()
+    except StageFailed as exc:
+        return exc.returncode != USER_ERROR
+    except Exception:
+        return True
+    return False
+
+
+@task(cache_policy=NO_CACHE, retry_condition_fn=_no_retry_on_user_error, log_prints=True)
+def dvc_stage(stage: str, root: str, env: dict[str, str], timeout: float) -> str:
+    """``dvc repro <stage>`` (upstream stages are reproduced first when stale)."""
+    logger = get_run_logger()
+    code, tail = run_command(["dvc", "repro", stage], Path(root), env, timeout, logger)
+    if code != 0:
+        raise StageFailed(stage, code, tail)
+    return tail.splitlines()[-1] if tail else ""
+
+
+@task(cache_policy=NO_CACHE)
+def dvc_exp_save(name: str, root: str, env: dict[str, str]) -> None:
+    logger = get_run_logger()
+    code, tail = run_command(["dvc", "exp", "save", "-f", "-n", name], Path(root), env, 600,
+                             logger)
+    if code != 0:
+        raise RuntimeError(f"dvc exp save failed:\n{tail}")
+
+
+def set_dotted(params: dict[str, Any], key: str, value: Any) -> None:
+    node = params
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            raise ValueError(f"override {key!r}: params.yaml has no section {part!r}")
+        node = node[part]
+    node[parts[-1]] = value
+
+
+class WorkspaceSnapshot:
+    """Files a pipeline run rewrites, saved before and put back after an experiment."""
+
+    PATHS = ("params.yaml", "dvc.lock", "metrics", "reports")
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.dir = Path(tempfile.mkdtemp(prefix="llmcore-snapshot-"))
+        for rel in self.PATHS:
+            src = root / rel
+            if src.is_dir():
+                shutil.copytree(src, self.dir / rel)
+            elif src.is_file():
+                shutil.copy2(src, self.dir / rel)
+
+    def restore(self, env: Mapping[str, str]) -> None:
+        for rel in self.PATHS:
+            src, dst = self.dir / rel, self.root / rel
+            if dst.is_dir():
+                shutil.rmtree(dst)
+            elif dst.exists():
+                dst.unlink()
+            if src.is_dir():
+                shutil.copytree(src, dst)
+            elif src.is_file():
+                shutil.copy2(src, dst)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        # bring data/ back in line with the restored dvc.lock (from the DVC cache)
+        subprocess.run(["dvc", "checkout", "--quiet"], cwd=self.root, env=dict(env),
+                       capture_output=True, timeout=600)
+
+
+def read_metrics(root: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path in sorted((root / "metrics").glob("*.json")):
+        try:
+            out.update(json.loads(path.read_text()))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+@flow(name="llm-pipeline", log_prints=True)
+def llm_pipeline(stages: list[str] | None = None, overrides: dict[str, Any] | None = None,
+                 experiment: str | None = None) -> dict[str, Any]:
+    """Run the DVC stages in order; with overrides, as a DVC experiment."""
+    from prefect.runtime import flow_run
+
+    logger = get_run_logger()
+    root = Path(os.environ.get("LLMCORE_ROOT", ROOT)).resolve()
+    selected = list(stages or STAGES)
+    unknown = [s for s in selected if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    selected = [s for s in STAGES if s in selected]  # pipeline order
+    settings = flow_settings(root)
+    timeouts = settings.get("timeouts") or {}
+    retries = int(settings.get("retries", 1))
+    retry_delay = float(settings.get("retry_delay", 10))
+    run_name = str(flow_run.get_name() or "manual")
+    exp_name = experiment or (f"prefect-{run_name}" if overrides else None)
+
+    env = {**os.environ, "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1",
+           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env["MLFLOW_TRACKING_URI"] = env.get("MLFLOW_TRACKING_URI") or default_uri(root)
+    parent = MlflowTracker(env["MLFLOW_TRACKING_URI"], f"pipeline-{run_name}",
+                           tags={"llmcore.stage": "pipeline", "prefect.flow_run": run_name,
+                                 "prefect.flow_run_id": str(flow_run.get_id() or ""),
+                                 "dvc.exp_name": exp_name or "",
+                                 "llmcore.overrides": json.dumps(overrides or {})},
+                           artifact_root=root / "mlartifacts")
+    parent.log_params({f"override.{k}": v for k, v in (overrides or {}).items()})
+    env["LLMCORE_PARENT_RUN_ID"] = parent.run_id or ""
+    snapshot = None
+    status = "FAILED"
+    metrics: dict[str, Any] = {}
+    try:
+        if overrides:
+            snapshot = WorkspaceSnapshot(root)
+            params = yaml.safe_load((root / "params.yaml").read_text())
+            for key, value in overrides.items():
+                set_dotted(params, key, value)
+            (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            logger.info(f"experiment {exp_name}: overrides {overrides}")
+        for stage in selected:
+            dvc_stage.with_options(
+                name=f"dvc-{stage}", retries=retries, retry_delay_seconds=retry_delay,
+            )(stage, str(root), env, float(timeouts.get(stage, DEFAULT_TIMEOUT)))
+        if exp_name:
+            dvc_exp_save(exp_name, str(root), env)
+        metrics = read_metrics(root)
+        parent.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        status = "FINISHED"
+    finally:
+        if snapshot is not None:
+            snapshot.restore(env)
+        parent.finish(status)
+        rows = [{"metric": k, "value": v} for k, v in sorted(metrics.items())]
+        rows.append({"metric": "mlflow_parent_run_id", "value": parent.run_id})
+        if exp_name:
+            rows.append({"metric": "dvc_experiment", "value": exp_name})
+        create_table_artifact(key="llm-pipeline-metrics", table=rows,
+                              description=f"Final metrics of flow run {run_name}")
+    return {"mlflow_parent_run_id": parent.run_id, "experiment": exp_name, "metrics": metrics}
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE (got {pair!r})")
+        out[key] = yaml.safe_load(raw)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m stages.flow", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve the deployment llm-pipeline/local")
+    s.add_argument("--name", default="local")
+    r = sub.add_parser("run", help="run the flow once in this process")
+    r.add_argument("--stage", action="append", dest="stages", choices=STAGES)
+    r.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    r.add_argument("--name", default=None, help="experiment name")
+    args = ap.parse_args(argv)
+    if args.command == "serve":
+        llm_pipeline.serve(name=args.name, global_limit=1)
+    else:
+        result = llm_pipeline(stages=args.stages, overrides=parse_overrides(args.overrides) or None,
+                              experiment=args.name)
+        print(json.dumps({k: v for k, v in result.items() if k != "metrics"}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Prefect orchestration against a real Prefect server on 127.0.0.1 (started and stopped here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import copy_project, project_env
+from tests.test_pipeline_e2e import TINY, set_params
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def api(url: str, path: str, body: dict | None = None) -> dict | list:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url + path, data=data, method="POST" if data else "GET",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def prefect_setup(tmp_path_factory):
+    root = copy_project(tmp_path_factory.mktemp("flow"))
+    set_params(root, TINY)
+    set_params(root, {"flow": {"retries": 0, "timeouts": {"pretrain": 600}}})
+    subprocess.run(["git", "commit", "-qam", "tiny params"], cwd=root, env=project_env(),
+                   check=True)
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = project_env()
+    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=url,
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
+               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
+               PREFECT_LOGGING_LEVEL="INFO")
+    bin_dir = Path(sys.executable).parent
+    server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], cwd=root, env=env, start_new_session=True,
+                              stdout=open(home / "server.log", "w"), stderr=subprocess.STDOUT)
+    worker = None
+    try:
+        wait_for(lambda: _healthy(url), 120, "the Prefect server")
+        worker = subprocess.Popen([sys.executable, "-m", "stages.flow", "serve"], cwd=root,
+                                  env=env, start_new_session=True,
+                                  stdout=open(home / "serve.log", "w"), stderr=subprocess.STDOUT)
+        wait_for(lambda: _deployment(url), 120, "deployment llm-pipeline/local")
+        yield root, url, env
+    finally:
+        if worker is not None:
+            stop(worker)
+        stop(server)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return api(url, "/health") is True
+    except OSError:
+        return False
+
+
+def _deployment(url: str):
+    try:
+        return api(url, "/deployments/name/llm-pipeline/local")
+    except OSError:
+        return None
+
+
+def trigger(root: Path, env: dict, *params: str) -> str:
+    args = [str(Path(sys.executable).parent / "prefect"), "deployment", "run",
+            "llm-pipeline/local"]
+    for p in params:
+        args += ["-p", p]
+    out = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    match = re.search(r"UUID:\s*([0-9a-f-]{36})", out.stdout)
+    assert match, out.stdout
+    return match.group(1)
+
+
+def final_state(url: str, run_id: str, timeout: float = 600) -> dict:
+    def done():
+        run = api(url, f"/flow_runs/{run_id}")
+        return run if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED",
+                                               "CANCELLED") else None
+
+    return wait_for(done, timeout, f"flow run {run_id}", interval=2.0)
+
+
+def flow_logs(url: str, run_id: str) -> str:
+    logs = api(url, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}},
+                                     "limit": 200, "sort": "TIMESTAMP_ASC"})
+    return "\n".join(entry["message"] for entry in logs)
+
+
+def test_deployment_run_with_override_is_a_dvc_experiment(prefect_setup):
+    from mlflow.tracking import MlflowClient
+
+    root, url, env = prefect_setup
+    params_before = (root / "params.yaml").read_text()
+    run_id = trigger(root, env, 'overrides={"sft.lr": 0.002}', "experiment=lr-2e-3")
+    run = final_state(url, run_id)
+    assert run["state"]["type"] == "COMPLETED", flow_logs(url, run_id)[-3000:]
+    assert (root / "params.yaml").read_text() == params_before
+
+    show = subprocess.run(["dvc", "exp", "show", "--json"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert show.returncode == 0, show.stderr
+    assert "lr-2e-3" in show.stdout
+    exps = json.loads(show.stdout)
+    found = [e for b in exps for e in (b.get("experiments") or [])
+             if e.get("name") == "lr-2e-3"]
+    assert found
+    params = found[0]["revs"][0]["data"]["params"]["params.yaml"]["data"]
+    assert params["sft"]["lr"] == 0.002
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("llmcore")
+    parents = client.search_runs([exp.experiment_id],
+                                 "tags.`llmcore.stage` = 'pipeline'")
+    assert len(parents) == 1 and parents[0].data.tags["dvc.exp_name"] == "lr-2e-3"
+    children = client.search_runs([exp.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    stages = {c.data.tags["llmcore.stage"] for c in children}
+    assert stages == {"fetch", "tokenizer", "pack", "pretrain", "sft", "evaluate", "quantize"}
+    sft = next(c for c in children if c.data.tags["llmcore.stage"] == "sft")
+    assert sft.data.params["sft.lr"] == "0.002" and "sft/val_bpb" in sft.data.metrics
+    assert sft.data.tags["git_commit"] and sft.data.tags.get("data.data/shards")
+    artifacts = api(url, "/artifacts/filter", {"artifacts": {"key": {"any_": [
+        "llm-pipeline-metrics"]}}})
+    assert any(parents[0].info.run_id in json.dumps(a["data"]) for a in artifacts)
+
+
+def test_failing_stage_fails_the_flow_run_with_its_message(prefect_setup):
+    root, url, env = prefect_setup
+    run_id = trigger(root, env, 'overrides={"pack.seq_len": 2}')
+    run = final_state(url, run_id)
+    assert run["state"]["type"] == "FAILED"
+    assert "pack.seq_len must be >= 8 (got 2)" in flow_logs(url, run_id)
+    assert yaml.safe_load((root / "params.yaml").read_text())["pack"]["seq_len"] == 32
+    assert (root / "data/tokenizer/tokenizer.json").is_file()  # earlier outputs intact
+
+
+def test_registry_best_alias_after_two_runs(prefect_setup):
+    from mlflow.tracking import MlflowClient
+
+    root, url, env = prefect_setup
+    run_id = trigger(root, env, 'overrides={"sft.lr": 0.0001}', "experiment=lr-1e-4")
+    assert final_state(url, run_id)["state"]["type"] == "COMPLETED"
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    versions = client.search_model_versions("name='llmcore'")
+    sft = [v for v in versions if v.tags.get("kind") == "sft"]
+    assert len(sft) >= 2
+    all_bpb = {str(v.version): float(v.tags["val_bpb"]) for v in versions}
+    best = client.get_model_version_by_alias("llmcore", "best")
+    assert all_bpb[str(best.version)] == min(all_bpb.values())
