@@ -11,6 +11,7 @@ Telemetry of MLflow is switched off before it is imported.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -100,6 +101,7 @@ class MlflowTracker:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(exp_id, run_name=run_name, tags=all_tags)
         self.run_id: str | None = run.info.run_id
+        self.parent_run_id = parent_run_id
         self.flush_every = flush_every
         self._buffer: list[Any] = []
         self._finished = False
@@ -166,10 +168,8 @@ def register_model(tracker: Any, model_dir: Path, val_bpb: float | None, kind: s
     from mlflow.exceptions import MlflowException
 
     tracker.log_artifact(model_dir, "model")
-    try:
+    with contextlib.suppress(MlflowException):  # already registered
         client.create_registered_model(name)
-    except MlflowException:
-        pass  # already registered
     version = client.create_model_version(name, f"runs:/{tracker.run_id}/model",
                                           run_id=tracker.run_id,
                                           tags={"kind": kind, "val_bpb": str(val_bpb)})

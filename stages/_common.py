@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from llmcore.config import PARAMS_FILE, ConfigError, UserError, flatten, parse_sections
-from llmcore.tracking import MlflowTracker, NullTracker, Tracker, default_uri
+from llmcore.tracking import EXPERIMENT, MlflowTracker, NullTracker, Tracker, default_uri
 
 Body = Callable[[dict[str, Any], Tracker], Mapping[str, Any]]
 
@@ -96,6 +96,76 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def tracking_root(root: Path) -> Path:
+    """The repository whose MLflow store a stage logs to.
+
+    ``dvc exp run --temp`` and queued experiments run in ``<repo>/.dvc/tmp/exps/<tmp>/``:
+    their runs belong in ``<repo>``'s store, next to every other run.
+    """
+    marker = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}"
+    text = str(root)
+    return Path(text.split(marker, 1)[0]) if marker in text else root
+
+
+def dvc_invocation() -> str | None:
+    """An id of the ``dvc`` process that started this stage (pid and start time), if any."""
+    import psutil
+
+    try:
+        proc = psutil.Process().parent()
+        while proc is not None:
+            cmd = proc.cmdline()
+            if any(Path(c).name == "dvc" for c in cmd[:2]) or cmd[1:3] == ["-m", "dvc"]:
+                return f"{proc.pid}-{int(proc.create_time())}"
+            proc = proc.parent()
+    except psutil.Error:
+        return None
+    return None
+
+
+def data_hashes(root: Path, stage: str) -> dict[str, str]:
+    """``{"data.<dep>": md5}`` for the stage's data dependencies, from dvc.lock."""
+    try:
+        lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
+        graph = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    outs = {o["path"]: o.get("md5", "") for s in (lock.get("stages") or {}).values()
+            for o in s.get("outs", [])}
+    deps = (graph.get("stages") or {}).get(stage, {}).get("deps", [])
+    return {f"data.{d}": outs[d] for d in deps if isinstance(d, str) and d in outs}
+
+
+def pipeline_parent(client_uri: str, root: Path, base: Any) -> str | None:
+    """The MLflow parent run of this pipeline execution.
+
+    A Prefect flow passes its run in ``LLMCORE_PARENT_RUN_ID``. Under a plain ``dvc repro``
+    (or ``dvc exp run``) the stages of one invocation share the parent run tagged with that
+    dvc process's id; the first stage creates it.
+    """
+    if os.environ.get("LLMCORE_PARENT_RUN_ID"):
+        return os.environ["LLMCORE_PARENT_RUN_ID"]
+    key = dvc_invocation()
+    if key is None:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(client_uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is not None:
+        found = client.search_runs([exp.experiment_id],
+                                   f"tags.`llmcore.invocation` = '{key}'", max_results=1)
+        if found:
+            return found[0].info.run_id
+    exp_name = os.environ.get("DVC_EXP_NAME", "")
+    name = f"{base.run_name}-pipeline" if base.run_name else f"dvc-{exp_name or 'repro'}"
+    parent = MlflowTracker(client_uri, name, tags={
+        "llmcore.stage": "pipeline", "llmcore.invocation": key, "git_commit": git_commit(root),
+        "dvc.exp_name": exp_name, "dvc.exp_baseline": os.environ.get("DVC_EXP_BASELINE_REV", "")},
+        artifact_root=tracking_root(root) / "mlartifacts")
+    return parent.run_id
+
+
 def make_tracker(base: Any, stage: str, root: Path, cfgs: dict[str, Any]) -> Tracker:
     if base.tracking == "none" or rank() != 0:
         return NullTracker()
@@ -105,17 +175,28 @@ def make_tracker(base: Any, stage: str, root: Path, cfgs: dict[str, Any]) -> Tra
         "dvc.stage": os.environ.get("DVC_STAGE", ""),
         "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
         "dvc.exp_baseline": os.environ.get("DVC_EXP_BASELINE_REV", ""),
+        **data_hashes(root, stage),
     }
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_uri(root)
+    store = tracking_root(root)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_uri(store)
     run_name = f"{base.run_name}-{stage}" if base.run_name else stage
     tracker = MlflowTracker(uri, run_name, tags={k: v for k, v in tags.items() if v},
-                            artifact_root=root / "mlartifacts",
-                            parent_run_id=os.environ.get("LLMCORE_PARENT_RUN_ID") or None)
+                            artifact_root=store / "mlartifacts",
+                            parent_run_id=pipeline_parent(uri, root, base))
     params: dict[str, Any] = {}
     for name, cfg in cfgs.items():
         params.update(flatten(name, cfg))
     tracker.log_params(params)
     return tracker
+
+
+def close_parent(tracker: Tracker, status: str) -> None:
+    """Mark a ``dvc repro`` parent run as ended by its latest stage (a flow closes its own)."""
+    client = getattr(tracker, "client", None)
+    parent = getattr(tracker, "parent_run_id", None)
+    if client is None or parent is None or os.environ.get("LLMCORE_PARENT_RUN_ID"):
+        return
+    client.set_terminated(parent, status=status)
 
 
 def run_stage(stage: str, sections: list[str], body: Body) -> None:
@@ -136,11 +217,30 @@ def run_stage(stage: str, sections: list[str], body: Body) -> None:
         write_json(root / "metrics" / f"{stage}.json", metrics)
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         tracker.finish("FINISHED")
+        close_parent(tracker, "FINISHED")
     except (UserError, FileNotFoundError) as exc:
         tracker.finish("FAILED")
+        close_parent(tracker, "FAILED")
         log(f"{stage}: error: {exc}")
         sys.exit(2)
     except BaseException:
         tracker.finish("FAILED")
+        close_parent(tracker, "FAILED")
         raise
     log(f"{stage}: done in {time.perf_counter() - start:.1f}s")
+
+
+def registry_bpb(model_dir: Path, shard_dir: Path, device_name: str) -> float:
+    """Bits per byte on every held-out SFT reply: the number the model registry ranks by."""
+    import torch
+
+    from llmcore.checkpoint import load_model_dir
+    from llmcore.shards import ShardDataset
+    from llmcore.tokenizer import LLMTokenizer, token_bytes
+    from llmcore.train import evaluate, pick_device
+
+    device = pick_device(device_name)
+    model, _ = load_model_dir(model_dir, device)
+    val = ShardDataset(shard_dir, "sft_val")
+    tb = torch.tensor(token_bytes(LLMTokenizer.load(model_dir)))
+    return evaluate(model, val, 16, -(-len(val) // 16), tb, device, torch.float32)["bpb"]

@@ -21,6 +21,7 @@ second triggered run waits for the first instead of failing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -89,10 +90,8 @@ def run_command(args: list[str], cwd: Path, env: Mapping[str, str], timeout: flo
             time.sleep(0.05)
     finally:
         if proc.poll() is None:  # timeout, cancellation, or the flow process is going away
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             proc.wait()
     return proc.returncode, "\n".join(lines[-40:])
 

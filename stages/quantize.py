@@ -13,8 +13,9 @@ from llmcore.generate import Sampling, generate
 from llmcore.quantize import QuantSpec, quantize_model, tensor_bytes
 from llmcore.shards import ShardDataset
 from llmcore.tokenizer import LLMTokenizer, render_chat, token_bytes
+from llmcore.tracking import register_model
 from llmcore.train import evaluate, pick_device
-from stages._common import log, repo_root, run_stage
+from stages._common import log, registry_bpb, repo_root, run_stage
 
 SOURCE = "data/models/sft"
 
@@ -78,6 +79,10 @@ def body(cfgs, tracker):
         "quantize/decode_tokens_per_s_quantized": round(speed_q, 1),
         "quantize/decode_speed_ratio": round(speed_q / speed_fp, 3),
     }
+    m["quantize/registry_bpb"] = round(registry_bpb(out, root / "data/shards", base.device), 5)
+    version = register_model(tracker, out, m["quantize/registry_bpb"], cfg.method)
+    if version:
+        log(f"quantize: registered as llmcore version {version}")
     log(f"quantize: {cfg.method} {m['quantize/size_ratio']:.2f}x smaller, bpb "
         f"{bpb_fp:.4f} -> {bpb_q:.4f}, agreement {m['quantize/greedy_token_agreement']:.3f}, "
         f"decode speed x{m['quantize/decode_speed_ratio']:.2f}")

@@ -9,20 +9,36 @@ from __future__ import annotations
 from safetensors.torch import load_file
 
 from llmcore.checkpoint import read_model_config, sha256_file
-from stages._common import read_params, relaunch_under_torchrun, repo_root, run_stage
+from llmcore.tracking import register_model
+from stages._common import (
+    log,
+    read_params,
+    registry_bpb,
+    relaunch_under_torchrun,
+    repo_root,
+    run_stage,
+)
 from stages._training import train_and_export
 
 INIT = "data/models/pretrain"
 
 
 def body(cfgs, tracker):
-    init = repo_root() / INIT
+    root = repo_root()
+    init = root / INIT
     model_cfg = read_model_config(init)
     weights = load_file(str(init / "model.safetensors"))
-    return train_and_export("sft", model_cfg, cfgs["sft"], cfgs["base"], "sft_train", "sft_val",
-                            tracker, init_weights=weights,
-                            extra_meta={"init_from": INIT,
-                                        "init_sha256": sha256_file(init / "model.safetensors")})
+    metrics = train_and_export("sft", model_cfg, cfgs["sft"], cfgs["base"], "sft_train",
+                               "sft_val", tracker, init_weights=weights,
+                               extra_meta={"init_from": INIT,
+                                           "init_sha256": sha256_file(init / "model.safetensors")})
+    if metrics:  # rank 0: register the model with its bpb on all held-out SFT replies
+        bpb = registry_bpb(root / "data/models/sft", root / "data/shards", cfgs["base"].device)
+        metrics["sft/registry_bpb"] = round(bpb, 5)
+        version = register_model(tracker, root / "data/models/sft", bpb, "sft")
+        if version:
+            log(f"sft: registered as llmcore version {version}")
+    return metrics
 
 
 def main() -> None:

@@ -70,21 +70,25 @@ def prefect_setup(tmp_path_factory):
                PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
                PREFECT_LOGGING_LEVEL="INFO")
     bin_dir = Path(sys.executable).parent
+    server_log = (home / "server.log").open("w")
+    serve_log = (home / "serve.log").open("w")
     server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1",
                                "--port", str(port)], cwd=root, env=env, start_new_session=True,
-                              stdout=open(home / "server.log", "w"), stderr=subprocess.STDOUT)
+                              stdout=server_log, stderr=subprocess.STDOUT)
     worker = None
     try:
         wait_for(lambda: _healthy(url), 120, "the Prefect server")
         worker = subprocess.Popen([sys.executable, "-m", "stages.flow", "serve"], cwd=root,
-                                  env=env, start_new_session=True,
-                                  stdout=open(home / "serve.log", "w"), stderr=subprocess.STDOUT)
+                                  env=env, start_new_session=True, stdout=serve_log,
+                                  stderr=subprocess.STDOUT)
         wait_for(lambda: _deployment(url), 120, "deployment llm-pipeline/local")
         yield root, url, env
     finally:
         if worker is not None:
             stop(worker)
         stop(server)
+        server_log.close()
+        serve_log.close()
 
 
 def _healthy(url: str) -> bool:
