@@ -170,14 +170,25 @@ def test_deployment_run_with_override_is_a_dvc_experiment(prefect_setup):
     assert any(parents[0].info.run_id in json.dumps(a["data"]) for a in artifacts)
 
 
-def test_failing_stage_fails_the_flow_run_with_its_message(prefect_setup):
+def test_failing_stage_fails_the_flow_run_then_a_fixed_run_reuses_outputs(prefect_setup):
     root, url, env = prefect_setup
-    run_id = trigger(root, env, 'overrides={"pack.seq_len": 2}')
+    run_id = trigger(root, env, 'overrides={"pack.seq_len": 2, "sft.lr": 0.002}')
     run = final_state(url, run_id)
     assert run["state"]["type"] == "FAILED"
-    assert "pack.seq_len must be >= 8 (got 2)" in flow_logs(url, run_id)
+    logs = flow_logs(url, run_id)
+    assert "pack.seq_len must be >= 8 (got 2)" in logs
     assert yaml.safe_load((root / "params.yaml").read_text())["pack"]["seq_len"] == 32
-    assert (root / "data/tokenizer/tokenizer.json").is_file()  # earlier outputs intact
+
+    fixed = trigger(root, env, 'overrides={"pack.seq_len": 32, "sft.lr": 0.002}')
+    assert final_state(url, fixed)["state"]["type"] == "COMPLETED"
+    logs = flow_logs(url, fixed)
+    for stage in ("fetch", "tokenizer", "pack"):  # restored from the DVC run cache
+        assert f"Running stage '{stage}'" not in logs
+    assert "is cached - skipping run" in logs
+    # training stages keep uncached checkpoints, so DVC re-runs them: they resume, train nothing
+    for stage in ("pretrain", "sft"):
+        if f"Running stage '{stage}'" in logs:
+            assert f"{stage}: checkpoint is at step" in logs
 
 
 def test_registry_best_alias_after_two_runs(prefect_setup):
