@@ -27,7 +27,12 @@ Body = Callable[[dict[str, Any], Tracker], Mapping[str, Any]]
 
 
 def repo_root() -> Path:
-    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    """The working copy the stage runs in: DVC starts stages there (``wdir`` is the root).
+
+    Not ``DVC_ROOT``: in queued and ``--temp`` experiments it names the original repository,
+    while the stage runs in a temporary copy of it.
+    """
+    return Path.cwd().resolve()
 
 
 def read_params(root: Path) -> dict[str, Any]:

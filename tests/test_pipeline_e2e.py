@@ -99,12 +99,23 @@ def test_stages_are_tracked_in_mlflow(project):
     by_stage = {}
     for r in runs:
         by_stage.setdefault(r.data.tags["llmcore.stage"], []).append(r)
-    assert set(by_stage) == {"fetch", "tokenizer", "pack"} and len(by_stage["tokenizer"]) == 2
+    assert set(by_stage) == {"pipeline", "fetch", "tokenizer", "pack"}
+    assert len(by_stage["tokenizer"]) == 2
+    # one parent run per `dvc repro` that ran something; its stages are its children
+    parents = {r.info.run_id for r in by_stage["pipeline"]}
+    assert len(parents) == 2
+    children = [r for s in ("fetch", "tokenizer", "pack") for r in by_stage[s]]
+    assert all(r.data.tags["mlflow.parentRunId"] in parents for r in children)
+    fetch_parent = by_stage["fetch"][0].data.tags["mlflow.parentRunId"]
+    first = [r for r in children if r.data.tags["mlflow.parentRunId"] == fetch_parent]
+    assert sorted(r.data.tags["llmcore.stage"] for r in first) == ["fetch", "pack", "tokenizer"]
+    assert all(r.info.status == "FINISHED" for r in by_stage["pipeline"])
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True,
                           text=True).stdout.strip()
     pack = by_stage["pack"][0]
     assert pack.data.tags["git_commit"] == head and pack.data.tags["dvc.stage"] == "pack"
     assert pack.data.params["pack.seq_len"] == "32" and pack.data.metrics["pack/tokens"] > 0
+    assert pack.data.tags["data.data/tokenizer"] and pack.data.tags["data.data/corpus"]
 
 
 def test_invalid_params_fail_clearly_and_lose_nothing(project):
@@ -189,3 +200,34 @@ def test_repro_runs_all_seven_stages_then_nothing_then_sft_downstream(project):
     changed = dvc(project, "repro")
     assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
     assert ran(changed.stdout) == {"sft", "evaluate", "quantize"}
+
+
+def test_queued_grid_runs_and_logs_to_the_main_store(project):
+    from mlflow.tracking import MlflowClient
+
+    params_before = (project / "params.yaml").read_text()
+    subprocess.run(["git", "commit", "-qam", "params"], cwd=project, env=project_env())
+    queued = dvc(project, "exp", "run", "--queue", "-S", "tokenizer.vocab_size=300,330", "pack")
+    assert queued.returncode == 0, queued.stderr
+    started = dvc(project, "queue", "start")
+    assert started.returncode == 0, started.stderr
+
+    def finished() -> bool:
+        status = dvc(project, "queue", "status").stdout
+        return "Queued" not in status and "Running" not in status
+
+    deadline = time.time() + 300
+    while not finished() and time.time() < deadline:
+        time.sleep(2)
+    status = dvc(project, "queue", "status").stdout
+    assert status.count("Success") == 2, status
+    show = json.loads(dvc(project, "exp", "show", "--json").stdout)
+    sizes = {e["revs"][0]["data"]["params"]["params.yaml"]["data"]["tokenizer"]["vocab_size"]
+             for b in show for e in (b.get("experiments") or [])}
+    assert {300, 330} <= sizes
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("llmcore")
+    names = {r.data.tags.get("dvc.exp_name") for r in client.search_runs(
+        [exp.experiment_id], "tags.`llmcore.stage` = 'tokenizer'")}
+    assert len(names - {None, ""}) >= 2  # both queued runs logged here, not in their temp copy
+    assert (project / "params.yaml").read_text() == params_before
