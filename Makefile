@@ -18,7 +18,15 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := true
 
-.PHONY: setup pipeline test lint bench clean-venv
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+PREFECT_ENV := PREFECT_HOME=$(abspath .prefect) \
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api \
+	PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_UI_ANALYTICS_ENABLED=false
+# columns that change on every run (timings, throughput): hidden in `make compare`
+VOLATILE := .*(seconds|per_s|mfu|memory|speed|resumed).*
+
+.PHONY: setup pipeline test lint bench clean-venv prefect-server serve mlflow-ui compare
 
 setup: $(STAMP)
 
@@ -52,3 +60,19 @@ bench: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Orchestration (each in its own terminal): a local Prefect server, the served deployment,
+# and the MLflow UI, all on 127.0.0.1 with their state inside the repository.
+prefect-server: setup
+	$(PREFECT_ENV) $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+serve: setup
+	$(PREFECT_ENV) $(BIN)/python -m stages.flow serve
+
+mlflow-ui: setup
+	$(BIN)/mlflow server --backend-store-uri sqlite:///$(abspath mlflow.db) \
+	  --default-artifact-root $(abspath mlartifacts) --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+# experiments side by side: only the params and metrics that differ, without timings
+compare: setup
+	$(BIN)/dvc exp show --only-changed --md --drop '$(VOLATILE)'

@@ -52,6 +52,57 @@ def write_reports(out, results, factors, prompts, seq_len) -> None:
     (out / "samples.md").write_text("\n".join(sm))
 
 
+def read_tsv(path):
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    head = lines[0].split("\t")
+    return [dict(zip(head, (float(x) if x else None for x in ln.split("\t")), strict=True))
+            for ln in lines[1:]]
+
+
+def render_plots(root, out, results, factors, seq_len) -> list:
+    """PNG charts that need no network (dvc plots' HTML pulls its script from a CDN)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for stage, ax in zip(("pretrain", "sft"), axes, strict=True):
+        train = read_tsv(root / "metrics" / f"{stage}_train.tsv")
+        val = read_tsv(root / "metrics" / f"{stage}_val.tsv")
+        if train:
+            ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+        if val:
+            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-",
+                    label="val loss")
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=100)
+    plt.close(fig)
+    files.append(out / "loss_curves.png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results.items():
+        xs = [f * seq_len for f in factors if r["contexts"][f]]
+        ax.plot(xs, [r["contexts"][f]["bpb"] for f in factors if r["contexts"][f]], "o-",
+                label=name)
+    ax.axvline(seq_len, color="grey", linestyle=":", label="training context")
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("bits per byte")
+    ax.set_title("Length extrapolation")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "extrapolation.png", dpi=100)
+    plt.close(fig)
+    files.append(out / "extrapolation.png")
+    return files
+
+
 def body(cfgs, tracker):
     cfg, base, root = cfgs["evaluate"], cfgs["base"], repo_root()
     tok = LLMTokenizer.load(root / "data/tokenizer")
@@ -71,6 +122,7 @@ def body(cfgs, tracker):
                                        device=device, dtype=dtype)
     write_reports(root / "reports", results, cfg.context_factors, cfg.prompts,
                   pre_val.row_len - 1)
+    render_plots(root, root / "reports", results, cfg.context_factors, pre_val.row_len - 1)
     tracker.log_artifact(root / "reports", "reports")
     metrics = {}
     for name, r in results.items():
