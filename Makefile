@@ -22,7 +22,7 @@ PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 PREFECT_ENV := PREFECT_HOME=$(abspath .prefect) \
 	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api \
-	PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_UI_ANALYTICS_ENABLED=false
+	PREFECT_SERVER_ANALYTICS_ENABLED=false
 # columns that change on every run (timings, throughput): hidden in `make compare`
 VOLATILE := .*(seconds|per_s|mfu|memory|speed|resumed).*
 
