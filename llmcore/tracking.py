@@ -105,6 +105,15 @@ class MlflowTracker:
         self.flush_every = flush_every
         self._buffer: list[Any] = []
         self._finished = False
+        self._system: Any = None
+
+    def start_system_metrics(self, interval: float = 10.0) -> None:
+        """Sample CPU / memory / GPU use into the run (``system/...`` metrics) until finish."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._system = SystemMetricsMonitor(self.run_id, sampling_interval=interval,
+                                            tracking_uri=self.client.tracking_uri)
+        self._system.start()
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -143,6 +152,8 @@ class MlflowTracker:
     def finish(self, status: str = "FINISHED") -> None:
         if self._finished:
             return
+        if self._system is not None:
+            self._system.finish()
         self.flush()
         self.client.set_terminated(self.run_id, status=status)
         self._finished = True

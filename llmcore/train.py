@@ -458,11 +458,12 @@ class Trainer:
                 tps = window_steps * tokens_per_step / dt
                 tps_all.append(tps)
                 mfu = tps * fpt / (peak * self.dist.world_size)
-                row.update(tokens_per_s=tps, mfu=mfu)
+                mem = memory_mb(self.device)
+                row.update(tokens_per_s=tps, mfu=mfu, memory_mb=mem)
                 eta = (cfg.max_steps - self.step) * dt / window_steps
                 self.log(f"{self.prefix} step {self.step}/{cfg.max_steps} | loss {loss:.4f} | "
                          f"lr {lr:.2e} | grad {grad_norm:.2f} | {tps:,.0f} tok/s | "
-                         f"mfu {100 * mfu:.1f}% | eta {eta / 60:.1f} min")
+                         f"mfu {100 * mfu:.1f}% | mem {mem:,.0f} MB | eta {eta / 60:.1f} min")
                 window_start, window_steps = time.perf_counter(), 0
             self.history.append(row)
             if self.tracker is not None and self.dist.is_main:

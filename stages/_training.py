@@ -27,6 +27,8 @@ def train_and_export(stage: str, model_cfg: ModelConfig, cfg: TrainConfig, base:
                      init_weights: dict | None = None, extra_meta: dict | None = None
                      ) -> dict[str, Any]:
     root = repo_root()
+    if hasattr(tracker, "start_system_metrics"):
+        tracker.start_system_metrics()
     tok = LLMTokenizer.load(root / TOKENIZER)
     manifest = read_manifest(root / SHARDS)
     if manifest["tokenizer_sha256"] != tok.sha256():
@@ -54,7 +56,7 @@ def train_and_export(stage: str, model_cfg: ModelConfig, cfg: TrainConfig, base:
     model_dir = root / "data" / "models" / stage
     save_model_dir(model_dir, model_cfg, out.export_weights, root / TOKENIZER, meta, generation)
     write_tsv(root / "metrics" / f"{stage}_train.tsv", r.history,
-              ["step", "loss", "lr", "grad_norm", "tokens_per_s"])
+              ["step", "loss", "lr", "grad_norm", "tokens_per_s", "memory_mb"])
     write_tsv(root / "metrics" / f"{stage}_val.tsv", r.evals, ["step", "val_loss", "val_bpb"])
     tracker.log_artifact(root / "metrics" / f"{stage}_train.tsv", "plots")
     final = r.best if (cfg.export == "best" and r.best) else r.last_eval

@@ -62,3 +62,17 @@ def test_registry_best_alias_follows_lowest_bpb(tmp_path):
         int(versions[-1])
     assert str(client.get_model_version_by_alias("llmcore", "best").version) == versions[1]
     assert register_model(NullTracker(), model_dir, 1.0, "sft") is None
+
+
+def test_system_metrics_are_sampled_into_the_run(tmp_path):
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    uri = default_uri(tmp_path)
+    t = MlflowTracker(uri, "pretrain", artifact_root=tmp_path / "art")
+    t.start_system_metrics(interval=0.5)
+    time.sleep(2.0)
+    t.finish()
+    metrics = MlflowClient(uri).get_run(t.run_id).data.metrics
+    assert any(k.startswith("system/cpu_utilization") for k in metrics), sorted(metrics)
