@@ -20,6 +20,55 @@ from tests.conftest import copy_project, project_env
 from tests.test_pipeline_e2e import TINY, set_params
 
 
+class _Logger:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def info(self, msg: str) -> None:
+        self.lines.append(msg)
+
+
+def test_timeout_kills_the_whole_process_tree(tmp_path):
+    import psutil
+
+    from stages.flow import run_command
+
+    pid_file = tmp_path / "grandchild.pid"
+    script = ("import subprocess, sys, time\n"
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+              f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+              "print('started', flush=True)\n"
+              "time.sleep(120)\n")
+    logger = _Logger()
+    start = time.time()
+    with pytest.raises(TimeoutError, match="timeout"):
+        run_command([sys.executable, "-c", script], tmp_path, dict(os.environ), 3.0, logger)
+    assert time.time() - start < 30 and "started" in logger.lines
+    grandchild = int(pid_file.read_text())
+
+    def gone() -> bool:
+        try:
+            return psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for(gone, 10, "the grandchild process to die", interval=0.2)
+
+
+def test_stage_exit_code_two_is_not_retried():
+    from stages.flow import StageFailed, _no_retry_on_user_error
+
+    class State:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def result(self):
+            raise self.exc
+
+    assert _no_retry_on_user_error(None, None, State(StageFailed("pack", 2, ""))) is False
+    assert _no_retry_on_user_error(None, None, State(StageFailed("pack", 1, ""))) is True
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
