@@ -281,8 +281,9 @@ class EvaluateConfig:
     ], doc="prompts answered by both models in reports/samples.md")
 
     def validate(self) -> list[str]:
-        if not self.context_factors or any(f < 1 for f in self.context_factors):
-            return ["evaluate.context_factors must be a non-empty list of integers >= 1"]
+        if 1 not in self.context_factors or any(f < 1 for f in self.context_factors):
+            return [f"evaluate.context_factors must be integers >= 1 and include 1 (the "
+                    f"training context) (got {self.context_factors})"]
         return []
 
 

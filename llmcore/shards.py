@@ -405,7 +405,9 @@ class ShardLoader:
         self.global_batch = batch_size * world_size
         self.steps_per_epoch = len(dataset) // self.global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            from llmcore.config import UserError
+
+            raise UserError(
                 f"split {dataset.split!r} has {len(dataset)} rows, fewer than one global batch "
                 f"({batch_size} x {world_size} ranks): lower the batch size or add data"
             )

@@ -8,6 +8,7 @@ import time
 import torch
 
 from llmcore.checkpoint import load_model_dir, save_model_dir
+from llmcore.config import UserError
 from llmcore.corpus import read_conversations
 from llmcore.generate import Sampling, generate
 from llmcore.quantize import QuantSpec, quantize_model, tensor_bytes
@@ -50,6 +51,9 @@ def body(cfgs, tracker):
     bpb_fp = evaluate(fp_model, val, 16, -(-len(val) // 16), tb, device, fp32)["bpb"]
     bpb_q = evaluate(q_model, val, 16, -(-len(val) // 16), tb, device, fp32)["bpb"]
     convs = read_conversations(root / "data/corpus", "val")[: cfg.agreement_prompts]
+    if not convs:
+        raise UserError("quantize: the corpus has no held-out SFT conversations to compare "
+                        "the models on (enable fetch.doc_questions or fetch.synthetic_per_task)")
     prompts = [tok.encode(render_chat(c["messages"][:-1], add_generation_prompt=True))
                for c in convs]
     s = Sampling(max_new_tokens=cfg.agreement_tokens)

@@ -70,3 +70,15 @@ def test_section_must_be_mapping_and_sections_collect_errors():
 def test_flatten_names_keys_by_section():
     flat = flatten("pack", PackConfig(seq_len=64))
     assert flat["pack.seq_len"] == 64 and "pack.sft_overflow" in flat
+
+
+def test_evaluate_and_quantize_sections():
+    cfg = parse_section("evaluate", {"context_factors": [1, 8]})
+    assert cfg.context_factors == [1, 8]
+    with pytest.raises(ConfigError, match=r"evaluate.context_factors must be integers >= 1 and "
+                                          r"include 1"):
+        parse_section("evaluate", {"context_factors": [2, 4]})
+    with pytest.raises(ConfigError, match="quantize.method must be one of int8, int4"):
+        parse_section("quantize", {"method": "int3"})
+    with pytest.raises(ConfigError, match=r"sft.epochs must be > 0 \(got 0\)"):
+        parse_section("sft", {"epochs": 0})
