@@ -80,5 +80,5 @@ def test_evaluate_and_quantize_sections():
         parse_section("evaluate", {"context_factors": [2, 4]})
     with pytest.raises(ConfigError, match="quantize.method must be one of int8, int4"):
         parse_section("quantize", {"method": "int3"})
-    with pytest.raises(ConfigError, match=r"sft.epochs must be > 0 \(got 0\)"):
+    with pytest.raises(ConfigError, match=r"sft.epochs must be > 0 \(got 0.0\)"):
         parse_section("sft", {"epochs": 0})
