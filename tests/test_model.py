@@ -129,7 +129,7 @@ def test_overfits_a_tiny_batch():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[0] > 4.0 and losses[-1] < 0.5 * losses[0] and losses[-1] < 1.0
 
 
