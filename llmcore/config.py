@@ -207,11 +207,14 @@ def parse_model(raw: Any) -> ModelConfig:
     raw = dict(raw or {}) if isinstance(raw, Mapping) else raw
     if not isinstance(raw, dict):
         raise ConfigError([f"{PARAMS_FILE}: model must be a mapping (got {raw!r})"])
-    name = raw.get("preset", ModelConfig.preset)
+    name = raw.get("preset") or ModelConfig.preset
     if name not in PRESETS:
         raise ConfigError([f"{PARAMS_FILE}: model.preset must be one of "
                            f"{', '.join(PRESETS)} (got {name!r})"])
-    merged = {**PRESETS[name], **raw, "preset": name}
+    # null means "the preset's value", so params.yaml can list every key (and `dvc exp run
+    # -S model.positions=learned` finds the key to override) without pinning the preset
+    overrides = {k: v for k, v in raw.items() if v is not None}
+    merged = {**PRESETS[name], **overrides, "preset": name}
     problems: list[str] = []
     obj = _parse(ModelConfig, merged, "model", problems)
     if problems:

@@ -82,3 +82,27 @@ def test_evaluate_and_quantize_sections():
         parse_section("quantize", {"method": "int3"})
     with pytest.raises(ConfigError, match=r"sft.epochs must be > 0 \(got 0.0\)"):
         parse_section("sft", {"epochs": 0})
+
+
+def test_params_yaml_lists_every_key_and_validates():
+    """`dvc exp run -S section.key=value` needs the key to exist in params.yaml."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from llmcore.config import SECTIONS
+
+    params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    for name, cls in SECTIONS.items():
+        missing = {f.name for f in dataclasses.fields(cls)} - set(params[name])
+        assert not missing, f"params.yaml section {name} lacks {sorted(missing)}"
+    cfgs = parse_sections(params, list(SECTIONS))
+    assert cfgs["model"].preset == "cpu-small" and cfgs["model"].d_model == 256
+
+
+def test_model_nulls_mean_the_presets_value():
+    cfg = parse_section("model", {"preset": "gpt2-mini", "positions": None, "d_model": None,
+                                  "n_layers": 3})
+    assert (cfg.positions, cfg.d_model, cfg.n_layers) == ("learned", 384, 3)
+    assert parse_section("model", {"preset": None}).preset == "cpu-small"
