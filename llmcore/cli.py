@@ -3,6 +3,7 @@
     llmcore generate data/models/sft "What is 12 + 7?"
     llmcore generate data/models/pretrain "The list type" --raw --temperature 0.8 --top-p 0.9
     llmcore chat data/models/sft-int8
+    llmcore serve data/models/sft --host 127.0.0.1 --port 8000
 
 ``generate`` wraps the prompt in the chat template unless ``--raw``; ``chat`` keeps the
 conversation and streams each reply (``/reset`` clears it, ``/quit`` or end of input leaves).
@@ -99,6 +100,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": reply})
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from llmcore.serve import create_app
+
+    if not (Path(args.model) / "config.json").is_file():
+        raise SystemExit(f"llmcore: {args.model} is not a model directory (no config.json)")
+    uvicorn.run(create_app(Path(args.model), args.device), host=args.host, port=args.port,
+                log_level="info")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmcore", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_args(c)
     c.add_argument("--system", default=None, help="a system message")
     c.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("serve", help="HTTP service: /v1/generate, /v1/chat/completions")
+    s.add_argument("model", help="a model directory")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_serve)
     return parser
 
 
