@@ -4,6 +4,7 @@
     llmcore generate data/models/pretrain "The list type" --raw --temperature 0.8 --top-p 0.9
     llmcore chat data/models/sft-int8
     llmcore serve data/models/sft --host 127.0.0.1 --port 8000
+    llmcore export data/models/sft exports/sft-hf      # transformers LlamaForCausalLM
 
 ``generate`` wraps the prompt in the chat template unless ``--raw``; ``chat`` keeps the
 conversation and streams each reply (``/reset`` clears it, ``/quit`` or end of input leaves).
@@ -112,6 +113,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from llmcore.config import UserError
+    from llmcore.export import export_hf
+
+    try:
+        out = export_hf(Path(args.model), Path(args.out))
+    except UserError as exc:
+        print(f"llmcore: {exc}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmcore", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_serve)
+
+    e = sub.add_parser("export", help="write a transformers (Llama) model directory")
+    e.add_argument("model", help="a model directory")
+    e.add_argument("out", help="where to write the Hugging Face directory")
+    e.set_defaults(func=cmd_export)
     return parser
 
 
