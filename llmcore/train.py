@@ -319,6 +319,8 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.evals: list[dict[str, float]] = []
         self.resumed_from: int | None = None
+        self.train_seconds = 0.0  # across every session of this run (restored on resume)
+        self._session_mark = time.perf_counter()
         self.params_hash_ok = True
         if self.seq_len == 0:
             self.seq_len = self.loader.ds.row_len - 1
@@ -334,6 +336,7 @@ class Trainer:
         self.evals_without_improvement = int(loaded.state.get("evals_without_improvement", 0))
         self.history = list(loaded.state.get("history", []))
         self.evals = list(loaded.state.get("evals", []))
+        self.train_seconds = float(loaded.state.get("train_seconds", 0.0))
         if loaded.state.get("scaler"):
             self.scaler.load_state_dict(loaded.state["scaler"])
         set_rng_state(loaded.rng)
@@ -343,7 +346,10 @@ class Trainer:
         if self.checkpoints is None:
             return
         if self.dist.is_main:
+            self.train_seconds += time.perf_counter() - self._session_mark
+            self._session_mark = time.perf_counter()
             state = {"loader": self.loader.state_dict(), "best": self.best,
+                     "train_seconds": self.train_seconds,
                      "evals_without_improvement": self.evals_without_improvement,
                      "history": self.history, "evals": self.evals,
                      "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
@@ -435,9 +441,8 @@ class Trainer:
         peak = cfg.peak_flops or measure_peak_flops(self.device, self.dtype)
         tokens_per_step = (self.loader.batch_size * self.seq_len * cfg.grad_accum
                            * self.dist.world_size)
-        start = time.perf_counter()
+        self._session_mark = time.perf_counter()
         window_start, window_steps = time.perf_counter(), 0
-        tps_all: list[float] = []
         stopped_early = False
         last_eval = self.evals[-1] if self.evals else None
         if self.step >= cfg.max_steps:
@@ -456,7 +461,6 @@ class Trainer:
                 sync(self.device)
                 dt = time.perf_counter() - window_start
                 tps = window_steps * tokens_per_step / dt
-                tps_all.append(tps)
                 mfu = tps * fpt / (peak * self.dist.world_size)
                 mem = memory_mb(self.device)
                 row.update(tokens_per_s=tps, mfu=mfu, memory_mb=mem)
@@ -481,14 +485,20 @@ class Trainer:
                     break
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                 self.save_checkpoint()
-        seconds = time.perf_counter() - start
-        mean_tps = sum(tps_all) / len(tps_all) if tps_all else 0.0
+        self.train_seconds += time.perf_counter() - self._session_mark
+        self._session_mark = time.perf_counter()
+        # throughput over every logged window of the run, sessions before a resume included
+        tps_all = [r["tokens_per_s"] for r in self.history if r.get("tokens_per_s")]
+        mfu_all = [r["mfu"] for r in self.history if r.get("mfu")]
+        mem_all = [r["memory_mb"] for r in self.history if r.get("memory_mb")]
         return TrainResult(
             step=self.step, best=self.best, last_eval=last_eval, history=self.history,
-            evals=self.evals, tokens_per_second=mean_tps,
-            mfu=(mean_tps * fpt / (peak * self.dist.world_size)) if tps_all else None,
-            seconds=seconds, stopped_early=stopped_early, resumed_from=self.resumed_from,
-            peak_memory_mb=memory_mb(self.device),
+            evals=self.evals,
+            tokens_per_second=sum(tps_all) / len(tps_all) if tps_all else 0.0,
+            mfu=sum(mfu_all) / len(mfu_all) if mfu_all else None,
+            seconds=self.train_seconds, stopped_early=stopped_early,
+            resumed_from=self.resumed_from,
+            peak_memory_mb=max(mem_all + [memory_mb(self.device)]),
         )
 
 

@@ -237,3 +237,12 @@ def test_optimizer_state_round_trips_through_checkpoint(tiny_shards, tmp_path):
     for k, st in ref["state"].items():
         for name, t in st.items():
             assert torch.equal(loaded.optimizer["state"][k][name], t)
+
+
+def test_resumed_run_reports_the_throughput_of_the_whole_run(tiny_shards, tmp_path):
+    first = run_fit(tiny_shards, tmp_path)
+    again = run_fit(tiny_shards, tmp_path)  # finished: resumes at max_steps, trains nothing
+    assert again.result.resumed_from == 24
+    assert again.result.tokens_per_second == pytest.approx(first.result.tokens_per_second)
+    assert again.result.mfu == pytest.approx(first.result.mfu)
+    assert again.result.seconds >= first.result.seconds * 0.99
