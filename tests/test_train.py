@@ -245,4 +245,4 @@ def test_resumed_run_reports_the_throughput_of_the_whole_run(tiny_shards, tmp_pa
     assert again.result.resumed_from == 24
     assert again.result.tokens_per_second == pytest.approx(first.result.tokens_per_second)
     assert again.result.mfu == pytest.approx(first.result.mfu)
-    assert again.result.seconds >= first.result.seconds * 0.99
+    assert again.result.seconds > 0.5 * first.result.seconds  # restored, not restarted at 0
