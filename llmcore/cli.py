@@ -27,16 +27,12 @@ def _sampling(args: argparse.Namespace) -> Any:
 
 
 def _load(path: str, device: str) -> tuple[Any, Any]:
-    from llmcore.checkpoint import load_model_dir
+    from llmcore.device import pick_device
+    from llmcore.modeldir import load_model_dir
     from llmcore.tokenizer import LLMTokenizer
-    from llmcore.train import pick_device
 
-    directory = Path(path)
-    if not (directory / "config.json").is_file():
-        raise SystemExit(f"llmcore: {directory} is not a model directory (no config.json); "
-                         "run `dvc repro` or pass e.g. data/models/sft")
-    model, _ = load_model_dir(directory, pick_device(device))
-    return model, LLMTokenizer.load(directory)
+    model, _ = load_model_dir(Path(path), pick_device(device))
+    return model, LLMTokenizer.load(Path(path))
 
 
 def _stream_reply(model: Any, tok: Any, ids: list[int], args: argparse.Namespace,
@@ -106,23 +102,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from llmcore.serve import create_app
 
-    if not (Path(args.model) / "config.json").is_file():
-        raise SystemExit(f"llmcore: {args.model} is not a model directory (no config.json)")
     uvicorn.run(create_app(Path(args.model), args.device), host=args.host, port=args.port,
                 log_level="info")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from llmcore.config import UserError
     from llmcore.export import export_hf
 
-    try:
-        out = export_hf(Path(args.model), Path(args.out))
-    except UserError as exc:
-        print(f"llmcore: {exc}", file=sys.stderr)
-        return 2
-    print(out)
+    print(export_hf(Path(args.model), Path(args.out)))
     return 0
 
 
@@ -168,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ValueError as exc:  # bad sampling values, prompt too long, ...
+    except ValueError as exc:  # UserError (bad model dir, tokenizer), bad sampling values, ...
         print(f"llmcore: {exc}", file=sys.stderr)
         return 2
 

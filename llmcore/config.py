@@ -224,14 +224,14 @@ def parse_model(raw: Any) -> ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """``pretrain:`` / ``sft:`` the training loop (one schema, two sections)."""
+    """``pretrain:`` the training loop; its defaults are params.yaml's ``pretrain:``."""
 
     max_steps: int = spec(600, ge=1, doc="optimizer steps (ignored when epochs is set)")
     epochs: float | None = spec(None, gt=0, doc="passes over the training rows; sets max_steps")
     batch_size: int = spec(16, ge=1, doc="rows per micro-batch per process")
     grad_accum: int = spec(1, ge=1, doc="micro-batches per optimizer step")
-    lr: float = spec(3e-4, gt=0)
-    min_lr: float = spec(3e-5, ge=0)
+    lr: float = spec(3e-3, gt=0)
+    min_lr: float = spec(3e-4, ge=0)
     schedule: str = spec("cosine", choices=("cosine", "wsd", "constant"))
     warmup_steps: int = spec(50, ge=0)
     decay_fraction: float = spec(0.2, gt=0, le=1, doc="wsd: share of steps spent decaying")
@@ -242,7 +242,9 @@ class TrainConfig:
     grad_clip: float = spec(1.0, ge=0, doc="max global grad norm; 0 disables")
     eval_every: int = spec(100, ge=1)
     eval_batches: int = spec(20, ge=1)
-    log_every: int = spec(10, ge=1)
+    require_val: bool = spec(True, doc="false: train without validation when the val split "
+                                       "has no rows (exports the last weights)")
+    log_every: int = spec(20, ge=1)
     checkpoint_every: int = spec(100, ge=1)
     keep_checkpoints: int = spec(2, ge=1)
     early_stopping_patience: int | None = spec(None, ge=1, doc="evals without improvement")
@@ -250,8 +252,8 @@ class TrainConfig:
     resume: str = spec("auto", choices=("auto", "never", "must"))
     compile: bool = spec(False, doc="torch.compile the model")
     nproc_per_node: int = spec(1, ge=1, doc="> 1: run under torchrun (DDP)")
-    peak_flops: float | None = spec(None, gt=0, doc="device peak FLOP/s for MFU; None: measure")
     threads: int | None = spec(None, ge=1, doc="CPU threads per process; None: torch default")
+    peak_flops: float | None = spec(None, gt=0, doc="device peak FLOP/s for MFU; None: measure")
 
     def validate(self) -> list[str]:
         problems = []
@@ -261,6 +263,22 @@ class TrainConfig:
             problems.append(f"warmup_steps ({self.warmup_steps}) must be < max_steps "
                             f"({self.max_steps})")
         return problems
+
+
+def _default(cls: type, name: str, value: Any) -> Any:
+    """Field ``name`` of ``cls`` with another default (same bounds and doc)."""
+    return field(default=value, metadata=cls.__dataclass_fields__[name].metadata)
+
+
+@dataclass(frozen=True)
+class SFTConfig(TrainConfig):
+    """``sft:`` the same loop with fine-tuning defaults (params.yaml's ``sft:``)."""
+
+    max_steps: int = _default(TrainConfig, "max_steps", 300)
+    lr: float = _default(TrainConfig, "lr", 1e-3)
+    min_lr: float = _default(TrainConfig, "min_lr", 1e-4)
+    warmup_steps: int = _default(TrainConfig, "warmup_steps", 20)
+    eval_every: int = _default(TrainConfig, "eval_every", 50)
 
 
 @dataclass(frozen=True)
@@ -303,6 +321,8 @@ class QuantizeConfig:
     decode_tokens: int = spec(64, ge=8, doc="tokens decoded to time decode speed")
 
 
+# Sections the stages read, and their schemas. ``flow:`` belongs to the Prefect flow
+# (stages/flow.py), which validates it; it is listed so that a typo of any section name fails.
 SECTIONS: dict[str, type] = {
     "base": BaseConfig,
     "fetch": FetchConfig,
@@ -310,10 +330,11 @@ SECTIONS: dict[str, type] = {
     "pack": PackConfig,
     "model": ModelConfig,
     "pretrain": TrainConfig,
-    "sft": TrainConfig,
+    "sft": SFTConfig,
     "evaluate": EvaluateConfig,
     "quantize": QuantizeConfig,
 }
+OTHER_SECTIONS = ("flow",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,7 +440,8 @@ def _parse(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
             continue
         ok, conv = _check_type(raw[name], tp)
         if not ok:
-            problems.append(f"{key} must be {_type_name(_strip_optional(tp))} (got {raw[name]!r})")
+            problems.append(f"{key} must be {_type_name(_strip_optional(tp))} (got "
+                            f"{raw[name]!r}){_number_hint(raw[name])}")
             continue
         problem = _bounds_problem(key, conv, f.metadata)
         if problem:
@@ -438,6 +460,17 @@ def _parse(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
             problems.append(problem if "." in problem.split(" ", 1)[0]
                             else f"{prefix}.{problem}")
     return obj
+
+
+def _number_hint(value: Any) -> str:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; say so, since it looks like a number."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return f"; YAML reads {value} as a string: write it with a dot, e.g. 1.0e-3"
+    return ""
 
 
 def _strip_optional(tp: Any) -> Any:
@@ -465,6 +498,20 @@ def parse_section(name: str, raw: Any, cls: type | None = None) -> Any:
     return obj
 
 
+def check_sections(params: Mapping[str, Any]) -> None:
+    """Every top-level section of params.yaml must be one that something reads."""
+    known = [*SECTIONS, *OTHER_SECTIONS]
+    problems = []
+    for name in params:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            problems.append(f"{PARAMS_FILE}: unknown section {name!r} ({hint}known: "
+                            f"{', '.join(known)})")
+    if problems:
+        raise ConfigError(problems)
+
+
 def parse_sections(params: Mapping[str, Any], names: list[str]) -> dict[str, Any]:
     """Validate several sections of a params mapping; all problems are reported together."""
     problems: list[str] = []
@@ -479,11 +526,6 @@ def parse_sections(params: Mapping[str, Any], names: list[str]) -> dict[str, Any
     return out
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """A plain dict of a config (for logging and meta files)."""
-    return dataclasses.asdict(cfg)
-
-
 def flatten(prefix: str, cfg: Any) -> dict[str, Any]:
     """``{"prefix.key": value}`` for a config, nested sections joined with dots."""
     out: dict[str, Any] = {}
@@ -495,5 +537,5 @@ def flatten(prefix: str, cfg: Any) -> dict[str, Any]:
         else:
             out[p] = value
 
-    walk(prefix, to_dict(cfg))
+    walk(prefix, dataclasses.asdict(cfg))
     return out

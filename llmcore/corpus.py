@@ -36,11 +36,9 @@ import json
 import os
 import random
 import re
-import shutil
 import socket
 import sys
 import sysconfig
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -53,12 +51,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llmcore.config import FetchConfig, UserError
+from llmcore.files import atomic_dir
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user",
                   "assistant": "assistant", "bot": "assistant"}
 SPLITS = ("train", "val")
-MAX_REPORTED = 5
+MAX_REPORTED = 5  # malformed records printed; all of them go to BAD_RECORDS_FILE
+MAX_LISTED = 100_000  # malformed records listed in BAD_RECORDS_FILE (all are counted)
+BAD_RECORDS_FILE = "bad_records.txt"
 
 
 class CorpusError(UserError):
@@ -498,7 +499,8 @@ class CorpusStats:
     duplicates_dropped: int = 0
     sft_duplicates_dropped: int = 0
     bad_records: int = 0
-    bad_examples: list[str] = field(default_factory=list)
+    bad_listed: list[str] = field(default_factory=list)  # the first MAX_LISTED
+    notes: list[str] = field(default_factory=list)  # what the user should know (small corpus)
     limit_dropped: int = 0
     seconds: float = 0.0
 
@@ -518,6 +520,10 @@ class CorpusStats:
             m[f"{prefix}/bytes_{s}"] = self.bytes[s]
             m[f"{prefix}/conversations_{s}"] = self.conversations[s]
         return m
+
+    @property
+    def bad_examples(self) -> list[str]:
+        return self.bad_listed[:MAX_REPORTED]
 
 
 def source_records(cfg: FetchConfig, root: Path | None = None) -> Iterator[Record | BadRecord]:
@@ -544,8 +550,8 @@ SFT_SCHEMA = pa.schema([("id", pa.string()), ("messages", MESSAGE_TYPE), ("task"
                         ("answer", pa.large_string()), ("source", pa.string())])
 
 
-def collect(records: Iterable[Record | BadRecord], cfg: FetchConfig,
-            log: Any = None) -> tuple[dict[str, list[dict]], CorpusStats]:
+def collect(records: Iterable[Record | BadRecord], cfg: FetchConfig
+            ) -> tuple[dict[str, list[dict]], CorpusStats]:
     """Clean, de-duplicate, limit and split records into rows per table."""
     stats = CorpusStats()
     tables: dict[str, list[dict]] = {f"{k}_{s}": [] for k in ("pretrain", "sft") for s in SPLITS}
@@ -556,10 +562,8 @@ def collect(records: Iterable[Record | BadRecord], cfg: FetchConfig,
             if cfg.strict:
                 raise CorpusError(f"malformed record at {rec} (fetch.strict is true)")
             stats.bad_records += 1
-            if len(stats.bad_examples) < MAX_REPORTED:
-                stats.bad_examples.append(str(rec))
-            if log:
-                log(f"skipped malformed record {rec}")
+            if len(stats.bad_listed) < MAX_LISTED:
+                stats.bad_listed.append(str(rec))
             continue
         if isinstance(rec, Document):
             text = rec.text.strip()
@@ -604,16 +608,49 @@ def collect(records: Iterable[Record | BadRecord], cfg: FetchConfig,
             "that the records have a non-empty "
             f"{cfg.text_field!r} field."
         )
+    _both_splits(tables, "pretrain", stats.documents, stats.bytes, "documents", stats.notes)
+    _both_splits(tables, "sft", stats.conversations, None, "conversations", stats.notes)
     return tables, stats
 
 
-def write_corpus(tables: dict[str, list[dict]], out_dir: Path, info: dict[str, Any]) -> None:
-    """Write the tables as Parquet (rows sorted by id) and a manifest, atomically."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    tmp.chmod(0o755)
-    try:
+def _both_splits(tables: dict[str, list[dict]], kind: str, counts: dict[str, int],
+                 sizes: dict[str, int] | None, what: str, notes: list[str]) -> None:
+    """Make sure train and val both have rows when there are two or more.
+
+    The hash split holds out ~val_fraction of the rows, which on a small corpus can be none
+    (or all). Then the row nearest the split line crosses it: the lowest hash of train goes to
+    val (or the highest of val to train), so the choice still depends on content alone.
+    """
+    train, val = tables[f"{kind}_train"], tables[f"{kind}_val"]
+    if (train and val) or not (train or val):
+        return
+    if len(train) + len(val) < 2:
+        notes.append(f"only one {what[:-1]}: none is held out for validation (add {what})")
+        if val:  # the one there is, is for training
+            train.append(val.pop())
+            counts["train"], counts["val"] = 1, 0
+            if sizes is not None:
+                sizes["train"], sizes["val"] = sizes["val"], 0
+        return
+    src, dst = (train, val) if not val else (val, train)
+    row = min(src, key=lambda r: r["id"]) if not val else max(src, key=lambda r: r["id"])
+    src.remove(row)
+    dst.append(row)
+    a, b = ("train", "val") if not val else ("val", "train")
+    counts[a] -= 1
+    counts[b] += 1
+    if sizes is not None:
+        size = len(row["text"].encode("utf-8"))
+        sizes[a] -= size
+        sizes[b] += size
+
+
+def write_corpus(tables: dict[str, list[dict]], out_dir: Path, info: dict[str, Any],
+                 bad_records: list[str]) -> None:
+    """Write the tables as Parquet (rows sorted by id), the malformed records and a manifest,
+    atomically (the previous corpus stays until the new one is whole)."""
+
+    def fill(tmp: Path) -> None:
         files = {}
         for name, rows in tables.items():
             schema = PRETRAIN_SCHEMA if name.startswith("pretrain") else SFT_SCHEMA
@@ -621,34 +658,17 @@ def write_corpus(tables: dict[str, list[dict]], out_dir: Path, info: dict[str, A
             table = pa.Table.from_pylist(rows, schema=schema)
             pq.write_table(table, tmp / f"{name}.parquet", compression="zstd")
             files[name] = {"file": f"{name}.parquet", "rows": len(rows)}
+        (tmp / BAD_RECORDS_FILE).write_text("".join(f"{b}\n" for b in bad_records))
         manifest = {"tables": files, **info}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_dir(Path(out_dir), fill)
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished directory into place; the old one is removed only after the move."""
-    for path in src.rglob("*"):
-        if path.is_file():
-            with path.open("rb") as fh:
-                os.fsync(fh.fileno())
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}-old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def build_corpus(cfg: FetchConfig, out_dir: Path, root: Path | None = None,
-                 log: Any = None) -> CorpusStats:
+def build_corpus(cfg: FetchConfig, out_dir: Path, root: Path | None = None) -> CorpusStats:
     """Run the whole fetch: read the source, clean, split, write ``out_dir``."""
     start = time.perf_counter()
-    tables, stats = collect(source_records(cfg, root), cfg, log=log)
+    tables, stats = collect(source_records(cfg, root), cfg)
     stats.seconds = time.perf_counter() - start
     info = {
         "source": cfg.source,
@@ -657,16 +677,24 @@ def build_corpus(cfg: FetchConfig, out_dir: Path, root: Path | None = None,
         "bad_examples": stats.bad_examples,
         "sft_tasks": dict(sorted(stats.sft_tasks.items())),
     }
-    write_corpus(tables, out_dir, info)
+    write_corpus(tables, out_dir, info, stats.bad_listed)
     return stats
+
+
+def _read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowInvalid, KeyError) as exc:
+        raise CorpusError(f"{path} is missing or unreadable ({str(exc)[:120]}); run "
+                          "`dvc repro fetch`") from None
 
 
 def read_texts(corpus_dir: Path, split: str = "train") -> list[str]:
     """Pretraining texts of one split."""
-    return pq.read_table(Path(corpus_dir) / f"pretrain_{split}.parquet",
-                         columns=["text"]).column("text").to_pylist()
+    table = _read_table(Path(corpus_dir) / f"pretrain_{split}.parquet", ["text"])
+    return table.column("text").to_pylist()
 
 
 def read_conversations(corpus_dir: Path, split: str = "train") -> list[dict[str, Any]]:
     """SFT rows of one split: ``{"id", "messages", "task", "answer", "source"}``."""
-    return pq.read_table(Path(corpus_dir) / f"sft_{split}.parquet").to_pylist()
+    return _read_table(Path(corpus_dir) / f"sft_{split}.parquet").to_pylist()

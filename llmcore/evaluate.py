@@ -3,7 +3,8 @@
 All functions take a model and data and return plain dicts; the evaluate stage writes them.
 
 * Bits per byte on held-out rows (pretraining text, or SFT rows on their masked tokens) via
-  :func:`llmcore.train.evaluate`.
+  :func:`llmcore.metrics.heldout_loss`; :func:`split_bpb` is the number the model registry
+  ranks by.
 * Length extrapolation: the same held-out text re-cut into windows of 1x, 2x, 4x the training
   context. RoPE keeps working past the trained length (somewhat); a learned position table has
   rows that training never touched, so its loss blows up there.
@@ -20,6 +21,7 @@ one that did not.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
 from collections.abc import Sequence
@@ -29,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from llmcore.generate import Sampling, generate
+from llmcore.metrics import heldout_loss
 from llmcore.shards import ShardDataset
 from llmcore.tokenizer import IM_END, LLMTokenizer, render_chat
-from llmcore.train import evaluate
 
 
 def bpb_at_contexts(model: Any, ds: ShardDataset, token_bytes: torch.Tensor, factors: Sequence[int],
@@ -50,9 +52,21 @@ def bpb_at_contexts(model: Any, ds: ShardDataset, token_bytes: torch.Tensor, fac
             out[f] = None  # not enough held-out text for one window
             continue
         per_batch = max(1, batch_size // f)
-        out[f] = evaluate(model, ds, per_batch, -(-rows // per_batch), token_bytes, device, dtype,
+        out[f] = heldout_loss(model, ds, per_batch, -(-rows // per_batch), token_bytes, device, dtype,
                           seq_len=None if f == 1 else window)
     return out
+
+
+def split_bpb(model: Any, ds: ShardDataset, token_bytes: torch.Tensor, batch_size: int = 16
+              ) -> float:
+    """Bits per byte on every row of ``ds`` in full precision (what the registry ranks by).
+
+    fp32, not the run's autocast dtype: the ranking then does not depend on which machine
+    computed it, and quantized models are compared in their stored precision.
+    """
+    device = next(model.parameters()).device
+    return heldout_loss(model, ds, batch_size, -(-len(ds) // batch_size), token_bytes, device,
+                        torch.float32)["bpb"]
 
 
 def _prompt_ids(tok: LLMTokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
@@ -147,10 +161,34 @@ def evaluate_model(model: Any, tok: LLMTokenizer, *, pretrain_val: ShardDataset,
     """Everything the evaluate stage reports for one model, as a nested dict."""
     ctx = bpb_at_contexts(model, pretrain_val, token_bytes, cfg.context_factors, cfg.batch_size,
                           cfg.max_rows, device, dtype)
-    sft = evaluate(model, sft_val, cfg.batch_size, -(-min(len(sft_val), cfg.max_rows or
-                                                          len(sft_val)) // cfg.batch_size),
-                   token_bytes, device, dtype)
+    rows = min(len(sft_val), cfg.max_rows or len(sft_val))
+    sft = heldout_loss(model, sft_val, cfg.batch_size, -(-rows // cfg.batch_size), token_bytes,
+                       device, dtype)
     tasks = task_accuracy(model, tok, conversations, cfg.max_task_examples, cfg.max_new_tokens)
     mc = doc_multiple_choice(model, tok, conversations, cfg.choices, cfg.max_task_examples)
     samples = answer_prompts(model, tok, cfg.prompts, cfg.max_new_tokens)
     return {"contexts": ctx, "sft_val": sft, "tasks": tasks, "doc_mc": mc, "samples": samples}
+
+
+def summary_metrics(results: dict[str, Any], factors: Sequence[int]) -> dict[str, Any]:
+    """Flat ``evaluate/<model>/<metric>`` numbers of :func:`evaluate_model` results.
+
+    NaN (nothing to measure, e.g. an empty split) becomes None, which JSON and DVC show as
+    empty rather than as an invalid number.
+    """
+    metrics: dict[str, Any] = {}
+    for name, r in results.items():
+        p = f"evaluate/{name}"
+        metrics[f"{p}/val_bpb"] = r["contexts"][1]["bpb"] if r["contexts"][1] else None
+        metrics[f"{p}/sft_val_bpb"] = r["sft_val"]["bpb"]
+        metrics[f"{p}/sft_val_loss"] = r["sft_val"]["loss"]
+        for f in factors:
+            metrics[f"{p}/bpb_ctx{f}x"] = r["contexts"][f]["bpb"] if r["contexts"][f] else None
+        for task, v in r["tasks"].items():
+            metrics[f"{p}/{task}_exact_match"] = v["exact_match"]
+        n = sum(v["n"] for v in r["tasks"].values())
+        metrics[f"{p}/im_end_rate"] = sum(v["im_end_rate"] * v["n"]
+                                          for v in r["tasks"].values()) / max(n, 1)
+        metrics[f"{p}/doc_mc_accuracy"] = r["doc_mc"]["accuracy"]
+    return {k: (None if isinstance(v, float) and math.isnan(v) else
+                round(v, 5) if isinstance(v, float) else v) for k, v in metrics.items()}

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from llmcore.checkpoint import TOKENIZER_FILES, load_model_dir, state_dict_for_save
 from llmcore.config import ModelConfig, UserError
+from llmcore.modeldir import TOKENIZER_FILES, load_model_dir, state_dict_for_save
 
 
 def llama_compatible(cfg: ModelConfig) -> list[str]:

@@ -64,8 +64,8 @@ class ChatRequest(SamplingFields):
 
 def create_app(model_dir: Path, device: str = "auto") -> FastAPI:
     """The service for one model directory (loaded once, at creation)."""
-    from llmcore.checkpoint import load_model_dir
-    from llmcore.train import pick_device
+    from llmcore.device import pick_device
+    from llmcore.modeldir import load_model_dir
 
     model_dir = Path(model_dir)
     model, cfg = load_model_dir(model_dir, pick_device(device))
@@ -88,7 +88,7 @@ def create_app(model_dir: Path, device: str = "auto") -> FastAPI:
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "model": str(model_dir), "params": model.num_parameters(),
+        return {"status": "ok", "model": model_dir.name, "params": model.num_parameters(),
                 "positions": cfg.positions, "max_seq_len": cfg.max_seq_len}
 
     @app.post("/v1/generate")

@@ -31,10 +31,8 @@ same global batch size), and saves/restores its position as two integers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -43,6 +41,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from llmcore.config import UserError
+from llmcore.files import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -202,21 +203,13 @@ class ShardWriter:
         path = self.out_dir / name
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
             writer.write_batch(batch)
-        self.shards.append({"file": name, "rows": n, "sha256": file_sha256(path)})
+        self.shards.append({"file": name, "rows": n, "sha256": sha256_file(path)})
         self._ids, self._masks, self._pending = [], [], 0
 
     def close(self) -> dict[str, Any]:
         self.flush()
         return {"shards": self.shards, "rows": sum(s["rows"] for s in self.shards),
                 "row_len": self.row_len, "has_loss_mask": self.with_mask}
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def chunked(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -298,14 +291,23 @@ def pack_all(tokenizer: Any, pretrain: dict[str, list[str]], sft: dict[str, list
 # --------------------------------------------------------------------------------------------
 
 
+class ShardError(UserError):
+    """A shard directory cannot be read; the message names the file and says what to do."""
+
+
 def read_manifest(shard_dir: Path) -> dict[str, Any]:
     path = Path(shard_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the pack stage first")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: shard format {manifest.get('format_version')} is not "
-                         f"{FORMAT_VERSION}; re-run the pack stage")
+        raise ShardError(f"{path} not found: {shard_dir} is not a shard directory; run "
+                         "`dvc repro pack`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ShardError(f"{path} is not valid JSON ({exc}); run `dvc repro pack`") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise ShardError(f"{path}: shard format {version} is not {FORMAT_VERSION}; run "
+                         "`dvc repro pack`")
     return manifest
 
 
@@ -315,22 +317,29 @@ class ShardDataset:
     def __init__(self, shard_dir: Path, split: str) -> None:
         self.dir = Path(shard_dir)
         self.manifest = read_manifest(self.dir)
-        if split not in self.manifest["splits"]:
-            raise KeyError(f"split {split!r} not in {self.dir / MANIFEST} "
-                           f"(has {', '.join(self.manifest['splits'])})")
+        if split not in self.manifest.get("splits", {}):
+            raise ShardError(f"split {split!r} not in {self.dir / MANIFEST} (has "
+                             f"{', '.join(self.manifest.get('splits', {}))}); run `dvc repro "
+                             "pack`")
         info = self.manifest["splits"][split]
         self.split, self.row_len = split, info["row_len"]
         self.has_loss_mask = bool(info["has_loss_mask"])
+        self.dtype = np.dtype(self.manifest["dtype"])
         self._ids: list[np.ndarray] = []
         self._masks: list[np.ndarray] = []
-        self._maps = []
+        self._maps = []  # the memory maps must outlive the NumPy views into them
         for shard in info["shards"]:
-            source = pa.memory_map(str(self.dir / shard["file"]), "r")
+            path = self.dir / shard["file"]
+            try:
+                source = pa.memory_map(str(path), "r")
+                table = pa.ipc.open_file(source).read_all()
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise ShardError(f"{path} is missing or unreadable ({exc}); run `dvc repro "
+                                 "pack`") from None
             self._maps.append(source)
-            table = pa.ipc.open_file(source).read_all()
             if table.num_rows != shard["rows"]:
-                raise ValueError(f"{shard['file']}: {table.num_rows} rows, manifest says "
-                                 f"{shard['rows']}; re-run the pack stage")
+                raise ShardError(f"{path}: {table.num_rows} rows, the manifest says "
+                                 f"{shard['rows']}; run `dvc repro pack`")
             self._ids.append(self._view(table, "input_ids"))
             if self.has_loss_mask:
                 self._masks.append(self._view(table, "loss_mask"))
@@ -361,7 +370,7 @@ class ShardDataset:
         """Rows at ``indices`` as one ``(n, row_len)`` array (the batch's only copy)."""
         idx = np.asarray(indices, dtype=np.int64)
         shard = np.searchsorted(self._offsets, idx, side="right") - 1
-        ids = np.empty((len(idx), self.row_len), dtype=self._ids[0].dtype)
+        ids = np.empty((len(idx), self.row_len), dtype=self.dtype)
         masks = np.empty((len(idx), self.row_len), dtype=np.uint8) if self.has_loss_mask else None
         for s in np.unique(shard):
             sel = np.nonzero(shard == s)[0]
@@ -405,8 +414,6 @@ class ShardLoader:
         self.global_batch = batch_size * world_size
         self.steps_per_epoch = len(dataset) // self.global_batch
         if self.steps_per_epoch == 0:
-            from llmcore.config import UserError
-
             raise UserError(
                 f"split {dataset.split!r} has {len(dataset)} rows, fewer than one global batch "
                 f"({batch_size} x {world_size} ranks): lower the batch size or add data"
@@ -457,13 +464,3 @@ class ShardLoader:
     def __iter__(self) -> Iterator[Batch]:
         while True:
             yield self.next_batch()
-
-
-def row_tensor(ds: ShardDataset, i: int) -> Any:
-    """One row as a torch tensor sharing the shard's memory (read-only: do not write to it)."""
-    import torch
-
-    ids, _ = ds[i]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the mapping is read-only by design
-        return torch.from_numpy(ids)

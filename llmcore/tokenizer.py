@@ -28,6 +28,8 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from llmcore.config import UserError
+
 EOT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -59,6 +61,25 @@ def _pre_tokenizer(split_digits: bool) -> Any:
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
 
 
+def training_texts(texts: list[str], conversations: Sequence[dict[str, Any]],
+                   max_bytes: int | None) -> list[str]:
+    """Pretraining texts, then every message of ``conversations``, cut at ``max_bytes``.
+
+    The chat text is included so that its words (questions, answers, task vocabulary) get
+    merges too; whole texts only, so nothing is cut mid-word.
+    """
+    texts = texts + [m["content"] for c in conversations for m in c["messages"]]
+    if max_bytes is None:
+        return texts
+    kept, size = [], 0
+    for t in texts:
+        size += len(t.encode("utf-8"))
+        if size > max_bytes:
+            break
+        kept.append(t)
+    return kept
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
               split_digits: bool = True, show_progress: bool = False) -> Tokenizer:
     """Train a byte-level BPE whose first ids are the special tokens."""
@@ -78,6 +99,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
     for i, s in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(s) == i, "special tokens must take ids 0..3"
     return tok
+
+
+class TokenizerError(UserError):
+    """A tokenizer file is missing or unusable; the message names it and what to do."""
 
 
 class LLMTokenizer:
@@ -138,8 +163,18 @@ class LLMTokenizer:
     def load(cls, directory: Path) -> LLMTokenizer:
         path = Path(directory) / "tokenizer.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: run the tokenizer stage first")
-        return cls(Tokenizer.from_file(str(path)))
+            raise TokenizerError(f"{path} not found: run `dvc repro tokenizer` (or pass a "
+                                 "model directory, which carries its tokenizer)")
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the Rust side raises a bare Exception for any bad file
+            raise TokenizerError(f"{path} is not a valid tokenizer ({str(exc)[:120]}); run "
+                                 "`dvc repro tokenizer` to rebuild it") from None
+        try:
+            return cls(tok)
+        except ValueError as exc:
+            raise TokenizerError(f"{path}: {exc}; it was not written by llmcore's tokenizer "
+                                 "stage, run `dvc repro tokenizer`") from None
 
 
 def assistant_spans(messages: Sequence[dict[str, str]]) -> list[tuple[int, int]]:

@@ -6,6 +6,11 @@ started from a ``dvc exp run --temp`` copy of the repository land in the same st
 metrics are buffered and sent with ``log_batch`` (one ``log_metric`` call costs milliseconds);
 call :meth:`Tracker.flush` or close the tracker to send them.
 
+Runs nest: each stage's run is the child of a pipeline run. A Prefect flow opens its pipeline
+run and passes its id down; under a plain ``dvc repro`` the stages of one invocation find the
+pipeline run by a tag naming that ``dvc`` process (:func:`stage_run`), the first stage creates it
+and each stage marks it ended with its own status.
+
 Telemetry of MLflow is switched off before it is imported.
 """
 
@@ -102,6 +107,7 @@ class MlflowTracker:
         run = self.client.create_run(exp_id, run_name=run_name, tags=all_tags)
         self.run_id: str | None = run.info.run_id
         self.parent_run_id = parent_run_id
+        self.owns_parent = False  # set by stage_run: the pipeline run is this process's to end
         self.flush_every = flush_every
         self._buffer: list[Any] = []
         self._finished = False
@@ -163,6 +169,50 @@ class MlflowTracker:
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         self.finish("FAILED" if exc_type else "FINISHED")
+
+
+def pipeline_run(client_uri: str, invocation: str, name: str, tags: Mapping[str, str],
+                 artifact_root: Path | None = None) -> str | None:
+    """The id of the pipeline run tagged with ``invocation``; created if there is none."""
+    quiet_telemetry()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(client_uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is not None:
+        found = client.search_runs([exp.experiment_id],
+                                   f"tags.`llmcore.invocation` = '{invocation}'", max_results=1)
+        if found:
+            return found[0].info.run_id
+    parent = MlflowTracker(client_uri, name, tags={**tags, "llmcore.stage": "pipeline",
+                                                   "llmcore.invocation": invocation},
+                           artifact_root=artifact_root)
+    return parent.run_id
+
+
+def stage_run(client_uri: str, run_name: str, tags: Mapping[str, str],
+              params: Mapping[str, Any], artifact_root: Path, parent_run_id: str | None = None,
+              invocation: str | None = None, pipeline_name: str = "pipeline",
+              pipeline_tags: Mapping[str, str] | None = None) -> MlflowTracker:
+    """A stage's run with its params, the child of ``parent_run_id`` (a flow's run) or of the
+    run of the ``dvc`` ``invocation`` that started it (found or created)."""
+    owns_parent = False
+    if parent_run_id is None and invocation is not None:
+        parent_run_id = pipeline_run(client_uri, invocation, pipeline_name,
+                                     pipeline_tags or {}, artifact_root)
+        owns_parent = True
+    tracker = MlflowTracker(client_uri, run_name, tags=tags, artifact_root=artifact_root,
+                            parent_run_id=parent_run_id)
+    tracker.owns_parent = owns_parent
+    tracker.log_params(params)
+    return tracker
+
+
+def end_stage_run(tracker: Any, status: str) -> None:
+    """Finish a stage's run; a ``dvc repro`` pipeline run ends with its latest stage."""
+    tracker.finish(status)
+    if getattr(tracker, "owns_parent", False) and tracker.parent_run_id:
+        tracker.client.set_terminated(tracker.parent_run_id, status=status)
 
 
 def register_model(tracker: Any, model_dir: Path, val_bpb: float | None, kind: str,

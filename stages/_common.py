@@ -1,29 +1,38 @@
 """What every stage shares: params loading, the tracker, metrics files, clean failures.
 
-A stage module is ``main()`` = ``run_stage(name, sections, body)`` where ``body`` gets the typed
-configs and a tracker and returns a flat metrics dict. Errors the user can fix
-(:class:`llmcore.config.UserError`, a missing input) are printed as one clear message, without
-a traceback, and the process exits with status 2.
+A stage module declares the params it reads, ``PARAMS = ("base.seed", "pack")`` (whole
+sections or single keys; the same list as its ``params:`` in dvc.yaml, which a test checks),
+and its ``main()`` is ``run_stage(name, PARAMS, body)``. ``body`` gets the typed configs of
+those sections and a tracker and returns a flat metrics dict. A section declared key by key
+reaches ``body`` as a view that refuses the other keys, so a stage cannot come to depend on a
+param that DVC does not know it depends on.
+
+Errors the user can fix (:class:`llmcore.config.UserError`: params, input data, a missing
+stage output) are printed as one clear message, without a traceback, and the process exits
+with status 2. ``base.run_name`` and ``base.tracking`` only name and route the MLflow run, so
+no stage declares them and every stage may read them here.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from llmcore.config import PARAMS_FILE, ConfigError, UserError, flatten, parse_sections
-from llmcore.tracking import EXPERIMENT, MlflowTracker, NullTracker, Tracker, default_uri
+from llmcore.config import PARAMS_FILE, ConfigError, UserError, check_sections, parse_sections
+from llmcore.files import write_json, write_text
+from llmcore.tracking import NullTracker, Tracker, default_uri, end_stage_run, stage_run
 
 Body = Callable[[dict[str, Any], Tracker], Mapping[str, Any]]
+USER_ERROR = 2  # exit status of a stage that failed on bad params or bad input
 
 
 def repo_root() -> Path:
@@ -45,7 +54,44 @@ def read_params(root: Path) -> dict[str, Any]:
         raise ConfigError([f"{PARAMS_FILE} is not valid YAML: {exc}"]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{PARAMS_FILE} must be a mapping of sections"])
+    check_sections(data)
     return data
+
+
+class SectionView:
+    """The keys of a params section that a stage declared; reading any other is an error."""
+
+    def __init__(self, section: str, cfg: Any, keys: Sequence[str]) -> None:
+        self._section, self._cfg, self._keys = section, cfg, tuple(keys)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name not in self._keys:
+            raise AttributeError(f"the stage reads {self._section}.{name} but does not declare "
+                                 "it: add it to the stage's PARAMS and its params in dvc.yaml")
+        return getattr(self._cfg, name)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self._cfg, k) for k in self._keys}
+
+
+def as_dict(cfg: Any) -> dict[str, Any]:
+    """A typed config or a :class:`SectionView` as a plain dict (for meta files)."""
+    return cfg.as_dict() if isinstance(cfg, SectionView) else dataclasses.asdict(cfg)
+
+
+def declared(full: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """The configs a stage's body may read: whole sections, or views of single keys."""
+    out: dict[str, Any] = {}
+    for key in keys:
+        section, _, name = key.partition(".")
+        if not name:
+            out[section] = full[section]
+    for key in keys:
+        section, _, name = key.partition(".")
+        if name and section not in out:
+            names = [k.partition(".")[2] for k in keys if k.startswith(f"{section}.")]
+            out[section] = SectionView(section, full[section], names)
+    return out
 
 
 def git_commit(root: Path) -> str:
@@ -57,16 +103,9 @@ def git_commit(root: Path) -> str:
         return "unknown"
 
 
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write JSON atomically (temporary file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(dict(data), fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def rank() -> int:
+    """This process's rank under torchrun (0 when not distributed)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def log(msg: str) -> None:
@@ -76,29 +115,27 @@ def log(msg: str) -> None:
 
 def write_tsv(path: Path, rows: list[Mapping[str, Any]], columns: list[str]) -> None:
     """A small TSV for ``dvc plots`` (rows missing a column get an empty cell)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["\t".join(columns)]
     for row in rows:
         lines.append("\t".join("" if row.get(c) is None else f"{row[c]:.6g}"
                                if isinstance(row[c], float) else str(row[c]) for c in columns))
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    write_text(path, "\n".join(lines) + "\n")
 
 
-def relaunch_under_torchrun(nproc: int, module: str) -> None:
-    """Replace this process by ``torchrun --nproc_per_node nproc -m module`` (once)."""
-    if nproc <= 1 or "LOCAL_RANK" in os.environ:
+def relaunch_under_torchrun(section: str, module: str) -> None:
+    """Replace this process by ``torchrun --nproc_per_node N -m module`` (once) when
+    ``<section>.nproc_per_node`` asks for N > 1 processes."""
+    try:
+        raw = read_params(repo_root()).get(section)
+    except UserError:
+        return  # run_stage reports the problem
+    nproc = raw.get("nproc_per_node", 1) if isinstance(raw, dict) else 1
+    if not isinstance(nproc, int) or nproc <= 1 or "LOCAL_RANK" in os.environ:
         return
     log(f"{module}: starting {nproc} processes with torchrun")
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone",
             f"--nproc_per_node={nproc}", "-m", module]
     os.execv(sys.executable, args)
-
-
-def rank() -> int:
-    """This process's rank under torchrun (0 when not distributed)."""
-    return int(os.environ.get("RANK", "0"))
 
 
 def tracking_root(root: Path) -> Path:
@@ -141,111 +178,71 @@ def data_hashes(root: Path, stage: str) -> dict[str, str]:
     return {f"data.{d}": outs[d] for d in deps if isinstance(d, str) and d in outs}
 
 
-def pipeline_parent(client_uri: str, root: Path, base: Any) -> str | None:
-    """The MLflow parent run of this pipeline execution.
-
-    A Prefect flow passes its run in ``LLMCORE_PARENT_RUN_ID``. Under a plain ``dvc repro``
-    (or ``dvc exp run``) the stages of one invocation share the parent run tagged with that
-    dvc process's id; the first stage creates it.
-    """
-    if os.environ.get("LLMCORE_PARENT_RUN_ID"):
-        return os.environ["LLMCORE_PARENT_RUN_ID"]
-    key = dvc_invocation()
-    if key is None:
-        return None
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(client_uri)
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    if exp is not None:
-        found = client.search_runs([exp.experiment_id],
-                                   f"tags.`llmcore.invocation` = '{key}'", max_results=1)
-        if found:
-            return found[0].info.run_id
-    exp_name = os.environ.get("DVC_EXP_NAME", "")
-    name = f"{base.run_name}-pipeline" if base.run_name else f"dvc-{exp_name or 'repro'}"
-    parent = MlflowTracker(client_uri, name, tags={
-        "llmcore.stage": "pipeline", "llmcore.invocation": key, "git_commit": git_commit(root),
-        "dvc.exp_name": exp_name, "dvc.exp_baseline": os.environ.get("DVC_EXP_BASELINE_REV", "")},
-        artifact_root=tracking_root(root) / "mlartifacts")
-    return parent.run_id
-
-
-def make_tracker(base: Any, stage: str, root: Path, cfgs: dict[str, Any]) -> Tracker:
+def make_tracker(base: Any, stage: str, root: Path, params: Mapping[str, Any]) -> Tracker:
+    """The stage's MLflow run (a child of its pipeline's run), or a do-nothing tracker."""
     if base.tracking == "none" or rank() != 0:
         return NullTracker()
-    tags = {
-        "llmcore.stage": stage,
-        "git_commit": git_commit(root),
-        "dvc.stage": os.environ.get("DVC_STAGE", ""),
-        "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
-        "dvc.exp_baseline": os.environ.get("DVC_EXP_BASELINE_REV", ""),
-        **data_hashes(root, stage),
-    }
+    exp_name = os.environ.get("DVC_EXP_NAME", "")
+    lineage = {"git_commit": git_commit(root), "dvc.exp_name": exp_name,
+               "dvc.exp_baseline": os.environ.get("DVC_EXP_BASELINE_REV", "")}
+    tags = {"llmcore.stage": stage, "dvc.stage": os.environ.get("DVC_STAGE", ""), **lineage,
+            **data_hashes(root, stage)}
     store = tracking_root(root)
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_uri(store)
-    run_name = f"{base.run_name}-{stage}" if base.run_name else stage
-    tracker = MlflowTracker(uri, run_name, tags={k: v for k, v in tags.items() if v},
-                            artifact_root=store / "mlartifacts",
-                            parent_run_id=pipeline_parent(uri, root, base))
-    params: dict[str, Any] = {}
+    return stage_run(
+        os.environ.get("MLFLOW_TRACKING_URI") or default_uri(store),
+        f"{base.run_name}-{stage}" if base.run_name else stage,
+        {k: v for k, v in tags.items() if v}, params, store / "mlartifacts",
+        parent_run_id=os.environ.get("LLMCORE_PARENT_RUN_ID") or None,
+        invocation=dvc_invocation(),
+        pipeline_name=f"{base.run_name}-pipeline" if base.run_name else
+        f"dvc-{exp_name or 'repro'}",
+        pipeline_tags=lineage)
+
+
+def flat_params(cfgs: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        else:
+            out[prefix] = value
+
     for name, cfg in cfgs.items():
-        params.update(flatten(name, cfg))
-    tracker.log_params(params)
-    return tracker
+        walk(name, as_dict(cfg))
+    return out
 
 
-def close_parent(tracker: Tracker, status: str) -> None:
-    """Mark a ``dvc repro`` parent run as ended by its latest stage (a flow closes its own)."""
-    client = getattr(tracker, "client", None)
-    parent = getattr(tracker, "parent_run_id", None)
-    if client is None or parent is None or os.environ.get("LLMCORE_PARENT_RUN_ID"):
-        return
-    client.set_terminated(parent, status=status)
+def fail(stage: str, exc: BaseException) -> None:
+    log(f"{stage}: error: {exc}")
+    sys.exit(USER_ERROR)
 
 
-def run_stage(stage: str, sections: list[str], body: Body) -> None:
+def run_stage(stage: str, keys: Sequence[str], body: Body) -> None:
     """Load params, run ``body``, write ``metrics/<stage>.json``; exit 2 on a user error."""
     root = repo_root()
     start = time.perf_counter()
     try:
-        cfgs = parse_sections(read_params(root), sections)
-        tracker = make_tracker(cfgs["base"], stage, root, cfgs)
+        sections = list(dict.fromkeys(["base", *(k.partition(".")[0] for k in keys)]))
+        full = parse_sections(read_params(root), sections)
+        cfgs = declared(full, keys)
+        tracker = make_tracker(full["base"], stage, root, flat_params(cfgs))
     except UserError as exc:
-        log(f"{stage}: {exc}")
-        sys.exit(2)
+        fail(stage, exc)
     try:
-        metrics = dict(body(cfgs, tracker))
+        metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                   for k, v in body(cfgs, tracker).items()}  # NaN is not JSON
         if rank() != 0:
             return
         metrics[f"{stage}/stage_seconds"] = round(time.perf_counter() - start, 3)
         write_json(root / "metrics" / f"{stage}.json", metrics)
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        tracker.finish("FINISHED")
-        close_parent(tracker, "FINISHED")
+        end_stage_run(tracker, "FINISHED")
     except (UserError, FileNotFoundError) as exc:
-        tracker.finish("FAILED")
-        close_parent(tracker, "FAILED")
-        log(f"{stage}: error: {exc}")
-        sys.exit(2)
+        end_stage_run(tracker, "FAILED")
+        fail(stage, exc)
     except BaseException:
-        tracker.finish("FAILED")
-        close_parent(tracker, "FAILED")
+        end_stage_run(tracker, "FAILED")
         raise
     log(f"{stage}: done in {time.perf_counter() - start:.1f}s")
-
-
-def registry_bpb(model_dir: Path, shard_dir: Path, device_name: str) -> float:
-    """Bits per byte on every held-out SFT reply: the number the model registry ranks by."""
-    import torch
-
-    from llmcore.checkpoint import load_model_dir
-    from llmcore.shards import ShardDataset
-    from llmcore.tokenizer import LLMTokenizer, token_bytes
-    from llmcore.train import evaluate, pick_device
-
-    device = pick_device(device_name)
-    model, _ = load_model_dir(model_dir, device)
-    val = ShardDataset(shard_dir, "sft_val")
-    tb = torch.tensor(token_bytes(LLMTokenizer.load(model_dir)))
-    return evaluate(model, val, 16, -(-len(val) // 16), tb, device, torch.float32)["bpb"]

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any
 
-from llmcore.checkpoint import save_model_dir
 from llmcore.config import ModelConfig, TrainConfig, UserError
+from llmcore.modeldir import save_model_dir
 from llmcore.shards import read_manifest
 from llmcore.tokenizer import LLMTokenizer, token_bytes
-from llmcore.train import fit
-from stages._common import git_commit, log, rank, repo_root, write_tsv
+from llmcore.train import FitSpec, fit
+from stages._common import as_dict, git_commit, log, rank, repo_root, write_tsv
 
 SHARDS, TOKENIZER = "data/shards", "data/tokenizer"
 
@@ -19,13 +20,13 @@ SHARDS, TOKENIZER = "data/shards", "data/tokenizer"
 def data_fingerprint(manifest: dict[str, Any], splits: list[str]) -> dict[str, Any]:
     return {"tokenizer": manifest["tokenizer_sha256"], "seq_len": manifest["seq_len"],
             "shards": {s: [x["sha256"] for x in manifest["splits"][s]["shards"]]
-                       for s in splits}}
+                       for s in splits if s in manifest["splits"]}}
 
 
 def train_and_export(stage: str, model_cfg: ModelConfig, cfg: TrainConfig, base: Any,
-                     train_split: str, val_split: str, tracker: Any,
-                     init_weights: dict | None = None, extra_meta: dict | None = None
+                     splits: tuple[str, str], tracker: Any, init_from: Path | None = None
                      ) -> dict[str, Any]:
+    """Train on ``splits`` (train, val), write ``data/models/<stage>``; the stage's metrics."""
     root = repo_root()
     if hasattr(tracker, "start_system_metrics"):
         tracker.start_system_metrics()
@@ -34,23 +35,22 @@ def train_and_export(stage: str, model_cfg: ModelConfig, cfg: TrainConfig, base:
     if manifest["tokenizer_sha256"] != tok.sha256():
         raise UserError(f"{SHARDS} was packed with another tokenizer: run `dvc repro pack`")
     model_cfg = dataclasses.replace(model_cfg, vocab_size=tok.vocab_size)
-    data = data_fingerprint(manifest, [train_split, val_split])
-    if extra_meta and "init_sha256" in extra_meta:
-        data["init"] = extra_meta["init_sha256"]
-    out = fit(model_cfg=model_cfg, cfg=cfg, seed=base.seed, device_name=base.device,
-              dtype_name=base.dtype, shard_dir=root / SHARDS, train_split=train_split,
-              val_split=val_split, token_bytes=token_bytes(tok),
-              checkpoint_root=root / "data" / "checkpoints" / stage, data_fingerprint=data,
-              init_weights=init_weights, tracker=tracker, log=log, prefix=stage)
+    spec = FitSpec(model=model_cfg, train=cfg, shard_dir=root / SHARDS, train_split=splits[0],
+                   val_split=splits[1], token_bytes=tuple(token_bytes(tok)),
+                   checkpoint_dir=root / "data" / "checkpoints" / stage, seed=base.seed,
+                   device=base.device, dtype=base.dtype,
+                   data=data_fingerprint(manifest, list(splits)), init_from=init_from,
+                   name=stage)
+    out = fit(spec, tracker=tracker, log=log)
     if rank() != 0:
         return {}
     r = out.result
+    params = {"model": dataclasses.asdict(model_cfg), stage: dataclasses.asdict(cfg),
+              "base": as_dict(base)}
     meta = {"stage": stage, "step": out.export_step, "steps_trained": r.step,
-            "git_commit": git_commit(root), "fingerprint": out.fingerprint,
-            "params": {"model": dataclasses.asdict(model_cfg), stage: dataclasses.asdict(cfg),
-                       "base": dataclasses.asdict(base)},
-            "data": data, "best": r.best, "dvc_exp_name": os.environ.get("DVC_EXP_NAME"),
-            **(extra_meta or {})}
+            "git_commit": git_commit(root), "fingerprint": out.fingerprint, "params": params,
+            "data": out.data, "best": r.best, "dvc_exp_name": os.environ.get("DVC_EXP_NAME"),
+            "init_from": str(init_from.relative_to(root)) if init_from else None}
     generation = {"eos_token_id": [tok.im_end_id, tok.eot_id], "pad_token_id": tok.pad_id,
                   "bos_token_id": None, "do_sample": False, "max_new_tokens": 256}
     model_dir = root / "data" / "models" / stage
@@ -62,8 +62,10 @@ def train_and_export(stage: str, model_cfg: ModelConfig, cfg: TrainConfig, base:
     final = r.best if (cfg.export == "best" and r.best) else r.last_eval
     metrics = {
         f"{stage}/params": out.params,
+        f"{stage}/device": out.device,
         f"{stage}/steps": r.step,
         f"{stage}/export_step": out.export_step,
+        f"{stage}/val_rows": out.val_rows,
         f"{stage}/train_loss": r.history[-1]["loss"] if r.history else None,
         f"{stage}/val_loss": final["val_loss"] if final else None,
         f"{stage}/val_bpb": final["val_bpb"] if final else None,

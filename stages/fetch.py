@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from llmcore.corpus import build_corpus
+from llmcore.corpus import BAD_RECORDS_FILE, build_corpus
 from stages._common import log, repo_root, run_stage
 
+PARAMS = ("fetch",)
 OUT = "data/corpus"
 
 
 def body(cfgs, tracker):
     cfg = cfgs["fetch"]
     root = repo_root()
-    stats = build_corpus(cfg, root / OUT, root=root, log=log)
+    stats = build_corpus(cfg, root / OUT, root=root)
     for example in stats.bad_examples:
         log(f"fetch: malformed record skipped: {example}")
     if stats.bad_records > len(stats.bad_examples):
-        log(f"fetch: ... {stats.bad_records - len(stats.bad_examples)} more malformed records")
+        log(f"fetch: ... and {stats.bad_records - len(stats.bad_examples)} more malformed "
+            f"records, all listed in {OUT}/{BAD_RECORDS_FILE}")
+    for note in stats.notes:
+        log(f"fetch: warning: {note}")
     metrics = stats.metrics("fetch")
     log(f"fetch: {metrics['fetch/documents']} documents ({metrics['fetch/bytes']} bytes), "
         f"{metrics['fetch/conversations']} conversations, {stats.duplicates_dropped} duplicate "
@@ -24,7 +28,7 @@ def body(cfgs, tracker):
 
 
 def main() -> None:
-    run_stage("fetch", ["base", "fetch"], body)
+    run_stage("fetch", PARAMS, body)
 
 
 if __name__ == "__main__":

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
-
 from tqdm import tqdm
 
-from llmcore.corpus import read_conversations, read_texts, replace_dir
+from llmcore.corpus import read_conversations, read_texts
+from llmcore.files import atomic_dir
 from llmcore.shards import pack_all
 from llmcore.tokenizer import LLMTokenizer
 from stages._common import log, repo_root, run_stage
 
+PARAMS = ("pack",)
 CORPUS, TOKENIZER, OUT = "data/corpus", "data/tokenizer", "data/shards"
 
 
@@ -23,16 +21,10 @@ def body(cfgs, tracker):
     sft = {s: [c["messages"] for c in read_conversations(root / CORPUS, s)]
            for s in ("train", "val")}
     total = sum(map(len, pretrain.values())) + sum(map(len, sft.values()))
-    tmp = tempfile.mkdtemp(prefix=".shards-", dir=root / "data")
-    try:
-        with tqdm(total=total, desc="pack", unit="doc", mininterval=1.0) as bar:
-            manifest = pack_all(tok, pretrain, sft, tmp, cfg.seq_len, cfg.rows_per_shard,
-                                cfg.sft_overflow, cfg.batch_documents, cfg.sft_packing,
-                                progress=bar.update)
-        replace_dir(Path(tmp), root / OUT)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with tqdm(total=total, desc="pack", unit="doc", mininterval=1.0) as bar:
+        manifest = atomic_dir(root / OUT, lambda tmp: pack_all(
+            tok, pretrain, sft, tmp, cfg.seq_len, cfg.rows_per_shard, cfg.sft_overflow,
+            cfg.batch_documents, cfg.sft_packing, progress=bar.update))
     metrics = {"pack/seconds": manifest["seconds"]}
     written = 0
     for name, s in manifest["splits"].items():
@@ -56,7 +48,7 @@ def body(cfgs, tracker):
 
 
 def main() -> None:
-    run_stage("pack", ["base", "pack"], body)
+    run_stage("pack", PARAMS, body)
 
 
 if __name__ == "__main__":

@@ -1,50 +1,47 @@
 """DVC stage ``sft``: fine-tune the pretrained model on chat data, loss on assistant tokens.
 
 Starts from ``data/models/pretrain/``; writes ``data/models/sft/`` and resumable checkpoints in
-``data/checkpoints/sft/``.
+``data/checkpoints/sft/``, and registers the model in MLflow with its bits per byte on every
+held-out SFT reply.
 """
 
 from __future__ import annotations
 
-from safetensors.torch import load_file
+import math
 
-from llmcore.checkpoint import read_model_config, sha256_file
+import torch
+
+from llmcore.device import pick_device
+from llmcore.evaluate import split_bpb
+from llmcore.modeldir import load_model_dir, read_model_config
+from llmcore.shards import ShardDataset
+from llmcore.tokenizer import LLMTokenizer, token_bytes
 from llmcore.tracking import register_model
-from stages._common import (
-    log,
-    read_params,
-    registry_bpb,
-    relaunch_under_torchrun,
-    repo_root,
-    run_stage,
-)
-from stages._training import train_and_export
+from stages._common import log, relaunch_under_torchrun, repo_root, run_stage
+from stages._training import SHARDS, train_and_export
 
-INIT = "data/models/pretrain"
+PARAMS = ("base.seed", "base.device", "base.dtype", "sft")
+INIT, OUT = "data/models/pretrain", "data/models/sft"
 
 
 def body(cfgs, tracker):
     root = repo_root()
-    init = root / INIT
-    model_cfg = read_model_config(init)
-    weights = load_file(str(init / "model.safetensors"))
-    metrics = train_and_export("sft", model_cfg, cfgs["sft"], cfgs["base"], "sft_train",
-                               "sft_val", tracker, init_weights=weights,
-                               extra_meta={"init_from": INIT,
-                                           "init_sha256": sha256_file(init / "model.safetensors")})
+    metrics = train_and_export("sft", read_model_config(root / INIT), cfgs["sft"], cfgs["base"],
+                               ("sft_train", "sft_val"), tracker, init_from=root / INIT)
     if metrics:  # rank 0: register the model with its bpb on all held-out SFT replies
-        bpb = registry_bpb(root / "data/models/sft", root / "data/shards", cfgs["base"].device)
-        metrics["sft/registry_bpb"] = round(bpb, 5)
-        version = register_model(tracker, root / "data/models/sft", bpb, "sft")
+        model, _ = load_model_dir(root / OUT, pick_device(cfgs["base"].device))
+        tb = torch.tensor(token_bytes(LLMTokenizer.load(root / OUT)))
+        bpb = split_bpb(model, ShardDataset(root / SHARDS, "sft_val"), tb)
+        metrics["sft/registry_bpb"] = round(bpb, 5) if math.isfinite(bpb) else None
+        version = register_model(tracker, root / OUT, bpb, "sft")
         if version:
             log(f"sft: registered as llmcore version {version}")
     return metrics
 
 
 def main() -> None:
-    nproc = (read_params(repo_root()).get("sft") or {}).get("nproc_per_node", 1)
-    relaunch_under_torchrun(nproc if isinstance(nproc, int) else 1, "stages.sft")
-    run_stage("sft", ["base", "sft"], body)
+    relaunch_under_torchrun("sft", "stages.sft")
+    run_stage("sft", PARAMS, body)
 
 
 if __name__ == "__main__":

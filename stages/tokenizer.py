@@ -5,34 +5,22 @@ from __future__ import annotations
 import time
 
 from llmcore.corpus import read_conversations, read_texts
-from llmcore.tokenizer import LLMTokenizer, bytes_per_token, train_bpe
+from llmcore.files import atomic_dir
+from llmcore.tokenizer import LLMTokenizer, bytes_per_token, train_bpe, training_texts
 from stages._common import log, repo_root, run_stage
 
+PARAMS = ("tokenizer",)
 CORPUS, OUT = "data/corpus", "data/tokenizer"
-
-
-def training_texts(cfg, corpus):
-    texts = read_texts(corpus, "train")
-    if cfg.include_sft:
-        texts += [m["content"] for c in read_conversations(corpus, "train") for m in c["messages"]]
-    if cfg.max_train_bytes is not None:
-        kept, size = [], 0
-        for t in texts:
-            size += len(t.encode("utf-8"))
-            if size > cfg.max_train_bytes:
-                break
-            kept.append(t)
-        texts = kept
-    return texts
 
 
 def body(cfgs, tracker):
     cfg, root = cfgs["tokenizer"], repo_root()
-    texts = training_texts(cfg, root / CORPUS)
+    convs = read_conversations(root / CORPUS, "train") if cfg.include_sft else []
+    texts = training_texts(read_texts(root / CORPUS, "train"), convs, cfg.max_train_bytes)
     start = time.perf_counter()
     tok = LLMTokenizer(train_bpe(texts, cfg.vocab_size, cfg.min_frequency, cfg.split_digits))
     seconds = time.perf_counter() - start
-    tok.save(root / OUT)
+    atomic_dir(root / OUT, tok.save)
     bpt = bytes_per_token(tok, read_texts(root / CORPUS, "val"))
     log(f"tokenizer: vocab {tok.vocab_size}, {bpt:.3f} bytes/token on val, trained in {seconds:.1f}s")
     tracker.log_artifact(root / OUT, "tokenizer")
@@ -41,7 +29,7 @@ def body(cfgs, tracker):
 
 
 def main() -> None:
-    run_stage("tokenizer", ["base", "tokenizer"], body)
+    run_stage("tokenizer", PARAMS, body)
 
 
 if __name__ == "__main__":

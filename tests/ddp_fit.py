@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmcore.tokenizer import LLMTokenizer, token_bytes  # noqa: E402
-from llmcore.train import fit  # noqa: E402
+from llmcore.train import FitSpec, fit  # noqa: E402
 from tests.test_train import CFG, MODEL  # noqa: E402
 
 
@@ -24,10 +24,10 @@ def main() -> None:
     cfg = dataclasses.replace(CFG, batch_size=batch, max_steps=12, eval_every=100,
                               checkpoint_every=100, threads=1)
     tok = LLMTokenizer.load(shard_dir / "tok")
-    result = fit(model_cfg=MODEL, cfg=cfg, seed=1, device_name="cpu", dtype_name="float32",
-                 shard_dir=shard_dir, train_split="pretrain_train", val_split=None,
-                 token_bytes=token_bytes(tok), checkpoint_root=out.parent / f"ckpt-{batch}",
-                 data_fingerprint={}, log=lambda m: None)
+    spec = FitSpec(model=MODEL, train=cfg, seed=1, device="cpu", dtype="float32",
+                   shard_dir=shard_dir, train_split="pretrain_train", val_split=None,
+                   token_bytes=tuple(token_bytes(tok)), checkpoint_dir=out.parent / f"ckpt-{batch}")
+    result = fit(spec, log=lambda m: None)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if rank == 0:
         out.write_text(json.dumps([h["loss"] for h in result.result.history]))

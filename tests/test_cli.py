@@ -4,10 +4,10 @@ import sys
 import pytest
 import torch
 
-from llmcore.checkpoint import save_model_dir, state_dict_for_save
 from llmcore.config import parse_section
 from llmcore.generate import Sampling, generate
 from llmcore.model import Transformer
+from llmcore.modeldir import save_model_dir, state_dict_for_save
 from llmcore.tokenizer import render_chat
 from tests.conftest import project_env
 

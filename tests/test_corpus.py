@@ -138,10 +138,12 @@ def test_empty_corpus_is_a_clear_error_and_keeps_previous_output(tmp_path):
     d = tmp_path / "in"
     d.mkdir()
     (d / "a.txt").write_text("good document")
+    (d / "b.txt").write_text("another good document")
     out = tmp_path / "corpus"
     build_corpus(files_cfg(tmp_path), out)
     before = (out / "manifest.json").read_text()
     (d / "a.txt").write_text("   \n")
+    (d / "b.txt").write_text("")
     with pytest.raises(CorpusError, match="no documents left after cleaning"):
         build_corpus(files_cfg(tmp_path), out)
     assert (out / "manifest.json").read_text() == before
@@ -164,7 +166,8 @@ def test_limits_on_documents_and_bytes():
 
 def test_conversations_dedupe_and_bad_records_counted():
     conv = Conversation((("user", "q"), ("assistant", "a")), "t")
-    recs = [Document("text", "t"), conv, conv, BadRecord("f:1", "broken")]
+    recs = [Document("text", "t"), Document("more text", "t"), conv, conv,
+            BadRecord("f:1", "broken")]
     tables, stats = collect(recs, FetchConfig(doc_questions=False, synthetic_per_task=0))
     assert stats.sft_duplicates_dropped == 1 and stats.bad_records == 1
     assert sum(len(v) for k, v in tables.items() if k.startswith("sft")) == 1

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from llmcore.checkpoint import save_model_dir, state_dict_for_save
 from llmcore.config import UserError, parse_section
 from llmcore.export import export_hf
 from llmcore.model import Transformer
+from llmcore.modeldir import save_model_dir, state_dict_for_save
 from llmcore.quantize import QuantSpec, quantize_model
 
 

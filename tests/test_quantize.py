@@ -4,17 +4,21 @@ import json
 import pytest
 import torch
 
-from llmcore.checkpoint import load_model_dir, save_model_dir, state_dict_for_save
 from llmcore.config import parse_section
 from llmcore.generate import Sampling, generate
 from llmcore.model import Transformer
-from llmcore.quantize import (
-    QuantSpec,
+from llmcore.modeldir import (
     dequantize_int4,
     dequantize_int8,
     int8mm_available,
+    load_model_dir,
     load_quantized,
     quantizable,
+    save_model_dir,
+    state_dict_for_save,
+)
+from llmcore.quantize import (
+    QuantSpec,
     quantize_int4,
     quantize_int8,
     quantize_model,

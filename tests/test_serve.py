@@ -9,10 +9,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from llmcore.checkpoint import save_model_dir, state_dict_for_save
 from llmcore.config import parse_section
 from llmcore.generate import Sampling, generate
 from llmcore.model import Transformer
+from llmcore.modeldir import save_model_dir, state_dict_for_save
 from llmcore.serve import create_app
 from llmcore.tokenizer import render_chat
 from tests.conftest import project_env

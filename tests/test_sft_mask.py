@@ -18,7 +18,7 @@ def sft_shards(tmp_path_factory, tiny_shards):
     return out, tok
 
 
-from llmcore.train import loss_sums  # noqa: E402
+from llmcore.metrics import loss_sums  # noqa: E402
 
 
 def test_user_tokens_never_reach_the_loss(sft_shards):

@@ -1,6 +1,7 @@
 import pytest
 from transformers import AutoTokenizer
 
+from llmcore.config import UserError
 from llmcore.tokenizer import (
     CHAT_TEMPLATE,
     EOT,
@@ -93,5 +94,21 @@ def test_saved_directory_loads_in_transformers(tiny_tokenizer, tmp_path):
 
 
 def test_load_missing_directory_names_the_stage(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run the tokenizer stage first"):
+    with pytest.raises(UserError, match=r"tokenizer.json not found: run `dvc repro tokenizer`"):
+        LLMTokenizer.load(tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"garbage", b'{"version": "1.0"}', b"\xff\xfe"])
+def test_garbage_tokenizer_file_is_a_clear_error(tmp_path, content):
+    (tmp_path / "tokenizer.json").write_bytes(content)
+    with pytest.raises(UserError, match=r"tokenizer.json is not a valid tokenizer .*run `dvc "
+                                        r"repro tokenizer`"):
+        LLMTokenizer.load(tmp_path)
+
+
+def test_tokenizer_without_the_special_tokens_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.BPE()).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(UserError, match="no special token <\\|endoftext\\|>"):
         LLMTokenizer.load(tmp_path)

@@ -4,21 +4,16 @@ import math
 import pytest
 import torch
 
-from llmcore.checkpoint import CheckpointManager, load_model_dir, save_model_dir
+from llmcore.checkpoint import CheckpointManager
 from llmcore.config import ConfigError, TrainConfig, UserError, parse_section
+from llmcore.metrics import heldout_loss, loss_sums, unigram_bpb
 from llmcore.model import Transformer
+from llmcore.modeldir import load_model_dir, save_model_dir, state_dict_for_save
+from llmcore.optim import lr_at, make_optimizer, param_groups
 from llmcore.shards import Batch, ShardDataset, ShardLoader
 from llmcore.tokenizer import token_bytes
-from llmcore.train import (
-    Trainer,
-    evaluate,
-    fit,
-    loss_sums,
-    lr_at,
-    make_optimizer,
-    param_groups,
-    unigram_bpb,
-)
+from llmcore.train import FitSpec, fit
+from llmcore.trainer import RunContext, Trainer
 
 MODEL = parse_section("model", {"preset": "tiny", "vocab_size": 300, "max_seq_len": 64,
                                 "d_model": 32, "n_heads": 2, "n_kv_heads": 1})
@@ -27,14 +22,14 @@ CFG = TrainConfig(max_steps=24, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps
                   peak_flops=1e12)
 
 
-def run_fit(shards, tmp_path, cfg=CFG, model=MODEL, **kw):
+def run_fit(shards, tmp_path, cfg=CFG, model=MODEL, log=lambda m: None, **kw):
     shard_dir, tok = shards
-    args = dict(model_cfg=model, cfg=cfg, seed=1, device_name="cpu", dtype_name="float32",
+    args = dict(model=model, train=cfg, seed=1, device="cpu", dtype="float32",
                 shard_dir=shard_dir, train_split="pretrain_train", val_split="pretrain_val",
-                token_bytes=token_bytes(tok), checkpoint_root=tmp_path / "ckpt",
-                data_fingerprint={"test": 1}, log=lambda m: None)
+                token_bytes=tuple(token_bytes(tok)), checkpoint_dir=tmp_path / "ckpt",
+                data={"test": 1})
     args.update(kw)
-    return fit(**args)
+    return fit(FitSpec(**args), log=log)
 
 
 def test_schedule_warmup_cosine_and_wsd():
@@ -84,8 +79,9 @@ def test_masked_loss_ignores_unmasked_targets():
 
 def _step_grads(model, batches, cfg, shards):
     ds = ShardDataset(shards[0], "pretrain_train")
-    t = Trainer(model, cfg, ShardLoader(ds, 2), None, torch.ones(300, dtype=torch.long),
-                torch.device("cpu"), torch.float32, log=lambda m: None)
+    ctx = RunContext(torch.device("cpu"), torch.float32, torch.ones(300, dtype=torch.long),
+                     log=lambda m: None)
+    t = Trainer(model, cfg, ShardLoader(ds, 2), None, ctx)
     loss, _ = t.train_step(model, batches)
     return loss, [p.detach().clone() for p in model.parameters()]
 
@@ -123,14 +119,14 @@ def test_exact_resume_in_process(tiny_shards, tmp_path):
     model = dataclasses.replace(MODEL, dropout=0.1)  # the RNG state must be restored too
     full = run_fit(tiny_shards, tmp_path / "a", cfg=cfg, model=model)
     part = run_fit(tiny_shards, tmp_path / "b", cfg=dataclasses.replace(cfg, max_steps=24),
-                   model=model, checkpoint_root=tmp_path / "b" / "ckpt")
+                   model=model, checkpoint_dir=tmp_path / "b" / "ckpt")
     # same run stopped at step 16: drop its last checkpoint and resume from step 16
     manager = CheckpointManager(tmp_path / "b" / "ckpt", part.fingerprint)
     import shutil
 
     shutil.rmtree(manager.steps()[-1])
     resumed = run_fit(tiny_shards, tmp_path / "b", cfg=cfg, model=model,
-                      checkpoint_root=tmp_path / "b" / "ckpt")
+                      checkpoint_dir=tmp_path / "b" / "ckpt")
     assert resumed.result.resumed_from == 16
     for k, v in full.export_weights.items():
         assert torch.equal(v, resumed.export_weights[k]), k
@@ -184,7 +180,7 @@ def test_bpb_counts_text_bytes_only(tiny_shards):
     ds = ShardDataset(shard_dir, "pretrain_val")
     tb = torch.tensor(token_bytes(tok))
     model = Transformer(MODEL)
-    ev = evaluate(model, ds, 4, 2, tb, torch.device("cpu"), torch.float32)
+    ev = heldout_loss(model, ds, 4, 2, tb, torch.device("cpu"), torch.float32)
     ids, _ = ds.gather(range(8))
     expected_bytes = float(tb[torch.from_numpy(ids[:, 1:].astype("int64"))].sum())
     assert ev["bytes"] == expected_bytes
@@ -200,8 +196,8 @@ def test_longer_context_eval_recuts_rows(tiny_shards):
     tb = torch.tensor(token_bytes(tok))
     model = Transformer(MODEL)
     rows = min(len(ds), 16)
-    short = evaluate(model, ds, 4, 4, tb, torch.device("cpu"), torch.float32)
-    long = evaluate(model, ds, 4, 4, tb, torch.device("cpu"), torch.float32, seq_len=64)
+    short = heldout_loss(model, ds, 4, 4, tb, torch.device("cpu"), torch.float32)
+    long = heldout_loss(model, ds, 4, 4, tb, torch.device("cpu"), torch.float32, seq_len=64)
     assert short["tokens"] == rows * 32
     assert long["tokens"] == (rows * 32) // 64 * 64
 
@@ -210,8 +206,6 @@ def test_model_dir_round_trip(tiny_shards, tmp_path):
     shard_dir, tok = tiny_shards
     tok.save(tmp_path / "tok")
     model = Transformer(MODEL)
-    from llmcore.checkpoint import state_dict_for_save
-
     save_model_dir(tmp_path / "m", MODEL, state_dict_for_save(model), tmp_path / "tok",
                    {"step": 3}, {"eos_token_id": [2]})
     loaded, cfg = load_model_dir(tmp_path / "m")

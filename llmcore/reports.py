@@ -1,0 +1,103 @@
+"""The evaluate stage's reports: Markdown tables, samples and PNG charts.
+
+Plain files a reader opens without running anything: ``comparison.md`` (every model side by
+side), ``extrapolation.md`` (bits per byte at longer contexts), ``samples.md`` (greedy replies
+to fixed prompts), and PNG charts drawn with matplotlib's Agg backend, which need no display
+and no network (``dvc plots``' HTML pulls its charting script from a CDN).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+
+def fmt(x: Any) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def write_reports(out: Path, results: dict[str, Any], factors: list[int], prompts: list[str],
+                  seq_len: int) -> None:
+    """comparison.md, extrapolation.md and samples.md for the results of :mod:`evaluate`."""
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = sorted({t for r in results.values() for t in r["tasks"]})
+    lines = ["# Pretrained vs SFT", "", "| metric | " + " | ".join(results) + " |",
+             "|---|" + "---|" * len(results)]
+    rows = [("val bpb (pretraining text)", lambda r: r["contexts"][1]["bpb"]),
+            ("val bpb (SFT replies)", lambda r: r["sft_val"]["bpb"]),
+            ("doc questions, multiple choice", lambda r: r["doc_mc"]["accuracy"])]
+    rows += [(f"{t} exact match", lambda r, t=t: r["tasks"][t]["exact_match"]) for t in tasks]
+    rows += [("replies ending with <\\|im_end\\|>", lambda r: sum(
+        v["im_end_rate"] * v["n"] for v in r["tasks"].values()) / max(1, sum(
+            v["n"] for v in r["tasks"].values())))]
+    for name, get in rows:
+        lines.append(f"| {name} | " + " | ".join(fmt(get(r)) for r in results.values()) + " |")
+    (out / "comparison.md").write_text("\n".join(lines) + "\n")
+    ext = ["# Length extrapolation (bits per byte)", "",
+           f"Training context: {seq_len} tokens.", "",
+           "| model | " + " | ".join(f"{f}x ({f * seq_len})" for f in factors) + " |",
+           "|---|" + "---|" * len(factors)]
+    for name, r in results.items():
+        ext.append(f"| {name} | " + " | ".join(
+            fmt(r["contexts"][f]["bpb"] if r["contexts"][f] else None) for f in factors) + " |")
+    (out / "extrapolation.md").write_text("\n".join(ext) + "\n")
+    sm = ["# Samples (greedy)", ""]
+    for i, p in enumerate(prompts):
+        sm += [f"## {p}", ""]
+        for name, r in results.items():
+            sm += [f"**{name}:**", "", "```", r["samples"][i] or "(empty)", "```", ""]
+    (out / "samples.md").write_text("\n".join(sm))
+
+
+def read_tsv(path: Path) -> list[dict[str, float | None]]:
+    """Rows of a metrics TSV written by a training stage ([] when there is none)."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    head = lines[0].split("\t")
+    return [dict(zip(head, (float(x) if x else None for x in ln.split("\t")), strict=True))
+            for ln in lines[1:]]
+
+
+def render_plots(metrics_dir: Path, out: Path, results: dict[str, Any], factors: list[int],
+                 seq_len: int) -> list[Path]:
+    """loss_curves.png (train and val loss per training stage) and extrapolation.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for stage, ax in zip(("pretrain", "sft"), axes, strict=True):
+        train = read_tsv(metrics_dir / f"{stage}_train.tsv")
+        val = read_tsv(metrics_dir / f"{stage}_val.tsv")
+        if train:
+            ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+        if val:
+            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-",
+                    label="val loss")
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=100)
+    plt.close(fig)
+    files.append(out / "loss_curves.png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results.items():
+        xs = [f * seq_len for f in factors if r["contexts"][f]]
+        ax.plot(xs, [r["contexts"][f]["bpb"] for f in factors if r["contexts"][f]], "o-",
+                label=name)
+    ax.axvline(seq_len, color="grey", linestyle=":", label="training context")
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("bits per byte")
+    ax.set_title("Length extrapolation")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "extrapolation.png", dpi=100)
+    plt.close(fig)
+    files.append(out / "extrapolation.png")
+    return files
