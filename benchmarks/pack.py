@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 from llmcore.config import FetchConfig
-from llmcore.corpus import build_corpus, read_conversations, read_texts
+from llmcore.corpus import read_conversations, read_texts
 from llmcore.shards import pack_all
+from llmcore.sources import build_corpus
 from llmcore.tokenizer import LLMTokenizer, train_bpe
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from llmcore.corpus import BAD_RECORDS_FILE, build_corpus
+from llmcore.corpus import BAD_RECORDS_FILE
+from llmcore.sources import build_corpus
 from stages._common import log, repo_root, run_stage
 
 PARAMS = ("fetch",)

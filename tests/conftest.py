@@ -64,7 +64,7 @@ def copy_project(dest: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory):
     """Shards of a small slice of the builtin corpus, seq_len 32, vocab 300."""
-    from llmcore.corpus import builtin_documents, synthetic_conversations
+    from llmcore.builtin import builtin_documents, synthetic_conversations
     from llmcore.shards import pack_all
 
     docs = [d.text for _, d in zip(range(40), builtin_documents(), strict=False)]

@@ -5,24 +5,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from llmcore.builtin import builtin_documents, doc_conversations, synthetic_conversations
 from llmcore.config import FetchConfig
 from llmcore.corpus import (
     BadRecord,
     Conversation,
     CorpusError,
     Document,
+    read_conversations,
+    read_texts,
+)
+from llmcore.sources import (
     build_corpus,
-    builtin_documents,
     collect,
     content_key,
-    doc_conversations,
     expand_paths,
-    read_conversations,
     read_file,
     read_hf,
-    read_texts,
     split_of,
-    synthetic_conversations,
 )
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from llmcore.builtin import synthetic_conversations
 from llmcore.config import parse_section
-from llmcore.corpus import synthetic_conversations
 from llmcore.model import Transformer
 from llmcore.shards import ShardDataset, ShardLoader, pack_all
 

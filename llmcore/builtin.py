@@ -1,0 +1,220 @@
+"""The builtin corpus: Python's own documentation, and SFT tasks with checkable answers.
+
+The documentation ships inside every CPython install, so the default pipeline needs no
+network: the ``pydoc_data`` language-reference topics and the docstrings of the standard
+library, read with :mod:`ast` (nothing is imported, so no module side effects), one document
+per topic and per ~3 KB of a module, laid out like ``pydoc`` output. The SFT set asks about a
+topic, module, class or function and answers with its documented text, plus synthetic tasks
+whose answers can be checked exactly (arithmetic, spelling, counting letters, reversing words).
+
+The corpus depends on the Python version that runs the stage (its docs change between
+releases); the corpus manifest records that version.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import random
+import re
+import sysconfig
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmcore.corpus import Conversation, Document
+
+_SKIP_PARTS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages",
+               "turtledemo", "ensurepip", "__pycache__", "tkinter", "__phello__"}
+
+
+@dataclass(frozen=True)
+class DocEntry:
+    """One documented object: a topic, module, class or function."""
+
+    kind: str  # topic | module | class | function
+    name: str
+    signature: str
+    doc: str
+
+
+def _stdlib_files() -> list[tuple[str, Path]]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if any(p in _SKIP_PARTS or p.startswith(("test_", "config-")) for p in rel.parts):
+            continue
+        parts = list(rel.with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if not parts or any(not p.isidentifier() for p in parts):
+            continue
+        out.append((".".join(parts), path))
+    return out
+
+
+def _signature(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
+    try:
+        args = ast.unparse(node.args)
+    except Exception:  # pragma: no cover - ast.unparse handles every valid tree
+        args = "..."
+    return f"{node.name}({args})"
+
+
+def _collect_entries(body: list[ast.stmt], prefix: str, depth: int, out: list[DocEntry]) -> None:
+    """Documented public classes and functions (and methods of top-level classes)."""
+    for node in body:
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        if node.name.startswith("_") and node.name != "__init__":
+            continue
+        doc = ast.get_docstring(node)
+        qual = f"{prefix}.{node.name}"
+        if isinstance(node, ast.ClassDef):
+            if doc:
+                out.append(DocEntry("class", qual, f"class {qual}", doc))
+            if depth == 0:
+                _collect_entries(node.body, qual, depth + 1, out)
+        elif doc:
+            out.append(DocEntry("function", qual, f"{prefix}.{_signature(node)}", doc))
+
+
+def stdlib_entries() -> Iterator[tuple[str, list[DocEntry]]]:
+    """``(module name, entries)`` for each stdlib module, in a stable order."""
+    for modname, path in _stdlib_files():
+        try:
+            tree = ast.parse(path.read_bytes())
+        except (SyntaxError, ValueError):
+            continue
+        entries = []
+        mdoc = ast.get_docstring(tree)
+        if mdoc:
+            entries.append(DocEntry("module", modname, modname, mdoc))
+        _collect_entries(tree.body, modname, 0, entries)
+        if entries:
+            yield modname, entries
+
+
+def pydoc_topics() -> list[DocEntry]:
+    from pydoc_data.topics import topics
+
+    out = []
+    for key in sorted(topics):
+        text = topics[key].strip()
+        title = text.splitlines()[0].strip() if text else key
+        out.append(DocEntry("topic", key, title, text))
+    return out
+
+
+def builtin_documents(max_chars: int = 3000) -> Iterator[Document]:
+    """Pydoc topics, and stdlib modules formatted like ``pydoc`` output.
+
+    A module's entries are grouped into documents of about ``max_chars`` (whole entries only),
+    so that the few huge modules do not make the val split a lottery of a handful of files.
+    """
+    for entry in pydoc_topics():
+        yield Document(entry.doc, f"builtin:topic/{entry.name}")
+    for modname, entries in stdlib_entries():
+        parts: list[str] = []
+        size = 0
+        for e in entries:
+            if e.kind == "module":
+                part = f"Help on module {modname}:\n\n{e.doc}"
+            else:
+                body = "\n".join("    " + ln if ln else "" for ln in e.doc.splitlines())
+                part = f"{e.signature}\n{body}"
+            if parts and size + len(part) > max_chars:
+                yield Document("\n\n".join(parts), f"builtin:module/{modname}")
+                parts, size = [f"Help on module {modname} (continued):"], 0
+            parts.append(part)
+            size += len(part)
+        yield Document("\n\n".join(parts), f"builtin:module/{modname}")
+
+
+def first_paragraphs(text: str, max_chars: int = 600) -> str:
+    """Leading paragraphs of a docstring, whole paragraphs only, at most ``max_chars``."""
+    paras = [p.strip() for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
+    out: list[str] = []
+    for p in paras:
+        if out and len("\n\n".join(out + [p])) > max_chars:
+            break
+        out.append(p)
+    answer = "\n\n".join(out)
+    return answer if len(answer) <= max_chars * 2 else answer[: max_chars * 2].rsplit(" ", 1)[0]
+
+
+_DOC_QUESTIONS = {
+    "topic": ("Explain {title} in Python.", "What does the Python reference say about {title}?"),
+    "module": ("What is the Python `{name}` module for?", "Describe the `{name}` module."),
+    "class": ("What is `{name}`?", "Describe the class `{name}`."),
+    "function": ("What does `{name}` do?", "Explain `{sig}`."),
+}
+SYSTEM_PROMPT = "You are a helpful assistant who answers questions about Python precisely."
+
+
+def doc_conversations(min_chars: int = 40) -> Iterator[Conversation]:
+    """A question about each documented topic/module/class/function, answered from its doc."""
+    entries = pydoc_topics() + [e for _, es in stdlib_entries() for e in es]
+    for e in entries:
+        answer = first_paragraphs(e.doc)
+        if len(answer) < min_chars:
+            continue
+        templates = _DOC_QUESTIONS[e.kind]
+        pick = int(hashlib.sha256(e.name.encode()).hexdigest()[:8], 16) % len(templates)
+        title = e.signature.strip('"*')
+        question = templates[pick].format(name=e.name, sig=e.signature, title=title)
+        yield Conversation((("user", question), ("assistant", answer)),
+                           f"builtin:doc/{e.kind}", "doc", answer)
+
+
+def word_list(min_len: int = 3, max_len: int = 10, size: int = 2000) -> list[str]:
+    """The most frequent plain lowercase words of the pydoc topics (stable for a Python version)."""
+    counts: Counter[str] = Counter()
+    for e in pydoc_topics():
+        counts.update(w for w in re.findall(r"\b[a-z]+\b", e.doc) if min_len <= len(w) <= max_len)
+    return sorted(w for w, _ in counts.most_common(size))
+
+
+def _synthetic_one(task: str, rng: random.Random, words: list[str]) -> tuple[str, str]:
+    if task == "arithmetic":
+        op = rng.choice("+-*")
+        a, b = (rng.randint(0, 99), rng.randint(0, 99)) if op != "*" else (
+            rng.randint(0, 12), rng.randint(0, 12))
+        if op == "-" and b > a:
+            a, b = b, a
+        value = {"+": a + b, "-": a - b, "*": a * b}[op]
+        q = rng.choice(("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?"))
+        return q.format(a=a, op=op, b=b), str(value)
+    word = rng.choice(words)
+    if task == "spell":
+        q = rng.choice(("Spell the word '{w}'.", "How do you spell '{w}' letter by letter?"))
+        return q.format(w=word), "-".join(word)
+    if task == "count":
+        letter = rng.choice(sorted(set(word)) if rng.random() < 0.8 else "abcdefghijklmnopqrstuvwxyz")
+        q = "How many times does the letter '{c}' appear in '{w}'?"
+        return q.format(c=letter, w=word), str(word.count(letter))
+    if task == "reverse":
+        return f"Reverse the word '{word}'.", word[::-1]
+    raise ValueError(f"unknown synthetic task {task!r}")
+
+
+SYNTHETIC_TASKS = ("arithmetic", "spell", "count", "reverse")
+
+
+def synthetic_conversations(per_task: int, seed: int) -> Iterator[Conversation]:
+    """Tasks with one exactly checkable answer. A fifth have a system prompt, a fifth two turns."""
+    words = word_list()
+    for task in SYNTHETIC_TASKS:
+        rng = random.Random(f"{seed}:{task}")
+        for _ in range(per_task):
+            turns: list[tuple[str, str]] = []
+            if rng.random() < 0.2:
+                turns.append(("system", SYSTEM_PROMPT))
+            n_turns = 2 if rng.random() < 0.2 else 1
+            answer = ""
+            for _ in range(n_turns):
+                q, answer = _synthetic_one(task, rng, words)
+                turns += [("user", q), ("assistant", answer)]
+            yield Conversation(tuple(turns), f"builtin:synthetic/{task}", task, answer)
