@@ -107,8 +107,11 @@ class CheckpointManager:
         self.dir = self.root / fingerprint_hex[:12]
         self.keep = keep
         self.log = log or (lambda msg: warnings.warn(msg, stacklevel=2))
-        # a run killed while writing leaves hidden temporaries; this is the next writer here
-        remove_leftovers(self.dir / STEP_PREFIX, name="*")
+        # a run killed while writing leaves hidden temporaries (in its configuration's folder,
+        # whichever that was); one stage trains at a time, so none of them is being written
+        if self.root.is_dir():
+            for folder in [self.root, *(p for p in self.root.iterdir() if p.is_dir())]:
+                remove_leftovers(folder / STEP_PREFIX, name="*")
 
     def steps(self) -> list[Path]:
         if not self.dir.is_dir():

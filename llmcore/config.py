@@ -1,61 +1,25 @@
-"""Typed parameter schemas and their validation.
+"""The params of every stage as typed, frozen dataclasses; model presets.
 
 Every stage reads the sections of ``params.yaml`` it needs and turns each one into a frozen
-dataclass through :func:`parse_section`. Validation happens before any work starts, and every
-error names the key and what is allowed, e.g.
-``params.yaml: tokenizer.vocab_size must be >= 260 (got 12)``. Unknown keys are errors, with a
-suggestion for near misses, because a typo silently ignored is a run silently wrong.
-
-Trade-off: the schema is plain dataclasses plus a small checker written here rather than
-pydantic. The checker is ~150 lines, produces exactly the messages above, and keeps the configs
-trivially picklable and printable; what it gives up is pydantic's coercion zoo (it converts
-nothing except int -> float).
+dataclass through :func:`parse_section` (checked by :mod:`llmcore.schema`). Validation happens
+before any work starts, and every error names the key and what is allowed, e.g.
+``params.yaml: tokenizer.vocab_size must be >= 260 (got 12)``. The defaults of each schema are
+params.yaml's values (a test compares them), so a key left out means what the file says.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmcore.schema import ConfigError, UserError, parse_dataclass, spec
+
+__all__ = ["ConfigError", "UserError"]  # re-exported: every module takes them from here
+
 PARAMS_FILE = "params.yaml"
-
-
-class UserError(ValueError):
-    """A problem the user fixes (params, input data, missing stage output), not a bug.
-
-    Stages print its message without a traceback and exit non-zero.
-    """
-
-
-class ConfigError(UserError):
-    """Invalid parameters. The message lists every problem, one per line."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = list(problems)
-        super().__init__("\n".join(self.problems))
-
-
-def spec(
-    default: Any = dataclasses.MISSING,
-    *,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-    lt: float | None = None,
-    choices: tuple[Any, ...] | None = None,
-    doc: str = "",
-    default_factory: Any = dataclasses.MISSING,
-) -> Any:
-    """A dataclass field with bounds/choices that :func:`parse_section` enforces."""
-    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "doc": doc}
-    if default_factory is not dataclasses.MISSING:
-        return field(default_factory=default_factory, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,7 +180,7 @@ def parse_model(raw: Any) -> ModelConfig:
     overrides = {k: v for k, v in raw.items() if v is not None}
     merged = {**PRESETS[name], **overrides, "preset": name}
     problems: list[str] = []
-    obj = _parse(ModelConfig, merged, "model", problems)
+    obj = parse_dataclass(ModelConfig, merged, "model", problems)
     if problems:
         raise ConfigError([f"{PARAMS_FILE}: {p}" for p in problems])
     return obj
@@ -337,150 +301,6 @@ SECTIONS: dict[str, type] = {
 OTHER_SECTIONS = ("flow",)
 
 
-# --------------------------------------------------------------------------------------------
-# Parsing
-# --------------------------------------------------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-    if tp in names:
-        return names[tp]
-    origin = typing.get_origin(tp)
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        return f"a list of {_type_name(inner).split(' ', 1)[1]}s"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _check_type(value: Any, tp: Any) -> tuple[bool, Any]:
-    """Return (ok, converted value) for a value against a simple type annotation."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return True, None
-        for arg in args:
-            if arg is type(None):
-                continue
-            ok, conv = _check_type(value, arg)
-            if ok:
-                return True, conv
-        return False, value
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            return False, value
-        out = []
-        for item in value:
-            ok, conv = _check_type(item, inner)
-            if not ok:
-                return False, value
-            out.append(conv)
-        return True, out
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        return False, value
-    if tp is str:
-        return isinstance(value, str), value
-    if dataclasses.is_dataclass(tp):
-        return isinstance(value, Mapping), value
-    return isinstance(value, tp), value
-
-
-def _bounds_problem(key: str, value: Any, meta: Mapping[str, Any]) -> str | None:
-    if value is None:
-        return None
-    choices = meta.get("choices")
-    if choices is not None and value not in choices:
-        allowed = ", ".join(str(c) for c in choices)
-        return f"{key} must be one of {allowed} (got {value!r})"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    for name, op, word in (
-        ("ge", lambda a, b: a >= b, ">="),
-        ("gt", lambda a, b: a > b, ">"),
-        ("le", lambda a, b: a <= b, "<="),
-        ("lt", lambda a, b: a < b, "<"),
-    ):
-        bound = meta.get(name)
-        if bound is not None and not op(value, bound):
-            return f"{key} must be {word} {bound:g} (got {value!r})"
-    return None
-
-
-def _parse(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        problems.append(f"{prefix} must be a mapping of keys to values (got {raw!r})")
-        return None
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"did you mean {close[0]}? " if close else ""
-            problems.append(
-                f"unknown key {prefix}.{key} ({hint}allowed: {', '.join(sorted(fields))})"
-            )
-    values: dict[str, Any] = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}"
-        if name not in raw:
-            continue
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            values[name] = _parse(tp, raw[name], key, problems)
-            continue
-        ok, conv = _check_type(raw[name], tp)
-        if not ok:
-            problems.append(f"{key} must be {_type_name(_strip_optional(tp))} (got "
-                            f"{raw[name]!r}){_number_hint(raw[name])}")
-            continue
-        problem = _bounds_problem(key, conv, f.metadata)
-        if problem:
-            problems.append(problem)
-            continue
-        values[name] = conv
-    try:
-        obj = cls(**values)
-    except TypeError as exc:  # a required field is missing
-        problems.append(f"{prefix}: {exc}")
-        return None
-    validate = getattr(obj, "validate", None)
-    if validate is not None and not any(p.startswith(prefix) for p in problems):
-        for problem in validate():
-            # schemas shared by several sections report keys without their section
-            problems.append(problem if "." in problem.split(" ", 1)[0]
-                            else f"{prefix}.{problem}")
-    return obj
-
-
-def _number_hint(value: Any) -> str:
-    """YAML 1.1 reads ``1e-3`` (no dot) as a string; say so, since it looks like a number."""
-    if isinstance(value, str):
-        try:
-            float(value)
-        except ValueError:
-            return ""
-        return f"; YAML reads {value} as a string: write it with a dot, e.g. 1.0e-3"
-    return ""
-
-
-def _strip_optional(tp: Any) -> Any:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
 def parse_section(name: str, raw: Any, cls: type | None = None) -> Any:
     """Validate one params section and return its typed config.
 
@@ -492,7 +312,7 @@ def parse_section(name: str, raw: Any, cls: type | None = None) -> Any:
     if cls is None:
         raise ConfigError([f"{PARAMS_FILE}: unknown section {name!r} (known: {', '.join(SECTIONS)})"])
     problems: list[str] = []
-    obj = _parse(cls, raw, name, problems)
+    obj = parse_dataclass(cls, raw, name, problems)
     if problems:
         raise ConfigError([f"{PARAMS_FILE}: {p}" for p in problems])
     return obj
@@ -527,7 +347,7 @@ def parse_sections(params: Mapping[str, Any], names: list[str]) -> dict[str, Any
 
 
 def flatten(prefix: str, cfg: Any) -> dict[str, Any]:
-    """``{"prefix.key": value}`` for a config, nested sections joined with dots."""
+    """``{"prefix.key": value}`` for a config (or a plain dict), nested keys joined by dots."""
     out: dict[str, Any] = {}
 
     def walk(p: str, value: Any) -> None:
@@ -537,5 +357,5 @@ def flatten(prefix: str, cfg: Any) -> dict[str, Any]:
         else:
             out[p] = value
 
-    walk(prefix, dataclasses.asdict(cfg))
+    walk(prefix, cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg))
     return out

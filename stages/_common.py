@@ -27,7 +27,14 @@ from typing import Any
 
 import yaml
 
-from llmcore.config import PARAMS_FILE, ConfigError, UserError, check_sections, parse_sections
+from llmcore.config import (
+    PARAMS_FILE,
+    ConfigError,
+    UserError,
+    check_sections,
+    flatten,
+    parse_sections,
+)
 from llmcore.files import write_json, write_text
 from llmcore.tracking import NullTracker, Tracker, default_uri, end_stage_run, stage_run
 
@@ -200,18 +207,7 @@ def make_tracker(base: Any, stage: str, root: Path, params: Mapping[str, Any]) -
 
 
 def flat_params(cfgs: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}", v)
-        else:
-            out[prefix] = value
-
-    for name, cfg in cfgs.items():
-        walk(name, as_dict(cfg))
-    return out
+    return {k: v for name, cfg in cfgs.items() for k, v in flatten(name, as_dict(cfg)).items()}
 
 
 def fail(stage: str, exc: BaseException) -> None:

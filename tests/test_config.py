@@ -106,3 +106,21 @@ def test_model_nulls_mean_the_presets_value():
                                   "n_layers": 3})
     assert (cfg.positions, cfg.d_model, cfg.n_layers) == ("learned", 384, 3)
     assert parse_section("model", {"preset": None}).preset == "cpu-small"
+
+
+def test_schema_defaults_are_the_params_yaml_defaults():
+    """One source of truth: a section left out of params.yaml means what params.yaml says."""
+    from pathlib import Path
+
+    import yaml
+
+    from llmcore.config import SECTIONS, SFTConfig, TrainConfig
+
+    params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    for name, cls in SECTIONS.items():
+        if name == "model":
+            assert parse_section("model", params["model"]) == parse_section("model", {}), name
+        else:
+            assert parse_section(name, params[name]) == cls(), name
+    assert SECTIONS["pretrain"] is TrainConfig and SECTIONS["sft"] is SFTConfig
+    assert TrainConfig().lr != SFTConfig().lr  # the two sections differ, each as its yaml
