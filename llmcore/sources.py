@@ -285,6 +285,18 @@ def source_records(cfg: FetchConfig, root: Path | None = None) -> Iterator[Recor
         yield from synthetic_conversations(cfg.synthetic_per_task, seed=0)
 
 
+def _cleaned(rec: Record, cfg: FetchConfig, stats: CorpusStats) -> Record | None:
+    """The record with its text stripped, or None (counted) when nothing is left of it."""
+    if isinstance(rec, Document):
+        text = rec.text.strip()
+        if len(text) >= cfg.min_chars:
+            return Document(text, rec.source)
+    elif not any(r == "assistant" and not c.strip() for r, c in rec.messages):
+        return rec
+    stats.empty_dropped += 1
+    return None
+
+
 def collect(records: Iterable[Record | BadRecord], cfg: FetchConfig
             ) -> tuple[dict[str, list[dict]], CorpusStats]:
     """Clean, de-duplicate, limit and split records into rows per table."""
@@ -292,22 +304,16 @@ def collect(records: Iterable[Record | BadRecord], cfg: FetchConfig
     tables: dict[str, list[dict]] = {f"{k}_{s}": [] for k in ("pretrain", "sft") for s in SPLITS}
     seen: set[str] = set()
     total_docs = total_bytes = 0
-    for rec in records:
-        if isinstance(rec, BadRecord):
+    for raw in records:
+        if isinstance(raw, BadRecord):
             if cfg.strict:
-                raise CorpusError(f"malformed record at {rec} (fetch.strict is true)")
+                raise CorpusError(f"malformed record at {raw} (fetch.strict is true)")
             stats.bad_records += 1
             if len(stats.bad_listed) < MAX_LISTED:
-                stats.bad_listed.append(str(rec))
+                stats.bad_listed.append(str(raw))
             continue
-        if isinstance(rec, Document):
-            text = rec.text.strip()
-            if len(text) < cfg.min_chars:
-                stats.empty_dropped += 1
-                continue
-            rec = Document(text, rec.source)
-        elif any(r == "assistant" and not c.strip() for r, c in rec.messages):
-            stats.empty_dropped += 1
+        rec = _cleaned(raw, cfg, stats)
+        if rec is None:
             continue
         key = content_key(rec)
         if key in seen:
@@ -318,31 +324,28 @@ def collect(records: Iterable[Record | BadRecord], cfg: FetchConfig
             continue
         seen.add(key)
         split = split_of(key, cfg.val_fraction)
-        if isinstance(rec, Document):
-            size = len(rec.text.encode("utf-8"))
-            if (cfg.max_documents is not None and total_docs >= cfg.max_documents) or (
-                cfg.max_bytes is not None and total_bytes + size > cfg.max_bytes
-            ):
-                stats.limit_dropped += 1
-                continue
-            total_docs += 1
-            total_bytes += size
-            stats.documents[split] += 1
-            stats.bytes[split] += size
-            tables[f"pretrain_{split}"].append({"id": key, "text": rec.text, "source": rec.source})
-        else:
+        if isinstance(rec, Conversation):
             stats.conversations[split] += 1
             stats.sft_tasks[rec.task] += 1
             tables[f"sft_{split}"].append({"id": key, "messages": rec.as_dicts(), "task": rec.task,
                                            "answer": rec.answer, "source": rec.source})
+            continue
+        size = len(rec.text.encode("utf-8"))
+        if (cfg.max_documents is not None and total_docs >= cfg.max_documents) or (
+                cfg.max_bytes is not None and total_bytes + size > cfg.max_bytes):
+            stats.limit_dropped += 1
+            continue
+        total_docs += 1
+        total_bytes += size
+        stats.documents[split] += 1
+        stats.bytes[split] += size
+        tables[f"pretrain_{split}"].append({"id": key, "text": rec.text, "source": rec.source})
     if total_docs == 0:
         raise CorpusError(
             f"no documents left after cleaning (source {cfg.source!r}: "
             f"{stats.empty_dropped} empty, {stats.bad_records} malformed, "
             f"{stats.duplicates_dropped} duplicates). Check fetch.paths / fetch.hf_dataset and "
-            "that the records have a non-empty "
-            f"{cfg.text_field!r} field."
-        )
+            f"that the records have a non-empty {cfg.text_field!r} field.")
     _both_splits(tables, "pretrain", stats.documents, stats.bytes, "documents", stats.notes)
     _both_splits(tables, "sft", stats.conversations, None, "conversations", stats.notes)
     return tables, stats

@@ -33,7 +33,6 @@ class Tracker(Protocol):
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
-    def set_tags(self, tags: Mapping[str, str]) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def flush(self) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
@@ -46,7 +45,6 @@ class NullTracker:
         self.run_id: str | None = None
         self.params: dict[str, Any] = {}
         self.metrics: list[tuple[int | None, dict[str, float]]] = []
-        self.tags: dict[str, str] = {}
         self.artifacts: list[tuple[Path, str | None]] = []
         self.status: str | None = None
 
@@ -55,9 +53,6 @@ class NullTracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self.metrics.append((step, dict(metrics)))
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        self.tags.update(tags)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.artifacts.append((Path(path), artifact_path))
@@ -138,10 +133,6 @@ class MlflowTracker:
             self._buffer.append(Metric(key, float(value), now, step or 0))
         if len(self._buffer) >= self.flush_every:
             self.flush()
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         path = Path(path)

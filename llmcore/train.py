@@ -90,7 +90,7 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world, local), device
+    return Dist(rank, world), device
 
 
 def run_fingerprint(spec: FitSpec, extra: Mapping[str, Any]) -> str:

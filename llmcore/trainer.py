@@ -52,7 +52,6 @@ class Dist:
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:

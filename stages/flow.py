@@ -177,6 +177,17 @@ def read_metrics(root: Path) -> dict[str, Any]:
     return out
 
 
+def summary_artifact(metrics: Mapping[str, Any], parent_run_id: str | None,
+                     exp_name: str | None, run_name: str) -> None:
+    """The table of final metrics shown on the flow run's page in the Prefect UI."""
+    rows = [{"metric": k, "value": v} for k, v in sorted(metrics.items())]
+    rows.append({"metric": "mlflow_parent_run_id", "value": parent_run_id})
+    if exp_name:
+        rows.append({"metric": "dvc_experiment", "value": exp_name})
+    create_table_artifact(key="llm-pipeline-metrics", table=rows,
+                          description=f"Final metrics of flow run {run_name}")
+
+
 @flow(name="llm-pipeline", log_prints=True)
 def llm_pipeline(stages: list[str] | None = None, overrides: dict[str, Any] | None = None,
                  experiment: str | None = None) -> dict[str, Any]:
@@ -232,12 +243,7 @@ def llm_pipeline(stages: list[str] | None = None, overrides: dict[str, Any] | No
         if snapshot is not None:
             snapshot.restore(env)
         parent.finish(status)
-        rows = [{"metric": k, "value": v} for k, v in sorted(metrics.items())]
-        rows.append({"metric": "mlflow_parent_run_id", "value": parent.run_id})
-        if exp_name:
-            rows.append({"metric": "dvc_experiment", "value": exp_name})
-        create_table_artifact(key="llm-pipeline-metrics", table=rows,
-                              description=f"Final metrics of flow run {run_name}")
+        summary_artifact(metrics, parent.run_id, exp_name, run_name)
     return {"mlflow_parent_run_id": parent.run_id, "experiment": exp_name, "metrics": metrics}
 
 

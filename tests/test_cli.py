@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 
@@ -60,6 +61,15 @@ def test_chat_reads_turns_from_stdin(model_dir, tiny_tokenizer):
 def test_bad_arguments_are_clear(model_dir, tmp_path):
     path, _ = model_dir
     out = run_cli("generate", str(tmp_path), "x")
-    assert out.returncode != 0 and "is not a model directory" in out.stderr
+    assert out.returncode == 2 and "is not a model directory (no config.json)" in out.stderr
+    assert "Traceback" not in out.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    out = run_cli("chat", str(broken), "--device", "cpu")
+    assert out.returncode == 2 and "model.safetensors is unreadable" in out.stderr
+    (broken / "config.json").write_text("{")
+    out = run_cli("export", str(broken), str(tmp_path / "hf"))
+    assert out.returncode == 2 and "config.json is not valid JSON" in out.stderr
     out = run_cli("generate", str(path), "x", "--top-p", "2", "--device", "cpu")
     assert out.returncode == 2 and "top_p must be in (0, 1]" in out.stderr
