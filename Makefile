@@ -2,6 +2,7 @@
 #   make pipeline   set up, then run the whole DVC pipeline (dvc repro)
 #   make test       set up, then run the test suite
 #   make lint       ruff
+#   make speedrun   quality per minute against the peer (benchmarks/speedrun.py)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -26,7 +27,7 @@ PREFECT_ENV := PREFECT_HOME=$(abspath .prefect) \
 # columns that change on every run (timings, throughput): hidden in `make compare`
 VOLATILE := .*(seconds|per_s|mfu|memory|speed|resumed).*
 
-.PHONY: setup pipeline test lint bench clean-venv prefect-server serve mlflow-ui compare
+.PHONY: setup pipeline test lint bench speedrun clean-venv prefect-server serve mlflow-ui compare
 
 setup: $(STAMP)
 
@@ -57,6 +58,12 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/pack.py
+
+# llmcore's recipe against HF Llama + AdamW, same data, shape and wall-clock budget (per side)
+SPEEDRUN_SECONDS ?= 300
+speedrun: setup
+	$(BIN)/dvc repro pack
+	$(BIN)/python benchmarks/speedrun.py --seconds $(SPEEDRUN_SECONDS)
 
 clean-venv:
 	rm -rf $(VENV)

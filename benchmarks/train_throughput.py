@@ -21,9 +21,10 @@ import time
 import torch
 
 from llmcore.config import TrainConfig, parse_section
+from llmcore.device import measure_peak_flops, memory_mb, pick_device, sync
 from llmcore.model import Transformer, count_parameters, flops_per_token
 from llmcore.shards import Batch
-from llmcore.train import Trainer, measure_peak_flops, memory_mb, pick_device, sync
+from llmcore.trainer import RunContext, Trainer
 
 
 class _RandomLoader:
@@ -50,8 +51,8 @@ def measure(preset: str, dtype_name: str, args: argparse.Namespace) -> dict:
     loader = _RandomLoader(args.batch_size, args.seq_len, cfg.vocab_size)
     train_cfg = TrainConfig(max_steps=10**9, batch_size=args.batch_size, warmup_steps=0,
                             peak_flops=1.0)
-    trainer = Trainer(model, train_cfg, loader, None, torch.ones(cfg.vocab_size),  # type: ignore[arg-type]
-                      device, dtype, log=lambda m: None)
+    ctx = RunContext(device, dtype, torch.ones(cfg.vocab_size), log=lambda m: None)
+    trainer = Trainer(model, train_cfg, loader, None, ctx)  # type: ignore[arg-type]
     for _ in range(args.warmup):
         trainer.train_step(model, [loader.next_batch()])
     sync(device)
