@@ -133,6 +133,64 @@ def builtin_documents(max_chars: int = 3000) -> Iterator[Document]:
         yield Document("\n\n".join(parts), f"builtin:module/{modname}")
 
 
+def _without_docstrings(source: str) -> str | None:
+    """The source with every docstring cut out (None if it does not parse).
+
+    The documentation corpus (and so its validation split) is made of these docstrings:
+    training on the code with them left in would show the model the validation text.
+    """
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return None
+    lines = source.splitlines(keepends=True)
+    cut: list[tuple[int, int, str]] = []  # (first line, last line, replacement), 1-based
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                 ast.AsyncFunctionDef)) or not node.body:
+            continue
+        first = node.body[0]
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                and isinstance(first.value.value, str):
+            alone = len(node.body) == 1  # a body of only a docstring needs a statement
+            indent = " " * first.col_offset
+            cut.append((first.lineno, first.end_lineno or first.lineno,
+                        f"{indent}...\n" if alone else ""))
+    for start, end, text in sorted(cut, reverse=True):
+        lines[start - 1 : end] = [text]
+    return "".join(lines)
+
+
+def stdlib_code_documents(max_chars: int = 4000) -> Iterator[Document]:
+    """The standard library's Python source (tests and docstrings left out), in pieces of
+    about ``max_chars`` that end before a top-level statement, as training documents only.
+
+    Only for training: the validation split stays the documentation, the same set with or
+    without the code, so bits per byte on it compare across the two.
+    """
+    for modname, path in _stdlib_files():
+        if modname.startswith("pydoc_data"):  # the reference topics: documentation, as data
+            continue
+        try:
+            text = _without_docstrings(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+        if not text:
+            continue
+        piece: list[str] = []
+        size = 0
+        for line in text.splitlines(keepends=True):
+            top_level = line[:1] not in (" ", "\t", "\n", ")", "]", "}", "#", "")
+            # cut before a top-level statement, or anywhere in a statement far too long
+            if (size > max_chars and top_level) or size > 4 * max_chars:
+                yield Document("".join(piece), f"builtin:code/{modname}", split="train")
+                piece, size = [], 0
+            piece.append(line)
+            size += len(line)
+        if "".join(piece).strip():
+            yield Document("".join(piece), f"builtin:code/{modname}", split="train")
+
+
 def first_paragraphs(text: str, max_chars: int = 600) -> str:
     """Leading paragraphs of a docstring, whole paragraphs only, at most ``max_chars``."""
     paras = [p.strip() for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]

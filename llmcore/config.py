@@ -61,6 +61,8 @@ class FetchConfig:
     max_bytes: int | None = spec(None, ge=1)
     min_chars: int = spec(1, ge=1, doc="documents shorter than this (after strip) are dropped")
     strict: bool = spec(False, doc="fail on the first malformed record instead of skipping it")
+    builtin_code: bool = spec(False, doc="builtin: also the standard library's Python source, "
+                                         "as training documents only")
     doc_questions: bool = spec(True, doc="add SFT questions answered from the stdlib docs")
     synthetic_per_task: int = spec(1000, ge=0, doc="SFT examples per synthetic task")
 
@@ -120,6 +122,8 @@ class ModelConfig:
     bias: bool = spec(False)
     tie_embeddings: bool = spec(True)
     dropout: float = spec(0.0, ge=0.0, lt=1.0)
+    doc_mask: bool = spec(False, doc="attention stays inside each document of a packed row, "
+                                     "positions restart per document")
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -199,6 +203,9 @@ class TrainConfig:
     schedule: str = spec("cosine", choices=("cosine", "wsd", "constant"))
     warmup_steps: int = spec(50, ge=0)
     decay_fraction: float = spec(0.2, gt=0, le=1, doc="wsd: share of steps spent decaying")
+    optimizer: str = spec("adamw", choices=("adamw", "muon"),
+                          doc="muon: Muon for the blocks' matrices, AdamW for the rest")
+    muon_momentum: float = spec(0.95, ge=0, lt=1)
     weight_decay: float = spec(0.1, ge=0)
     beta1: float = spec(0.9, ge=0, lt=1)
     beta2: float = spec(0.95, ge=0, lt=1)

@@ -44,6 +44,7 @@ class BadRecord(ValueError):
 class Document:
     text: str
     source: str
+    split: str | None = None  # a fixed split; None: decided by the content hash
 
 
 @dataclass(frozen=True)

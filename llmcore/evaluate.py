@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from llmcore.generate import Sampling, generate
-from llmcore.metrics import heldout_loss
+from llmcore.metrics import heldout_loss, wilson_interval
 from llmcore.shards import ShardDataset
 from llmcore.tokenizer import IM_END, LLMTokenizer, render_chat
 
@@ -98,7 +98,7 @@ def task_accuracy(model: Any, tok: LLMTokenizer, conversations: Sequence[dict[st
                 correct += reply == conv["answer"].strip()
                 ended += stopped
         results[task] = {"exact_match": correct / len(convs), "im_end_rate": ended / len(convs),
-                         "n": len(convs)}
+                         "n": len(convs), "ci95": wilson_interval(correct, len(convs))}
     return results
 
 
@@ -130,7 +130,8 @@ def doc_multiple_choice(model: Any, tok: LLMTokenizer, conversations: Sequence[d
     """Accuracy of picking the documented answer among ``choices`` candidates."""
     docs = [c for c in conversations if c["task"] == "doc" and c.get("answer")]
     if len(docs) < choices:
-        return {"accuracy": float("nan"), "n": 0, "chance": 1.0 / choices}
+        return {"accuracy": float("nan"), "n": 0, "chance": 1.0 / choices,
+                "ci95": (float("nan"), float("nan"))}
     rng = random.Random(seed)
     questions = docs[:max_questions]
     max_len = model.cfg.max_seq_len
@@ -142,7 +143,8 @@ def doc_multiple_choice(model: Any, tok: LLMTokenizer, conversations: Sequence[d
         cand_ids = [tok.encode(a + IM_END) for a in candidates]
         scores = _mean_logprob(model, prompt, cand_ids, tok.pad_id, max_len)
         correct += max(range(len(scores)), key=scores.__getitem__) == 0
-    return {"accuracy": correct / len(questions), "n": len(questions), "chance": 1.0 / choices}
+    return {"accuracy": correct / len(questions), "n": len(questions), "chance": 1.0 / choices,
+            "ci95": wilson_interval(correct, len(questions))}
 
 
 def answer_prompts(model: Any, tok: LLMTokenizer, prompts: Sequence[str], max_new_tokens: int
@@ -186,9 +188,15 @@ def summary_metrics(results: dict[str, Any], factors: Sequence[int]) -> dict[str
             metrics[f"{p}/bpb_ctx{f}x"] = r["contexts"][f]["bpb"] if r["contexts"][f] else None
         for task, v in r["tasks"].items():
             metrics[f"{p}/{task}_exact_match"] = v["exact_match"]
+            metrics[f"{p}/{task}_exact_match_ci95_low"] = v["ci95"][0]
+            metrics[f"{p}/{task}_exact_match_ci95_high"] = v["ci95"][1]
+            metrics[f"{p}/{task}_n"] = v["n"]
         n = sum(v["n"] for v in r["tasks"].values())
         metrics[f"{p}/im_end_rate"] = sum(v["im_end_rate"] * v["n"]
                                           for v in r["tasks"].values()) / max(n, 1)
         metrics[f"{p}/doc_mc_accuracy"] = r["doc_mc"]["accuracy"]
+        metrics[f"{p}/doc_mc_accuracy_ci95_low"] = r["doc_mc"]["ci95"][0]
+        metrics[f"{p}/doc_mc_accuracy_ci95_high"] = r["doc_mc"]["ci95"][1]
+        metrics[f"{p}/doc_mc_n"] = r["doc_mc"]["n"]
     return {k: (None if isinstance(v, float) and math.isnan(v) else
                 round(v, 5) if isinstance(v, float) else v) for k, v in metrics.items()}

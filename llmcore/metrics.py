@@ -5,8 +5,10 @@
   accumulation and DDP weigh every target token alike.
 * :func:`heldout_loss`: mean loss and bits per byte over held-out rows. Bits per byte counts
   only targets that stand for text (special tokens have 0 bytes), so models with different
-  tokenizers can be compared on it; loss per token cannot.
+  tokenizers can be compared on it; loss per token cannot. A model trained with document
+  masking is scored with it too (the same attention it learned with).
 * :func:`unigram_bpb`: the floor any model must beat (token frequencies of the training rows).
+* :func:`wilson_interval`: the 95% interval of an accuracy measured on n examples.
 
 Trade-off: every function walks the rows in order, with no sampling; the numbers are exact and
 repeatable, and the caller bounds the cost with ``max_batches``.
@@ -34,20 +36,23 @@ def loss_sums(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
     return (losses * m).sum(), m.sum()
 
 
-def _rows(dataset: Any, n: int, seq_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` rows as (ids, mask), optionally re-cut into ``seq_len + 1`` windows."""
+def _rows(dataset: Any, n: int, seq_len: int | None
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first ``n`` rows as (ids, mask, segments), optionally re-cut into ``seq_len + 1``
+    windows (whose documents are then counted from ``<|endoftext|>``)."""
     rows = dataset.gather(range(n))
     ids = torch.from_numpy(rows[0].astype("int64"))
     mask = (torch.ones_like(ids) if rows[1] is None
             else torch.from_numpy(rows[1].astype("int64")))
-    if seq_len is not None:
-        # consecutive rows share one token: drop it, join, and cut longer windows
-        stream = torch.cat([ids[0], ids[1:, 1:].reshape(-1)])
-        mstream = torch.cat([mask[0], mask[1:, 1:].reshape(-1)])
-        count = (len(stream) - 1) // seq_len
-        idx = torch.arange(count)[:, None] * seq_len + torch.arange(seq_len + 1)[None]
-        ids, mask = stream[idx], mstream[idx]
-    return ids, mask
+    if seq_len is None:
+        return ids, mask, torch.from_numpy(dataset.segments(range(n), rows[0]).astype("int64"))
+    # consecutive rows share one token: drop it, join, and cut longer windows
+    stream = torch.cat([ids[0], ids[1:, 1:].reshape(-1)])
+    mstream = torch.cat([mask[0], mask[1:, 1:].reshape(-1)])
+    count = (len(stream) - 1) // seq_len
+    idx = torch.arange(count)[:, None] * seq_len + torch.arange(seq_len + 1)[None]
+    ids, mask = stream[idx], mstream[idx]
+    return ids, mask, (ids == dataset.eot_id).cumsum(dim=1)
 
 
 @torch.no_grad()
@@ -64,14 +69,16 @@ def heldout_loss(model: torch.nn.Module, dataset: Any, batch_size: int, max_batc
     n = min(len(dataset), batch_size * max_batches)
     if n == 0:
         return {"loss": math.nan, "bpb": math.nan, "tokens": 0.0, "bytes": 0.0}
-    ids, mask = _rows(dataset, n, seq_len)
+    ids, mask, segments = _rows(dataset, n, seq_len)
+    doc_mask = bool(getattr(getattr(model, "cfg", None), "doc_mask", False))
     tb = token_bytes.to(device)
     total_loss = total_tokens = total_bits_loss = total_bytes = 0.0
     for start in range(0, len(ids), batch_size):
         x = ids[start : start + batch_size].to(device)  # (B, T+1)
         m = mask[start : start + batch_size, 1:].to(device)  # (B, T)
+        seg = segments[start : start + batch_size, :-1].to(device) if doc_mask else None
         with autocast(device, dtype):
-            logits = model(x[:, :-1])
+            logits = model(x[:, :-1], segments=seg) if doc_mask else model(x[:, :-1])
         targets = x[:, 1:]
         losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
                                  targets.reshape(-1), reduction="none").view_as(targets)
@@ -103,3 +110,18 @@ def unigram_bpb(train: Any, val: Any, token_bytes: torch.Tensor, vocab_size: int
     bits = -(c_val * logp * text).sum() / LN2
     nbytes = (c_val * token_bytes.double()).sum()
     return float(bits / nbytes) if float(nbytes) else math.nan
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% (z = 1.96) Wilson score interval of a proportion ``successes / n``.
+
+    Unlike the normal approximation it stays inside [0, 1] and is honest at 0 or n successes
+    and small n, which is where task accuracies of small models live.
+    """
+    if n == 0:
+        return (math.nan, math.nan)
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, center - half), min(1.0, center + half))

@@ -11,7 +11,10 @@ Hd head width, F MLP width, V vocabulary.
 
 Architecture only: no loss, no optimizer, no sampling. ``forward`` takes an optional cache
 object (see ``llmcore.generate``) with ``offset`` (tokens already cached) and
-``update(layer, k, v) -> (k_all, v_all)``.
+``update(layer, k, v) -> (k_all, v_all)``, and optional ``segments`` (B, T): the document each
+token of a packed row belongs to. With ``doc_mask`` the loop passes them, and a token attends
+only to earlier tokens of its own document, whose positions count from its first token, so a
+packed row computes what each document would alone (a block-diagonal causal mask).
 
 Trade-offs: K/V heads are expanded with ``repeat_interleave`` before attention rather than
 relying on SDPA's ``enable_gqa`` (newer torch only); the copy costs memory at long context.
@@ -47,6 +50,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def document_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids -> (B, 1, T, T) bool: causal, and only within the same document."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()  # (T, T)
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    return (same & causal)[:, None]
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids -> (B, T) position of each token within its document."""
+    idx = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    first = torch.ones_like(segments, dtype=torch.bool)
+    first[:, 1:] = segments[:, 1:] != segments[:, :-1]  # a document starts here
+    starts = torch.where(first, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - starts
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -65,7 +85,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: Any = None) -> torch.Tensor:
+                cache: Any = None, doc_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
@@ -81,7 +101,9 @@ class Attention(nn.Module):
             k = k.repeat_interleave(rep, dim=1)  # (B, H, S, Hd)
             v = v.repeat_interleave(rep, dim=1)
         dropout = self.cfg.dropout if self.training else 0.0
-        if past == 0 and (cache is None or cache.key_padding is None):
+        if doc_mask is not None:  # (B, 1, T, T): packed documents do not see each other
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=doc_mask, dropout_p=dropout)
+        elif past == 0 and (cache is None or cache.key_padding is None):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         else:
             # queries sit at positions past..past+T-1 and see every key up to their own
@@ -120,8 +142,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: Any, cache: Any = None) -> torch.Tensor:
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, cache))
+    def forward(self, x: torch.Tensor, rope: Any, cache: Any = None,
+                doc_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, cache, doc_mask))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -159,10 +182,18 @@ class Transformer(nn.Module):
                 module.reset_parameters()
 
     def forward(self, input_ids: torch.Tensor, cache: Any = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        """``positions`` (B, T) overrides the default ``offset + arange(T)`` (left padding)."""
+                positions: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        """``positions`` (B, T) overrides the default ``offset + arange(T)`` (left padding);
+        ``segments`` (B, T) confines attention to each token's document (not with a cache)."""
         B, T = input_ids.shape
         offset = cache.offset if cache is not None else 0
+        doc_mask = None
+        # one document in every row (the common case at inference): the plain causal kernel
+        if segments is not None and bool((segments[:, -1] != segments[:, 0]).any()):
+            assert cache is None, "segments are for training and scoring, not cached decoding"
+            doc_mask = document_mask(segments)
+            positions = segment_positions(segments) if positions is None else positions
         if positions is None:
             positions = torch.arange(offset, offset + T, device=input_ids.device)  # (T,)
         if self.cfg.positions == "learned" and int(positions.max()) >= self.cfg.max_seq_len:
@@ -178,7 +209,7 @@ class Transformer(nn.Module):
             rope = rope_cache(self.cfg.head_dim, positions, self.cfg.rope_theta)
         x = self.dropout(x)
         for layer in self.layers:
-            x = layer(x, rope, cache)
+            x = layer(x, rope, cache, doc_mask)
         if cache is not None:
             cache.advance(T)
         return self.lm_head(self.norm(x))  # (B, T, V)

@@ -1,8 +1,17 @@
 """The optimizer and the learning-rate schedule.
 
-AdamW with two parameter groups: weight decay on the matrices of Linear layers only. Decay
-pulls weights toward 0, which regularises matrices but would drag norm gains (meant to stay
-near 1), biases and the embedding rows of rare tokens (seen too seldom to recover).
+``adamw``: AdamW with two parameter groups, weight decay on the matrices of Linear layers
+only. Decay pulls weights toward 0, which regularises matrices but would drag norm gains
+(meant to stay near 1), biases and the embedding rows of rare tokens (seen too seldom to
+recover).
+
+``muon``: ``torch.optim.Muon`` for the 2-D weights inside the blocks (attention and MLP
+projections), AdamW as above for the rest (embeddings, the head, norms, biases), the split of
+the modded-nanogpt speedruns and nanochat. Muon orthogonalises each matrix's momentum
+(Newton-Schulz), so every direction of the update moves at a similar rate. Its update is
+scaled to AdamW's RMS (``adjust_lr_fn="match_rms_adamw"``), so one learning rate and one
+schedule drive both. The two are stepped together as one :class:`Optimizers`, which is also
+what checkpoints save.
 
 The schedule is a pure function of the step, so a resumed run needs no scheduler state: linear
 warmup (Adam's moment estimates are noise for the first steps), then cosine down to ``min_lr``,
@@ -36,9 +45,55 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+class Optimizers:
+    """Several optimizers seen as one: their groups, their state, one zero_grad."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("optimizers", [])
+        if len(saved) != len(self.optimizers):
+            raise ValueError(f"the checkpoint holds {len(saved)} optimizers, this run has "
+                             f"{len(self.optimizers)}")
+        for o, s in zip(self.optimizers, saved, strict=True):
+            o.load_state_dict(s)
+
+
+def muon_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The 2-D weights inside the blocks (``layers.*``): what Muon takes."""
+    return [p for name, p in model.named_parameters()
+            if p.requires_grad and p.ndim == 2 and name.startswith("layers.")]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> Optimizers:
+    hidden = muon_params(model) if cfg.optimizer == "muon" else []
+    taken = {id(p) for p in hidden}
+    groups = [{**g, "params": [p for p in g["params"] if id(p) not in taken]}
+              for g in param_groups(model, cfg.weight_decay)]
+    opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps)]
+    if hidden:
+        opts.append(torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     momentum=cfg.muon_momentum,
+                                     adjust_lr_fn="match_rms_adamw"))
+    return Optimizers(opts)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -17,6 +17,13 @@ def fmt(x: Any) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
+def fmt_ci(value: float, ci: tuple[float, float], n: int) -> str:
+    """An accuracy with its 95% interval and sample size: ``0.340 [0.28, 0.41] n=200``."""
+    if n == 0 or math.isnan(value):
+        return "n/a"
+    return f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}] n={n}"
+
+
 def write_reports(out: Path, results: dict[str, Any], factors: list[int], prompts: list[str],
                   seq_len: int) -> None:
     """comparison.md, extrapolation.md and samples.md for the results of :mod:`evaluate`."""
@@ -24,15 +31,18 @@ def write_reports(out: Path, results: dict[str, Any], factors: list[int], prompt
     tasks = sorted({t for r in results.values() for t in r["tasks"]})
     lines = ["# Pretrained vs SFT", "", "| metric | " + " | ".join(results) + " |",
              "|---|" + "---|" * len(results)]
-    rows = [("val bpb (pretraining text)", lambda r: r["contexts"][1]["bpb"]),
-            ("val bpb (SFT replies)", lambda r: r["sft_val"]["bpb"]),
-            ("doc questions, multiple choice", lambda r: r["doc_mc"]["accuracy"])]
-    rows += [(f"{t} exact match", lambda r, t=t: r["tasks"][t]["exact_match"]) for t in tasks]
-    rows += [("replies ending with <\\|im_end\\|>", lambda r: sum(
+    rows = [("val bpb (pretraining text)", lambda r: fmt(r["contexts"][1]["bpb"])),
+            ("val bpb (SFT replies)", lambda r: fmt(r["sft_val"]["bpb"])),
+            ("doc questions, multiple choice", lambda r: fmt_ci(
+                r["doc_mc"]["accuracy"], r["doc_mc"]["ci95"], r["doc_mc"]["n"]))]
+    rows += [(f"{t} exact match", lambda r, t=t: fmt_ci(
+        r["tasks"][t]["exact_match"], r["tasks"][t]["ci95"], r["tasks"][t]["n"])) for t in tasks]
+    rows += [("replies ending with <\\|im_end\\|>", lambda r: fmt(sum(
         v["im_end_rate"] * v["n"] for v in r["tasks"].values()) / max(1, sum(
-            v["n"] for v in r["tasks"].values())))]
+            v["n"] for v in r["tasks"].values()))))]
     for name, get in rows:
-        lines.append(f"| {name} | " + " | ".join(fmt(get(r)) for r in results.values()) + " |")
+        lines.append(f"| {name} | " + " | ".join(get(r) for r in results.values()) + " |")
+    lines += ["", "Accuracies: value [95% Wilson interval] n=examples."]
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     ext = ["# Length extrapolation (bits per byte)", "",
            f"Training context: {seq_len} tokens.", "",

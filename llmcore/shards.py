@@ -46,7 +46,7 @@ from llmcore.config import UserError
 from llmcore.files import sha256_file
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: SFT rows carry a segment column
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -103,27 +103,32 @@ def pretrain_rows(token_chunks: Iterable[Sequence[Sequence[int]]], seq_len: int,
 
 def sft_rows(encoded: Iterable[tuple[Sequence[int], Sequence[int]]], seq_len: int, pad_id: int,
              overflow: str, stats: PackStats, packed: bool = False
-             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, mask) rows of ``seq_len + 1`` tokens from encoded conversations.
+             ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(ids, mask, segment) rows of ``seq_len + 1`` tokens from encoded conversations.
 
     ``packed=False``: one conversation per row, padded. ``packed=True``: whole conversations
     are appended to the current row while they fit (next-fit), then the row is padded; a
     conversation never straddles two rows. Too long ones are truncated or dropped either way.
+    ``segment`` numbers the conversations of a row (the padding after them is one more), so
+    that a document-masked model keeps them apart.
     """
     row_len = seq_len + 1
     cur_ids: list[int] = []
     cur_mask: list[int] = []
+    cur_seg: list[int] = []
 
-    def emit() -> tuple[np.ndarray, np.ndarray]:
+    def emit() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         row = np.full(row_len, pad_id, dtype=np.int64)
         m = np.zeros(row_len, dtype=np.uint8)
+        seg = np.full(row_len, (cur_seg[-1] + 1) if cur_seg else 0, dtype=np.int64)
         row[: len(cur_ids)] = cur_ids
         m[: len(cur_mask)] = cur_mask
+        seg[: len(cur_seg)] = cur_seg
         stats.rows += 1
         stats.tokens += len(cur_ids)
         stats.padded_tokens += row_len - len(cur_ids)
         stats.target_tokens += int(m[1:].sum())
-        return row, m
+        return row, m, seg
 
     for ids, mask in encoded:
         stats.source_tokens += len(ids)
@@ -142,7 +147,8 @@ def sft_rows(encoded: Iterable[tuple[Sequence[int], Sequence[int]]], seq_len: in
             continue
         if cur_ids and (not packed or len(cur_ids) + len(ids) > row_len):
             yield emit()
-            cur_ids, cur_mask = [], []
+            cur_ids, cur_mask, cur_seg = [], [], []
+        cur_seg.extend([cur_seg[-1] + 1 if cur_seg else 0] * len(ids))
         cur_ids.extend(ids)
         cur_mask.extend(mask)
     if cur_ids:
@@ -155,34 +161,42 @@ def sft_rows(encoded: Iterable[tuple[Sequence[int], Sequence[int]]], seq_len: in
 
 
 class ShardWriter:
-    """Accumulate rows and write them as Arrow IPC shard files of ``rows_per_shard`` rows."""
+    """Accumulate rows and write them as Arrow IPC shard files of ``rows_per_shard`` rows.
+
+    Columns: ``input_ids`` (the token dtype), and for SFT rows ``loss_mask`` (uint8) and
+    ``segment`` (uint16: which conversation of the row a token belongs to).
+    """
 
     def __init__(self, out_dir: Path, split: str, row_len: int, dtype: np.dtype,
                  rows_per_shard: int, with_mask: bool) -> None:
         self.out_dir, self.split, self.row_len = Path(out_dir), split, row_len
-        self.dtype, self.rows_per_shard, self.with_mask = np.dtype(dtype), rows_per_shard, with_mask
+        self.rows_per_shard, self.with_mask = rows_per_shard, with_mask
+        self.dtypes = {"input_ids": np.dtype(dtype)}
+        if with_mask:
+            self.dtypes.update(loss_mask=np.dtype(np.uint8), segment=np.dtype(np.uint16))
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._ids: list[np.ndarray] = []
-        self._masks: list[np.ndarray] = []
+        self._blocks: dict[str, list[np.ndarray]] = {c: [] for c in self.dtypes}
         self._pending = 0
         self.shards: list[dict[str, Any]] = []
 
-    def add(self, ids: np.ndarray, mask: np.ndarray | None = None) -> None:
+    def add(self, ids: np.ndarray, mask: np.ndarray | None = None,
+            segment: np.ndarray | None = None) -> None:
         """Add one row ``(row_len,)`` or a block of rows ``(n, row_len)``."""
         ids = ids.reshape(-1, ids.shape[-1])
         if ids.shape[1] != self.row_len:
             raise ValueError(f"rows have length {ids.shape[1]}, expected {self.row_len}")
-        if ids.size and int(ids.max()) > np.iinfo(self.dtype).max:
-            raise ValueError(f"token id {int(ids.max())} does not fit {self.dtype}")
+        limit = np.iinfo(self.dtypes["input_ids"]).max
+        if ids.size and int(ids.max()) > limit:
+            raise ValueError(f"token id {int(ids.max())} does not fit {self.dtypes['input_ids']}")
+        cols = {"input_ids": ids}
         if self.with_mask:
-            assert mask is not None and mask.size == ids.size
-            mask = mask.reshape(ids.shape)
+            assert mask is not None and segment is not None
+            cols.update(loss_mask=mask.reshape(ids.shape), segment=segment.reshape(ids.shape))
         start = 0
         while start < len(ids):
             take = min(len(ids) - start, self.rows_per_shard - self._pending)
-            self._ids.append(ids[start : start + take].astype(self.dtype))
-            if self.with_mask:
-                self._masks.append(mask[start : start + take].astype(np.uint8))
+            for name, values in cols.items():
+                self._blocks[name].append(values[start : start + take].astype(self.dtypes[name]))
             self._pending += take
             start += take
             if self._pending >= self.rows_per_shard:
@@ -192,24 +206,23 @@ class ShardWriter:
         if not self._pending:
             return
         n = self._pending
-        arrow_type = pa.from_numpy_dtype(self.dtype)
-        cols = {"input_ids": pa.FixedSizeListArray.from_arrays(
-            pa.array(np.concatenate(self._ids).ravel(), type=arrow_type), self.row_len)}
-        if self.with_mask:
-            cols["loss_mask"] = pa.FixedSizeListArray.from_arrays(
-                pa.array(np.concatenate(self._masks).ravel(), type=pa.uint8()), self.row_len)
+        cols = {name: pa.FixedSizeListArray.from_arrays(
+            pa.array(np.concatenate(blocks).ravel(), type=pa.from_numpy_dtype(self.dtypes[name])),
+            self.row_len) for name, blocks in self._blocks.items()}
         batch = pa.RecordBatch.from_pydict(cols)
         name = f"{self.split}-{len(self.shards):05d}.arrow"
         path = self.out_dir / name
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
             writer.write_batch(batch)
         self.shards.append({"file": name, "rows": n, "sha256": sha256_file(path)})
-        self._ids, self._masks, self._pending = [], [], 0
+        self._blocks = {c: [] for c in self.dtypes}
+        self._pending = 0
 
     def close(self) -> dict[str, Any]:
         self.flush()
         return {"shards": self.shards, "rows": sum(s["rows"] for s in self.shards),
-                "row_len": self.row_len, "has_loss_mask": self.with_mask}
+                "row_len": self.row_len, "has_loss_mask": self.with_mask,
+                "has_segments": self.with_mask}
 
 
 def chunked(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -222,7 +235,7 @@ def pack_split(out_dir: Path, split: str, rows: Iterable[Any], row_len: int, dty
     writer = ShardWriter(out_dir, split, row_len, dtype, rows_per_shard, with_mask)
     for row in rows:
         if with_mask:
-            writer.add(row[0], row[1])
+            writer.add(*row)
         else:
             writer.add(row)
     return writer.close()
@@ -324,9 +337,12 @@ class ShardDataset:
         info = self.manifest["splits"][split]
         self.split, self.row_len = split, info["row_len"]
         self.has_loss_mask = bool(info["has_loss_mask"])
+        self.has_segments = bool(info.get("has_segments"))
         self.dtype = np.dtype(self.manifest["dtype"])
+        self.eot_id = int(self.manifest["eot_id"])
         self._ids: list[np.ndarray] = []
         self._masks: list[np.ndarray] = []
+        self._segs: list[np.ndarray] = []
         self._maps = []  # the memory maps must outlive the NumPy views into them
         for shard in info["shards"]:
             path = self.dir / shard["file"]
@@ -343,6 +359,8 @@ class ShardDataset:
             self._ids.append(self._view(table, "input_ids"))
             if self.has_loss_mask:
                 self._masks.append(self._view(table, "loss_mask"))
+            if self.has_segments:
+                self._segs.append(self._view(table, "segment"))
         sizes = [len(a) for a in self._ids]
         self._offsets = np.cumsum([0] + sizes)
         self.num_rows = int(self._offsets[-1])
@@ -366,28 +384,48 @@ class ShardDataset:
         s, j = self._locate(i)
         return self._ids[s][j], (self._masks[s][j] if self.has_loss_mask else None)
 
-    def gather(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Rows at ``indices`` as one ``(n, row_len)`` array (the batch's only copy)."""
+    def _take(self, blocks: list[np.ndarray], indices: Sequence[int], dtype: Any) -> np.ndarray:
+        """Rows at ``indices`` of one column as one ``(n, row_len)`` array (its only copy)."""
         idx = np.asarray(indices, dtype=np.int64)
         shard = np.searchsorted(self._offsets, idx, side="right") - 1
-        ids = np.empty((len(idx), self.row_len), dtype=self.dtype)
-        masks = np.empty((len(idx), self.row_len), dtype=np.uint8) if self.has_loss_mask else None
+        out = np.empty((len(idx), self.row_len), dtype=dtype)
         for s in np.unique(shard):
             sel = np.nonzero(shard == s)[0]
-            local = idx[sel] - self._offsets[s]
-            ids[sel] = self._ids[s][local]
-            if masks is not None:
-                masks[sel] = self._masks[s][local]
+            out[sel] = blocks[s][idx[sel] - self._offsets[s]]
+        return out
+
+    def gather(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Token ids and loss mask (None for pretraining rows) of the rows at ``indices``."""
+        ids = self._take(self._ids, indices, self.dtype)
+        masks = self._take(self._masks, indices, np.uint8) if self.has_loss_mask else None
         return ids, masks
+
+    def segments(self, indices: Sequence[int], ids: np.ndarray) -> np.ndarray:
+        """The document number of each token of the rows at ``indices`` (``ids`` are theirs):
+        stored for SFT rows, counted from ``<|endoftext|>`` for pretraining rows."""
+        if self.has_segments:
+            return self._take(self._segs, indices, np.int64)
+        return eot_segments(ids, self.eot_id)
+
+
+def eot_segments(ids: np.ndarray, eot_id: int) -> np.ndarray:
+    """(n, L) ids -> (n, L) document numbers; each ``<|endoftext|>`` starts a document.
+
+    The separator opens the next document rather than closing the last: the model then reads
+    it as a beginning-of-document token, the one context a first token is predicted from.
+    """
+    return np.cumsum(ids == eot_id, axis=1)
 
 
 @dataclass
 class Batch:
-    """``input_ids`` and ``targets`` are (B, T) int64; ``loss_mask`` (B, T) float32."""
+    """``input_ids`` and ``targets`` are (B, T) int64; ``loss_mask`` (B, T) float32;
+    ``segments`` (B, T) int64, the document of each input token (for document masking)."""
 
     input_ids: Any
     targets: Any
     loss_mask: Any
+    segments: Any = None
 
 
 @dataclass
@@ -452,14 +490,16 @@ class ShardLoader:
 
         if self.state.step >= self.steps_per_epoch:
             self.state = LoaderState(self.state.epoch + 1, 0)
-        ids, masks = self.ds.gather(self.indices(self.state.epoch, self.state.step))
+        idx = self.indices(self.state.epoch, self.state.step)
+        ids, masks = self.ds.gather(idx)
+        segments = torch.from_numpy(self.ds.segments(idx, ids)[:, :-1].astype(np.int64))
         self.state.step += 1
         rows = torch.from_numpy(ids.astype(np.int64))
         if masks is None:
             loss_mask = torch.ones(rows.shape[0], rows.shape[1] - 1, dtype=torch.float32)
         else:
             loss_mask = torch.from_numpy(masks[:, 1:].astype(np.float32))
-        return Batch(rows[:, :-1], rows[:, 1:], loss_mask)
+        return Batch(rows[:, :-1], rows[:, 1:], loss_mask, segments)
 
     def __iter__(self) -> Iterator[Batch]:
         while True:

@@ -39,7 +39,12 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llmcore.builtin import builtin_documents, doc_conversations, synthetic_conversations
+from llmcore.builtin import (
+    builtin_documents,
+    doc_conversations,
+    stdlib_code_documents,
+    synthetic_conversations,
+)
 from llmcore.config import FetchConfig
 from llmcore.corpus import (
     SPLITS,
@@ -272,6 +277,8 @@ def source_records(cfg: FetchConfig, root: Path | None = None) -> Iterator[Recor
     """Every record of the configured source, then the builtin SFT additions."""
     if cfg.source == "builtin":
         yield from builtin_documents()
+        if cfg.builtin_code:
+            yield from stdlib_code_documents()
     elif cfg.source == "files":
         for path in expand_paths(cfg.paths, root):
             yield from read_file(path, cfg.text_field)
@@ -323,7 +330,7 @@ def collect(records: Iterable[Record | BadRecord], cfg: FetchConfig
                 stats.sft_duplicates_dropped += 1
             continue
         seen.add(key)
-        split = split_of(key, cfg.val_fraction)
+        split = getattr(rec, "split", None) or split_of(key, cfg.val_fraction)
         if isinstance(rec, Conversation):
             stats.conversations[split] += 1
             stats.sft_tasks[rec.task] += 1

@@ -126,6 +126,7 @@ class Trainer:
         self.train_seconds = 0.0  # across every session of this run (restored on resume)
         self._session_mark = time.perf_counter()
         self.stopped_early = False
+        self._doc_mask = bool(getattr(getattr(model, "cfg", None), "doc_mask", False))
         self.last_eval: dict[str, float] | None = None
 
     # -- state ---------------------------------------------------------------------------------
@@ -196,8 +197,10 @@ class Trainer:
             with sync_ctx:
                 x, y = b.input_ids.to(ctx.device), b.targets.to(ctx.device)
                 m = b.loss_mask.to(ctx.device)
+                seg = b.segments.to(ctx.device) if self._doc_mask and b.segments is not None \
+                    else None
                 with autocast(ctx.device, ctx.dtype):
-                    logits = model(x)
+                    logits = model(x, segments=seg)
                 loss_sum, _ = loss_sums(logits, y, m)
                 # DDP averages gradients over ranks: scale so the result is the global mean
                 loss = loss_sum * (ctx.dist.world_size / global_tokens)
@@ -205,7 +208,8 @@ class Trainer:
                 loss_total += float(loss_sum.detach())
         (loss_global,) = ctx.dist.all_sum([loss_total], ctx.device)
         mean_loss = loss_global / global_tokens
-        self.scaler.unscale_(self.optimizer)  # clip the true gradient, not the scaled one
+        for opt in self.optimizer.optimizers:  # clip the true gradient, not the scaled one
+            self.scaler.unscale_(opt)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         # with fp16 the scaler skips steps with inf gradients by itself; otherwise stop here,
@@ -214,7 +218,8 @@ class Trainer:
                                             and not self.scaler.is_enabled()):
             self.optimizer.zero_grad(set_to_none=True)
             self._diverged(mean_loss, grad_norm)
-        self.scaler.step(self.optimizer)
+        for opt in self.optimizer.optimizers:
+            self.scaler.step(opt)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return mean_loss, grad_norm

@@ -196,3 +196,23 @@ def test_hf_source_fails_fast_without_the_hub(monkeypatch):
     cfg = FetchConfig(source="hf", hf_dataset="someone/some-dataset")
     with pytest.raises(CorpusError, match="cannot reach the Hugging Face hub"):
         list(read_hf(cfg))
+
+
+def test_stdlib_code_is_training_data_without_docstrings():
+    import itertools
+    import json as json_module
+
+    from llmcore.builtin import _without_docstrings, stdlib_code_documents
+
+    src = 'def f():\n    """Doc of f."""\n\n\nclass C:\n    """Doc of C."""\n    x = 1\n'
+    assert _without_docstrings(src) == "def f():\n    ...\n\n\nclass C:\n    x = 1\n"
+    code = [d for d in stdlib_code_documents() if d.source == "builtin:code/json"]
+    text = "".join(d.text for d in code)
+    assert "def dumps(" in text and json_module.__doc__.strip()[:50] not in text
+    assert all(d.split == "train" for d in code)
+    docs = list(itertools.islice(builtin_documents(), 300))
+    cfg = FetchConfig(doc_questions=False, synthetic_per_task=0)
+    without, _ = collect(docs, cfg)
+    with_code, stats = collect(docs + code, cfg)
+    assert with_code["pretrain_val"] == without["pretrain_val"]  # the same docs val set
+    assert len(with_code["pretrain_train"]) == len(without["pretrain_train"]) + len(code)

@@ -173,3 +173,28 @@ def test_model_config_validation_messages():
     cfg = parse_section("model", {"preset": "tiny", "n_layers": 3})
     assert cfg.n_layers == 3 and cfg.d_model == PRESETS["tiny"]["d_model"]
     assert isinstance(cfg, ModelConfig)
+
+
+def test_document_mask_keeps_packed_documents_apart():
+    from llmcore.shards import eot_segments
+
+    cfg = parse_section("model", {"preset": "tiny", "vocab_size": 300, "doc_mask": True})
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    a, other_a = torch.randint(4, 300, (1, 10)), torch.randint(4, 300, (1, 10))
+    b, eot = torch.randint(4, 300, (1, 12)), torch.zeros(1, 1, dtype=torch.long)
+    row, row2 = torch.cat([a, eot, b], 1), torch.cat([other_a, eot, b], 1)
+    seg = torch.from_numpy(eot_segments(row.numpy(), 0))
+    with torch.no_grad():
+        out, out2 = model(row, segments=seg), model(row2, segments=seg)
+        alone = model(torch.cat([eot, b], 1))  # the second document by itself
+        plain = Transformer(dataclasses.replace(cfg, doc_mask=False)).eval()
+        plain.load_state_dict(model.state_dict())
+        leaky, leaky2 = plain(row), plain(row2)
+    assert not torch.allclose(out[0, :10], out2[0, :10])
+    # changing the first document leaves every logit of the second unchanged ...
+    assert torch.allclose(out[0, 10:], out2[0, 10:], atol=1e-5)
+    # ... which reads as if alone, positions counted from its own start
+    assert torch.allclose(out[0, 10:], alone[0], atol=1e-5)
+    # without the mask the second document sees the first
+    assert not torch.allclose(leaky[0, 10:], leaky2[0, 10:], atol=1e-3)

@@ -56,8 +56,12 @@ def test_sft_packing_keeps_conversations_whole():
     enc = [([1, 2], [0, 1]), ([4, 5, 6], [0, 1, 1]), ([7, 8], [0, 1]), ([9] * 9, [0] + [1] * 8)]
     st = PackStats()
     rows = list(sft_rows(enc, seq_len=5, pad_id=3, overflow="truncate", stats=st, packed=True))
-    assert [r.tolist() for r, _ in rows] == [[1, 2, 4, 5, 6, 3], [7, 8, 3, 3, 3, 3], [9] * 6]
-    assert [m.tolist() for _, m in rows] == [[0, 1, 0, 1, 1, 0], [0, 1, 0, 0, 0, 0], [0] + [1] * 5]
+    assert [r.tolist() for r, _, _ in rows] == [[1, 2, 4, 5, 6, 3], [7, 8, 3, 3, 3, 3], [9] * 6]
+    assert [m.tolist() for _, m, _ in rows] == [[0, 1, 0, 1, 1, 0], [0, 1, 0, 0, 0, 0],
+                                                [0] + [1] * 5]
+    # each conversation of a row is its own document; the padding after them one more
+    assert [g.tolist() for _, _, g in rows] == [[0, 0, 1, 1, 1, 2], [0, 0, 1, 1, 1, 1],
+                                                [0] * 6]
     assert st.conversations == 4 and st.rows == 3 and st.truncated_rows == 1
     assert st.padded_tokens == 1 + 4 and st.tokens == 5 + 2 + 6
 
@@ -155,3 +159,22 @@ def test_manifest_mismatch_is_detected(packed):
     (out / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match=r"manifest says 8; run `dvc repro pack`"):
         ShardDataset(out, "pretrain_train")
+
+
+def test_segments_of_pretraining_and_sft_rows(packed, tiny_tokenizer):
+    out, _, _ = packed
+    ds = ShardDataset(out, "pretrain_train")
+    ids, _ = ds.gather([0, 1])
+    seg = ds.segments([0, 1], ids)
+    eot = tiny_tokenizer.eot_id
+    # a document starts at each <|endoftext|>: the number changes exactly there
+    assert ((np.diff(seg, axis=1) == 1) == (ids[:, 1:] == eot)).all()
+    sft = ShardDataset(out, "sft_train")
+    ids, mask = sft.gather([0])
+    seg = sft.segments([0], ids)[0]
+    starts = np.flatnonzero(np.diff(seg)) + 1
+    assert len(starts) >= 2  # packed: several conversations in the row
+    # every conversation starts with <|im_start|>, where its document starts
+    assert all(ids[0][i] == tiny_tokenizer.im_start_id for i in starts[:-1])
+    batch = ShardLoader(sft, 2, seed=0).next_batch()
+    assert batch.segments.shape == batch.input_ids.shape

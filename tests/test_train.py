@@ -114,8 +114,9 @@ def test_fit_learns_and_exports_best(tiny_shards, tmp_path):
     assert r.mfu is not None and r.tokens_per_second > 0
 
 
-def test_exact_resume_in_process(tiny_shards, tmp_path):
-    cfg = dataclasses.replace(CFG, export="last")
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_exact_resume_in_process(tiny_shards, tmp_path, optimizer):
+    cfg = dataclasses.replace(CFG, export="last", optimizer=optimizer)
     model = dataclasses.replace(MODEL, dropout=0.1)  # the RNG state must be restored too
     full = run_fit(tiny_shards, tmp_path / "a", cfg=cfg, model=model)
     part = run_fit(tiny_shards, tmp_path / "b", cfg=dataclasses.replace(cfg, max_steps=24),
@@ -227,10 +228,10 @@ def test_optimizer_state_round_trips_through_checkpoint(tiny_shards, tmp_path):
     manager = CheckpointManager(tmp_path, "f" * 64)
     manager.save(1, model, opt, {"loader": {"epoch": 0, "step": 1}})
     loaded = manager.load_latest()
-    ref = opt.state_dict()
+    ref = opt.state_dict()["optimizers"][0]
     for k, st in ref["state"].items():
         for name, t in st.items():
-            assert torch.equal(loaded.optimizer["state"][k][name], t)
+            assert torch.equal(loaded.optimizer["optimizers"][0]["state"][k][name], t)
 
 
 def test_resumed_run_reports_the_throughput_of_the_whole_run(tiny_shards, tmp_path):
@@ -240,3 +241,22 @@ def test_resumed_run_reports_the_throughput_of_the_whole_run(tiny_shards, tmp_pa
     assert again.result.tokens_per_second == pytest.approx(first.result.tokens_per_second)
     assert again.result.mfu == pytest.approx(first.result.mfu)
     assert again.result.seconds > 0.5 * first.result.seconds  # restored, not restarted at 0
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest():
+    model = Transformer(dataclasses.replace(MODEL, bias=True))
+    opt = make_optimizer(model, dataclasses.replace(CFG, optimizer="muon"))
+    adamw, muon = opt.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    in_adamw = {id(p) for g in adamw.param_groups for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[i] for i in in_muon} == {
+        n for n, p in model.named_parameters() if p.ndim == 2 and n.startswith("layers.")}
+    assert id(model.embed_tokens.weight) in in_adamw and not in_muon & in_adamw
+    assert len(in_muon) + len(in_adamw) == len({id(p) for p in model.parameters()})
+    x = torch.randint(0, 300, (2, 9))
+    before = model.layers[0].mlp.up_proj.weight.detach().clone()
+    model(x).sum().backward()
+    opt.step()
+    assert not torch.equal(before, model.layers[0].mlp.up_proj.weight)
