@@ -3,6 +3,11 @@ pick instead, Hugging Face ``LlamaForCausalLM`` with ``torch.optim.AdamW``.
 
     python benchmarks/speedrun.py                      # 300 s each, data/shards, params' model
     python benchmarks/speedrun.py --seconds 60 --preset tiny --shards DIR --out DIR
+    python benchmarks/speedrun.py --seconds 150 \
+        --variant doc_mask:model.doc_mask=true --variant muon:pretrain.optimizer=muon
+
+``--variant NAME:KEY=VALUE[,KEY=VALUE...]`` adds an llmcore side with some ``model.*`` or
+``pretrain.*`` params changed (an ablation), trained in the same interleaved run.
 
 Both sides get the same shards (the ``pretrain_train`` rows in the same order), the same model
 shape, dtype, batch and sequence length, the same peak/min learning rate and warmup, and the
@@ -36,7 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmcore.config import TrainConfig, parse_section  # noqa: E402
+from llmcore.config import TrainConfig, UserError, parse_section  # noqa: E402
 from llmcore.device import autocast, describe, pick_device, pick_dtype, sync  # noqa: E402
 from llmcore.metrics import heldout_loss  # noqa: E402
 from llmcore.model import Transformer  # noqa: E402
@@ -69,9 +74,9 @@ class Side:
 
 
 class LLMCoreSide(Side):
-    def __init__(self, model: Transformer, cfg: TrainConfig, loader: ShardLoader,
+    def __init__(self, name: str, model: Transformer, cfg: TrainConfig, loader: ShardLoader,
                  ctx: RunContext) -> None:
-        super().__init__("llmcore", model, loader)
+        super().__init__(name, model, loader)
         self.trainer = Trainer(model, cfg, loader, None, ctx)
 
     def step(self, lr: float) -> float:
@@ -113,7 +118,7 @@ class PeerSide(Side):
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
 
 def peer_model(cfg: Any) -> Logits:
@@ -127,6 +132,17 @@ def peer_model(cfg: Any) -> Logits:
                          attention_bias=False, mlp_bias=False)
     hf_cfg._attn_implementation = "sdpa"
     return Logits(LlamaForCausalLM(hf_cfg))
+
+
+def warm_up(side: Side, device: torch.device, dtype: torch.dtype) -> None:
+    """One untimed forward and backward on a copy: whichever side runs first would otherwise
+    pay for the process's one-time kernel setup on its own clock."""
+    import copy
+
+    model = copy.deepcopy(side.model).train()
+    x = side.loader.ds.gather([0])[0][:, :-1].astype("int64")
+    with autocast(device, dtype):
+        model(torch.from_numpy(x).to(device)).float().mean().backward()
 
 
 def evaluate(side: Side, val: ShardDataset, rows: int, tb: torch.Tensor, device: torch.device,
@@ -156,7 +172,7 @@ def run_slice(side: Side, cfg: TrainConfig, args: argparse.Namespace, tokens_per
 
 
 def summary(sides: list[Side], args: argparse.Namespace) -> dict[str, Any]:
-    a, b = sides
+    a, b = sides[0], sides[-1]  # llmcore's default recipe, the peer
     pairs = list(zip(a.evals, b.evals, strict=False))
     out: dict[str, Any] = {"sides": {}}
     for s in sides:
@@ -172,9 +188,26 @@ def summary(sides: list[Side], args: argparse.Namespace) -> dict[str, Any]:
                           for x, y in pairs]
     out["llmcore_lower_bpb_at_every_checkpoint"] = all(x["val_bpb"] < y["val_bpb"]
                                                        for x, y in pairs[1:])
-    if pairs:
-        out["final_bpb"] = {"llmcore": pairs[-1][0]["val_bpb"], "peer": pairs[-1][1]["val_bpb"]}
+    out["final_bpb"] = {s.name: s.evals[-1]["val_bpb"] for s in sides}
     return out
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, dict[str, Any]]]:
+    """``name:model.doc_mask=true,pretrain.lr=0.002`` -> (name, {section: {key: value}})."""
+    import yaml
+
+    name, sep, body = text.partition(":")
+    if not sep or not name:
+        raise SystemExit(f"--variant expects NAME:KEY=VALUE[,...] (got {text!r})")
+    changes: dict[str, dict[str, Any]] = {"model": {}, "pretrain": {}}
+    for pair in filter(None, body.split(",")):
+        key, eq, raw = pair.partition("=")
+        section, _, field = key.partition(".")
+        if not eq or section not in changes or not field:
+            raise SystemExit(f"--variant {name}: {pair!r} must be model.KEY=VALUE or "
+                             "pretrain.KEY=VALUE")
+        changes[section][field] = yaml.safe_load(raw)
+    return name, changes
 
 
 def plot(sides: list[Side], path: Path, title: str) -> None:
@@ -211,7 +244,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--out", default="reports")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...")
     args = ap.parse_args()
+    variants = [parse_variant(v) for v in args.variant]
     shards, out = Path(args.shards), Path(args.out)
     tok = LLMTokenizer.load(Path(args.tokenizer))
     manifest = read_manifest(shards)
@@ -223,14 +258,22 @@ def main() -> None:
     rows = min(len(val), args.eval_rows)
     tb = torch.tensor(token_bytes(tok))
     tokens_per_step = args.batch_size * manifest["seq_len"]
-    torch.manual_seed(args.seed)
-    ours = Transformer(model_cfg).to(device)
+    ctx = RunContext(device, dtype, tb, log=lambda m: None)
+    sides: list[Side] = []
+    for name, changes in [("llmcore", {"model": {}, "pretrain": {}}), *variants]:
+        m_cfg = parse_section("model", {"preset": args.preset, "vocab_size": tok.vocab_size,
+                                        **changes["model"]})
+        t_cfg = dataclasses.replace(parse_section("pretrain", changes["pretrain"]),
+                                    batch_size=args.batch_size)
+        torch.manual_seed(args.seed)
+        model = Transformer(m_cfg).to(device)
+        sides.append(LLMCoreSide(name, model, t_cfg,
+                                 ShardLoader(train, args.batch_size, seed=args.seed), ctx))
+    ours = sides[0].model
     torch.manual_seed(args.seed)
     peer = peer_model(model_cfg).to(device)
-    ctx = RunContext(device, dtype, tb, log=lambda m: None)
-    sides: list[Side] = [
-        LLMCoreSide(ours, cfg, ShardLoader(train, args.batch_size, seed=args.seed), ctx),
-        PeerSide(peer, cfg, ShardLoader(train, args.batch_size, seed=args.seed), device, dtype)]
+    sides.append(PeerSide(peer, cfg, ShardLoader(train, args.batch_size, seed=args.seed),
+                          device, dtype))
     machine = describe(device, dtype)
     print(f"speedrun: {model_cfg.preset}, batch {args.batch_size} x {manifest['seq_len']}, "
           f"{args.seconds:.0f}s each on {machine}", file=sys.stderr, flush=True)
@@ -238,6 +281,8 @@ def main() -> None:
     def eval_fn(side: Side) -> None:
         evaluate(side, val, rows, tb, device, dtype)
 
+    for s in sides:
+        warm_up(s, device, dtype)
     next_eval = {}
     for s in sides:
         eval_fn(s)  # step 0: both start from the same untrained quality
@@ -245,8 +290,9 @@ def main() -> None:
     while any(s.seconds < args.seconds for s in sides):
         for s in sides:
             if s.seconds < args.seconds:
-                next_eval[s.name] = run_slice(s, cfg, args, tokens_per_step, next_eval[s.name],
-                                              eval_fn)
+                s_cfg = s.trainer.cfg if isinstance(s, LLMCoreSide) else cfg
+                next_eval[s.name] = run_slice(s, s_cfg, args, tokens_per_step,
+                                              next_eval[s.name], eval_fn)
     for s in sides:
         if s.evals[-1]["steps"] != s.steps:
             eval_fn(s)
@@ -256,6 +302,7 @@ def main() -> None:
               "slice_seconds": args.slice, "eval_rows": rows,
               "recipe": {k: getattr(cfg, k) for k in ("lr", "min_lr", "warmup_steps",
                                                        "weight_decay", "grad_clip")},
+              "variants": {name: changes for name, changes in variants},
               **summary(sides, args)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "speedrun.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -265,4 +312,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as exc:  # missing shards or tokenizer, bad --variant values
+        sys.exit(f"speedrun: {exc}")

@@ -190,7 +190,7 @@ def test_repro_runs_all_seven_stages_then_nothing_then_sft_downstream(project):
     q = json.loads((project / "metrics/quantize.json").read_text())
     assert q["quantize/size_ratio"] > 1.5 and abs(q["quantize/bpb_delta"]) < 0.1
     for report in ("comparison.md", "extrapolation.md", "samples.md"):
-        assert (project / "reports" / report).read_text().startswith("# ")
+        assert (project / "reports/evaluate" / report).read_text().startswith("# ")
     assert (project / "data/models/sft-int8/config.json").is_file()
 
     again = dvc(project, "repro")
