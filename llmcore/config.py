@@ -64,7 +64,8 @@ class FetchConfig:
     builtin_code: bool = spec(False, doc="builtin: also the standard library's Python source, "
                                          "as training documents only")
     doc_questions: bool = spec(True, doc="add SFT questions answered from the stdlib docs")
-    synthetic_per_task: int = spec(1000, ge=0, doc="SFT examples per synthetic task")
+    synthetic_per_task: int = spec(5000, ge=0, doc="SFT examples per synthetic task (~5% "
+                                   "held out: 250 per task to evaluate on)")
 
     def validate(self) -> list[str]:
         problems = []
@@ -122,7 +123,7 @@ class ModelConfig:
     bias: bool = spec(False)
     tie_embeddings: bool = spec(True)
     dropout: float = spec(0.0, ge=0.0, lt=1.0)
-    doc_mask: bool = spec(False, doc="attention stays inside each document of a packed row, "
+    doc_mask: bool = spec(True, doc="attention stays inside each document of a packed row, "
                                      "positions restart per document")
 
     def __post_init__(self) -> None:
@@ -260,7 +261,7 @@ class EvaluateConfig:
     max_rows: int | None = spec(None, ge=1, doc="cap on validation rows for loss / bpb")
     context_factors: list[int] = spec(default_factory=lambda: [1, 2, 4],
                                       doc="bpb at these multiples of the training context")
-    max_task_examples: int = spec(100, ge=1, doc="held-out conversations per task")
+    max_task_examples: int = spec(250, ge=1, doc="held-out conversations per task")
     max_new_tokens: int = spec(48, ge=1)
     choices: int = spec(4, ge=2, doc="answers per multiple-choice doc question")
     prompts: list[str] = spec(default_factory=lambda: [
