@@ -204,7 +204,7 @@ class TrainConfig:
     schedule: str = spec("cosine", choices=("cosine", "wsd", "constant"))
     warmup_steps: int = spec(50, ge=0)
     decay_fraction: float = spec(0.2, gt=0, le=1, doc="wsd: share of steps spent decaying")
-    optimizer: str = spec("adamw", choices=("adamw", "muon"),
+    optimizer: str = spec("muon", choices=("adamw", "muon"),
                           doc="muon: Muon for the blocks' matrices, AdamW for the rest")
     muon_momentum: float = spec(0.95, ge=0, lt=1)
     weight_decay: float = spec(0.1, ge=0)
@@ -250,6 +250,7 @@ class SFTConfig(TrainConfig):
     lr: float = _default(TrainConfig, "lr", 1e-3)
     min_lr: float = _default(TrainConfig, "min_lr", 1e-4)
     warmup_steps: int = _default(TrainConfig, "warmup_steps", 20)
+    optimizer: str = _default(TrainConfig, "optimizer", "adamw")
     eval_every: int = _default(TrainConfig, "eval_every", 50)
 
 

@@ -198,3 +198,11 @@ def test_document_mask_keeps_packed_documents_apart():
     assert torch.allclose(out[0, 10:], alone[0], atol=1e-5)
     # without the mask the second document sees the first
     assert not torch.allclose(leaky[0, 10:], leaky2[0, 10:], atol=1e-3)
+
+
+def test_describe_names_the_machine_kind_and_precision():
+    from llmcore.device import describe
+
+    text = describe(torch.device("cpu"), torch.bfloat16)
+    assert text.startswith("cpu with ") and text.endswith("(bfloat16)")
+    assert f"{torch.get_num_threads()} threads" in text

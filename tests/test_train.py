@@ -19,7 +19,7 @@ MODEL = parse_section("model", {"preset": "tiny", "vocab_size": 300, "max_seq_le
                                 "d_model": 32, "n_heads": 2, "n_kv_heads": 1})
 CFG = TrainConfig(max_steps=24, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=4,
                   eval_every=8, eval_batches=2, log_every=8, checkpoint_every=8,
-                  peak_flops=1e12)
+                  peak_flops=1e12, optimizer="adamw")
 
 
 def run_fit(shards, tmp_path, cfg=CFG, model=MODEL, log=lambda m: None, **kw):
