@@ -20,7 +20,7 @@ from pathlib import Path
 
 from llmcore.config import FetchConfig
 from llmcore.corpus import read_conversations, read_texts
-from llmcore.shards import pack_all
+from llmcore.packing import pack_all
 from llmcore.sources import build_corpus
 from llmcore.tokenizer import LLMTokenizer, train_bpe
 

@@ -20,7 +20,7 @@ import re
 import sysconfig
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from llmcore.corpus import Conversation, Document
@@ -261,18 +261,44 @@ def _synthetic_one(task: str, rng: random.Random, words: list[str]) -> tuple[str
 SYNTHETIC_TASKS = ("arithmetic", "spell", "count", "reverse")
 
 
-def synthetic_conversations(per_task: int, seed: int) -> Iterator[Conversation]:
-    """Tasks with one exactly checkable answer. A fifth have a system prompt, a fifth two turns."""
+def _synthetic_conversation(task: str, rng: random.Random, words: list[str]) -> Conversation:
+    turns: list[tuple[str, str]] = []
+    if rng.random() < 0.2:
+        turns.append(("system", SYSTEM_PROMPT))
+    n_turns = 2 if rng.random() < 0.2 else 1
+    answer = ""
+    for _ in range(n_turns):
+        q, answer = _synthetic_one(task, rng, words)
+        turns += [("user", q), ("assistant", answer)]
+    return Conversation(tuple(turns), f"builtin:synthetic/{task}", task, answer)
+
+
+def synthetic_conversations(per_task: int, seed: int, val_per_task: int = 0
+                            ) -> Iterator[Conversation]:
+    """Tasks with one exactly checkable answer. A fifth have a system prompt, a fifth two turns.
+
+    With ``val_per_task``, each task also gets that many held-out conversations from a stream
+    of their own, each kept only if it is not one of the training conversations, so that every
+    task is measured on the same number of examples. (Without it the corpus's hash split
+    decides, and the duplicates it drops thin the held-out set of the smaller tasks.) A
+    held-out question can still reuse a word or a product the model has seen in another
+    training conversation: spelling a word it was never shown is not what these tasks ask.
+    """
     words = word_list()
     for task in SYNTHETIC_TASKS:
         rng = random.Random(f"{seed}:{task}")
-        for _ in range(per_task):
-            turns: list[tuple[str, str]] = []
-            if rng.random() < 0.2:
-                turns.append(("system", SYSTEM_PROMPT))
-            n_turns = 2 if rng.random() < 0.2 else 1
-            answer = ""
-            for _ in range(n_turns):
-                q, answer = _synthetic_one(task, rng, words)
-                turns += [("user", q), ("assistant", answer)]
-            yield Conversation(tuple(turns), f"builtin:synthetic/{task}", task, answer)
+        train = [_synthetic_conversation(task, rng, words) for _ in range(per_task)]
+        if not val_per_task:
+            yield from train
+            continue
+        yield from (replace(c, split="train") for c in train)
+        seen = {c.messages for c in train}
+        val_rng, made = random.Random(f"{seed}:{task}:val"), 0
+        for _ in range(50 * val_per_task):  # bounded: a small task space can run out
+            c = _synthetic_conversation(task, val_rng, words)
+            if c.messages not in seen:
+                seen.add(c.messages)
+                made += 1
+                yield replace(c, split="val")
+                if made == val_per_task:
+                    break

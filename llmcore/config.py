@@ -64,8 +64,9 @@ class FetchConfig:
     builtin_code: bool = spec(False, doc="builtin: also the standard library's Python source, "
                                          "as training documents only")
     doc_questions: bool = spec(True, doc="add SFT questions answered from the stdlib docs")
-    synthetic_per_task: int = spec(5000, ge=0, doc="SFT examples per synthetic task (~5% "
-                                   "held out: 250 per task to evaluate on)")
+    synthetic_per_task: int = spec(5000, ge=0, doc="SFT training examples per synthetic task")
+    synthetic_val_per_task: int = spec(250, ge=0, doc="held-out examples per synthetic task, "
+                                       "none of them a training conversation (0: hash split)")
 
     def validate(self) -> list[str]:
         problems = []
@@ -101,6 +102,8 @@ class PackConfig:
     sft_overflow: str = spec("truncate", choices=("truncate", "drop"))
     sft_packing: bool = spec(True, doc="pack several conversations into a row while they fit")
     batch_documents: int = spec(256, ge=1, doc="documents per encode_batch call")
+    pretrain_chat_share: float = spec(0.0, ge=0.0, le=0.9, doc="share of the pretraining "
+                                      "train tokens that are SFT train conversations")
 
 
 @dataclass(frozen=True)

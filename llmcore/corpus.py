@@ -53,6 +53,7 @@ class Conversation:
     source: str
     task: str = "chat"
     answer: str | None = None  # exact expected final reply, for tasks that have one
+    split: str | None = None  # a fixed split; None: decided by the content hash
 
     def as_dicts(self) -> list[dict[str, str]]:
         return [{"role": r, "content": c} for r, c in self.messages]

@@ -289,7 +289,8 @@ def source_records(cfg: FetchConfig, root: Path | None = None) -> Iterator[Recor
     if cfg.synthetic_per_task:
         # The seed is fixed by content, not base.seed, so that the SFT set is a property of
         # the corpus params alone.
-        yield from synthetic_conversations(cfg.synthetic_per_task, seed=0)
+        yield from synthetic_conversations(cfg.synthetic_per_task, seed=0,
+                                           val_per_task=cfg.synthetic_val_per_task)
 
 
 def _cleaned(rec: Record, cfg: FetchConfig, stats: CorpusStats) -> Record | None:
@@ -297,7 +298,7 @@ def _cleaned(rec: Record, cfg: FetchConfig, stats: CorpusStats) -> Record | None
     if isinstance(rec, Document):
         text = rec.text.strip()
         if len(text) >= cfg.min_chars:
-            return Document(text, rec.source)
+            return Document(text, rec.source, rec.split)
     elif not any(r == "assistant" and not c.strip() for r, c in rec.messages):
         return rec
     stats.empty_dropped += 1

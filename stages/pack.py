@@ -6,7 +6,7 @@ from tqdm import tqdm
 
 from llmcore.corpus import read_conversations, read_texts
 from llmcore.files import atomic_dir
-from llmcore.shards import pack_all
+from llmcore.packing import pack_all
 from llmcore.tokenizer import LLMTokenizer
 from stages._common import log, repo_root, run_stage
 
@@ -24,7 +24,8 @@ def body(cfgs, tracker):
     with tqdm(total=total, desc="pack", unit="doc", mininterval=1.0) as bar:
         manifest = atomic_dir(root / OUT, lambda tmp: pack_all(
             tok, pretrain, sft, tmp, cfg.seq_len, cfg.rows_per_shard, cfg.sft_overflow,
-            cfg.batch_documents, cfg.sft_packing, progress=bar.update))
+            cfg.batch_documents, cfg.sft_packing, progress=bar.update,
+            chat_share=cfg.pretrain_chat_share))
     metrics = {"pack/seconds": manifest["seconds"]}
     written = 0
     for name, s in manifest["splits"].items():
@@ -40,6 +41,9 @@ def body(cfgs, tracker):
             metrics[f"pack/{name}_truncated"] = s["truncated_rows"]
             metrics[f"pack/{name}_dropped"] = s["dropped_rows"]
             metrics[f"pack/{name}_target_tokens"] = s["target_tokens"]
+    chat = manifest["splits"]["pretrain_train"]
+    metrics["pack/pretrain_chat_conversations"] = chat["chat_conversations"]
+    metrics["pack/pretrain_chat_share"] = round(chat["chat_tokens"] / max(chat["source_tokens"], 1), 4)
     metrics["pack/tokens"] = written
     metrics["pack/tokens_per_second"] = round(written / max(manifest["seconds"], 1e-9), 1)
     log(f"pack: {written} tokens in {manifest['seconds']:.1f}s "

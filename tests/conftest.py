@@ -65,7 +65,7 @@ def copy_project(dest: Path) -> Path:
 def tiny_shards(tmp_path_factory):
     """Shards of a small slice of the builtin corpus, seq_len 32, vocab 300."""
     from llmcore.builtin import builtin_documents, synthetic_conversations
-    from llmcore.shards import pack_all
+    from llmcore.packing import pack_all
 
     docs = [d.text for _, d in zip(range(40), builtin_documents(), strict=False)]
     convs = [c.as_dicts() for c in synthetic_conversations(40, seed=0)]

@@ -1,4 +1,5 @@
 import json
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -70,6 +71,21 @@ def test_synthetic_answers_are_exact():
     assert convs == list(synthetic_conversations(50, seed=3))  # deterministic
     assert any(c.messages[0][0] == "system" for c in convs)
     assert any(sum(r == "assistant" for r, _ in c.messages) == 2 for c in convs)
+
+
+def test_synthetic_held_out_set_is_fixed_and_disjoint():
+    convs = list(synthetic_conversations(300, seed=0, val_per_task=40))
+    train = [c for c in convs if c.split == "train"]
+    val = [c for c in convs if c.split == "val"]
+    assert len(train) == 4 * 300
+    assert Counter(c.task for c in val) == {t: 40 for t in ("arithmetic", "spell", "count",
+                                                            "reverse")}
+    assert not {c.messages for c in train} & {c.messages for c in val}
+    assert len({c.messages for c in val}) == len(val)
+    # through the corpus: the fixed splits are kept, whatever the hash says
+    docs = [Document(f"document number {i}", "test") for i in range(4)]
+    tables, _ = collect(docs + convs, FetchConfig(doc_questions=False))
+    assert Counter(r["task"] for r in tables["sft_val"]) == Counter(c.task for c in val)
 
 
 def test_doc_questions_answer_from_docs():

@@ -6,7 +6,8 @@ import torch
 from llmcore.builtin import synthetic_conversations
 from llmcore.config import parse_section
 from llmcore.model import Transformer
-from llmcore.shards import ShardDataset, ShardLoader, pack_all
+from llmcore.packing import pack_all
+from llmcore.shards import ShardDataset, ShardLoader
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmcore.shards import (
-    PackStats,
-    ShardDataset,
-    ShardLoader,
-    pack_all,
-    pretrain_rows,
-    read_manifest,
-    sft_rows,
-)
+from llmcore.packing import PackStats, pack_all, pretrain_rows, sft_rows
+from llmcore.shards import ShardDataset, ShardLoader, read_manifest
 
 CONVS = [
     [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
@@ -178,3 +171,37 @@ def test_segments_of_pretraining_and_sft_rows(packed, tiny_tokenizer):
     assert all(ids[0][i] == tiny_tokenizer.im_start_id for i in starts[:-1])
     batch = ShardLoader(sft, 2, seed=0).next_batch()
     assert batch.segments.shape == batch.input_ids.shape
+
+
+def test_chat_mix_puts_that_share_of_conversations_in_the_pretraining_train_stream(
+        tiny_tokenizer, tmp_path):
+    texts = [f"document {i}: " + "words and more words " * 5 for i in range(40)]
+    convs = [[{"role": "user", "content": f"question {i}"},
+              {"role": "assistant", "content": f"answer {i}"}] for i in range(400)]
+    im_start = tiny_tokenizer.tok.token_to_id("<|im_start|>")
+
+    def pack(share, out):
+        m = pack_all(tiny_tokenizer, {"train": texts[:30], "val": texts[30:]},
+                     {"train": convs, "val": convs[:5]}, out, seq_len=64, chat_share=share)
+        rows = m["splits"]["pretrain_train"]["rows"]
+        return m, ShardDataset(out, "pretrain_train").gather(range(rows))[0]
+
+    plain, plain_rows = pack(0.0, tmp_path / "plain")
+    mixed, mixed_rows = pack(0.5, tmp_path / "mixed")
+    st = mixed["splits"]["pretrain_train"]
+    assert plain["splits"]["pretrain_train"]["chat_tokens"] == 0
+    assert (plain_rows == im_start).sum() == 0
+    # half the stream is conversations: one <|im_start|> per message, whole conversations only
+    assert abs(st["chat_tokens"] / st["source_tokens"] - 0.5) < 0.05
+    stream = np.concatenate([mixed_rows[:, :-1].ravel(), mixed_rows[-1, -1:]])
+    starts = int((stream == im_start).sum())
+    # (the tail cropped off the stream, < one row, can hold a few conversations' starts)
+    assert 2 * st["chat_conversations"] - 64 // 6 <= starts <= 2 * st["chat_conversations"]
+    assert 0 < st["chat_conversations"] < len(convs)
+    assert st["doc_tokens"] == plain["splits"]["pretrain_train"]["doc_tokens"]
+    # the validation split stays documents only, identical with and without the mix
+    assert read_manifest(tmp_path / "mixed")["splits"]["pretrain_val"]["shards"][0]["sha256"] == \
+        read_manifest(tmp_path / "plain")["splits"]["pretrain_val"]["shards"][0]["sha256"]
+    # the draw is fixed: packing again gives the same rows
+    _, again = pack(0.5, tmp_path / "again")
+    assert np.array_equal(again, mixed_rows)
