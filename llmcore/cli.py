@@ -5,6 +5,7 @@
     llmcore chat data/models/sft-int8
     llmcore serve data/models/sft --host 127.0.0.1 --port 8000
     llmcore export data/models/sft exports/sft-hf      # transformers LlamaForCausalLM
+    llmcore export data/models/sft exports/sft.gguf --format gguf --gguf-type q8_0  # llama.cpp
 
 ``generate`` wraps the prompt in the chat template unless ``--raw``; ``chat`` keeps the
 conversation and streams each reply (``/reset`` clears it, ``/quit`` or end of input leaves).
@@ -108,6 +109,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "gguf":
+        from llmcore.gguf_export import export_gguf
+
+        print(export_gguf(Path(args.model), Path(args.out), args.gguf_type))
+        return 0
     from llmcore.export import export_hf
 
     print(export_hf(Path(args.model), Path(args.out)))
@@ -145,9 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_serve)
 
-    e = sub.add_parser("export", help="write a transformers (Llama) model directory")
+    e = sub.add_parser("export", help="write a transformers (Llama) directory or a GGUF file")
     e.add_argument("model", help="a model directory")
-    e.add_argument("out", help="where to write the Hugging Face directory")
+    e.add_argument("out", help="the Hugging Face directory, or the .gguf file, to write")
+    e.add_argument("--format", choices=("hf", "gguf"), default="hf")
+    e.add_argument("--gguf-type", choices=("f32", "f16", "q8_0"), default="f32",
+                   help="GGUF weight type (norms stay f32)")
     e.set_defaults(func=cmd_export)
     return parser
 

@@ -10,8 +10,9 @@ combinations (learned positions, layernorm, GELU, biases) have no exact ``transf
 architecture and are refused with a message saying so, rather than exported approximately.
 Quantized directories are expanded to float first.
 
-GGUF (llama.cpp) is not written: without llama.cpp on the machine the file could not be
-checked, and an unchecked format converter is worse than none.
+The rotary base is written both as ``rope_theta`` (what transformers 4.x reads; without it
+4.x silently falls back to 10000) and inside ``rope_parameters`` (what 5.x reads), so the
+export is exact under every version pyproject allows. GGUF: :mod:`llmcore.gguf_export`.
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ def export_hf(model_dir: Path, out: Path) -> Path:
     hf.rope_parameters = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     hf.architectures = ["LlamaForCausalLM"]
     hf.save_pretrained(out)
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    config["rope_theta"] = cfg.rope_theta  # transformers 4.x: only this key sets the base
+    config.setdefault("rope_scaling", None)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     weights = {}
     for key, tensor in state_dict_for_save(model).items():
         weights[key if key == "lm_head.weight" else f"model.{key}"] = tensor
