@@ -3,6 +3,7 @@
 #   make test       set up, then run the test suite
 #   make lint       ruff
 #   make speedrun   quality per minute against the peer (benchmarks/speedrun.py)
+#   make plots      dvc plots show, rendered to reports/plots/index.html (works offline)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,6 +20,9 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := true
 
+LLAMA_CPP_SPEC ?= llama-cpp-python==0.3.36
+WHEEL_CACHE ?= $(HOME)/.cache/llmcore/wheels
+
 PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 PREFECT_ENV := PREFECT_HOME=$(abspath .prefect) \
@@ -27,7 +31,7 @@ PREFECT_ENV := PREFECT_HOME=$(abspath .prefect) \
 # columns that change on every run (timings, throughput): hidden in `make compare`
 VOLATILE := .*(seconds|per_s|mfu|memory|speed|resumed).*
 
-.PHONY: setup pipeline test lint bench speedrun clean-venv prefect-server serve mlflow-ui compare
+.PHONY: setup pipeline test lint bench speedrun plots llama-cpp clean-venv prefect-server serve mlflow-ui compare
 
 setup: $(STAMP)
 
@@ -45,6 +49,10 @@ $(STAMP): pyproject.toml
 	@$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
 	@$(BIN)/python -c 'import llmcore, torch, dvc, mlflow, prefect, tokenizers' \
 	  || { echo "setup: installing the project failed"; exit 1; }
+	@if ls $(WHEEL_CACHE)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+	  $(BIN)/python -m pip install -q --no-deps $(WHEEL_CACHE)/llama_cpp_python-*.whl diskcache; fi
+	@$(BIN)/python -m llmcore.dvcplots --vendor-only >/dev/null \
+	  || echo "setup: charting scripts not fetched; make plots will try again"
 	@touch $(STAMP)
 
 pipeline: setup
@@ -64,6 +72,19 @@ SPEEDRUN_SECONDS ?= 300
 speedrun: setup
 	$(BIN)/dvc repro pack
 	$(BIN)/python benchmarks/speedrun.py --seconds $(SPEEDRUN_SECONDS)
+
+# the stages' curves and charts as one HTML page, charting scripts inlined (no CDN)
+plots: setup
+	$(BIN)/python -m llmcore.dvcplots --out reports/plots
+
+# llama.cpp's Python binding, built from source once (minutes) into a wheel cache outside the
+# repository; setup installs a cached wheel, the GGUF round-trip tests use it
+llama-cpp: setup
+	@ls $(WHEEL_CACHE)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
+	  -DLLAMA_BUILD_SERVER=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+	  $(BIN)/python -m pip wheel --no-deps '$(LLAMA_CPP_SPEC)' -w $(WHEEL_CACHE)
+	$(BIN)/python -m pip install -q --no-deps $(WHEEL_CACHE)/llama_cpp_python-*.whl diskcache
 
 clean-venv:
 	rm -rf $(VENV)

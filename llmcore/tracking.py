@@ -206,25 +206,70 @@ def end_stage_run(tracker: Any, status: str) -> None:
         tracker.client.set_terminated(tracker.parent_run_id, status=status)
 
 
+def save_pyfunc(model_dir: Path, out: Path) -> Path:
+    """Write ``model_dir`` as an MLflow ``pyfunc`` model at ``out`` (see :mod:`llmcore.pyfunc`).
+
+    The flavour names its loader by module (``llmcore.pyfunc``) and ships the ``llmcore``
+    package as code, so loading needs torch and tokenizers, not this repository.
+    """
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import (
+        Array,
+        ColSpec,
+        DataType,
+        Object,
+        ParamSchema,
+        ParamSpec,
+        Property,
+        Schema,
+    )
+
+    message = Object([Property("role", DataType.string), Property("content", DataType.string)])
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(DataType.string, "prompt", required=False),
+                       ColSpec(Array(message), "messages", required=False)]),
+        outputs=Schema([ColSpec(DataType.string, "completion")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", DataType.long, 64),
+                            ParamSpec("temperature", DataType.double, 0.0),
+                            ParamSpec("top_p", DataType.double, 1.0),
+                            ParamSpec("seed", DataType.long, 0),
+                            ParamSpec("raw", DataType.boolean, False)]))
+    example = pd.DataFrame({"prompt": ["What is 12 + 7?"]})
+    mlflow.pyfunc.save_model(
+        str(out), loader_module="llmcore.pyfunc", data_path=str(model_dir),
+        code_paths=[str(Path(__file__).resolve().parent)], signature=signature,
+        input_example=example,
+        pip_requirements=["torch", "tokenizers", "safetensors", "numpy", "pandas"])
+    return out
+
+
 def register_model(tracker: Any, model_dir: Path, val_bpb: float | None, kind: str,
-                   name: str = EXPERIMENT) -> str | None:
-    """Log ``model_dir`` to the run and register it as a new version of model ``name``.
+                   name: str = EXPERIMENT, tags: Mapping[str, str] | None = None
+                   ) -> str | None:
+    """Log ``model_dir`` to the run as an MLflow pyfunc model and register it as a new version
+    of model ``name``, with ``tags`` (lineage: git commit, DVC hashes, params) on the version.
 
     Alias ``best`` moves to the version with the lowest ``val_bpb`` tag so far. (``latest``
     needs no alias: MLflow reserves that name and ``models:/llmcore/latest`` already resolves
     to the newest version.) Returns the version, or None for a tracker without a registry.
     """
+    import tempfile
+
     client = getattr(tracker, "client", None)
     if client is None or tracker.run_id is None:
         return None
     from mlflow.exceptions import MlflowException
 
-    tracker.log_artifact(model_dir, "model")
+    with tempfile.TemporaryDirectory() as tmp:
+        tracker.log_artifact(save_pyfunc(Path(model_dir), Path(tmp) / "model"), "model")
     with contextlib.suppress(MlflowException):  # already registered
         client.create_registered_model(name)
+    version_tags = {"kind": kind, "val_bpb": str(val_bpb),
+                    **{k: str(v)[:_PARAM_MAX] for k, v in (tags or {}).items()}}
     version = client.create_model_version(name, f"runs:/{tracker.run_id}/model",
-                                          run_id=tracker.run_id,
-                                          tags={"kind": kind, "val_bpb": str(val_bpb)})
+                                          run_id=tracker.run_id, tags=version_tags)
     best, best_bpb = None, math.inf
     for v in client.search_model_versions(f"name='{name}'"):
         try:

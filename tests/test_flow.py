@@ -181,6 +181,20 @@ def flow_logs(url: str, run_id: str) -> str:
     return "\n".join(entry["message"] for entry in logs)
 
 
+def test_prefect_list_commands_work_against_the_live_server(prefect_setup):
+    """The first commands a Prefect user types (422 with fastapi >= 0.151, see pyproject)."""
+    root, _, env = prefect_setup
+    prefect = str(Path(sys.executable).parent / "prefect")
+    out = subprocess.run([prefect, "deployment", "ls"], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "llm-pipeline/local" in out.stdout.replace("\n", "")
+    for cmd in (["flow-run", "ls"], ["work-pool", "ls"], ["flow", "ls"]):
+        out = subprocess.run([prefect, *cmd], cwd=root, env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, (cmd, out.stdout + out.stderr)
+
+
 def test_deployment_run_with_override_is_a_dvc_experiment(prefect_setup):
     from mlflow.tracking import MlflowClient
 

@@ -76,3 +76,63 @@ def test_system_metrics_are_sampled_into_the_run(tmp_path):
     t.finish()
     metrics = MlflowClient(uri).get_run(t.run_id).data.metrics
     assert any(k.startswith("system/cpu_utilization") for k in metrics), sorted(metrics)
+
+
+def test_registry_models_load_and_predict_as_mlflow_pyfunc(tmp_path, tiny_tokenizer):
+    """The registered model is a real MLflow model: pyfunc load + predict from the alias, and
+    ``mlflow models predict`` on the command line, giving llmcore's own greedy replies."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mlflow
+    import pandas as pd
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from llmcore.config import parse_section
+    from llmcore.generate import Sampling, generate
+    from llmcore.model import Transformer
+    from llmcore.modeldir import save_model_dir, state_dict_for_save
+    from llmcore.tokenizer import render_chat
+    from llmcore.tracking import register_model
+
+    tiny_tokenizer.save(tmp_path / "tok")
+    cfg = parse_section("model", {"preset": "tiny", "vocab_size": tiny_tokenizer.vocab_size})
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    save_model_dir(tmp_path / "m", cfg, state_dict_for_save(model), tmp_path / "tok", {},
+                   {"eos_token_id": [2, 0], "pad_token_id": 3})
+    uri = default_uri(tmp_path)
+    t = MlflowTracker(uri, "sft", artifact_root=tmp_path / "art")
+    version = register_model(t, tmp_path / "m", 1.0, "sft",
+                             tags={"git_commit": "abc123", "dvc.data/shards": "0f0f"})
+    t.finish()
+    tags = MlflowClient(uri).get_model_version("llmcore", version).tags
+    assert tags["git_commit"] == "abc123" and tags["dvc.data/shards"] == "0f0f"
+
+    prompts = ["What is 12 + 7?", "Spell the word 'list'."]
+    ids = [tiny_tokenizer.encode(render_chat([{"role": "user", "content": p}], True))
+           for p in prompts]
+    expected = [tiny_tokenizer.decode(o, skip_special_tokens=True) for o in generate(
+        model, ids, Sampling(max_new_tokens=8), [2, 0], pad_id=3)]
+
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.pyfunc.load_model("models:/llmcore@best")
+    got = loaded.predict(pd.DataFrame({"prompt": prompts}), params={"max_new_tokens": 8})
+    assert list(got["completion"]) == expected
+    chat = loaded.predict([{"messages": [{"role": "user", "content": prompts[0]}]}],
+                          params={"max_new_tokens": 8})
+    assert list(chat["completion"]) == expected[:1]
+
+    (tmp_path / "in.json").write_text(json.dumps({"dataframe_records": [{"prompt": prompts[0]}],
+                                                  "params": {"max_new_tokens": 8}}))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    cli = subprocess.run(
+        [str(Path(sys.executable).with_name("mlflow")), "models", "predict", "-m",
+         "models:/llmcore@best", "-i", str(tmp_path / "in.json"), "-t", "json",
+         "--env-manager", "local"], capture_output=True, text=True, env=env, timeout=300)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert json.dumps(expected[0])[1:-1] in cli.stdout
