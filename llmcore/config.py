@@ -102,7 +102,7 @@ class PackConfig:
     sft_overflow: str = spec("truncate", choices=("truncate", "drop"))
     sft_packing: bool = spec(True, doc="pack several conversations into a row while they fit")
     batch_documents: int = spec(256, ge=1, doc="documents per encode_batch call")
-    pretrain_chat_share: float = spec(0.0, ge=0.0, le=0.9, doc="share of the pretraining "
+    pretrain_chat_share: float = spec(0.5, ge=0.0, le=0.9, doc="share of the pretraining "
                                       "train tokens that are SFT train conversations")
 
 
@@ -295,6 +295,9 @@ class QuantizeConfig:
     agreement_prompts: int = spec(32, ge=1, doc="held-out prompts for greedy agreement")
     agreement_tokens: int = spec(32, ge=1)
     decode_tokens: int = spec(64, ge=8, doc="tokens decoded to time decode speed")
+    gguf: str | None = spec("q8_0", choices=(None, "f32", "f16", "q8_0"),
+                            doc="also write the SFT model as model.gguf (llama.cpp) in the "
+                                "quantized directory, of this type")
 
 
 # Sections the stages read, and their schemas. ``flow:`` belongs to the Prefect flow

@@ -106,6 +106,8 @@ class TrainResult:
     stopped_early: bool
     resumed_from: int | None
     peak_memory_mb: float
+    peak_flops: float = 0.0  # the MFU denominator
+    peak_source: str = ""  # "param" (a stored peak) or "measured" (at the start of this run)
 
 
 class Trainer:
@@ -118,6 +120,7 @@ class Trainer:
         # fp16 has too few exponent bits for small gradients; bf16 and fp32 need no scaling
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
         self.step = 0
+        self.peak: tuple[float, str] = (0.0, "")  # MFU denominator and where it came from
         self.best: dict[str, Any] | None = None
         self.evals_without_improvement = 0
         self.history: list[dict[str, float]] = []
@@ -295,6 +298,11 @@ class Trainer:
         model.train()
         fpt = flops_per_token(self.model.cfg, self.loader.ds.row_len - 1)
         peak = cfg.peak_flops or measure_peak_flops(ctx.device, ctx.dtype)
+        self.peak = (peak, "param" if cfg.peak_flops else "measured")
+        ctx.log(f"{ctx.name}: mfu against a peak of {peak / 1e9:,.1f} GFLOP/s "
+                + ("(peak_flops param)" if cfg.peak_flops else
+                   "(measured now, best of 5 matmuls; a busy machine makes it read low and MFU "
+                   "high: set peak_flops from benchmarks/peak_flops.py on a quiet machine)"))
         self._session_mark = time.perf_counter()  # time before this call is not training
         window = (time.perf_counter(), 0)
         self.last_eval = self.evals[-1] if self.evals else None
@@ -337,4 +345,5 @@ class Trainer:
             seconds=self.train_seconds, stopped_early=self.stopped_early,
             resumed_from=self.resumed_from,
             peak_memory_mb=max(mem_all + [memory_mb(self.ctx.device)]),
+            peak_flops=self.peak[0], peak_source=self.peak[1],
         )

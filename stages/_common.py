@@ -185,6 +185,13 @@ def data_hashes(root: Path, stage: str) -> dict[str, str]:
     return {f"data.{d}": outs[d] for d in deps if isinstance(d, str) and d in outs}
 
 
+def model_tags(root: Path, stage: str, cfgs: Mapping[str, Any]) -> dict[str, str]:
+    """Lineage of a registered model: git commit, DVC hashes of its data inputs, its params."""
+    tags = {"git_commit": git_commit(root), "dvc.stage": stage, **data_hashes(root, stage)}
+    tags.update({f"param.{k}": str(v) for k, v in flat_params(cfgs).items()})
+    return {k: v for k, v in tags.items() if v}
+
+
 def make_tracker(base: Any, stage: str, root: Path, params: Mapping[str, Any]) -> Tracker:
     """The stage's MLflow run (a child of its pipeline's run), or a do-nothing tracker."""
     if base.tracking == "none" or rank() != 0:

@@ -58,7 +58,8 @@ def train_and_export(stage: str, model_cfg: ModelConfig, cfg: TrainConfig, base:
     write_tsv(root / "metrics" / f"{stage}_train.tsv", r.history,
               ["step", "loss", "lr", "grad_norm", "tokens_per_s", "memory_mb"])
     write_tsv(root / "metrics" / f"{stage}_val.tsv", r.evals, ["step", "val_loss", "val_bpb"])
-    tracker.log_artifact(root / "metrics" / f"{stage}_train.tsv", "plots")
+    for curve in ("train", "val"):
+        tracker.log_artifact(root / "metrics" / f"{stage}_{curve}.tsv", "plots")
     final = r.best if (cfg.export == "best" and r.best) else r.last_eval
     metrics = {
         f"{stage}/params": out.params,
@@ -74,6 +75,8 @@ def train_and_export(stage: str, model_cfg: ModelConfig, cfg: TrainConfig, base:
         f"{stage}/mfu": round(r.mfu, 5) if r.mfu is not None else None,
         f"{stage}/train_seconds": round(r.seconds, 2),
         f"{stage}/peak_memory_mb": round(r.peak_memory_mb, 1),
+        f"{stage}/peak_flops": round(r.peak_flops, -6),
+        f"{stage}/peak_source": r.peak_source,
         f"{stage}/stopped_early": int(r.stopped_early),
         f"{stage}/resumed_from": r.resumed_from if r.resumed_from is not None else -1,
     }

@@ -10,12 +10,13 @@ from llmcore.config import UserError
 from llmcore.corpus import read_conversations
 from llmcore.device import pick_device
 from llmcore.evaluate import split_bpb
+from llmcore.gguf_export import export_gguf
 from llmcore.modeldir import load_model_dir, save_model_dir
 from llmcore.quantize import QuantSpec, compare, quantize_model, tensor_bytes
 from llmcore.shards import ShardDataset
 from llmcore.tokenizer import LLMTokenizer, render_chat, token_bytes
 from llmcore.tracking import register_model
-from stages._common import log, repo_root, run_stage
+from stages._common import log, model_tags, repo_root, run_stage
 
 PARAMS = ("base.device", "quantize")
 SOURCE, SHARDS = "data/models/sft", "data/shards"
@@ -56,7 +57,12 @@ def body(cfgs, tracker):
         "quantize/registry_bpb": round(split_bpb(q_model, ShardDataset(root / SHARDS, "sft_val"),
                                                  tb), 5),
     })
-    version = register_model(tracker, out, m["quantize/registry_bpb"], cfg.method)
+    if cfg.gguf:
+        gguf_path = export_gguf(src, out / "model.gguf", cfg.gguf)
+        m["quantize/gguf_mb"] = round(gguf_path.stat().st_size / 2**20, 3)
+        log(f"quantize: wrote {gguf_path.relative_to(root)} ({cfg.gguf})")
+    version = register_model(tracker, out, m["quantize/registry_bpb"], cfg.method,
+                             tags=model_tags(root, "quantize", cfgs))
     if version:
         log(f"quantize: registered as llmcore version {version}")
     log(f"quantize: {cfg.method} {m['quantize/size_ratio']:.2f}x smaller, bpb "

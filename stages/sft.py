@@ -17,7 +17,7 @@ from llmcore.modeldir import load_model_dir, read_model_config
 from llmcore.shards import ShardDataset
 from llmcore.tokenizer import LLMTokenizer, token_bytes
 from llmcore.tracking import register_model
-from stages._common import log, relaunch_under_torchrun, repo_root, run_stage
+from stages._common import log, model_tags, relaunch_under_torchrun, repo_root, run_stage
 from stages._training import SHARDS, train_and_export
 
 PARAMS = ("base.seed", "base.device", "base.dtype", "sft")
@@ -33,7 +33,8 @@ def body(cfgs, tracker):
         tb = torch.tensor(token_bytes(LLMTokenizer.load(root / OUT)))
         bpb = split_bpb(model, ShardDataset(root / SHARDS, "sft_val"), tb)
         metrics["sft/registry_bpb"] = round(bpb, 5) if math.isfinite(bpb) else None
-        version = register_model(tracker, root / OUT, bpb, "sft")
+        version = register_model(tracker, root / OUT, bpb, "sft",
+                                 tags=model_tags(root, "sft", cfgs))
         if version:
             log(f"sft: registered as llmcore version {version}")
     return metrics

@@ -96,10 +96,10 @@ def test_the_check_follows_new_imports(tmp_path):
         for f in (REPO / pkg).glob("*.py"):
             (tmp_path / pkg / f.name).write_text(f.read_text())
     shards = tmp_path / "llmcore" / "shards.py"
-    shards.write_text(shards.read_text() + "\nfrom llmcore import export  # noqa\n")
+    shards.write_text(shards.read_text() + "\nfrom llmcore import cli  # noqa\n")
     problems = code_dep_problems(REPO / "dvc.yaml", tmp_path)
     for stage in ("pack", "pretrain", "sft", "evaluate", "quantize"):
-        assert f"{stage}: missing dep llmcore/export.py (the stage imports it)" in problems
+        assert f"{stage}: missing dep llmcore/cli.py (the stage imports it)" in problems
 
 
 def test_exempt_files_really_change_nothing():
