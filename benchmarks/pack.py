@@ -22,7 +22,7 @@ from llmcore.config import FetchConfig
 from llmcore.corpus import read_conversations, read_texts
 from llmcore.packing import pack_all
 from llmcore.sources import build_corpus
-from llmcore.tokenizer import LLMTokenizer, train_bpe
+from llmcore.tokenizer import LLMTokenizer, render_chat, train_bpe
 
 
 def main() -> None:
@@ -55,6 +55,8 @@ def main() -> None:
     raw_s = best(lambda: tok.encode_batch(texts))
     pack_s = best(lambda: pack_all(tok, {"train": texts}, {}, work / "shards", args.seq_len))
     n_chat = sum(len(ids) for ids, _ in tok.encode_chat_batch(convs))
+    rendered = [render_chat(c) for c in convs]
+    chat_same_s = best(lambda: tok.tok.encode_batch(rendered, add_special_tokens=False))
     chat_raw_s = best(lambda: tok.tok.encode_batch(
         [''.join(m["content"] for m in c) for c in convs]))
     chat_pack_s = best(lambda: pack_all(tok, {}, {"train": convs}, work / "sft", args.seq_len))
@@ -68,6 +70,9 @@ def main() -> None:
         "sft_conversations": len(convs),
         "sft_tokens": n_chat,
         "sft_pack_tokens_per_s": round(n_chat / chat_pack_s),
+        # the same text: the conversations rendered with the chat template, encoded plainly
+        "sft_pack_ratio_vs_encode_of_same_text": round(chat_same_s / chat_pack_s, 3),
+        # the message contents alone (fewer tokens: no headers, no special tokens)
         "sft_pack_ratio_vs_plain_encode": round(chat_raw_s / chat_pack_s, 3),
     }
     json.dump(result, sys.stdout, indent=2)

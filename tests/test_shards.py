@@ -205,3 +205,16 @@ def test_chat_mix_puts_that_share_of_conversations_in_the_pretraining_train_stre
     # the draw is fixed: packing again gives the same rows
     _, again = pack(0.5, tmp_path / "again")
     assert np.array_equal(again, mixed_rows)
+
+
+def test_packing_twice_writes_identical_files(tiny_tokenizer, tmp_path):
+    """DVC hashes the shard directory: a re-run must not look like new data."""
+    texts = [f"document {i}: " + "words " * (i % 9 + 1) for i in range(30)]
+    for out in ("a", "b"):
+        pack_all(tiny_tokenizer, {"train": texts, "val": texts[:3]},
+                 {"train": CONVS[:20], "val": CONVS[20:]}, tmp_path / out, seq_len=32,
+                 chat_share=0.3)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

@@ -112,3 +112,21 @@ def test_tokenizer_without_the_special_tokens_is_refused(tmp_path):
     Tokenizer(models.BPE()).save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(UserError, match="no special token <\\|endoftext\\|>"):
         LLMTokenizer.load(tmp_path)
+
+
+def test_loss_mask_equals_its_definition_on_awkward_conversations(tiny_tokenizer):
+    """The bisection mask equals "token range inside an assistant span", token by token."""
+    from llmcore.tokenizer import assistant_spans, mask_from_offsets, render_chat
+
+    replies = ["  leading spaces", "\\n\\nnewlines first", "中文🎉 emoji 👍🏽", "x", "12345",
+               "trailing   ", "<|im_end|> typed by a user"]
+    convs = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "q"},
+              {"role": "assistant", "content": r}, {"role": "user", "content": r[::-1]},
+              {"role": "assistant", "content": r + " again"}] for r in replies]
+    for conv in convs:
+        enc = tiny_tokenizer.tok.encode(render_chat(conv), add_special_tokens=False)
+        spans = assistant_spans(conv)
+        expected = [int(any(s <= a < b <= e for s, e in spans)) for a, b in enc.offsets]
+        assert mask_from_offsets(enc.offsets, spans) == expected, conv
+    assert mask_from_offsets([], [(0, 3)]) == []
+    assert mask_from_offsets([(0, 1), (1, 2)], []) == [0, 0]
