@@ -25,7 +25,7 @@ def load(path: Path, n_ctx: int = 512, vocab_only: bool = False) -> Any:
     from llama_cpp import Llama
 
     return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, vocab_only=vocab_only,
-                 logits_all=False, verbose=False)
+                 logits_all=True, verbose=False)  # scores are kept only with logits_all
 
 
 def tokenize(llm: Any, text: str) -> list[int]:
