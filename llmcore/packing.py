@@ -162,6 +162,25 @@ def chat_quota(doc_tokens: int, share: float) -> int:
     return int(round(doc_tokens * share / (1.0 - share))) if share > 0 else 0
 
 
+def chat_documents(tokenizer: Any, convs: list[list[dict]], share: float, seed: int,
+                   batch: int, st: PackStats) -> Iterator[list[list[int]]]:
+    """Encoded conversations, drawn in a seeded order, as pretraining documents, until they
+    make up ``share`` of the stream with the documents counted in ``st`` so far."""
+    quota = chat_quota(st.doc_tokens, share)
+    order = np.random.default_rng(seed).permutation(len(convs))
+    for chunk in chunked(order, batch):
+        if st.chat_tokens >= quota:
+            return
+        docs = []
+        for ids, _ in tokenizer.encode_chat_batch([convs[i] for i in chunk]):
+            if st.chat_tokens >= quota:
+                break
+            docs.append(ids)
+            st.chat_tokens += len(ids) + 1
+            st.chat_conversations += 1
+        yield docs
+
+
 def pack_all(tokenizer: Any, pretrain: dict[str, list[str]], sft: dict[str, list[list[dict]]],
              out_dir: Path, seq_len: int, rows_per_shard: int = 4096,
              sft_overflow: str = "truncate", batch_documents: int = 256,
@@ -194,28 +213,13 @@ def pack_all(tokenizer: Any, pretrain: dict[str, list[str]], sft: dict[str, list
             if progress:
                 progress(len(chunk))
 
-    def mixed_chat(convs: list[list[dict]], st: PackStats) -> Iterator[list[list[int]]]:
-        """Conversations as documents until the quota of the documents read so far is met."""
-        quota = chat_quota(st.doc_tokens, chat_share)
-        order = np.random.default_rng(seed).permutation(len(convs))
-        for chunk in chunked(order, batch_documents):
-            if st.chat_tokens >= quota:
-                return
-            docs = []
-            for ids, _ in tokenizer.encode_chat_batch([convs[i] for i in chunk]):
-                if st.chat_tokens >= quota:
-                    break
-                docs.append(ids)
-                st.chat_tokens += len(ids) + 1
-                st.chat_conversations += 1
-            yield docs
-
     for split, texts in pretrain.items():
         name = f"pretrain_{split}"
         st = stats[name] = PackStats()
         chunks: Iterable[list[list[int]]] = encoded_docs(texts, st)
         if split == "train" and chat_share > 0 and sft.get("train"):
-            chunks = chain(chunks, mixed_chat(sft["train"], st))
+            chunks = chain(chunks, chat_documents(tokenizer, sft["train"], chat_share, seed,
+                                                  batch_documents, st))
         rows = pretrain_rows(chunks, seq_len, tokenizer.eot_id, st)
         splits[name] = pack_split(out_dir, name, rows, seq_len + 1, dtype, rows_per_shard, False)
     for split, convs in sft.items():
@@ -224,9 +228,17 @@ def pack_all(tokenizer: Any, pretrain: dict[str, list[str]], sft: dict[str, list
         rows = sft_rows(encoded_convs(convs), seq_len, tokenizer.pad_id, sft_overflow, st,
                         packed=sft_packed)
         splits[name] = pack_split(out_dir, name, rows, seq_len + 1, dtype, rows_per_shard, True)
-    seconds = time.perf_counter() - start
     for name, st in stats.items():
         splits[name].update(st.as_dict())
+    manifest = write_manifest(out_dir, tokenizer, seq_len, dtype, chat_share, splits)
+    manifest["seconds"] = round(time.perf_counter() - start, 3)
+    return manifest
+
+
+def write_manifest(out_dir: Path, tokenizer: Any, seq_len: int, dtype: np.dtype,
+                   chat_share: float, splits: dict[str, Any]) -> dict[str, Any]:
+    """``manifest.json``. It holds no timing: identical rows must give an identical shard
+    directory, or DVC would see new data (and retrain everything) whenever packing re-runs."""
     manifest = {
         "format_version": FORMAT_VERSION,
         "seq_len": seq_len,
@@ -239,12 +251,6 @@ def pack_all(tokenizer: Any, pretrain: dict[str, list[str]], sft: dict[str, list
         "loss_mask": "loss_mask[i] == 1 iff token i is an assistant reply token to predict",
         "pretrain_chat_share": chat_share,
         "splits": splits,
-        "seconds": round(seconds, 3),
     }
-    # the file holds no timing: identical rows must give an identical shard directory, or
-    # DVC would see new data (and retrain everything) whenever packing merely re-runs
-    on_disk = {k: v for k, v in manifest.items() if k != "seconds"}
-    (out_dir / MANIFEST).write_text(json.dumps(on_disk, indent=2) + "\n")
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-

@@ -10,6 +10,7 @@ from llmcore.config import UserError
 from llmcore.corpus import read_conversations
 from llmcore.device import pick_device
 from llmcore.evaluate import split_bpb
+from llmcore.export import llama_compatible
 from llmcore.gguf_export import export_gguf
 from llmcore.modeldir import load_model_dir, save_model_dir
 from llmcore.quantize import QuantSpec, compare, quantize_model, tensor_bytes
@@ -57,7 +58,11 @@ def body(cfgs, tracker):
         "quantize/registry_bpb": round(split_bpb(q_model, ShardDataset(root / SHARDS, "sft_val"),
                                                  tb), 5),
     })
-    if cfg.gguf:
+    cannot = llama_compatible(model_cfg)
+    if cfg.gguf and cannot:  # a non-Llama experiment still gets its int8 model
+        log(f"quantize: no GGUF written, llama.cpp's llama architecture needs rope, rmsnorm, "
+            f"swiglu and no biases: {'; '.join(cannot)} (quantize.gguf: null silences this)")
+    elif cfg.gguf:
         gguf_path = export_gguf(src, out / "model.gguf", cfg.gguf)
         m["quantize/gguf_mb"] = round(gguf_path.stat().st_size / 2**20, 3)
         log(f"quantize: wrote {gguf_path.relative_to(root)} ({cfg.gguf})")

@@ -204,3 +204,20 @@ def test_a_stage_process_prints_no_traceback(project):
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith(
         "pack: error: ") and "tokenizer.json is not a valid tokenizer" in out.stderr
+
+
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_quantize_writes_gguf_only_where_llama_cpp_can_run_it(project, monkeypatch, capsys,
+                                                              positions):
+    """The default quantize.gguf never fails an experiment whose model is not Llama-shaped."""
+    write_params(project, {**TINY, "model": {"preset": "tiny", "positions": positions}})
+    for stage in ("pretrain", "sft", "quantize"):
+        code, err = run(stage, project, monkeypatch, capsys)
+        assert code == 0, err
+    gguf = project / "data/models/sft-int8/model.gguf"
+    assert (project / "data/models/sft-int8/model.safetensors").is_file()
+    if positions == "rope":
+        assert gguf.is_file() and gguf.read_bytes()[:4] == b"GGUF"
+    else:
+        assert not gguf.exists()
+        assert "no GGUF written" in err and "positions is learned" in err
