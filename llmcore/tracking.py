@@ -226,6 +226,8 @@ def save_pyfunc(model_dir: Path, out: Path) -> Path:
         Schema,
     )
 
+    # the params and their defaults are llmcore.pyfunc.DEFAULT_PARAMS (this module imports no
+    # library code; a test compares the two)
     message = Object([Property("role", DataType.string), Property("content", DataType.string)])
     signature = ModelSignature(
         inputs=Schema([ColSpec(DataType.string, "prompt", required=False),

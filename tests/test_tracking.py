@@ -121,6 +121,10 @@ def test_registry_models_load_and_predict_as_mlflow_pyfunc(tmp_path, tiny_tokeni
 
     mlflow.set_tracking_uri(uri)
     loaded = mlflow.pyfunc.load_model("models:/llmcore@best")
+    from llmcore.pyfunc import DEFAULT_PARAMS
+
+    params = loaded.metadata.get_params_schema().params
+    assert {p.name: p.default for p in params} == DEFAULT_PARAMS
     got = loaded.predict(pd.DataFrame({"prompt": prompts}), params={"max_new_tokens": 8})
     assert list(got["completion"]) == expected
     chat = loaded.predict([{"messages": [{"role": "user", "content": prompts[0]}]}],
