@@ -38,6 +38,7 @@ class KVCache:
         self.offset = 0  # positions already filled
         # (B, max_len) True where the key is a real token; None when no row is padded
         self.key_padding = key_padding
+        self._mask: tuple[tuple[int, int], tuple[torch.Tensor | None, bool]] | None = None
 
     @classmethod
     def for_model(cls, model: Any, batch: int, max_len: int,
@@ -46,6 +47,33 @@ class KVCache:
         p = next(model.parameters())
         return cls(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, max_len, p.device,
                    p.dtype, key_padding)
+
+    @classmethod
+    def over(cls, k: list[torch.Tensor], v: list[torch.Tensor]) -> KVCache:
+        """A cache writing into existing (B, K, max_len, Hd) tensors, e.g. views of one slot
+        of a :class:`~llmcore.engine.SlotCache`."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.max_len = k, v, k[0].shape[2]
+        cache.offset, cache.key_padding, cache._mask = 0, None, None
+        return cache
+
+    def attn_mask(self, T: int) -> tuple[torch.Tensor | None, bool]:
+        """(mask, is_causal) for T queries at positions offset..offset+T-1; the same for every
+        layer of one forward, so it is built once per step."""
+        if self._mask is not None and self._mask[0] == (self.offset, T):
+            return self._mask[1]
+        past, S = self.offset, self.offset + T
+        if past == 0 and self.key_padding is None:
+            out: tuple[torch.Tensor | None, bool] = (None, True)  # the plain causal kernel
+        elif T == 1 and self.key_padding is None:
+            out = (None, False)  # one query sees every cached key: no mask at all
+        else:  # queries see every key up to their own position, and no padding
+            mask = torch.ones(T, S, dtype=torch.bool, device=self.k[0].device).tril(past)
+            if self.key_padding is not None:  # (B, S): False where a batch row has padding
+                mask = mask[None, None] & self.key_padding[:, None, None, :S]
+            out = (mask, False)
+        self._mask = ((self.offset, T), out)
+        return out
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:

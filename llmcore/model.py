@@ -10,8 +10,9 @@ Shapes in comments: B batch, T tokens, D model width, H query heads, K key/value
 Hd head width, F MLP width, V vocabulary.
 
 Architecture only: no loss, no optimizer, no sampling. ``forward`` takes an optional cache
-object (see ``llmcore.generate``) with ``offset`` (tokens already cached) and
-``update(layer, k, v) -> (k_all, v_all)``, and optional ``segments`` (B, T): the document each
+object (see ``llmcore.generate``) with ``offset`` (tokens already cached),
+``attn_mask(T) -> (mask | None, is_causal)`` for T new queries, ``update(layer, k, v) ->
+(k_all, v_all)`` and ``advance(T)``, and optional ``segments`` (B, T): the document each
 token of a packed row belongs to. With ``doc_mask`` the loop passes them, and a token attends
 only to earlier tokens of its own document, whose positions count from its first token, so a
 packed row computes what each document would alone (a block-diagonal causal mask).
@@ -92,26 +93,19 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        past = 0
+        mask, causal = None, cache is None
         if cache is not None:
-            past = cache.offset
-            k, v = cache.update(self.layer, k, v)  # (B, K, past + T, Hd)
+            mask, causal = cache.attn_mask(T)  # before update: relative to the cached offset
+            k, v = cache.update(self.layer, k, v)  # (B, K, S, Hd)
         if self.n_kv != self.n_heads:
             rep = self.n_heads // self.n_kv
             k = k.repeat_interleave(rep, dim=1)  # (B, H, S, Hd)
             v = v.repeat_interleave(rep, dim=1)
         dropout = self.cfg.dropout if self.training else 0.0
         if doc_mask is not None:  # (B, 1, T, T): packed documents do not see each other
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=doc_mask, dropout_p=dropout)
-        elif past == 0 and (cache is None or cache.key_padding is None):
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        else:
-            # queries sit at positions past..past+T-1 and see every key up to their own
-            S = k.shape[2]
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            if cache.key_padding is not None:  # (B, S): False where a batch row has padding
-                mask = mask[None, None] & cache.key_padding[:, None, None, :S]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            mask, causal = doc_mask, False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                           is_causal=causal)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*Hd)
         return self.o_proj(y)  # (B, T, D)
 
