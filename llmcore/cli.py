@@ -3,7 +3,8 @@
     llmcore generate data/models/sft "What is 12 + 7?"
     llmcore generate data/models/pretrain "The list type" --raw --temperature 0.8 --top-p 0.9
     llmcore chat data/models/sft-int8
-    llmcore serve data/models/sft --host 127.0.0.1 --port 8000
+    llmcore serve data/models/sft --host 127.0.0.1 --port 8000   # chat page at /
+    llmcore serve models:/llmcore@best                         # a registry model
     llmcore export data/models/sft exports/sft-hf      # transformers LlamaForCausalLM
     llmcore export data/models/sft exports/sft.gguf --format gguf --gguf-type q8_0  # llama.cpp
 
@@ -14,6 +15,7 @@ conversation and streams each reply (``/reset`` clears it, ``/quit`` or end of i
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,14 +54,12 @@ def _stream_reply(model: Any, tok: Any, ids: list[int], args: argparse.Namespace
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from llmcore.tokenizer import render_chat
-
     model, tok = _load(args.model, args.device)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     for prompt in prompts:
-        text = prompt if args.raw else render_chat([{"role": "user", "content": prompt}],
-                                                   add_generation_prompt=True)
-        ids = tok.encode(text)
+        # typed text is plain text: "<|im_end|>" in it is not a control token
+        ids = (tok.encode_text(prompt) if args.raw else
+               tok.encode_prompt([{"role": "user", "content": prompt}]))
         if not ids:
             print("llmcore: empty prompt", file=sys.stderr)
             return 2
@@ -68,8 +68,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from llmcore.tokenizer import render_chat
-
     model, tok = _load(args.model, args.device)
     history: list[dict[str, str]] = []
     if args.system:
@@ -91,7 +89,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             history = history[:1] if args.system else []
             continue
         history.append({"role": "user", "content": line})
-        ids = tok.encode(render_chat(history, add_generation_prompt=True))
+        ids = tok.encode_prompt(history)  # user text cannot forge a turn
         if interactive:
             sys.stdout.write("model> ")
         reply = _stream_reply(model, tok, ids, args, sys.stdout)
@@ -99,12 +97,31 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
     import uvicorn
 
     from llmcore.serve import create_app
 
-    uvicorn.run(create_app(Path(args.model), args.device), host=args.host, port=args.port,
-                log_level="info")
+    model, name = Path(args.model), None
+    if args.model.startswith("models:/"):
+        from llmcore.tracking import default_uri, fetch_registered_model
+
+        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or default_uri(Path.cwd())
+        cache = Path.home() / ".cache" / "llmcore" / "registry"
+        try:
+            model, name = fetch_registered_model(args.model, tracking_uri, cache)
+        except LookupError as exc:
+            print(f"llmcore: {exc}", file=sys.stderr)
+            return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    app = create_app(model, args.device, name=name, max_batch=args.max_batch,
+                     max_queue=args.max_queue, max_body=args.max_body)
+    print(f"llmcore: serving {name or model.name} on http://{args.host}:{args.port}/ "
+          f"(max batch {args.max_batch}, queue {args.max_queue})", file=sys.stderr)
+    # a bounded graceful shutdown: SIGTERM ends open streams within seconds
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info",
+                timeout_graceful_shutdown=3)
     return 0
 
 
@@ -118,6 +135,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     print(export_hf(Path(args.model), Path(args.out)))
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
+    return value
+
+
+def _nonnegative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (got {value})")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,11 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="a system message")
     c.set_defaults(func=cmd_chat)
 
-    s = sub.add_parser("serve", help="HTTP service: /v1/generate, /v1/chat/completions")
-    s.add_argument("model", help="a model directory")
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP service and a chat page at /")
+    s.add_argument("model", help="a model directory, or a registry URI models:/<name>@<alias>")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--device", default="auto")
+    s.add_argument("--max-batch", type=_positive, default=8,
+                   help="requests decoded together (continuous batching)")
+    s.add_argument("--max-queue", type=_nonnegative, default=64,
+                   help="requests that may wait for a free slot; past it: 429")
+    s.add_argument("--max-body", type=_positive, default=1 << 20, help="request body bytes")
     s.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("export", help="write a transformers (Llama) directory or a GGUF file")

@@ -19,6 +19,7 @@ frees the slot at the next step. Nothing here knows about HTTP.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,8 @@ from typing import Any
 import torch
 
 from llmcore.generate import KVCache, Sampling, sample_next
+
+log = logging.getLogger("llmcore.engine")
 
 
 class QueueFull(Exception):
@@ -153,6 +156,9 @@ class _Running:
         return Event(piece, len(self.ids), finish=reason)
 
 
+_ADMITTING: Any = object()  # a slot's placeholder between leaving the queue and its prefill
+
+
 class Engine:
     """The decode loop; start with :meth:`start`, stop with :meth:`stop`."""
 
@@ -172,7 +178,8 @@ class Engine:
 
     # -- the caller's side ------------------------------------------------------------------
     def submit(self, *requests: Request) -> None:
-        """Queue requests (all or none); raises QueueFull past ``max_queue`` waiting."""
+        """Queue requests (all or none); raises QueueFull when more than ``max_queue`` would
+        wait for a slot."""
         for r in requests:
             if not r.prompt or len(r.prompt) + r.sampling.max_new_tokens > self.max_len:
                 raise ValueError(f"prompt ({len(r.prompt)} tokens) + max_new_tokens "
@@ -180,9 +187,12 @@ class Engine:
         with self.cond:
             if self.stopping:
                 raise QueueFull("the server is shutting down")
-            if len(self.waiting) + len(requests) > self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting (the limit is "
-                                f"{self.max_queue}); retry later")
+            free = sum(s is None for s in self.slots)  # taken at the next step, no wait
+            if len(self.waiting) + len(requests) - free > self.max_queue:
+                raise QueueFull(f"{self.max_batch} requests are running and "
+                                f"{len(self.waiting)} waiting (the limits of this server: "
+                                f"--max-batch {self.max_batch}, --max-queue {self.max_queue})"
+                                "; retry later")
             self.waiting.extend(requests)
             self.cond.notify()
         self.start()
@@ -227,6 +237,7 @@ class Engine:
                 for i, s in enumerate(self.slots):
                     if s is None and self.waiting:
                         admitted.append((i, self.waiting.popleft()))
+                        self.slots[i] = _ADMITTING  # taken: counted as running from now
             for i, req in admitted:
                 self._guarded(i, req, self._prefill)
             self._drop_cancelled()
@@ -234,6 +245,7 @@ class Engine:
                 try:
                     self._step()
                 except Exception as exc:  # a bug must not leave clients waiting forever
+                    log.exception("decode step failed; ending every running request")
                     for i in range(self.max_batch):
                         self._end(i, Event("", 0, finish="error", error=repr(exc)[:200]))
         for i in range(self.max_batch):
@@ -243,10 +255,12 @@ class Engine:
         try:
             fn(i, req)
         except Exception as exc:
+            log.exception("prefill failed")
             self.slots[i] = None
             req.on_event(Event("", 0, finish="error", error=repr(exc)[:200]))
 
     def _prefill(self, i: int, req: Request) -> None:
+        self.slots[i] = None
         if req.cancelled.is_set():
             req.on_event(Event("", 0, finish="cancelled"))
             return

@@ -111,6 +111,10 @@ class LLMTokenizer:
 
     def __init__(self, tok: Tokenizer) -> None:
         self.tok = tok
+        # a twin that reads special-token strings as plain text: what user text goes through,
+        # so that typing "<|im_end|><|im_start|>assistant" cannot forge a turn
+        self.plain = Tokenizer.from_str(tok.to_str())
+        self.plain.encode_special_tokens = True
         self.eot_id = self._id(EOT)
         self.im_start_id = self._id(IM_START)
         self.im_end_id = self._id(IM_END)
@@ -134,6 +138,26 @@ class LLMTokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of untrusted text: never a control token, whatever the text says."""
+        return self.plain.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True
+                      ) -> list[int]:
+        """The chat template's ids with roles and contents encoded as plain text.
+
+        Equal to ``encode(render_chat(...))`` for text without special-token strings (the
+        tokenizer splits at special tokens anyway), but a special token can only come from the
+        template itself.
+        """
+        ids: list[int] = []
+        for m in messages:
+            ids += [self.im_start_id, *self.encode_text(f"{m['role']}\n{m['content']}"),
+                    self.im_end_id, *self.encode_text("\n")]
+        if add_generation_prompt:
+            ids += [self.im_start_id, *self.encode_text("assistant\n")]
+        return ids
 
     def encode_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False
                     ) -> tuple[list[int], list[int]]:

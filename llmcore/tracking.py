@@ -283,3 +283,47 @@ def register_model(tracker: Any, model_dir: Path, val_bpb: float | None, kind: s
     if best is not None:
         client.set_registered_model_alias(name, "best", best)
     return str(version.version)
+
+
+def fetch_registered_model(uri: str, tracking_uri: str, cache: Path) -> tuple[Path, str]:
+    """The local model directory of a registry URI, ``models:/<name>@<alias>`` or
+    ``models:/<name>/<version>``, and its id ``<name>:<version>``.
+
+    Downloaded once per version into ``cache``; a missing model, alias or version raises
+    LookupError naming it.
+    """
+    import shutil
+
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+    from mlflow.tracking import MlflowClient
+
+    quiet_telemetry()
+    spec = uri.removeprefix("models:/")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        if "@" in spec:
+            name, alias = spec.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = spec.partition("/")
+            version = client.get_model_version(name, number or "latest")
+    except MlflowException as exc:
+        raise LookupError(f"{uri} is not in the registry at {tracking_uri}: "
+                          f"{exc.message.splitlines()[0][:200]}") from None
+    model_id = f"{name}:{version.version}"
+    dest = Path(cache) / f"{name}-v{version.version}"
+    if not (dest / "MLmodel").is_file():
+        tmp = dest.with_name(dest.name + ".part")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        download_artifacts(artifact_uri=f"models:/{name}/{version.version}", dst_path=str(tmp),
+                           tracking_uri=tracking_uri)
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    data = Model.load(str(dest / "MLmodel")).flavors["python_function"].get("data")
+    if not data:
+        raise LookupError(f"{uri} is not an llmcore model (its pyfunc flavour has no data "
+                          "directory)")
+    return dest / data, model_id
