@@ -99,8 +99,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    import uvicorn
-
     from llmcore.serve import create_app
 
     model, name = Path(args.model), None
@@ -116,13 +114,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app = create_app(model, args.device, name=name, max_batch=args.max_batch,
-                     max_queue=args.max_queue, max_body=args.max_body)
+                     max_queue=args.max_queue, max_body=args.max_body, engine_thread=False)
     print(f"llmcore: serving {name or model.name} on http://{args.host}:{args.port}/ "
           f"(max batch {args.max_batch}, queue {args.max_queue})", file=sys.stderr)
-    # a bounded graceful shutdown: SIGTERM ends open streams within seconds
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info",
-                timeout_graceful_shutdown=3)
+    _run_server(app, args.host, args.port)
     return 0
+
+
+def _run_server(app: Any, host: str, port: int) -> None:
+    """HTTP in a thread, the decode loop in the main thread (see Engine.own_thread).
+
+    SIGTERM / SIGINT ask uvicorn to shut down (open streams are cut after 3 s); its lifespan
+    stops the engine, which ends the loop here.
+    """
+    import signal
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                           timeout_graceful_shutdown=3))
+    http = threading.Thread(target=server.run, name="http", daemon=True)
+
+    def shutdown(*_: Any) -> None:
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    http.start()
+    engine = app.state.engine
+    watcher = threading.Thread(target=lambda: (http.join(), engine.stop(0)), daemon=True)
+    watcher.start()  # the server thread ended (shut down, or failed to bind): end the loop
+    engine.run()
+    http.join(10)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

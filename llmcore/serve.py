@@ -45,8 +45,12 @@ from llmcore.http_guard import ApiError, BodyLimit, error_body, install_error_ha
 
 
 def create_app(model_dir: Path, device: str = "auto", *, name: str | None = None,
-               max_batch: int = 8, max_queue: int = 64, max_body: int = 1 << 20) -> FastAPI:
-    """The service for one model directory (loaded once, at creation)."""
+               max_batch: int = 8, max_queue: int = 64, max_body: int = 1 << 20,
+               engine_thread: bool = True) -> FastAPI:
+    """The service for one model directory (loaded once, at creation).
+
+    ``engine_thread=False`` leaves running the decode loop (``app.state.engine.run()``) to
+    the caller, which is what ``llmcore serve`` does from its main thread."""
     from llmcore.device import pick_device
     from llmcore.modeldir import load_model_dir
     from llmcore.tokenizer import LLMTokenizer
@@ -54,7 +58,8 @@ def create_app(model_dir: Path, device: str = "auto", *, name: str | None = None
     model_dir = Path(model_dir)
     model, cfg = load_model_dir(model_dir, pick_device(device))
     tok = LLMTokenizer.load(model_dir)
-    engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue,
+                    own_thread=engine_thread)
     model_id = name or model_dir.name
     created = int(time.time())
     stop_ids = (tok.im_end_id, tok.eot_id)
