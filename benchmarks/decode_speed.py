@@ -24,7 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def measure(model_dir: Path, tokens: int, rounds: int, profile: bool = True) -> dict:
+def measure(model_dir: Path, tokens: int, rounds: int, profile: bool = True,
+            engine: bool = True) -> dict:
     import torch
     from transformers import LlamaForCausalLM
 
@@ -48,30 +49,44 @@ def measure(model_dir: Path, tokens: int, rounds: int, profile: bool = True) -> 
     def ours() -> list[int]:
         return generate(model, [prompt], Sampling(max_new_tokens=tokens))[0]
 
+    hf.generation_config.eos_token_id = None  # run exactly `tokens` steps, like ours
+
     def theirs() -> list[int]:
         with torch.no_grad():
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                              max_new_tokens=tokens, min_new_tokens=tokens,
-                              pad_token_id=tok.pad_id)
+                              max_new_tokens=tokens, pad_token_id=tok.pad_id)
         return out[0, len(prompt):].tolist()
 
-    ours(), theirs()  # warm-up
-    rates: dict[str, list[float]] = {"llmcore": [], "hf": []}
+    sides = {"llmcore": ours, "hf": theirs}
+    if engine:  # the server's decode path, in this (the main) thread, as `llmcore serve` runs
+        from llmcore.engine import Engine
+
+        for name, compiled in (("engine", False), ("engine_compiled", True)):
+            eng = Engine(model, tok, max_batch=8, own_thread=False, compile=compiled)
+            eng.warm_up()
+            sides[name] = lambda eng=eng: _engine_run(eng, prompt, tokens)
+    for fn in sides.values():
+        fn()  # warm-up
+    rates: dict[str, list[float]] = {name: [] for name in sides}
     outs = {}
     for _ in range(rounds):
-        for name, fn in (("llmcore", ours), ("hf", theirs)):
+        for name, fn in sides.items():
             start = time.perf_counter()
             outs[name] = fn()
             rates[name].append(len(outs[name]) / (time.perf_counter() - start))
     agree = sum(a == b for a, b in zip(outs["llmcore"], outs["hf"], strict=False)) / tokens
     result = {"tokens": tokens, "prompt_tokens": len(prompt), "rounds": rounds,
-              "threads": torch.get_num_threads(),
-              "llmcore_tok_s": round(statistics.median(rates["llmcore"]), 1),
-              "hf_tok_s": round(statistics.median(rates["hf"]), 1),
-              "token_agreement": round(agree, 4), "all_rates": rates}
-    result["ratio"] = round(result["llmcore_tok_s"] / result["hf_tok_s"], 3)
+              "threads": torch.get_num_threads(), "token_agreement": round(agree, 4),
+              "tok_s": {k: round(statistics.median(v), 1) for k, v in rates.items()},
+              "all_rates": rates}
+    result["ratio_vs_hf"] = {k: round(v / result["tok_s"]["hf"], 3)
+                             for k, v in result["tok_s"].items() if k != "hf"}
+    if engine:
+        result["engine_equals_generate"] = outs["engine"] == outs["llmcore"] == outs[
+            "engine_compiled"]
     if profile:
-        from torch.profiler import ProfilerActivity, profile as prof
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
 
         with prof(activities=[ProfilerActivity.CPU]) as p:
             start = time.perf_counter()
@@ -82,6 +97,18 @@ def measure(model_dir: Path, tokens: int, rounds: int, profile: bool = True) -> 
         result["profile"] = {"wall_s": round(wall, 4), "op_self_s": round(ops, 4),
                              "per_token_ms": round(1000 * wall / tokens, 3), "table": table}
     return result
+
+
+def _engine_run(engine, prompt: list[int], tokens: int) -> list[int]:
+    """One greedy request through the engine, run to completion in this thread."""
+    from llmcore.engine import Request
+    from llmcore.generate import Sampling
+
+    done: list = []
+    engine.submit(Request(prompt, Sampling(max_new_tokens=tokens),
+                          lambda e: done.append(e) if e.finish else None))
+    engine.run(until_idle=True)
+    return done[0].ids
 
 
 def main() -> None:
@@ -95,8 +122,12 @@ def main() -> None:
     sys.path.insert(0, str(args.tree.resolve()))
     r = measure(args.model.resolve(), args.tokens, args.rounds)
     print(r.get("profile", {}).get("table", ""))
-    print(f"llmcore {r['llmcore_tok_s']} tok/s, transformers generate {r['hf_tok_s']} tok/s: "
-          f"{r['ratio']}x (token agreement {r['token_agreement']}, {r['threads']} threads)")
+    for name, rate in r["tok_s"].items():
+        ratio = r["ratio_vs_hf"].get(name)
+        print(f"{name:>16} {rate:>8.1f} tok/s" + (f"  {ratio:.2f}x transformers generate"
+                                                   if ratio else ""))
+    print(f"token agreement llmcore vs transformers {r['token_agreement']}, "
+          f"{r['threads']} threads")
     out = REPO / "reports" / f"decode_speed{'-' + args.label if args.label else ''}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(r, indent=2) + "\n")

@@ -114,7 +114,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app = create_app(model, args.device, name=name, max_batch=args.max_batch,
-                     max_queue=args.max_queue, max_body=args.max_body, engine_thread=False)
+                     max_queue=args.max_queue, max_body=args.max_body, engine_thread=False,
+                     compile=args.compile)
+    if args.compile:
+        print("llmcore: compiling the decode step (torch.compile, once)...", file=sys.stderr)
+        app.state.engine.warm_up()
     print(f"llmcore: serving {name or model.name} on http://{args.host}:{args.port}/ "
           f"(max batch {args.max_batch}, queue {args.max_queue})", file=sys.stderr)
     _run_server(app, args.host, args.port)
@@ -209,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=_nonnegative, default=64,
                    help="requests that may wait for a free slot; past it: 429")
     s.add_argument("--max-body", type=_positive, default=1 << 20, help="request body bytes")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the model before serving (slower start, faster tokens)")
     s.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("export", help="write a transformers (Llama) directory or a GGUF file")

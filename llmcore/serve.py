@@ -46,7 +46,7 @@ from llmcore.http_guard import ApiError, BodyLimit, error_body, install_error_ha
 
 def create_app(model_dir: Path, device: str = "auto", *, name: str | None = None,
                max_batch: int = 8, max_queue: int = 64, max_body: int = 1 << 20,
-               engine_thread: bool = True) -> FastAPI:
+               engine_thread: bool = True, compile: bool = False) -> FastAPI:
     """The service for one model directory (loaded once, at creation).
 
     ``engine_thread=False`` leaves running the decode loop (``app.state.engine.run()``) to
@@ -59,7 +59,7 @@ def create_app(model_dir: Path, device: str = "auto", *, name: str | None = None
     model, cfg = load_model_dir(model_dir, pick_device(device))
     tok = LLMTokenizer.load(model_dir)
     engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue,
-                    own_thread=engine_thread)
+                    own_thread=engine_thread, compile=compile)
     model_id = name or model_dir.name
     created = int(time.time())
     stop_ids = (tok.im_end_id, tok.eot_id)

@@ -50,7 +50,7 @@ class LiveServer:
                  cwd: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.TemporaryFile("w+")
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llmcore.cli", "serve", str(model), "--port", str(self.port),
              "--device", "cpu", *args], env=env or project_env(), cwd=cwd,
@@ -63,9 +63,12 @@ class LiveServer:
             except OSError:
                 pass
             if self.proc.poll() is not None or time.time() > deadline:
+                self.proc.kill()
+                self.proc.wait(5)
+                out = self.output()[-3000:]
                 self.stop()
                 raise RuntimeError(f"llmcore serve did not start (exit {self.proc.poll()}):\n"
-                                   + self.output()[-3000:])
+                                   + out)
             time.sleep(0.2)
 
     def output(self) -> str:
@@ -85,6 +88,8 @@ class LiveServer:
         return False
 
     def stop(self) -> None:
+        if self.log.closed:
+            return
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -92,3 +97,4 @@ class LiveServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        self.log.close()

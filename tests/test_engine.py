@@ -108,3 +108,26 @@ def test_requests_past_the_context_are_refused(model, tiny_tokenizer):
     engine = Engine(model, tiny_tokenizer)
     with pytest.raises(ValueError, match="must be 1..192"):
         engine.submit(Request([1] * 190, Sampling(max_new_tokens=7), lambda e: None))
+
+
+def test_compiled_engine_gives_the_eager_tokens(tiny_tokenizer):
+    """torch.compile of the step (dynamic shapes: any batch, any cache span) changes speed,
+    not answers; the engine runs in the caller's thread here, as under `llmcore serve`."""
+    torch.manual_seed(0)
+    cfg = parse_section("model", {"preset": "tiny", "vocab_size": 300, "max_seq_len": 128})
+    model = Transformer(cfg).eval()
+    engine = Engine(model, tiny_tokenizer, max_batch=4, own_thread=False, compile=True)
+    engine.warm_up()
+    jobs = [(p, Sampling(max_new_tokens=6 + i)) for i, p in enumerate(prompts(tiny_tokenizer, 3))]
+    got: list = [None] * len(jobs)
+
+    def client():
+        for i, (p, s) in enumerate(jobs):
+            got[i] = complete(engine, p, s, [tiny_tokenizer.im_end_id, tiny_tokenizer.eot_id])[0]
+        engine.stop(0)
+
+    t = threading.Thread(target=client)
+    t.start()
+    engine.run()
+    t.join(60)
+    assert got == [alone(model, tiny_tokenizer, p, s) for p, s in jobs]
