@@ -63,6 +63,7 @@ class SamplingFields(BaseModel):
     logprobs: bool | int | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
+    logit_bias: dict[str, float] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -79,6 +80,8 @@ class SamplingFields(BaseModel):
                 raise ValueError(f"{name} is not supported by this server (send 0 or omit it)")
         if self.logprobs:
             raise ValueError("logprobs is not supported by this server")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported by this server")
         if self.tools:
             raise ValueError("tools are not supported by this server")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
@@ -104,8 +107,18 @@ class ChatRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] = Field(..., description="a prompt, or a list of prompts")
 
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
     @model_validator(mode="after")
     def _bounded(self) -> CompletionRequest:
+        if self.echo:
+            raise ValueError("echo is not supported by this server")
+        if self.best_of not in (None, self.n):
+            raise ValueError("best_of is not supported by this server (omit it or send n)")
+        if self.suffix:
+            raise ValueError("suffix is not supported by this server")
         if not 1 <= len(self.prompts()) * self.n <= MAX_PROMPTS:
             raise ValueError(f"prompt: 1 to {MAX_PROMPTS} completions per request "
                              f"(prompts x n), got {len(self.prompts()) * self.n}")

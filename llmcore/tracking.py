@@ -313,7 +313,8 @@ def fetch_registered_model(uri: str, tracking_uri: str, cache: Path) -> tuple[Pa
         raise LookupError(f"{uri} is not in the registry at {tracking_uri}: "
                           f"{exc.message.splitlines()[0][:200]}") from None
     model_id = f"{name}:{version.version}"
-    dest = Path(cache) / f"{name}-v{version.version}"
+    # the run id makes the cache entry unique across stores that reuse names and numbers
+    dest = Path(cache) / f"{name}-v{version.version}-{(version.run_id or 'norun')[:12]}"
     if not (dest / "MLmodel").is_file():
         tmp = dest.with_name(dest.name + ".part")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -157,6 +157,9 @@ def test_bad_requests_name_the_problem(served, body, status, fragment):
     ("/v1/generate", {"json": {"prompt": ["a"] * 65}}, 422, "64 prompts"),
     ("/v1/generate", {"json": {"prompt": "a", "max_new_tokens": 4096}}, 400, "context"),
     ("/v1/completions", {"json": {"prompt": "a", "n": 8, "max_tokens": 2}}, 200, "choices"),
+    ("/v1/completions", {"json": {"prompt": "a", "echo": True}}, 422, "echo"),
+    ("/v1/chat/completions", {"json": {"messages": MSG, "logit_bias": {"5": 3}}}, 422,
+     "logit_bias"),
     ("/v1/nothing", {"json": {}}, 404, "Not Found"),
 ])
 def test_hostile_bodies_are_4xx(served, path, kwargs, status, fragment):

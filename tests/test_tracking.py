@@ -140,3 +140,52 @@ def test_registry_models_load_and_predict_as_mlflow_pyfunc(tmp_path, tiny_tokeni
          "--env-manager", "local"], capture_output=True, text=True, env=env, timeout=300)
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert json.dumps(expected[0])[1:-1] in cli.stdout
+
+
+def test_serve_a_registry_uri(tmp_path, tiny_tokenizer):
+    """`llmcore serve models:/<name>@best` downloads the version and serves it by that name."""
+    import os
+
+    import httpx
+    import torch
+
+    from llmcore.config import parse_section
+    from llmcore.generate import Sampling, generate
+    from llmcore.model import Transformer
+    from llmcore.modeldir import save_model_dir, state_dict_for_save
+    from llmcore.tracking import register_model
+    from tests.conftest import project_env
+    from tests.live_server import LiveServer
+
+    tiny_tokenizer.save(tmp_path / "tok")
+    cfg = parse_section("model", {"preset": "tiny", "vocab_size": tiny_tokenizer.vocab_size})
+    torch.manual_seed(1)
+    model = Transformer(cfg).eval()
+    save_model_dir(tmp_path / "m", cfg, state_dict_for_save(model), tmp_path / "tok", {}, {})
+    uri = default_uri(tmp_path)
+    t = MlflowTracker(uri, "sft", artifact_root=tmp_path / "art")
+    version = register_model(t, tmp_path / "m", 1.0, "sft")
+    t.finish()
+    env = {**project_env(), "MLFLOW_TRACKING_URI": uri, "HOME": str(tmp_path / "home")}
+    srv = LiveServer("models:/llmcore@best", env=env)
+    try:
+        assert srv.health()["model"] == f"llmcore:{version}"
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0})
+        ids = tiny_tokenizer.encode_prompt([{"role": "user", "content": "hi"}])
+        out = generate(model, [ids], Sampling(max_new_tokens=5),
+                       [tiny_tokenizer.im_end_id, tiny_tokenizer.eot_id])[0]
+        assert r.json()["choices"][0]["message"]["content"] == tiny_tokenizer.decode(out)
+    finally:
+        srv.stop()
+    assert os.listdir(tmp_path / "home" / ".cache" / "llmcore" / "registry")
+    bad = subprocess_run_serve("models:/nothing@best", env)
+    assert bad.returncode == 2 and "not in the registry" in bad.stderr
+
+
+def subprocess_run_serve(model: str, env: dict):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "llmcore.cli", "serve", model, "--port", "1"],
+                          env=env, capture_output=True, text=True, timeout=120)
