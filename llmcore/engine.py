@@ -182,11 +182,9 @@ class Engine:
         # while a second thread's team pays a wake-up per op (measured, 2 cores)
         self.own_thread = own_thread
         self.forward = model
-        if compile:  # C++ kernels for the step: ~1.7x eager at batch 1 on CPU (measured)
-            import torch._inductor.config as inductor
-
-            inductor.cpp_wrapper = True  # the generated wrapper in C++: less Python per step
-            self.forward = torch.compile(model, dynamic=True)
+        if compile:  # C++ kernels for the step: ~1.7x eager at batch 1 on CPU (measured);
+            # the generated wrapper in C++ too: less Python per step
+            self.forward = torch.compile(model, dynamic=True, options={"cpp_wrapper": True})
 
     # -- the caller's side ------------------------------------------------------------------
     def submit(self, *requests: Request) -> None:
@@ -245,7 +243,10 @@ class Engine:
 
     def run(self, until_idle: bool = False) -> None:
         """The loop: until :meth:`stop`, or with ``until_idle`` until nothing runs or waits."""
-        torch.set_grad_enabled(False)
+        with torch.no_grad():  # restored on return: the caller's thread may train afterwards
+            self._loop(until_idle)
+
+    def _loop(self, until_idle: bool) -> None:
         while True:
             with self.cond:
                 if until_idle and not self.waiting and not any(self.slots):

@@ -86,9 +86,11 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> Optimizers:
     taken = {id(p) for p in hidden}
     groups = [{**g, "params": [p for p in g["params"] if id(p) not in taken]}
               for g in param_groups(model, cfg.weight_decay)]
-    opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps)]
+    groups = [g for g in groups if g["params"]]
+    opts: list[torch.optim.Optimizer] = []
+    if groups:  # empty when Muon takes every trainable matrix (e.g. LoRA adapters alone)
+        opts.append(torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                      eps=cfg.eps))
     if hidden:
         opts.append(torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      momentum=cfg.muon_momentum,
