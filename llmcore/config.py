@@ -245,9 +245,34 @@ def _default(cls: type, name: str, value: Any) -> Any:
     return field(default=value, metadata=cls.__dataclass_fields__[name].metadata)
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # llmcore.lora.TARGETS' keys
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """``sft.lora:`` the adapters trained when ``sft.method`` is lora."""
+
+    rank: int = spec(8, ge=1, doc="rank of each adapter")
+    alpha: float = spec(16.0, gt=0, doc="the update is scaled by alpha / rank")
+    dropout: float = spec(0.0, ge=0, lt=1, doc="dropout on the adapters' input")
+    targets: list[str] = spec(default_factory=lambda: list(LORA_TARGETS),
+                              doc="q k v o (attention), gate up down (MLP)")
+
+    def validate(self) -> list[str]:
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad or not self.targets:
+            return [f"targets must be a non-empty list from {', '.join(LORA_TARGETS)} "
+                    f"(got {self.targets})"]
+        return []
+
+
 @dataclass(frozen=True)
 class SFTConfig(TrainConfig):
     """``sft:`` the same loop with fine-tuning defaults (params.yaml's ``sft:``)."""
+
+    method: str = spec("full", choices=("full", "lora"),
+                       doc="full: every weight trains; lora: adapters only (sft.lora)")
+    lora: LoRAConfig = spec(default_factory=LoRAConfig)
 
     max_steps: int = _default(TrainConfig, "max_steps", 300)
     lr: float = _default(TrainConfig, "lr", 1e-3)

@@ -45,6 +45,34 @@ class LoRASpec:
     def scaling(self) -> float:
         return self.alpha / self.rank
 
+    @classmethod
+    def from_config(cls, cfg: Any) -> LoRASpec:
+        """From the ``sft.lora`` params section."""
+        return cls(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+                   targets=tuple(cfg.targets))
+
+    # what the training loop calls (llmcore.train.FitSpec.adapter)
+    def apply(self, model: nn.Module) -> list[str]:
+        return apply_lora(model, self)
+
+    def export(self, state: Mapping[str, torch.Tensor]
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(merged plain weights, the adapters) of a LoRA model's state dict."""
+        adapters = {k: v for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))}
+        return merge_state_dict(state, self.scaling), adapters
+
+    def save(self, adapters: Mapping[str, torch.Tensor], out: Path,
+             base_model: str | None = None) -> Path:
+        return save_adapter(adapters, self, out, base_model)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The adapters' params and this module's code: a resume never mixes either."""
+        import hashlib
+
+        return {"lora": {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+                         "targets": list(self.targets)},
+                "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}
+
 
 class LoRALinear(nn.Module):
     """A frozen ``base`` Linear plus a trainable low-rank update."""

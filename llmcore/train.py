@@ -58,6 +58,10 @@ class FitSpec:
     data: Mapping[str, Any] = field(default_factory=dict)  # what the data is (hashes)
     init_from: Path | None = None  # a model directory whose weights start the run
     name: str = "train"
+    # parameter-efficient fine-tuning, e.g. llmcore.lora.LoRASpec: ``apply(model)`` after the
+    # initial weights load (freezes what must not train), ``export(state) -> (weights,
+    # adapters)`` at the end, ``fingerprint()`` for the run's identity. None: train everything
+    adapter: Any = None
 
 
 @dataclass
@@ -72,6 +76,8 @@ class FitOutput:
     data: dict[str, Any]  # the data fingerprint, with the initial weights' hash
     val_rows: int
     device: str  # describe(): what the run ran on, for its log and metrics
+    trainable: int = 0  # parameters the optimizer updated
+    adapter: dict[str, torch.Tensor] | None = None  # the exported step's adapters, if any
 
 
 # TrainConfig fields that do not change what a run computes (left out of its fingerprint)
@@ -104,8 +110,10 @@ def run_fingerprint(spec: FitSpec, extra: Mapping[str, Any]) -> str:
     for name in LOOP_CODE:
         code.update((here / name).read_bytes())
     loop = {k: v for k, v in dataclasses.asdict(spec.train).items() if k not in NON_SHAPING}
+    adapter = spec.adapter.fingerprint() if spec.adapter is not None else None
     return fingerprint({"model": dataclasses.asdict(spec.model), "train": loop,
-                        "code": code.hexdigest(), "seed": spec.seed, **extra})
+                        "code": code.hexdigest(), "seed": spec.seed, **extra,
+                        **({"adapter": adapter} if adapter else {})})
 
 
 def _validation(spec: FitSpec, log: Log) -> ShardDataset | None:
@@ -186,6 +194,8 @@ def fit(spec: FitSpec, tracker: Any = None, log: Log = print) -> FitOutput:
     model = Transformer(spec.model)
     if init is not None:
         load_weights(model, init)
+    if spec.adapter is not None:  # after loading: adapters wrap the pretrained weights
+        spec.adapter.apply(model)
     model.to(device)
     loader = ShardLoader(train_ds, cfg.batch_size, seed=spec.seed, rank=dist_info.rank,
                          world_size=dist_info.world_size)
@@ -196,7 +206,10 @@ def fit(spec: FitSpec, tracker: Any = None, log: Log = print) -> FitOutput:
     trainer = Trainer(model, cfg, loader, val_ds, ctx)
     _resume(trainer, manager, spec, log)
     where = describe(device, dtype)
-    log(f"{spec.name}: {model.num_parameters():,} parameters on {where}")
+    params = {id(p): p for p in model.parameters()}.values()
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    log(f"{spec.name}: {model.num_parameters():,} parameters on {where}, {trainable:,} "
+        f"trainable ({trainable / model.num_parameters():.1%})")
     ug = None
     if val_ds is not None and dist_info.is_main:
         ug = unigram_bpb(train_ds, val_ds, tb, spec.model.vocab_size)
@@ -206,6 +219,11 @@ def fit(spec: FitSpec, tracker: Any = None, log: Log = print) -> FitOutput:
         best = manager.load_best()
         if best is not None:
             export_weights, export_step = best[0], int(best[1]["step"])
+    adapter = None
+    if spec.adapter is not None:  # the model directory holds plain (merged) weights
+        export_weights, adapter = spec.adapter.export(export_weights)
+    exported = sum(t.numel() for t in export_weights.values())
     dist_info.barrier()
-    return FitOutput(result, model, export_weights, export_step, fp, model.num_parameters(),
-                     ug, data, len(val_ds) if val_ds is not None else 0, where)
+    return FitOutput(result, model, export_weights, export_step, fp,
+                     exported if adapter is not None else model.num_parameters(), ug, data,
+                     len(val_ds) if val_ds is not None else 0, where, trainable, adapter)

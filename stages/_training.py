@@ -24,8 +24,8 @@ def data_fingerprint(manifest: dict[str, Any], splits: list[str]) -> dict[str, A
 
 
 def train_and_export(stage: str, model_cfg: ModelConfig, cfg: TrainConfig, base: Any,
-                     splits: tuple[str, str], tracker: Any, init_from: Path | None = None
-                     ) -> dict[str, Any]:
+                     splits: tuple[str, str], tracker: Any, init_from: Path | None = None,
+                     adapter: Any = None) -> dict[str, Any]:
     """Train on ``splits`` (train, val), write ``data/models/<stage>``; the stage's metrics."""
     root = repo_root()
     if hasattr(tracker, "start_system_metrics"):
@@ -40,7 +40,7 @@ def train_and_export(stage: str, model_cfg: ModelConfig, cfg: TrainConfig, base:
                    checkpoint_dir=root / "data" / "checkpoints" / stage, seed=base.seed,
                    device=base.device, dtype=base.dtype,
                    data=data_fingerprint(manifest, list(splits)), init_from=init_from,
-                   name=stage)
+                   name=stage, adapter=adapter)
     out = fit(spec, tracker=tracker, log=log)
     if rank() != 0:
         return {}
@@ -55,6 +55,9 @@ def train_and_export(stage: str, model_cfg: ModelConfig, cfg: TrainConfig, base:
                   "bos_token_id": None, "do_sample": False, "max_new_tokens": 256}
     model_dir = root / "data" / "models" / stage
     save_model_dir(model_dir, model_cfg, out.export_weights, root / TOKENIZER, meta, generation)
+    if out.adapter is not None:  # the adapters alone too (for LoRA: PEFT's layout)
+        adapter.save(out.adapter, model_dir / "adapter",
+                     str(init_from.relative_to(root)) if init_from else None)
     write_tsv(root / "metrics" / f"{stage}_train.tsv", r.history,
               ["step", "loss", "lr", "grad_norm", "tokens_per_s", "memory_mb"])
     write_tsv(root / "metrics" / f"{stage}_val.tsv", r.evals, ["step", "val_loss", "val_bpb"])
@@ -63,6 +66,8 @@ def train_and_export(stage: str, model_cfg: ModelConfig, cfg: TrainConfig, base:
     final = r.best if (cfg.export == "best" and r.best) else r.last_eval
     metrics = {
         f"{stage}/params": out.params,
+        f"{stage}/trainable_params": out.trainable,
+        f"{stage}/trainable_share": round(out.trainable / out.params, 5),
         f"{stage}/device": out.device,
         f"{stage}/steps": r.step,
         f"{stage}/export_step": out.export_step,

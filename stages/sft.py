@@ -1,6 +1,8 @@
 """DVC stage ``sft``: fine-tune the pretrained model on chat data, loss on assistant tokens.
 
-Starts from ``data/models/pretrain/``; writes ``data/models/sft/`` and resumable checkpoints in
+Starts from ``data/models/pretrain/``; ``sft.method: lora`` trains adapters only (merged into
+the exported weights; the adapters alone go to ``data/models/sft/adapter/``). Writes
+``data/models/sft/`` and resumable checkpoints in
 ``data/checkpoints/sft/``, and registers the model in MLflow with its bits per byte on every
 held-out SFT reply.
 """
@@ -13,6 +15,7 @@ import torch
 
 from llmcore.device import pick_device
 from llmcore.evaluate import split_bpb
+from llmcore.lora import LoRASpec
 from llmcore.modeldir import load_model_dir, read_model_config
 from llmcore.shards import ShardDataset
 from llmcore.tokenizer import LLMTokenizer, token_bytes
@@ -26,8 +29,11 @@ INIT, OUT = "data/models/pretrain", "data/models/sft"
 
 def body(cfgs, tracker):
     root = repo_root()
-    metrics = train_and_export("sft", read_model_config(root / INIT), cfgs["sft"], cfgs["base"],
-                               ("sft_train", "sft_val"), tracker, init_from=root / INIT)
+    cfg = cfgs["sft"]
+    adapter = LoRASpec.from_config(cfg.lora) if cfg.method == "lora" else None
+    metrics = train_and_export("sft", read_model_config(root / INIT), cfg, cfgs["base"],
+                               ("sft_train", "sft_val"), tracker, init_from=root / INIT,
+                               adapter=adapter)
     if metrics:  # rank 0: register the model with its bpb on all held-out SFT replies
         model, _ = load_model_dir(root / OUT, pick_device(cfgs["base"].device))
         tb = torch.tensor(token_bytes(LLMTokenizer.load(root / OUT)))

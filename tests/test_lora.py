@@ -120,3 +120,59 @@ def test_peft_on_the_hugging_face_export_gives_the_same_logits(tmp_path, tiny_to
     merged = peft_model.merge_and_unload()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=IDS).logits, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_fit_trains_adapters_only_resumes_exactly_and_exports_merged(tiny_shards,
+                                                                          tmp_path):
+    """fit() with LoRA: the base weights stay as loaded, the export is a plain model equal to
+    the adapter model, and a resumed run gives the same weights as an uninterrupted one."""
+    import dataclasses
+    import shutil
+
+    from llmcore.checkpoint import CheckpointManager
+    from llmcore.config import TrainConfig
+    from llmcore.modeldir import read_weights
+    from llmcore.tokenizer import token_bytes
+    from llmcore.train import FitSpec, fit
+
+    shard_dir, tok = tiny_shards
+    cfg_model = parse_section("model", {"preset": "tiny", "vocab_size": 300, "max_seq_len": 64})
+    torch.manual_seed(0)
+    init = Transformer(cfg_model)
+    tok.save(tmp_path / "tok")
+    save_model_dir(tmp_path / "init", cfg_model, state_dict_for_save(init), tmp_path / "tok",
+                   {}, {})
+    spec = LoRASpec(rank=4, alpha=8, dropout=0.1)  # dropout: the RNG must resume too
+    cfg = TrainConfig(max_steps=16, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=2,
+                      eval_every=8, eval_batches=2, log_every=8, checkpoint_every=8,
+                      peak_flops=1e12, optimizer="adamw", export="last")
+
+    def run(ckpt, **kw):
+        return fit(FitSpec(model=cfg_model, train=dataclasses.replace(cfg, **kw), seed=1,
+                           device="cpu", dtype="float32", shard_dir=shard_dir,
+                           train_split="pretrain_train", val_split="pretrain_val",
+                           token_bytes=tuple(token_bytes(tok)), checkpoint_dir=ckpt,
+                           data={"t": 1}, init_from=tmp_path / "init", adapter=spec),
+                   log=lambda m: None)
+
+    full = run(tmp_path / "a")
+    assert full.result.history[-1]["loss"] < full.result.history[0]["loss"]
+    assert 0 < full.trainable < 0.2 * full.params and full.params == init.num_parameters()
+    assert set(full.export_weights) == set(state_dict_for_save(init))  # a plain model
+    assert full.adapter and all(k.endswith((".lora_A", ".lora_B")) for k in full.adapter)
+    base = read_weights(tmp_path / "init")
+    changed = [k for k in base if not torch.equal(base[k], full.export_weights[k])]
+    assert changed and all(any(t in k for t in ("proj",)) for k in changed)  # merged only
+    plain = Transformer(cfg_model).eval()
+    plain.load_state_dict(full.export_weights, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(IDS % 300), full.model.eval()(IDS % 300),
+                                   atol=1e-5, rtol=1e-5)
+
+    # stop after step 8, resume: bit-identical to the uninterrupted run
+    part = run(tmp_path / "b")
+    shutil.rmtree(CheckpointManager(tmp_path / "b", part.fingerprint).steps()[-1])
+    resumed = run(tmp_path / "b")
+    assert resumed.result.resumed_from == 8
+    for k, v in full.export_weights.items():
+        assert torch.equal(v, resumed.export_weights[k]), k
