@@ -67,6 +67,10 @@ class FetchConfig:
     synthetic_per_task: int = spec(5000, ge=0, doc="SFT training examples per synthetic task")
     synthetic_val_per_task: int = spec(250, ge=0, doc="held-out examples per synthetic task, "
                                        "none of them a training conversation (0: hash split)")
+    preference_paths: list[str] = spec(default_factory=list, doc="preference pairs for DPO: "
+                                       ".jsonl / .parquet files or globs, MiniMind's dpo.jsonl "
+                                       "(chosen / rejected message lists) or TRL's (prompt, "
+                                       "chosen, rejected as strings or messages)")
 
     def validate(self) -> list[str]:
         problems = []
