@@ -1,0 +1,97 @@
+"""What DPO and GRPO share: replies as token rows, their log-probabilities, checkable answers.
+
+* :func:`reply_rows` turns (prompt messages, reply text) into right-padded token rows with a
+  mask on the reply's tokens and its closing ``<|im_end|>`` (the tokens a policy is judged on).
+  Prompts are encoded as plain text (no control tokens from content), as at serving time.
+* :func:`sequence_logprobs` sums log p(token | prefix) over the masked tokens of each row:
+  the log-probability of the whole reply, differentiable when the model is.
+* :func:`is_correct` is the exact-match check of the synthetic tasks (the reward of GRPO and the
+  judge of the on-policy DPO pairs); :func:`wrong_answer` makes a plausible wrong one.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llmcore.tokenizer import LLMTokenizer
+
+
+def reply_rows(tok: LLMTokenizer, items: Sequence[tuple[Sequence[dict[str, str]], str]],
+               max_len: int, device: torch.device | str = "cpu"
+               ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(ids (B, T), mask (B, T) on reply tokens, kept indices) for (prompt, reply) pairs.
+
+    Items whose prompt + reply + ``<|im_end|>`` exceed ``max_len`` tokens are left out (their
+    indices are not in the returned list).
+    """
+    rows, masks, kept = [], [], []
+    for i, (prompt, reply) in enumerate(items):
+        p = tok.encode_prompt(prompt)
+        r = tok.encode_text(reply) + [tok.im_end_id]
+        if len(p) + len(r) > max_len:
+            continue
+        rows.append(p + r)
+        masks.append([0] * len(p) + [1] * len(r))
+        kept.append(i)
+    if not rows:
+        return (torch.zeros(0, 1, dtype=torch.long, device=device),
+                torch.zeros(0, 1, dtype=torch.bool, device=device), kept)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for j, (r, m) in enumerate(zip(rows, masks, strict=True)):
+        ids[j, : len(r)] = torch.tensor(r)
+        mask[j, : len(m)] = torch.tensor(m, dtype=torch.bool)
+    return ids.to(device), mask.to(device), kept
+
+
+def token_logprobs(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    """log p(ids[:, t] | ids[:, :t]) for t >= 1, shape (B, T - 1), in fp32."""
+    logits = model(ids[:, :-1]).float()
+    return torch.gather(F.log_softmax(logits, dim=-1), 2, ids[:, 1:, None])[..., 0]
+
+
+def sequence_logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over each row's masked tokens of log p(token | prefix): (B,)."""
+    return (token_logprobs(model, ids) * mask[:, 1:]).sum(dim=1)
+
+
+@torch.no_grad()
+def batched_sequence_logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor,
+                              batch_size: int = 32) -> torch.Tensor:
+    """:func:`sequence_logprobs` without gradients, in chunks (the reference model's pass)."""
+    model.eval()
+    out = [sequence_logprobs(model, ids[i : i + batch_size], mask[i : i + batch_size])
+           for i in range(0, len(ids), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, device=ids.device)
+
+
+def is_correct(reply: str, answer: str) -> bool:
+    """The synthetic tasks' check: the reply is exactly the answer (outer spaces ignored)."""
+    return reply.strip() == answer.strip()
+
+
+def wrong_answer(task: str, answer: str, rng: random.Random) -> str:
+    """A plausible wrong answer of the same shape (never equal to ``answer``)."""
+    for _ in range(20):
+        if task in ("arithmetic", "count") and answer.lstrip("-").isdigit():
+            value = int(answer) + rng.choice([-1, 1]) * rng.randint(1, 3 if task == "count" else 10)
+            candidate = str(max(value, 0)) if task == "count" else str(value)
+        elif len(answer) >= 2:
+            chars = list(answer)
+            i = rng.randrange(len(chars) - 1)
+            if rng.random() < 0.5:
+                chars[i], chars[i + 1] = chars[i + 1], chars[i]  # swap two neighbours
+            else:
+                del chars[i]  # drop one
+            candidate = "".join(chars)
+        else:
+            candidate = answer + answer
+        if candidate.strip() != answer.strip():
+            return candidate
+    return answer + "?"
