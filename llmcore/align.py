@@ -71,6 +71,44 @@ def batched_sequence_logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor,
     return torch.cat(out) if out else torch.zeros(0, device=ids.device)
 
 
+def prompt_reply_rows(prompts: Sequence[list[int]], replies: Sequence[list[int]], pad: int,
+                      device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of prompt + reply ids, right-padded, and a (B, T - 1) float mask over the
+    :func:`token_logprobs` positions whose target is a reply token."""
+    width = max(len(p) + len(r) for p, r in zip(prompts, replies, strict=True))
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width - 1)
+    for i, (p, r) in enumerate(zip(prompts, replies, strict=True)):
+        ids[i, : len(p) + len(r)] = torch.tensor(list(p) + list(r))
+        mask[i, len(p) - 1 : len(p) + len(r) - 1] = 1.0
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def sampled_kl(policy: Any, ref: Any, tok: LLMTokenizer,
+               prompts: Sequence[Sequence[dict[str, str]]], max_new_tokens: int, seed: int
+               ) -> float:
+    """KL(policy || reference) per reply, estimated on replies the policy samples
+    (temperature 1): the mean over replies of the summed ``log pi - log pi_ref``."""
+    from llmcore.generate import Sampling, generate
+
+    if not prompts:
+        return float("nan")
+    policy.eval()
+    ref.eval()
+    device = next(policy.parameters()).device
+    ids = [tok.encode_prompt(p) for p in prompts]
+    replies = generate(policy, ids, Sampling(max_new_tokens, temperature=1.0, seed=seed),
+                       [tok.im_end_id, tok.eot_id], pad_id=tok.pad_id, keep_stop=True)
+    keep = [i for i, r in enumerate(replies) if r]
+    if not keep:
+        return 0.0
+    rows, mask = prompt_reply_rows([ids[i] for i in keep], [replies[i] for i in keep],
+                                   tok.pad_id, device)
+    diff = (token_logprobs(policy, rows) - token_logprobs(ref, rows)) * mask
+    return float(diff.sum(dim=1).mean())
+
+
 def is_correct(reply: str, answer: str) -> bool:
     """The synthetic tasks' check: the reply is exactly the answer (outer spaces ignored)."""
     return reply.strip() == answer.strip()

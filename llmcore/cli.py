@@ -2,7 +2,7 @@
 
     llmcore generate data/models/sft "What is 12 + 7?"
     llmcore generate data/models/pretrain "The list type" --raw --temperature 0.8 --top-p 0.9
-    llmcore chat data/models/sft-int8
+    llmcore chat data/models/chat-int8
     llmcore serve data/models/sft --host 127.0.0.1 --port 8000   # chat page at /
     llmcore serve models:/llmcore@best                         # a registry model
     llmcore export data/models/sft exports/sft-hf      # transformers LlamaForCausalLM

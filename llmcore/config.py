@@ -287,6 +287,56 @@ class SFTConfig(TrainConfig):
 
 
 @dataclass(frozen=True)
+class DPOConfig:
+    """``dpo:`` preference optimisation of the SFT model, its frozen self as the reference."""
+
+    max_steps: int = spec(150, ge=0, doc="optimizer steps; 0: the stage copies the SFT model")
+    beta: float = spec(0.1, gt=0, doc="strength of the pull towards the reference")
+    lr: float = spec(3e-5, gt=0)
+    min_lr: float = spec(3e-6, ge=0)
+    warmup_steps: int = spec(10, ge=0)
+    batch_size: int = spec(16, ge=1, doc="preference pairs per step")
+    grad_clip: float = spec(1.0, ge=0)
+    eval_every: int = spec(50, ge=1)
+    pairs_per_task: int = spec(400, ge=0, doc="builtin on-policy pairs per synthetic task, "
+                                              "from training conversations")
+    val_pairs_per_task: int = spec(50, ge=0, doc="held-out pairs per task (val conversations)")
+    max_new_tokens: int = spec(32, ge=1, doc="length of the SFT model's own answers")
+    corpus_pairs: bool = spec(True, doc="also train on the pairs of fetch.preference_paths")
+    method: str = spec("full", choices=("full", "lora"))
+    lora: LoRAConfig = spec(default_factory=LoRAConfig)
+
+    def validate(self) -> list[str]:
+        if self.min_lr > self.lr:
+            return [f"min_lr ({self.min_lr}) must be <= lr ({self.lr})"]
+        return []
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """``rl:`` GRPO on the checkable tasks, starting from the DPO model."""
+
+    algorithm: str = spec("grpo", choices=("grpo",))
+    max_steps: int = spec(60, ge=0, doc="policy updates; 0: the stage copies the DPO model")
+    prompts_per_step: int = spec(16, ge=1)
+    group_size: int = spec(8, ge=2, doc="replies sampled per prompt")
+    temperature: float = spec(1.0, gt=0)
+    max_new_tokens: int = spec(24, ge=1)
+    lr: float = spec(1e-5, gt=0)
+    clip: float = spec(0.2, gt=0, lt=1, doc="PPO clipping of the probability ratio")
+    kl_coef: float = spec(0.04, ge=0, doc="weight of the KL penalty to the reference")
+    inner_epochs: int = spec(1, ge=1, doc="optimisation passes over each sampled batch")
+    no_end_penalty: float = spec(0.1, ge=0, doc="subtracted when a reply does not end with "
+                                               "<|im_end|>")
+    grad_clip: float = spec(1.0, ge=0)
+    tasks: list[str] = spec(default_factory=lambda: ["arithmetic", "spell", "count", "reverse"])
+    eval_per_task: int = spec(100, ge=0, doc="held-out conversations per task for the "
+                                             "before / after exact match")
+    method: str = spec("full", choices=("full", "lora"))
+    lora: LoRAConfig = spec(default_factory=LoRAConfig)
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     """``evaluate:`` comparing the pretrained and the SFT model."""
 
@@ -339,6 +389,8 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "pretrain": TrainConfig,
     "sft": SFTConfig,
+    "dpo": DPOConfig,
+    "rl": RLConfig,
     "evaluate": EvaluateConfig,
     "quantize": QuantizeConfig,
 }

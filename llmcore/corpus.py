@@ -4,7 +4,9 @@
 ``source``) and ``sft_{train,val}.parquet`` (``id``, ``messages``, ``task``, ``answer``,
 ``source``), rows sorted by id, plus ``bad_records.txt`` (every malformed input record, by
 ``file:line``) and ``manifest.json``. The ``id`` is the SHA-256 of the content, which also
-decides the split (:mod:`llmcore.sources`).
+decides the split (:mod:`llmcore.sources`). When ``fetch.preference_paths`` names files, two
+more: ``preferences_{train,val}.parquet`` (``id``, ``prompt``, ``chosen``, ``rejected``,
+``source``; :mod:`llmcore.preferences`); a corpus without them reads as having no pairs.
 
 Everything that reads the corpus (tokenizer, pack, evaluate, quantize) needs only this module,
 not the readers of the sources, so a change to how a source is read re-runs fetch and what
@@ -67,6 +69,16 @@ PRETRAIN_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.large_string()),
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.large_string())]))
 SFT_SCHEMA = pa.schema([("id", pa.string()), ("messages", MESSAGE_TYPE), ("task", pa.string()),
                         ("answer", pa.large_string()), ("source", pa.string())])
+PREFERENCE_SCHEMA = pa.schema([("id", pa.string()), ("prompt", MESSAGE_TYPE),
+                               ("chosen", pa.large_string()), ("rejected", pa.large_string()),
+                               ("source", pa.string())])
+PREFERENCES = "preferences"  # tables preferences_train, preferences_val
+
+
+def _schema(table: str) -> pa.Schema:
+    if table.startswith(PREFERENCES):
+        return PREFERENCE_SCHEMA
+    return PRETRAIN_SCHEMA if table.startswith("pretrain") else SFT_SCHEMA
 
 
 def write_corpus(tables: dict[str, list[dict]], out_dir: Path, info: dict[str, Any],
@@ -77,9 +89,8 @@ def write_corpus(tables: dict[str, list[dict]], out_dir: Path, info: dict[str, A
     def fill(tmp: Path) -> None:
         files = {}
         for name, rows in tables.items():
-            schema = PRETRAIN_SCHEMA if name.startswith("pretrain") else SFT_SCHEMA
             rows = sorted(rows, key=lambda r: r["id"])
-            table = pa.Table.from_pylist(rows, schema=schema)
+            table = pa.Table.from_pylist(rows, schema=_schema(name))
             pq.write_table(table, tmp / f"{name}.parquet", compression="zstd")
             files[name] = {"file": f"{name}.parquet", "rows": len(rows)}
         (tmp / BAD_RECORDS_FILE).write_text("".join(f"{b}\n" for b in bad_records))
@@ -106,3 +117,14 @@ def read_texts(corpus_dir: Path, split: str = "train") -> list[str]:
 def read_conversations(corpus_dir: Path, split: str = "train") -> list[dict[str, Any]]:
     """SFT rows of one split: ``{"id", "messages", "task", "answer", "source"}``."""
     return _read_table(Path(corpus_dir) / f"sft_{split}.parquet").to_pylist()
+
+
+def read_preferences(corpus_dir: Path, split: str) -> list[dict[str, Any]]:
+    """Preference pairs of one split: ``{"prompt": [{"role", "content"}, ...], "chosen",
+    "rejected", "source"}``; none (an empty list) in a corpus built without any."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)} (got {split!r})")
+    path = Path(corpus_dir) / f"{PREFERENCES}_{split}.parquet"
+    if not path.exists():
+        return []
+    return _read_table(path, ["prompt", "chosen", "rejected", "source"]).to_pylist()

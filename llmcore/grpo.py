@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from llmcore.align import is_correct, token_logprobs
+from llmcore.align import is_correct, prompt_reply_rows, token_logprobs
 from llmcore.generate import Sampling, generate
 from llmcore.tokenizer import LLMTokenizer
 
@@ -81,17 +81,6 @@ class GRPOResult:
     seconds: float = 0.0
 
 
-def _rows(prompts: Sequence[list[int]], replies: Sequence[list[int]], pad: int,
-          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) + len(r) for p, r in zip(prompts, replies, strict=True))
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width - 1)
-    for i, (p, r) in enumerate(zip(prompts, replies, strict=True)):
-        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-        mask[i, len(p) - 1 : len(p) + len(r) - 1] = 1.0  # targets that are reply tokens
-    return ids.to(device), mask.to(device)
-
-
 def train_grpo(model: Any, ref_model: Any, tok: LLMTokenizer, tasks: Sequence[dict[str, Any]],
                s: GRPOSettings, log: Callable[[str], None] = print) -> GRPOResult:
     """GRPO on task conversations (``messages`` ending in the reference reply, ``answer``)."""
@@ -115,7 +104,7 @@ def train_grpo(model: Any, ref_model: Any, tok: LLMTokenizer, tasks: Sequence[di
                                 for i, c in enumerate(batch)])
         adv = group_advantages(rewards).flatten().to(device)
         keep = [i for i, r in enumerate(replies) if r]  # an empty reply has no token to score
-        ids, mask = _rows([expanded[i] for i in keep], [replies[i] for i in keep], tok.pad_id,
+        ids, mask = prompt_reply_rows([expanded[i] for i in keep], [replies[i] for i in keep], tok.pad_id,
                           device)
         with torch.no_grad():
             old = token_logprobs(model, ids)

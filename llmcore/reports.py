@@ -29,7 +29,7 @@ def write_reports(out: Path, results: dict[str, Any], factors: list[int], prompt
     """comparison.md, extrapolation.md and samples.md for the results of :mod:`evaluate`."""
     out.mkdir(parents=True, exist_ok=True)
     tasks = sorted({t for r in results.values() for t in r["tasks"]})
-    lines = ["# Pretrained vs SFT", "", "| metric | " + " | ".join(results) + " |",
+    lines = ["# Models compared", "", "| metric | " + " | ".join(results) + " |",
              "|---|" + "---|" * len(results)]
     rows = [("val bpb (pretraining text)", lambda r: fmt(r["contexts"][1]["bpb"])),
             ("val bpb (SFT replies)", lambda r: fmt(r["sft_val"]["bpb"])),
@@ -96,6 +96,9 @@ def render_plots(metrics_dir: Path, out: Path, results: dict[str, Any], factors:
     fig.savefig(out / "loss_curves.png", dpi=100)
     plt.close(fig)
     files.append(out / "loss_curves.png")
+    alignment = _alignment_curves(metrics_dir, out)
+    if alignment is not None:
+        files.append(alignment)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in results.items():
         xs = [f * seq_len for f in factors if r["contexts"][f]]
@@ -111,3 +114,35 @@ def render_plots(metrics_dir: Path, out: Path, results: dict[str, Any], factors:
     plt.close(fig)
     files.append(out / "extrapolation.png")
     return files
+
+
+def _alignment_curves(metrics_dir: Path, out: Path) -> Path | None:
+    """alignment.png: DPO reward accuracy (train and held out) and the GRPO mean reward per
+    step; None when neither stage trained."""
+    import matplotlib.pyplot as plt
+
+    dpo, dpo_val = read_tsv(metrics_dir / "dpo_train.tsv"), read_tsv(metrics_dir / "dpo_val.tsv")
+    rl = read_tsv(metrics_dir / "rl_train.tsv")
+    if not dpo and not rl:
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    if dpo:
+        a.plot([r["step"] for r in dpo], [r["reward_accuracy"] for r in dpo], alpha=0.5,
+               label="train batch")
+    if dpo_val:
+        a.plot([r["step"] for r in dpo_val], [r["reward_accuracy"] for r in dpo_val], "o-",
+               label="held-out pairs")
+    a.set_title("DPO: reward accuracy")
+    a.set_xlabel("step")
+    a.legend()
+    if rl:
+        b.plot([r["step"] for r in rl], [r["reward"] for r in rl], label="mean reward")
+        b.plot([r["step"] for r in rl], [r["exact"] for r in rl], alpha=0.6,
+               label="exact (sampled)")
+    b.set_title("GRPO: reward of sampled replies")
+    b.set_xlabel("step")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(out / "alignment.png", dpi=100)
+    plt.close(fig)
+    return out / "alignment.png"

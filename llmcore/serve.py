@@ -1,6 +1,6 @@
 """HTTP service over :mod:`llmcore.engine` (FastAPI): OpenAI-compatible, continuously batched.
 
-    llmcore serve data/models/sft-int8 --host 127.0.0.1 --port 8000 --max-batch 16
+    llmcore serve data/models/chat-int8 --host 127.0.0.1 --port 8000 --max-batch 16
 
 Endpoints
   * ``GET /``: a chat page (static HTML + JS in the package, no CDN).

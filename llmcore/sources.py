@@ -7,6 +7,8 @@ Sources
     chat sets do; ShareGPT's ``from``/``value`` keys are accepted too) and ``.parquet`` with the
     same columns.
   * ``hf``: a Hugging Face dataset streamed with ``datasets`` (hub id, or a local folder).
+  * ``preference_paths`` (any source): preference pairs for DPO, parsed by
+    :mod:`llmcore.preferences` with this module's row reader, written to their own tables.
 
 Cleaning drops empty documents, removes exact duplicates (by SHA-256 of the text, or of the
 canonical JSON of a conversation) and applies document/byte limits. Malformed records are
@@ -30,10 +32,10 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -63,12 +65,15 @@ MAX_REPORTED = 5  # malformed records printed; all of them go to the corpus's ba
 MAX_LISTED = 100_000  # malformed records listed there (all are counted)
 
 
-def content_key(record: Record) -> str:
-    if isinstance(record, Document):
-        payload = record.text
-    else:
-        payload = json.dumps(record.messages, ensure_ascii=False, separators=(",", ":"))
+def content_hash(payload: Any) -> str:
+    """SHA-256 of a string, or of the compact JSON of anything else (messages, pairs)."""
+    if not isinstance(payload, str):
+        payload = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def content_key(record: Record) -> str:
+    return content_hash(record.text if isinstance(record, Document) else record.messages)
 
 
 def split_of(key_hex: str, val_fraction: float) -> str:
@@ -76,7 +81,9 @@ def split_of(key_hex: str, val_fraction: float) -> str:
     return "val" if int(key_hex[:16], 16) / 2.0**64 < val_fraction else "train"
 
 
-def _parse_messages(raw: Any, location: str) -> tuple[tuple[str, str], ...]:
+def parse_messages(raw: Any, location: str, need_assistant: bool = True
+                   ) -> tuple[tuple[str, str], ...]:
+    """``(role, content)`` pairs of a message list, or BadRecord naming the first problem."""
     if not isinstance(raw, list) or not raw:
         raise BadRecord(location, "messages must be a non-empty list")
     out = []
@@ -93,7 +100,7 @@ def _parse_messages(raw: Any, location: str) -> tuple[tuple[str, str], ...]:
         if role == "system" and i != 0:
             raise BadRecord(location, f"message {i}: a system message may only come first")
         out.append((role, content))
-    if not any(r == "assistant" for r, _ in out):
+    if need_assistant and not any(r == "assistant" for r, _ in out):
         raise BadRecord(location, "conversation has no assistant message")
     return tuple(out)
 
@@ -104,7 +111,7 @@ def parse_record(row: Any, location: str, text_field: str, source: str) -> Recor
         raise BadRecord(location, f"expected a JSON object, got {type(row).__name__}")
     for key in ("conversations", "messages"):
         if row.get(key) is not None:
-            msgs = _parse_messages(row[key], location)
+            msgs = parse_messages(row[key], location)
             task = row.get("task") if isinstance(row.get("task"), str) else "chat"
             answer = row.get("answer") if isinstance(row.get("answer"), str) else None
             return Conversation(msgs, source, task, answer)
@@ -119,25 +126,28 @@ def parse_record(row: Any, location: str, text_field: str, source: str) -> Recor
 
 
 TEXT_SUFFIXES = (".txt", ".md")
-SUPPORTED = TEXT_SUFFIXES + (".jsonl", ".parquet")
+ROW_SUFFIXES = (".jsonl", ".parquet")  # files of records, read by read_rows
+SUPPORTED = TEXT_SUFFIXES + ROW_SUFFIXES
 
 
-def expand_paths(patterns: Iterable[str], root: Path | None = None) -> list[Path]:
-    """Expand files/globs (relative to ``root``) into a sorted, de-duplicated file list."""
+def expand_paths(patterns: Iterable[str], root: Path | None = None, param: str = "fetch.paths",
+                 suffixes: tuple[str, ...] = SUPPORTED) -> list[Path]:
+    """Expand files/globs (relative to ``root``) into a sorted, de-duplicated file list of
+    the given types; ``param`` is the params key that errors name."""
     root = root or Path.cwd()
     found: list[Path] = []
     for pattern in patterns:
         full = pattern if os.path.isabs(pattern) else str(root / pattern)
         matches = sorted(glob.glob(full, recursive=True))
         if not matches:
-            raise CorpusError(f"fetch.paths: {pattern!r} matches no file")
+            raise CorpusError(f"{param}: {pattern!r} matches no file")
         for m in matches:
             p = Path(m)
             if p.is_dir():
-                found.extend(sorted(q for q in p.rglob("*") if q.suffix in SUPPORTED))
-            elif p.suffix not in SUPPORTED:
+                found.extend(sorted(q for q in p.rglob("*") if q.suffix in suffixes))
+            elif p.suffix not in suffixes:
                 raise CorpusError(
-                    f"fetch.paths: {m} has an unsupported type (use {', '.join(SUPPORTED)})"
+                    f"{param}: {m} has an unsupported type (use {', '.join(suffixes)})"
                 )
             else:
                 found.append(p)
@@ -151,6 +161,45 @@ def _decode(data: bytes, location: str) -> str:
         raise BadRecord(location, f"invalid UTF-8 at byte {exc.start}") from None
 
 
+def _json_row(raw: bytes, location: str) -> Any:
+    try:
+        return json.loads(_decode(raw, location))
+    except json.JSONDecodeError as exc:
+        raise BadRecord(location, f"invalid JSON ({exc.msg})") from None
+
+
+T = TypeVar("T")
+
+
+def _parsed(parse: Callable[[Any, str], T], location: str, row: Any) -> T | BadRecord:
+    """A ``.jsonl`` line (bytes) is decoded first; a Parquet row is a Python value already."""
+    try:
+        return parse(_json_row(row, location) if isinstance(row, bytes) else row, location)
+    except BadRecord as bad:
+        return bad
+
+
+def read_rows(path: Path, parse: Callable[[Any, str], T]) -> Iterator[T | BadRecord]:
+    """``parse(row, location)`` of every row of a ``.jsonl`` (one JSON value a line, blank
+    lines skipped) or ``.parquet`` file, ``location`` being ``file:line`` or ``file:row i``.
+    A row that cannot be decoded or parsed is yielded as its BadRecord, not raised."""
+    if path.suffix == ".jsonl":
+        with path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                if raw.strip():
+                    yield _parsed(parse, f"{path}:{lineno}", raw)
+    elif path.suffix == ".parquet":
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            yield BadRecord(str(path), f"unreadable Parquet file ({exc})")
+            return
+        for i, row in enumerate(table.to_pylist()):
+            yield _parsed(parse, f"{path}:row {i}", row)
+    else:
+        raise ValueError(f"{path}: read_rows reads {' and '.join(ROW_SUFFIXES)} files")
+
+
 def read_file(path: Path, text_field: str) -> Iterator[Record | BadRecord]:
     """Records of one file; malformed ones are yielded as BadRecord instances, not raised."""
     source = f"file:{path}"
@@ -159,32 +208,8 @@ def read_file(path: Path, text_field: str) -> Iterator[Record | BadRecord]:
             yield Document(_decode(path.read_bytes(), str(path)), source)
         except BadRecord as bad:
             yield bad
-    elif path.suffix == ".jsonl":
-        with path.open("rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                location = f"{path}:{lineno}"
-                if not raw.strip():
-                    continue
-                try:
-                    line = _decode(raw, location)
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise BadRecord(location, f"invalid JSON ({exc.msg})") from None
-                    yield parse_record(row, location, text_field, source)
-                except BadRecord as bad:
-                    yield bad
-    elif path.suffix == ".parquet":
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowInvalid, OSError) as exc:
-            yield BadRecord(str(path), f"unreadable Parquet file ({exc})")
-            return
-        for i, row in enumerate(table.to_pylist()):
-            try:
-                yield parse_record(row, f"{path}:row {i}", text_field, source)
-            except BadRecord as bad:
-                yield bad
+    else:
+        yield from read_rows(path, lambda row, loc: parse_record(row, loc, text_field, source))
 
 
 HF_ENDPOINT_DEFAULT = "https://huggingface.co"
@@ -241,10 +266,12 @@ class CorpusStats:
     documents: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
     conversations: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    preference_pairs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
     sft_tasks: Counter = field(default_factory=Counter)
     empty_dropped: int = 0
     duplicates_dropped: int = 0
     sft_duplicates_dropped: int = 0
+    preference_duplicates_dropped: int = 0
     bad_records: int = 0
     bad_listed: list[str] = field(default_factory=list)  # the first MAX_LISTED
     notes: list[str] = field(default_factory=list)  # what the user should know (small corpus)
@@ -256,8 +283,10 @@ class CorpusStats:
             f"{prefix}/documents": sum(self.documents.values()),
             f"{prefix}/bytes": sum(self.bytes.values()),
             f"{prefix}/conversations": sum(self.conversations.values()),
+            f"{prefix}/preference_pairs": sum(self.preference_pairs.values()),
             f"{prefix}/empty_dropped": self.empty_dropped,
-            f"{prefix}/duplicates_dropped": self.duplicates_dropped + self.sft_duplicates_dropped,
+            f"{prefix}/duplicates_dropped": (self.duplicates_dropped + self.sft_duplicates_dropped
+                                             + self.preference_duplicates_dropped),
             f"{prefix}/bad_records": self.bad_records,
             f"{prefix}/limit_dropped": self.limit_dropped,
             f"{prefix}/seconds": round(self.seconds, 3),
@@ -266,7 +295,16 @@ class CorpusStats:
             m[f"{prefix}/documents_{s}"] = self.documents[s]
             m[f"{prefix}/bytes_{s}"] = self.bytes[s]
             m[f"{prefix}/conversations_{s}"] = self.conversations[s]
+            m[f"{prefix}/preference_pairs_{s}"] = self.preference_pairs[s]
         return m
+
+    def skip_bad(self, bad: BadRecord, strict: bool) -> None:
+        """Count and list a malformed record, or, with ``fetch.strict``, fail on it."""
+        if strict:
+            raise CorpusError(f"malformed record at {bad} (fetch.strict is true)")
+        self.bad_records += 1
+        if len(self.bad_listed) < MAX_LISTED:
+            self.bad_listed.append(str(bad))
 
     @property
     def bad_examples(self) -> list[str]:
@@ -314,11 +352,7 @@ def collect(records: Iterable[Record | BadRecord], cfg: FetchConfig
     total_docs = total_bytes = 0
     for raw in records:
         if isinstance(raw, BadRecord):
-            if cfg.strict:
-                raise CorpusError(f"malformed record at {raw} (fetch.strict is true)")
-            stats.bad_records += 1
-            if len(stats.bad_listed) < MAX_LISTED:
-                stats.bad_listed.append(str(raw))
+            stats.skip_bad(raw, cfg.strict)
             continue
         rec = _cleaned(raw, cfg, stats)
         if rec is None:
@@ -354,20 +388,22 @@ def collect(records: Iterable[Record | BadRecord], cfg: FetchConfig
             f"{stats.empty_dropped} empty, {stats.bad_records} malformed, "
             f"{stats.duplicates_dropped} duplicates). Check fetch.paths / fetch.hf_dataset and "
             f"that the records have a non-empty {cfg.text_field!r} field.")
-    _both_splits(tables, "pretrain", stats.documents, stats.bytes, "documents", stats.notes)
-    _both_splits(tables, "sft", stats.conversations, None, "conversations", stats.notes)
+    both_splits(tables["pretrain_train"], tables["pretrain_val"], stats.documents, stats.bytes,
+                "documents", stats.notes)
+    both_splits(tables["sft_train"], tables["sft_val"], stats.conversations, None,
+                "conversations", stats.notes)
     return tables, stats
 
 
-def _both_splits(tables: dict[str, list[dict]], kind: str, counts: dict[str, int],
-                 sizes: dict[str, int] | None, what: str, notes: list[str]) -> None:
-    """Make sure train and val both have rows when there are two or more.
+def both_splits(train: list[dict], val: list[dict], counts: dict[str, int],
+                sizes: dict[str, int] | None, what: str, notes: list[str]) -> None:
+    """Make sure train and val both have rows when there are two or more (moves rows between
+    the two lists, updating ``counts`` and ``sizes``; ``what`` names the rows, plural).
 
     The hash split holds out ~val_fraction of the rows, which on a small corpus can be none
     (or all). Then the row nearest the split line crosses it: the lowest hash of train goes to
     val (or the highest of val to train), so the choice still depends on content alone.
     """
-    train, val = tables[f"{kind}_train"], tables[f"{kind}_val"]
     if (train and val) or not (train or val):
         return
     if len(train) + len(val) < 2:
@@ -392,9 +428,18 @@ def _both_splits(tables: dict[str, list[dict]], kind: str, counts: dict[str, int
 
 
 def build_corpus(cfg: FetchConfig, out_dir: Path, root: Path | None = None) -> CorpusStats:
-    """Run the whole fetch: read the source, clean, split, write ``out_dir``."""
+    """Run the whole fetch: read the source and the preference pairs, clean, split, write
+    ``out_dir``. Without ``fetch.preference_paths`` no preference table is written."""
     start = time.perf_counter()
+    preference_files = expand_paths(cfg.preference_paths, root, "fetch.preference_paths",
+                                    ROW_SUFFIXES)  # before any work: a wrong path fails fast
     tables, stats = collect(source_records(cfg, root), cfg)
+    if cfg.preference_paths:
+        # imported here, not at the top: llmcore.preferences builds on this module's readers
+        from llmcore.preferences import collect_preferences, read_preferences_file
+
+        pairs = (rec for path in preference_files for rec in read_preferences_file(path))
+        tables.update(collect_preferences(pairs, cfg, stats))
     stats.seconds = time.perf_counter() - start
     info = {
         "source": cfg.source,

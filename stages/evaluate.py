@@ -1,4 +1,5 @@
-"""DVC stage ``evaluate``: compare the pretrained and the SFT model; write ``reports/evaluate/``."""
+"""DVC stage ``evaluate``: compare every model of the chain (pretrain, sft, dpo, rl) on the same
+held-out data; write ``reports/evaluate/``."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from llmcore.tokenizer import LLMTokenizer, token_bytes
 from stages._common import log, repo_root, run_stage
 
 PARAMS = ("base.seed", "base.device", "base.dtype", "evaluate")
-MODELS = {"pretrain": "data/models/pretrain", "sft": "data/models/sft"}
+MODELS = {"pretrain": "data/models/pretrain", "sft": "data/models/sft",
+          "dpo": "data/models/dpo", "rl": "data/models/rl"}
 OUT = "reports/evaluate"
 
 

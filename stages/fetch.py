@@ -25,6 +25,10 @@ def body(cfgs, tracker):
     log(f"fetch: {metrics['fetch/documents']} documents ({metrics['fetch/bytes']} bytes), "
         f"{metrics['fetch/conversations']} conversations, {stats.duplicates_dropped} duplicate "
         f"documents and {stats.bad_records} malformed records dropped")
+    if cfg.preference_paths:
+        log(f"fetch: {metrics['fetch/preference_pairs']} preference pairs "
+            f"({metrics['fetch/preference_pairs_val']} held out), "
+            f"{stats.preference_duplicates_dropped} duplicate pairs dropped")
     return metrics
 
 

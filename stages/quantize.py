@@ -1,4 +1,5 @@
-"""DVC stage ``quantize``: weight-only int8 (or int4) copy of the SFT model, with a report."""
+"""DVC stage ``quantize``: weight-only int8 (or int4) copy of the chain's last model (``rl``,
+which is the DPO or SFT model when those stages are skipped), with a report."""
 
 from __future__ import annotations
 
@@ -20,13 +21,13 @@ from llmcore.tracking import register_model
 from stages._common import log, model_tags, repo_root, run_stage
 
 PARAMS = ("base.device", "quantize")
-SOURCE, SHARDS = "data/models/sft", "data/shards"
+SOURCE, SHARDS = "data/models/rl", "data/shards"  # the last model of the chain
 
 
 def body(cfgs, tracker):
     cfg, root = cfgs["quantize"], repo_root()
     device = pick_device(cfgs["base"].device)
-    src, out = root / SOURCE, root / f"data/models/sft-{cfg.method}"
+    src, out = root / SOURCE, root / f"data/models/chat-{cfg.method}"
     fp_model, model_cfg = load_model_dir(src, device)
     convs = read_conversations(root / "data/corpus", "val")[: cfg.agreement_prompts]
     if not convs:

@@ -150,13 +150,13 @@ def test_grpo_kl_is_zero_at_the_reference_and_positive_away_from_it():
 
 
 def test_a_grpo_step_raises_rewarded_replies_and_lowers_the_others(tiny_tokenizer):
-    from llmcore.grpo import _rows
+    from llmcore.align import prompt_reply_rows
 
     policy, ref = tiny(3), tiny(3)
     prompt = tiny_tokenizer.encode_prompt([{"role": "user", "content": "say yes"}])
     replies = [tiny_tokenizer.encode_text(w) + [tiny_tokenizer.im_end_id]
                for w in ("yes", "no", "maybe", "never")]
-    ids, mask = _rows([prompt] * 4, replies, tiny_tokenizer.pad_id, torch.device("cpu"))
+    ids, mask = prompt_reply_rows([prompt] * 4, replies, tiny_tokenizer.pad_id, torch.device("cpu"))
     adv = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))[0]
 
     def seq_lp():
@@ -193,3 +193,12 @@ def test_reference_logprobs_need_no_gradients(tiny_tokenizer):
     ids, mask, _ = reply_rows(tiny_tokenizer, [([{"role": "user", "content": "x"}], "y")], 64)
     out = batched_sequence_logprobs(model, ids, mask)
     assert not out.requires_grad and out.shape == (1,)
+
+
+def test_sampled_kl_is_zero_against_itself_and_positive_against_another_model(tiny_tokenizer):
+    from llmcore.align import sampled_kl
+
+    a, b = tiny(5).eval(), tiny(6).eval()
+    prompts = [[{"role": "user", "content": f"q {i}"}] for i in range(6)]
+    assert sampled_kl(a, a, tiny_tokenizer, prompts, 6, seed=0) == pytest.approx(0, abs=1e-5)
+    assert sampled_kl(a, b, tiny_tokenizer, prompts, 6, seed=0) > 0

@@ -24,6 +24,11 @@ TINY = {
                  "eval_batches": 2, "checkpoint_every": 20, "log_every": 100, "export": "last"},
     "sft": {"max_steps": 30, "batch_size": 8, "warmup_steps": 5, "eval_every": 10,
             "eval_batches": 2, "checkpoint_every": 10, "log_every": 10},
+    "dpo": {"max_steps": 4, "batch_size": 4, "warmup_steps": 1, "eval_every": 2,
+            "pairs_per_task": 6, "val_pairs_per_task": 2, "max_new_tokens": 6,
+            "method": "lora"},
+    "rl": {"max_steps": 2, "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 6,
+           "eval_per_task": 2},
     "evaluate": {"max_task_examples": 6, "max_new_tokens": 8, "max_rows": 16,
                  "prompts": ["What is 1 + 1?", "Spell the word 'a'."]},
     "quantize": {"agreement_prompts": 4, "agreement_tokens": 8, "decode_tokens": 8},
@@ -46,7 +51,7 @@ def ran(out: str) -> set[str]:
     return {s for s in STAGES if f"Running stage '{s}'" in out}
 
 
-STAGES = ("fetch", "tokenizer", "pack", "pretrain", "sft", "evaluate", "quantize")
+STAGES = ("fetch", "tokenizer", "pack", "pretrain", "sft", "dpo", "rl", "evaluate", "quantize")
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +177,7 @@ def test_pretrain_resumes_bit_exactly_after_sigkill(project):
     assert all(torch.equal(after_kill[k], never_killed[k]) for k in after_kill)
 
 
-def test_repro_runs_all_seven_stages_then_nothing_then_sft_downstream(project):
+def test_repro_runs_every_stage_then_nothing_then_sft_downstream(project):
     full = dvc(project, "repro")
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
     keys = {
@@ -181,6 +186,9 @@ def test_repro_runs_all_seven_stages_then_nothing_then_sft_downstream(project):
                      "evaluate/sft/sft_val_bpb", "evaluate/pretrain/bpb_ctx2x",
                      "evaluate/sft/bpb_ctx4x", "evaluate/sft/arithmetic_exact_match",
                      "evaluate/pretrain/doc_mc_accuracy", "evaluate/sft/im_end_rate"],
+        "dpo": ["dpo/val_reward_accuracy", "dpo/kl_to_reference", "dpo/trainable_share",
+                "dpo/train_pairs"],
+        "rl": ["rl/reward_last10", "rl/arithmetic_exact_before", "rl/arithmetic_exact_after"],
         "quantize": ["quantize/size_ratio", "quantize/bpb_delta",
                      "quantize/greedy_token_agreement", "quantize/decode_speed_ratio"],
     }
@@ -191,7 +199,11 @@ def test_repro_runs_all_seven_stages_then_nothing_then_sft_downstream(project):
     assert q["quantize/size_ratio"] > 1.5 and abs(q["quantize/bpb_delta"]) < 0.1
     for report in ("comparison.md", "extrapolation.md", "samples.md"):
         assert (project / "reports/evaluate" / report).read_text().startswith("# ")
-    assert (project / "data/models/sft-int8/config.json").is_file()
+    assert (project / "data/models/chat-int8/config.json").is_file()
+    assert "| metric | pretrain | sft | dpo | rl |" in (
+        project / "reports/evaluate/comparison.md").read_text()
+    assert json.loads((project / "metrics/dpo.json").read_text())["dpo/trainable_share"] < 0.5
+    assert (project / "data/models/dpo/adapter/adapter_model.safetensors").is_file()
 
     again = dvc(project, "repro")
     assert again.returncode == 0 and ran(again.stdout) == set(), again.stdout
@@ -199,7 +211,7 @@ def test_repro_runs_all_seven_stages_then_nothing_then_sft_downstream(project):
     set_params(project, {"sft": {"lr": 0.002}})
     changed = dvc(project, "repro")
     assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
-    assert ran(changed.stdout) == {"sft", "evaluate", "quantize"}
+    assert ran(changed.stdout) == {"sft", "dpo", "rl", "evaluate", "quantize"}
 
 
 def test_queued_grid_runs_and_logs_to_the_main_store(project):

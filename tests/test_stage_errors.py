@@ -28,6 +28,8 @@ TINY = {
                  "eval_batches": 1, "checkpoint_every": 2, "log_every": 2, "peak_flops": 1e12},
     "sft": {"max_steps": 4, "batch_size": 4, "warmup_steps": 1, "eval_every": 2,
             "eval_batches": 1, "checkpoint_every": 2, "log_every": 2, "peak_flops": 1e12},
+    "dpo": {"max_steps": 0},
+    "rl": {"max_steps": 0},
 }
 
 
@@ -171,7 +173,7 @@ def test_interrupted_stages_leave_nothing_behind(project, monkeypatch, capsys):
     assert not stale.exists()
     ignored = subprocess.run(["git", "check-ignore", "--no-index", "data/.corpus.tmp-abc",
                               "data/.shards.tmp-1", "data/checkpoints/pretrain/x",
-                              "data/models/sft-int8"], cwd=REPO, capture_output=True, text=True)
+                              "data/models/chat-int8"], cwd=REPO, capture_output=True, text=True)
     assert len(ignored.stdout.split()) == 4, ignored.stdout
 
 
@@ -211,13 +213,40 @@ def test_quantize_writes_gguf_only_where_llama_cpp_can_run_it(project, monkeypat
                                                               positions):
     """The default quantize.gguf never fails an experiment whose model is not Llama-shaped."""
     write_params(project, {**TINY, "model": {"preset": "tiny", "positions": positions}})
-    for stage in ("pretrain", "sft", "quantize"):
+    for stage in ("pretrain", "sft", "dpo", "rl", "quantize"):
         code, err = run(stage, project, monkeypatch, capsys)
         assert code == 0, err
-    gguf = project / "data/models/sft-int8/model.gguf"
-    assert (project / "data/models/sft-int8/model.safetensors").is_file()
+    gguf = project / "data/models/chat-int8/model.gguf"
+    assert (project / "data/models/chat-int8/model.safetensors").is_file()
     if positions == "rope":
         assert gguf.is_file() and gguf.read_bytes()[:4] == b"GGUF"
     else:
         assert not gguf.exists()
         assert "no GGUF written" in err and "positions is learned" in err
+
+
+def test_dpo_trains_on_pairs_from_a_minimind_file_and_refuses_no_pairs(project, monkeypatch,
+                                                                      capsys):
+    pairs = project / "dpo.jsonl"
+    rows = [{"chosen": [{"role": "user", "content": f"Is {i} even?"},
+                        {"role": "assistant", "content": "yes" if i % 2 == 0 else "no"}],
+             "rejected": [{"role": "user", "content": f"Is {i} even?"},
+                          {"role": "assistant", "content": "no" if i % 2 == 0 else "yes"}]}
+            for i in range(40)]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
+    small = {"max_steps": 3, "batch_size": 4, "warmup_steps": 1, "eval_every": 3,
+             "max_new_tokens": 4}
+    write_params(project, {**TINY, "fetch": {**TINY["fetch"], "preference_paths": ["dpo.jsonl"]},
+                           "dpo": {**small, "pairs_per_task": 0, "val_pairs_per_task": 0}})
+    for stage in ("fetch", "tokenizer", "pack", "pretrain", "sft", "dpo"):
+        code, err = run(stage, project, monkeypatch, capsys)
+        assert code == 0, (stage, err)
+    fetched = json.loads((project / "metrics/fetch.json").read_text())
+    assert fetched["fetch/preference_pairs"] == 40 and fetched["fetch/bad_records"] == 1
+    m = json.loads((project / "metrics/dpo.json").read_text())
+    assert m["dpo/train_pairs"] == fetched["fetch/preference_pairs_train"]
+    assert m["dpo/on_policy_rejected"] == 0 and m["dpo/val_reward_accuracy"] is not None
+    write_params(project, {**TINY, "dpo": {**small, "pairs_per_task": 0,
+                                           "corpus_pairs": False}})
+    code, err = run("dpo", project, monkeypatch, capsys)
+    assert code == 2 and "no preference pairs" in err and "Traceback" not in err

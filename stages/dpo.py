@@ -1,0 +1,86 @@
+"""DVC stage ``dpo``: preference optimisation of the SFT model (``data/models/dpo/``).
+
+Pairs: on-policy pairs made from the checkable tasks (the right answer against the SFT model's
+own greedy answer, or a plausible wrong one where it was right) plus the pairs read by the fetch
+stage from ``fetch.preference_paths``. The reference is the SFT model, frozen; its
+log-probabilities are computed once. Metrics: held-out reward accuracy and margin, KL to the
+reference on the policy's own samples, trainable parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+from llmcore.align import sampled_kl
+from llmcore.corpus import read_conversations, read_preferences
+from llmcore.dpo import DPOSettings, encode_pairs, reference_logprobs, task_pairs, train_dpo
+from llmcore.modeldir import load_model_dir
+from llmcore.tokenizer import LLMTokenizer
+from stages._align import copy_model, load_policy, save_policy, task_subset
+from stages._common import log, repo_root, run_stage, write_tsv
+
+PARAMS = ("base.seed", "base.device", "dpo")
+SRC, OUT = "data/models/sft", "data/models/dpo"
+TASKS = ["arithmetic", "spell", "count", "reverse"]
+CURVES = {"dpo_train.tsv": ["step", "loss", "reward_accuracy", "lr", "grad_norm"],
+          "dpo_val.tsv": ["step", "loss", "reward_accuracy", "reward_margin"]}
+
+
+def _pairs(root, cfg, seed, ref, tok, split, per_task):
+    convs = read_conversations(root / "data/corpus", split)
+    random.Random(f"{seed}:dpo:{split}").shuffle(convs)
+    pairs, own = task_pairs(ref, tok, task_subset(convs, TASKS, per_task), cfg.max_new_tokens,
+                            seed)
+    if cfg.corpus_pairs:
+        pairs += read_preferences(root / "data/corpus", split)
+    return pairs, own
+
+
+def body(cfgs, tracker):
+    cfg, base, root = cfgs["dpo"], cfgs["base"], repo_root()
+    if cfg.max_steps == 0:
+        return copy_model("dpo", SRC, OUT, CURVES)
+    tok = LLMTokenizer.load(root / SRC)
+    policy, model_cfg, adapter, trainable = load_policy(root / SRC, base, cfg.method, cfg.lora)
+    ref, _ = load_model_dir(root / SRC, next(policy.parameters()).device)
+    ref = ref.float().eval()
+    train, own = _pairs(root, cfg, base.seed, ref, tok, "train", cfg.pairs_per_task)
+    val, val_own = _pairs(root, cfg, base.seed, ref, tok, "val", cfg.val_pairs_per_task)
+    train, rows = encode_pairs(tok, train, model_cfg.max_seq_len)
+    val, _ = encode_pairs(tok, val, model_cfg.max_seq_len)
+    if not train:
+        raise FileNotFoundError("dpo: no preference pairs (set dpo.pairs_per_task > 0, or give "
+                                "fetch.preference_paths), or set dpo.max_steps: 0 to skip")
+    log(f"dpo: {len(train)} training pairs ({own} rejected replies are the SFT model's own), "
+        f"{len(val)} held out")
+    train_ref = reference_logprobs(ref, train, rows)
+    val_ref = reference_logprobs(ref, val, rows)
+    s = DPOSettings(beta=cfg.beta, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
+                    max_steps=cfg.max_steps, batch_size=cfg.batch_size,
+                    grad_clip=cfg.grad_clip, eval_every=cfg.eval_every, seed=base.seed)
+    result = train_dpo(policy, train, train_ref, val, val_ref, rows, s, log=log)
+    kl = sampled_kl(policy, ref, tok, [p["prompt"] for p in val[:64]], cfg.max_new_tokens,
+                    base.seed)
+    write_tsv(root / "metrics" / "dpo_train.tsv", result.history, CURVES["dpo_train.tsv"])
+    write_tsv(root / "metrics" / "dpo_val.tsv", result.evals, CURVES["dpo_val.tsv"])
+    last = result.evals[-1] if result.evals else {}
+    metrics = {"dpo/train_pairs": len(train), "dpo/val_pairs": len(val),
+               "dpo/on_policy_rejected": own, "dpo/val_on_policy_rejected": val_own,
+               "dpo/val_reward_accuracy": last.get("reward_accuracy"),
+               "dpo/val_reward_margin": last.get("reward_margin"),
+               "dpo/val_loss": last.get("loss"), "dpo/kl_to_reference": round(kl, 5),
+               "dpo/train_seconds": round(result.seconds, 2),
+               **{f"dpo/{k}": v for k, v in trainable.items()}}
+    meta = {"params": {"dpo": dataclasses.asdict(cfg)}, "pairs": len(train)}
+    metrics.update(save_policy("dpo", policy, model_cfg, root / SRC, adapter, cfgs, tracker,
+                               meta))
+    return metrics
+
+
+def main() -> None:
+    run_stage("dpo", PARAMS, body)
+
+
+if __name__ == "__main__":
+    main()
