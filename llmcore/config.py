@@ -292,6 +292,8 @@ class DPOConfig:
 
     max_steps: int = spec(150, ge=0, doc="optimizer steps; 0: the stage copies the SFT model")
     beta: float = spec(0.1, gt=0, doc="strength of the pull towards the reference")
+    nll_coef: float = spec(1.0, ge=0, doc="weight of the chosen replies' NLL per token (RPO); "
+                                         "0: plain DPO")
     lr: float = spec(3e-5, gt=0)
     min_lr: float = spec(3e-6, ge=0)
     warmup_steps: int = spec(10, ge=0)

@@ -41,12 +41,21 @@ from llmcore.tokenizer import LLMTokenizer
 
 
 def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float
+             ref_rejected: torch.Tensor, beta: float, nll_coef: float = 0.0,
+             chosen_tokens: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean DPO loss over pairs, and per-pair implicit rewards (B,) for the metrics."""
+    """Mean DPO loss over pairs, and per-pair implicit rewards (B,) for the metrics.
+
+    ``nll_coef`` > 0 adds that times the chosen replies' negative log-likelihood per token
+    (RPO; TRL's ``rpo_alpha``): DPO alone can lower the probability of the chosen reply too,
+    as long as the rejected one falls faster, which on exact-answer tasks loses right answers.
+    """
     chosen_reward = beta * (pi_chosen - ref_chosen)
     rejected_reward = beta * (pi_rejected - ref_rejected)
     loss = -F.logsigmoid(chosen_reward - rejected_reward).mean()
+    if nll_coef:
+        tokens = chosen_tokens if chosen_tokens is not None else torch.ones_like(pi_chosen)
+        loss = loss + nll_coef * (-pi_chosen / tokens).mean()
     return loss, {"chosen": chosen_reward.detach(), "rejected": rejected_reward.detach()}
 
 
@@ -100,6 +109,7 @@ class DPOSettings:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     eval_every: int = 25
+    nll_coef: float = 0.0
     seed: int = 1337
 
 
@@ -158,7 +168,9 @@ def train_dpo(model: Any, train: Sequence[dict[str, Any]], train_ref: Sequence[t
         ref = torch.tensor([train_ref[i] for i in take], device=ids.device)
         model.train()
         lp = sequence_logprobs(model, ids, mask)
-        loss, r = dpo_loss(lp[: len(batch)], lp[len(batch) :], ref[:, 0], ref[:, 1], s.beta)
+        n_chosen = mask[: len(batch)].sum(dim=1).clamp(min=1)
+        loss, r = dpo_loss(lp[: len(batch)], lp[len(batch) :], ref[:, 0], ref[:, 1], s.beta,
+                           s.nll_coef, n_chosen)
         for g in opt.param_groups:
             g["lr"] = _lr(step, s)
         opt.zero_grad(set_to_none=True)

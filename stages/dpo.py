@@ -58,7 +58,8 @@ def body(cfgs, tracker):
     val_ref = reference_logprobs(ref, val, rows)
     s = DPOSettings(beta=cfg.beta, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
                     max_steps=cfg.max_steps, batch_size=cfg.batch_size,
-                    grad_clip=cfg.grad_clip, eval_every=cfg.eval_every, seed=base.seed)
+                    grad_clip=cfg.grad_clip, eval_every=cfg.eval_every,
+                    nll_coef=cfg.nll_coef, seed=base.seed)
     result = train_dpo(policy, train, train_ref, val, val_ref, rows, s, log=log)
     kl = sampled_kl(policy, ref, tok, [p["prompt"] for p in val[:64]], cfg.max_new_tokens,
                     base.seed)

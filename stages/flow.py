@@ -41,10 +41,11 @@ from prefect.cache_policies import NO_CACHE
 
 from llmcore.tracking import MlflowTracker, default_uri
 
-STAGES = ("fetch", "tokenizer", "pack", "pretrain", "sft", "evaluate", "quantize")
+ROOT = Path(__file__).resolve().parents[1]
+# the stages in pipeline order, as dvc.yaml declares them (one place to add a stage)
+STAGES = tuple(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
 USER_ERROR = 2  # what stages exit with on bad params / bad input: not worth a retry
 DEFAULT_TIMEOUT = 4 * 3600
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class StageFailed(RuntimeError):

@@ -43,6 +43,10 @@ def test_dpo_loss_equals_a_hand_computation():
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     assert rewards["chosen"].tolist() == pytest.approx([0.25, 0.1])
     assert rewards["rejected"].tolist() == pytest.approx([-0.05, -0.25])
+    # RPO: plus the chosen replies' NLL per token, here (3/2 + 5/4) / 2
+    with_nll, _ = dpo_loss(pc, pr, rc, rr, beta, nll_coef=1.0,
+                           chosen_tokens=torch.tensor([2.0, 4.0]))
+    assert with_nll.item() == pytest.approx(expected + (1.5 + 1.25) / 2, abs=1e-6)
 
 
 def test_sequence_logprobs_sum_only_the_reply(tiny_tokenizer):

@@ -224,7 +224,8 @@ def test_deployment_run_with_override_is_a_dvc_experiment(prefect_setup):
     children = client.search_runs([exp.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
     stages = {c.data.tags["llmcore.stage"] for c in children}
-    assert stages == {"fetch", "tokenizer", "pack", "pretrain", "sft", "evaluate", "quantize"}
+    assert stages == {"fetch", "tokenizer", "pack", "pretrain", "sft", "dpo", "rl", "evaluate",
+                      "quantize"}
     sft = next(c for c in children if c.data.tags["llmcore.stage"] == "sft")
     assert sft.data.params["sft.lr"] == "0.002" and "sft/val_bpb" in sft.data.metrics
     assert sft.data.tags["git_commit"] and sft.data.tags.get("data.data/shards")

@@ -98,7 +98,7 @@ def test_the_check_follows_new_imports(tmp_path):
     shards = tmp_path / "llmcore" / "shards.py"
     shards.write_text(shards.read_text() + "\nfrom llmcore import cli  # noqa\n")
     problems = code_dep_problems(REPO / "dvc.yaml", tmp_path)
-    for stage in ("pack", "pretrain", "sft", "evaluate", "quantize"):
+    for stage in ("pack", "pretrain", "sft", "dpo", "rl", "evaluate", "quantize"):
         assert f"{stage}: missing dep llmcore/cli.py (the stage imports it)" in problems
 
 
