@@ -294,8 +294,8 @@ class DPOConfig:
     beta: float = spec(0.1, gt=0, doc="strength of the pull towards the reference")
     nll_coef: float = spec(1.0, ge=0, doc="weight of the chosen replies' NLL per token (RPO); "
                                          "0: plain DPO")
-    lr: float = spec(3e-5, gt=0)
-    min_lr: float = spec(3e-6, ge=0)
+    lr: float = spec(1e-4, gt=0)
+    min_lr: float = spec(1e-5, ge=0)
     warmup_steps: int = spec(10, ge=0)
     batch_size: int = spec(16, ge=1, doc="preference pairs per step")
     grad_clip: float = spec(1.0, ge=0)
