@@ -136,10 +136,13 @@ def _alignment_curves(metrics_dir: Path, out: Path) -> Path | None:
     a.set_xlabel("step")
     a.legend()
     if rl:
-        b.plot([r["step"] for r in rl], [r["reward"] for r in rl], label="mean reward")
-        b.plot([r["step"] for r in rl], [r["exact"] for r in rl], alpha=0.6,
-               label="exact (sampled)")
-    b.set_title("GRPO: reward of sampled replies")
+        steps, rewards = [r["step"] for r in rl], [r["reward"] for r in rl]
+        b.plot(steps, rewards, alpha=0.35, label="mean reward per step")
+        window = 10  # each step draws other prompts: the trend needs a moving average
+        smooth = [sum(rewards[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1))
+                  for i in range(len(rewards))]
+        b.plot(steps, smooth, label=f"mean of the last {window} steps")
+    b.set_title("GRPO: reward of sampled replies (1 = exact answer)")
     b.set_xlabel("step")
     b.legend()
     fig.tight_layout()
