@@ -30,6 +30,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,48 @@ from llmcore.engine import Engine, Event, QueueFull
 from llmcore.engine import Request as EngineRequest
 from llmcore.generate import Sampling
 from llmcore.http_guard import ApiError, BodyLimit, error_body, install_error_handlers
+
+
+@dataclass
+class _Served:
+    """The one model a server serves and what every route needs of it."""
+
+    model: Any
+    cfg: Any
+    tok: Any
+    engine: Engine
+    model_id: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def stop_ids(self) -> tuple[int, int]:
+        return (self.tok.im_end_id, self.tok.eot_id)
+
+    @property
+    def context(self) -> int:
+        return self.cfg.max_seq_len
+
+    def budget(self, prompt: Sequence[int], requested: int | None, field: str) -> int:
+        """max new tokens for a prompt, or a 400 that states the limits."""
+        if not prompt:
+            raise ApiError(400, "the prompt is empty", "messages")
+        room = self.context - len(prompt)
+        if requested is None:
+            if room < 1:
+                raise ApiError(400, f"the prompt has {len(prompt)} tokens; this model's "
+                                    f"context is {self.context} tokens", "messages")
+            return room
+        if requested > room:
+            raise ApiError(400, f"the prompt has {len(prompt)} tokens and {field} is "
+                                f"{requested}; this model's context is {self.context} tokens, "
+                                f"so prompt + {field} must be at most {self.context}", field)
+        return requested
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in (self.model_id, ""):
+            raise ApiError(404, f"model {name!r} is not served here; this server serves "
+                                f"{self.model_id!r} (GET /v1/models)", "model",
+                           "model_not_found")
 
 
 def create_app(model_dir: Path, device: str = "auto", *, name: str | None = None,
@@ -60,125 +103,108 @@ def create_app(model_dir: Path, device: str = "auto", *, name: str | None = None
     tok = LLMTokenizer.load(model_dir)
     engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue,
                     own_thread=engine_thread, compile=compile)
-    model_id = name or model_dir.name
-    created = int(time.time())
-    stop_ids = (tok.im_end_id, tok.eot_id)
-    context = cfg.max_seq_len
+    served = _Served(model, cfg, tok, engine, name or model_dir.name)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         engine.stop()  # cancels what runs: open streams end instead of holding shutdown
 
-    app = FastAPI(title="llmcore", description=f"Generation with {model_id}", lifespan=lifespan)
+    app = FastAPI(title="llmcore", description=f"Generation with {served.model_id}",
+                  lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=max_body)
     install_error_handlers(app)
     app.state.engine = engine
+    _info_routes(app, served)
+    _generation_routes(app, served)
+    return app
 
-    def budget(prompt: Sequence[int], requested: int | None, field: str) -> int:
-        """max new tokens for a prompt, or a 400 that states the limits."""
-        if not prompt:
-            raise ApiError(400, "the prompt is empty", "messages")
-        room = context - len(prompt)
-        if requested is None:
-            if room < 1:
-                raise ApiError(400, f"the prompt has {len(prompt)} tokens; this model's "
-                                    f"context is {context} tokens", "messages")
-            return room
-        if requested > room:
-            raise ApiError(400, f"the prompt has {len(prompt)} tokens and {field} is "
-                                f"{requested}; this model's context is {context} tokens, so "
-                                f"prompt + {field} must be at most {context}", field)
-        return requested
 
-    def check_model(body: SamplingFields) -> None:
-        if body.model is not None and body.model not in (model_id, ""):
-            raise ApiError(404, f"model {body.model!r} is not served here; this server "
-                                f"serves {model_id!r} (GET /v1/models)", "model",
-                           "model_not_found")
-
+def _info_routes(app: FastAPI, s: _Served) -> None:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
         return resources.files("llmcore").joinpath("web/chat.html").read_text("utf-8")
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_id, "params": model.num_parameters(),
-                "positions": cfg.positions, "max_seq_len": context, **engine.load()}
+        return {"status": "ok", "model": s.model_id, "params": s.model.num_parameters(),
+                "positions": s.cfg.positions, "max_seq_len": s.context, **s.engine.load()}
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model_card(model_id, created)]}
+        return {"object": "list", "data": [_model_card(s.model_id, s.created)]}
 
     @app.get("/v1/models/{mid:path}")
     def one_model(mid: str) -> dict[str, Any]:
-        if mid != model_id:
+        if mid != s.model_id:
             raise ApiError(404, f"model {mid!r} is not served here; this server serves "
-                                f"{model_id!r}", "model", "model_not_found")
-        return _model_card(model_id, created)
+                                f"{s.model_id!r}", "model", "model_not_found")
+        return _model_card(s.model_id, s.created)
 
+
+def _generation_routes(app: FastAPI, s: _Served) -> None:
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatRequest, request: Request) -> Any:
-        check_model(body)
+        s.check_model(body.model)
         if body.messages[-1].role == "assistant":
             raise ApiError(400, "the last message must be from the user or system", "messages")
-        prompt = tok.encode_prompt([m.as_dict() for m in body.messages])
+        prompt = s.tok.encode_prompt([m.as_dict() for m in body.messages])
         field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-        n_new = budget(prompt, body.requested_tokens(), field)
+        n_new = s.budget(prompt, body.requested_tokens(), field)
         jobs = [(0, i, prompt, body.sampling(n_new, i)) for i in range(body.n)]
-        return await _answer(request, body, jobs, "chat.completion", "chatcmpl")
+        return await _answer(request, s, body, jobs, "chat.completion", "chatcmpl")
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        check_model(body)
+        s.check_model(body.model)
         jobs = []
         for p, text in enumerate(body.prompts()):
-            ids = tok.encode_text(text)
-            n_new = budget(ids, body.max_tokens or 16, "max_tokens")  # OpenAI's default: 16
+            ids = s.tok.encode_text(text)
+            n_new = s.budget(ids, body.max_tokens or 16, "max_tokens")  # OpenAI's default: 16
             jobs += [(p, p * body.n + i, ids, body.sampling(n_new, i)) for i in range(body.n)]
-        return await _answer(request, body, jobs, "text_completion", "cmpl")
+        return await _answer(request, s, body, jobs, "text_completion", "cmpl")
 
     @app.post("/v1/generate")
     async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         jobs = []
         for i, text in enumerate(prompts):
-            ids = (tok.encode_text(text) if body.raw else
-                   tok.encode_prompt([{"role": "user", "content": text}]))
-            n_new = budget(ids, body.max_new_tokens, "max_new_tokens")
+            ids = (s.tok.encode_text(text) if body.raw else
+                   s.tok.encode_prompt([{"role": "user", "content": text}]))
+            n_new = s.budget(ids, body.max_new_tokens, "max_new_tokens")
             sampling = Sampling(n_new, body.temperature, body.top_k, body.top_p, body.seed)
             jobs.append((i, i, ids, sampling))
         start = time.perf_counter()
-        outs = await _collect(request, engine, jobs, stop_ids, ())
+        outs = await _collect(request, s.engine, jobs, s.stop_ids, ())
         return {"completions": [{"text": o.text, "tokens": o.tokens,
                                  "finish_reason": o.finish} for o in outs],
                 "seconds": round(time.perf_counter() - start, 4)}
 
-    async def _answer(request: Request, body: SamplingFields, jobs: list, kind: str,
-                      prefix: str) -> Any:
-        rid = f"{prefix}-{uuid.uuid4().hex[:24]}"
-        now = int(time.time())
-        prompt_tokens = sum(len(ids) for p, i, ids, _ in jobs if i % body.n == 0)
-        if body.stream:
-            chunks = await _stream(request, engine, jobs, stop_ids, body.stop, kind, rid, now,
-                             model_id, prompt_tokens if body.include_usage() else None)
-            return StreamingResponse(chunks, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        outs = await _collect(request, engine, jobs, stop_ids, body.stop)
-        choices = []
-        for (_, i, _, _), o in zip(jobs, outs, strict=True):
-            if kind == "chat.completion":
-                choices.append({"index": i, "message": {"role": "assistant", "content": o.text},
-                                "finish_reason": o.finish, "logprobs": None})
-            else:
-                choices.append({"index": i, "text": o.text, "finish_reason": o.finish,
-                                "logprobs": None})
-        completion = sum(o.tokens for o in outs)
-        return {"id": rid, "object": kind, "created": now, "model": model_id,
-                "choices": choices, "system_fingerprint": None,
-                "usage": _usage(prompt_tokens, completion)}
 
-    return app
+async def _answer(request: Request, s: _Served, body: SamplingFields, jobs: list, kind: str,
+                  prefix: str) -> Any:
+    """An OpenAI answer (or its stream) for jobs (prompt index, choice index, ids, sampling)."""
+    rid = f"{prefix}-{uuid.uuid4().hex[:24]}"
+    now = int(time.time())
+    prompt_tokens = sum(len(ids) for p, i, ids, _ in jobs if i % body.n == 0)
+    if body.stream:
+        chunks = await _stream(request, s.engine, jobs, s.stop_ids, body.stop, kind, rid, now,
+                               s.model_id, prompt_tokens if body.include_usage() else None)
+        return StreamingResponse(chunks, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    outs = await _collect(request, s.engine, jobs, s.stop_ids, body.stop)
+    choices = []
+    for (_, i, _, _), o in zip(jobs, outs, strict=True):
+        if kind == "chat.completion":
+            choices.append({"index": i, "message": {"role": "assistant", "content": o.text},
+                            "finish_reason": o.finish, "logprobs": None})
+        else:
+            choices.append({"index": i, "text": o.text, "finish_reason": o.finish,
+                            "logprobs": None})
+    completion = sum(o.tokens for o in outs)
+    return {"id": rid, "object": kind, "created": now, "model": s.model_id,
+            "choices": choices, "system_fingerprint": None,
+            "usage": _usage(prompt_tokens, completion)}
 
 
 def _model_card(model_id: str, created: int) -> dict[str, Any]:
