@@ -19,7 +19,6 @@ where it is right, the rejected reply is a plausible wrong one.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +36,7 @@ from llmcore.align import (
     wrong_answer,
 )
 from llmcore.generate import Sampling, generate
+from llmcore.optim import lr_at
 from llmcore.tokenizer import LLMTokenizer
 
 
@@ -111,6 +111,8 @@ class DPOSettings:
     eval_every: int = 25
     nll_coef: float = 0.0
     seed: int = 1337
+    schedule: str = "cosine"  # read by llmcore.optim.lr_at, the training loop's schedule
+    decay_fraction: float = 0.2
 
 
 @dataclass
@@ -118,13 +120,6 @@ class DPOResult:
     history: list[dict[str, float]] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def _lr(step: int, s: DPOSettings) -> float:
-    if step < s.warmup_steps:
-        return s.lr * (step + 1) / s.warmup_steps
-    t = (step - s.warmup_steps) / max(1, s.max_steps - s.warmup_steps)
-    return s.min_lr + 0.5 * (s.lr - s.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
 @torch.no_grad()
@@ -172,7 +167,7 @@ def train_dpo(model: Any, train: Sequence[dict[str, Any]], train_ref: Sequence[t
         loss, r = dpo_loss(lp[: len(batch)], lp[len(batch) :], ref[:, 0], ref[:, 1], s.beta,
                            s.nll_coef, n_chosen)
         for g in opt.param_groups:
-            g["lr"] = _lr(step, s)
+            g["lr"] = lr_at(step, s)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip > 0 else 1e9)
@@ -180,7 +175,7 @@ def train_dpo(model: Any, train: Sequence[dict[str, Any]], train_ref: Sequence[t
         acc = float((r["chosen"] > r["rejected"]).float().mean())
         result.history.append({"step": step + 1, "loss": round(loss.item(), 5),
                                "reward_accuracy": round(acc, 4), "grad_norm": float(norm),
-                               "lr": _lr(step, s)})
+                               "lr": lr_at(step, s)})
         if (step + 1) % s.eval_every == 0 or step + 1 == s.max_steps:
             m = pair_metrics(model, val, val_ref, rows, s.beta) if val else {}
             result.evals.append({"step": step + 1, **{k: round(v, 5) for k, v in m.items()}})

@@ -168,6 +168,23 @@ def test_hostile_bodies_are_4xx(served, path, kwargs, status, fragment):
     assert r.status_code == status and fragment in r.text, r.text
 
 
+def test_a_chunked_body_over_the_limit_is_413_and_one_under_it_is_read(served):
+    """No Content-Length (chunked upload): the limit is counted as the body arrives."""
+    _, _, client = served
+
+    def chunks(n):
+        body = json.dumps({"messages": MSG, "max_tokens": 2, "user": "x" * n}).encode()
+        for i in range(0, len(body), 512):
+            yield body[i : i + 512]
+
+    big = client.post("/v1/chat/completions", content=chunks(6000),
+                      headers={"content-type": "application/json"})
+    assert big.status_code == 413 and "over 4096 bytes" in big.text
+    small = client.post("/v1/chat/completions", content=chunks(100),
+                        headers={"content-type": "application/json"})
+    assert small.status_code == 200 and small.json()["usage"]["completion_tokens"] == 2
+
+
 def test_models_endpoint(served):
     _, _, client = served
     listed = client.get("/v1/models").json()
