@@ -21,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llmcore.device import describe, measure_peak_flops, pick_device, pick_dtype  # noqa: E402
+from llmcore.device import measure_peak_flops, native_bf16, pick_device, precision  # noqa: E402
 
 
 def main() -> None:
@@ -31,8 +31,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     device = pick_device(args.device)
-    result = {"machine": describe(device, pick_dtype("auto", device)), "size": args.size,
-              "trials": args.trials}
+    # bf16 is measured also where it is emulated, to show the cliff training avoids there
+    result = {"machine": precision("auto", device).describe(), "size": args.size,
+              "trials": args.trials, "bfloat16_native": native_bf16(device)}
     for name in ("float32", "bfloat16"):
         dtype = getattr(torch, name)
         runs = sorted(measure_peak_flops(device, dtype, args.size, trials=1)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmcore.config import TrainConfig, UserError, parse_section  # noqa: E402
-from llmcore.device import autocast, describe, pick_device, pick_dtype, sync  # noqa: E402
+from llmcore.device import autocast, pick_device, precision, sync  # noqa: E402
 from llmcore.metrics import heldout_loss  # noqa: E402
 from llmcore.model import Transformer  # noqa: E402
 from llmcore.shards import ShardDataset, ShardLoader, read_manifest  # noqa: E402
@@ -251,14 +251,15 @@ def main() -> None:
     tok = LLMTokenizer.load(Path(args.tokenizer))
     manifest = read_manifest(shards)
     device = args.device_obj = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
+    prec = precision(args.dtype, device)
+    dtype = prec.autocast
     cfg = dataclasses.replace(TrainConfig(), batch_size=args.batch_size)
     model_cfg = parse_section("model", {"preset": args.preset, "vocab_size": tok.vocab_size})
     train, val = ShardDataset(shards, "pretrain_train"), ShardDataset(shards, "pretrain_val")
     rows = min(len(val), args.eval_rows)
     tb = torch.tensor(token_bytes(tok))
     tokens_per_step = args.batch_size * manifest["seq_len"]
-    ctx = RunContext(device, dtype, tb, log=lambda m: None)
+    ctx = RunContext(device, dtype, tb, log=lambda m: None, muon_dtype=prec.orthogonalize)
     sides: list[Side] = []
     for name, changes in [("llmcore", {"model": {}, "pretrain": {}}), *variants]:
         m_cfg = parse_section("model", {"preset": args.preset, "vocab_size": tok.vocab_size,
@@ -274,7 +275,7 @@ def main() -> None:
     peer = peer_model(model_cfg).to(device)
     sides.append(PeerSide(peer, cfg, ShardLoader(train, args.batch_size, seed=args.seed),
                           device, dtype))
-    machine = describe(device, dtype)
+    machine = prec.describe()
     print(f"speedrun: {model_cfg.preset}, batch {args.batch_size} x {manifest['seq_len']}, "
           f"{args.seconds:.0f}s each on {machine}", file=sys.stderr, flush=True)
 

@@ -5,16 +5,22 @@ Training, evaluation, generation and serving all pick their device and dtype her
 training loop to find out.
 
 ``dtype: auto`` picks bf16 autocast on GPUs that have it (fp16 on older ones) and on CPUs
-with native bf16 matrix instructions (AVX-512 BF16 or AMX); elsewhere fp32, because emulated
-bf16 on an AVX2-only CPU is slower than fp32. :func:`describe` names which kind of machine a
-run had, for its log, since the same params run about 3x faster on the first kind.
+with native bf16 matrix instructions (AVX-512 BF16 or AMX); elsewhere fp32. On a CPU without
+them every bf16 product is emulated: measured ~50x slower than fp32 on an AVX2-only CPU and
+4-8x slower on an AVX-512 one without the BF16 extension. So bf16 is a cliff there, also when
+params ask for it: ``base.dtype: bfloat16`` then falls back to fp32 with a note in the log,
+and Muon's Newton-Schulz iteration (bf16 wherever it is native, the faster choice there) runs
+in fp32 too. :func:`precision` makes that decision once for a run; :meth:`Precision.describe`
+names the machine kind and the dtype of each part for the run's log and metrics.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import resource
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +46,17 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def cpu_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where there is none, e.g. macOS)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     for line in text.splitlines():
         if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
 def cpu_has_bf16() -> bool:
@@ -56,31 +64,91 @@ def cpu_has_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 arithmetic is native (not emulated) on ``device``."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        return cpu_has_bf16()
+    return False  # mps and others: not assumed
+
+
+def cpu_kind() -> str:
+    """The vector extension that decides this CPU's speed per dtype, as a short name."""
+    flags = cpu_flags()
+    return ("AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags
+            else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "basic")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The dtype each part of a run computes in, decided once from the hardware and params.
+
+    ``autocast``: training's forward and backward, and the held-out loss during training
+    (float32 means no autocast). ``orthogonalize``: Muon's Newton-Schulz iteration. Weights,
+    optimizer state, gradients, the evaluate stage, generation and serving stay in float32
+    (quantized models store int8/int4 and compute in float32 on CPU).
+    """
+
+    device: torch.device
+    autocast: torch.dtype
+    orthogonalize: torch.dtype
+    native_bf16: bool
+    note: str = ""  # why a dtype params asked for was not used
+
+    def describe(self) -> str:
+        """One line for a run's log: the machine, its kind, the dtype of each part."""
+        d = self.device
+        if d.type == "cuda":
+            where = torch.cuda.get_device_name(d)
+        elif d.type == "cpu":
+            where = f"cpu with {cpu_kind()}, {torch.get_num_threads()} threads"
+        else:
+            where = d.type
+        bf16 = "native bf16" if self.native_bf16 else "no native bf16"
+        text = (f"{where}, {bf16}: training in {_name(self.autocast)}, Muon orthogonalisation "
+                f"in {_name(self.orthogonalize)}, evaluation and inference in float32")
+        return text + (f" ({self.note})" if self.note else "")
+
+    def metrics(self, prefix: str) -> dict[str, str | int]:
+        """Flat metrics that keep which kind a figure came from."""
+        return {f"{prefix}/native_bf16": int(self.native_bf16),
+                f"{prefix}/autocast_dtype": _name(self.autocast),
+                f"{prefix}/muon_dtype": _name(self.orthogonalize)}
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def precision(name: str, device: torch.device) -> Precision:
+    """What ``base.dtype`` (auto | float32 | bfloat16 | float16) means on ``device``."""
+    native = native_bf16(device)
+    fast = torch.bfloat16 if native else torch.float32  # bf16 only where it is not emulated
+    if name == "auto":  # GPUs without bf16 get fp16 (with a gradient scaler in the loop)
+        older_gpu = torch.float16 if device.type == "cuda" else fast
+        return Precision(device, torch.bfloat16 if native else older_gpu, fast, native)
+    if name not in DTYPES:
+        raise UserError(f"base.dtype must be one of auto, {', '.join(DTYPES)} (got {name!r})")
+    dtype, note = DTYPES[name], ""
+    if dtype == torch.float16 and device.type == "cpu":
+        raise UserError("base.dtype float16 is not supported on CPU (use auto or bfloat16)")
+    if dtype == torch.bfloat16 and not native:
+        dtype = torch.float32
+        kind = cpu_kind() if device.type == "cpu" else device.type
+        note = (f"base.dtype bfloat16 asked, float32 used: this {kind} device emulates bf16, "
+                "many times slower than float32")
+    return Precision(device, dtype, fast, native, note)
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """The autocast dtype for ``base.dtype`` (float32 means no autocast)."""
-    if name != "auto":
-        dtype = DTYPES[name]
-        if dtype == torch.float16 and device.type == "cpu":
-            raise UserError("base.dtype float16 is not supported on CPU (use bfloat16)")
-        return dtype
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_bf16():
-        return torch.bfloat16
-    return torch.float32
+    return precision(name, device).autocast
 
 
 def describe(device: torch.device, dtype: torch.dtype) -> str:
-    """One line for a run's log: the device, its kind, and the precision picked."""
-    precision = str(dtype).removeprefix("torch.")
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} ({precision})"
-    if device.type != "cpu":
-        return f"{device.type} ({precision})"
-    flags = cpu_flags()
-    kind = ("AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags
-            else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "basic")
-    return f"cpu with {kind}, {torch.get_num_threads()} threads ({precision})"
+    """One line for a log: the device, its kind, and the precision of a run."""
+    return replace(precision("auto", device), autocast=dtype).describe()
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> Any:

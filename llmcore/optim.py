@@ -5,12 +5,12 @@ only. Decay pulls weights toward 0, which regularises matrices but would drag no
 (meant to stay near 1), biases and the embedding rows of rare tokens (seen too seldom to
 recover).
 
-``muon``: ``torch.optim.Muon`` for the 2-D weights inside the blocks (attention and MLP
+``muon``: :class:`llmcore.muon.Muon` for the 2-D weights inside the blocks (attention and MLP
 projections), AdamW as above for the rest (embeddings, the head, norms, biases), the split of
 the modded-nanogpt speedruns and nanochat. Muon orthogonalises each matrix's momentum
 (Newton-Schulz), so every direction of the update moves at a similar rate. Its update is
-scaled to AdamW's RMS (``adjust_lr_fn="match_rms_adamw"``), so one learning rate and one
-schedule drive both. The two are stepped together as one :class:`Optimizers`, which is also
+scaled to AdamW's RMS, so one learning rate and one schedule drive both. The iteration runs in
+the dtype the device module picks (bf16 only where it is native). The two are stepped together as one :class:`Optimizers`, which is also
 what checkpoints save.
 
 The schedule is a pure function of the step, so a resumed run needs no scheduler state: linear
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from llmcore.config import TrainConfig
+from llmcore.muon import Muon
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -81,7 +82,9 @@ def muon_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
             if p.requires_grad and p.ndim == 2 and name.startswith("layers.")]
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> Optimizers:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
+                   muon_dtype: torch.dtype = torch.float32) -> Optimizers:
+    """AdamW, or Muon + AdamW; ``muon_dtype``: of Muon's Newton-Schulz iteration."""
     hidden = muon_params(model) if cfg.optimizer == "muon" else []
     taken = {id(p) for p in hidden}
     groups = [{**g, "params": [p for p in g["params"] if id(p) not in taken]}
@@ -92,9 +95,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> Optimizers:
         opts.append(torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                       eps=cfg.eps))
     if hidden:
-        opts.append(torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                     momentum=cfg.muon_momentum,
-                                     adjust_lr_fn="match_rms_adamw"))
+        opts.append(Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                         momentum=cfg.muon_momentum, ns_dtype=muon_dtype))
     return Optimizers(opts)
 
 

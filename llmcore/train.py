@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from llmcore.checkpoint import CheckpointManager, fingerprint
 from llmcore.config import ModelConfig, TrainConfig, UserError
-from llmcore.device import describe, pick_device, pick_dtype
+from llmcore.device import Precision, pick_device, precision
 from llmcore.files import sha256_file
 from llmcore.metrics import unigram_bpb
 from llmcore.model import Transformer
@@ -38,7 +38,8 @@ from llmcore.shards import ShardDataset, ShardLoader
 from llmcore.trainer import Dist, Log, RunContext, Trainer, TrainResult
 
 # the code whose changes change the numbers of a run (part of its fingerprint)
-LOOP_CODE = ("model.py", "optim.py", "trainer.py", "metrics.py", "shards.py", "train.py")
+LOOP_CODE = ("model.py", "optim.py", "muon.py", "trainer.py", "metrics.py", "shards.py",
+             "train.py", "device.py", "checkpoint.py")
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,8 @@ class FitOutput:
     unigram_bpb: float | None
     data: dict[str, Any]  # the data fingerprint, with the initial weights' hash
     val_rows: int
-    device: str  # describe(): what the run ran on, for its log and metrics
+    device: str  # Precision.describe(): what the run ran on, for its log and metrics
+    precision: Precision | None = None  # the dtype of each part (kept in the metrics)
     trainable: int = 0  # parameters the optimizer updated
     adapter: dict[str, torch.Tensor] | None = None  # the exported step's adapters, if any
 
@@ -178,7 +180,8 @@ def fit(spec: FitSpec, tracker: Any = None, log: Log = print) -> FitOutput:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist_info, device = init_distributed(pick_device(spec.device))
-    dtype = pick_dtype(spec.dtype, device)
+    prec = precision(spec.dtype, device)
+    dtype = prec.autocast
     train_ds = ShardDataset(spec.shard_dir, spec.train_split)
     val_ds = _validation(spec, log)
     if train_ds.row_len - 1 > spec.model.max_seq_len:
@@ -188,7 +191,8 @@ def fit(spec: FitSpec, tracker: Any = None, log: Log = print) -> FitOutput:
     init = read_weights(spec.init_from) if spec.init_from is not None else None
     if spec.init_from is not None:
         data["init_sha256"] = sha256_file(Path(spec.init_from) / "model.safetensors")
-    fp = run_fingerprint(spec, {"dtype": str(dtype), "device": device.type,
+    fp = run_fingerprint(spec, {"dtype": str(dtype), "muon_dtype": str(prec.orthogonalize),
+                                "device": device.type,
                                 "world_size": dist_info.world_size, "data": data})
     torch.manual_seed(spec.seed + dist_info.rank)
     model = Transformer(spec.model)
@@ -202,14 +206,16 @@ def fit(spec: FitSpec, tracker: Any = None, log: Log = print) -> FitOutput:
     cfg = _steps_for_epochs(cfg, loader, spec, log)
     manager = CheckpointManager(spec.checkpoint_dir, fp, keep=cfg.keep_checkpoints, log=log)
     tb = torch.tensor(list(spec.token_bytes), dtype=torch.int64)
-    ctx = RunContext(device, dtype, tb, manager, tracker, dist_info, log, spec.name)
+    ctx = RunContext(device, dtype, tb, manager, tracker, dist_info, log, spec.name,
+                     muon_dtype=prec.orthogonalize)
     trainer = Trainer(model, cfg, loader, val_ds, ctx)
     _resume(trainer, manager, spec, log)
-    where = describe(device, dtype)
+    where = prec.describe()
     params = {id(p): p for p in model.parameters()}.values()
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    log(f"{spec.name}: {model.num_parameters():,} parameters on {where}, {trainable:,} "
-        f"trainable ({trainable / model.num_parameters():.1%})")
+    log(f"{spec.name}: {where}")
+    log(f"{spec.name}: {model.num_parameters():,} parameters, {trainable:,} trainable "
+        f"({trainable / model.num_parameters():.1%})")
     ug = None
     if val_ds is not None and dist_info.is_main:
         ug = unigram_bpb(train_ds, val_ds, tb, spec.model.vocab_size)
@@ -226,4 +232,5 @@ def fit(spec: FitSpec, tracker: Any = None, log: Log = print) -> FitOutput:
     dist_info.barrier()
     return FitOutput(result, model, export_weights, export_step, fp,
                      exported if adapter is not None else model.num_parameters(), ug, data,
-                     len(val_ds) if val_ds is not None else 0, where, trainable, adapter)
+                     len(val_ds) if val_ds is not None else 0, where, trainable=trainable,
+                     adapter=adapter, precision=prec)

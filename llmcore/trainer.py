@@ -91,6 +91,7 @@ class RunContext:
     dist: Dist = field(default_factory=Dist)
     log: Log = print
     name: str = "train"  # prefix of log lines and metric names, and of params keys in errors
+    muon_dtype: torch.dtype = torch.float32  # Muon's Newton-Schulz (device.precision decides)
 
 
 @dataclass
@@ -116,7 +117,7 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, loader: ShardLoader,
                  val: ShardDataset | None, ctx: RunContext) -> None:
         self.model, self.cfg, self.loader, self.val, self.ctx = model, cfg, loader, val, ctx
-        self.optimizer = make_optimizer(model, cfg)
+        self.optimizer = make_optimizer(model, cfg, ctx.muon_dtype)
         # fp16 has too few exponent bits for small gradients; bf16 and fp32 need no scaling
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
         self.step = 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from llmcore.corpus import read_conversations
-from llmcore.device import pick_device, pick_dtype
+from llmcore.device import pick_device, precision
 from llmcore.evaluate import evaluate_model, summary_metrics
 from llmcore.modeldir import load_model_dir
 from llmcore.reports import render_plots, write_reports
@@ -24,7 +24,9 @@ def body(cfgs, tracker):
     cfg, base, root = cfgs["evaluate"], cfgs["base"], repo_root()
     tok = LLMTokenizer.load(root / "data/tokenizer")
     device = pick_device(base.device)
-    dtype = pick_dtype(base.dtype, device)
+    prec = precision(base.dtype, device)
+    dtype = prec.autocast
+    log(f"evaluate: {prec.describe()}")
     torch.manual_seed(base.seed)
     pre_val = ShardDataset(root / "data/shards", "pretrain_val")
     sft_val = ShardDataset(root / "data/shards", "sft_val")

@@ -9,6 +9,7 @@ from llmcore.config import ConfigError, TrainConfig, UserError, parse_section
 from llmcore.metrics import heldout_loss, loss_sums, unigram_bpb
 from llmcore.model import Transformer
 from llmcore.modeldir import load_model_dir, save_model_dir, state_dict_for_save
+from llmcore.muon import Muon
 from llmcore.optim import lr_at, make_optimizer, param_groups
 from llmcore.shards import Batch, ShardDataset, ShardLoader
 from llmcore.tokenizer import token_bytes
@@ -247,7 +248,8 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     model = Transformer(dataclasses.replace(MODEL, bias=True))
     opt = make_optimizer(model, dataclasses.replace(CFG, optimizer="muon"))
     adamw, muon = opt.optimizers
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert muon.ns_dtype == torch.float32  # make_optimizer's default: never emulated bf16
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
     in_adamw = {id(p) for g in adamw.param_groups for p in g["params"]}
     names = {id(p): n for n, p in model.named_parameters()}
