@@ -84,10 +84,10 @@ def cpu_kind() -> str:
 class Precision:
     """The dtype each part of a run computes in, decided once from the hardware and params.
 
-    ``autocast``: training's forward and backward, and the held-out loss during training
-    (float32 means no autocast). ``orthogonalize``: Muon's Newton-Schulz iteration. Weights,
-    optimizer state, gradients, the evaluate stage, generation and serving stay in float32
-    (quantized models store int8/int4 and compute in float32 on CPU).
+    ``autocast``: training's forward and backward, and held-out losses (during training and in
+    the evaluate stage; float32 means no autocast). ``orthogonalize``: Muon's Newton-Schulz
+    iteration. Weights, optimizer state, gradients, the registry's ranking bpb, generation and
+    serving stay in float32 (quantized models store int8/int4 and compute in float32 on CPU).
     """
 
     device: torch.device
@@ -106,8 +106,9 @@ class Precision:
         else:
             where = d.type
         bf16 = "native bf16" if self.native_bf16 else "no native bf16"
-        text = (f"{where}, {bf16}: training in {_name(self.autocast)}, Muon orthogonalisation "
-                f"in {_name(self.orthogonalize)}, evaluation and inference in float32")
+        text = (f"{where}, {bf16}: training and held-out losses in {_name(self.autocast)}, "
+                f"Muon orthogonalisation in {_name(self.orthogonalize)}, generation and "
+                "serving in float32")
         return text + (f" ({self.note})" if self.note else "")
 
     def metrics(self, prefix: str) -> dict[str, str | int]:

@@ -10,8 +10,8 @@ projections), AdamW as above for the rest (embeddings, the head, norms, biases),
 the modded-nanogpt speedruns and nanochat. Muon orthogonalises each matrix's momentum
 (Newton-Schulz), so every direction of the update moves at a similar rate. Its update is
 scaled to AdamW's RMS, so one learning rate and one schedule drive both. The iteration runs in
-the dtype the device module picks (bf16 only where it is native). The two are stepped together as one :class:`Optimizers`, which is also
-what checkpoints save.
+the dtype the device module picks (bf16 only where it is native). The two are stepped
+together as one :class:`Optimizers`, which is also what checkpoints save.
 
 The schedule is a pure function of the step, so a resumed run needs no scheduler state: linear
 warmup (Adam's moment estimates are noise for the first steps), then cosine down to ``min_lr``,

@@ -77,7 +77,7 @@ class FitOutput:
     data: dict[str, Any]  # the data fingerprint, with the initial weights' hash
     val_rows: int
     device: str  # Precision.describe(): what the run ran on, for its log and metrics
-    precision: Precision | None = None  # the dtype of each part (kept in the metrics)
+    precision: Precision  # the dtype of each part (kept in the metrics)
     trainable: int = 0  # parameters the optimizer updated
     adapter: dict[str, torch.Tensor] | None = None  # the exported step's adapters, if any
 
@@ -232,5 +232,5 @@ def fit(spec: FitSpec, tracker: Any = None, log: Log = print) -> FitOutput:
     dist_info.barrier()
     return FitOutput(result, model, export_weights, export_step, fp,
                      exported if adapter is not None else model.num_parameters(), ug, data,
-                     len(val_ds) if val_ds is not None else 0, where, trainable=trainable,
-                     adapter=adapter, precision=prec)
+                     len(val_ds) if val_ds is not None else 0, where, prec, trainable,
+                     adapter)

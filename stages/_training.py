@@ -69,7 +69,7 @@ def train_and_export(stage: str, model_cfg: ModelConfig, cfg: TrainConfig, base:
         f"{stage}/trainable_params": out.trainable,
         f"{stage}/trainable_share": round(out.trainable / out.params, 5),
         f"{stage}/device": out.device,
-        **(out.precision.metrics(stage) if out.precision else {}),
+        **out.precision.metrics(stage),
         f"{stage}/steps": r.step,
         f"{stage}/export_step": out.export_step,
         f"{stage}/val_rows": out.val_rows,

@@ -204,5 +204,5 @@ def test_describe_names_the_machine_kind_and_precision():
     from llmcore.device import describe
 
     text = describe(torch.device("cpu"), torch.bfloat16)
-    assert text.startswith("cpu with ") and "training in bfloat16" in text
+    assert text.startswith("cpu with ") and "training and held-out losses in bfloat16" in text
     assert f"{torch.get_num_threads()} threads" in text

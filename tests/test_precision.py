@@ -82,6 +82,8 @@ def test_without_native_bf16_every_part_runs_in_fp32_whatever_params_say(cpu_kin
                                          "pretrain/muon_dtype": "float32"}
     with pytest.raises(UserError, match="float16 is not supported on CPU"):
         precision("float16", cpu)
+    with pytest.raises(UserError, match=r"base.dtype must be one of auto, float32, bfloat16"):
+        precision("bf16", cpu)  # library callers (benchmarks) bypass the params schema
 
 
 def test_with_native_bf16_training_and_muon_use_it_unless_float32_is_asked(cpu_kind):
