@@ -51,7 +51,7 @@ $(STAMP): pyproject.toml
 	  || { echo "setup: installing the project failed"; exit 1; }
 	@if ls $(WHEEL_CACHE)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
 	  $(BIN)/python -m pip install -q --no-deps $(WHEEL_CACHE)/llama_cpp_python-*.whl diskcache; fi
-	@$(BIN)/python -m llmcore.dvcplots --vendor-only >/dev/null \
+	@$(BIN)/python -m llmcore.report.plots --vendor-only >/dev/null \
 	  || echo "setup: charting scripts not fetched; make plots will try again"
 	@touch $(STAMP)
 
@@ -75,7 +75,7 @@ speedrun: setup
 
 # the stages' curves and charts as one HTML page, charting scripts inlined (no CDN)
 plots: setup
-	$(BIN)/python -m llmcore.dvcplots --out reports/plots
+	$(BIN)/python -m llmcore.report.plots --out reports/plots
 
 # llama.cpp's Python binding, built from source once (minutes) into a wheel cache outside the
 # repository; setup installs a cached wheel, the GGUF round-trip tests use it

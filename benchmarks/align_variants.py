@@ -25,15 +25,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llmcore.corpus import read_conversations  # noqa: E402
-from llmcore.dpo import DPOSettings, encode_pairs, reference_logprobs, task_pairs, train_dpo  # noqa: E402
-from llmcore.evaluate import task_accuracy  # noqa: E402
-from llmcore.grpo import GRPOSettings, train_grpo  # noqa: E402
-from llmcore.modeldir import load_model_dir  # noqa: E402
-from llmcore.tokenizer import LLMTokenizer  # noqa: E402
+from llmcore.align.dpo import DPOSettings, encode_pairs, reference_logprobs, task_pairs, train_dpo  # noqa: E402
+from llmcore.align.grpo import GRPOSettings, train_grpo  # noqa: E402
+from llmcore.config import SYNTHETIC_TASKS  # noqa: E402
+from llmcore.data.corpus import read_conversations  # noqa: E402
+from llmcore.data.tokenizer import LLMTokenizer  # noqa: E402
+from llmcore.model.modeldir import load_model_dir  # noqa: E402
+from llmcore.report.evaluate import task_accuracy  # noqa: E402
 from stages._align import task_subset  # noqa: E402
 
-TASKS = ["arithmetic", "spell", "count", "reverse"]
+TASKS = SYNTHETIC_TASKS
 
 
 def main() -> None:

@@ -29,10 +29,10 @@ def measure(model_dir: Path, tokens: int, rounds: int, profile: bool = True,
     import torch
     from transformers import LlamaForCausalLM
 
-    from llmcore.export import export_hf
-    from llmcore.generate import Sampling, generate
-    from llmcore.modeldir import load_model_dir
-    from llmcore.tokenizer import LLMTokenizer, render_chat
+    from llmcore.data.tokenizer import LLMTokenizer, render_chat
+    from llmcore.export.hf import export_hf
+    from llmcore.infer.generate import Sampling, generate
+    from llmcore.model.modeldir import load_model_dir
 
     torch.manual_seed(0)
     model, cfg = load_model_dir(model_dir, torch.device("cpu"))
@@ -59,7 +59,7 @@ def measure(model_dir: Path, tokens: int, rounds: int, profile: bool = True,
 
     sides = {"llmcore": ours, "hf": theirs}
     if engine:  # the server's decode path, in this (the main) thread, as `llmcore serve` runs
-        from llmcore.engine import Engine
+        from llmcore.infer.engine import Engine
 
         for name, compiled in (("engine", False), ("engine_compiled", True)):
             eng = Engine(model, tok, max_batch=8, own_thread=False, compile=compiled)
@@ -101,8 +101,8 @@ def measure(model_dir: Path, tokens: int, rounds: int, profile: bool = True,
 
 def _engine_run(engine, prompt: list[int], tokens: int) -> list[int]:
     """One greedy request through the engine, run to completion in this thread."""
-    from llmcore.engine import Request
-    from llmcore.generate import Sampling
+    from llmcore.infer.engine import Request
+    from llmcore.infer.generate import Sampling
 
     done: list = []
     engine.submit(Request(prompt, Sampling(max_new_tokens=tokens),

@@ -21,12 +21,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llmcore import llama_cpp  # noqa: E402
-from llmcore.corpus import read_conversations  # noqa: E402
-from llmcore.generate import generate_no_cache  # noqa: E402
-from llmcore.gguf_export import GGUF_TYPES, export_gguf  # noqa: E402
-from llmcore.modeldir import load_model_dir  # noqa: E402
-from llmcore.tokenizer import LLMTokenizer, render_chat  # noqa: E402
+from llmcore.data.corpus import read_conversations  # noqa: E402
+from llmcore.data.tokenizer import LLMTokenizer, render_chat  # noqa: E402
+from llmcore.export import llama_cpp  # noqa: E402
+from llmcore.export.gguf import GGUF_TYPES, export_gguf  # noqa: E402
+from llmcore.infer.generate import generate_no_cache  # noqa: E402
+from llmcore.model.modeldir import load_model_dir  # noqa: E402
 
 AWKWARD = ["12345 + 678 = 13023", "中文 日本語 🎉🙂👍🏽", "a   b\n\n\tc  \r\n d", "I'm they'd've",
            "def f(x):\n    return x**2\n"]

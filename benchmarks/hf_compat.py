@@ -22,10 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from llmcore.config import parse_section  # noqa: E402
-from llmcore.export import export_hf  # noqa: E402
-from llmcore.model import Transformer  # noqa: E402
-from llmcore.modeldir import load_model_dir, save_model_dir, state_dict_for_save  # noqa: E402
-from llmcore.tokenizer import LLMTokenizer, train_bpe  # noqa: E402
+from llmcore.data.tokenizer import LLMTokenizer, train_bpe  # noqa: E402
+from llmcore.export.hf import export_hf  # noqa: E402
+from llmcore.model.modeldir import load_model_dir, save_model_dir, state_dict_for_save  # noqa: E402
+from llmcore.model.transformer import Transformer  # noqa: E402
 
 
 def main() -> None:

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 from llmcore.config import FetchConfig
-from llmcore.corpus import read_conversations, read_texts
-from llmcore.packing import pack_all
-from llmcore.sources import build_corpus
-from llmcore.tokenizer import LLMTokenizer, render_chat, train_bpe
+from llmcore.data.corpus import read_conversations, read_texts
+from llmcore.data.packing import pack_all
+from llmcore.data.sources import build_corpus
+from llmcore.data.tokenizer import LLMTokenizer, render_chat, train_bpe
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from llmcore.device import describe  # noqa: E402
-from tests.live_server import free_port, get_json  # noqa: E402
+from tests.serve.live_server import free_port, get_json  # noqa: E402
 
 PROMPTS = ["What is 12 + 7?", "Spell the word 'list'.", "What does a Python list hold?",
            "Reverse the word 'tuple'.", "How many letters are in 'string'?",

@@ -42,12 +42,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmcore.config import TrainConfig, UserError, parse_section  # noqa: E402
+from llmcore.data.shards import ShardDataset, ShardLoader, read_manifest  # noqa: E402
+from llmcore.data.tokenizer import LLMTokenizer, token_bytes  # noqa: E402
 from llmcore.device import autocast, pick_device, precision, sync  # noqa: E402
-from llmcore.metrics import heldout_loss  # noqa: E402
-from llmcore.model import Transformer  # noqa: E402
-from llmcore.shards import ShardDataset, ShardLoader, read_manifest  # noqa: E402
-from llmcore.tokenizer import LLMTokenizer, token_bytes  # noqa: E402
-from llmcore.trainer import RunContext, Trainer  # noqa: E402
+from llmcore.model.loss import heldout_loss  # noqa: E402
+from llmcore.model.transformer import Transformer  # noqa: E402
+from llmcore.train.loop import RunContext, Trainer  # noqa: E402
 
 
 def lr_at(step: int, elapsed: float, budget: float, cfg: TrainConfig) -> float:

@@ -35,11 +35,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from llmcore.config import TrainConfig, parse_section  # noqa: E402
+from llmcore.data.shards import Batch  # noqa: E402
 from llmcore.device import measure_peak_flops, memory_mb, pick_device, precision, sync  # noqa: E402
-from llmcore.model import Transformer, count_parameters, flops_per_token  # noqa: E402
-from llmcore.muon import Muon  # noqa: E402
-from llmcore.shards import Batch  # noqa: E402
-from llmcore.trainer import RunContext, Trainer  # noqa: E402
+from llmcore.model.transformer import Transformer, count_parameters, flops_per_token  # noqa: E402
+from llmcore.train.loop import RunContext, Trainer  # noqa: E402
+from llmcore.train.muon import Muon  # noqa: E402
 
 
 class _RandomLoader:

@@ -21,18 +21,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llmcore.schema import USER_ERROR
+
 
 def _sampling(args: argparse.Namespace) -> Any:
-    from llmcore.generate import Sampling
+    from llmcore.infer.generate import Sampling
 
     return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 
 def _load(path: str, device: str) -> tuple[Any, Any]:
+    from llmcore.data.tokenizer import LLMTokenizer
     from llmcore.device import pick_device
-    from llmcore.modeldir import load_model_dir
-    from llmcore.tokenizer import LLMTokenizer
+    from llmcore.model.modeldir import load_model_dir
 
     model, _ = load_model_dir(Path(path), pick_device(device))
     return model, LLMTokenizer.load(Path(path))
@@ -40,7 +42,7 @@ def _load(path: str, device: str) -> tuple[Any, Any]:
 
 def _stream_reply(model: Any, tok: Any, ids: list[int], args: argparse.Namespace,
                   out: Any) -> str:
-    from llmcore.generate import TextStreamer, stream
+    from llmcore.infer.generate import TextStreamer, stream
 
     streamer = TextStreamer(tok)
     pieces = []
@@ -62,7 +64,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                tok.encode_prompt([{"role": "user", "content": prompt}]))
         if not ids:
             print("llmcore: empty prompt", file=sys.stderr)
-            return 2
+            return USER_ERROR
         _stream_reply(model, tok, ids, args, sys.stdout)
     return 0
 
@@ -99,7 +101,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from llmcore.serve import create_app
+    from llmcore.serve.app import create_app
 
     model, name = Path(args.model), None
     if args.model.startswith("models:/"):
@@ -111,7 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             model, name = fetch_registered_model(args.model, tracking_uri, cache)
         except LookupError as exc:
             print(f"llmcore: {exc}", file=sys.stderr)
-            return 2
+            return USER_ERROR
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app = create_app(model, args.device, name=name, max_batch=args.max_batch,
                      max_queue=args.max_queue, max_body=args.max_body, engine_thread=False,
@@ -155,11 +157,11 @@ def _run_server(app: Any, host: str, port: int) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "gguf":
-        from llmcore.gguf_export import export_gguf
+        from llmcore.export.gguf import export_gguf
 
         print(export_gguf(Path(args.model), Path(args.out), args.gguf_type))
         return 0
-    from llmcore.export import export_hf
+    from llmcore.export.hf import export_hf
 
     print(export_hf(Path(args.model), Path(args.out)))
     return 0
@@ -233,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ValueError as exc:  # UserError (bad model dir, tokenizer), bad sampling values, ...
         print(f"llmcore: {exc}", file=sys.stderr)
-        return 2
+        return USER_ERROR
 
 
 if __name__ == "__main__":

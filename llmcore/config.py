@@ -20,6 +20,8 @@ from llmcore.schema import ConfigError, UserError, parse_dataclass, spec
 __all__ = ["ConfigError", "UserError"]  # re-exported: every module takes them from here
 
 PARAMS_FILE = "params.yaml"
+# the synthetic tasks with checkable answers (made by llmcore.data.tasks): the names params use
+SYNTHETIC_TASKS = ("arithmetic", "spell", "count", "reverse")
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,7 +251,7 @@ def _default(cls: type, name: str, value: Any) -> Any:
     return field(default=value, metadata=cls.__dataclass_fields__[name].metadata)
 
 
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # llmcore.lora.TARGETS' keys
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # llmcore.model.lora.TARGETS' keys
 
 
 @dataclass(frozen=True)
@@ -331,7 +333,7 @@ class RLConfig:
     no_end_penalty: float = spec(0.1, ge=0, doc="subtracted when a reply does not end with "
                                                "<|im_end|>")
     grad_clip: float = spec(1.0, ge=0)
-    tasks: list[str] = spec(default_factory=lambda: ["arithmetic", "spell", "count", "reverse"])
+    tasks: list[str] = spec(default_factory=lambda: list(SYNTHETIC_TASKS))
     eval_per_task: int = spec(100, ge=0, doc="held-out conversations per task for the "
                                              "before / after exact match")
     method: str = spec("full", choices=("full", "lora"))
@@ -381,8 +383,32 @@ class QuantizeConfig:
                                 "quantized directory, of this type")
 
 
-# Sections the stages read, and their schemas. ``flow:`` belongs to the Prefect flow
-# (stages/flow.py), which validates it; it is listed so that a typo of any section name fails.
+@dataclass(frozen=True)
+class FlowTimeouts:
+    """``flow.timeouts:`` seconds a stage may run under the Prefect flow before it is killed."""
+
+    fetch: float = spec(1800.0, gt=0)
+    tokenizer: float = spec(1800.0, gt=0)
+    pack: float = spec(3600.0, gt=0)
+    pretrain: float = spec(86400.0, gt=0)
+    sft: float = spec(86400.0, gt=0)
+    dpo: float = spec(14400.0, gt=0)
+    rl: float = spec(14400.0, gt=0)
+    evaluate: float = spec(7200.0, gt=0)
+    quantize: float = spec(3600.0, gt=0)
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """``flow:`` the Prefect flow's scheduling (read by stages/flow.py; no stage depends on it)."""
+
+    retries: int = spec(1, ge=0, doc="retries of a stage that failed for another reason than "
+                                     "bad input (a stage's bad-input exit is never retried)")
+    retry_delay: float = spec(10.0, ge=0, doc="seconds between tries")
+    timeouts: FlowTimeouts = spec(default_factory=FlowTimeouts)
+
+
+# Sections of params.yaml and their schemas (``flow:`` is the Prefect flow's, not a stage's).
 SECTIONS: dict[str, type] = {
     "base": BaseConfig,
     "fetch": FetchConfig,
@@ -395,8 +421,8 @@ SECTIONS: dict[str, type] = {
     "rl": RLConfig,
     "evaluate": EvaluateConfig,
     "quantize": QuantizeConfig,
+    "flow": FlowConfig,
 }
-OTHER_SECTIONS = ("flow",)
 
 
 def parse_section(name: str, raw: Any, cls: type | None = None) -> Any:
@@ -418,7 +444,7 @@ def parse_section(name: str, raw: Any, cls: type | None = None) -> Any:
 
 def check_sections(params: Mapping[str, Any]) -> None:
     """Every top-level section of params.yaml must be one that something reads."""
-    known = [*SECTIONS, *OTHER_SECTIONS]
+    known = list(SECTIONS)
     problems = []
     for name in params:
         if name not in known:

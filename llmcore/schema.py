@@ -21,11 +21,16 @@ from collections.abc import Mapping
 from dataclasses import field
 from typing import Any
 
+# the exit status of a stage or command that failed on a UserError: the message is the whole
+# report (no traceback), and the Prefect flow does not retry it (the same input fails again)
+USER_ERROR = 2
+
 
 class UserError(ValueError):
     """A problem the user fixes (params, input data, missing stage output), not a bug.
 
-    Stages print its message without a traceback and exit non-zero.
+    Stages and the ``llmcore`` command print its message without a traceback and exit with
+    :data:`USER_ERROR`.
     """
 
 

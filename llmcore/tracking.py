@@ -207,9 +207,9 @@ def end_stage_run(tracker: Any, status: str) -> None:
 
 
 def save_pyfunc(model_dir: Path, out: Path) -> Path:
-    """Write ``model_dir`` as an MLflow ``pyfunc`` model at ``out`` (see :mod:`llmcore.pyfunc`).
+    """Write ``model_dir`` as an MLflow ``pyfunc`` model at ``out`` (see :mod:`llmcore.export.pyfunc`).
 
-    The flavour names its loader by module (``llmcore.pyfunc``) and ships the ``llmcore``
+    The flavour names its loader by module (``llmcore.export.pyfunc``) and ships the ``llmcore``
     package as code, so loading needs torch and tokenizers, not this repository.
     """
     import mlflow.pyfunc
@@ -226,7 +226,7 @@ def save_pyfunc(model_dir: Path, out: Path) -> Path:
         Schema,
     )
 
-    # the params and their defaults are llmcore.pyfunc.DEFAULT_PARAMS (this module imports no
+    # the params and their defaults are llmcore.export.pyfunc.DEFAULT_PARAMS (this module imports no
     # library code; a test compares the two)
     message = Object([Property("role", DataType.string), Property("content", DataType.string)])
     signature = ModelSignature(
@@ -240,7 +240,7 @@ def save_pyfunc(model_dir: Path, out: Path) -> Path:
                             ParamSpec("raw", DataType.boolean, False)]))
     example = pd.DataFrame({"prompt": ["What is 12 + 7?"]})
     mlflow.pyfunc.save_model(
-        str(out), loader_module="llmcore.pyfunc", data_path=str(model_dir),
+        str(out), loader_module="llmcore.export.pyfunc", data_path=str(model_dir),
         code_paths=[str(Path(__file__).resolve().parent)], signature=signature,
         input_example=example,
         pip_requirements=["torch", "tokenizers", "safetensors", "numpy", "pandas"])

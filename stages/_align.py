@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
+from llmcore.data.shards import ShardDataset
+from llmcore.data.tokenizer import LLMTokenizer, token_bytes
 from llmcore.device import pick_device
-from llmcore.evaluate import split_bpb, task_accuracy
-from llmcore.lora import LoRASpec, trainable_parameters
-from llmcore.modeldir import load_model_dir, save_model_dir, state_dict_for_save
-from llmcore.shards import ShardDataset
-from llmcore.tokenizer import LLMTokenizer, token_bytes
+from llmcore.model.lora import LoRASpec, trainable_parameters
+from llmcore.model.modeldir import load_model_dir, save_model_dir, state_dict_for_save
+from llmcore.report.evaluate import split_bpb, task_accuracy
 from llmcore.tracking import register_model
 from stages._common import git_commit, log, model_tags, repo_root, write_tsv
 

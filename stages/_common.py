@@ -36,10 +36,10 @@ from llmcore.config import (
     parse_sections,
 )
 from llmcore.files import write_json, write_text
+from llmcore.schema import USER_ERROR
 from llmcore.tracking import NullTracker, Tracker, default_uri, end_stage_run, stage_run
 
 Body = Callable[[dict[str, Any], Tracker], Mapping[str, Any]]
-USER_ERROR = 2  # exit status of a stage that failed on bad params or bad input
 
 
 def repo_root() -> Path:

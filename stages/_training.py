@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from llmcore.config import ModelConfig, TrainConfig, UserError
-from llmcore.modeldir import save_model_dir
-from llmcore.shards import read_manifest
-from llmcore.tokenizer import LLMTokenizer, token_bytes
-from llmcore.train import FitSpec, fit
+from llmcore.data.shards import read_manifest
+from llmcore.data.tokenizer import LLMTokenizer, token_bytes
+from llmcore.model.modeldir import save_model_dir
+from llmcore.train.fit import FitSpec, fit
 from stages._common import as_dict, git_commit, log, rank, repo_root, write_tsv
 
 SHARDS, TOKENIZER = "data/shards", "data/tokenizer"

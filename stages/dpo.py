@@ -12,17 +12,17 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from llmcore.align import sampled_kl
-from llmcore.corpus import read_conversations, read_preferences
-from llmcore.dpo import DPOSettings, encode_pairs, reference_logprobs, task_pairs, train_dpo
-from llmcore.modeldir import load_model_dir
-from llmcore.tokenizer import LLMTokenizer
+from llmcore.align.dpo import DPOSettings, encode_pairs, reference_logprobs, task_pairs, train_dpo
+from llmcore.align.replies import sampled_kl
+from llmcore.config import SYNTHETIC_TASKS
+from llmcore.data.corpus import read_conversations, read_preferences
+from llmcore.data.tokenizer import LLMTokenizer
+from llmcore.model.modeldir import load_model_dir
 from stages._align import copy_model, load_policy, save_policy, task_subset
 from stages._common import log, repo_root, run_stage, write_tsv
 
 PARAMS = ("base.seed", "base.device", "dpo")
 SRC, OUT = "data/models/sft", "data/models/dpo"
-TASKS = ["arithmetic", "spell", "count", "reverse"]
 CURVES = {"dpo_train.tsv": ["step", "loss", "reward_accuracy", "lr", "grad_norm"],
           "dpo_val.tsv": ["step", "loss", "reward_accuracy", "reward_margin"]}
 
@@ -30,7 +30,7 @@ CURVES = {"dpo_train.tsv": ["step", "loss", "reward_accuracy", "lr", "grad_norm"
 def _pairs(root, cfg, seed, ref, tok, split, per_task):
     convs = read_conversations(root / "data/corpus", split)
     random.Random(f"{seed}:dpo:{split}").shuffle(convs)
-    pairs, own = task_pairs(ref, tok, task_subset(convs, TASKS, per_task), cfg.max_new_tokens,
+    pairs, own = task_pairs(ref, tok, task_subset(convs, SYNTHETIC_TASKS, per_task), cfg.max_new_tokens,
                             seed)
     if cfg.corpus_pairs:
         pairs += read_preferences(root / "data/corpus", split)

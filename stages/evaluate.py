@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from llmcore.corpus import read_conversations
+from llmcore.data.corpus import read_conversations
+from llmcore.data.shards import ShardDataset
+from llmcore.data.tokenizer import LLMTokenizer, token_bytes
 from llmcore.device import pick_device, precision
-from llmcore.evaluate import evaluate_model, summary_metrics
-from llmcore.modeldir import load_model_dir
-from llmcore.reports import render_plots, write_reports
-from llmcore.shards import ShardDataset
-from llmcore.tokenizer import LLMTokenizer, token_bytes
+from llmcore.model.modeldir import load_model_dir
+from llmcore.report.evaluate import evaluate_model, summary_metrics
+from llmcore.report.tables import render_plots, write_reports
 from stages._common import log, repo_root, run_stage
 
 PARAMS = ("base.seed", "base.device", "base.dtype", "evaluate")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from llmcore.corpus import BAD_RECORDS_FILE
-from llmcore.sources import build_corpus
+from llmcore.data.corpus import BAD_RECORDS_FILE
+from llmcore.data.fetch import build_corpus
 from stages._common import log, repo_root, run_stage
 
 PARAMS = ("fetch",)

@@ -39,13 +39,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from llmcore.config import FlowConfig, parse_section
+from llmcore.schema import USER_ERROR
 from llmcore.tracking import MlflowTracker, default_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 # the stages in pipeline order, as dvc.yaml declares them (one place to add a stage)
 STAGES = tuple(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
-USER_ERROR = 2  # what stages exit with on bad params / bad input: not worth a retry
-DEFAULT_TIMEOUT = 4 * 3600
 
 
 class StageFailed(RuntimeError):
@@ -54,14 +54,10 @@ class StageFailed(RuntimeError):
         super().__init__(f"stage {stage} failed (exit {returncode}):\n{tail}")
 
 
-def flow_settings(root: Path) -> dict[str, Any]:
+def flow_settings(root: Path) -> FlowConfig:
+    """The ``flow:`` section, checked by its schema (a bad key or value names itself)."""
     params = yaml.safe_load((root / "params.yaml").read_text()) or {}
-    settings = params.get("flow") or {}
-    unknown = set(settings) - {"timeouts", "retries", "retry_delay"}
-    if unknown:
-        raise ValueError(f"params.yaml: unknown key(s) flow.{', flow.'.join(sorted(unknown))} "
-                         "(allowed: timeouts, retries, retry_delay)")
-    return settings
+    return parse_section("flow", params.get("flow"))
 
 
 def run_command(args: list[str], cwd: Path, env: Mapping[str, str], timeout: float,
@@ -203,9 +199,6 @@ def llm_pipeline(stages: list[str] | None = None, overrides: dict[str, Any] | No
         raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
     selected = [s for s in STAGES if s in selected]  # pipeline order
     settings = flow_settings(root)
-    timeouts = settings.get("timeouts") or {}
-    retries = int(settings.get("retries", 1))
-    retry_delay = float(settings.get("retry_delay", 10))
     run_name = str(flow_run.get_name() or "manual")
     exp_name = experiment or (f"prefect-{run_name}" if overrides else None)
 
@@ -233,8 +226,9 @@ def llm_pipeline(stages: list[str] | None = None, overrides: dict[str, Any] | No
             logger.info(f"experiment {exp_name}: overrides {overrides}")
         for stage in selected:
             dvc_stage.with_options(
-                name=f"dvc-{stage}", retries=retries, retry_delay_seconds=retry_delay,
-            )(stage, str(root), env, float(timeouts.get(stage, DEFAULT_TIMEOUT)))
+                name=f"dvc-{stage}", retries=settings.retries,
+                retry_delay_seconds=settings.retry_delay,
+            )(stage, str(root), env, float(getattr(settings.timeouts, stage)))
         if exp_name:
             dvc_exp_save(exp_name, str(root), env)
         metrics = read_metrics(root)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-from llmcore.corpus import read_conversations, read_texts
+from llmcore.data.corpus import read_conversations, read_texts
+from llmcore.data.packing import pack_all
+from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.files import atomic_dir
-from llmcore.packing import pack_all
-from llmcore.tokenizer import LLMTokenizer
 from stages._common import log, repo_root, run_stage
 
 PARAMS = ("pack",)

@@ -8,15 +8,15 @@ import json
 import torch
 
 from llmcore.config import UserError
-from llmcore.corpus import read_conversations
+from llmcore.data.corpus import read_conversations
+from llmcore.data.shards import ShardDataset
+from llmcore.data.tokenizer import LLMTokenizer, render_chat, token_bytes
 from llmcore.device import pick_device
-from llmcore.evaluate import split_bpb
-from llmcore.export import llama_compatible
-from llmcore.gguf_export import export_gguf
-from llmcore.modeldir import load_model_dir, save_model_dir
-from llmcore.quantize import QuantSpec, compare, quantize_model, tensor_bytes
-from llmcore.shards import ShardDataset
-from llmcore.tokenizer import LLMTokenizer, render_chat, token_bytes
+from llmcore.export.gguf import export_gguf
+from llmcore.export.hf import llama_compatible
+from llmcore.export.quantize import QuantSpec, compare, quantize_model, tensor_bytes
+from llmcore.model.modeldir import load_model_dir, save_model_dir
+from llmcore.report.evaluate import split_bpb
 from llmcore.tracking import register_model
 from stages._common import log, model_tags, repo_root, run_stage
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from llmcore.corpus import read_conversations
-from llmcore.grpo import GRPOSettings, train_grpo
-from llmcore.modeldir import load_model_dir
-from llmcore.tokenizer import LLMTokenizer
+from llmcore.align.grpo import GRPOSettings, train_grpo
+from llmcore.data.corpus import read_conversations
+from llmcore.data.tokenizer import LLMTokenizer
+from llmcore.model.modeldir import load_model_dir
 from stages._align import copy_model, exact_match, load_policy, save_policy, task_subset
 from stages._common import log, repo_root, run_stage, write_tsv
 

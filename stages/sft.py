@@ -13,12 +13,12 @@ import math
 
 import torch
 
+from llmcore.data.shards import ShardDataset
+from llmcore.data.tokenizer import LLMTokenizer, token_bytes
 from llmcore.device import pick_device
-from llmcore.evaluate import split_bpb
-from llmcore.lora import LoRASpec
-from llmcore.modeldir import load_model_dir, read_model_config
-from llmcore.shards import ShardDataset
-from llmcore.tokenizer import LLMTokenizer, token_bytes
+from llmcore.model.lora import LoRASpec
+from llmcore.model.modeldir import load_model_dir, read_model_config
+from llmcore.report.evaluate import split_bpb
 from llmcore.tracking import register_model
 from stages._common import log, model_tags, relaunch_under_torchrun, repo_root, run_stage
 from stages._training import SHARDS, train_and_export

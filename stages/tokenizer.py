@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from llmcore.corpus import read_conversations, read_texts
+from llmcore.data.corpus import read_conversations, read_texts
+from llmcore.data.tokenizer import LLMTokenizer, bytes_per_token, train_bpe, training_texts
 from llmcore.files import atomic_dir
-from llmcore.tokenizer import LLMTokenizer, bytes_per_token, train_bpe, training_texts
 from stages._common import log, repo_root, run_stage
 
 PARAMS = ("tokenizer",)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llmcore.tokenizer import LLMTokenizer, train_bpe
+from llmcore.data.tokenizer import LLMTokenizer, train_bpe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,8 +64,9 @@ def copy_project(dest: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory):
     """Shards of a small slice of the builtin corpus, seq_len 32, vocab 300."""
-    from llmcore.builtin import builtin_documents, synthetic_conversations
-    from llmcore.packing import pack_all
+    from llmcore.data.packing import pack_all
+    from llmcore.data.pydocs import builtin_documents
+    from llmcore.data.tasks import synthetic_conversations
 
     docs = [d.text for _, d in zip(range(40), builtin_documents(), strict=False)]
     convs = [c.as_dicts() for c in synthetic_conversations(40, seed=0)]

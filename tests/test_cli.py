@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from llmcore.config import parse_section
-from llmcore.generate import Sampling, generate
-from llmcore.model import Transformer
-from llmcore.modeldir import save_model_dir, state_dict_for_save
-from llmcore.tokenizer import render_chat
+from llmcore.data.tokenizer import render_chat
+from llmcore.infer.generate import Sampling, generate
+from llmcore.model.modeldir import save_model_dir, state_dict_for_save
+from llmcore.model.transformer import Transformer
 from tests.conftest import project_env
 
 

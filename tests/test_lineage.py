@@ -7,6 +7,7 @@ later that dvc.yaml does not list fails here, naming the stage and the file.
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +15,81 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llmcore.lineage import project_files
 from tests.conftest import project_env
-from tests.import_graph import REPO, closure, closure_files, direct_imports, graph, module_path
+from tests.import_graph import (
+    REPO,
+    closure,
+    closure_files,
+    direct_imports,
+    graph,
+    module_path,
+)
 
 # files a stage runs that cannot change any of its outputs (and why)
 EXEMPT = {"llmcore/tracking.py": "records runs in MLflow; writes nothing DVC tracks"}
-PACKAGE_MARKERS = ("llmcore/__init__.py", "stages/__init__.py")  # exempt while empty
-INFERENCE = ("llmcore.serve", "llmcore.generate", "llmcore.evaluate", "llmcore.export",
-             "llmcore.cli", "llmcore.quantize", "llmcore.modeldir")
-TRAINING = ("llmcore.train", "llmcore.trainer", "llmcore.optim", "llmcore.checkpoint")
+# package markers: exempt while empty (a test below checks that they are)
+PACKAGE_MARKERS = tuple(sorted(p.relative_to(REPO).as_posix() for pkg in ("llmcore", "stages")
+                               for p in (REPO / pkg).rglob("__init__.py")))
+
+# The layering as package rules: what each part of llmcore may import. The cross-cutting
+# modules at the top are listed by name; a package may always import its own modules.
+LOW = {"config", "schema", "files", "device"}
+ALLOWED = {
+    "schema": set(), "files": set(), "lineage": set(), "tracking": set(),
+    "config": {"schema"}, "device": {"config", "schema"},
+    "model": LOW,
+    "data": LOW,
+    "train": LOW | {"model", "data", "lineage"},
+    "align": LOW | {"train", "model", "infer", "data", "lineage"},
+    "infer": LOW | {"model", "data"},
+    "report": LOW | {"model", "data", "infer"},
+    "export": LOW | {"model", "data", "infer", "report"},
+    "serve": LOW | {"model", "data", "infer"},
+    "cli": LOW | {"model", "data", "infer", "serve", "export", "tracking"},
+}
+TRAINING_PARTS = ("train", "align")
+
+
+def part(module: str) -> str:
+    """``llmcore.train.fit`` -> ``train``; ``llmcore.device`` -> ``device``."""
+    return module.split(".")[1]
+
+
+def layering_problems(root: Path = REPO) -> list[str]:
+    """Every import of a llmcore module that its package's rule does not allow."""
+    problems = []
+    for module, deps in graph(root).items():
+        if module.count(".") == 0 or module_path(module, root).name == "__init__.py":
+            continue  # stages/ may import anything; package markers import nothing (checked)
+        if module.startswith("stages"):
+            continue
+        here = part(module)
+        for dep in sorted(deps):
+            if module_path(dep, root).name == "__init__.py":
+                continue  # `from llmcore.train import loop`: the module loop is what counts
+            if dep.startswith("stages"):
+                problems.append(f"{module} imports {dep}: llmcore never imports the stages")
+            elif dep != "llmcore" and part(dep) != here and part(dep) not in ALLOWED[here]:
+                problems.append(f"{module} imports {dep}: {here} may import only "
+                                f"{', '.join(sorted(ALLOWED[here])) or 'nothing of llmcore'}")
+    return problems
+
+
+def cycles(root: Path = REPO) -> list[list[str]]:
+    """Import circles between modules (each found once, from its smallest name)."""
+    g = graph(root)
+    found = []
+    for start in sorted(g):
+        stack = [(start, [start])]
+        while stack:
+            node, path = stack.pop()
+            for dep in sorted(g.get(node, ())):
+                if dep == start:
+                    found.append(path)
+                elif dep > start and dep not in path:
+                    stack.append((dep, path + [dep]))
+    return found
 
 
 def stage_module(cmd: str) -> str:
@@ -36,7 +103,7 @@ def code_dep_problems(dvc_yaml: Path, root: Path = REPO) -> list[str]:
     stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
     problems = []
     for name, stage in stages.items():
-        runs = closure_files(stage_module(stage["cmd"]), root)
+        runs = closure_files(stage_module(stage["cmd"]), root=root)
         wanted = runs - set(EXEMPT) - set(PACKAGE_MARKERS)
         listed = {d for d in stage.get("deps", []) if isinstance(d, str) and d.endswith(".py")}
         problems += [f"{name}: missing dep {p} (the stage imports it)"
@@ -80,22 +147,20 @@ def test_every_stage_depends_on_exactly_the_code_it_runs():
 def test_the_check_names_a_missing_and_an_extra_dep(tmp_path):
     graph_ = yaml.safe_load((REPO / "dvc.yaml").read_text())
     deps = graph_["stages"]["pretrain"]["deps"]
-    deps.remove("llmcore/model.py")
+    deps.remove("llmcore/model/transformer.py")
     deps.append("llmcore/cli.py")
     broken = tmp_path / "dvc.yaml"
     broken.write_text(yaml.safe_dump(graph_))
     assert code_dep_problems(broken) == [
-        "pretrain: missing dep llmcore/model.py (the stage imports it)",
+        "pretrain: missing dep llmcore/model/transformer.py (the stage imports it)",
         "pretrain: extra dep llmcore/cli.py (the stage does not run it)"]
 
 
 def test_the_check_follows_new_imports(tmp_path):
     """An import added to a library module reaches every stage that imports that module."""
     for pkg in ("llmcore", "stages"):
-        (tmp_path / pkg).mkdir()
-        for f in (REPO / pkg).glob("*.py"):
-            (tmp_path / pkg / f.name).write_text(f.read_text())
-    shards = tmp_path / "llmcore" / "shards.py"
+        shutil.copytree(REPO / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    shards = tmp_path / "llmcore" / "data" / "shards.py"
     shards.write_text(shards.read_text() + "\nfrom llmcore import cli  # noqa\n")
     problems = code_dep_problems(REPO / "dvc.yaml", tmp_path)
     for stage in ("pack", "pretrain", "sft", "dpo", "rl", "evaluate", "quantize"):
@@ -136,25 +201,85 @@ def test_a_stage_cannot_read_an_undeclared_param():
 
 def test_only_tracking_imports_mlflow():
     offenders = []
-    for pkg in ("llmcore", "stages"):
-        for path in (REPO / pkg).glob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                         [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-                if any(n.split(".")[0] == "mlflow" for n in names):
-                    offenders.append(path.relative_to(REPO).as_posix())
+    for path in project_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.split(".")[0] == "mlflow" for n in names):
+                offenders.append(path.relative_to(REPO).as_posix())
     assert sorted(set(offenders)) == ["llmcore/tracking.py"]
 
 
-def test_inference_code_never_reaches_training_code():
-    for module in INFERENCE:
-        reached = closure(module) & set(TRAINING)
-        assert not reached, f"{module} imports {sorted(reached)}"
-    # and the layering the design draws: the model knows only its config
-    assert graph()["llmcore.model"] == {"llmcore.config"}
-    for low in ("llmcore.device", "llmcore.metrics", "llmcore.modeldir", "llmcore.files"):
-        assert closure(low) <= {low, "llmcore", "llmcore.config", "llmcore.schema",
-                                "llmcore.files", "llmcore.device", "llmcore.model"}, low
+def test_every_package_imports_only_what_its_rule_allows():
+    assert layering_problems() == []
+    # every part of llmcore has a rule (a new package must say what it may import)
+    assert {part(m) for m in graph() if m.startswith("llmcore.")} == set(ALLOWED)
+
+
+def test_the_rules_catch_an_inference_module_importing_training_code(tmp_path):
+    for pkg in ("llmcore", "stages"):
+        shutil.copytree(REPO / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    engine = tmp_path / "llmcore" / "infer" / "engine.py"
+    engine.write_text(engine.read_text() + "\nfrom llmcore.train import loop  # noqa\n")
+    model = tmp_path / "llmcore" / "model" / "transformer.py"
+    model.write_text(model.read_text() + "\nfrom llmcore.data.shards import ShardDataset  # noqa\n")
+    assert layering_problems(tmp_path) == [
+        "llmcore.infer.engine imports llmcore.train.loop: infer may import only config, data, "
+        "device, files, model, schema",
+        "llmcore.model.transformer imports llmcore.data.shards: model may import only config, "
+        "device, files, schema"]
+
+
+def test_there_are_no_import_circles(tmp_path):
+    assert cycles() == []
+    for pkg in ("llmcore", "stages"):
+        shutil.copytree(REPO / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    files = tmp_path / "llmcore" / "files.py"
+    files.write_text(files.read_text() + "\nfrom llmcore import lineage  # noqa\n")
+    lineage = tmp_path / "llmcore" / "lineage.py"
+    lineage.write_text(lineage.read_text() + "\nfrom llmcore import files  # noqa\n")
+    assert cycles(tmp_path) == [["llmcore.files", "llmcore.lineage"]]
+
+
+def test_the_resume_fingerprint_covers_the_loops_whole_import_closure():
+    from llmcore.lineage import closure_files, code_hash
+
+    reached = closure_files("llmcore.train.fit")
+    # what the loop runs, including the two files a hand-written list once missed
+    for f in ("llmcore/train/loop.py", "llmcore/train/optim.py", "llmcore/train/muon.py",
+              "llmcore/train/checkpoint.py", "llmcore/device.py", "llmcore/model/transformer.py",
+              "llmcore/model/loss.py", "llmcore/data/shards.py"):
+        assert f in reached, f
+    assert not any(f.startswith(("llmcore/serve/", "llmcore/export/", "llmcore/report/"))
+                   for f in reached)
+    # the adapter's module is added to the closure: LoRA code changes the fingerprint
+    assert code_hash("llmcore.train.fit") != code_hash("llmcore.train.fit", "llmcore.model.lora")
+
+
+def test_editing_any_file_of_the_closure_changes_the_fingerprint(tmp_path):
+    from llmcore.lineage import code_hash
+
+    for pkg in ("llmcore", "stages"):
+        shutil.copytree(REPO / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    fresh = code_hash.__wrapped__  # uncached: the files change under it here
+    before = fresh("llmcore.train.fit", root=tmp_path)
+    assert before == code_hash("llmcore.train.fit")  # the copy hashes like the original
+    for rel in ("llmcore/device.py", "llmcore/train/checkpoint.py", "llmcore/data/shards.py"):
+        f = tmp_path / rel
+        f.write_text(f.read_text() + "\n# edited\n")
+        after = fresh("llmcore.train.fit", root=tmp_path)
+        assert after != before, rel
+        before = after
+    # a file outside the closure does not
+    serve = tmp_path / "llmcore" / "serve" / "app.py"
+    serve.write_text(serve.read_text() + "\n# edited\n")
+    assert fresh("llmcore.train.fit", root=tmp_path) == before
+
+
+INFERENCE = ("llmcore.serve.app", "llmcore.infer.generate", "llmcore.infer.engine",
+             "llmcore.report.evaluate", "llmcore.export.hf", "llmcore.export.gguf",
+             "llmcore.export.pyfunc", "llmcore.export.quantize", "llmcore.cli",
+             "llmcore.model.modeldir")
 
 
 def test_importing_inference_modules_loads_no_training_code():
@@ -164,6 +289,7 @@ def test_importing_inference_modules_loads_no_training_code():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     loaded = set(out.stdout.split())
-    assert "llmcore.serve" in loaded
-    assert not loaded & set(TRAINING), loaded & set(TRAINING)
+    assert "llmcore.serve.app" in loaded
+    training = {m for m in loaded if m.split(".")[1:2] and part(m) in TRAINING_PARTS}
+    assert not training, training
     assert not any(m.startswith("mlflow") for m in loaded)

@@ -93,10 +93,10 @@ def test_registry_models_load_and_predict_as_mlflow_pyfunc(tmp_path, tiny_tokeni
     from mlflow.tracking import MlflowClient
 
     from llmcore.config import parse_section
-    from llmcore.generate import Sampling, generate
-    from llmcore.model import Transformer
-    from llmcore.modeldir import save_model_dir, state_dict_for_save
-    from llmcore.tokenizer import render_chat
+    from llmcore.data.tokenizer import render_chat
+    from llmcore.infer.generate import Sampling, generate
+    from llmcore.model.modeldir import save_model_dir, state_dict_for_save
+    from llmcore.model.transformer import Transformer
     from llmcore.tracking import register_model
 
     tiny_tokenizer.save(tmp_path / "tok")
@@ -121,7 +121,7 @@ def test_registry_models_load_and_predict_as_mlflow_pyfunc(tmp_path, tiny_tokeni
 
     mlflow.set_tracking_uri(uri)
     loaded = mlflow.pyfunc.load_model("models:/llmcore@best")
-    from llmcore.pyfunc import DEFAULT_PARAMS
+    from llmcore.export.pyfunc import DEFAULT_PARAMS
 
     params = loaded.metadata.get_params_schema().params
     assert {p.name: p.default for p in params} == DEFAULT_PARAMS
@@ -150,12 +150,12 @@ def test_serve_a_registry_uri(tmp_path, tiny_tokenizer):
     import torch
 
     from llmcore.config import parse_section
-    from llmcore.generate import Sampling, generate
-    from llmcore.model import Transformer
-    from llmcore.modeldir import save_model_dir, state_dict_for_save
+    from llmcore.infer.generate import Sampling, generate
+    from llmcore.model.modeldir import save_model_dir, state_dict_for_save
+    from llmcore.model.transformer import Transformer
     from llmcore.tracking import register_model
     from tests.conftest import project_env
-    from tests.live_server import LiveServer
+    from tests.serve.live_server import LiveServer
 
     tiny_tokenizer.save(tmp_path / "tok")
     cfg = parse_section("model", {"preset": "tiny", "vocab_size": tiny_tokenizer.vocab_size})

@@ -1,0 +1,130 @@
+"""The corpus on disk: its record types, its Parquet tables, reading them back.
+
+``data/corpus/`` holds four tables, ``pretrain_{train,val}.parquet`` (``id``, ``text``,
+``source``) and ``sft_{train,val}.parquet`` (``id``, ``messages``, ``task``, ``answer``,
+``source``), rows sorted by id, plus ``bad_records.txt`` (every malformed input record, by
+``file:line``) and ``manifest.json``. The ``id`` is the SHA-256 of the content, which also
+decides the split (:mod:`llmcore.data.sources`). When ``fetch.preference_paths`` names files, two
+more: ``preferences_{train,val}.parquet`` (``id``, ``prompt``, ``chosen``, ``rejected``,
+``source``; :mod:`llmcore.data.preferences`); a corpus without them reads as having no pairs.
+
+Everything that reads the corpus (tokenizer, pack, evaluate, quantize) needs only this module,
+not the readers of the sources, so a change to how a source is read re-runs fetch and what
+depends on its output, not every reader of the corpus code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llmcore.config import UserError
+from llmcore.files import atomic_dir
+
+SPLITS = ("train", "val")
+BAD_RECORDS_FILE = "bad_records.txt"
+
+
+class CorpusError(UserError):
+    """The corpus cannot be built; the message says what to fix."""
+
+
+class BadRecord(ValueError):
+    """One malformed input record; ``location`` is ``file:line`` or similar."""
+
+    def __init__(self, location: str, reason: str) -> None:
+        self.location, self.reason = location, reason
+        super().__init__(f"{location}: {reason}")
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    source: str
+    split: str | None = None  # a fixed split; None: decided by the content hash
+
+
+@dataclass(frozen=True)
+class Conversation:
+    messages: tuple[tuple[str, str], ...]  # (role, content) pairs
+    source: str
+    task: str = "chat"
+    answer: str | None = None  # exact expected final reply, for tasks that have one
+    split: str | None = None  # a fixed split; None: decided by the content hash
+
+    def as_dicts(self) -> list[dict[str, str]]:
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+
+Record = Document | Conversation
+
+
+PRETRAIN_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.large_string()),
+                             ("source", pa.string())])
+MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.large_string())]))
+SFT_SCHEMA = pa.schema([("id", pa.string()), ("messages", MESSAGE_TYPE), ("task", pa.string()),
+                        ("answer", pa.large_string()), ("source", pa.string())])
+PREFERENCE_SCHEMA = pa.schema([("id", pa.string()), ("prompt", MESSAGE_TYPE),
+                               ("chosen", pa.large_string()), ("rejected", pa.large_string()),
+                               ("source", pa.string())])
+PREFERENCES = "preferences"  # tables preferences_train, preferences_val
+
+
+def _schema(table: str) -> pa.Schema:
+    if table.startswith(PREFERENCES):
+        return PREFERENCE_SCHEMA
+    return PRETRAIN_SCHEMA if table.startswith("pretrain") else SFT_SCHEMA
+
+
+def write_corpus(tables: dict[str, list[dict]], out_dir: Path, info: dict[str, Any],
+                 bad_records: list[str]) -> None:
+    """Write the tables as Parquet (rows sorted by id), the malformed records and a manifest,
+    atomically (the previous corpus stays until the new one is whole)."""
+
+    def fill(tmp: Path) -> None:
+        files = {}
+        for name, rows in tables.items():
+            rows = sorted(rows, key=lambda r: r["id"])
+            table = pa.Table.from_pylist(rows, schema=_schema(name))
+            pq.write_table(table, tmp / f"{name}.parquet", compression="zstd")
+            files[name] = {"file": f"{name}.parquet", "rows": len(rows)}
+        (tmp / BAD_RECORDS_FILE).write_text("".join(f"{b}\n" for b in bad_records))
+        manifest = {"tables": files, **info}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+    atomic_dir(Path(out_dir), fill)
+
+
+def _read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowInvalid, KeyError) as exc:
+        raise CorpusError(f"{path} is missing or unreadable ({str(exc)[:120]}); run "
+                          "`dvc repro fetch`") from None
+
+
+def read_texts(corpus_dir: Path, split: str = "train") -> list[str]:
+    """Pretraining texts of one split."""
+    table = _read_table(Path(corpus_dir) / f"pretrain_{split}.parquet", ["text"])
+    return table.column("text").to_pylist()
+
+
+def read_conversations(corpus_dir: Path, split: str = "train") -> list[dict[str, Any]]:
+    """SFT rows of one split: ``{"id", "messages", "task", "answer", "source"}``."""
+    return _read_table(Path(corpus_dir) / f"sft_{split}.parquet").to_pylist()
+
+
+def read_preferences(corpus_dir: Path, split: str) -> list[dict[str, Any]]:
+    """Preference pairs of one split: ``{"prompt": [{"role", "content"}, ...], "chosen",
+    "rejected", "source"}``; none (an empty list) in a corpus built without any."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)} (got {split!r})")
+    path = Path(corpus_dir) / f"{PREFERENCES}_{split}.parquet"
+    if not path.exists():
+        return []
+    return _read_table(path, ["prompt", "chosen", "rejected", "source"]).to_pylist()

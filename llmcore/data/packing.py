@@ -1,0 +1,256 @@
+"""Packing: what goes into the token rows of the shards (:mod:`llmcore.data.shards` writes them).
+
+Pretraining rows: documents are joined into one stream with ``<|endoftext|>`` after each, and
+the stream is cut into rows of ``seq_len + 1`` tokens with a stride of ``seq_len``: consecutive
+rows share one token, so every next-token transition of the stream is a training target exactly
+once, and nothing is padded. The only loss is the tail shorter than a row (reported as the
+cropped fraction). Rows cross document boundaries; a model with ``doc_mask`` keeps the
+documents of a row apart (the ``<|endoftext|>`` tokens mark them), one without learns to reset
+at ``<|endoftext|>``, as GPT-2 and nanoGPT do.
+
+Chat mix (``pack.pretrain_chat_share``): a share of the pretraining training stream can be SFT
+training conversations rendered with the chat template, each a document of its own. The
+checkable tasks need many more examples than SFT's few hundred steps show them, and the
+documents alone are repeated several times over in the default run, so pretraining steps
+spent on the tasks cost little held-out bpb (nanochat's mid-training phase does the same,
+later). The conversations are chosen by a fixed seeded draw; the validation split stays
+documents only, so its bpb stays comparable with and without the mix.
+
+SFT rows: conversations rendered with the chat template, carrying a ``loss_mask`` that is 1
+exactly on assistant reply tokens and their closing ``<|im_end|>``. By default whole
+conversations are packed into a row while they fit and the rest is padded with ``<|pad|>``;
+short chat turns padded one per row would waste most of the compute (77% padding on the
+builtin set at seq_len 256, 17% with next-fit packing). A ``segment`` column numbers the
+conversations of a row so that a document-masked model keeps them apart.
+``pack.sft_packing: false`` gives one conversation per row. Too long conversations are
+truncated or dropped (counted).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmcore.data.shards import FORMAT_VERSION, MANIFEST, ShardWriter, token_dtype
+
+
+@dataclass
+class PackStats:
+    rows: int = 0
+    tokens: int = 0  # tokens written into rows (pretrain: stream tokens kept; SFT: real tokens)
+    source_tokens: int = 0  # tokens produced by the tokenizer
+    cropped_tokens: int = 0  # produced but not written (tail / truncated / dropped)
+    padded_tokens: int = 0  # pad tokens written (SFT)
+    conversations: int = 0  # SFT conversations read
+    dropped_rows: int = 0  # SFT conversations dropped for length
+    truncated_rows: int = 0  # SFT conversations truncated
+    target_tokens: int = 0  # tokens with loss_mask 1 (SFT)
+    doc_tokens: int = 0  # pretrain: document tokens produced (with their end-of-text)
+    chat_tokens: int = 0  # pretrain: conversation tokens mixed in (chat mix)
+    chat_conversations: int = 0  # pretrain: conversations mixed in
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def pretrain_rows(token_chunks: Iterable[Sequence[Sequence[int]]], seq_len: int, eot_id: int,
+                  stats: PackStats) -> Iterator[np.ndarray]:
+    """Blocks of rows ``(n, seq_len + 1)``, stride ``seq_len``, from documents joined by EOT.
+
+    ``token_chunks`` yields lists of encoded documents (one ``encode_batch`` result each); the
+    rows are cut with NumPy so that packing adds little to the cost of encoding.
+    """
+    row_len = seq_len + 1
+    carry = np.empty(0, dtype=np.int64)
+    for docs in token_chunks:
+        n = sum(len(d) + 1 for d in docs)
+        flat = np.fromiter(chain.from_iterable(chain(d, (eot_id,)) for d in docs),
+                           dtype=np.int64, count=n)
+        stats.source_tokens += n
+        stream = np.concatenate([carry, flat])
+        n_rows = max(0, (len(stream) - 1) // seq_len)
+        if n_rows:
+            windows = np.lib.stride_tricks.sliding_window_view(stream, row_len)
+            yield np.ascontiguousarray(windows[::seq_len][:n_rows])
+            stats.rows += n_rows
+            carry = stream[n_rows * seq_len :]  # the last row's final token starts the next
+        else:
+            carry = stream
+    stats.tokens = stats.rows * seq_len + (1 if stats.rows else 0)
+    stats.cropped_tokens = stats.source_tokens - stats.tokens
+
+
+def sft_rows(encoded: Iterable[tuple[Sequence[int], Sequence[int]]], seq_len: int, pad_id: int,
+             overflow: str, stats: PackStats, packed: bool = False
+             ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(ids, mask, segment) rows of ``seq_len + 1`` tokens from encoded conversations.
+
+    ``packed=False``: one conversation per row, padded. ``packed=True``: whole conversations
+    are appended to the current row while they fit (next-fit), then the row is padded; a
+    conversation never straddles two rows. Too long ones are truncated or dropped either way.
+    ``segment`` numbers the conversations of a row (the padding after them is one more), so
+    that a document-masked model keeps them apart.
+    """
+    row_len = seq_len + 1
+    cur_ids: list[int] = []
+    cur_mask: list[int] = []
+    cur_seg: list[int] = []
+
+    def emit() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        row = np.full(row_len, pad_id, dtype=np.int64)
+        m = np.zeros(row_len, dtype=np.uint8)
+        seg = np.full(row_len, (cur_seg[-1] + 1) if cur_seg else 0, dtype=np.int64)
+        row[: len(cur_ids)] = cur_ids
+        m[: len(cur_mask)] = cur_mask
+        seg[: len(cur_seg)] = cur_seg
+        stats.rows += 1
+        stats.tokens += len(cur_ids)
+        stats.padded_tokens += row_len - len(cur_ids)
+        stats.target_tokens += int(m[1:].sum())
+        return row, m, seg
+
+    for ids, mask in encoded:
+        stats.source_tokens += len(ids)
+        stats.conversations += 1
+        if len(ids) > row_len:
+            if overflow == "drop":
+                stats.dropped_rows += 1
+                stats.cropped_tokens += len(ids)
+                continue
+            stats.truncated_rows += 1
+            stats.cropped_tokens += len(ids) - row_len
+            ids, mask = ids[:row_len], mask[:row_len]
+        if not any(mask[1:]):  # nothing left to learn from (reply cut off entirely)
+            stats.dropped_rows += 1
+            stats.cropped_tokens += len(ids)
+            continue
+        if cur_ids and (not packed or len(cur_ids) + len(ids) > row_len):
+            yield emit()
+            cur_ids, cur_mask, cur_seg = [], [], []
+        cur_seg.extend([cur_seg[-1] + 1 if cur_seg else 0] * len(ids))
+        cur_ids.extend(ids)
+        cur_mask.extend(mask)
+    if cur_ids:
+        yield emit()
+
+
+def chunked(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def pack_split(out_dir: Path, split: str, rows: Iterable[Any], row_len: int, dtype: np.dtype,
+               rows_per_shard: int, with_mask: bool) -> dict[str, Any]:
+    writer = ShardWriter(out_dir, split, row_len, dtype, rows_per_shard, with_mask)
+    for row in rows:
+        if with_mask:
+            writer.add(*row)
+        else:
+            writer.add(row)
+    return writer.close()
+
+
+def chat_quota(doc_tokens: int, share: float) -> int:
+    """Conversation tokens that make up ``share`` of a stream holding ``doc_tokens`` others."""
+    return int(round(doc_tokens * share / (1.0 - share))) if share > 0 else 0
+
+
+def chat_documents(tokenizer: Any, convs: list[list[dict]], share: float, seed: int,
+                   batch: int, st: PackStats) -> Iterator[list[list[int]]]:
+    """Encoded conversations, drawn in a seeded order, as pretraining documents, until they
+    make up ``share`` of the stream with the documents counted in ``st`` so far."""
+    quota = chat_quota(st.doc_tokens, share)
+    order = np.random.default_rng(seed).permutation(len(convs))
+    for chunk in chunked(order, batch):
+        if st.chat_tokens >= quota:
+            return
+        docs = []
+        for ids, _ in tokenizer.encode_chat_batch([convs[i] for i in chunk]):
+            if st.chat_tokens >= quota:
+                break
+            docs.append(ids)
+            st.chat_tokens += len(ids) + 1
+            st.chat_conversations += 1
+        yield docs
+
+
+def pack_all(tokenizer: Any, pretrain: dict[str, list[str]], sft: dict[str, list[list[dict]]],
+             out_dir: Path, seq_len: int, rows_per_shard: int = 4096,
+             sft_overflow: str = "truncate", batch_documents: int = 256,
+             sft_packed: bool = True, progress: Callable[[int], None] | None = None,
+             chat_share: float = 0.0, seed: int = 0) -> dict[str, Any]:
+    """Encode and pack every split; write shards and ``manifest.json`` into ``out_dir``.
+
+    ``pretrain`` maps split -> texts, ``sft`` maps split -> conversations (lists of messages).
+    ``chat_share``: that share of the pretraining *train* stream is SFT train conversations
+    (a draw seeded by ``seed``; fewer when they run out). ``progress`` is called with the
+    number of documents/conversations just encoded.
+    """
+    out_dir = Path(out_dir)
+    dtype = token_dtype(tokenizer.vocab_size)
+    start = time.perf_counter()
+    splits: dict[str, Any] = {}
+    stats: dict[str, PackStats] = {}
+
+    def encoded_docs(texts: list[str], st: PackStats) -> Iterator[list[list[int]]]:
+        for chunk in chunked(texts, batch_documents):
+            docs = tokenizer.encode_batch(chunk)
+            st.doc_tokens += sum(len(d) + 1 for d in docs)
+            yield docs
+            if progress:
+                progress(len(chunk))
+
+    def encoded_convs(convs: list[list[dict]]) -> Iterator[tuple[list[int], list[int]]]:
+        for chunk in chunked(convs, batch_documents):
+            yield from tokenizer.encode_chat_batch(chunk)
+            if progress:
+                progress(len(chunk))
+
+    for split, texts in pretrain.items():
+        name = f"pretrain_{split}"
+        st = stats[name] = PackStats()
+        chunks: Iterable[list[list[int]]] = encoded_docs(texts, st)
+        if split == "train" and chat_share > 0 and sft.get("train"):
+            chunks = chain(chunks, chat_documents(tokenizer, sft["train"], chat_share, seed,
+                                                  batch_documents, st))
+        rows = pretrain_rows(chunks, seq_len, tokenizer.eot_id, st)
+        splits[name] = pack_split(out_dir, name, rows, seq_len + 1, dtype, rows_per_shard, False)
+    for split, convs in sft.items():
+        name = f"sft_{split}"
+        st = stats[name] = PackStats()
+        rows = sft_rows(encoded_convs(convs), seq_len, tokenizer.pad_id, sft_overflow, st,
+                        packed=sft_packed)
+        splits[name] = pack_split(out_dir, name, rows, seq_len + 1, dtype, rows_per_shard, True)
+    for name, st in stats.items():
+        splits[name].update(st.as_dict())
+    manifest = write_manifest(out_dir, tokenizer, seq_len, dtype, chat_share, splits)
+    manifest["seconds"] = round(time.perf_counter() - start, 3)
+    return manifest
+
+
+def write_manifest(out_dir: Path, tokenizer: Any, seq_len: int, dtype: np.dtype,
+                   chat_share: float, splits: dict[str, Any]) -> dict[str, Any]:
+    """``manifest.json``. It holds no timing: identical rows must give an identical shard
+    directory, or DVC would see new data (and retrain everything) whenever packing re-runs."""
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "seq_len": seq_len,
+        "row_len": seq_len + 1,
+        "dtype": dtype.name,
+        "vocab_size": tokenizer.vocab_size,
+        "tokenizer_sha256": tokenizer.sha256(),
+        "eot_id": tokenizer.eot_id,
+        "pad_id": tokenizer.pad_id,
+        "loss_mask": "loss_mask[i] == 1 iff token i is an assistant reply token to predict",
+        "pretrain_chat_share": chat_share,
+        "splits": splits,
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

@@ -1,0 +1,166 @@
+"""The quantized weight format: int8 per output channel, int4 group-wise, packed and unpacked.
+
+* int8: each output row ``w[o, :]`` gets one scale ``max|w[o, :]| / 127``; ``q = round(w /
+  scale)`` in [-127, 127]. Error per weight is at most ``scale / 2``.
+* int4: each group of ``group_size`` input columns of a row gets its own scale
+  ``max|w| / 7``; ``q`` in [-8, 7] is stored two per byte (low nibble first).
+
+A quantized model directory stores ``<layer>.qweight`` and ``<layer>.scales`` per quantized
+layer. Both directions live here, so the packer (:mod:`llmcore.export.quantize`) and the
+loader (:mod:`llmcore.model.modeldir`) cannot disagree on the layout, and loading a quantized
+model needs nothing of the quantizer. At load the weights are either expanded to float once
+(``dequant``) or kept as int8 for an int8 kernel (``int8mm``, the default on CUDA).
+
+Trade-off: round-to-nearest with absmax scales, no calibration data (GPTQ / AWQ would lose
+less at int4); it is exact to explain and needs nothing but the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmcore.schema import UserError
+
+
+class QuantFormatError(UserError):
+    """Quantized tensors that do not match the model they are loaded into."""
+
+
+def tied_names(model: nn.Module) -> set[str]:
+    """State-dict keys stored once under another name (the LM head tied to the embedding)."""
+    return {"lm_head.weight"} if getattr(getattr(model, "cfg", None), "tie_embeddings",
+                                         False) else set()
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float -> int8 (out, in) and fp32 scales (out,)."""
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (out,)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float -> packed uint8 (out, ceil(in/g)*g/2) and fp32 scales (out, ceil(in/g)).
+
+    An input width that is not a multiple of ``group_size`` is padded with zeros (the last
+    group is partly empty); :func:`dequantize_int4` crops it back with ``in_features``.
+    """
+    if group_size % 2:
+        raise ValueError(f"quantize.group_size must be even (got {group_size})")
+    out_f, in_f = w.shape
+    padded = -(-in_f // group_size) * group_size
+    w = torch.nn.functional.pad(w.detach().float(), (0, padded - in_f))
+    g = w.reshape(out_f, padded // group_size, group_size)
+    scale = (g.abs().amax(dim=2) / 7.0).clamp(min=1e-12)  # (out, groups)
+    q = torch.round(g / scale[..., None]).clamp(-8, 7).to(torch.int16).reshape(out_f, padded)
+    u = (q + 8).to(torch.uint8)  # 0..15
+    packed = u[:, 0::2] | (u[:, 1::2] << 4)  # (out, padded/2)
+    return packed, scale
+
+
+
+def quantizable(model: nn.Module) -> dict[str, nn.Module]:
+    """Layers whose weight is quantized: every Linear, and a token embedding tied to the head.
+
+    A tied matrix is the LM head's weight, so it is quantized once, per output channel of
+    the head (= per token row of the embedding), and loads back as one shared matrix.
+    """
+    head, embed = getattr(model, "lm_head", None), getattr(model, "embed_tokens", None)
+    tied_id = None
+    if isinstance(head, nn.Linear) and isinstance(embed, nn.Embedding) \
+            and head.weight is embed.weight:
+        tied_id = id(head.weight)
+    out: dict[str, nn.Module] = {}
+    for name, m in model.named_modules():
+        linear = isinstance(m, nn.Linear) and id(m.weight) != tied_id
+        if linear or (isinstance(m, nn.Embedding) and id(m.weight) == tied_id):
+            out[name] = m
+    return out
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, group_size: int,
+                    in_features: int | None = None) -> torch.Tensor:
+    """packed uint8 (out, padded/2), scales (out, groups) -> float (out, in_features)."""
+    low = (packed & 0x0F).to(torch.int16) - 8
+    high = (packed >> 4).to(torch.int16) - 8
+    q = torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1).float()  # (out, padded)
+    out_f, padded = q.shape
+    w = (q.reshape(out_f, padded // group_size, group_size) * scale[..., None]).reshape(out_f,
+                                                                                        padded)
+    return w if in_features is None else w[:, :in_features]
+
+
+class Int8Linear(nn.Module):
+    """A Linear whose int8 weights stay int8; the product runs in ``_weight_int8pack_mm``."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("qweight", q.contiguous())
+        self.register_buffer("scales", scale.float().contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.scales.dtype),
+                                      self.qweight, self.scales)
+        y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def int8mm_available(device: torch.device) -> bool:
+    try:
+        x = torch.randn(2, 32, device=device)
+        q = torch.ones(8, 32, dtype=torch.int8, device=device)
+        torch._weight_int8pack_mm(x, q, torch.ones(8, device=device))
+        return True
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+def load_quantized(model: nn.Module, tensors: Mapping[str, torch.Tensor],
+                   quant: Mapping[str, Any], mode: str = "auto") -> nn.Module:
+    """Fill ``model`` (built from the config) from quantized tensors.
+
+    ``mode``: ``dequant`` expands weights to float at load; ``int8mm`` keeps int8 weights
+    (int8 method only); ``auto`` picks int8mm on CUDA and dequant elsewhere (on CPUs torch's
+    int8 kernel was measured slower than a float matrix-vector product at batch 1).
+    """
+    method, group = quant.get("method"), quant.get("group_size")
+    if method not in ("int8", "int4"):
+        raise QuantFormatError(f"config.json: unknown quantization method {method!r}")
+    device = next(model.parameters()).device
+    if mode == "auto":
+        mode = "int8mm" if device.type == "cuda" and method == "int8" else "dequant"
+    if mode == "int8mm" and (method != "int8" or not int8mm_available(device)):
+        mode = "dequant"
+    plain = {k: v for k, v in tensors.items() if not k.endswith((".qweight", ".scales"))}
+    missing, unexpected = model.load_state_dict(plain, strict=False)
+    layers = quantizable(model)
+    expected = {f"{n}.weight" for n in layers}
+    bad = [m for m in missing if m not in expected and m not in tied_names(model)]
+    absent = [n for n in layers if f"{n}.qweight" not in tensors or f"{n}.scales" not in tensors]
+    if bad or unexpected or absent:
+        raise QuantFormatError(f"quantized weights do not match the model: missing "
+                            f"{(bad + absent)[:5]}, unexpected {unexpected[:5]}")
+    for name, layer in layers.items():
+        q, s = tensors[f"{name}.qweight"], tensors[f"{name}.scales"]
+        if mode == "int8mm" and isinstance(layer, nn.Linear):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, Int8Linear(q.to(device), s.to(device), layer.bias))
+            continue
+        w = (dequantize_int8(q, s) if method == "int8"
+             else dequantize_int4(q, s, group, layer.weight.shape[1]))
+        with torch.no_grad():
+            layer.weight.copy_(w.to(layer.weight.dtype))
+    return model

@@ -1,0 +1,242 @@
+"""A decoder-only transformer whose switches are the things a learner compares.
+
+Positions ``rope`` | ``learned`` | ``none``; norm ``rmsnorm`` | ``layernorm``; MLP ``swiglu`` |
+``gelu``; grouped KV heads; tied embeddings; dropout. Pre-norm blocks, attention through
+``scaled_dot_product_attention``. With rope + rmsnorm + swiglu and no biases the module names
+and the math are those of Hugging Face's Llama (rotate-half RoPE, RMSNorm in fp32), so its
+state dict maps 1:1 onto ``LlamaForCausalLM`` (a test checks the logits agree).
+
+Shapes in comments: B batch, T tokens, D model width, H query heads, K key/value heads,
+Hd head width, F MLP width, V vocabulary.
+
+Architecture only: no loss, no optimizer, no sampling. ``forward`` takes an optional cache
+object (see ``llmcore.infer.generate``) with ``offset`` (tokens already cached),
+``attn_mask(T) -> (mask | None, is_causal)`` for T new queries, ``update(layer, k, v) ->
+(k_all, v_all)`` and ``advance(T)``, and optional ``segments`` (B, T): the document each
+token of a packed row belongs to. With ``doc_mask`` the loop passes them, and a token attends
+only to earlier tokens of its own document, whose positions count from its first token, so a
+packed row computes what each document would alone (a block-diagonal causal mask).
+
+Trade-offs: K/V heads are expanded with ``repeat_interleave`` before attention rather than
+relying on SDPA's ``enable_gqa`` (newer torch only); the copy costs memory at long context.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmcore.config import ModelConfig
+
+
+def rope_cache(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, ...]:
+    """cos, sin for positions (T,) -> (T, Hd), or (B, T) -> (B, 1, T, Hd); fp32, rotate-half."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
+                                             device=positions.device) / head_dim))  # (Hd/2,)
+    freqs = positions.float()[..., None] * inv_freq  # (..., T, Hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (..., T, Hd)
+    if emb.ndim == 3:
+        emb = emb[:, None]  # (B, 1, T, Hd): broadcast over heads
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, heads, T, Hd) by position; pairs are (i, i + Hd/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def document_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids -> (B, 1, T, T) bool: causal, and only within the same document."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()  # (T, T)
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    return (same & causal)[:, None]
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids -> (B, T) position of each token within its document."""
+    idx = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    first = torch.ones_like(segments, dtype=torch.bool)
+    first[:, 1:] = segments[:, 1:] != segments[:, :-1]  # a document starts here
+    starts = torch.where(first, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - starts
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        d, hd = cfg.d_model, cfg.head_dim
+        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=cfg.bias)
+        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.bias)
+        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: Any = None, doc_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        mask, causal = None, cache is None
+        if cache is not None:
+            mask, causal = cache.attn_mask(T)  # before update: relative to the cached offset
+            k, v = cache.update(self.layer, k, v)  # (B, K, S, Hd)
+        if self.n_kv != self.n_heads:
+            rep = self.n_heads // self.n_kv
+            k = k.repeat_interleave(rep, dim=1)  # (B, H, S, Hd)
+            v = v.repeat_interleave(rep, dim=1)
+        dropout = self.cfg.dropout if self.training else 0.0
+        if doc_mask is not None:  # (B, 1, T, T): packed documents do not see each other
+            mask, causal = doc_mask, False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                           is_causal=causal)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*Hd)
+        return self.o_proj(y)  # (B, T, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.kind = cfg.mlp
+        if cfg.mlp == "swiglu":
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+        if self.kind == "swiglu":
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, F)
+        else:
+            h = F.gelu(self.up_proj(x), approximate="tanh")  # (B, T, F)
+        return self.down_proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = make_norm(cfg)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: Any, cache: Any = None,
+                doc_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, cache, doc_mask))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Transformer(nn.Module):
+    """Token ids (B, T) -> logits (B, T, V)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_positions = (nn.Embedding(cfg.max_seq_len, cfg.d_model)
+                                if cfg.positions == "learned" else None)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """normal(0, 0.02); residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        std = 0.02
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scale = 1.0
+                if name.endswith(("o_proj", "down_proj")):
+                    scale = 1.0 / math.sqrt(2 * self.cfg.n_layers)
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
+                module.reset_parameters()
+
+    def forward(self, input_ids: torch.Tensor, cache: Any = None,
+                positions: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        """``positions`` (B, T) overrides the default ``offset + arange(T)`` (left padding);
+        ``segments`` (B, T) confines attention to each token's document (not with a cache)."""
+        B, T = input_ids.shape
+        offset = cache.offset if cache is not None else 0
+        doc_mask = None
+        # one document in every row (the common case at inference): the plain causal kernel
+        if segments is not None and bool((segments[:, -1] != segments[:, 0]).any()):
+            assert cache is None, "segments are for training and scoring, not cached decoding"
+            doc_mask = document_mask(segments)
+            positions = segment_positions(segments) if positions is None else positions
+        if positions is None:
+            positions = torch.arange(offset, offset + T, device=input_ids.device)  # (T,)
+        if self.cfg.positions == "learned" and int(positions.max()) >= self.cfg.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} is past the learned position "
+                             f"table (model.max_seq_len = {self.cfg.max_seq_len})")
+        x = self.embed_tokens(input_ids)  # (B, T, D)
+        rope = None
+        if self.cfg.positions == "learned":
+            assert self.embed_positions is not None
+            pos = self.embed_positions(positions)  # (T, D) or (B, T, D)
+            x = x + (pos[None] if pos.ndim == 2 else pos)
+        elif self.cfg.positions == "rope":
+            rope = rope_cache(self.cfg.head_dim, positions, self.cfg.rope_theta)
+        x = self.dropout(x)
+        for layer in self.layers:
+            x = layer(x, rope, cache, doc_mask)
+        if cache is not None:
+            cache.advance(T)
+        return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (a tied matrix counts once)."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Closed-form parameter count; equals ``Transformer(cfg).num_parameters()``."""
+    d, f, hd, v = cfg.d_model, cfg.d_ff, cfg.head_dim, cfg.vocab_size
+    b = 1 if cfg.bias else 0
+    norm = d if cfg.norm == "rmsnorm" else d * (1 + b)
+    q_out, kv_out = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    attn = d * q_out + q_out * b + 2 * (d * kv_out + kv_out * b) + q_out * d + d * b
+    n_up = 2 if cfg.mlp == "swiglu" else 1
+    mlp = n_up * (d * f + f * b) + f * d + d * b
+    per_layer = 2 * norm + attn + mlp
+    total = v * d + cfg.n_layers * per_layer + norm
+    if cfg.positions == "learned":
+        total += cfg.max_seq_len * d
+    if not cfg.tie_embeddings:
+        total += v * d
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token: 6 x matmul params + attention scores (PaLM appendix B)."""
+    matmul_params = count_parameters(cfg) - cfg.vocab_size * cfg.d_model  # embedding lookup
+    if cfg.tie_embeddings:
+        matmul_params += cfg.vocab_size * cfg.d_model  # the tied matrix is still the LM head
+    if cfg.positions == "learned":
+        matmul_params -= cfg.max_seq_len * cfg.d_model
+    attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len // 2  # causal half
+    return 6 * matmul_params + attention

@@ -1,0 +1,218 @@
+"""Evaluation: bits per byte, length extrapolation, task accuracy, samples.
+
+All functions take a model and data and return plain dicts; the evaluate stage writes them.
+
+* Bits per byte on held-out rows (pretraining text, or SFT rows on their masked tokens) via
+  :func:`llmcore.model.loss.heldout_loss`; :func:`split_bpb` is the number the model registry
+  ranks by.
+* Length extrapolation: the same held-out text re-cut into windows of 1x, 2x, 4x the training
+  context. RoPE keeps working past the trained length (somewhat); a learned position table has
+  rows that training never touched, so its loss blows up there.
+* Task accuracy on held-out SFT conversations, for any model prompted with the chat template:
+  exact match of the greedy reply on the synthetic tasks (arithmetic, spelling, counting,
+  reversing), a likelihood multiple choice on the doc questions (the documented answer against
+  answers to other questions, scored by mean log-probability per token), and how often a reply
+  ends with ``<|im_end|>`` within the token budget.
+
+Trade-off: multiple choice by length-normalised likelihood favours short fluent distractors a
+little; it needs no generation and no judge, and it separates a model that read the docs from
+one that did not.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llmcore.data.shards import ShardDataset
+from llmcore.data.tasks import is_correct
+from llmcore.data.tokenizer import IM_END, LLMTokenizer, render_chat
+from llmcore.infer.generate import Sampling, generate
+from llmcore.model.loss import heldout_loss
+
+
+def bpb_at_contexts(model: Any, ds: ShardDataset, token_bytes: torch.Tensor, factors: Sequence[int],
+                    batch_size: int, max_rows: int | None, device: torch.device,
+                    dtype: torch.dtype) -> dict[int, dict[str, float] | None]:
+    """Bits per byte with windows of ``factor x`` the training context (None if it cannot run)."""
+    seq_len = ds.row_len - 1
+    rows = min(len(ds), max_rows or len(ds))
+    out: dict[int, dict[str, float] | None] = {}
+    for f in factors:
+        window = f * seq_len
+        if model.cfg.positions == "learned" and window > model.cfg.max_seq_len:
+            out[f] = None  # past the position table: the model cannot even run
+            continue
+        if (rows * seq_len) // window == 0:
+            out[f] = None  # not enough held-out text for one window
+            continue
+        per_batch = max(1, batch_size // f)
+        out[f] = heldout_loss(model, ds, per_batch, -(-rows // per_batch), token_bytes, device, dtype,
+                          seq_len=None if f == 1 else window)
+    return out
+
+
+def split_bpb(model: Any, ds: ShardDataset, token_bytes: torch.Tensor, batch_size: int = 16
+              ) -> float:
+    """Bits per byte on every row of ``ds`` in full precision (what the registry ranks by).
+
+    fp32, not the run's autocast dtype: the ranking then does not depend on which machine
+    computed it, and quantized models are compared in their stored precision.
+    """
+    device = next(model.parameters()).device
+    return heldout_loss(model, ds, batch_size, -(-len(ds) // batch_size), token_bytes, device,
+                        torch.float32)["bpb"]
+
+
+def _prompt_ids(tok: LLMTokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
+    return tok.encode(render_chat(messages, add_generation_prompt=True))
+
+
+def task_accuracy(model: Any, tok: LLMTokenizer, conversations: Sequence[dict[str, Any]],
+                  max_per_task: int, max_new_tokens: int, batch_size: int = 32
+                  ) -> dict[str, dict[str, float]]:
+    """Exact match and ``<|im_end|>`` rate per synthetic task on held-out conversations."""
+    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for conv in conversations:
+        task = conv["task"]
+        if task != "doc" and conv.get("answer") is not None and \
+                len(by_task[task]) < max_per_task:
+            by_task[task].append(conv)
+    results: dict[str, dict[str, float]] = {}
+    stops = [tok.im_end_id, tok.eot_id]
+    for task, convs in sorted(by_task.items()):
+        correct = ended = 0
+        for i in range(0, len(convs), batch_size):
+            chunk = convs[i : i + batch_size]
+            prompts = [_prompt_ids(tok, c["messages"][:-1]) for c in chunk]
+            outs = generate(model, prompts, Sampling(max_new_tokens=max_new_tokens), stops,
+                            pad_id=tok.pad_id, keep_stop=True)
+            for conv, ids in zip(chunk, outs, strict=True):
+                stopped = bool(ids) and ids[-1] == tok.im_end_id
+                reply = tok.decode(ids[:-1] if ids and ids[-1] in stops else ids).strip()
+                correct += is_correct(reply, conv["answer"])
+                ended += stopped
+        results[task] = {"exact_match": correct / len(convs), "im_end_rate": ended / len(convs),
+                         "n": len(convs), "ci95": wilson_interval(correct, len(convs))}
+    return results
+
+
+@torch.no_grad()
+def _mean_logprob(model: Any, prompt: list[int], candidates: list[list[int]], pad_id: int,
+                  max_len: int) -> list[float]:
+    seqs = []
+    for cand in candidates:
+        cand = cand[: max(1, max_len - len(prompt))]
+        seqs.append((prompt + cand)[-max_len:])
+    longest = max(len(s) for s in seqs)
+    device = next(model.parameters()).device
+    ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), longest)
+    for i, (s, cand) in enumerate(zip(seqs, candidates, strict=True)):
+        ids[i, : len(s)] = torch.tensor(s)
+        n = min(len(cand), len(s) - 1)
+        mask[i, len(s) - n : len(s)] = 1.0
+    ids, mask = ids.to(device), mask.to(device)
+    logits = model(ids[:, :-1]).float()
+    logp = -F.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1),
+                            reduction="none").view(len(seqs), -1)
+    m = mask[:, 1:]
+    return ((logp * m).sum(1) / m.sum(1).clamp(min=1)).tolist()
+
+
+def doc_multiple_choice(model: Any, tok: LLMTokenizer, conversations: Sequence[dict[str, Any]],
+                        choices: int, max_questions: int, seed: int = 0) -> dict[str, float]:
+    """Accuracy of picking the documented answer among ``choices`` candidates."""
+    docs = [c for c in conversations if c["task"] == "doc" and c.get("answer")]
+    if len(docs) < choices:
+        return {"accuracy": float("nan"), "n": 0, "chance": 1.0 / choices,
+                "ci95": (float("nan"), float("nan"))}
+    rng = random.Random(seed)
+    questions = docs[:max_questions]
+    max_len = model.cfg.max_seq_len
+    correct = 0
+    for i, conv in enumerate(questions):
+        others = [d["answer"] for j, d in enumerate(docs) if j != i]
+        candidates = [conv["answer"]] + rng.sample(others, choices - 1)
+        prompt = _prompt_ids(tok, conv["messages"][:-1])
+        cand_ids = [tok.encode(a + IM_END) for a in candidates]
+        scores = _mean_logprob(model, prompt, cand_ids, tok.pad_id, max_len)
+        correct += max(range(len(scores)), key=scores.__getitem__) == 0
+    return {"accuracy": correct / len(questions), "n": len(questions), "chance": 1.0 / choices,
+            "ci95": wilson_interval(correct, len(questions))}
+
+
+def answer_prompts(model: Any, tok: LLMTokenizer, prompts: Sequence[str], max_new_tokens: int
+                   ) -> list[str]:
+    """Greedy replies to single-turn chat prompts."""
+    ids = [_prompt_ids(tok, [{"role": "user", "content": p}]) for p in prompts]
+    outs = generate(model, ids, Sampling(max_new_tokens=max_new_tokens),
+                    [tok.im_end_id, tok.eot_id], pad_id=tok.pad_id)
+    return [tok.decode(o).strip() for o in outs]
+
+
+def evaluate_model(model: Any, tok: LLMTokenizer, *, pretrain_val: ShardDataset,
+                   sft_val: ShardDataset, conversations: Sequence[dict[str, Any]],
+                   token_bytes: torch.Tensor, cfg: Any, device: torch.device,
+                   dtype: torch.dtype) -> dict[str, Any]:
+    """Everything the evaluate stage reports for one model, as a nested dict."""
+    ctx = bpb_at_contexts(model, pretrain_val, token_bytes, cfg.context_factors, cfg.batch_size,
+                          cfg.max_rows, device, dtype)
+    rows = min(len(sft_val), cfg.max_rows or len(sft_val))
+    sft = heldout_loss(model, sft_val, cfg.batch_size, -(-rows // cfg.batch_size), token_bytes,
+                       device, dtype)
+    tasks = task_accuracy(model, tok, conversations, cfg.max_task_examples, cfg.max_new_tokens)
+    mc = doc_multiple_choice(model, tok, conversations, cfg.choices, cfg.max_task_examples)
+    samples = answer_prompts(model, tok, cfg.prompts, cfg.max_new_tokens)
+    return {"contexts": ctx, "sft_val": sft, "tasks": tasks, "doc_mc": mc, "samples": samples}
+
+
+def summary_metrics(results: dict[str, Any], factors: Sequence[int]) -> dict[str, Any]:
+    """Flat ``evaluate/<model>/<metric>`` numbers of :func:`evaluate_model` results.
+
+    NaN (nothing to measure, e.g. an empty split) becomes None, which JSON and DVC show as
+    empty rather than as an invalid number.
+    """
+    metrics: dict[str, Any] = {}
+    for name, r in results.items():
+        p = f"evaluate/{name}"
+        metrics[f"{p}/val_bpb"] = r["contexts"][1]["bpb"] if r["contexts"][1] else None
+        metrics[f"{p}/sft_val_bpb"] = r["sft_val"]["bpb"]
+        metrics[f"{p}/sft_val_loss"] = r["sft_val"]["loss"]
+        for f in factors:
+            metrics[f"{p}/bpb_ctx{f}x"] = r["contexts"][f]["bpb"] if r["contexts"][f] else None
+        for task, v in r["tasks"].items():
+            metrics[f"{p}/{task}_exact_match"] = v["exact_match"]
+            metrics[f"{p}/{task}_exact_match_ci95_low"] = v["ci95"][0]
+            metrics[f"{p}/{task}_exact_match_ci95_high"] = v["ci95"][1]
+            metrics[f"{p}/{task}_n"] = v["n"]
+        n = sum(v["n"] for v in r["tasks"].values())
+        metrics[f"{p}/im_end_rate"] = sum(v["im_end_rate"] * v["n"]
+                                          for v in r["tasks"].values()) / max(n, 1)
+        metrics[f"{p}/doc_mc_accuracy"] = r["doc_mc"]["accuracy"]
+        metrics[f"{p}/doc_mc_accuracy_ci95_low"] = r["doc_mc"]["ci95"][0]
+        metrics[f"{p}/doc_mc_accuracy_ci95_high"] = r["doc_mc"]["ci95"][1]
+        metrics[f"{p}/doc_mc_n"] = r["doc_mc"]["n"]
+    return {k: (None if isinstance(v, float) and math.isnan(v) else
+                round(v, 5) if isinstance(v, float) else v) for k, v in metrics.items()}
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% (z = 1.96) Wilson score interval of a proportion ``successes / n``.
+
+    Unlike the normal approximation it stays inside [0, 1] and is honest at 0 or n successes
+    and small n, which is where task accuracies of small models live.
+    """
+    if n == 0:
+        return (math.nan, math.nan)
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, center - half), min(1.0, center + half))

@@ -1,0 +1,351 @@
+"""HTTP service over :mod:`llmcore.infer.engine` (FastAPI): OpenAI-compatible, continuously batched.
+
+    llmcore serve data/models/chat-int8 --host 127.0.0.1 --port 8000 --max-batch 16
+
+Endpoints
+  * ``GET /``: a chat page (static HTML + JS in the package, no CDN).
+  * ``GET /health``: model name, size, context and the engine's load (no filesystem paths).
+  * ``GET /v1/models``, ``GET /v1/models/{id}``: the one model served.
+  * ``POST /v1/chat/completions`` and ``POST /v1/completions``: OpenAI's bodies and answers,
+    streamed as server-sent events with ``"stream": true``.
+  * ``POST /v1/generate``: llmcore's own batch endpoint (greedy by default).
+
+Every request goes through one :class:`~llmcore.infer.engine.Engine`: concurrent requests share its
+decode loop, past ``max_queue`` waiting requests the answer is 429 at once, and a client that
+disconnects (streaming or not) cancels its request, which frees its slot at the next step.
+
+Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 when a
+request does not fit the model, 404 for an unknown route or model, 413 for a body over
+``max_body`` bytes, 422 for a malformed body (the message names the field), 429 when the queue
+is full. Nothing a client sends is a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, StreamingResponse
+
+from llmcore.infer.engine import Engine, Event, QueueFull
+from llmcore.infer.engine import Request as EngineRequest
+from llmcore.infer.generate import Sampling
+from llmcore.serve.guard import ApiError, BodyLimit, error_body, install_error_handlers
+from llmcore.serve.protocol import ChatRequest, CompletionRequest, GenerateRequest, SamplingFields
+
+
+@dataclass
+class _Served:
+    """The one model a server serves and what every route needs of it."""
+
+    model: Any
+    cfg: Any
+    tok: Any
+    engine: Engine
+    model_id: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def stop_ids(self) -> tuple[int, int]:
+        return (self.tok.im_end_id, self.tok.eot_id)
+
+    @property
+    def context(self) -> int:
+        return self.cfg.max_seq_len
+
+    def budget(self, prompt: Sequence[int], requested: int | None, field: str) -> int:
+        """max new tokens for a prompt, or a 400 that states the limits."""
+        if not prompt:
+            raise ApiError(400, "the prompt is empty", "messages")
+        room = self.context - len(prompt)
+        if requested is None:
+            if room < 1:
+                raise ApiError(400, f"the prompt has {len(prompt)} tokens; this model's "
+                                    f"context is {self.context} tokens", "messages")
+            return room
+        if requested > room:
+            raise ApiError(400, f"the prompt has {len(prompt)} tokens and {field} is "
+                                f"{requested}; this model's context is {self.context} tokens, "
+                                f"so prompt + {field} must be at most {self.context}", field)
+        return requested
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in (self.model_id, ""):
+            raise ApiError(404, f"model {name!r} is not served here; this server serves "
+                                f"{self.model_id!r} (GET /v1/models)", "model",
+                           "model_not_found")
+
+
+def create_app(model_dir: Path, device: str = "auto", *, name: str | None = None,
+               max_batch: int = 8, max_queue: int = 64, max_body: int = 1 << 20,
+               engine_thread: bool = True, compile: bool = False) -> FastAPI:
+    """The service for one model directory (loaded once, at creation).
+
+    ``engine_thread=False`` leaves running the decode loop (``app.state.engine.run()``) to
+    the caller, which is what ``llmcore serve`` does from its main thread."""
+    from llmcore.data.tokenizer import LLMTokenizer
+    from llmcore.device import pick_device
+    from llmcore.model.modeldir import load_model_dir
+
+    model_dir = Path(model_dir)
+    model, cfg = load_model_dir(model_dir, pick_device(device))
+    tok = LLMTokenizer.load(model_dir)
+    engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue,
+                    own_thread=engine_thread, compile=compile)
+    served = _Served(model, cfg, tok, engine, name or model_dir.name)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.stop()  # cancels what runs: open streams end instead of holding shutdown
+
+    app = FastAPI(title="llmcore", description=f"Generation with {served.model_id}",
+                  lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=max_body)
+    install_error_handlers(app)
+    app.state.engine = engine
+    _info_routes(app, served)
+    _generation_routes(app, served)
+    return app
+
+
+def _info_routes(app: FastAPI, s: _Served) -> None:
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return resources.files("llmcore.serve").joinpath("web/chat.html").read_text("utf-8")
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "model": s.model_id, "params": s.model.num_parameters(),
+                "positions": s.cfg.positions, "max_seq_len": s.context, **s.engine.load()}
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(s.model_id, s.created)]}
+
+    @app.get("/v1/models/{mid:path}")
+    def one_model(mid: str) -> dict[str, Any]:
+        if mid != s.model_id:
+            raise ApiError(404, f"model {mid!r} is not served here; this server serves "
+                                f"{s.model_id!r}", "model", "model_not_found")
+        return _model_card(s.model_id, s.created)
+
+
+def _generation_routes(app: FastAPI, s: _Served) -> None:
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(body: ChatRequest, request: Request) -> Any:
+        s.check_model(body.model)
+        if body.messages[-1].role == "assistant":
+            raise ApiError(400, "the last message must be from the user or system", "messages")
+        prompt = s.tok.encode_prompt([m.as_dict() for m in body.messages])
+        field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        n_new = s.budget(prompt, body.requested_tokens(), field)
+        jobs = [(0, i, prompt, body.sampling(n_new, i)) for i in range(body.n)]
+        return await _answer(request, s, body, jobs, "chat.completion", "chatcmpl")
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        s.check_model(body.model)
+        jobs = []
+        for p, text in enumerate(body.prompts()):
+            ids = s.tok.encode_text(text)
+            n_new = s.budget(ids, body.max_tokens or 16, "max_tokens")  # OpenAI's default: 16
+            jobs += [(p, p * body.n + i, ids, body.sampling(n_new, i)) for i in range(body.n)]
+        return await _answer(request, s, body, jobs, "text_completion", "cmpl")
+
+    @app.post("/v1/generate")
+    async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        jobs = []
+        for i, text in enumerate(prompts):
+            ids = (s.tok.encode_text(text) if body.raw else
+                   s.tok.encode_prompt([{"role": "user", "content": text}]))
+            n_new = s.budget(ids, body.max_new_tokens, "max_new_tokens")
+            sampling = Sampling(n_new, body.temperature, body.top_k, body.top_p, body.seed)
+            jobs.append((i, i, ids, sampling))
+        start = time.perf_counter()
+        outs = await _collect(request, s.engine, jobs, s.stop_ids, ())
+        return {"completions": [{"text": o.text, "tokens": o.tokens,
+                                 "finish_reason": o.finish} for o in outs],
+                "seconds": round(time.perf_counter() - start, 4)}
+
+
+async def _answer(request: Request, s: _Served, body: SamplingFields, jobs: list, kind: str,
+                  prefix: str) -> Any:
+    """An OpenAI answer (or its stream) for jobs (prompt index, choice index, ids, sampling)."""
+    rid = f"{prefix}-{uuid.uuid4().hex[:24]}"
+    now = int(time.time())
+    prompt_tokens = sum(len(ids) for p, i, ids, _ in jobs if i % body.n == 0)
+    if body.stream:
+        chunks = await _stream(request, s.engine, jobs, s.stop_ids, body.stop, kind, rid, now,
+                               s.model_id, prompt_tokens if body.include_usage() else None)
+        return StreamingResponse(chunks, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    outs = await _collect(request, s.engine, jobs, s.stop_ids, body.stop)
+    choices = []
+    for (_, i, _, _), o in zip(jobs, outs, strict=True):
+        if kind == "chat.completion":
+            choices.append({"index": i, "message": {"role": "assistant", "content": o.text},
+                            "finish_reason": o.finish, "logprobs": None})
+        else:
+            choices.append({"index": i, "text": o.text, "finish_reason": o.finish,
+                            "logprobs": None})
+    completion = sum(o.tokens for o in outs)
+    return {"id": rid, "object": kind, "created": now, "model": s.model_id,
+            "choices": choices, "system_fingerprint": None,
+            "usage": _usage(prompt_tokens, completion)}
+
+
+def _model_card(model_id: str, created: int) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "llmcore"}
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+class _Result:
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.text, self.finish, self.tokens = "", "", 0
+
+
+class _Inbox:
+    """Events from the engine thread to one request's coroutine: a deque the engine appends
+    to (through the event loop) and a flag the coroutine waits on. Waiting with a timeout
+    cannot lose an event: they stay in the deque."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.items: collections.deque[tuple[int, Event]] = collections.deque()
+        self.flag = asyncio.Event()
+
+    def sink(self, k: int) -> Any:
+        def put(event: Event) -> None:
+            self.items.append((k, event))
+            self.flag.set()
+        return lambda e: self.loop.call_soon_threadsafe(put, e)
+
+    async def wait(self, timeout: float) -> None:
+        if not self.items:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.flag.wait(), timeout)
+        self.flag.clear()
+
+
+def _submit(engine: Engine, jobs: list, stop_ids: Sequence[int], stops: Sequence[str],
+            inbox: _Inbox) -> list[EngineRequest]:
+    """Queue the jobs on the engine; their events arrive in ``inbox`` as (index, Event)."""
+    reqs = [EngineRequest(ids, s, inbox.sink(k), stop_ids, stops)
+            for k, (_, _, ids, s) in enumerate(jobs)]
+    try:
+        engine.submit(*reqs)
+    except QueueFull as exc:
+        raise ApiError(429, str(exc), None, "rate_limit_exceeded") from None
+    return reqs
+
+
+async def _events(request: Request, inbox: _Inbox, reqs: list[EngineRequest]
+                  ) -> AsyncIterator[tuple[int, Event]]:
+    """The engine's events until every request finished. Looks for a client disconnect every
+    half second even while tokens flow, and cancels the requests when the client went away or
+    the consumer stopped early (the ``finally``), which frees their slots."""
+    left = len(reqs)
+    next_check = time.monotonic() + 0.5
+    try:
+        while left:
+            await inbox.wait(max(0.01, next_check - time.monotonic()))
+            if time.monotonic() >= next_check:
+                if await request.is_disconnected():
+                    return
+                next_check = time.monotonic() + 0.5
+            while inbox.items:
+                k, event = inbox.items.popleft()
+                if event.finish:
+                    left -= 1
+                yield k, event
+    finally:
+        for r in reqs:
+            r.cancel()
+
+
+async def _collect(request: Request, engine: Engine, jobs: list, stop_ids: Sequence[int],
+                   stops: Sequence[str]) -> list[_Result]:
+    inbox = _Inbox()
+    reqs = _submit(engine, jobs, stop_ids, stops, inbox)
+    results = [_Result() for _ in jobs]
+    async with aclosing(_events(request, inbox, reqs)) as events:
+        async for k, event in events:
+            r = results[k]
+            r.parts.append(event.text)
+            if event.finish:
+                r.finish, r.tokens = event.finish, event.tokens
+    for r in results:
+        _check_finished(r.finish)
+        r.text = "".join(r.parts)
+    return results
+
+
+def _check_finished(finish: str) -> None:
+    if finish in ("", "cancelled"):
+        raise ApiError(503, "the request was cancelled: the server is shutting down or the "
+                            "client went away", None, "cancelled")
+    if finish == "error":
+        raise ApiError(503, "generation failed; the server logged the cause", None, "error")
+
+
+async def _stream(request: Request, engine: Engine, jobs: list, stop_ids: Sequence[int],
+                  stops: Sequence[str], kind: str, rid: str, created: int, model_id: str,
+                  prompt_tokens: int | None) -> AsyncIterator[str]:
+    inbox = _Inbox()
+    reqs = _submit(engine, jobs, stop_ids, stops, inbox)  # a 429 here comes before any byte
+    chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else kind
+
+    def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> str:
+        if kind == "chat.completion":
+            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": index, "delta": delta}
+        else:
+            choice = {"index": index, "text": text or ""}
+        choice.update(finish_reason=finish, logprobs=None)
+        body = {"id": rid, "object": chunk_kind, "created": created, "model": model_id,
+                "choices": [choice], "system_fingerprint": None}
+        return f"data: {json.dumps(body)}\n\n"
+
+    async def body() -> AsyncIterator[str]:
+        completion = 0
+        if kind == "chat.completion":
+            for _, i, _, _ in jobs:
+                yield chunk(i, "", None, role=True)
+        async with aclosing(_events(request, inbox, reqs)) as events:
+            async for k, event in events:
+                index = jobs[k][1]
+                if event.text:
+                    yield chunk(index, event.text, None)
+                if event.finish in ("cancelled", "error"):
+                    yield f"data: {json.dumps(error_body(503, 'generation was cancelled'))}\n\n"
+                    return
+                if event.finish:
+                    completion += event.tokens
+                    yield chunk(index, None, event.finish)
+        if prompt_tokens is not None:
+            usage = {"id": rid, "object": chunk_kind, "created": created, "model": model_id,
+                     "choices": [], "usage": _usage(prompt_tokens, completion)}
+            yield f"data: {json.dumps(usage)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return body()

@@ -1,0 +1,231 @@
+"""Training runs: :func:`fit` turns one :class:`FitSpec` into trained weights.
+
+``fit`` does everything around the loop (:mod:`llmcore.train.loop`): picks the device and
+precision, joins a torchrun job if there is one, builds the model (fresh or from a model
+directory), the data loader and the validation rows, resumes from the newest intact
+checkpoint of the same configuration, trains, and picks the weights to export (the best
+evaluation, or the last step).
+
+A configuration is identified by a fingerprint of everything that shapes the numbers: model
+and loop params, seed, precision, world size, data hashes and the code of the loop. Params
+that only change bookkeeping (logging, checkpoint cadence, threads) are left out, so changing
+them still resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from llmcore.config import ModelConfig, TrainConfig, UserError
+from llmcore.data.shards import ShardDataset, ShardLoader
+from llmcore.device import Precision, pick_device, precision
+from llmcore.files import sha256_file
+from llmcore.lineage import code_hash
+from llmcore.model.loss import unigram_bpb
+from llmcore.model.modeldir import load_weights, read_weights, state_dict_for_save
+from llmcore.model.transformer import Transformer
+from llmcore.train.checkpoint import CheckpointManager, fingerprint
+from llmcore.train.loop import Dist, Log, RunContext, Trainer, TrainResult
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    """Everything that defines one training run: the params, the data, where state goes."""
+
+    model: ModelConfig
+    train: TrainConfig
+    shard_dir: Path
+    train_split: str
+    val_split: str | None
+    token_bytes: tuple[int, ...]  # UTF-8 bytes per token id (from the tokenizer)
+    checkpoint_dir: Path
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    data: Mapping[str, Any] = field(default_factory=dict)  # what the data is (hashes)
+    init_from: Path | None = None  # a model directory whose weights start the run
+    name: str = "train"
+    # parameter-efficient fine-tuning, e.g. llmcore.model.lora.LoRASpec: ``apply(model)`` after the
+    # initial weights load (freezes what must not train), ``export(state) -> (weights,
+    # adapters)`` at the end, ``fingerprint()`` for the run's identity. None: train everything
+    adapter: Any = None
+
+
+@dataclass
+class FitOutput:
+    result: TrainResult
+    model: torch.nn.Module
+    export_weights: dict[str, torch.Tensor]
+    export_step: int
+    fingerprint: str
+    params: int
+    unigram_bpb: float | None
+    data: dict[str, Any]  # the data fingerprint, with the initial weights' hash
+    val_rows: int
+    device: str  # Precision.describe(): what the run ran on, for its log and metrics
+    precision: Precision  # the dtype of each part (kept in the metrics)
+    trainable: int = 0  # parameters the optimizer updated
+    adapter: dict[str, torch.Tensor] | None = None  # the exported step's adapters, if any
+
+
+# TrainConfig fields that do not change what a run computes (left out of its fingerprint)
+NON_SHAPING = ("log_every", "checkpoint_every", "keep_checkpoints", "resume", "compile",
+               "threads", "peak_flops", "nproc_per_node", "require_val")
+
+
+def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
+    """Join the process group torchrun describes in the environment (if any)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), device
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world), device
+
+
+def run_fingerprint(spec: FitSpec, extra: Mapping[str, Any]) -> str:
+    """What shapes a run: model and loop params, seed, precision, data and code hashes.
+
+    Checkpoints are kept per fingerprint, so a resume never continues a run with other
+    params, other data or other model/loop code (which would not be bit-exact).
+    """
+    # the code: every file this module reaches through imports (the loop, the model, the
+    # optimizers, autocast, checkpoints and RNG restore), and the adapter's module
+    modules = [__name__] + ([type(spec.adapter).__module__] if spec.adapter is not None else [])
+    loop = {k: v for k, v in dataclasses.asdict(spec.train).items() if k not in NON_SHAPING}
+    adapter = spec.adapter.fingerprint() if spec.adapter is not None else None
+    return fingerprint({"model": dataclasses.asdict(spec.model), "train": loop,
+                        "code": code_hash(*modules), "seed": spec.seed, **extra,
+                        **({"adapter": adapter} if adapter else {})})
+
+
+def _validation(spec: FitSpec, log: Log) -> ShardDataset | None:
+    """The held-out rows, or None when the run explicitly trains without them."""
+    if spec.val_split is None:
+        return None
+    val = ShardDataset(spec.shard_dir, spec.val_split)
+    if len(val):
+        return val
+    where = f"{spec.shard_dir}: split {spec.val_split!r} has no rows"
+    if spec.train.require_val:
+        raise UserError(f"{where} (the held-out text is shorter than one row): add documents, "
+                        f"raise fetch.val_fraction, lower pack.seq_len, or set "
+                        f"{spec.name}.require_val: false to train without validation")
+    log(f"{spec.name}: {where}; training without validation ({spec.name}.require_val is "
+        "false), exporting the last weights")
+    return None
+
+
+def _resume(trainer: Trainer, manager: CheckpointManager, spec: FitSpec, log: Log) -> None:
+    """Continue from the newest intact checkpoint of this configuration, as resume says."""
+    cfg, d = trainer.cfg, trainer.ctx.dist
+    if cfg.resume == "never":
+        if d.is_main:
+            for old in manager.steps():
+                shutil.rmtree(old, ignore_errors=True)
+        d.barrier()
+        return
+    loaded = manager.load_latest()
+    if loaded is not None:
+        log(f"{spec.name}: resuming from {loaded.path} (step {loaded.step})")
+        trainer.restore(loaded)
+        return
+    others = manager.other_configurations()
+    if cfg.resume == "must":
+        raise UserError(
+            f"{spec.name}.resume is must but {manager.dir} has no usable checkpoint"
+            + (f" (checkpoints of {len(others)} other configuration(s) exist: the params, "
+               "data or code changed since)" if others else "")
+            + f"; set {spec.name}.resume: auto to start fresh")
+    if others:
+        log(f"{spec.name}: the checkpoints in {spec.checkpoint_dir} were made with other "
+            "params, data or code and cannot be resumed exactly; starting fresh "
+            f"(they stay in {[o.name for o in others]})")
+
+
+def _steps_for_epochs(cfg: TrainConfig, loader: ShardLoader, spec: FitSpec, log: Log
+                      ) -> TrainConfig:
+    if cfg.epochs is None:
+        return cfg
+    steps = max(1, math.ceil(cfg.epochs * loader.steps_per_epoch / cfg.grad_accum))
+    if cfg.warmup_steps >= steps:
+        raise UserError(f"{spec.name}.warmup_steps ({cfg.warmup_steps}) must be < the "
+                        f"{steps} steps that {spec.name}.epochs = {cfg.epochs} gives")
+    log(f"{spec.name}: {cfg.epochs} epochs of {len(loader.ds)} rows = {steps} steps")
+    return dataclasses.replace(cfg, max_steps=steps)
+
+
+def fit(spec: FitSpec, tracker: Any = None, log: Log = print) -> FitOutput:
+    """Build the model and data, resume if possible, train, and pick the weights to export."""
+    cfg = spec.train
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dist_info, device = init_distributed(pick_device(spec.device))
+    prec = precision(spec.dtype, device)
+    dtype = prec.autocast
+    train_ds = ShardDataset(spec.shard_dir, spec.train_split)
+    val_ds = _validation(spec, log)
+    if train_ds.row_len - 1 > spec.model.max_seq_len:
+        raise UserError(f"rows have {train_ds.row_len - 1} tokens but model.max_seq_len is "
+                        f"{spec.model.max_seq_len}: raise model.max_seq_len or lower pack.seq_len")
+    data = dict(spec.data)
+    init = read_weights(spec.init_from) if spec.init_from is not None else None
+    if spec.init_from is not None:
+        data["init_sha256"] = sha256_file(Path(spec.init_from) / "model.safetensors")
+    fp = run_fingerprint(spec, {"dtype": str(dtype), "muon_dtype": str(prec.orthogonalize),
+                                "device": device.type,
+                                "world_size": dist_info.world_size, "data": data})
+    torch.manual_seed(spec.seed + dist_info.rank)
+    model = Transformer(spec.model)
+    if init is not None:
+        load_weights(model, init)
+    if spec.adapter is not None:  # after loading: adapters wrap the pretrained weights
+        spec.adapter.apply(model)
+    model.to(device)
+    loader = ShardLoader(train_ds, cfg.batch_size, seed=spec.seed, rank=dist_info.rank,
+                         world_size=dist_info.world_size)
+    cfg = _steps_for_epochs(cfg, loader, spec, log)
+    manager = CheckpointManager(spec.checkpoint_dir, fp, keep=cfg.keep_checkpoints, log=log)
+    tb = torch.tensor(list(spec.token_bytes), dtype=torch.int64)
+    ctx = RunContext(device, dtype, tb, manager, tracker, dist_info, log, spec.name,
+                     muon_dtype=prec.orthogonalize)
+    trainer = Trainer(model, cfg, loader, val_ds, ctx)
+    _resume(trainer, manager, spec, log)
+    where = prec.describe()
+    params = {id(p): p for p in model.parameters()}.values()
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    log(f"{spec.name}: {where}")
+    log(f"{spec.name}: {model.num_parameters():,} parameters, {trainable:,} trainable "
+        f"({trainable / model.num_parameters():.1%})")
+    ug = None
+    if val_ds is not None and dist_info.is_main:
+        ug = unigram_bpb(train_ds, val_ds, tb, spec.model.vocab_size)
+    result = trainer.run()
+    export_weights, export_step = state_dict_for_save(model), result.step
+    if cfg.export == "best" and dist_info.is_main:
+        best = manager.load_best()
+        if best is not None:
+            export_weights, export_step = best[0], int(best[1]["step"])
+    adapter = None
+    if spec.adapter is not None:  # the model directory holds plain (merged) weights
+        export_weights, adapter = spec.adapter.export(export_weights)
+    exported = sum(t.numel() for t in export_weights.values())
+    dist_info.barrier()
+    return FitOutput(result, model, export_weights, export_step, fp,
+                     exported if adapter is not None else model.num_parameters(), ug, data,
+                     len(val_ds) if val_ds is not None else 0, where, prec, trainable,
+                     adapter)

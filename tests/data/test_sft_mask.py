@@ -1,0 +1,68 @@
+"""Regression: the SFT loss sees assistant tokens only, end to end (pack -> loader -> loss)."""
+
+import pytest
+import torch
+
+from llmcore.config import parse_section
+from llmcore.data.packing import pack_all
+from llmcore.data.shards import ShardDataset, ShardLoader
+from llmcore.data.tasks import synthetic_conversations
+from llmcore.model.transformer import Transformer
+
+
+@pytest.fixture(scope="module")
+def sft_shards(tmp_path_factory, tiny_shards):
+    _, tok = tiny_shards
+    convs = [c.as_dicts() for c in synthetic_conversations(30, seed=1)]
+    out = tmp_path_factory.mktemp("sft")
+    pack_all(tok, {}, {"train": convs}, out, seq_len=192, sft_overflow="drop")
+    return out, tok
+
+
+from llmcore.model.loss import loss_sums  # noqa: E402
+
+
+def test_user_tokens_never_reach_the_loss(sft_shards):
+    shard_dir, tok = sft_shards
+    batch = ShardLoader(ShardDataset(shard_dir, "sft_train"), 4, seed=0).next_batch()
+    torch.manual_seed(0)
+    model = Transformer(parse_section("model", {"preset": "tiny", "vocab_size": 300})).eval()
+    with torch.no_grad():
+        logits = model(batch.input_ids)
+    base, count = loss_sums(logits, batch.targets, batch.loss_mask)
+    assert 0 < count < batch.loss_mask.numel()
+
+    # find, in row 0, a target inside a user turn and one inside an assistant reply
+    row = batch.targets[0].tolist()
+    user_pos = assistant_pos = None
+    for i, t in enumerate(row):
+        turn = tok.decode(row[: i + 1]).rsplit("<|im_start|>", 1)
+        if len(turn) < 2 or "\n" not in turn[1] or t <= 3:
+            continue  # before any turn, still in a header, or a special token
+        role, body = turn[1].split("\n", 1)
+        if role == "user" and body.strip() and user_pos is None:
+            user_pos = i
+        if role == "assistant" and body.strip() and assistant_pos is None:
+            assistant_pos = i
+    assert user_pos is not None and assistant_pos is not None
+    assert batch.loss_mask[0, user_pos] == 0 and batch.loss_mask[0, assistant_pos] == 1
+
+    changed = batch.targets.clone()
+    changed[0, user_pos] = (changed[0, user_pos] + 1) % 300
+    assert torch.equal(loss_sums(logits, changed, batch.loss_mask)[0], base)
+
+    changed = batch.targets.clone()
+    changed[0, assistant_pos] = (changed[0, assistant_pos] + 1) % 300
+    assert not torch.equal(loss_sums(logits, changed, batch.loss_mask)[0], base)
+
+
+def test_every_assistant_reply_ends_with_a_trained_im_end(sft_shards):
+    shard_dir, tok = sft_shards
+    ds = ShardDataset(shard_dir, "sft_train")
+    ids, mask = ds.gather(range(len(ds)))
+    for r in range(len(ds)):
+        trained = [int(t) for t, m in zip(ids[r], mask[r], strict=True) if m]
+        assert trained and trained[-1] == tok.im_end_id
+        # the user's words are never trained on
+        text = tok.decode(trained)
+        assert "What is" not in text and "Spell the word" not in text

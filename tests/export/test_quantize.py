@@ -1,0 +1,118 @@
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from llmcore.config import parse_section
+from llmcore.export.quantize import QuantSpec, quantize_model
+from llmcore.infer.generate import Sampling, generate
+from llmcore.model.modeldir import load_model_dir, save_model_dir, state_dict_for_save
+from llmcore.model.quant import (
+    dequantize_int4,
+    dequantize_int8,
+    int8mm_available,
+    load_quantized,
+    quantizable,
+    quantize_int4,
+    quantize_int8,
+)
+from llmcore.model.transformer import Transformer
+
+CFG = parse_section("model", {"preset": "tiny", "vocab_size": 300, "max_seq_len": 128})
+
+
+def test_int8_error_is_at_most_half_a_step_per_weight():
+    torch.manual_seed(0)
+    w = torch.randn(64, 128) * torch.linspace(0.1, 3, 64)[:, None]
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and s.shape == (64,)
+    err = (dequantize_int8(q, s) - w).abs()
+    assert bool((err <= s[:, None] / 2 + 1e-6).all())
+    assert float((dequantize_int8(q, s) - w).norm() / w.norm()) < 0.01
+
+
+def test_int4_packs_two_per_byte_and_bounds_error():
+    torch.manual_seed(1)
+    w = torch.randn(16, 128)
+    packed, s = quantize_int4(w, 32)
+    assert packed.dtype == torch.uint8 and packed.shape == (16, 64) and s.shape == (16, 4)
+    back = dequantize_int4(packed, s, 32)
+    step = s.repeat_interleave(32, dim=1)
+    assert bool(((back - w).abs() <= step / 2 + 1e-6).all())
+    exact = torch.tensor([[-7.0, 7.0, 0.0, 1.0]]) * 0.5  # multiples of the scale 0.5
+    p, sc = quantize_int4(exact, 4)
+    assert torch.equal(dequantize_int4(p, sc, 4), exact)
+
+
+def test_int4_pads_a_ragged_last_group():
+    torch.manual_seed(4)
+    w = torch.randn(3, 40)
+    packed, s = quantize_int4(w, 16)
+    assert packed.shape == (3, 24) and s.shape == (3, 3)
+    back = dequantize_int4(packed, s, 16, 40)
+    assert back.shape == (3, 40) and float((back - w).norm() / w.norm()) < 0.15
+    with pytest.raises(ValueError, match="group_size must be even"):
+        quantize_int4(w, 5)
+
+
+def test_a_tied_matrix_is_quantized_once():
+    model = Transformer(CFG)
+    names = set(quantizable(model))
+    assert "embed_tokens" in names and "lm_head" not in names
+    assert "layers.0.mlp.down_proj" in names
+    tensors, _ = quantize_model(model, QuantSpec("int8"))
+    assert "embed_tokens.qweight" in tensors
+    assert "lm_head.weight" not in tensors and "embed_tokens.weight" not in tensors
+    untied = Transformer(dataclasses.replace(CFG, tie_embeddings=False))
+    names = set(quantizable(untied))
+    assert "lm_head" in names and "embed_tokens" not in names
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_model_is_close_to_float(method, tmp_path, tiny_tokenizer):
+    torch.manual_seed(2)
+    model = Transformer(CFG).eval()
+    spec = QuantSpec(method, group_size=32)
+    tensors, errors = quantize_model(model, spec)
+    bound = 0.01 if method == "int8" else 0.15
+    assert errors and max(errors.values()) < bound
+    tiny_tokenizer.save(tmp_path / "tok")
+    save_model_dir(tmp_path / "q", CFG, tensors, tmp_path / "tok", {}, {}, spec.to_json())
+    assert json.loads((tmp_path / "q/config.json").read_text())["quantization"]["method"] == method
+    q_model, _ = load_model_dir(tmp_path / "q")
+    x = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        a, b = model(x), q_model(x)
+    rel = float((a - b).norm() / a.norm())
+    assert rel < (0.02 if method == "int8" else 0.2)
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+    prompts = [[5, 6, 7]]
+    assert generate(q_model, prompts, Sampling(max_new_tokens=5))[0]  # loads and generates
+
+
+def test_quantized_file_is_smaller(tmp_path, tiny_tokenizer):
+    model = Transformer(dataclasses.replace(CFG, d_model=128, n_heads=4))
+    tiny_tokenizer.save(tmp_path / "tok")
+    save_model_dir(tmp_path / "fp", model.cfg, state_dict_for_save(model), tmp_path / "tok", {},
+                   {})
+    tensors, _ = quantize_model(model, QuantSpec("int8"))
+    save_model_dir(tmp_path / "q", model.cfg, tensors, tmp_path / "tok", {}, {},
+                   QuantSpec("int8").to_json())
+    fp = (tmp_path / "fp/model.safetensors").stat().st_size
+    q = (tmp_path / "q/model.safetensors").stat().st_size
+    assert fp / q > 3.5  # int8 everywhere but norms: close to 4x
+
+
+@pytest.mark.skipif(not int8mm_available(torch.device("cpu")),
+                    reason="torch._weight_int8pack_mm not available on this build")
+def test_int8_kernel_runtime_matches_dequantized():
+    torch.manual_seed(3)
+    model = Transformer(CFG).eval()
+    tensors, _ = quantize_model(model, QuantSpec("int8"))
+    deq = load_quantized(Transformer(CFG).eval(), tensors, {"method": "int8"}, "dequant")
+    kern = load_quantized(Transformer(CFG).eval(), tensors, {"method": "int8"}, "int8mm")
+    assert type(kern.layers[0].mlp.down_proj).__name__ == "Int8Linear"
+    x = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(deq(x), kern(x), atol=1e-3, rtol=1e-3)

@@ -1,0 +1,133 @@
+"""Continuous batching: batched requests produce what each would alone."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from llmcore.config import parse_section
+from llmcore.data.tokenizer import render_chat
+from llmcore.infer.engine import Engine, Event, QueueFull, Request, complete, wait_idle
+from llmcore.infer.generate import Sampling, generate
+from llmcore.model.transformer import Transformer
+
+
+@pytest.fixture(scope="module", params=["rope", "learned"])
+def model(request):
+    torch.manual_seed(0)
+    cfg = parse_section("model", {"preset": "tiny", "vocab_size": 300, "max_seq_len": 192,
+                                  "positions": request.param, "n_kv_heads": 2})
+    return Transformer(cfg).eval()
+
+
+def prompts(tok, n):
+    texts = ["hello", "a much longer prompt than the first one, with words", "x",
+             "def add(a, b):", "the quick brown fox", "1 2 3 4 5 6 7", "zz top", "one more"]
+    return [tok.encode(render_chat([{"role": "user", "content": texts[i % len(texts)] * (1 + i // 8)}],
+                                   add_generation_prompt=True)) for i in range(n)]
+
+
+def alone(model, tok, prompt, sampling):
+    out = generate(model, [prompt], sampling, [tok.im_end_id, tok.eot_id])[0]
+    return tok.decode(out)
+
+
+def run_concurrently(engine, jobs):
+    """Submit (prompt, sampling) jobs at staggered times; return their (text, finish)."""
+    results: list = [None] * len(jobs)
+
+    def worker(i, prompt, sampling):
+        time.sleep(0.003 * i)  # arrive while others are mid-reply: joins the running batch
+        text, finish, _ = complete(engine, prompt, sampling, [engine.tok.im_end_id,
+                                                              engine.tok.eot_id])
+        results[i] = (text, finish)
+
+    threads = [threading.Thread(target=worker, args=(i, p, s)) for i, (p, s) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+def test_batched_equals_alone_greedy_and_seeded(model, tiny_tokenizer):
+    engine = Engine(model, tiny_tokenizer, max_batch=4, max_queue=32)
+    try:
+        jobs = []
+        for i, p in enumerate(prompts(tiny_tokenizer, 10)):
+            s = (Sampling(max_new_tokens=5 + 3 * i) if i % 2 == 0 else
+                 Sampling(max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.9, seed=i))
+            jobs.append((p, s))
+        got = run_concurrently(engine, jobs)
+        for (p, s), (text, finish) in zip(jobs, got, strict=True):
+            assert text == alone(model, tiny_tokenizer, p, s)
+            assert finish in ("stop", "length")
+        assert engine.steps < sum(s.max_new_tokens for _, s in jobs)  # steps were shared
+    finally:
+        engine.stop()
+
+
+def test_stop_strings_cut_the_text_and_end_the_request(model, tiny_tokenizer):
+    engine = Engine(model, tiny_tokenizer, max_batch=2)
+    try:
+        p = prompts(tiny_tokenizer, 1)[0]
+        full = alone(model, tiny_tokenizer, p, Sampling(max_new_tokens=30))
+        assert len(full) > 6
+        stop = full[3:5]
+        text, finish, _ = complete(engine, p, Sampling(max_new_tokens=30), stop_strings=[stop])
+        assert finish == "stop" and text == full[: full.index(stop)]
+    finally:
+        engine.stop()
+
+
+def test_queue_bound_and_cancel_free_the_slot(model, tiny_tokenizer):
+    engine = Engine(model, tiny_tokenizer, max_batch=1, max_queue=1)
+    events: list[Event] = []
+    p = prompts(tiny_tokenizer, 1)[0]
+    long = Sampling(max_new_tokens=192 - len(p))
+    try:
+        first = Request(p, long, events.append)
+        engine.submit(first)
+        deadline = time.time() + 10
+        while engine.load()["running"] == 0:
+            assert time.time() < deadline
+            time.sleep(0.001)
+        engine.submit(Request(p, long, lambda e: None))  # waits: the only slot is busy
+        with pytest.raises(QueueFull):
+            engine.submit(Request(p, long, lambda e: None))
+        first.cancel()
+        assert wait_idle(engine, 60)
+        assert events[-1].finish == "cancelled"
+        assert complete(engine, p, Sampling(max_new_tokens=3))[1] in ("stop", "length")
+    finally:
+        engine.stop()
+
+
+def test_requests_past_the_context_are_refused(model, tiny_tokenizer):
+    engine = Engine(model, tiny_tokenizer)
+    with pytest.raises(ValueError, match="must be 1..192"):
+        engine.submit(Request([1] * 190, Sampling(max_new_tokens=7), lambda e: None))
+
+
+def test_compiled_engine_gives_the_eager_tokens(tiny_tokenizer):
+    """torch.compile of the step (dynamic shapes: any batch, any cache span) changes speed,
+    not answers; the engine runs in the caller's thread here, as under `llmcore serve`."""
+    torch.manual_seed(0)
+    cfg = parse_section("model", {"preset": "tiny", "vocab_size": 300, "max_seq_len": 128})
+    model = Transformer(cfg).eval()
+    engine = Engine(model, tiny_tokenizer, max_batch=4, own_thread=False, compile=True)
+    engine.warm_up()
+    jobs = [(p, Sampling(max_new_tokens=6 + i)) for i, p in enumerate(prompts(tiny_tokenizer, 3))]
+    got: list = [None] * len(jobs)
+
+    def client():
+        for i, (p, s) in enumerate(jobs):
+            got[i] = complete(engine, p, s, [tiny_tokenizer.im_end_id, tiny_tokenizer.eot_id])[0]
+        engine.stop(0)
+
+    t = threading.Thread(target=client)
+    t.start()
+    engine.run()
+    t.join(60)
+    assert got == [alone(model, tiny_tokenizer, p, s) for p, s in jobs]

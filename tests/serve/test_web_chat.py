@@ -1,0 +1,57 @@
+"""The chat page in a real headless browser (the system's chromium, driven by Playwright)."""
+
+import shutil
+
+import pytest
+
+from tests.serve.live_server import LiveServer, never_stopping_model
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency "
+                               "(pip install -e '.[dev]')")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None:
+    pytest.skip("no chromium on PATH: `apt-get install chromium` (CI installs it)",
+                allow_module_level=True)
+
+
+def test_page_streams_the_same_reply_as_the_api_and_stops(tmp_path, tiny_tokenizer):
+    import httpx
+
+    path, _ = never_stopping_model(tmp_path, tiny_tokenizer)
+    srv = LiveServer(path)
+    try:
+        api = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "Tell me about lists"}],
+            "temperature": 0, "max_tokens": 24}).json()["choices"][0]["message"]["content"]
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                        args=["--no-sandbox"])
+            try:
+                page = browser.new_page()
+                page.goto(srv.url + "/")
+                sync_api.expect(page.locator("#model")).to_contain_text("m · ")
+                page.fill("#max-tokens", "24")
+                page.fill("#prompt", "Tell me about lists")
+                page.click("#send")
+                reply = page.locator(".assistant").last
+                sync_api.expect(reply).to_have_attribute("data-state", "done", timeout=30_000)
+                assert reply.text_content() == api
+                assert page.locator(".user").last.text_content() == "Tell me about lists"
+                assert "cut at max tokens" in page.locator(".meta").last.text_content()
+
+                # a long reply, stopped from the page: the server frees the slot
+                page.fill("#max-tokens", "1900")
+                page.fill("#prompt", "go on")
+                page.click("#send")
+                sync_api.expect(page.locator("#stop")).to_be_enabled()
+                page.wait_for_function("document.querySelectorAll('.assistant')[1]"
+                                       ".textContent.length > 0")
+                page.click("#stop")
+                sync_api.expect(page.locator(".assistant").last).to_have_attribute(
+                    "data-state", "done")
+                assert srv.wait_idle(10), srv.health()
+                assert page.locator("#error").text_content() == ""
+            finally:
+                browser.close()
+    finally:
+        srv.stop()
