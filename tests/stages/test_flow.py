@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.conftest import copy_project, project_env
-from tests.test_pipeline_e2e import TINY, set_params
+from tests.stages.pipeline import TINY, set_params
 
 
 class _Logger:

@@ -10,48 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from tests.conftest import copy_project, project_env
-
-TINY = {
-    "base": {"tracking": "mlflow"},
-    "fetch": {"max_documents": 80, "synthetic_per_task": 20, "doc_questions": False},
-    "tokenizer": {"vocab_size": 400},
-    "pack": {"seq_len": 32, "rows_per_shard": 64},
-    "model": {"preset": "tiny", "dropout": 0.1},
-    "pretrain": {"max_steps": 600, "batch_size": 8, "warmup_steps": 10, "eval_every": 300,
-                 "eval_batches": 2, "checkpoint_every": 20, "log_every": 100, "export": "last"},
-    "sft": {"max_steps": 30, "batch_size": 8, "warmup_steps": 5, "eval_every": 10,
-            "eval_batches": 2, "checkpoint_every": 10, "log_every": 10},
-    "dpo": {"max_steps": 4, "batch_size": 4, "warmup_steps": 1, "eval_every": 2,
-            "pairs_per_task": 6, "val_pairs_per_task": 2, "max_new_tokens": 6,
-            "method": "lora"},
-    "rl": {"max_steps": 2, "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 6,
-           "eval_per_task": 2},
-    "evaluate": {"max_task_examples": 6, "max_new_tokens": 8, "max_rows": 16,
-                 "prompts": ["What is 1 + 1?", "Spell the word 'a'."]},
-    "quantize": {"agreement_prompts": 4, "agreement_tokens": 8, "decode_tokens": 8},
-}
-
-
-def set_params(root: Path, updates: dict) -> None:
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for section, values in updates.items():
-        params.setdefault(section, {}).update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["dvc", *args], cwd=root, env=project_env(), capture_output=True,
-                          text=True, timeout=600)
-
-
-def ran(out: str) -> set[str]:
-    return {s for s in STAGES if f"Running stage '{s}'" in out}
-
-
-STAGES = ("fetch", "tokenizer", "pack", "pretrain", "sft", "dpo", "rl", "evaluate", "quantize")
+from tests.stages.pipeline import TINY, dvc, ran, set_params
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes  # noqa: E402
 from llmcore.train.fit import FitSpec, fit  # noqa: E402
-from tests.test_train import CFG, MODEL  # noqa: E402
+from tests.train.test_train import CFG, MODEL  # noqa: E402
 
 
 def main() -> None:
