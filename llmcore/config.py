@@ -201,12 +201,15 @@ def parse_model(raw: Any) -> ModelConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """``pretrain:`` the training loop; its defaults are params.yaml's ``pretrain:``."""
+class OptimConfig:
+    """The optimizer step's knobs, shared by every training section (pretrain, sft, dpo, rl).
 
-    max_steps: int = spec(600, ge=1, doc="optimizer steps (ignored when epochs is set)")
-    epochs: float | None = spec(None, gt=0, doc="passes over the training rows; sets max_steps")
-    batch_size: int = spec(16, ge=1, doc="rows per micro-batch per process")
+    Each section is a subclass with its own defaults (params.yaml's), and the step
+    (:class:`llmcore.train.step.OptimizerStep`) takes any of them: one set of fields, one
+    meaning, whichever objective trains.
+    """
+
+    max_steps: int = spec(600, ge=1, doc="optimizer steps")
     grad_accum: int = spec(1, ge=1, doc="micro-batches per optimizer step")
     lr: float = spec(3e-3, gt=0)
     min_lr: float = spec(3e-4, ge=0)
@@ -221,34 +224,52 @@ class TrainConfig:
     beta2: float = spec(0.95, ge=0, lt=1)
     eps: float = spec(1e-8, gt=0)
     grad_clip: float = spec(1.0, ge=0, doc="max global grad norm; 0 disables")
-    eval_every: int = spec(100, ge=1)
-    eval_batches: int = spec(20, ge=1)
-    require_val: bool = spec(True, doc="false: train without validation when the val split "
-                                       "has no rows (exports the last weights)")
-    log_every: int = spec(20, ge=1)
+    log_every: int = spec(20, ge=1, doc="steps between progress lines")
     checkpoint_every: int = spec(100, ge=1)
     keep_checkpoints: int = spec(2, ge=1)
-    early_stopping_patience: int | None = spec(None, ge=1, doc="evals without improvement")
-    export: str = spec("best", choices=("best", "last"), doc="which weights become the model")
     resume: str = spec("auto", choices=("auto", "never", "must"))
-    compile: bool = spec(False, doc="torch.compile the model")
-    nproc_per_node: int = spec(1, ge=1, doc="> 1: run under torchrun (DDP)")
-    threads: int | None = spec(None, ge=1, doc="CPU threads per process; None: torch default")
-    peak_flops: float | None = spec(None, gt=0, doc="device peak FLOP/s for MFU; None: measure")
 
     def validate(self) -> list[str]:
         problems = []
         if self.min_lr > self.lr:
             problems.append(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
-        if self.epochs is None and self.warmup_steps >= self.max_steps:
+        if getattr(self, "epochs", None) is None and self.max_steps > 0 \
+                and self.warmup_steps >= self.max_steps:
             problems.append(f"warmup_steps ({self.warmup_steps}) must be < max_steps "
                             f"({self.max_steps})")
         return problems
 
 
-def _default(cls: type, name: str, value: Any) -> Any:
-    """Field ``name`` of ``cls`` with another default (same bounds and doc)."""
-    return field(default=value, metadata=cls.__dataclass_fields__[name].metadata)
+def _default(cls: type, name: str, value: Any, **bounds: Any) -> Any:
+    """Field ``name`` of ``cls`` with another default (same doc; bounds as given, or same)."""
+    meta = dict(cls.__dataclass_fields__[name].metadata)
+    meta.update(bounds)
+    return field(default=value, metadata=meta)
+
+
+# the fields of a section that change no number of its run (left out of its fingerprint)
+NON_SHAPING = ("log_every", "checkpoint_every", "keep_checkpoints", "resume", "compile",
+               "threads", "peak_flops", "nproc_per_node", "require_val")
+
+
+@dataclass(frozen=True)
+class TrainConfig(OptimConfig):
+    """``pretrain:`` the training loop; its defaults are params.yaml's ``pretrain:``."""
+
+    max_steps: int = _default(OptimConfig, "max_steps", 600,
+                              doc="optimizer steps (ignored when epochs is set)")
+    epochs: float | None = spec(None, gt=0, doc="passes over the training rows; sets max_steps")
+    batch_size: int = spec(16, ge=1, doc="rows per micro-batch per process")
+    eval_every: int = spec(100, ge=1)
+    eval_batches: int = spec(20, ge=1)
+    require_val: bool = spec(True, doc="false: train without validation when the val split "
+                                       "has no rows (exports the last weights)")
+    early_stopping_patience: int | None = spec(None, ge=1, doc="evals without improvement")
+    export: str = spec("best", choices=("best", "last"), doc="which weights become the model")
+    compile: bool = spec(False, doc="torch.compile the model")
+    nproc_per_node: int = spec(1, ge=1, doc="> 1: run under torchrun (DDP)")
+    threads: int | None = spec(None, ge=1, doc="CPU threads per process; None: torch default")
+    peak_flops: float | None = spec(None, gt=0, doc="device peak FLOP/s for MFU; None: measure")
 
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # llmcore.model.lora.TARGETS' keys
@@ -289,18 +310,22 @@ class SFTConfig(TrainConfig):
 
 
 @dataclass(frozen=True)
-class DPOConfig:
+class DPOConfig(OptimConfig):
     """``dpo:`` preference optimisation of the SFT model, its frozen self as the reference."""
 
-    max_steps: int = spec(150, ge=0, doc="optimizer steps; 0: the stage copies the SFT model")
+    max_steps: int = _default(OptimConfig, "max_steps", 150, ge=0,
+                              doc="optimizer steps; 0: the stage copies the SFT model")
     beta: float = spec(0.1, gt=0, doc="strength of the pull towards the reference")
     nll_coef: float = spec(1.0, ge=0, doc="weight of the chosen replies' NLL per token (RPO); "
                                          "0: plain DPO")
-    lr: float = spec(1e-4, gt=0)
-    min_lr: float = spec(1e-5, ge=0)
-    warmup_steps: int = spec(10, ge=0)
-    batch_size: int = spec(16, ge=1, doc="preference pairs per step")
-    grad_clip: float = spec(1.0, ge=0)
+    lr: float = _default(OptimConfig, "lr", 1e-4)
+    min_lr: float = _default(OptimConfig, "min_lr", 1e-5)
+    warmup_steps: int = _default(OptimConfig, "warmup_steps", 10)
+    optimizer: str = _default(OptimConfig, "optimizer", "adamw")
+    weight_decay: float = _default(OptimConfig, "weight_decay", 0.0)
+    log_every: int = _default(OptimConfig, "log_every", 10)
+    checkpoint_every: int = _default(OptimConfig, "checkpoint_every", 50)
+    batch_size: int = spec(16, ge=1, doc="preference pairs per step (split over grad_accum)")
     eval_every: int = spec(50, ge=1)
     pairs_per_task: int = spec(400, ge=0, doc="builtin on-policy pairs per synthetic task, "
                                               "from training conversations")
@@ -311,33 +336,50 @@ class DPOConfig:
     lora: LoRAConfig = spec(default_factory=LoRAConfig)
 
     def validate(self) -> list[str]:
-        if self.min_lr > self.lr:
-            return [f"min_lr ({self.min_lr}) must be <= lr ({self.lr})"]
-        return []
+        problems = super().validate()
+        if self.batch_size % self.grad_accum:
+            problems.append(f"batch_size ({self.batch_size}) must be a multiple of "
+                            f"grad_accum ({self.grad_accum})")
+        return problems
 
 
 @dataclass(frozen=True)
-class RLConfig:
+class RLConfig(OptimConfig):
     """``rl:`` GRPO on the checkable tasks, starting from the DPO model."""
 
     algorithm: str = spec("grpo", choices=("grpo",))
-    max_steps: int = spec(60, ge=0, doc="policy updates; 0: the stage copies the DPO model")
+    max_steps: int = _default(OptimConfig, "max_steps", 60, ge=0,
+                              doc="policy updates; 0: the stage copies the DPO model")
+    lr: float = _default(OptimConfig, "lr", 1e-5)
+    min_lr: float = _default(OptimConfig, "min_lr", 1e-6)
+    schedule: str = _default(OptimConfig, "schedule", "constant")
+    warmup_steps: int = _default(OptimConfig, "warmup_steps", 0)
+    optimizer: str = _default(OptimConfig, "optimizer", "adamw")
+    weight_decay: float = _default(OptimConfig, "weight_decay", 0.0)
+    log_every: int = _default(OptimConfig, "log_every", 1)
+    checkpoint_every: int = _default(OptimConfig, "checkpoint_every", 10)
     prompts_per_step: int = spec(16, ge=1)
     group_size: int = spec(8, ge=2, doc="replies sampled per prompt")
     temperature: float = spec(1.0, gt=0)
     max_new_tokens: int = spec(24, ge=1)
-    lr: float = spec(1e-5, gt=0)
     clip: float = spec(0.2, gt=0, lt=1, doc="PPO clipping of the probability ratio")
     kl_coef: float = spec(0.04, ge=0, doc="weight of the KL penalty to the reference")
     inner_epochs: int = spec(1, ge=1, doc="optimisation passes over each sampled batch")
     no_end_penalty: float = spec(0.1, ge=0, doc="subtracted when a reply does not end with "
                                                "<|im_end|>")
-    grad_clip: float = spec(1.0, ge=0)
     tasks: list[str] = spec(default_factory=lambda: list(SYNTHETIC_TASKS))
     eval_per_task: int = spec(100, ge=0, doc="held-out conversations per task for the "
                                              "before / after exact match")
     method: str = spec("full", choices=("full", "lora"))
     lora: LoRAConfig = spec(default_factory=LoRAConfig)
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        bad = [t for t in self.tasks if t not in SYNTHETIC_TASKS]
+        if bad or not self.tasks:
+            problems.append(f"tasks must be a non-empty list from {', '.join(SYNTHETIC_TASKS)} "
+                            f"(got {self.tasks})")
+        return problems
 
 
 @dataclass(frozen=True)

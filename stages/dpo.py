@@ -12,28 +12,31 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from llmcore.align.dpo import DPOSettings, encode_pairs, reference_logprobs, task_pairs, train_dpo
+from llmcore.align.dpo import encode_pairs, reference_logprobs, task_pairs, train_dpo
 from llmcore.align.replies import sampled_kl
+from llmcore.align.run import data_hash, policy_context
 from llmcore.config import SYNTHETIC_TASKS
 from llmcore.data.corpus import read_conversations, read_preferences
 from llmcore.data.tokenizer import LLMTokenizer
+from llmcore.files import sha256_file
 from llmcore.model.modeldir import load_model_dir
+from stages import paths
 from stages._align import copy_model, load_policy, save_policy, task_subset
 from stages._common import log, repo_root, run_stage, write_tsv
 
-PARAMS = ("base.seed", "base.device", "dpo")
-SRC, OUT = "data/models/sft", "data/models/dpo"
+PARAMS = ("base.seed", "base.device", "base.dtype", "dpo")
+SRC, OUT = paths.model_dir("sft"), paths.model_dir("dpo")
 CURVES = {"dpo_train.tsv": ["step", "loss", "reward_accuracy", "lr", "grad_norm"],
           "dpo_val.tsv": ["step", "loss", "reward_accuracy", "reward_margin"]}
 
 
 def _pairs(root, cfg, seed, ref, tok, split, per_task):
-    convs = read_conversations(root / "data/corpus", split)
+    convs = read_conversations(root / paths.CORPUS, split)
     random.Random(f"{seed}:dpo:{split}").shuffle(convs)
     pairs, own = task_pairs(ref, tok, task_subset(convs, SYNTHETIC_TASKS, per_task), cfg.max_new_tokens,
                             seed)
     if cfg.corpus_pairs:
-        pairs += read_preferences(root / "data/corpus", split)
+        pairs += read_preferences(root / paths.CORPUS, split)
     return pairs, own
 
 
@@ -56,15 +59,17 @@ def body(cfgs, tracker):
         f"{len(val)} held out")
     train_ref = reference_logprobs(ref, train, rows)
     val_ref = reference_logprobs(ref, val, rows)
-    s = DPOSettings(beta=cfg.beta, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
-                    max_steps=cfg.max_steps, batch_size=cfg.batch_size,
-                    grad_clip=cfg.grad_clip, eval_every=cfg.eval_every,
-                    nll_coef=cfg.nll_coef, seed=base.seed)
-    result = train_dpo(policy, train, train_ref, val, val_ref, rows, s, log=log)
+    ctx = policy_context(
+        "dpo", cfg, seed=base.seed, device=next(policy.parameters()).device, dtype=base.dtype,
+        data={"init_sha256": sha256_file(root / SRC / "model.safetensors"),
+              "pairs": data_hash([train, train_ref])},
+        code=["llmcore.align.dpo", *(["llmcore.model.lora"] if adapter else [])],
+        checkpoint_dir=root / paths.checkpoint_dir("dpo"), log=log)
+    result = train_dpo(policy, train, train_ref, val, val_ref, rows, cfg, ctx, base.seed)
     kl = sampled_kl(policy, ref, tok, [p["prompt"] for p in val[:64]], cfg.max_new_tokens,
                     base.seed)
-    write_tsv(root / "metrics" / "dpo_train.tsv", result.history, CURVES["dpo_train.tsv"])
-    write_tsv(root / "metrics" / "dpo_val.tsv", result.evals, CURVES["dpo_val.tsv"])
+    write_tsv(root / paths.METRICS / "dpo_train.tsv", result.history, CURVES["dpo_train.tsv"])
+    write_tsv(root / paths.METRICS / "dpo_val.tsv", result.evals, CURVES["dpo_val.tsv"])
     last = result.evals[-1] if result.evals else {}
     metrics = {"dpo/train_pairs": len(train), "dpo/val_pairs": len(val),
                "dpo/on_policy_rejected": own, "dpo/val_on_policy_rejected": val_own,
@@ -72,6 +77,7 @@ def body(cfgs, tracker):
                "dpo/val_reward_margin": last.get("reward_margin"),
                "dpo/val_loss": last.get("loss"), "dpo/kl_to_reference": round(kl, 5),
                "dpo/train_seconds": round(result.seconds, 2),
+               "dpo/resumed_from": -1 if result.resumed_from is None else result.resumed_from,
                **{f"dpo/{k}": v for k, v in trainable.items()}}
     meta = {"params": {"dpo": dataclasses.asdict(cfg)}, "pairs": len(train)}
     metrics.update(save_policy("dpo", policy, model_cfg, root / SRC, adapter, cfgs, tracker,

@@ -11,15 +11,18 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from llmcore.align.grpo import GRPOSettings, train_grpo
+from llmcore.align.grpo import train_grpo
+from llmcore.align.run import data_hash, policy_context
 from llmcore.data.corpus import read_conversations
 from llmcore.data.tokenizer import LLMTokenizer
+from llmcore.files import sha256_file
 from llmcore.model.modeldir import load_model_dir
+from stages import paths
 from stages._align import copy_model, exact_match, load_policy, save_policy, task_subset
 from stages._common import log, repo_root, run_stage, write_tsv
 
-PARAMS = ("base.seed", "base.device", "rl")
-SRC, OUT = "data/models/dpo", "data/models/rl"
+PARAMS = ("base.seed", "base.device", "base.dtype", "rl")
+SRC, OUT = paths.model_dir("dpo"), paths.model_dir("rl")
 CURVES = {"rl_train.tsv": ["step", "reward", "exact", "kl", "loss", "useful_groups"]}
 
 
@@ -31,8 +34,8 @@ def body(cfgs, tracker):
     policy, model_cfg, adapter, trainable = load_policy(root / SRC, base, cfg.method, cfg.lora)
     ref, _ = load_model_dir(root / SRC, next(policy.parameters()).device)
     ref = ref.float().eval()
-    train = task_subset(read_conversations(root / "data/corpus", "train"), cfg.tasks, 10**9)
-    val = task_subset(read_conversations(root / "data/corpus", "val"), cfg.tasks,
+    train = task_subset(read_conversations(root / paths.CORPUS, "train"), cfg.tasks, 10**9)
+    val = task_subset(read_conversations(root / paths.CORPUS, "val"), cfg.tasks,
                       cfg.eval_per_task)
     if not train:
         raise FileNotFoundError(f"rl: the corpus has no training conversations of the tasks "
@@ -41,18 +44,19 @@ def body(cfgs, tracker):
     random.Random(f"{base.seed}:rl").shuffle(train)
     before = exact_match(policy, tok, val, cfg.eval_per_task, cfg.max_new_tokens)
     log(f"rl: held-out exact match before: {before}")
-    s = GRPOSettings(max_steps=cfg.max_steps, prompts_per_step=cfg.prompts_per_step,
-                     group_size=cfg.group_size, temperature=cfg.temperature,
-                     max_new_tokens=cfg.max_new_tokens, lr=cfg.lr, clip=cfg.clip,
-                     beta=cfg.kl_coef, inner_epochs=cfg.inner_epochs,
-                     no_end_penalty=cfg.no_end_penalty, grad_clip=cfg.grad_clip,
-                     seed=base.seed)
-    result = train_grpo(policy, ref, tok, train, s, log=log)
+    ctx = policy_context(
+        "rl", cfg, seed=base.seed, device=next(policy.parameters()).device, dtype=base.dtype,
+        data={"init_sha256": sha256_file(root / SRC / "model.safetensors"),
+              "tasks": data_hash(train)},
+        code=["llmcore.align.grpo", *(["llmcore.model.lora"] if adapter else [])],
+        checkpoint_dir=root / paths.checkpoint_dir("rl"), log=log)
+    result = train_grpo(policy, ref, tok, train, cfg, ctx, base.seed)
     after = exact_match(policy, tok, val, cfg.eval_per_task, cfg.max_new_tokens)
     log(f"rl: held-out exact match after: {after}")
-    write_tsv(root / "metrics" / "rl_train.tsv", result.history, CURVES["rl_train.tsv"])
+    write_tsv(root / paths.METRICS / "rl_train.tsv", result.history, CURVES["rl_train.tsv"])
     h = result.history
     metrics = {"rl/steps": len(h), "rl/train_seconds": round(result.seconds, 2),
+               "rl/resumed_from": -1 if result.resumed_from is None else result.resumed_from,
                "rl/reward_first10": round(sum(r["reward"] for r in h[:10]) / len(h[:10]), 5),
                "rl/reward_last10": round(sum(r["reward"] for r in h[-10:]) / len(h[-10:]), 5),
                "rl/kl_last": h[-1]["kl"],

@@ -217,8 +217,10 @@ def test_no_half_precision_op_in_a_lora_step_without_native_bf16(cpu_kind, tiny_
 
 def test_no_half_precision_op_in_dpo_and_grpo_steps_without_native_bf16(cpu_kind,
                                                                         tiny_tokenizer):
-    from llmcore.align.dpo import DPOSettings, encode_pairs, reference_logprobs, train_dpo
-    from llmcore.align.grpo import GRPOSettings, train_grpo
+    from llmcore.align.dpo import encode_pairs, reference_logprobs, train_dpo
+    from llmcore.align.grpo import train_grpo
+    from llmcore.align.run import policy_context
+    from llmcore.config import DPOConfig, RLConfig
     from llmcore.model.transformer import Transformer
 
     cpu_kind(AVX2)
@@ -233,12 +235,16 @@ def test_no_half_precision_op_in_dpo_and_grpo_steps_without_native_bf16(cpu_kind
     with OpDtypes() as ops:
         kept, rows = encode_pairs(tiny_tokenizer, pairs, 128)
         refs = reference_logprobs(ref, kept, rows)
-        train_dpo(policy, kept[:4], refs[:4], kept[4:], refs[4:], rows,
-                  DPOSettings(max_steps=1, warmup_steps=0, batch_size=4, eval_every=1),
-                  log=lambda m: None)
-        train_grpo(policy, ref, tiny_tokenizer, tasks,
-                   GRPOSettings(max_steps=1, prompts_per_step=2, group_size=2,
-                                max_new_tokens=3), log=lambda m: None)
+        dpo = DPOConfig(max_steps=1, warmup_steps=0, batch_size=4, eval_every=1)
+        rl = RLConfig(max_steps=1, prompts_per_step=2, group_size=2, max_new_tokens=3)
+        # bfloat16 asked: on this (AVX2) CPU the contexts fall back to float32
+        kw = {"seed": 0, "device": torch.device("cpu"), "dtype": "bfloat16", "data": {},
+              "log": lambda m: None}
+        dctx = policy_context("dpo", dpo, code=["llmcore.align.dpo"], **kw)
+        rctx = policy_context("rl", rl, code=["llmcore.align.grpo"], **kw)
+        assert dctx.dtype == rctx.dtype == torch.float32
+        train_dpo(policy, kept[:4], refs[:4], kept[4:], refs[4:], rows, dpo, dctx, seed=0)
+        train_grpo(policy, ref, tiny_tokenizer, tasks, rl, rctx, seed=0)
     assert ops.matmuls(torch.float32) > 0
     assert ops.half_ops() == set()
 

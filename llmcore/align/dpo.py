@@ -19,6 +19,7 @@ where it is right, the rejected reply is a plausible wrong one.
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -29,10 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from llmcore.align.replies import batched_sequence_logprobs, reply_rows, sequence_logprobs
+from llmcore.align.run import rng_from_json, rng_to_json
+from llmcore.config import DPOConfig
 from llmcore.data.tasks import is_correct, wrong_answer
 from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.infer.generate import Sampling, generate
-from llmcore.train.optim import lr_at
+from llmcore.train.checkpoint import Loaded
+from llmcore.train.step import OptimizerStep, Progress, RunContext
 
 
 def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -93,28 +97,15 @@ def reference_logprobs(ref_model: Any, pairs: Sequence[dict[str, Any]], rows: Ca
     return out
 
 
-@dataclass
-class DPOSettings:
-    beta: float = 0.1
-    lr: float = 1e-5
-    min_lr: float = 1e-6
-    warmup_steps: int = 10
-    max_steps: int = 100
-    batch_size: int = 16
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    eval_every: int = 25
-    nll_coef: float = 0.0
-    seed: int = 1337
-    schedule: str = "cosine"  # read by llmcore.train.optim.lr_at, the training loop's schedule
-    decay_fraction: float = 0.2
+Rows = Callable[[Sequence[dict[str, Any]]], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
 class DPOResult:
     history: list[dict[str, float]] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # training time over every session of the run
+    resumed_from: int | None = None
 
 
 @torch.no_grad()
@@ -138,48 +129,86 @@ def pair_metrics(model: Any, pairs: Sequence[dict[str, Any]], refs: Sequence[tup
             "reward_margin": sum(margins) / n}
 
 
-def train_dpo(model: Any, train: Sequence[dict[str, Any]], train_ref: Sequence[tuple[float, float]],
-              val: Sequence[dict[str, Any]], val_ref: Sequence[tuple[float, float]],
-              rows: Callable, s: DPOSettings, log: Callable[[str], None] = print) -> DPOResult:
-    """AdamW on the trainable parameters of ``model``; warmup + cosine; clipped gradients."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.95))
-    rng = random.Random(s.seed)
+def _pair_loss(model: torch.nn.Module, stepper: OptimizerStep, batch: list[dict[str, Any]],
+               refs: list[tuple[float, float]], rows: Rows, cfg: DPOConfig, step_pairs: int,
+               parts: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    """One micro-batch's DPO loss, weighted by its share of the step's pairs."""
+    x, mask = rows(batch)
+    ref = torch.tensor(refs, device=x.device)
+    with stepper.autocast():
+        lp = sequence_logprobs(model, x, mask)
+    n_chosen = mask[: len(batch)].sum(dim=1).clamp(min=1)
+    loss, r = dpo_loss(lp[: len(batch)], lp[len(batch) :], ref[:, 0], ref[:, 1], cfg.beta,
+                       cfg.nll_coef, n_chosen)
+    weight = len(batch) / step_pairs  # the micro-batches' means add up to the step's mean
+    parts.append((float(loss.detach()) * weight, (r["chosen"] > r["rejected"]).float()))
+    return loss * weight if weight != 1 else loss
+
+
+def train_dpo(model: torch.nn.Module, train: Sequence[dict[str, Any]],
+              train_ref: Sequence[tuple[float, float]], val: Sequence[dict[str, Any]],
+              val_ref: Sequence[tuple[float, float]], rows: Rows, cfg: DPOConfig,
+              ctx: RunContext, seed: int) -> DPOResult:
+    """DPO on the trainable parameters of ``model`` through the shared optimizer step.
+
+    Each step takes ``cfg.batch_size`` pairs from a seeded shuffle (reshuffled when it runs
+    out), split into ``cfg.grad_accum`` micro-batches weighted by their share of the pairs.
+    With ``ctx.checkpoints`` the run checkpoints every ``cfg.checkpoint_every`` steps and
+    resumes from the newest one of the same configuration.
+    """
+    stepper = OptimizerStep(model, cfg, ctx)
+    progress = Progress(ctx.name, cfg.max_steps, cfg.log_every, ctx.log)
+    rng = random.Random(seed)
     order: list[int] = []
-    result, start = DPOResult(), time.perf_counter()
-    for step in range(s.max_steps):
-        if len(order) < s.batch_size:
+    result, start = DPOResult(), 0
+
+    def load(loaded: Loaded) -> None:
+        nonlocal order, start
+        rng_from_json(rng, loaded.state["rng"])
+        order = [int(i) for i in loaded.state["order"]]
+        result.history = list(loaded.state["history"])
+        result.evals = list(loaded.state["evals"])
+        result.seconds = float(loaded.state["train_seconds"])
+        start = loaded.step
+
+    loaded = stepper.restore(load)
+    result.resumed_from = loaded.step if loaded is not None else None
+    mark = time.perf_counter()
+    for step in range(start, cfg.max_steps):
+        if len(order) < cfg.batch_size:
             more = list(range(len(train)))
             rng.shuffle(more)
             order += more
-        take, order = order[: s.batch_size], order[s.batch_size :]
-        batch = [train[i] for i in take]
-        ids, mask = rows(batch)
-        ref = torch.tensor([train_ref[i] for i in take], device=ids.device)
+        take, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        lr = stepper.set_lr(step)
         model.train()
-        lp = sequence_logprobs(model, ids, mask)
-        n_chosen = mask[: len(batch)].sum(dim=1).clamp(min=1)
-        loss, r = dpo_loss(lp[: len(batch)], lp[len(batch) :], ref[:, 0], ref[:, 1], s.beta,
-                           s.nll_coef, n_chosen)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, s)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip > 0 else 1e9)
-        opt.step()
-        acc = float((r["chosen"] > r["rejected"]).float().mean())
-        result.history.append({"step": step + 1, "loss": round(loss.item(), 5),
-                               "reward_accuracy": round(acc, 4), "grad_norm": float(norm),
-                               "lr": lr_at(step, s)})
-        if (step + 1) % s.eval_every == 0 or step + 1 == s.max_steps:
-            m = pair_metrics(model, val, val_ref, rows, s.beta) if val else {}
+        chunk = cfg.batch_size // cfg.grad_accum
+        parts: list[tuple[float, torch.Tensor]] = []  # (weighted loss, chosen > rejected)
+        micro = [functools.partial(_pair_loss, model, stepper, [train[i] for i in ids],
+                                   [train_ref[i] for i in ids], rows, cfg, len(take), parts)
+                 for ids in (take[i : i + chunk] for i in range(0, len(take), chunk))]
+        stepper.backward(model, micro)
+        loss = sum(p[0] for p in parts)
+        norm = stepper.update(loss, step + 1)
+        acc = float(torch.cat([p[1] for p in parts]).mean())
+        result.history.append({"step": step + 1, "loss": round(loss, 5),
+                               "reward_accuracy": round(acc, 4), "grad_norm": norm, "lr": lr})
+        if progress.due(step + 1):
+            progress.report(step + 1, [f"loss {loss:.4f}", f"reward accuracy {acc:.3f}",
+                                       f"lr {lr:.2e}", f"grad {norm:.2f}"], *progress.lap())
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
+            m = pair_metrics(model, val, val_ref, rows, cfg.beta) if val else {}
             result.evals.append({"step": step + 1, **{k: round(v, 5) for k, v in m.items()}})
-            elapsed = time.perf_counter() - start
-            log(f"dpo: step {step + 1}/{s.max_steps} loss {loss.item():.4f} held-out reward "
-                f"accuracy {m.get('reward_accuracy', float('nan')):.3f} margin "
-                f"{m.get('reward_margin', float('nan')):.3f} ({elapsed:.0f} s, ETA "
-                f"{elapsed / (step + 1) * (s.max_steps - step - 1):.0f} s)")
-    result.seconds = time.perf_counter() - start
+            ctx.log(f"{ctx.name} step {step + 1}: held-out reward accuracy "
+                    f"{m.get('reward_accuracy', float('nan')):.3f} margin "
+                    f"{m.get('reward_margin', float('nan')):.3f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps:
+            now = time.perf_counter()
+            result.seconds, mark = result.seconds + now - mark, now
+            stepper.save(step + 1, {"rng": rng_to_json(rng), "order": order,
+                                    "history": result.history, "evals": result.evals,
+                                    "train_seconds": result.seconds})
+    result.seconds += time.perf_counter() - mark
     return result
 
 

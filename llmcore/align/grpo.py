@@ -6,26 +6,30 @@ otherwise, minus a small penalty when it does not end with ``<|im_end|>``. A rep
 is its reward normalised within its group, ``(r - mean) / (std + eps)``: no value network, the
 group is the baseline. A group whose replies all score the same teaches nothing and gets zero
 advantage. The loss per token is PPO's clipped surrogate with the probability ratio against
-the policy that sampled (``old``), plus ``beta`` times the k3 estimate of the KL divergence to
+the policy that sampled (``old``), plus ``kl_coef`` times the k3 estimate of the KL divergence to
 the frozen reference, ``exp(ref - pi) - (ref - pi) - 1``; tokens are averaged per reply, replies
 averaged over the batch.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from llmcore.align.replies import prompt_reply_rows, token_logprobs
+from llmcore.align.run import rng_from_json, rng_to_json
+from llmcore.config import RLConfig
 from llmcore.data.tasks import is_correct
 from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.infer.generate import Sampling, generate
+from llmcore.train.checkpoint import Loaded
+from llmcore.train.step import OptimizerStep, Progress, RunContext
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -61,77 +65,106 @@ def reward(reply_ids: Sequence[int], answer: str, tok: LLMTokenizer,
 
 
 @dataclass
-class GRPOSettings:
-    max_steps: int = 30
-    prompts_per_step: int = 16
-    group_size: int = 8
-    temperature: float = 1.0
-    max_new_tokens: int = 24
-    lr: float = 1e-5
-    clip: float = 0.2
-    beta: float = 0.04  # KL coefficient
-    inner_epochs: int = 1  # optimisation passes over each sampled batch
-    no_end_penalty: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 1337
-
-
-@dataclass
 class GRPOResult:
     history: list[dict[str, float]] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # training time over every session of the run
+    resumed_from: int | None = None
 
 
-def train_grpo(model: Any, ref_model: Any, tok: LLMTokenizer, tasks: Sequence[dict[str, Any]],
-               s: GRPOSettings, log: Callable[[str], None] = print) -> GRPOResult:
-    """GRPO on task conversations (``messages`` ending in the reference reply, ``answer``)."""
+def _sample(model: torch.nn.Module, tok: LLMTokenizer, batch: Sequence[dict[str, Any]],
+            cfg: RLConfig, seed: int, step: int
+            ) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
+    """(prompts repeated per reply, the G replies per prompt, (P, G) rewards)."""
+    prompts = [tok.encode_prompt(c["messages"][:-1]) for c in batch]
+    expanded = [p for p in prompts for _ in range(cfg.group_size)]
+    sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                        seed=seed * 100_003 + step)
+    model.eval()
+    replies = generate(model, expanded, sampling, [tok.im_end_id, tok.eot_id],
+                       pad_id=tok.pad_id, keep_stop=True)
+    rewards = torch.tensor([[reward(replies[i * cfg.group_size + g], c["answer"], tok,
+                                    cfg.no_end_penalty) for g in range(cfg.group_size)]
+                            for i, c in enumerate(batch)])
+    return expanded, replies, rewards
+
+
+def _surrogate(model: torch.nn.Module, stepper: OptimizerStep, ids: torch.Tensor,
+               mask: torch.Tensor, old: torch.Tensor, ref: torch.Tensor, adv: torch.Tensor,
+               cfg: RLConfig, weight: float, stats: list[dict[str, float]]) -> torch.Tensor:
+    """One micro-batch's GRPO loss, weighted by its share of the step's replies."""
+    with stepper.autocast():
+        logp = token_logprobs(model, ids)
+    loss, s = grpo_loss(logp, old, ref, adv, mask, cfg.clip, cfg.kl_coef)
+    stats.append({"loss": float(loss.detach()) * weight, "kl": s["kl"] * weight})
+    return loss * weight if weight != 1 else loss
+
+
+def train_grpo(model: torch.nn.Module, ref_model: torch.nn.Module, tok: LLMTokenizer,
+               tasks: Sequence[dict[str, Any]], cfg: RLConfig, ctx: RunContext, seed: int
+               ) -> GRPOResult:
+    """GRPO on task conversations (``messages`` ending in the reference reply, ``answer``).
+
+    Each of ``cfg.max_steps`` steps samples a group of replies per prompt, then makes
+    ``cfg.inner_epochs`` optimizer updates through the shared step (the replies split into
+    ``cfg.grad_accum`` micro-batches). With ``ctx.checkpoints`` the run checkpoints every
+    ``cfg.checkpoint_every`` steps and resumes from the newest one of its configuration.
+    """
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    rng = random.Random(s.seed)
-    stops = [tok.im_end_id, tok.eot_id]
-    result, start = GRPOResult(), time.perf_counter()
+    stepper = OptimizerStep(model, cfg, ctx)
+    progress = Progress(ctx.name, cfg.max_steps, cfg.log_every, ctx.log)
+    rng = random.Random(seed)
+    result, start = GRPOResult(), 0
+
+    def load(loaded: Loaded) -> None:
+        nonlocal start
+        rng_from_json(rng, loaded.state["rng"])
+        result.history = list(loaded.state["history"])
+        result.seconds = float(loaded.state["train_seconds"])
+        start = loaded.step
+
+    loaded = stepper.restore(load)
+    result.resumed_from = loaded.step if loaded is not None else None
     ref_model.eval()
-    for step in range(s.max_steps):
-        batch = rng.sample(list(tasks), min(s.prompts_per_step, len(tasks)))
-        prompts = [tok.encode_prompt(c["messages"][:-1]) for c in batch]
-        expanded = [p for p in prompts for _ in range(s.group_size)]
-        sampling = Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                            seed=s.seed * 100_003 + step)
-        model.eval()
-        replies = generate(model, expanded, sampling, stops, pad_id=tok.pad_id, keep_stop=True)
-        rewards = torch.tensor([[reward(replies[i * s.group_size + g], c["answer"], tok,
-                                        s.no_end_penalty) for g in range(s.group_size)]
-                                for i, c in enumerate(batch)])
+    mark = time.perf_counter()
+    for step in range(start, cfg.max_steps):
+        batch = rng.sample(list(tasks), min(cfg.prompts_per_step, len(tasks)))
+        expanded, replies, rewards = _sample(model, tok, batch, cfg, seed, step)
         adv = group_advantages(rewards).flatten().to(device)
         keep = [i for i, r in enumerate(replies) if r]  # an empty reply has no token to score
-        ids, mask = prompt_reply_rows([expanded[i] for i in keep], [replies[i] for i in keep], tok.pad_id,
-                          device)
-        with torch.no_grad():
+        ids, mask = prompt_reply_rows([expanded[i] for i in keep], [replies[i] for i in keep],
+                                      tok.pad_id, device)
+        with torch.no_grad(), stepper.autocast():
             old = token_logprobs(model, ids)
             ref = token_logprobs(ref_model, ids)
-        stats: dict[str, float] = {}
+        lr = stepper.set_lr(step)
         model.train()
-        for _ in range(s.inner_epochs):
-            logp = token_logprobs(model, ids)
-            loss, stats = grpo_loss(logp, old, ref, adv[keep], mask, s.clip, s.beta)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip > 0 else 1e9)
-            opt.step()
+        chunk = max(1, -(-len(keep) // cfg.grad_accum))
+        stats: list[dict[str, float]] = []
+        for _ in range(cfg.inner_epochs):
+            stats = []
+            micro = [functools.partial(_surrogate, model, stepper, ids[i : i + chunk],
+                                       mask[i : i + chunk], old[i : i + chunk],
+                                       ref[i : i + chunk], adv[keep][i : i + chunk], cfg,
+                                       len(ids[i : i + chunk]) / len(keep), stats)
+                     for i in range(0, len(keep), chunk)]
+            stepper.backward(model, micro)
+            loss = sum(s["loss"] for s in stats)
+            stepper.update(loss, step + 1)
         correct = float((rewards > 0.5).float().mean())
         row = {"step": step + 1, "reward": round(float(rewards.mean()), 5),
-               "exact": round(correct, 5), "loss": round(loss.item(), 6),
-               "kl": round(stats["kl"], 6),
+               "exact": round(correct, 5), "loss": round(loss, 6),
+               "kl": round(sum(s["kl"] for s in stats), 6),
                "useful_groups": int((rewards.std(dim=1) > 0).sum())}
         result.history.append(row)
-        elapsed = time.perf_counter() - start
-        log(f"rl: step {step + 1}/{s.max_steps} mean reward {row['reward']:.3f} exact "
-            f"{correct:.3f} kl {row['kl']:.4f} groups with signal {row['useful_groups']}/"
-            f"{len(batch)} ({elapsed:.0f} s, ETA "
-            f"{elapsed / (step + 1) * (s.max_steps - step - 1):.0f} s)")
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"rl: the loss is {loss.item()} at step {step + 1}; "
-                                     "lower rl.lr")
-    result.seconds = time.perf_counter() - start
+        if progress.due(step + 1):
+            progress.report(step + 1, [
+                f"mean reward {row['reward']:.3f}", f"exact {correct:.3f}",
+                f"kl {row['kl']:.4f}", f"groups with signal {row['useful_groups']}/{len(batch)}",
+                f"lr {lr:.2e}"], *progress.lap())
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps:
+            now = time.perf_counter()
+            result.seconds, mark = result.seconds + now - mark, now
+            stepper.save(step + 1, {"rng": rng_to_json(rng), "history": result.history,
+                                    "train_seconds": result.seconds})
+    result.seconds += time.perf_counter() - mark
     return result

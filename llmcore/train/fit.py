@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from llmcore.config import ModelConfig, TrainConfig, UserError
+from llmcore.config import NON_SHAPING, ModelConfig, TrainConfig, UserError
 from llmcore.data.shards import ShardDataset, ShardLoader
 from llmcore.device import Precision, pick_device, precision
 from llmcore.files import sha256_file
@@ -78,10 +77,6 @@ class FitOutput:
     adapter: dict[str, torch.Tensor] | None = None  # the exported step's adapters, if any
 
 
-# TrainConfig fields that do not change what a run computes (left out of its fingerprint)
-NON_SHAPING = ("log_every", "checkpoint_every", "keep_checkpoints", "resume", "compile",
-               "threads", "peak_flops", "nproc_per_node", "require_val")
-
 
 def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
     """Join the process group torchrun describes in the environment (if any)."""
@@ -128,33 +123,6 @@ def _validation(spec: FitSpec, log: Log) -> ShardDataset | None:
     log(f"{spec.name}: {where}; training without validation ({spec.name}.require_val is "
         "false), exporting the last weights")
     return None
-
-
-def _resume(trainer: Trainer, manager: CheckpointManager, spec: FitSpec, log: Log) -> None:
-    """Continue from the newest intact checkpoint of this configuration, as resume says."""
-    cfg, d = trainer.cfg, trainer.ctx.dist
-    if cfg.resume == "never":
-        if d.is_main:
-            for old in manager.steps():
-                shutil.rmtree(old, ignore_errors=True)
-        d.barrier()
-        return
-    loaded = manager.load_latest()
-    if loaded is not None:
-        log(f"{spec.name}: resuming from {loaded.path} (step {loaded.step})")
-        trainer.restore(loaded)
-        return
-    others = manager.other_configurations()
-    if cfg.resume == "must":
-        raise UserError(
-            f"{spec.name}.resume is must but {manager.dir} has no usable checkpoint"
-            + (f" (checkpoints of {len(others)} other configuration(s) exist: the params, "
-               "data or code changed since)" if others else "")
-            + f"; set {spec.name}.resume: auto to start fresh")
-    if others:
-        log(f"{spec.name}: the checkpoints in {spec.checkpoint_dir} were made with other "
-            "params, data or code and cannot be resumed exactly; starting fresh "
-            f"(they stay in {[o.name for o in others]})")
 
 
 def _steps_for_epochs(cfg: TrainConfig, loader: ShardLoader, spec: FitSpec, log: Log
@@ -204,7 +172,7 @@ def fit(spec: FitSpec, tracker: Any = None, log: Log = print) -> FitOutput:
     ctx = RunContext(device, dtype, tb, manager, tracker, dist_info, log, spec.name,
                      muon_dtype=prec.orthogonalize)
     trainer = Trainer(model, cfg, loader, val_ds, ctx)
-    _resume(trainer, manager, spec, log)
+    trainer.restore()
     where = prec.describe()
     params = {id(p): p for p in model.parameters()}.values()
     trainable = sum(p.numel() for p in params if p.requires_grad)

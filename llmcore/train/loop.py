@@ -20,79 +20,22 @@ simple and deterministic, but idle time on big clusters.
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from llmcore.config import TrainConfig, UserError
 from llmcore.data.shards import Batch, ShardDataset, ShardLoader
-from llmcore.device import autocast, measure_peak_flops, memory_mb, sync
+from llmcore.device import measure_peak_flops, memory_mb, sync
 from llmcore.model.loss import heldout_loss, loss_sums
-from llmcore.model.modeldir import load_weights
 from llmcore.model.transformer import flops_per_token
-from llmcore.train.checkpoint import CheckpointManager, Loaded, set_rng_state
-from llmcore.train.optim import lr_at, make_optimizer
+from llmcore.train.checkpoint import Loaded
+from llmcore.train.optim import Optimizers
+from llmcore.train.step import Dist, Log, NonFiniteLoss, OptimizerStep, Progress, RunContext
 
-Log = Callable[[str], None]
-
-
-class NonFiniteLoss(UserError):
-    """Training diverged."""
-
-
-@dataclass
-class Dist:
-    """This process's place in a torchrun job (rank 0 of 1 when not distributed)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-    def all_sum(self, values: Sequence[float], device: torch.device) -> list[float]:
-        # float64: token counts of big runs exceed float32's exact integers
-        t = torch.tensor(list(values), dtype=torch.float64, device=device)
-        if self.enabled:
-            dist.all_reduce(t)
-        return t.tolist()
-
-    def broadcast_flag(self, flag: bool, device: torch.device) -> bool:
-        t = torch.tensor([1 if flag else 0], device=device)
-        if self.enabled:
-            dist.broadcast(t, 0)
-        return bool(t.item())
-
-
-@dataclass
-class RunContext:
-    """Where and for whom a run computes: device, precision, ranks, checkpoints, reporting."""
-
-    device: torch.device
-    dtype: torch.dtype
-    token_bytes: torch.Tensor  # (V,) UTF-8 bytes per token id, for bits per byte
-    checkpoints: CheckpointManager | None = None
-    tracker: Any = None
-    dist: Dist = field(default_factory=Dist)
-    log: Log = print
-    name: str = "train"  # prefix of log lines and metric names, and of params keys in errors
-    muon_dtype: torch.dtype = torch.float32  # Muon's Newton-Schulz (device.precision decides)
-
+__all__ = ["Dist", "Log", "NonFiniteLoss", "RunContext", "TrainResult", "Trainer"]
 
 @dataclass
 class TrainResult:
@@ -117,9 +60,8 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, loader: ShardLoader,
                  val: ShardDataset | None, ctx: RunContext) -> None:
         self.model, self.cfg, self.loader, self.val, self.ctx = model, cfg, loader, val, ctx
-        self.optimizer = make_optimizer(model, cfg, ctx.muon_dtype)
-        # fp16 has too few exponent bits for small gradients; bf16 and fp32 need no scaling
-        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
+        self.stepper = OptimizerStep(model, cfg, ctx)
+        self.progress = Progress(ctx.name, cfg.max_steps, cfg.log_every, ctx.log)
         self.step = 0
         self.peak: tuple[float, str] = (0.0, "")  # MFU denominator and where it came from
         self.best: dict[str, Any] | None = None
@@ -135,9 +77,18 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------
 
-    def restore(self, loaded: Loaded) -> None:
-        load_weights(self.model, loaded.model)
-        self.optimizer.load_state_dict(loaded.optimizer)
+    @property
+    def optimizer(self) -> Optimizers:
+        return self.stepper.optimizer
+
+    def restore(self) -> Loaded | None:
+        """Resume from the newest checkpoint of this configuration (as ``resume`` says)."""
+        loaded = self.stepper.restore(self._load_state)
+        if loaded is not None:
+            self.resumed_from = loaded.step
+        return loaded
+
+    def _load_state(self, loaded: Loaded) -> None:
         self.loader.load_state_dict(loaded.state["loader"])
         self.step = loaded.step
         self.best = loaded.state.get("best")
@@ -146,10 +97,6 @@ class Trainer:
         self.history = list(loaded.state.get("history", []))
         self.evals = list(loaded.state.get("evals", []))
         self.train_seconds = float(loaded.state.get("train_seconds", 0.0))
-        if loaded.state.get("scaler"):
-            self.scaler.load_state_dict(loaded.state["scaler"])
-        set_rng_state(loaded.rng)  # last: loading above must not draw from the RNGs after it
-        self.resumed_from = loaded.step
 
     def _clock(self) -> None:
         """Add the time since the last mark to the run's training seconds."""
@@ -158,18 +105,13 @@ class Trainer:
         self._session_mark = now
 
     def save_checkpoint(self) -> None:
-        ctx = self.ctx
-        if ctx.checkpoints is None:
-            return
-        if ctx.dist.is_main:
+        if self.ctx.dist.is_main:
             self._clock()
-            state = {"loader": self.loader.state_dict(), "best": self.best,
-                     "train_seconds": self.train_seconds,
-                     "evals_without_improvement": self.evals_without_improvement,
-                     "history": self.history, "evals": self.evals,
-                     "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
-            ctx.checkpoints.save(self.step, self.model, self.optimizer, state)
-        ctx.dist.barrier()  # no rank runs ahead of a checkpoint it could be resumed from
+        self.stepper.save(self.step, {
+            "loader": self.loader.state_dict(), "best": self.best,
+            "train_seconds": self.train_seconds,
+            "evals_without_improvement": self.evals_without_improvement,
+            "history": self.history, "evals": self.evals})
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -193,48 +135,24 @@ class Trainer:
         if global_tokens == 0:
             raise UserError(f"{ctx.name}: a training step has no target tokens (loss_mask is "
                             "all zero): re-run `dvc repro pack`")
-        loss_total = 0.0
-        for i, b in enumerate(batches):
-            # gradients are all-reduced once per step, on the last micro-batch, not each one
-            sync_ctx = (model.no_sync() if ctx.dist.enabled and i < len(batches) - 1
-                        else contextlib.nullcontext())
-            with sync_ctx:
-                x, y = b.input_ids.to(ctx.device), b.targets.to(ctx.device)
-                m = b.loss_mask.to(ctx.device)
-                seg = b.segments.to(ctx.device) if self._doc_mask and b.segments is not None \
-                    else None
-                with autocast(ctx.device, ctx.dtype):
-                    logits = model(x, segments=seg)
-                loss_sum, _ = loss_sums(logits, y, m)
-                # DDP averages gradients over ranks: scale so the result is the global mean
-                loss = loss_sum * (ctx.dist.world_size / global_tokens)
-                self.scaler.scale(loss).backward()
-                loss_total += float(loss_sum.detach())
-        (loss_global,) = ctx.dist.all_sum([loss_total], ctx.device)
-        mean_loss = loss_global / global_tokens
-        for opt in self.optimizer.optimizers:  # clip the true gradient, not the scaled one
-            self.scaler.unscale_(opt)
-        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-        # with fp16 the scaler skips steps with inf gradients by itself; otherwise stop here,
-        # before the optimizer writes NaN into the weights
-        if not math.isfinite(mean_loss) or (not math.isfinite(grad_norm)
-                                            and not self.scaler.is_enabled()):
-            self.optimizer.zero_grad(set_to_none=True)
-            self._diverged(mean_loss, grad_norm)
-        for opt in self.optimizer.optimizers:
-            self.scaler.step(opt)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return mean_loss, grad_norm
+        sums: list[torch.Tensor] = []
 
-    def _diverged(self, loss: float, grad_norm: float) -> None:
-        name, ckpts = self.ctx.name, self.ctx.checkpoints
-        steps = ckpts.steps() if ckpts is not None else []
-        raise NonFiniteLoss(
-            f"{name}: loss became {loss} (grad norm {grad_norm}) at step {self.step + 1}; the "
-            f"weights were not updated. Last good checkpoint: {steps[-1] if steps else 'none'}."
-            f" Lower {name}.lr, raise {name}.warmup_steps or keep {name}.grad_clip > 0.")
+        def micro(b: Batch) -> torch.Tensor:
+            x, y = b.input_ids.to(ctx.device), b.targets.to(ctx.device)
+            m = b.loss_mask.to(ctx.device)
+            seg = b.segments.to(ctx.device) if self._doc_mask and b.segments is not None \
+                else None
+            with self.stepper.autocast():
+                logits = model(x, segments=seg)
+            loss_sum, _ = loss_sums(logits, y, m)
+            sums.append(loss_sum.detach())
+            # DDP averages gradients over ranks: scale so the result is the global mean
+            return loss_sum * (ctx.dist.world_size / global_tokens)
+
+        self.stepper.backward(model, [lambda b=b: micro(b) for b in batches])
+        (loss_global,) = ctx.dist.all_sum([sum(float(s) for s in sums)], ctx.device)
+        mean_loss = loss_global / global_tokens
+        return mean_loss, self.stepper.update(mean_loss, self.step + 1)
 
     # -- evaluation and logging ----------------------------------------------------------------
 
@@ -261,22 +179,20 @@ class Trainer:
         ctx.dist.barrier()
         return result
 
-    def _progress(self, row: dict[str, float], window: tuple[float, int], fpt: float,
-                  peak: float) -> None:
+    def _progress(self, row: dict[str, float], fpt: float, peak: float) -> None:
         """Add throughput, MFU and memory of the last window to ``row``; print a line."""
         ctx, cfg = self.ctx, self.cfg
         sync(ctx.device)
-        dt = time.perf_counter() - window[0]
+        dt, steps = self.progress.lap()
         seq_len = self.loader.ds.row_len - 1
         tokens_per_step = self.loader.batch_size * seq_len * cfg.grad_accum * ctx.dist.world_size
-        tps = window[1] * tokens_per_step / dt
+        tps = steps * tokens_per_step / dt
         mfu = tps * fpt / (peak * ctx.dist.world_size)
         mem = memory_mb(ctx.device)
         row.update(tokens_per_s=tps, mfu=mfu, memory_mb=mem)
-        eta = (cfg.max_steps - self.step) * dt / window[1]
-        ctx.log(f"{ctx.name} step {self.step}/{cfg.max_steps} | loss {row['loss']:.4f} | "
-                f"lr {row['lr']:.2e} | grad {row['grad_norm']:.2f} | {tps:,.0f} tok/s | "
-                f"mfu {100 * mfu:.1f}% | mem {mem:,.0f} MB | eta {eta / 60:.1f} min")
+        self.progress.report(self.step, [
+            f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}", f"grad {row['grad_norm']:.2f}",
+            f"{tps:,.0f} tok/s", f"mfu {100 * mfu:.1f}%", f"mem {mem:,.0f} MB"], dt, steps)
 
     def _eval_and_maybe_stop(self) -> bool:
         """Evaluate; True when early stopping ends the run here (every rank agrees)."""
@@ -305,23 +221,19 @@ class Trainer:
                    "(measured now, best of 5 matmuls; a busy machine makes it read low and MFU "
                    "high: set peak_flops from benchmarks/peak_flops.py on a quiet machine)"))
         self._session_mark = time.perf_counter()  # time before this call is not training
-        window = (time.perf_counter(), 0)
+        self.progress.restart()
         self.last_eval = self.evals[-1] if self.evals else None
         if self.step >= cfg.max_steps:
             ctx.log(f"{ctx.name}: checkpoint is at step {self.step} = max_steps; nothing to train")
         while self.step < cfg.max_steps:
-            lr = lr_at(self.step, cfg)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            lr = self.stepper.set_lr(self.step)
             batches = [self.loader.next_batch() for _ in range(cfg.grad_accum)]
             loss, grad_norm = self.train_step(model, batches)
             self.step += 1
-            window = (window[0], window[1] + 1)
             row = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
             last = self.step == cfg.max_steps
-            if self.step % cfg.log_every == 0 or last:
-                self._progress(row, window, fpt, peak)
-                window = (time.perf_counter(), 0)
+            if self.progress.due(self.step):
+                self._progress(row, fpt, peak)
             self.history.append(row)
             if ctx.tracker is not None and ctx.dist.is_main:
                 ctx.tracker.log_metrics({f"{ctx.name}/{k}": v for k, v in row.items()

@@ -7,23 +7,28 @@ import pytest
 import torch
 
 from llmcore.align.dpo import (
-    DPOSettings,
     dpo_loss,
     encode_pairs,
     reference_logprobs,
     task_pairs,
     train_dpo,
 )
-from llmcore.align.grpo import GRPOSettings, group_advantages, grpo_loss, train_grpo
+from llmcore.align.grpo import group_advantages, grpo_loss, train_grpo
 from llmcore.align.replies import (
     batched_sequence_logprobs,
     reply_rows,
     sequence_logprobs,
     token_logprobs,
 )
-from llmcore.config import parse_section
+from llmcore.config import DPOConfig, RLConfig, parse_section
 from llmcore.data.tasks import is_correct, wrong_answer
 from llmcore.model.transformer import Transformer
+from llmcore.train.step import RunContext
+
+
+def quiet_context(name: str) -> RunContext:
+    """CPU, fp32, no checkpoints, no log lines."""
+    return RunContext(torch.device("cpu"), torch.float32, log=lambda m: None, name=name)
 
 
 def tiny(seed=0, vocab=300):
@@ -81,10 +86,10 @@ def test_dpo_gradients_reach_only_the_policy_and_training_raises_reward_accuracy
     assert all(p.grad is None for p in ref.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
     policy.zero_grad()
-    s = DPOSettings(beta=0.5, lr=3e-3, min_lr=3e-4, warmup_steps=2, max_steps=30, batch_size=8,
-                    eval_every=30)
-    result = train_dpo(policy, kept[:16], refs[:16], kept[16:], refs[16:], rows, s,
-                       log=lambda m: None)
+    cfg = DPOConfig(beta=0.5, lr=3e-3, min_lr=3e-4, warmup_steps=2, max_steps=30,
+                    batch_size=8, eval_every=30)
+    result = train_dpo(policy, kept[:16], refs[:16], kept[16:], refs[16:], rows, cfg,
+                       quiet_context("dpo"), seed=0)
     assert result.evals[-1]["reward_accuracy"] == 1.0 and result.evals[-1]["reward_margin"] > 0
     assert result.history[-1]["loss"] < result.history[0]["loss"]
 
@@ -182,8 +187,8 @@ def test_train_grpo_runs_on_sampled_groups(tiny_tokenizer):
     tasks = [{"messages": [{"role": "user", "content": f"say yes {i}"},
                            {"role": "assistant", "content": "yes"}], "answer": "yes"}
              for i in range(8)]
-    s = GRPOSettings(max_steps=2, prompts_per_step=4, group_size=4, max_new_tokens=4, seed=1)
-    result = train_grpo(policy, ref, tiny_tokenizer, tasks, s, log=lambda m: None)
+    cfg = RLConfig(max_steps=2, prompts_per_step=4, group_size=4, max_new_tokens=4)
+    result = train_grpo(policy, ref, tiny_tokenizer, tasks, cfg, quiet_context("rl"), seed=1)
     assert [h["step"] for h in result.history] == [1, 2]
     assert all(math.isfinite(h["loss"]) and h["kl"] >= 0 for h in result.history)
     # no reply ends with <|im_end|> or is right on a random model: every reward is -0.1 or 0
