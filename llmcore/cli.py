@@ -19,9 +19,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmcore.schema import USER_ERROR
+
+if TYPE_CHECKING:  # the commands import what they run lazily: `llmcore --help` stays fast
+    from llmcore.data.tokenizer import LLMTokenizer
+    from llmcore.model.protocols import LanguageModel
 
 
 def _sampling(args: argparse.Namespace) -> Any:
@@ -40,7 +44,8 @@ def _load(path: str, device: str) -> tuple[Any, Any]:
     return model, LLMTokenizer.load(Path(path))
 
 
-def _stream_reply(model: Any, tok: Any, ids: list[int], args: argparse.Namespace,
+def _stream_reply(model: LanguageModel, tok: LLMTokenizer, ids: list[int],
+                  args: argparse.Namespace,
                   out: Any) -> str:
     from llmcore.infer.generate import TextStreamer, stream
 
@@ -149,7 +154,11 @@ def _run_server(app: Any, host: str, port: int) -> None:
     signal.signal(signal.SIGINT, shutdown)
     http.start()
     engine = app.state.engine
-    watcher = threading.Thread(target=lambda: (http.join(), engine.stop(0)), daemon=True)
+    def watch() -> None:
+        http.join()
+        engine.stop(0)
+
+    watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()  # the server thread ended (shut down, or failed to bind): end the loop
     engine.run()
     http.join(10)

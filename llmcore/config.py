@@ -121,8 +121,9 @@ class ModelConfig:
     n_layers: int = spec(4, ge=1)
     d_model: int = spec(256, ge=8)
     n_heads: int = spec(4, ge=1)
-    n_kv_heads: int | None = spec(None, ge=1, doc="grouped KV heads; default n_heads")
-    d_ff: int | None = spec(None, ge=1, doc="MLP width; default 4*d (gelu), ~8/3*d (swiglu)")
+    # None at construction means "derived" (__post_init__ fills it): always an int after
+    n_kv_heads: int = spec(None, ge=1, doc="grouped KV heads; default n_heads")
+    d_ff: int = spec(None, ge=1, doc="MLP width; default 4*d (gelu), ~8/3*d (swiglu)")
     max_seq_len: int = spec(1024, ge=8, doc="longest sequence (size of a learned table)")
     positions: str = spec("rope", choices=("rope", "learned", "none"))
     rope_theta: float = spec(1e6, gt=0)
@@ -242,7 +243,7 @@ class OptimConfig:
 
 def _default(cls: type, name: str, value: Any, **bounds: Any) -> Any:
     """Field ``name`` of ``cls`` with another default (same doc; bounds as given, or same)."""
-    meta = dict(cls.__dataclass_fields__[name].metadata)
+    meta = dict({f.name: f for f in dataclasses.fields(cls)}[name].metadata)
     meta.update(bounds)
     return field(default=value, metadata=meta)
 
@@ -512,7 +513,7 @@ def parse_sections(params: Mapping[str, Any], names: list[str]) -> dict[str, Any
     return out
 
 
-def flatten(prefix: str, cfg: Any) -> dict[str, Any]:
+def flatten(prefix: str, cfg: object) -> dict[str, Any]:
     """``{"prefix.key": value}`` for a config (or a plain dict), nested keys joined by dots."""
     out: dict[str, Any] = {}
 
@@ -523,5 +524,7 @@ def flatten(prefix: str, cfg: Any) -> dict[str, Any]:
         else:
             out[p] = value
 
-    walk(prefix, cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg))
+    if not isinstance(cfg, dict) and not dataclasses.is_dataclass(cfg):
+        raise TypeError(f"flatten needs a dataclass or a dict (got {type(cfg).__name__})")
+    walk(prefix, cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg))  # type: ignore[arg-type]
     return out

@@ -155,7 +155,7 @@ def parse_dataclass(cls: type, raw: Any, prefix: str, problems: list[str]) -> An
             continue
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            values[name] = parse_dataclass(tp, raw[name], key, problems)
+            values[name] = parse_dataclass(typing.cast(type, tp), raw[name], key, problems)
             continue
         ok, conv = _check_type(raw[name], tp)
         if not ok:

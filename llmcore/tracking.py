@@ -100,7 +100,7 @@ class MlflowTracker:
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(exp_id, run_name=run_name, tags=all_tags)
-        self.run_id: str | None = run.info.run_id
+        self.run_id: str = run.info.run_id
         self.parent_run_id = parent_run_id
         self.owns_parent = False  # set by stage_run: the pipeline run is this process's to end
         self.flush_every = flush_every

@@ -35,6 +35,8 @@ from llmcore.config import DPOConfig
 from llmcore.data.tasks import is_correct, wrong_answer
 from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.infer.generate import Sampling, generate
+from llmcore.model.protocols import LanguageModel
+from llmcore.model.transformer import Transformer
 from llmcore.train.checkpoint import Loaded
 from llmcore.train.step import OptimizerStep, Progress, RunContext
 
@@ -85,7 +87,7 @@ def encode_pairs(tok: LLMTokenizer, pairs: Sequence[dict[str, Any]], max_len: in
     return kept, rows
 
 
-def reference_logprobs(ref_model: Any, pairs: Sequence[dict[str, Any]], rows: Callable,
+def reference_logprobs(ref_model: LanguageModel, pairs: Sequence[dict[str, Any]], rows: Rows,
                        batch_size: int = 32) -> list[tuple[float, float]]:
     """(log pi_ref(chosen), log pi_ref(rejected)) per pair, computed once."""
     out: list[tuple[float, float]] = []
@@ -109,7 +111,8 @@ class DPOResult:
 
 
 @torch.no_grad()
-def pair_metrics(model: Any, pairs: Sequence[dict[str, Any]], refs: Sequence[tuple[float, float]],
+def pair_metrics(model: LanguageModel, pairs: Sequence[dict[str, Any]],
+                 refs: Sequence[tuple[float, float]],
                  rows: Callable, beta: float, batch_size: int = 32) -> dict[str, float]:
     """Held-out DPO loss, reward accuracy (ties count half) and mean reward margin."""
     model.eval()
@@ -129,7 +132,7 @@ def pair_metrics(model: Any, pairs: Sequence[dict[str, Any]], refs: Sequence[tup
             "reward_margin": sum(margins) / n}
 
 
-def _pair_loss(model: torch.nn.Module, stepper: OptimizerStep, batch: list[dict[str, Any]],
+def _pair_loss(model: Transformer, stepper: OptimizerStep, batch: list[dict[str, Any]],
                refs: list[tuple[float, float]], rows: Rows, cfg: DPOConfig, step_pairs: int,
                parts: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
     """One micro-batch's DPO loss, weighted by its share of the step's pairs."""
@@ -145,7 +148,7 @@ def _pair_loss(model: torch.nn.Module, stepper: OptimizerStep, batch: list[dict[
     return loss * weight if weight != 1 else loss
 
 
-def train_dpo(model: torch.nn.Module, train: Sequence[dict[str, Any]],
+def train_dpo(model: Transformer, train: Sequence[dict[str, Any]],
               train_ref: Sequence[tuple[float, float]], val: Sequence[dict[str, Any]],
               val_ref: Sequence[tuple[float, float]], rows: Rows, cfg: DPOConfig,
               ctx: RunContext, seed: int) -> DPOResult:
@@ -213,7 +216,7 @@ def train_dpo(model: torch.nn.Module, train: Sequence[dict[str, Any]],
 
 
 @torch.no_grad()
-def task_pairs(model: Any, tok: LLMTokenizer, conversations: Sequence[dict[str, Any]],
+def task_pairs(model: LanguageModel, tok: LLMTokenizer, conversations: Sequence[dict[str, Any]],
                max_new_tokens: int, seed: int, batch_size: int = 64
                ) -> tuple[list[dict[str, Any]], int]:
     """On-policy preference pairs from task conversations (with an ``answer``): the right

@@ -28,6 +28,7 @@ from llmcore.config import RLConfig
 from llmcore.data.tasks import is_correct
 from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.infer.generate import Sampling, generate
+from llmcore.model.transformer import Transformer
 from llmcore.train.checkpoint import Loaded
 from llmcore.train.step import OptimizerStep, Progress, RunContext
 
@@ -71,7 +72,7 @@ class GRPOResult:
     resumed_from: int | None = None
 
 
-def _sample(model: torch.nn.Module, tok: LLMTokenizer, batch: Sequence[dict[str, Any]],
+def _sample(model: Transformer, tok: LLMTokenizer, batch: Sequence[dict[str, Any]],
             cfg: RLConfig, seed: int, step: int
             ) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
     """(prompts repeated per reply, the G replies per prompt, (P, G) rewards)."""
@@ -88,7 +89,7 @@ def _sample(model: torch.nn.Module, tok: LLMTokenizer, batch: Sequence[dict[str,
     return expanded, replies, rewards
 
 
-def _surrogate(model: torch.nn.Module, stepper: OptimizerStep, ids: torch.Tensor,
+def _surrogate(model: Transformer, stepper: OptimizerStep, ids: torch.Tensor,
                mask: torch.Tensor, old: torch.Tensor, ref: torch.Tensor, adv: torch.Tensor,
                cfg: RLConfig, weight: float, stats: list[dict[str, float]]) -> torch.Tensor:
     """One micro-batch's GRPO loss, weighted by its share of the step's replies."""
@@ -99,7 +100,7 @@ def _surrogate(model: torch.nn.Module, stepper: OptimizerStep, ids: torch.Tensor
     return loss * weight if weight != 1 else loss
 
 
-def train_grpo(model: torch.nn.Module, ref_model: torch.nn.Module, tok: LLMTokenizer,
+def train_grpo(model: Transformer, ref_model: Transformer, tok: LLMTokenizer,
                tasks: Sequence[dict[str, Any]], cfg: RLConfig, ctx: RunContext, seed: int
                ) -> GRPOResult:
     """GRPO on task conversations (``messages`` ending in the reference reply, ``answer``).

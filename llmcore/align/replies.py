@@ -13,12 +13,12 @@ The tasks' answer checks (:func:`llmcore.data.tasks.is_correct`) live with the t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from llmcore.data.tokenizer import LLMTokenizer
+from llmcore.model.protocols import LanguageModel
 
 
 def reply_rows(tok: LLMTokenizer, items: Sequence[tuple[Sequence[dict[str, str]], str]],
@@ -50,19 +50,19 @@ def reply_rows(tok: LLMTokenizer, items: Sequence[tuple[Sequence[dict[str, str]]
     return ids.to(device), mask.to(device), kept
 
 
-def token_logprobs(model: Any, ids: torch.Tensor) -> torch.Tensor:
+def token_logprobs(model: LanguageModel, ids: torch.Tensor) -> torch.Tensor:
     """log p(ids[:, t] | ids[:, :t]) for t >= 1, shape (B, T - 1), in fp32."""
     logits = model(ids[:, :-1]).float()
     return torch.gather(F.log_softmax(logits, dim=-1), 2, ids[:, 1:, None])[..., 0]
 
 
-def sequence_logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def sequence_logprobs(model: LanguageModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum over each row's masked tokens of log p(token | prefix): (B,)."""
     return (token_logprobs(model, ids) * mask[:, 1:]).sum(dim=1)
 
 
 @torch.no_grad()
-def batched_sequence_logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor,
+def batched_sequence_logprobs(model: LanguageModel, ids: torch.Tensor, mask: torch.Tensor,
                               batch_size: int = 32) -> torch.Tensor:
     """:func:`sequence_logprobs` without gradients, in chunks (the reference model's pass)."""
     model.eval()
@@ -85,7 +85,7 @@ def prompt_reply_rows(prompts: Sequence[list[int]], replies: Sequence[list[int]]
 
 
 @torch.no_grad()
-def sampled_kl(policy: Any, ref: Any, tok: LLMTokenizer,
+def sampled_kl(policy: LanguageModel, ref: LanguageModel, tok: LLMTokenizer,
                prompts: Sequence[Sequence[dict[str, str]]], max_new_tokens: int, seed: int
                ) -> float:
     """KL(policy || reference) per reply, estimated on replies the policy samples

@@ -34,11 +34,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from llmcore.data.shards import FORMAT_VERSION, MANIFEST, ShardWriter, token_dtype
+from llmcore.data.tokenizer import LLMTokenizer
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -141,7 +144,7 @@ def sft_rows(encoded: Iterable[tuple[Sequence[int], Sequence[int]]], seq_len: in
         yield emit()
 
 
-def chunked(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+def chunked(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
@@ -162,13 +165,13 @@ def chat_quota(doc_tokens: int, share: float) -> int:
     return int(round(doc_tokens * share / (1.0 - share))) if share > 0 else 0
 
 
-def chat_documents(tokenizer: Any, convs: list[list[dict]], share: float, seed: int,
+def chat_documents(tokenizer: LLMTokenizer, convs: list[list[dict]], share: float, seed: int,
                    batch: int, st: PackStats) -> Iterator[list[list[int]]]:
     """Encoded conversations, drawn in a seeded order, as pretraining documents, until they
     make up ``share`` of the stream with the documents counted in ``st`` so far."""
     quota = chat_quota(st.doc_tokens, share)
     order = np.random.default_rng(seed).permutation(len(convs))
-    for chunk in chunked(order, batch):
+    for chunk in chunked(order.tolist(), batch):
         if st.chat_tokens >= quota:
             return
         docs = []
@@ -181,7 +184,7 @@ def chat_documents(tokenizer: Any, convs: list[list[dict]], share: float, seed: 
         yield docs
 
 
-def pack_all(tokenizer: Any, pretrain: dict[str, list[str]], sft: dict[str, list[list[dict]]],
+def pack_all(tokenizer: LLMTokenizer, pretrain: dict[str, list[str]], sft: dict[str, list[list[dict]]],
              out_dir: Path, seq_len: int, rows_per_shard: int = 4096,
              sft_overflow: str = "truncate", batch_documents: int = 256,
              sft_packed: bool = True, progress: Callable[[int], None] | None = None,
@@ -225,9 +228,10 @@ def pack_all(tokenizer: Any, pretrain: dict[str, list[str]], sft: dict[str, list
     for split, convs in sft.items():
         name = f"sft_{split}"
         st = stats[name] = PackStats()
-        rows = sft_rows(encoded_convs(convs), seq_len, tokenizer.pad_id, sft_overflow, st,
-                        packed=sft_packed)
-        splits[name] = pack_split(out_dir, name, rows, seq_len + 1, dtype, rows_per_shard, True)
+        sft_split = sft_rows(encoded_convs(convs), seq_len, tokenizer.pad_id, sft_overflow, st,
+                             packed=sft_packed)
+        splits[name] = pack_split(out_dir, name, sft_split, seq_len + 1, dtype, rows_per_shard,
+                                  True)
     for name, st in stats.items():
         splits[name].update(st.as_dict())
     manifest = write_manifest(out_dir, tokenizer, seq_len, dtype, chat_share, splits)
@@ -235,7 +239,7 @@ def pack_all(tokenizer: Any, pretrain: dict[str, list[str]], sft: dict[str, list
     return manifest
 
 
-def write_manifest(out_dir: Path, tokenizer: Any, seq_len: int, dtype: np.dtype,
+def write_manifest(out_dir: Path, tokenizer: LLMTokenizer, seq_len: int, dtype: np.dtype,
                    chat_share: float, splits: dict[str, Any]) -> dict[str, Any]:
     """``manifest.json``. It holds no timing: identical rows must give an identical shard
     directory, or DVC would see new data (and retrain everything) whenever packing re-runs."""

@@ -190,7 +190,8 @@ class ShardDataset:
         s, j = self._locate(i)
         return self._ids[s][j], (self._masks[s][j] if self.has_loss_mask else None)
 
-    def _take(self, blocks: list[np.ndarray], indices: Sequence[int], dtype: Any) -> np.ndarray:
+    def _take(self, blocks: list[np.ndarray], indices: Sequence[int] | np.ndarray, dtype: Any
+              ) -> np.ndarray:
         """Rows at ``indices`` of one column as one ``(n, row_len)`` array (its only copy)."""
         idx = np.asarray(indices, dtype=np.int64)
         shard = np.searchsorted(self._offsets, idx, side="right") - 1
@@ -200,13 +201,13 @@ class ShardDataset:
             out[sel] = blocks[s][idx[sel] - self._offsets[s]]
         return out
 
-    def gather(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
+    def gather(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Token ids and loss mask (None for pretraining rows) of the rows at ``indices``."""
         ids = self._take(self._ids, indices, self.dtype)
         masks = self._take(self._masks, indices, np.uint8) if self.has_loss_mask else None
         return ids, masks
 
-    def segments(self, indices: Sequence[int], ids: np.ndarray) -> np.ndarray:
+    def segments(self, indices: Sequence[int] | np.ndarray, ids: np.ndarray) -> np.ndarray:
         """The document number of each token of the rows at ``indices`` (``ids`` are theirs):
         stored for SFT rows, counted from ``<|endoftext|>`` for pretraining rows."""
         if self.has_segments:

@@ -105,7 +105,7 @@ def parse_record(row: Any, location: str, text_field: str, source: str) -> Recor
     for key in ("conversations", "messages"):
         if row.get(key) is not None:
             msgs = parse_messages(row[key], location)
-            task = row.get("task") if isinstance(row.get("task"), str) else "chat"
+            task = str(row["task"]) if isinstance(row.get("task"), str) else "chat"
             answer = row.get("answer") if isinstance(row.get("answer"), str) else None
             return Conversation(msgs, source, task, answer)
     if text_field in row:

@@ -15,6 +15,7 @@ less at int4); it is exact to explain and needs nothing but the weights.
 from __future__ import annotations
 
 import time
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,8 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmcore.data.shards import ShardDataset
 from llmcore.infer.generate import Sampling, generate
 from llmcore.model.loss import heldout_loss
+from llmcore.model.protocols import LanguageModel
 from llmcore.model.quant import (
     dequantize_int4,
     dequantize_int8,
@@ -58,7 +61,9 @@ def quantize_model(model: nn.Module, spec: QuantSpec
     tensors: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
     for name, layer in layers.items():
-        w = layer.weight.detach().float()
+        weight = layer.weight
+        assert isinstance(weight, torch.Tensor)
+        w = weight.detach().float()
         if spec.method == "int8":
             q, s = quantize_int8(w)
             back = dequantize_int8(q, s)
@@ -67,7 +72,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec
             back = dequantize_int4(q, s, spec.group_size, w.shape[1])
         tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = q.contiguous(), s.contiguous()
         errors[name] = float((back - w).norm() / w.norm().clamp(min=1e-12))
-    seen = {layer.weight.data_ptr() for layer in layers.values()}  # stored quantized
+    seen = {typing.cast(torch.Tensor, layer.weight).data_ptr() for layer in layers.values()}  # stored quantized
     for key, t in model.state_dict().items():
         if t.data_ptr() in seen and t.numel():
             continue
@@ -80,7 +85,7 @@ def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def decode_speed(model: Any, prompt: Sequence[int], n_tokens: int) -> float:
+def decode_speed(model: LanguageModel, prompt: Sequence[int], n_tokens: int) -> float:
     """Tokens/s of greedy decoding at batch 1 (best of 3: the machine is shared and noisy)."""
     best = 0.0
     for _ in range(3):
@@ -90,7 +95,7 @@ def decode_speed(model: Any, prompt: Sequence[int], n_tokens: int) -> float:
     return best
 
 
-def greedy_agreement(a: Any, b: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+def greedy_agreement(a: LanguageModel, b: LanguageModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                      stop_ids: Sequence[int], pad_id: int) -> dict[str, float]:
     """How often two models' greedy replies agree: per token position, and whole replies."""
     s = Sampling(max_new_tokens=max_new_tokens)
@@ -103,7 +108,7 @@ def greedy_agreement(a: Any, b: Any, prompts: Sequence[Sequence[int]], max_new_t
     return {"token": same / max(total, 1), "exact": exact / max(len(prompts), 1)}
 
 
-def compare(fp_model: Any, q_model: Any, val: Any, token_bytes: torch.Tensor,
+def compare(fp_model: LanguageModel, q_model: LanguageModel, val: ShardDataset, token_bytes: torch.Tensor,
             prompts: Sequence[Sequence[int]], stop_ids: Sequence[int], pad_id: int,
             agreement_tokens: int, decode_tokens: int) -> dict[str, float]:
     """What quantization cost: bpb on ``val`` rows, greedy agreement, decode speed ratio."""

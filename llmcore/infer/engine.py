@@ -28,7 +28,9 @@ from typing import Any
 
 import torch
 
-from llmcore.infer.generate import KVCache, Sampling, sample_next
+from llmcore.data.tokenizer import LLMTokenizer
+from llmcore.infer.generate import KVCache, Sampling, cache_tensors, sample_next, utf8_ready
+from llmcore.model.protocols import LanguageModel
 
 log = logging.getLogger("llmcore.infer.engine")
 
@@ -71,15 +73,12 @@ class SlotCache:
     different lengths share one batched forward without seeing each other or stale keys.
     """
 
-    def __init__(self, model: Any, slots: int, max_len: int) -> None:
-        cfg = model.cfg
-        p = next(model.parameters())
-        shape = (slots, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(cfg.n_layers)]
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=p.device)
+    def __init__(self, model: LanguageModel, slots: int, max_len: int) -> None:
+        self.k, self.v = cache_tensors(model, slots, max_len)
+        device = self.k[0].device
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self.max_len, self.offset, self.n = max_len, 0, 0
-        self._rows = torch.arange(slots, device=p.device)
+        self._rows = torch.arange(slots, device=device)
         self._mask: torch.Tensor | None = None
         self._span = 0
 
@@ -113,7 +112,7 @@ class SlotCache:
 class _Running:
     """A request in a slot: its tokens, its text and what has been sent."""
 
-    def __init__(self, req: Request, tokenizer: Any, device: torch.device) -> None:
+    def __init__(self, req: Request, tokenizer: LLMTokenizer, device: torch.device) -> None:
         self.req, self.tok = req, tokenizer
         self.ids: list[int] = []
         self.sent = 0  # characters of the decoded text already sent
@@ -137,9 +136,7 @@ class _Running:
                 return self._finish("stop", text[:at])
         if len(self.ids) >= s.max_new_tokens or room <= 0:
             return self._finish("length", text)
-        ready = len(text)
-        if text.endswith("\ufffd"):
-            ready = len(text.rstrip("\ufffd"))  # a multi-byte character is not complete yet
+        ready = utf8_ready(text)  # a multi-byte character that is not complete waits
         if self.hold:  # keep back a tail that could be the start of a stop string
             for cut in range(min(self.hold - 1, ready - self.sent), 0, -1):
                 tail = text[ready - cut : ready]
@@ -163,7 +160,7 @@ _ADMITTING: Any = object()  # a slot's placeholder between leaving the queue and
 class Engine:
     """The decode loop; start with :meth:`start`, stop with :meth:`stop`."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_batch: int = 8, max_queue: int = 64,
+    def __init__(self, model: LanguageModel, tokenizer: LLMTokenizer, max_batch: int = 8, max_queue: int = 64,
                  max_len: int | None = None, own_thread: bool = True,
                  compile: bool = False) -> None:
         self.model, self.tok = model.eval(), tokenizer
@@ -181,7 +178,7 @@ class Engine:
         # ~3x faster at batch 1: torch's OpenMP workers answer a main thread's team at once,
         # while a second thread's team pays a wake-up per op (measured, 2 cores)
         self.own_thread = own_thread
-        self.forward = model
+        self.forward: Callable[..., torch.Tensor] = model
         if compile:  # C++ kernels for the step: ~1.7x eager at batch 1 on CPU (measured);
             # the generated wrapper in C++ too: less Python per step
             self.forward = torch.compile(model, dynamic=True, options={"cpp_wrapper": True})

@@ -20,42 +20,52 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from llmcore.data.tokenizer import LLMTokenizer
+from llmcore.model.protocols import LanguageModel
+
+
+def cache_tensors(model: LanguageModel, rows: int, max_len: int
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Zeroed keys and values, one (rows, K, max_len, Hd) tensor per layer, on the model's
+    device and in its dtype: the storage of :class:`KVCache` and of the engine's slots."""
+    cfg, p = model.cfg, next(model.parameters())
+    shape = (rows, cfg.n_kv_heads, max_len, cfg.head_dim)
+    return ([torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(cfg.n_layers)],
+            [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(cfg.n_layers)])
+
+
+def utf8_ready(text: str) -> int:
+    """How much of a decoded prefix can be shown: all but a trailing incomplete multi-byte
+    character (which decodes to U+FFFD until its last byte arrives)."""
+    return len(text.rstrip("\ufffd")) if text.endswith("\ufffd") else len(text)
+
 
 class KVCache:
-    """Keys and values of every layer for a batch, plus the key-padding mask."""
+    """Keys and values of every layer for a batch, plus the key-padding mask
+    (a :class:`~llmcore.model.protocols.KVCacheLike`)."""
 
-    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor],
                  key_padding: torch.Tensor | None = None) -> None:
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.max_len = max_len
+        self.k, self.v = k, v  # per layer (B, K, max_len, Hd)
+        self.max_len = k[0].shape[2]
         self.offset = 0  # positions already filled
         # (B, max_len) True where the key is a real token; None when no row is padded
         self.key_padding = key_padding
         self._mask: tuple[tuple[int, int], tuple[torch.Tensor | None, bool]] | None = None
 
     @classmethod
-    def for_model(cls, model: Any, batch: int, max_len: int,
+    def for_model(cls, model: LanguageModel, batch: int, max_len: int,
                   key_padding: torch.Tensor | None = None) -> KVCache:
-        cfg = model.cfg
-        p = next(model.parameters())
-        return cls(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, max_len, p.device,
-                   p.dtype, key_padding)
+        return cls(*cache_tensors(model, batch, max_len), key_padding)
 
     @classmethod
     def over(cls, k: list[torch.Tensor], v: list[torch.Tensor]) -> KVCache:
         """A cache writing into existing (B, K, max_len, Hd) tensors, e.g. views of one slot
         of a :class:`~llmcore.infer.engine.SlotCache`."""
-        cache = cls.__new__(cls)
-        cache.k, cache.v, cache.max_len = k, v, k[0].shape[2]
-        cache.offset, cache.key_padding, cache._mask = 0, None, None
-        return cache
+        return cls(k, v)
 
     def attn_mask(self, T: int) -> tuple[torch.Tensor | None, bool]:
         """(mask, is_causal) for T queries at positions offset..offset+T-1; the same for every
@@ -141,7 +151,7 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.devic
 
 
 @torch.no_grad()
-def stream_batch(model: Any, prompts: Sequence[Sequence[int]], sampling: Sampling,
+def stream_batch(model: LanguageModel, prompts: Sequence[Sequence[int]], sampling: Sampling,
                  stop_ids: Sequence[int] = (), pad_id: int = 0
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens (B,), active (B,)) per step; ``active`` is False for finished rows."""
@@ -185,7 +195,7 @@ def stream_batch(model: Any, prompts: Sequence[Sequence[int]], sampling: Samplin
         next_pos = next_pos + 1
 
 
-def generate(model: Any, prompts: Sequence[Sequence[int]], sampling: Sampling,
+def generate(model: LanguageModel, prompts: Sequence[Sequence[int]], sampling: Sampling,
              stop_ids: Sequence[int] = (), pad_id: int = 0, keep_stop: bool = False
              ) -> list[list[int]]:
     """New tokens for each prompt (the stop token is dropped unless ``keep_stop``)."""
@@ -198,7 +208,7 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], sampling: Sampling,
     return out
 
 
-def stream(model: Any, prompt: Sequence[int], sampling: Sampling,
+def stream(model: LanguageModel, prompt: Sequence[int], sampling: Sampling,
            stop_ids: Sequence[int] = ()) -> Iterator[int]:
     """Tokens of one prompt as they are produced (the stop token is not yielded)."""
     stops = set(stop_ids)
@@ -210,7 +220,7 @@ def stream(model: Any, prompt: Sequence[int], sampling: Sampling,
 
 
 @torch.no_grad()
-def generate_no_cache(model: Any, prompt: Sequence[int], max_new_tokens: int,
+def generate_no_cache(model: LanguageModel, prompt: Sequence[int], max_new_tokens: int,
                       stop_ids: Sequence[int] = ()) -> list[int]:
     """Greedy decoding that recomputes the whole sequence each step (the reference)."""
     model.eval()
@@ -229,13 +239,14 @@ def generate_no_cache(model: Any, prompt: Sequence[int], max_new_tokens: int,
 class TextStreamer:
     """Turn a token stream into text pieces, holding back incomplete UTF-8 sequences."""
 
-    def __init__(self, tokenizer: Any) -> None:
-        self.tok, self.ids, self.sent = tokenizer, [], 0
+    def __init__(self, tokenizer: LLMTokenizer) -> None:
+        self.tok, self.ids, self.sent = tokenizer, list[int](), 0
 
     def push(self, token: int) -> str:
         self.ids.append(token)
         text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""  # a multi-byte character is not complete yet
-        piece, self.sent = text[self.sent :], len(text)
+        ready = utf8_ready(text)
+        if ready <= self.sent:
+            return ""
+        piece, self.sent = text[self.sent : ready], ready
         return piece

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from llmcore.config import LoRAConfig
 
 TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
            "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
@@ -46,7 +49,7 @@ class LoRASpec:
         return self.alpha / self.rank
 
     @classmethod
-    def from_config(cls, cfg: Any) -> LoRASpec:
+    def from_config(cls, cfg: LoRAConfig) -> LoRASpec:
         """From the ``sft.lora`` params section."""
         return cls(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
                    targets=tuple(cfg.targets))
@@ -113,7 +116,7 @@ def apply_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = []
-    for i, layer in enumerate(model.layers):  # type: ignore[attr-defined]
+    for i, layer in enumerate(typing.cast(nn.ModuleList, model.layers)):
         for t in spec.targets:
             parent_name, attr = TARGETS[t].split(".")
             parent = getattr(layer, parent_name)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from llmcore.device import autocast
+from llmcore.model.protocols import LanguageModel
 
 LN2 = math.log(2.0)
 
@@ -55,7 +56,7 @@ def _rows(dataset: Any, n: int, seq_len: int | None
 
 
 @torch.no_grad()
-def heldout_loss(model: torch.nn.Module, dataset: Any, batch_size: int, max_batches: int,
+def heldout_loss(model: LanguageModel, dataset: Any, batch_size: int, max_batches: int,
                  token_bytes: torch.Tensor, device: torch.device, dtype: torch.dtype,
                  seq_len: int | None = None) -> dict[str, float]:
     """Mean loss (nats/token) and bits per byte over the first rows of ``dataset``.

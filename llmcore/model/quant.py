@@ -102,6 +102,9 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, group_size: int,
 class Int8Linear(nn.Module):
     """A Linear whose int8 weights stay int8; the product runs in ``_weight_int8pack_mm``."""
 
+    qweight: torch.Tensor
+    scales: torch.Tensor
+
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.register_buffer("qweight", q.contiguous())
@@ -159,8 +162,10 @@ def load_quantized(model: nn.Module, tensors: Mapping[str, torch.Tensor],
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, Int8Linear(q.to(device), s.to(device), layer.bias))
             continue
+        weight = layer.weight
+        assert isinstance(weight, torch.Tensor)
         w = (dequantize_int8(q, s) if method == "int8"
-             else dequantize_int4(q, s, group, layer.weight.shape[1]))
+             else dequantize_int4(q, s, int(group or 0), weight.shape[1]))
         with torch.no_grad():
-            layer.weight.copy_(w.to(layer.weight.dtype))
+            weight.copy_(w.to(weight.dtype))
     return model

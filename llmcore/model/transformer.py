@@ -10,9 +10,8 @@ Shapes in comments: B batch, T tokens, D model width, H query heads, K key/value
 Hd head width, F MLP width, V vocabulary.
 
 Architecture only: no loss, no optimizer, no sampling. ``forward`` takes an optional cache
-object (see ``llmcore.infer.generate``) with ``offset`` (tokens already cached),
-``attn_mask(T) -> (mask | None, is_causal)`` for T new queries, ``update(layer, k, v) ->
-(k_all, v_all)`` and ``advance(T)``, and optional ``segments`` (B, T): the document each
+(:class:`llmcore.model.protocols.KVCacheLike`: ``offset``, ``attn_mask(T)``,
+``update(layer, k, v)``, ``advance(T)``), and optional ``segments`` (B, T): the document each
 token of a packed row belongs to. With ``doc_mask`` the loop passes them, and a token attends
 only to earlier tokens of its own document, whose positions count from its first token, so a
 packed row computes what each document would alone (a block-diagonal causal mask).
@@ -24,13 +23,13 @@ relying on SDPA's ``enable_gqa`` (newer torch only); the copy costs memory at lo
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmcore.config import ModelConfig
+from llmcore.model.protocols import KVCacheLike
 
 
 def rope_cache(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, ...]:
@@ -86,7 +85,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: Any = None, doc_mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCacheLike | None = None, doc_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
@@ -136,7 +135,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: Any, cache: Any = None,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...] | None,
+                cache: KVCacheLike | None = None,
                 doc_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, cache, doc_mask))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
@@ -175,7 +175,7 @@ class Transformer(nn.Module):
             elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
                 module.reset_parameters()
 
-    def forward(self, input_ids: torch.Tensor, cache: Any = None,
+    def forward(self, input_ids: torch.Tensor, cache: KVCacheLike | None = None,
                 positions: torch.Tensor | None = None,
                 segments: torch.Tensor | None = None) -> torch.Tensor:
         """``positions`` (B, T) overrides the default ``offset + arange(T)`` (left padding);

@@ -30,14 +30,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llmcore.config import EvaluateConfig
 from llmcore.data.shards import ShardDataset
 from llmcore.data.tasks import is_correct
 from llmcore.data.tokenizer import IM_END, LLMTokenizer, render_chat
 from llmcore.infer.generate import Sampling, generate
 from llmcore.model.loss import heldout_loss
+from llmcore.model.protocols import LanguageModel
 
 
-def bpb_at_contexts(model: Any, ds: ShardDataset, token_bytes: torch.Tensor, factors: Sequence[int],
+def bpb_at_contexts(model: LanguageModel, ds: ShardDataset, token_bytes: torch.Tensor, factors: Sequence[int],
                     batch_size: int, max_rows: int | None, device: torch.device,
                     dtype: torch.dtype) -> dict[int, dict[str, float] | None]:
     """Bits per byte with windows of ``factor x`` the training context (None if it cannot run)."""
@@ -58,7 +60,7 @@ def bpb_at_contexts(model: Any, ds: ShardDataset, token_bytes: torch.Tensor, fac
     return out
 
 
-def split_bpb(model: Any, ds: ShardDataset, token_bytes: torch.Tensor, batch_size: int = 16
+def split_bpb(model: LanguageModel, ds: ShardDataset, token_bytes: torch.Tensor, batch_size: int = 16
               ) -> float:
     """Bits per byte on every row of ``ds`` in full precision (what the registry ranks by).
 
@@ -74,9 +76,9 @@ def _prompt_ids(tok: LLMTokenizer, messages: Sequence[dict[str, str]]) -> list[i
     return tok.encode(render_chat(messages, add_generation_prompt=True))
 
 
-def task_accuracy(model: Any, tok: LLMTokenizer, conversations: Sequence[dict[str, Any]],
+def task_accuracy(model: LanguageModel, tok: LLMTokenizer, conversations: Sequence[dict[str, Any]],
                   max_per_task: int, max_new_tokens: int, batch_size: int = 32
-                  ) -> dict[str, dict[str, float]]:
+                  ) -> dict[str, dict[str, Any]]:
     """Exact match and ``<|im_end|>`` rate per synthetic task on held-out conversations."""
     by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for conv in conversations:
@@ -84,7 +86,7 @@ def task_accuracy(model: Any, tok: LLMTokenizer, conversations: Sequence[dict[st
         if task != "doc" and conv.get("answer") is not None and \
                 len(by_task[task]) < max_per_task:
             by_task[task].append(conv)
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, Any]] = {}
     stops = [tok.im_end_id, tok.eot_id]
     for task, convs in sorted(by_task.items()):
         correct = ended = 0
@@ -104,7 +106,7 @@ def task_accuracy(model: Any, tok: LLMTokenizer, conversations: Sequence[dict[st
 
 
 @torch.no_grad()
-def _mean_logprob(model: Any, prompt: list[int], candidates: list[list[int]], pad_id: int,
+def _mean_logprob(model: LanguageModel, prompt: list[int], candidates: list[list[int]], pad_id: int,
                   max_len: int) -> list[float]:
     seqs = []
     for cand in candidates:
@@ -126,8 +128,8 @@ def _mean_logprob(model: Any, prompt: list[int], candidates: list[list[int]], pa
     return ((logp * m).sum(1) / m.sum(1).clamp(min=1)).tolist()
 
 
-def doc_multiple_choice(model: Any, tok: LLMTokenizer, conversations: Sequence[dict[str, Any]],
-                        choices: int, max_questions: int, seed: int = 0) -> dict[str, float]:
+def doc_multiple_choice(model: LanguageModel, tok: LLMTokenizer, conversations: Sequence[dict[str, Any]],
+                        choices: int, max_questions: int, seed: int = 0) -> dict[str, Any]:
     """Accuracy of picking the documented answer among ``choices`` candidates."""
     docs = [c for c in conversations if c["task"] == "doc" and c.get("answer")]
     if len(docs) < choices:
@@ -148,7 +150,7 @@ def doc_multiple_choice(model: Any, tok: LLMTokenizer, conversations: Sequence[d
             "ci95": wilson_interval(correct, len(questions))}
 
 
-def answer_prompts(model: Any, tok: LLMTokenizer, prompts: Sequence[str], max_new_tokens: int
+def answer_prompts(model: LanguageModel, tok: LLMTokenizer, prompts: Sequence[str], max_new_tokens: int
                    ) -> list[str]:
     """Greedy replies to single-turn chat prompts."""
     ids = [_prompt_ids(tok, [{"role": "user", "content": p}]) for p in prompts]
@@ -157,9 +159,9 @@ def answer_prompts(model: Any, tok: LLMTokenizer, prompts: Sequence[str], max_ne
     return [tok.decode(o).strip() for o in outs]
 
 
-def evaluate_model(model: Any, tok: LLMTokenizer, *, pretrain_val: ShardDataset,
+def evaluate_model(model: LanguageModel, tok: LLMTokenizer, *, pretrain_val: ShardDataset,
                    sft_val: ShardDataset, conversations: Sequence[dict[str, Any]],
-                   token_bytes: torch.Tensor, cfg: Any, device: torch.device,
+                   token_bytes: torch.Tensor, cfg: EvaluateConfig, device: torch.device,
                    dtype: torch.dtype) -> dict[str, Any]:
     """Everything the evaluate stage reports for one model, as a nested dict."""
     ctx = bpb_at_contexts(model, pretrain_val, token_bytes, cfg.context_factors, cfg.batch_size,

@@ -9,6 +9,7 @@ and no network (``dvc plots``' HTML pulls its charting script from a CDN).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,12 @@ def write_reports(out: Path, results: dict[str, Any], factors: list[int], prompt
     tasks = sorted({t for r in results.values() for t in r["tasks"]})
     lines = ["# Models compared", "", "| metric | " + " | ".join(results) + " |",
              "|---|" + "---|" * len(results)]
-    rows = [("val bpb (pretraining text)", lambda r: fmt(r["contexts"][1]["bpb"])),
+    rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+            ("val bpb (pretraining text)", lambda r: fmt(r["contexts"][1]["bpb"])),
             ("val bpb (SFT replies)", lambda r: fmt(r["sft_val"]["bpb"])),
             ("doc questions, multiple choice", lambda r: fmt_ci(
                 r["doc_mc"]["accuracy"], r["doc_mc"]["ci95"], r["doc_mc"]["n"]))]
-    rows += [(f"{t} exact match", lambda r, t=t: fmt_ci(
-        r["tasks"][t]["exact_match"], r["tasks"][t]["ci95"], r["tasks"][t]["n"])) for t in tasks]
+    rows += [(f"{t} exact match", _task_cell(t)) for t in tasks]
     rows += [("replies ending with <\\|im_end\\|>", lambda r: fmt(sum(
         v["im_end_rate"] * v["n"] for v in r["tasks"].values()) / max(1, sum(
             v["n"] for v in r["tasks"].values()))))]
@@ -68,6 +69,13 @@ def read_tsv(path: Path) -> list[dict[str, float | None]]:
     head = lines[0].split("\t")
     return [dict(zip(head, (float(x) if x else None for x in ln.split("\t")), strict=True))
             for ln in lines[1:]]
+
+
+def _task_cell(task: str) -> Callable[[dict[str, Any]], str]:
+    def cell(r: dict[str, Any]) -> str:
+        m = r["tasks"][task]
+        return fmt_ci(m["exact_match"], m["ci95"], m["n"])
+    return cell
 
 
 def render_plots(metrics_dir: Path, out: Path, results: dict[str, Any], factors: list[int],
@@ -136,7 +144,7 @@ def _alignment_curves(metrics_dir: Path, out: Path) -> Path | None:
     a.set_xlabel("step")
     a.legend()
     if rl:
-        steps, rewards = [r["step"] for r in rl], [r["reward"] for r in rl]
+        steps, rewards = [r["step"] for r in rl], [r["reward"] or 0.0 for r in rl]
         b.plot(steps, rewards, alpha=0.35, label="mean reward per step")
         window = 10  # each step draws other prompts: the trend needs a moving average
         smooth = [sum(rewards[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1))

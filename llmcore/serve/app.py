@@ -28,7 +28,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -38,9 +38,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, StreamingResponse
 
+from llmcore.config import ModelConfig
+from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.infer.engine import Engine, Event, QueueFull
 from llmcore.infer.engine import Request as EngineRequest
 from llmcore.infer.generate import Sampling
+from llmcore.model.protocols import LanguageModel
 from llmcore.serve.guard import ApiError, BodyLimit, error_body, install_error_handlers
 from llmcore.serve.protocol import ChatRequest, CompletionRequest, GenerateRequest, SamplingFields
 
@@ -49,9 +52,9 @@ from llmcore.serve.protocol import ChatRequest, CompletionRequest, GenerateReque
 class _Served:
     """The one model a server serves and what every route needs of it."""
 
-    model: Any
-    cfg: Any
-    tok: Any
+    model: LanguageModel
+    cfg: ModelConfig
+    tok: LLMTokenizer
     engine: Engine
     model_id: str
     created: int = field(default_factory=lambda: int(time.time()))
@@ -94,7 +97,6 @@ def create_app(model_dir: Path, device: str = "auto", *, name: str | None = None
 
     ``engine_thread=False`` leaves running the decode loop (``app.state.engine.run()``) to
     the caller, which is what ``llmcore serve`` does from its main thread."""
-    from llmcore.data.tokenizer import LLMTokenizer
     from llmcore.device import pick_device
     from llmcore.model.modeldir import load_model_dir
 
@@ -188,11 +190,12 @@ async def _answer(request: Request, s: _Served, body: SamplingFields, jobs: list
     now = int(time.time())
     prompt_tokens = sum(len(ids) for p, i, ids, _ in jobs if i % body.n == 0)
     if body.stream:
-        chunks = await _stream(request, s.engine, jobs, s.stop_ids, body.stop, kind, rid, now,
+        stops = list(body.stop or ())  # the validator made it a list
+        chunks = await _stream(request, s.engine, jobs, s.stop_ids, stops, kind, rid, now,
                                s.model_id, prompt_tokens if body.include_usage() else None)
         return StreamingResponse(chunks, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    outs = await _collect(request, s.engine, jobs, s.stop_ids, body.stop)
+    outs = await _collect(request, s.engine, jobs, s.stop_ids, list(body.stop or ()))
     choices = []
     for (_, i, _, _), o in zip(jobs, outs, strict=True):
         if kind == "chat.completion":
@@ -258,7 +261,7 @@ def _submit(engine: Engine, jobs: list, stop_ids: Sequence[int], stops: Sequence
 
 
 async def _events(request: Request, inbox: _Inbox, reqs: list[EngineRequest]
-                  ) -> AsyncIterator[tuple[int, Event]]:
+                  ) -> AsyncGenerator[tuple[int, Event], None]:
     """The engine's events until every request finished. Looks for a client disconnect every
     half second even while tokens flow, and cancels the requests when the client went away or
     the consumer stopped early (the ``finally``), which frees their slots."""

@@ -28,6 +28,7 @@ import hashlib
 import json
 import random
 import shutil
+import typing
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -40,6 +41,13 @@ from safetensors.torch import load_file, save_file
 
 from llmcore.files import atomic_dir, remove_leftovers, sha256_file
 from llmcore.model.modeldir import state_dict_for_save
+
+
+class HasState(typing.Protocol):
+    """What a checkpoint saves of an optimizer (a torch optimizer, or several as one)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
 
 STEP_PREFIX = "step-"
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "state.json")
@@ -54,7 +62,7 @@ def fingerprint(parts: Mapping[str, Any]) -> str:
 def rng_state() -> dict[str, torch.Tensor]:
     """Every RNG a step draws from (dropout, shuffles), as tensors: JSON cannot hold them and
     pickle would run code at load."""
-    np_state = np.random.get_state()
+    np_state = typing.cast(tuple[Any, ...], np.random.get_state())
     py_state = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
@@ -126,7 +134,7 @@ class CheckpointManager:
         return [p for p in self.root.iterdir()
                 if p.is_dir() and p != self.dir and not p.name.startswith(".")]
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    def save(self, step: int, model: torch.nn.Module, optimizer: HasState,
              state: dict[str, Any]) -> Path:
         final = self.dir / f"{STEP_PREFIX}{step:08d}"
 

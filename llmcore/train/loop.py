@@ -20,7 +20,9 @@ simple and deterministic, but idle time on big clusters.
 
 from __future__ import annotations
 
+import functools
 import time
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +32,7 @@ from llmcore.config import TrainConfig, UserError
 from llmcore.data.shards import Batch, ShardDataset, ShardLoader
 from llmcore.device import measure_peak_flops, memory_mb, sync
 from llmcore.model.loss import heldout_loss, loss_sums
-from llmcore.model.transformer import flops_per_token
+from llmcore.model.transformer import Transformer, flops_per_token
 from llmcore.train.checkpoint import Loaded
 from llmcore.train.optim import Optimizers
 from llmcore.train.step import Dist, Log, NonFiniteLoss, OptimizerStep, Progress, RunContext
@@ -57,7 +59,7 @@ class TrainResult:
 class Trainer:
     """Runs ``cfg.max_steps`` optimizer steps of ``model`` on ``loader``."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, loader: ShardLoader,
+    def __init__(self, model: Transformer, cfg: TrainConfig, loader: ShardLoader,
                  val: ShardDataset | None, ctx: RunContext) -> None:
         self.model, self.cfg, self.loader, self.val, self.ctx = model, cfg, loader, val, ctx
         self.stepper = OptimizerStep(model, cfg, ctx)
@@ -117,9 +119,9 @@ class Trainer:
 
     def _wrap(self) -> torch.nn.Module:
         """The module the loop calls: compiled and/or DDP-wrapped around the same weights."""
-        model = self.model
+        model: torch.nn.Module = self.model
         if self.cfg.compile:
-            model = torch.compile(model)
+            model = typing.cast(torch.nn.Module, torch.compile(model))
         if self.ctx.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -149,7 +151,7 @@ class Trainer:
             # DDP averages gradients over ranks: scale so the result is the global mean
             return loss_sum * (ctx.dist.world_size / global_tokens)
 
-        self.stepper.backward(model, [lambda b=b: micro(b) for b in batches])
+        self.stepper.backward(model, [functools.partial(micro, b) for b in batches])
         (loss_global,) = ctx.dist.all_sum([sum(float(s) for s in sums)], ctx.device)
         mean_loss = loss_global / global_tokens
         return mean_loss, self.stepper.update(mean_loss, self.step + 1)
@@ -159,6 +161,7 @@ class Trainer:
     def run_eval(self) -> dict[str, float] | None:
         ctx, result = self.ctx, None
         if ctx.dist.is_main and self.val is not None:
+            assert ctx.token_bytes is not None, "evaluation needs the tokenizer's bytes per token"
             ev = heldout_loss(self.model, self.val, self.loader.batch_size,
                               self.cfg.eval_batches, ctx.token_bytes, ctx.device, ctx.dtype)
             result = {"step": self.step, "val_loss": ev["loss"], "val_bpb": ev["bpb"]}

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from llmcore.config import TrainConfig
+from llmcore.config import OptimConfig
 from llmcore.train.muon import Muon
 
 
@@ -82,7 +82,7 @@ def muon_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
             if p.requires_grad and p.ndim == 2 and name.startswith("layers.")]
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig,
                    muon_dtype: torch.dtype = torch.float32) -> Optimizers:
     """AdamW, or Muon + AdamW; ``muon_dtype``: of Muon's Newton-Schulz iteration."""
     hidden = muon_params(model) if cfg.optimizer == "muon" else []
@@ -100,7 +100,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
     return Optimizers(opts)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: OptimConfig) -> float:
     """Learning rate for optimizer step ``step`` (0-based)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps

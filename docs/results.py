@@ -1,0 +1,634 @@
+"""Write docs/results.md and the README's results table from the pipeline's metrics files.
+
+    .venv/bin/python docs/results.py           # refresh docs/results.md and README.md's region
+    .venv/bin/python docs/results.py --check   # exit 1 if either is stale (names which)
+
+Every number in the tables comes from a file: ``metrics/*.json`` (written by the DVC stages),
+``reports/*.json`` (written by the benchmark scripts) and ``params.yaml``; nothing is typed
+by hand. The README's region between ``<!-- results:start -->`` and ``<!-- results:end -->``
+gets the four-model comparison of ``metrics/evaluate.json``. A missing file gives one line
+saying so and what writes it, not a crash. The output depends only on the files read (no
+dates, no paths of this machine), so running the script twice changes nothing.
+
+Standard library and PyYAML only: it runs before the project is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = "docs/results.md"
+README = "README.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+MODELS = (("pretrain", "pretrained"), ("sft", "SFT"), ("dpo", "DPO"), ("rl", "RL (GRPO)"))
+STAGES = ("fetch", "tokenizer", "pack", "pretrain", "sft", "dpo", "rl", "evaluate", "quantize")
+TASK_LABELS = {"count": '"count the letter"', "arithmetic": "arithmetic", "spell": "spell",
+               "reverse": "reverse"}
+
+Json = dict[str, Any]
+
+
+# --- reading -------------------------------------------------------------------------------
+
+class Files:
+    """The JSON files under the root, read once; what was missing, by path."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._cache: dict[str, Json | None] = {}
+
+    def get(self, rel: str) -> Json | None:
+        if rel not in self._cache:
+            try:
+                data = json.loads((self.root / rel).read_text())
+                self._cache[rel] = data if isinstance(data, dict) else None
+            except (OSError, ValueError):
+                self._cache[rel] = None
+        return self._cache[rel]
+
+    def params(self) -> Json:
+        try:
+            data = yaml.safe_load((self.root / "params.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+
+def missing(rel: str, how: str) -> list[str]:
+    return [f"_`{rel}` is missing or unreadable: {how} writes it._", ""]
+
+
+def dig(data: Any, *keys: Any) -> Any:
+    for key in keys:
+        if isinstance(data, dict):
+            data = data.get(key)
+        elif isinstance(data, list) and isinstance(key, int) and -len(data) <= key < len(data):
+            data = data[key]
+        else:
+            return None
+    return data
+
+
+# --- formatting ----------------------------------------------------------------------------
+
+def num(value: Any, digits: int = 3) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "-" if value is None else str(value)
+    return f"{value:,.{digits}f}"
+
+
+def whole(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "-" if value is None else str(value)
+    return f"{round(value):,}"
+
+
+def pct(value: Any, digits: int = 1) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "-"
+    return f"{100 * value:.{digits}f}%"
+
+
+def ratio(value: Any, digits: int = 2) -> str:
+    return "-" if not isinstance(value, (int, float)) else f"{value:.{digits}f}x"
+
+
+def with_ci(value: Any, low: Any, high: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)):
+        return f"{value:.3f} [{low:.2f}, {high:.2f}]"
+    return f"{value:.3f}"
+
+
+def minutes(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "-"
+    return f"{seconds:,.0f} s" if seconds < 90 else f"{seconds:,.0f} s ({seconds / 60:.1f} min)"
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return out + [""]
+
+
+def key_table(data: Json, prefix: str,
+              rows: Sequence[tuple[str, str, Callable[[Any], str]]]) -> list[str]:
+    """``| metric | value | key |`` for the keys of ``rows`` that ``data`` has."""
+    body = [(label, fmt(data[prefix + key]), f"`{prefix}{key}`")
+            for key, label, fmt in rows if prefix + key in data]
+    return table(("metric", "value", "key"), body)
+
+
+# --- the default run -----------------------------------------------------------------------
+
+def models_in(ev: Json) -> list[tuple[str, str]]:
+    return [(m, label) for m, label in MODELS if f"evaluate/{m}/val_bpb" in ev]
+
+
+def tasks_in(ev: Json, models: Sequence[tuple[str, str]]) -> list[str]:
+    found = {k.split("/")[2][: -len("_exact_match")] for k in ev
+             if k.startswith("evaluate/") and k.endswith("_exact_match") and k.count("/") == 2}
+    order = [t for t in TASK_LABELS if t in found] + sorted(found - set(TASK_LABELS))
+    return [t for t in order if any(f"evaluate/{m}/{t}_exact_match" in ev for m, _ in models)]
+
+
+def comparison(files: Files) -> list[str]:
+    """The four models side by side: the README's table and the first one of results.md."""
+    ev = files.get("metrics/evaluate.json")
+    if ev is None:
+        return missing("metrics/evaluate.json", "`dvc repro evaluate`")
+    models = models_in(ev)
+    if not models:
+        return ["_`metrics/evaluate.json` holds no model's results._", ""]
+    choices = dig(files.params(), "evaluate", "choices")
+    unigram = dig(files.get("metrics/pretrain.json"), "pretrain/unigram_bpb")
+
+    def cells(metric: str, fmt: Callable[[str], str]) -> list[str]:
+        return [fmt(f"evaluate/{m}/{metric}") for m, _ in models]
+
+    def acc(metric: str) -> Callable[[str], str]:
+        return lambda k: with_ci(ev.get(k), ev.get(k + "_ci95_low"), ev.get(k + "_ci95_high"))
+
+    base = f" (unigram baseline {unigram:.2f})" if isinstance(unigram, (int, float)) else ""
+    mc = (f"{choices}-way multiple choice (chance {1 / choices:.2f})"
+          if isinstance(choices, int) and choices > 0 else "multiple choice")
+    rows = [[f"bits per byte, held-out docs{base}", *cells("val_bpb", lambda k: num(ev.get(k)))],
+            ["bits per byte, held-out SFT replies",
+             *cells("sft_val_bpb", lambda k: num(ev.get(k)))],
+            [f"doc questions, {mc}", *cells("doc_mc_accuracy", acc("doc_mc_accuracy"))]]
+    tasks = tasks_in(ev, models)
+    for task in tasks:
+        metric = f"{task}_exact_match"
+        rows.append([f"{TASK_LABELS.get(task, task)} exact match", *cells(metric, acc(metric))])
+    rows.append(["replies that end with `<|im_end|>`",
+                 *cells("im_end_rate", lambda k: num(ev.get(k)))])
+    out = table(["", *(label for _, label in models)], rows)
+
+    def sizes(name: str) -> set[Any]:
+        return {ev.get(f"evaluate/{m}/{name}_n") for m, _ in models} - {None}
+
+    doc_n, task_n = sizes("doc_mc"), set().union(*(sizes(t) for t in tasks)) if tasks else set()
+    counts = []
+    if len(doc_n) == 1:
+        counts.append(f"n = {whole(doc_n.pop())} doc questions")
+    if len(task_n) == 1:
+        counts.append(f"{whole(task_n.pop())} per task")
+    note = "Accuracies with 95% Wilson intervals"
+    note += f" ({', '.join(counts)})." if counts else "."
+    machine = dig(files.get("metrics/pretrain.json"), "pretrain/device")
+    if machine:
+        note += f" Trained and evaluated on: {machine}."
+    return out + [note, ""]
+
+
+def extrapolation(files: Files) -> list[str]:
+    ev = files.get("metrics/evaluate.json")
+    if ev is None:
+        return missing("metrics/evaluate.json", "`dvc repro evaluate`")
+    factors = sorted({int(k.rsplit("bpb_ctx", 1)[1][:-1]) for k in ev
+                      if "/bpb_ctx" in k and k.endswith("x") and k.rsplit("bpb_ctx", 1)[1][:-1]
+                      .isdigit()})
+    seq_len = dig(files.params(), "pack", "seq_len")
+    head = [f"{f}x ({f * seq_len})" if isinstance(seq_len, int) else f"{f}x" for f in factors]
+    rows = [[label, *(num(ev.get(f"evaluate/{m}/bpb_ctx{f}x")) for f in factors)]
+            for m, label in models_in(ev)]
+    out = [f"Bits per byte on the held-out docs re-cut into windows of 1x, 2x and 4x the training "
+           f"context ({seq_len} tokens)." if isinstance(seq_len, int) else ""]
+    return out + [""] + table(["model", *head], rows)
+
+
+def stage_sections(files: Files) -> list[str]:
+    out: list[str] = []
+    fetch = files.get("metrics/fetch.json")
+    out += ["### fetch", ""]
+    out += missing("metrics/fetch.json", "`dvc repro fetch`") if fetch is None else key_table(
+        fetch, "fetch/", [
+            ("documents", "documents", whole),
+            ("documents_train", "documents, train", whole),
+            ("documents_val", "documents, val", whole),
+            ("bytes", "bytes of text", whole),
+            ("conversations", "SFT conversations", whole),
+            ("conversations_train", "SFT conversations, train", whole),
+            ("conversations_val", "SFT conversations, val", whole),
+            ("preference_pairs", "preference pairs", whole),
+            ("duplicates_dropped", "exact duplicates dropped", whole),
+            ("empty_dropped", "empty records dropped", whole),
+            ("bad_records", "malformed records", whole),
+        ])
+    tok = files.get("metrics/tokenizer.json")
+    out += ["### tokenizer", ""]
+    out += missing("metrics/tokenizer.json", "`dvc repro tokenizer`") if tok is None else key_table(
+        tok, "tokenizer/", [
+            ("vocab_size", "vocabulary", whole),
+            ("bytes_per_token_val", "bytes per token, val", lambda v: num(v, 2)),
+            ("train_texts", "texts trained on", whole),
+        ])
+    pack = files.get("metrics/pack.json")
+    out += ["### pack", ""]
+    out += missing("metrics/pack.json", "`dvc repro pack`") if pack is None else key_table(
+        pack, "pack/", [
+            ("tokens", "tokens in all shards", whole),
+            ("pretrain_train_rows", "pretraining rows, train", whole),
+            ("pretrain_val_rows", "pretraining rows, val", whole),
+            ("pretrain_chat_share", "share of pretraining tokens from SFT conversations", num),
+            ("pretrain_chat_conversations", "SFT conversations in the pretraining stream",
+             whole),
+            ("sft_train_rows", "SFT rows, train", whole),
+            ("sft_train_padded_fraction", "SFT rows' padded fraction, train", pct),
+            ("sft_train_truncated", "SFT conversations truncated, train", whole),
+            ("tokens_per_second", "packing tokens/s", whole),
+        ])
+    for stage in ("pretrain", "sft"):
+        data = files.get(f"metrics/{stage}.json")
+        out += [f"### {stage}", ""]
+        out += missing(f"metrics/{stage}.json", f"`dvc repro {stage}`") if data is None else \
+            key_table(data, f"{stage}/", [
+                ("params", "parameters", whole),
+                ("trainable_share", "trainable share", pct),
+                ("steps", "steps", whole),
+                ("export_step", "exported step (best val loss)", whole),
+                ("val_loss", "val loss (nats/token)", num),
+                ("val_bpb", "val bits per byte", num),
+                ("unigram_bpb", "unigram baseline, bits per byte", num),
+                ("tokens_per_second", "tokens/s", whole),
+                ("mfu", "MFU", pct),
+                ("peak_memory_mb", "peak memory, MB", whole),
+                ("autocast_dtype", "autocast dtype", str),
+                ("muon_dtype", "Muon iteration dtype", str),
+            ])
+        if data and data.get(f"{stage}/device"):
+            out += [f"Machine: {data[f'{stage}/device']}.", ""]
+    dpo = files.get("metrics/dpo.json")
+    out += ["### dpo", ""]
+    out += missing("metrics/dpo.json", "`dvc repro dpo`") if dpo is None else key_table(
+        dpo, "dpo/", [
+            ("train_pairs", "training pairs", whole),
+            ("on_policy_rejected", "of which the SFT model's own wrong answer is rejected",
+             whole),
+            ("val_pairs", "held-out pairs", whole),
+            ("val_reward_accuracy", "held-out reward accuracy", num),
+            ("val_reward_margin", "held-out reward margin", num),
+            ("val_loss", "held-out DPO loss", num),
+            ("kl_to_reference", "KL to the reference (on the policy's samples)", num),
+            ("trainable_share", "trainable share", pct),
+        ])
+    out += rl_section(files)
+    quant = files.get("metrics/quantize.json")
+    out += ["### quantize", ""]
+    out += missing("metrics/quantize.json", "`dvc repro quantize`") if quant is None else \
+        key_table(quant, "quantize/", [
+            ("fp_mb", "float model, MB", lambda v: num(v, 1)),
+            ("quantized_mb", "quantized model, MB", lambda v: num(v, 1)),
+            ("size_ratio", "size ratio", ratio),
+            ("gguf_mb", "model.gguf, MB", lambda v: num(v, 1)),
+            ("bpb_fp", "val bits per byte, float", num),
+            ("bpb_quantized", "val bits per byte, quantized", num),
+            ("bpb_delta", "bits-per-byte change", lambda v: f"{v:+.5f}"),
+            ("greedy_exact_agreement", "prompts with an identical greedy reply", num),
+            ("greedy_token_agreement", "identical greedy tokens", num),
+            ("decode_speed_ratio", "decode speed, quantized / float", ratio),
+            ("max_layer_error", "largest layer output error", lambda v: num(v, 4)),
+        ])
+    return out
+
+
+def rl_section(files: Files) -> list[str]:
+    rl = files.get("metrics/rl.json")
+    out = ["### rl", ""]
+    if rl is None:
+        return out + missing("metrics/rl.json", "`dvc repro rl`")
+    out += key_table(rl, "rl/", [
+        ("steps", "steps", whole),
+        ("reward_first10", "mean reward of the samples, first 10 steps", num),
+        ("reward_last10", "mean reward of the samples, last 10 steps", num),
+        ("kl_last", "KL to the starting model, last step", lambda v: num(v, 4)),
+    ])
+    tasks = [t for t in TASK_LABELS if f"rl/{t}_exact_before" in rl]
+    if tasks:
+        n = dig(files.params(), "rl", "eval_per_task")
+        out += ["Greedy exact match on held-out task questions before and after the stage"
+                + (f" ({n} per task):" if isinstance(n, int) else ":"), ""]
+        out += table(("task", "before", "after"),
+                     [(t, num(rl.get(f"rl/{t}_exact_before")), num(rl.get(f"rl/{t}_exact_after")))
+                      for t in tasks])
+    return out
+
+
+def stage_times(files: Files) -> list[str]:
+    rows, total = [], 0.0
+    for stage in STAGES:
+        data = files.get(f"metrics/{stage}.json")
+        if data is None:
+            rows.append((stage, "(no metrics file)", "-"))
+            continue
+        seconds = data.get(f"{stage}/stage_seconds")
+        train = data.get(f"{stage}/train_seconds")
+        total += seconds if isinstance(seconds, (int, float)) else 0.0
+        rows.append((stage, minutes(seconds), minutes(train)))
+    rows.append(("**all stages**", f"**{minutes(total)}**", ""))
+    return table(("stage", "stage seconds", "of which training"), rows)
+
+
+# --- benchmarks ----------------------------------------------------------------------------
+
+def throughput(files: Files) -> list[str]:
+    runs = [(rel, files.get(rel)) for rel in ("reports/train_throughput.json",
+                                              "reports/train_throughput_avx2cap.json")]
+    if all(data is None for _, data in runs):
+        return missing("reports/train_throughput.json", "`benchmarks/train_throughput.py`")
+    rows, machines = [], []
+    for rel, data in runs:
+        if data is None:
+            continue
+        machines.append(f"`{rel}`: {data.get('machine', 'machine not recorded')}, "
+                        f"kernels {data.get('kernels', '-')}, torch {data.get('torch', '-')}")
+        results = data.get("results") or []
+        base = {(r.get("preset"), r.get("dtype")): r.get("seconds_per_step")
+                for r in results if r.get("optimizer") == "adamw"}
+        for r in results:
+            step, ref = r.get("seconds_per_step"), base.get((r.get("preset"), r.get("dtype")))
+            rel_step = ratio(step / ref) if isinstance(step, (int, float)) and ref else "-"
+            rows.append((data.get("kernels", "-"), r.get("preset", "-"), r.get("dtype", "-"),
+                         r.get("optimizer", "-"), r.get("muon_dtype") or "-",
+                         f"{r.get('batch_size', '-')} x {r.get('seq_len', '-')}",
+                         whole(r.get("tokens_per_s")), num(step), rel_step, pct(r.get("mfu"))))
+    out = table(("kernels", "preset", "dtype", "optimizer", "Muon iteration", "batch",
+                 "tokens/s", "s/step", "step vs AdamW", "MFU"), rows)
+    return out + [f"- {m}" for m in machines] + [""]
+
+
+def decode(files: Files) -> list[str]:
+    data = files.get("reports/decode_speed.json")
+    if data is None:
+        return missing("reports/decode_speed.json", "`benchmarks/decode_speed.py`")
+    labels = {"llmcore": "`llmcore.infer.generate`", "hf": "transformers `generate`",
+              "engine": "the serving engine", "engine_compiled": "the engine, `--compile`"}
+    rates, ratios = data.get("tok_s") or {}, data.get("ratio_vs_hf") or {}
+    if not rates:
+        return ["_`reports/decode_speed.json` holds no decode rates (`tok_s`)._", ""]
+    rows = [(labels.get(k, k), num(v, 1), ratio(ratios.get(k, 1.0 if k == "hf" else None)))
+            for k, v in rates.items()]
+    out = table(("decoder", "tokens/s", "vs transformers"), rows)
+    facts = [f"{data.get('tokens', '-')} greedy tokens at batch 1 after a "
+             f"{data.get('prompt_tokens', '-')}-token prompt, median of "
+             f"{data.get('rounds', '-')} interleaved rounds, {data.get('threads', '-')} threads",
+             f"token agreement {num(data.get('token_agreement'))}",
+             f"engine equals `generate`: {data.get('engine_equals_generate', '-')}"]
+    if dig(data, "profile", "per_token_ms") is not None:
+        facts.append(f"profiled: {num(dig(data, 'profile', 'per_token_ms'))} ms per token")
+    facts.append(f"machine: {data['machine']}" if data.get("machine")
+                 else "machine: not recorded in the file")
+    return out + ["; ".join(facts) + ".", ""]
+
+
+def serve_load(files: Files) -> list[str]:
+    runs = [(label, rel, files.get(rel)) for label, rel in (
+        ("one at a time", "reports/serve_load-before.json"),
+        ("batched", "reports/serve_load.json"),
+        ("batched, `--compile`", "reports/serve_load-compiled.json"))]
+    present = [(label, rel, data) for label, rel, data in runs if data is not None]
+    if not present:
+        return missing("reports/serve_load.json", "`benchmarks/serve_load.py`")
+    out = []
+    for _, rel, data in runs:
+        if data is None:
+            out += missing(rel, "`benchmarks/serve_load.py`")
+    head = ["clients"]
+    for label, _, _ in present:
+        head += [f"{label}: tok/s", f"{label}: TTFT p50 / p95 ms", f"{label}: token p50 / p95 ms"]
+    levels = sorted({lvl.get("clients") for _, _, d in present for lvl in d.get("levels", [])
+                     if isinstance(lvl.get("clients"), int)})
+    rows = []
+    for clients in levels:
+        row = [str(clients)]
+        for _, _, data in present:
+            lvl = next((x for x in data.get("levels", []) if x.get("clients") == clients), {})
+            row += [whole(lvl.get("tokens_per_s")),
+                    f"{whole(lvl.get('ttft_p50_ms'))} / {whole(lvl.get('ttft_p95_ms'))}",
+                    f"{num(lvl.get('token_p50_ms'), 1)} / {num(lvl.get('token_p95_ms'), 1)}"]
+        rows.append(row)
+    out += table(head, rows)
+    errors = sum(lvl.get("errors", 0) or 0 for _, _, d in present for lvl in d.get("levels", []))
+    for label, rel, data in present:
+        scale = data.get("scaling_vs_1_client") or {}
+        scaling = ", ".join(f"{k} clients {ratio(v)}" for k, v in scale.items() if k != "1")
+        out.append(f"- {label} (`{rel}`): server args `{data.get('server_args') or '(none)'}`, "
+                   f"model `{data.get('model', '-')}`, at most {data.get('max_tokens', '-')} "
+                   f"tokens per reply; throughput against one client: {scaling or '-'}; "
+                   f"machine: {data.get('machine', 'not recorded')}.")
+    return out + [f"- Errors, all runs and levels: {errors}.", ""]
+
+
+def first_time_below(evals: Sequence[Json], target: float) -> Any:
+    return next((e.get("seconds") for e in evals
+                 if isinstance(e.get("val_bpb"), (int, float)) and e["val_bpb"] <= target), None)
+
+
+def speedrun(files: Files, rel: str) -> list[str]:
+    data = files.get(rel)
+    if data is None:
+        return missing(rel, "`make speedrun` (`benchmarks/speedrun.py`)")
+    sides = data.get("sides") or {}
+    names = [n for n in sides if n != "peer"] + (["peer"] if "peer" in sides else [])
+    evals = {n: sides[n].get("evals") or [] for n in names}
+    steps = max((len(e) for e in evals.values()), default=0)
+    head = ["checkpoint"] + [f"{n}: own s / val bpb" for n in names]
+    rows = []
+    for i in range(1, steps):
+        row = [str(i)]
+        for n in names:
+            e = evals[n][i] if i < len(evals[n]) else {}
+            row.append(f"{num(e.get('seconds'), 0)} / {num(e.get('val_bpb'))}")
+        rows.append(row)
+    out = table(head, rows)
+    base_bpb = dig(evals.get("llmcore"), -1, "val_bpb")
+    base_rate = dig(sides, "llmcore", "tokens_per_s")
+
+    def against_base(n: str) -> tuple[str, str]:
+        bpb, rate = dig(evals[n], -1, "val_bpb"), sides[n].get("tokens_per_s")
+        if n == "llmcore" or not isinstance(base_bpb, (int, float)) \
+                or not isinstance(bpb, (int, float)):
+            return "", ""
+        speed = ratio(rate / base_rate) if isinstance(rate, (int, float)) and base_rate else "-"
+        return f"{bpb - base_bpb:+.3f}", speed
+
+    out += table(("side", "steps", "tokens", "tokens/s", "final val bpb",
+                  "bpb vs llmcore", "tokens/s vs llmcore"),
+                 [(n, whole(sides[n].get("steps")), whole(sides[n].get("tokens")),
+                   whole(sides[n].get("tokens_per_s")), num(dig(evals[n], -1, "val_bpb")),
+                   *against_base(n)) for n in names])
+    recipe = data.get("recipe") or {}
+    facts = [f"{data.get('preset', '-')} ({whole(data.get('params'))} parameters), batch "
+             f"{data.get('batch_size', '-')} x {data.get('seq_len', '-')}, "
+             f"{num(data.get('budget_seconds'), 0)} s per side in {num(data.get('slice_seconds'), 0)}"
+             f"-s slices, scored on {data.get('eval_rows', '-')} held-out rows",
+             "recipe " + ", ".join(f"{k} {v}" for k, v in recipe.items()),
+             f"tokens/s llmcore / peer {ratio(data.get('tokens_per_s_ratio'), 3)}"]
+    variants = data.get("variants") or {}
+    if variants:
+        facts.append("variants " + "; ".join(
+            f"{name}: " + ", ".join(f"{section}.{k}={v}" for section, kv in spec.items()
+                                    for k, v in (kv or {}).items())
+            for name, spec in variants.items()))
+    if "llmcore_lower_bpb_at_every_checkpoint" in data:
+        facts.append("llmcore lower at every checkpoint: "
+                     f"{'yes' if data['llmcore_lower_bpb_at_every_checkpoint'] else 'no'}")
+    peer_final = dig(evals.get("peer"), -1, "val_bpb")
+    if isinstance(peer_final, (int, float)) and "llmcore" in evals:
+        reached = first_time_below(evals["llmcore"], peer_final)
+        facts.append(f"first llmcore checkpoint at or below the peer's final {peer_final:.3f}: "
+                     + (f"{reached:.0f} s" if reached is not None else "none"))
+    facts.append(f"machine: {data.get('machine', 'not recorded')}, torch {data.get('torch', '-')}")
+    return out + ["; ".join(facts) + ".", ""]
+
+
+def gguf(files: Files) -> list[str]:
+    data = files.get("reports/gguf_roundtrip.json")
+    if data is None:
+        return missing("reports/gguf_roundtrip.json", "`benchmarks/gguf_roundtrip.py`")
+    kinds = [k for k, v in data.items() if isinstance(v, dict)]
+    rows = [(f"`{k}`", num(data[k].get("file_mb"), 1), data[k].get("tokenization_equal", "-"),
+             num(data[k].get("greedy_identical")), num(data[k].get("token_agreement")),
+             whole(data[k].get("llama_cpp_tokens_per_s"))) for k in kinds]
+    out = table(("type", "file MB", "tokenization equal", "identical greedy continuations",
+                 "identical tokens", "llama.cpp tokens/s"), rows)
+    return out + [f"Model `{data.get('model', '-')}`, {data.get('prompts', '-')} held-out prompts, "
+                  f"{data.get('tokens', '-')} greedy tokens each.", ""]
+
+
+def hf_compat(files: Files) -> list[str]:
+    rels = sorted(p.relative_to(files.root).as_posix()
+                  for p in (files.root / "reports").glob("hf_compat*.json"))
+    runs = [(rel, files.get(rel)) for rel in rels]
+    runs = [(rel, d) for rel, d in runs if d is not None]
+    if not runs:
+        return missing("reports/hf_compat-*.json", "`benchmarks/hf_compat.py`")
+    rows = [(d.get("transformers", "-"), num(d.get("rope_theta_read"), 0),
+             num(d.get("rope_theta_expected"), 0), str(d.get("max_abs_logit_diff", "-")),
+             num(d.get("top1_agreement")), f"`{rel}`") for rel, d in runs]
+    return table(("transformers", "rope theta read", "expected", "max abs logit diff",
+                  "top-1 agreement", "file"), rows)
+
+
+# --- the documents -------------------------------------------------------------------------
+
+def results_md(files: Files) -> str:
+    out = ["# Results", "",
+           "<!-- Generated by docs/results.py from metrics/*.json, reports/*.json and "
+           "params.yaml: do not edit by hand. -->", "",
+           "Every table here is written by `.venv/bin/python docs/results.py` from the files it "
+           "names; `--check` fails when this page or the README's table is older than the "
+           "files. The prose around the figures, and measurements that no file keeps, are on "
+           "the topic pages: [evaluation](evaluation.md), [alignment](alignment.md), "
+           "[benchmarks](benchmarks.md).", "",
+           "## The default run", "",
+           "`make pipeline` with the committed `params.yaml`: the metrics the stages wrote "
+           "(`metrics/*.json`, DVC metrics).", "",
+           "### Four models compared", "", "From `metrics/evaluate.json`:", ""]
+    out += comparison(files)
+    out += ["![loss curves](../reports/evaluate/loss_curves.png)", "",
+            "### Length extrapolation", ""]
+    out += extrapolation(files)
+    out += ["## Per stage", ""]
+    out += stage_sections(files)
+    out += ["## Stage times", "",
+            "`<stage>/stage_seconds` of each metrics file (the stage's process, set-up excluded)"
+            " and `<stage>/train_seconds` where the stage trains:", ""]
+    out += stage_times(files)
+    out += ["## Benchmarks", "",
+            "Written by the scripts in `benchmarks/` (see [benchmarks](benchmarks.md) for what "
+            "each measures and how to run it).", "",
+            "### Training throughput per optimizer", "",
+            "`reports/train_throughput.json` (the machine as it is) and "
+            "`reports/train_throughput_avx2cap.json` (its kernels capped to AVX2):", ""]
+    out += throughput(files)
+    out += ["### Single-stream decode speed", "", "`reports/decode_speed.json`:", ""]
+    out += decode(files)
+    out += ["### Serving under load", "",
+            "`reports/serve_load*.json`: streaming clients against a real `llmcore serve` on "
+            "127.0.0.1, greedy. \"One at a time\" is the earlier server (one request at a time "
+            "behind a lock), \"batched\" the continuous-batching engine of `llmcore serve`.",
+            ""]
+    out += serve_load(files)
+    out += ["### Speedrun: quality per minute", "",
+            "`reports/speedrun.json`: val bits per byte at each checkpoint of each side's own "
+            "clock.", ""]
+    out += speedrun(files, "reports/speedrun.json")
+    out += ["![speedrun](../reports/speedrun.png)", "",
+            "### Speedrun with variants", "",
+            "`reports/speedrun-ablation/speedrun.json`: the switches measured as extra llmcore "
+            "sides of one run.", ""]
+    out += speedrun(files, "reports/speedrun-ablation/speedrun.json")
+    out += ["### GGUF in llama.cpp", "", "`reports/gguf_roundtrip.json`:", ""]
+    out += gguf(files)
+    out += ["### transformers compatibility of `llmcore export`", "",
+            "`reports/hf_compat-*.json`, one per transformers version:", ""]
+    out += hf_compat(files)
+    while out and out[-1] == "":
+        out.pop()
+    return "\n".join(out) + "\n"
+
+
+def readme_region(files: Files) -> str:
+    body = ["", "<!-- generated by docs/results.py from metrics/evaluate.json -->", ""]
+    body += comparison(files) + [""]
+    return "\n".join(body)
+
+
+def with_region(text: str, region: str) -> str | None:
+    """``text`` with the part between the markers replaced; None without both markers."""
+    start = text.find(START)
+    end = text.find(END, start + len(START)) if start >= 0 else -1
+    if start < 0 or end < 0:
+        return None
+    return text[: start + len(START)] + region + text[end:]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check", action="store_true",
+                    help="change nothing; exit 1 if docs/results.md or README.md is stale")
+    ap.add_argument("--root", type=Path, default=ROOT, help="the repository (default: this one)")
+    args = ap.parse_args(argv)
+    root = args.root.resolve()
+    files = Files(root)
+    wanted = {RESULTS: results_md(files)}
+    readme_path = root / README
+    readme = readme_path.read_text() if readme_path.exists() else None
+    new_readme = with_region(readme, readme_region(files)) if readme is not None else None
+    if new_readme is None:
+        print(f"{README}: no region between {START} and {END}", file=sys.stderr)
+        return 1
+    wanted[README] = new_readme
+    stale = []
+    for rel, text in wanted.items():
+        path = root / rel
+        current = path.read_text() if path.exists() else None
+        if current == text:
+            continue
+        stale.append(rel)
+        if not args.check:
+            path.write_text(text)
+    if args.check:
+        for rel in stale:
+            where = " (the results region)" if rel == README else ""
+            print(f"stale: {rel}{where}; run .venv/bin/python docs/results.py")
+        if not stale:
+            print("up to date: " + ", ".join(wanted))
+        return 1 if stale else 0
+    print("wrote: " + ", ".join(stale) if stale else "unchanged: " + ", ".join(wanted))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
