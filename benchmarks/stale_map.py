@@ -2,7 +2,7 @@
 
     python benchmarks/stale_map.py [REPO]      # default: this repository
 
-In a throw-away clone of REPO (HEAD), appends a comment to each ``llmcore/*.py`` and
+In a throw-away clone of REPO (HEAD), appends a comment to each ``llmcore/**/*.py`` and
 ``stages/*.py`` file in turn and asks ``dvc status --json`` which stages now have a changed
 code dependency. Prints a table and writes ``reports/stale_map.json`` (of this repository).
 It reads only dependency hashes, so the clone needs no data and nothing is run.
@@ -39,7 +39,7 @@ def main() -> None:
         subprocess.run(["git", "clone", "-q", str(source), str(repo)], check=True)
         baseline = stale_stages(repo)
         result: dict[str, list[str]] = {}
-        for path in sorted([*repo.glob("llmcore/*.py"), *repo.glob("stages/*.py")]):
+        for path in sorted([*repo.glob("llmcore/**/*.py"), *repo.glob("stages/*.py")]):
             rel = path.relative_to(repo).as_posix()
             original = path.read_text()
             path.write_text(original + "\n# touched\n")

@@ -1,4 +1,4 @@
-"""The README's picture of the chat page: a real server, a real browser, a real reply.
+"""The picture of the chat page in docs/serving.md: a real server, a real browser, a real reply.
 
     python docs/screenshot.py [MODEL_DIR]     # default data/models/sft; writes docs/chat.png
 

@@ -22,6 +22,7 @@ from llmcore.model.lora import LoRASpec, trainable_parameters
 from llmcore.model.modeldir import load_model_dir, save_model_dir, state_dict_for_save
 from llmcore.report.evaluate import split_bpb, task_accuracy
 from llmcore.tracking import register_model
+from stages import paths
 from stages._common import git_commit, log, model_tags, repo_root, write_tsv
 
 
@@ -30,7 +31,7 @@ def copy_model(stage: str, src: str, out: str, curves: dict[str, list[str]]
     """``max_steps: 0``: the stage's output is its input, unchanged (its curves empty)."""
     root = repo_root()
     for name, columns in curves.items():
-        write_tsv(root / "metrics" / name, [], columns)
+        write_tsv(root / paths.METRICS / name, [], columns)
     tmp = root / f"{out}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(root / src, tmp)
@@ -77,7 +78,7 @@ def save_policy(stage: str, model: Any, cfg: Any, src: Path, adapter: LoRASpec |
                 cfgs: dict[str, Any], tracker: Any, meta: dict[str, Any]) -> dict[str, Any]:
     """Write ``data/models/<stage>`` (merged weights), register it; its bpb metric."""
     root = repo_root()
-    out = root / "data" / "models" / stage
+    out = root / paths.model_dir(stage)
     state = state_dict_for_save(model)
     adapters = None
     if adapter is not None:
@@ -90,7 +91,7 @@ def save_policy(stage: str, model: Any, cfg: Any, src: Path, adapter: LoRASpec |
         adapter.save(adapters, out / "adapter", str(src.relative_to(root)))
     model, _ = load_model_dir(out, next(model.parameters()).device)
     tok = LLMTokenizer.load(out)
-    bpb = split_bpb(model, ShardDataset(root / "data/shards", "sft_val"),
+    bpb = split_bpb(model, ShardDataset(root / paths.SHARDS, "sft_val"),
                     torch.tensor(token_bytes(tok)))
     version = register_model(tracker, out, bpb, stage, tags=model_tags(root, stage, cfgs))
     if version:

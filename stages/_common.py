@@ -38,6 +38,7 @@ from llmcore.config import (
 from llmcore.files import write_json, write_text
 from llmcore.schema import USER_ERROR
 from llmcore.tracking import NullTracker, Tracker, default_uri, end_stage_run, stage_run
+from stages import paths
 
 Body = Callable[[dict[str, Any], Tracker], Mapping[str, Any]]
 
@@ -239,7 +240,7 @@ def run_stage(stage: str, keys: Sequence[str], body: Body) -> None:
         if rank() != 0:
             return
         metrics[f"{stage}/stage_seconds"] = round(time.perf_counter() - start, 3)
-        write_json(root / "metrics" / f"{stage}.json", metrics)
+        write_json(root / paths.METRICS / f"{stage}.json", metrics)
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         end_stage_run(tracker, "FINISHED")
     except (UserError, FileNotFoundError) as exc:

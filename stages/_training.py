@@ -12,9 +12,10 @@ from llmcore.data.shards import read_manifest
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes
 from llmcore.model.modeldir import save_model_dir
 from llmcore.train.fit import FitSpec, fit
+from stages import paths
 from stages._common import as_dict, git_commit, log, rank, repo_root, write_tsv
 
-SHARDS, TOKENIZER = "data/shards", "data/tokenizer"
+SHARDS, TOKENIZER = paths.SHARDS, paths.TOKENIZER
 
 
 def data_fingerprint(manifest: dict[str, Any], splits: list[str]) -> dict[str, Any]:
@@ -37,7 +38,7 @@ def train_and_export(stage: str, model_cfg: ModelConfig, cfg: TrainConfig, base:
     model_cfg = dataclasses.replace(model_cfg, vocab_size=tok.vocab_size)
     spec = FitSpec(model=model_cfg, train=cfg, shard_dir=root / SHARDS, train_split=splits[0],
                    val_split=splits[1], token_bytes=tuple(token_bytes(tok)),
-                   checkpoint_dir=root / "data" / "checkpoints" / stage, seed=base.seed,
+                   checkpoint_dir=root / paths.checkpoint_dir(stage), seed=base.seed,
                    device=base.device, dtype=base.dtype,
                    data=data_fingerprint(manifest, list(splits)), init_from=init_from,
                    name=stage, adapter=adapter)
@@ -53,16 +54,16 @@ def train_and_export(stage: str, model_cfg: ModelConfig, cfg: TrainConfig, base:
             "init_from": str(init_from.relative_to(root)) if init_from else None}
     generation = {"eos_token_id": [tok.im_end_id, tok.eot_id], "pad_token_id": tok.pad_id,
                   "bos_token_id": None, "do_sample": False, "max_new_tokens": 256}
-    model_dir = root / "data" / "models" / stage
+    model_dir = root / paths.model_dir(stage)
     save_model_dir(model_dir, model_cfg, out.export_weights, root / TOKENIZER, meta, generation)
     if out.adapter is not None:  # the adapters alone too (for LoRA: PEFT's layout)
         adapter.save(out.adapter, model_dir / "adapter",
                      str(init_from.relative_to(root)) if init_from else None)
-    write_tsv(root / "metrics" / f"{stage}_train.tsv", r.history,
+    write_tsv(root / paths.METRICS / f"{stage}_train.tsv", r.history,
               ["step", "loss", "lr", "grad_norm", "tokens_per_s", "memory_mb"])
-    write_tsv(root / "metrics" / f"{stage}_val.tsv", r.evals, ["step", "val_loss", "val_bpb"])
+    write_tsv(root / paths.METRICS / f"{stage}_val.tsv", r.evals, ["step", "val_loss", "val_bpb"])
     for curve in ("train", "val"):
-        tracker.log_artifact(root / "metrics" / f"{stage}_{curve}.tsv", "plots")
+        tracker.log_artifact(root / paths.METRICS / f"{stage}_{curve}.tsv", "plots")
     final = r.best if (cfg.export == "best" and r.best) else r.last_eval
     metrics = {
         f"{stage}/params": out.params,

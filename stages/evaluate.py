@@ -12,25 +12,26 @@ from llmcore.device import pick_device, precision
 from llmcore.model.modeldir import load_model_dir
 from llmcore.report.evaluate import evaluate_model, summary_metrics
 from llmcore.report.tables import render_plots, write_reports
+from stages import paths
 from stages._common import log, repo_root, run_stage
 
 PARAMS = ("base.seed", "base.device", "base.dtype", "evaluate")
-MODELS = {"pretrain": "data/models/pretrain", "sft": "data/models/sft",
-          "dpo": "data/models/dpo", "rl": "data/models/rl"}
-OUT = "reports/evaluate"
+MODELS = {"pretrain": paths.model_dir("pretrain"), "sft": paths.model_dir("sft"),
+          "dpo": paths.model_dir("dpo"), "rl": paths.model_dir("rl")}
+OUT = f"{paths.REPORTS}/evaluate"
 
 
 def body(cfgs, tracker):
     cfg, base, root = cfgs["evaluate"], cfgs["base"], repo_root()
-    tok = LLMTokenizer.load(root / "data/tokenizer")
+    tok = LLMTokenizer.load(root / paths.TOKENIZER)
     device = pick_device(base.device)
     prec = precision(base.dtype, device)
     dtype = prec.autocast
     log(f"evaluate: {prec.describe()}")
     torch.manual_seed(base.seed)
-    pre_val = ShardDataset(root / "data/shards", "pretrain_val")
-    sft_val = ShardDataset(root / "data/shards", "sft_val")
-    convs = read_conversations(root / "data/corpus", "val")
+    pre_val = ShardDataset(root / paths.SHARDS, "pretrain_val")
+    sft_val = ShardDataset(root / paths.SHARDS, "sft_val")
+    convs = read_conversations(root / paths.CORPUS, "val")
     tb = torch.tensor(token_bytes(tok))
     results = {}
     for name, path in MODELS.items():
@@ -41,7 +42,7 @@ def body(cfgs, tracker):
                                        device=device, dtype=dtype)
     out, seq_len = root / OUT, pre_val.row_len - 1
     write_reports(out, results, cfg.context_factors, cfg.prompts, seq_len)
-    render_plots(root / "metrics", out, results, cfg.context_factors, seq_len)
+    render_plots(root / paths.METRICS, out, results, cfg.context_factors, seq_len)
     tracker.log_artifact(out, "reports")
     log((out / "comparison.md").read_text())
     return summary_metrics(results, cfg.context_factors)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from llmcore.data.corpus import BAD_RECORDS_FILE
 from llmcore.data.fetch import build_corpus
+from stages import paths
 from stages._common import log, repo_root, run_stage
 
 PARAMS = ("fetch",)
-OUT = "data/corpus"
+OUT = paths.CORPUS
 
 
 def body(cfgs, tracker):

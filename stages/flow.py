@@ -42,6 +42,7 @@ from prefect.cache_policies import NO_CACHE
 from llmcore.config import FlowConfig, parse_section
 from llmcore.schema import USER_ERROR
 from llmcore.tracking import MlflowTracker, default_uri
+from stages import paths
 
 ROOT = Path(__file__).resolve().parents[1]
 # the stages in pipeline order, as dvc.yaml declares them (one place to add a stage)
@@ -135,7 +136,7 @@ def set_dotted(params: dict[str, Any], key: str, value: Any) -> None:
 class WorkspaceSnapshot:
     """Files a pipeline run rewrites, saved before and put back after an experiment."""
 
-    PATHS = ("params.yaml", "dvc.lock", "metrics", "reports")
+    PATHS = ("params.yaml", "dvc.lock", paths.METRICS, paths.REPORTS)
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -166,7 +167,7 @@ class WorkspaceSnapshot:
 
 def read_metrics(root: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for path in sorted((root / "metrics").glob("*.json")):
+    for path in sorted((root / paths.METRICS).glob("*.json")):
         try:
             out.update(json.loads(path.read_text()))
         except json.JSONDecodeError:

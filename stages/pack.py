@@ -8,10 +8,11 @@ from llmcore.data.corpus import read_conversations, read_texts
 from llmcore.data.packing import pack_all
 from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.files import atomic_dir
+from stages import paths
 from stages._common import log, repo_root, run_stage
 
 PARAMS = ("pack",)
-CORPUS, TOKENIZER, OUT = "data/corpus", "data/tokenizer", "data/shards"
+CORPUS, TOKENIZER, OUT = paths.CORPUS, paths.TOKENIZER, paths.SHARDS
 
 
 def body(cfgs, tracker):

@@ -7,6 +7,7 @@ Writes ``data/models/pretrain/`` and keeps resumable checkpoints in ``data/check
 from __future__ import annotations
 
 from llmcore.tracking import register_model
+from stages import paths
 from stages._common import log, model_tags, relaunch_under_torchrun, repo_root, run_stage
 from stages._training import train_and_export
 
@@ -18,7 +19,7 @@ def body(cfgs, tracker):
                                ("pretrain_train", "pretrain_val"), tracker)
     if metrics:  # rank 0: its own registry name, as docs bpb and SFT-reply bpb do not compare
         root = repo_root()
-        version = register_model(tracker, root / "data/models/pretrain",
+        version = register_model(tracker, root / paths.model_dir("pretrain"),
                                  metrics["pretrain/val_bpb"], "pretrain", "llmcore-pretrain",
                                  tags=model_tags(root, "pretrain", cfgs))
         if version:

@@ -18,18 +18,19 @@ from llmcore.export.quantize import QuantSpec, compare, quantize_model, tensor_b
 from llmcore.model.modeldir import load_model_dir, save_model_dir
 from llmcore.report.evaluate import split_bpb
 from llmcore.tracking import register_model
+from stages import paths
 from stages._common import log, model_tags, repo_root, run_stage
 
 PARAMS = ("base.device", "quantize")
-SOURCE, SHARDS = "data/models/rl", "data/shards"  # the last model of the chain
+SOURCE, SHARDS = paths.model_dir("rl"), paths.SHARDS  # the last model of the chain
 
 
 def body(cfgs, tracker):
     cfg, root = cfgs["quantize"], repo_root()
     device = pick_device(cfgs["base"].device)
-    src, out = root / SOURCE, root / f"data/models/chat-{cfg.method}"
+    src, out = root / SOURCE, root / paths.model_dir(f"chat-{cfg.method}")
     fp_model, model_cfg = load_model_dir(src, device)
-    convs = read_conversations(root / "data/corpus", "val")[: cfg.agreement_prompts]
+    convs = read_conversations(root / paths.CORPUS, "val")[: cfg.agreement_prompts]
     if not convs:
         raise UserError("quantize: the corpus has no held-out SFT conversations to compare "
                         "the models on (enable fetch.doc_questions or fetch.synthetic_per_task)")

@@ -20,11 +20,12 @@ from llmcore.model.lora import LoRASpec
 from llmcore.model.modeldir import load_model_dir, read_model_config
 from llmcore.report.evaluate import split_bpb
 from llmcore.tracking import register_model
+from stages import paths
 from stages._common import log, model_tags, relaunch_under_torchrun, repo_root, run_stage
 from stages._training import SHARDS, train_and_export
 
 PARAMS = ("base.seed", "base.device", "base.dtype", "sft")
-INIT, OUT = "data/models/pretrain", "data/models/sft"
+INIT, OUT = paths.model_dir("pretrain"), paths.model_dir("sft")
 
 
 def body(cfgs, tracker):

@@ -7,10 +7,11 @@ import time
 from llmcore.data.corpus import read_conversations, read_texts
 from llmcore.data.tokenizer import LLMTokenizer, bytes_per_token, train_bpe, training_texts
 from llmcore.files import atomic_dir
+from stages import paths
 from stages._common import log, repo_root, run_stage
 
 PARAMS = ("tokenizer",)
-CORPUS, OUT = "data/corpus", "data/tokenizer"
+CORPUS, OUT = paths.CORPUS, paths.TOKENIZER
 
 
 def body(cfgs, tracker):

@@ -123,15 +123,42 @@ def stage_params(module: str) -> tuple[str, ...]:
     raise AssertionError(f"{module} declares no PARAMS")
 
 
+def stage_paths(module: str, stage: str) -> set[str]:
+    """The paths a stage's own files name through :mod:`stages.paths` (``paths.CORPUS``,
+    ``paths.model_dir("sft")``). A helper's ``paths.model_dir(stage)`` (a name, not a
+    literal) is the running stage's own; an f-string argument keeps its literal prefix."""
+    import stages.paths as paths
+
+    found = set()
+    for name in closure(module):
+        if not name.startswith("stages.") or name == "stages.paths":
+            continue
+        for node in ast.walk(ast.parse(module_path(name).read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "paths":
+                arg = node.args[0]
+                if isinstance(arg, ast.Constant):
+                    value = arg.value
+                elif isinstance(arg, ast.JoinedStr):  # f"chat-{cfg.method}": its literal head
+                    value = "".join(v.value for v in arg.values[:1] if isinstance(v, ast.Constant))
+                else:
+                    value = stage
+                found.add(getattr(paths, node.func.attr)(value))
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                    and node.value.id == "paths" and node.attr.isupper():
+                found.add(getattr(paths, node.attr))
+    return found
+
+
 def data_literals(module: str) -> set[str]:
     """``"data/..."`` paths written as string constants in the stage's own files."""
     found = set()
     for name in closure(module):
-        if not name.startswith("stages."):
+        if not name.startswith("stages.") or name == "stages.paths":
             continue
         for node in ast.walk(ast.parse(module_path(name).read_text())):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) \
-                    and node.value.startswith("data/"):
+                    and node.value.startswith(("data/", "metrics/", "reports/")):
                 found.add(node.value)
     return found
 
@@ -181,12 +208,25 @@ def test_stages_declare_the_params_dvc_lists():
 
 
 def test_data_paths_in_stage_code_are_deps_or_outs():
+    """Every data path a stage names (through stages.paths) is one of its deps or outs."""
+    helpers = {"data/checkpoints", "data/models", "metrics", "reports"}  # folders of many
     for name, stage in dvc_stages().items():
         listed = {d for d in stage.get("deps", []) if isinstance(d, str)}
         listed |= {next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])}
+        for m in stage.get("metrics", []) + stage.get("plots", []):
+            listed.add(next(iter(m)) if isinstance(m, dict) else m)
         listed = {p.split("${")[0].rstrip("-") if "${" in p else p for p in listed}
-        for path in data_literals(stage_module(stage["cmd"])):
-            assert path in listed or any(path.startswith(p) for p in listed), (name, path)
+        used = stage_paths(stage_module(stage["cmd"]), name)
+        assert used, name
+        for path in used - helpers:
+            assert path in listed or any(p.startswith(path) or path.startswith(p)
+                                         for p in listed), (name, path)
+
+
+def test_stage_code_writes_no_data_path_literal():
+    """Paths live in stages/paths.py alone (the stages and the tests name them from there)."""
+    for name, stage in dvc_stages().items():
+        assert data_literals(stage_module(stage["cmd"])) == set(), name
 
 
 def test_a_stage_cannot_read_an_undeclared_param():
