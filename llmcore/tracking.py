@@ -29,7 +29,9 @@ _PARAM_MAX = 6000  # MLflow's limit on a param value's length
 
 
 class Tracker(Protocol):
-    run_id: str | None
+    @property
+    def run_id(self) -> str | None: ...
+
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...

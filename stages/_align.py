@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from llmcore.config import BaseConfig, LoRAConfig
 from llmcore.data.shards import ShardDataset
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes
 from llmcore.device import pick_device
@@ -41,7 +43,7 @@ def copy_model(stage: str, src: str, out: str, curves: dict[str, list[str]]
     return {f"{stage}/skipped": 1}
 
 
-def load_policy(src: Path, base: Any, method: str, lora_cfg: Any
+def load_policy(src: Path, base: BaseConfig, method: str, lora_cfg: LoRAConfig
                 ) -> tuple[Any, Any, LoRASpec | None, dict[str, float]]:
     """(policy, model config, adapter spec or None, trainable-parameter metrics)."""
     device = pick_device(base.device)
@@ -55,7 +57,7 @@ def load_policy(src: Path, base: Any, method: str, lora_cfg: Any
                                  "trainable_share": round(trainable / total, 5)}
 
 
-def task_subset(convs: list[dict[str, Any]], tasks: list[str], per_task: int
+def task_subset(convs: list[dict[str, Any]], tasks: Sequence[str], per_task: int
                 ) -> list[dict[str, Any]]:
     """Up to ``per_task`` conversations of each task, in corpus order."""
     out, counts = [], dict.fromkeys(tasks, 0)

@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -40,7 +40,18 @@ from llmcore.schema import USER_ERROR
 from llmcore.tracking import NullTracker, Tracker, default_uri, end_stage_run, stage_run
 from stages import paths
 
-Body = Callable[[dict[str, Any], Tracker], Mapping[str, Any]]
+
+class StageParams:
+    """A stage's typed params: one field per params.yaml section it declares (``base`` holds
+    only its declared keys; reading another one fails, see :class:`SectionView`)."""
+
+    def sections(self) -> dict[str, Any]:
+        """``section -> config``, for lineage tags and the MLflow params."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+
+P = TypeVar("P", bound=StageParams)
+Body = Callable[[P, Tracker], Mapping[str, Any]]
 
 
 def repo_root() -> Path:
@@ -121,7 +132,7 @@ def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def write_tsv(path: Path, rows: list[Mapping[str, Any]], columns: list[str]) -> None:
+def write_tsv(path: Path, rows: Sequence[Mapping[str, Any]], columns: list[str]) -> None:
     """A small TSV for ``dvc plots`` (rows missing a column get an empty cell)."""
     lines = ["\t".join(columns)]
     for row in rows:
@@ -223,7 +234,7 @@ def fail(stage: str, exc: BaseException) -> None:
     sys.exit(USER_ERROR)
 
 
-def run_stage(stage: str, keys: Sequence[str], body: Body) -> None:
+def run_stage(stage: str, keys: Sequence[str], body: Body[P], params: type[P]) -> None:
     """Load params, run ``body``, write ``metrics/<stage>.json``; exit 2 on a user error."""
     root = repo_root()
     start = time.perf_counter()
@@ -231,12 +242,13 @@ def run_stage(stage: str, keys: Sequence[str], body: Body) -> None:
         sections = list(dict.fromkeys(["base", *(k.partition(".")[0] for k in keys)]))
         full = parse_sections(read_params(root), sections)
         cfgs = declared(full, keys)
+        typed = params(**cfgs)
         tracker = make_tracker(full["base"], stage, root, flat_params(cfgs))
     except UserError as exc:
         fail(stage, exc)
     try:
         metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v
-                   for k, v in body(cfgs, tracker).items()}  # NaN is not JSON
+                   for k, v in body(typed, tracker).items()}  # NaN is not JSON
         if rank() != 0:
             return
         metrics[f"{stage}/stage_seconds"] = round(time.perf_counter() - start, 3)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from llmcore.config import ModelConfig, TrainConfig, UserError
+from llmcore.config import BaseConfig, ModelConfig, TrainConfig, UserError
 from llmcore.data.shards import read_manifest
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes
 from llmcore.model.modeldir import save_model_dir
@@ -24,7 +24,7 @@ def data_fingerprint(manifest: dict[str, Any], splits: list[str]) -> dict[str, A
                        for s in splits if s in manifest["splits"]}}
 
 
-def train_and_export(stage: str, model_cfg: ModelConfig, cfg: TrainConfig, base: Any,
+def train_and_export(stage: str, model_cfg: ModelConfig, cfg: TrainConfig, base: BaseConfig,
                      splits: tuple[str, str], tracker: Any, init_from: Path | None = None,
                      adapter: Any = None) -> dict[str, Any]:
     """Train on ``splits`` (train, val), write ``data/models/<stage>``; the stage's metrics."""

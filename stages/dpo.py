@@ -11,23 +11,32 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from dataclasses import dataclass
+from typing import Any
 
 from llmcore.align.dpo import encode_pairs, reference_logprobs, task_pairs, train_dpo
 from llmcore.align.replies import sampled_kl
 from llmcore.align.run import data_hash, policy_context
-from llmcore.config import SYNTHETIC_TASKS
+from llmcore.config import SYNTHETIC_TASKS, BaseConfig, DPOConfig
 from llmcore.data.corpus import read_conversations, read_preferences
 from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.files import sha256_file
 from llmcore.model.modeldir import load_model_dir
+from llmcore.tracking import Tracker
 from stages import paths
 from stages._align import copy_model, load_policy, save_policy, task_subset
-from stages._common import log, repo_root, run_stage, write_tsv
+from stages._common import StageParams, log, repo_root, run_stage, write_tsv
 
 PARAMS = ("base.seed", "base.device", "base.dtype", "dpo")
 SRC, OUT = paths.model_dir("sft"), paths.model_dir("dpo")
 CURVES = {"dpo_train.tsv": ["step", "loss", "reward_accuracy", "lr", "grad_norm"],
           "dpo_val.tsv": ["step", "loss", "reward_accuracy", "reward_margin"]}
+
+
+@dataclass(frozen=True)
+class Params(StageParams):
+    base: BaseConfig
+    dpo: DPOConfig
 
 
 def _pairs(root, cfg, seed, ref, tok, split, per_task):
@@ -40,8 +49,8 @@ def _pairs(root, cfg, seed, ref, tok, split, per_task):
     return pairs, own
 
 
-def body(cfgs, tracker):
-    cfg, base, root = cfgs["dpo"], cfgs["base"], repo_root()
+def body(p: Params, tracker: Tracker) -> dict[str, Any]:
+    cfg, base, root = p.dpo, p.base, repo_root()
     if cfg.max_steps == 0:
         return copy_model("dpo", SRC, OUT, CURVES)
     tok = LLMTokenizer.load(root / SRC)
@@ -80,13 +89,13 @@ def body(cfgs, tracker):
                "dpo/resumed_from": -1 if result.resumed_from is None else result.resumed_from,
                **{f"dpo/{k}": v for k, v in trainable.items()}}
     meta = {"params": {"dpo": dataclasses.asdict(cfg)}, "pairs": len(train)}
-    metrics.update(save_policy("dpo", policy, model_cfg, root / SRC, adapter, cfgs, tracker,
+    metrics.update(save_policy("dpo", policy, model_cfg, root / SRC, adapter, p.sections(), tracker,
                                meta))
     return metrics
 
 
 def main() -> None:
-    run_stage("dpo", PARAMS, body)
+    run_stage("dpo", PARAMS, body, Params)
 
 
 if __name__ == "__main__":

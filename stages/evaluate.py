@@ -3,8 +3,12 @@ held-out data; write ``reports/evaluate/``."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
+from llmcore.config import BaseConfig, EvaluateConfig
 from llmcore.data.corpus import read_conversations
 from llmcore.data.shards import ShardDataset
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes
@@ -12,8 +16,9 @@ from llmcore.device import pick_device, precision
 from llmcore.model.modeldir import load_model_dir
 from llmcore.report.evaluate import evaluate_model, summary_metrics
 from llmcore.report.tables import render_plots, write_reports
+from llmcore.tracking import Tracker
 from stages import paths
-from stages._common import log, repo_root, run_stage
+from stages._common import StageParams, log, repo_root, run_stage
 
 PARAMS = ("base.seed", "base.device", "base.dtype", "evaluate")
 MODELS = {"pretrain": paths.model_dir("pretrain"), "sft": paths.model_dir("sft"),
@@ -21,8 +26,14 @@ MODELS = {"pretrain": paths.model_dir("pretrain"), "sft": paths.model_dir("sft")
 OUT = f"{paths.REPORTS}/evaluate"
 
 
-def body(cfgs, tracker):
-    cfg, base, root = cfgs["evaluate"], cfgs["base"], repo_root()
+@dataclass(frozen=True)
+class Params(StageParams):
+    base: BaseConfig
+    evaluate: EvaluateConfig
+
+
+def body(p: Params, tracker: Tracker) -> dict[str, Any]:
+    cfg, base, root = p.evaluate, p.base, repo_root()
     tok = LLMTokenizer.load(root / paths.TOKENIZER)
     device = pick_device(base.device)
     prec = precision(base.dtype, device)
@@ -49,7 +60,7 @@ def body(cfgs, tracker):
 
 
 def main() -> None:
-    run_stage("evaluate", PARAMS, body)
+    run_stage("evaluate", PARAMS, body, Params)
 
 
 if __name__ == "__main__":

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+from llmcore.config import FetchConfig
 from llmcore.data.corpus import BAD_RECORDS_FILE
 from llmcore.data.fetch import build_corpus
+from llmcore.tracking import Tracker
 from stages import paths
-from stages._common import log, repo_root, run_stage
+from stages._common import StageParams, log, repo_root, run_stage
 
 PARAMS = ("fetch",)
 OUT = paths.CORPUS
 
 
-def body(cfgs, tracker):
-    cfg = cfgs["fetch"]
+@dataclass(frozen=True)
+class Params(StageParams):
+    fetch: FetchConfig
+
+
+def body(p: Params, tracker: Tracker) -> dict[str, Any]:
+    cfg = p.fetch
     root = repo_root()
     stats = build_corpus(cfg, root / OUT, root=root)
     for example in stats.bad_examples:
@@ -34,7 +44,7 @@ def body(cfgs, tracker):
 
 
 def main() -> None:
-    run_stage("fetch", PARAMS, body)
+    run_stage("fetch", PARAMS, body, Params)
 
 
 if __name__ == "__main__":

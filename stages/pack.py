@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from tqdm import tqdm
 
+from llmcore.config import PackConfig
 from llmcore.data.corpus import read_conversations, read_texts
 from llmcore.data.packing import pack_all
 from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.files import atomic_dir
+from llmcore.tracking import Tracker
 from stages import paths
-from stages._common import log, repo_root, run_stage
+from stages._common import StageParams, log, repo_root, run_stage
 
 PARAMS = ("pack",)
 CORPUS, TOKENIZER, OUT = paths.CORPUS, paths.TOKENIZER, paths.SHARDS
 
 
-def body(cfgs, tracker):
-    cfg, root = cfgs["pack"], repo_root()
+@dataclass(frozen=True)
+class Params(StageParams):
+    pack: PackConfig
+
+
+def body(p: Params, tracker: Tracker) -> dict[str, Any]:
+    cfg, root = p.pack, repo_root()
     tok = LLMTokenizer.load(root / TOKENIZER)
     pretrain = {s: read_texts(root / CORPUS, s) for s in ("train", "val")}
     sft = {s: [c["messages"] for c in read_conversations(root / CORPUS, s)]
@@ -53,7 +63,7 @@ def body(cfgs, tracker):
 
 
 def main() -> None:
-    run_stage("pack", PARAMS, body)
+    run_stage("pack", PARAMS, body, Params)
 
 
 if __name__ == "__main__":

@@ -6,22 +6,40 @@ Writes ``data/models/pretrain/`` and keeps resumable checkpoints in ``data/check
 
 from __future__ import annotations
 
-from llmcore.tracking import register_model
+from dataclasses import dataclass
+from typing import Any
+
+from llmcore.config import BaseConfig, ModelConfig, TrainConfig
+from llmcore.tracking import Tracker, register_model
 from stages import paths
-from stages._common import log, model_tags, relaunch_under_torchrun, repo_root, run_stage
+from stages._common import (
+    StageParams,
+    log,
+    model_tags,
+    relaunch_under_torchrun,
+    repo_root,
+    run_stage,
+)
 from stages._training import train_and_export
 
 PARAMS = ("base.seed", "base.device", "base.dtype", "model", "pretrain")
 
 
-def body(cfgs, tracker):
-    metrics = train_and_export("pretrain", cfgs["model"], cfgs["pretrain"], cfgs["base"],
+@dataclass(frozen=True)
+class Params(StageParams):
+    base: BaseConfig
+    model: ModelConfig
+    pretrain: TrainConfig
+
+
+def body(p: Params, tracker: Tracker) -> dict[str, Any]:
+    metrics = train_and_export("pretrain", p.model, p.pretrain, p.base,
                                ("pretrain_train", "pretrain_val"), tracker)
     if metrics:  # rank 0: its own registry name, as docs bpb and SFT-reply bpb do not compare
         root = repo_root()
         version = register_model(tracker, root / paths.model_dir("pretrain"),
                                  metrics["pretrain/val_bpb"], "pretrain", "llmcore-pretrain",
-                                 tags=model_tags(root, "pretrain", cfgs))
+                                 tags=model_tags(root, "pretrain", p.sections()))
         if version:
             log(f"pretrain: registered as llmcore-pretrain version {version}")
     return metrics
@@ -29,7 +47,7 @@ def body(cfgs, tracker):
 
 def main() -> None:
     relaunch_under_torchrun("pretrain", "stages.pretrain")
-    run_stage("pretrain", PARAMS, body)
+    run_stage("pretrain", PARAMS, body, Params)
 
 
 if __name__ == "__main__":

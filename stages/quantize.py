@@ -4,10 +4,12 @@ which is the DPO or SFT model when those stages are skipped), with a report."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from llmcore.config import UserError
+from llmcore.config import BaseConfig, QuantizeConfig, UserError
 from llmcore.data.corpus import read_conversations
 from llmcore.data.shards import ShardDataset
 from llmcore.data.tokenizer import LLMTokenizer, render_chat, token_bytes
@@ -17,17 +19,23 @@ from llmcore.export.hf import llama_compatible
 from llmcore.export.quantize import QuantSpec, compare, quantize_model, tensor_bytes
 from llmcore.model.modeldir import load_model_dir, save_model_dir
 from llmcore.report.evaluate import split_bpb
-from llmcore.tracking import register_model
+from llmcore.tracking import Tracker, register_model
 from stages import paths
-from stages._common import log, model_tags, repo_root, run_stage
+from stages._common import StageParams, log, model_tags, repo_root, run_stage
 
 PARAMS = ("base.device", "quantize")
 SOURCE, SHARDS = paths.model_dir("rl"), paths.SHARDS  # the last model of the chain
 
 
-def body(cfgs, tracker):
-    cfg, root = cfgs["quantize"], repo_root()
-    device = pick_device(cfgs["base"].device)
+@dataclass(frozen=True)
+class Params(StageParams):
+    base: BaseConfig
+    quantize: QuantizeConfig
+
+
+def body(p: Params, tracker: Tracker) -> dict[str, Any]:
+    cfg, root = p.quantize, repo_root()
+    device = pick_device(p.base.device)
     src, out = root / SOURCE, root / paths.model_dir(f"chat-{cfg.method}")
     fp_model, model_cfg = load_model_dir(src, device)
     convs = read_conversations(root / paths.CORPUS, "val")[: cfg.agreement_prompts]
@@ -69,7 +77,7 @@ def body(cfgs, tracker):
         m["quantize/gguf_mb"] = round(gguf_path.stat().st_size / 2**20, 3)
         log(f"quantize: wrote {gguf_path.relative_to(root)} ({cfg.gguf})")
     version = register_model(tracker, out, m["quantize/registry_bpb"], cfg.method,
-                             tags=model_tags(root, "quantize", cfgs))
+                             tags=model_tags(root, "quantize", p.sections()))
     if version:
         log(f"quantize: registered as llmcore version {version}")
     log(f"quantize: {cfg.method} {m['quantize/size_ratio']:.2f}x smaller, bpb "
@@ -80,7 +88,7 @@ def body(cfgs, tracker):
 
 
 def main() -> None:
-    run_stage("quantize", PARAMS, body)
+    run_stage("quantize", PARAMS, body, Params)
 
 
 if __name__ == "__main__":

@@ -10,24 +10,34 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from dataclasses import dataclass
+from typing import Any
 
 from llmcore.align.grpo import train_grpo
 from llmcore.align.run import data_hash, policy_context
+from llmcore.config import BaseConfig, RLConfig
 from llmcore.data.corpus import read_conversations
 from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.files import sha256_file
 from llmcore.model.modeldir import load_model_dir
+from llmcore.tracking import Tracker
 from stages import paths
 from stages._align import copy_model, exact_match, load_policy, save_policy, task_subset
-from stages._common import log, repo_root, run_stage, write_tsv
+from stages._common import StageParams, log, repo_root, run_stage, write_tsv
 
 PARAMS = ("base.seed", "base.device", "base.dtype", "rl")
 SRC, OUT = paths.model_dir("dpo"), paths.model_dir("rl")
 CURVES = {"rl_train.tsv": ["step", "reward", "exact", "kl", "loss", "useful_groups"]}
 
 
-def body(cfgs, tracker):
-    cfg, base, root = cfgs["rl"], cfgs["base"], repo_root()
+@dataclass(frozen=True)
+class Params(StageParams):
+    base: BaseConfig
+    rl: RLConfig
+
+
+def body(p: Params, tracker: Tracker) -> dict[str, Any]:
+    cfg, base, root = p.rl, p.base, repo_root()
     if cfg.max_steps == 0:
         return copy_model("rl", SRC, OUT, CURVES)
     tok = LLMTokenizer.load(root / SRC)
@@ -64,13 +74,13 @@ def body(cfgs, tracker):
                **{f"rl/{t}_exact_after": v for t, v in after.items()},
                **{f"rl/{k}": v for k, v in trainable.items()}}
     meta = {"params": {"rl": dataclasses.asdict(cfg)}}
-    metrics.update(save_policy("rl", policy, model_cfg, root / SRC, adapter, cfgs, tracker,
+    metrics.update(save_policy("rl", policy, model_cfg, root / SRC, adapter, p.sections(), tracker,
                                meta))
     return metrics
 
 
 def main() -> None:
-    run_stage("rl", PARAMS, body)
+    run_stage("rl", PARAMS, body, Params)
 
 
 if __name__ == "__main__":

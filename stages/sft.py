@@ -10,38 +10,54 @@ held-out SFT reply.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from llmcore.config import BaseConfig, SFTConfig
 from llmcore.data.shards import ShardDataset
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes
 from llmcore.device import pick_device
 from llmcore.model.lora import LoRASpec
 from llmcore.model.modeldir import load_model_dir, read_model_config
 from llmcore.report.evaluate import split_bpb
-from llmcore.tracking import register_model
+from llmcore.tracking import Tracker, register_model
 from stages import paths
-from stages._common import log, model_tags, relaunch_under_torchrun, repo_root, run_stage
+from stages._common import (
+    StageParams,
+    log,
+    model_tags,
+    relaunch_under_torchrun,
+    repo_root,
+    run_stage,
+)
 from stages._training import SHARDS, train_and_export
 
 PARAMS = ("base.seed", "base.device", "base.dtype", "sft")
 INIT, OUT = paths.model_dir("pretrain"), paths.model_dir("sft")
 
 
-def body(cfgs, tracker):
+@dataclass(frozen=True)
+class Params(StageParams):
+    base: BaseConfig
+    sft: SFTConfig
+
+
+def body(p: Params, tracker: Tracker) -> dict[str, Any]:
     root = repo_root()
-    cfg = cfgs["sft"]
+    cfg = p.sft
     adapter = LoRASpec.from_config(cfg.lora) if cfg.method == "lora" else None
-    metrics = train_and_export("sft", read_model_config(root / INIT), cfg, cfgs["base"],
+    metrics = train_and_export("sft", read_model_config(root / INIT), cfg, p.base,
                                ("sft_train", "sft_val"), tracker, init_from=root / INIT,
                                adapter=adapter)
     if metrics:  # rank 0: register the model with its bpb on all held-out SFT replies
-        model, _ = load_model_dir(root / OUT, pick_device(cfgs["base"].device))
+        model, _ = load_model_dir(root / OUT, pick_device(p.base.device))
         tb = torch.tensor(token_bytes(LLMTokenizer.load(root / OUT)))
         bpb = split_bpb(model, ShardDataset(root / SHARDS, "sft_val"), tb)
         metrics["sft/registry_bpb"] = round(bpb, 5) if math.isfinite(bpb) else None
         version = register_model(tracker, root / OUT, bpb, "sft",
-                                 tags=model_tags(root, "sft", cfgs))
+                                 tags=model_tags(root, "sft", p.sections()))
         if version:
             log(f"sft: registered as llmcore version {version}")
     return metrics
@@ -49,7 +65,7 @@ def body(cfgs, tracker):
 
 def main() -> None:
     relaunch_under_torchrun("sft", "stages.sft")
-    run_stage("sft", PARAMS, body)
+    run_stage("sft", PARAMS, body, Params)
 
 
 if __name__ == "__main__":

@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Any
 
+from llmcore.config import TokenizerConfig
 from llmcore.data.corpus import read_conversations, read_texts
 from llmcore.data.tokenizer import LLMTokenizer, bytes_per_token, train_bpe, training_texts
 from llmcore.files import atomic_dir
+from llmcore.tracking import Tracker
 from stages import paths
-from stages._common import log, repo_root, run_stage
+from stages._common import StageParams, log, repo_root, run_stage
 
 PARAMS = ("tokenizer",)
 CORPUS, OUT = paths.CORPUS, paths.TOKENIZER
 
 
-def body(cfgs, tracker):
-    cfg, root = cfgs["tokenizer"], repo_root()
+@dataclass(frozen=True)
+class Params(StageParams):
+    tokenizer: TokenizerConfig
+
+
+def body(p: Params, tracker: Tracker) -> dict[str, Any]:
+    cfg, root = p.tokenizer, repo_root()
     convs = read_conversations(root / CORPUS, "train") if cfg.include_sft else []
     texts = training_texts(read_texts(root / CORPUS, "train"), convs, cfg.max_train_bytes)
     start = time.perf_counter()
@@ -30,7 +39,7 @@ def body(cfgs, tracker):
 
 
 def main() -> None:
-    run_stage("tokenizer", PARAMS, body)
+    run_stage("tokenizer", PARAMS, body, Params)
 
 
 if __name__ == "__main__":
