@@ -1,7 +1,9 @@
 # The README's commands. Each one sets up .venv first (only when pyproject.toml changed).
 #   make pipeline   set up, then run the whole DVC pipeline (dvc repro)
 #   make test       set up, then run the test suite
-#   make lint       ruff
+#   make test-fast  set up, then run the tests not marked slow (no end-to-end, Prefect,
+#                   torchrun, browser or compile tests)
+#   make lint       ruff, then mypy on llmcore/ and stages/
 #   make speedrun   quality per minute against the peer (benchmarks/speedrun.py)
 #   make plots      dvc plots show, rendered to reports/plots/index.html (works offline)
 
@@ -31,7 +33,7 @@ PREFECT_ENV := PREFECT_HOME=$(abspath .prefect) \
 # columns that change on every run (timings, throughput): hidden in `make compare`
 VOLATILE := .*(seconds|per_s|mfu|memory|speed|resumed).*
 
-.PHONY: setup pipeline test lint bench speedrun plots llama-cpp clean-venv prefect-server serve mlflow-ui compare
+.PHONY: setup pipeline test test-fast lint bench speedrun plots llama-cpp clean-venv prefect-server serve mlflow-ui compare
 
 setup: $(STAMP)
 
@@ -61,8 +63,12 @@ pipeline: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: setup
 	$(BIN)/python benchmarks/pack.py
