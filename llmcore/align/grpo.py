@@ -100,6 +100,34 @@ def _surrogate(model: Transformer, stepper: OptimizerStep, ids: torch.Tensor,
     return loss * weight if weight != 1 else loss
 
 
+def _update(model: Transformer, ref_model: Transformer, stepper: OptimizerStep, cfg: RLConfig,
+            pad_id: int, expanded: list[list[int]], replies: list[list[int]],
+            rewards: torch.Tensor, step: int) -> tuple[float, float]:
+    """``cfg.inner_epochs`` optimizer updates on one sampled batch; (loss, KL) of the last."""
+    device = next(model.parameters()).device
+    adv = group_advantages(rewards).flatten().to(device)
+    keep = [i for i, r in enumerate(replies) if r]  # an empty reply has no token to score
+    ids, mask = prompt_reply_rows([expanded[i] for i in keep], [replies[i] for i in keep],
+                                  pad_id, device)
+    with torch.no_grad(), stepper.autocast():  # the sampling policy's and the reference's
+        old = token_logprobs(model, ids)
+        ref = token_logprobs(ref_model, ids)
+    model.train()
+    chunk = max(1, -(-len(keep) // cfg.grad_accum))
+    loss, stats = 0.0, list[dict[str, float]]()
+    for _ in range(cfg.inner_epochs):
+        stats = []
+        micro = [functools.partial(_surrogate, model, stepper, ids[i : i + chunk],
+                                   mask[i : i + chunk], old[i : i + chunk], ref[i : i + chunk],
+                                   adv[keep][i : i + chunk], cfg,
+                                   len(ids[i : i + chunk]) / len(keep), stats)
+                 for i in range(0, len(keep), chunk)]
+        stepper.backward(model, micro)
+        loss = sum(s["loss"] for s in stats)
+        stepper.update(loss, step + 1)
+    return loss, sum(s["kl"] for s in stats)
+
+
 def train_grpo(model: Transformer, ref_model: Transformer, tok: LLMTokenizer,
                tasks: Sequence[dict[str, Any]], cfg: RLConfig, ctx: RunContext, seed: int
                ) -> GRPOResult:
@@ -110,7 +138,6 @@ def train_grpo(model: Transformer, ref_model: Transformer, tok: LLMTokenizer,
     ``cfg.grad_accum`` micro-batches). With ``ctx.checkpoints`` the run checkpoints every
     ``cfg.checkpoint_every`` steps and resumes from the newest one of its configuration.
     """
-    device = next(model.parameters()).device
     stepper = OptimizerStep(model, cfg, ctx)
     progress = Progress(ctx.name, cfg.max_steps, cfg.log_every, ctx.log)
     rng = random.Random(seed)
@@ -130,31 +157,13 @@ def train_grpo(model: Transformer, ref_model: Transformer, tok: LLMTokenizer,
     for step in range(start, cfg.max_steps):
         batch = rng.sample(list(tasks), min(cfg.prompts_per_step, len(tasks)))
         expanded, replies, rewards = _sample(model, tok, batch, cfg, seed, step)
-        adv = group_advantages(rewards).flatten().to(device)
-        keep = [i for i, r in enumerate(replies) if r]  # an empty reply has no token to score
-        ids, mask = prompt_reply_rows([expanded[i] for i in keep], [replies[i] for i in keep],
-                                      tok.pad_id, device)
-        with torch.no_grad(), stepper.autocast():
-            old = token_logprobs(model, ids)
-            ref = token_logprobs(ref_model, ids)
         lr = stepper.set_lr(step)
-        model.train()
-        chunk = max(1, -(-len(keep) // cfg.grad_accum))
-        stats: list[dict[str, float]] = []
-        for _ in range(cfg.inner_epochs):
-            stats = []
-            micro = [functools.partial(_surrogate, model, stepper, ids[i : i + chunk],
-                                       mask[i : i + chunk], old[i : i + chunk],
-                                       ref[i : i + chunk], adv[keep][i : i + chunk], cfg,
-                                       len(ids[i : i + chunk]) / len(keep), stats)
-                     for i in range(0, len(keep), chunk)]
-            stepper.backward(model, micro)
-            loss = sum(s["loss"] for s in stats)
-            stepper.update(loss, step + 1)
+        loss, kl = _update(model, ref_model, stepper, cfg, tok.pad_id, expanded, replies,
+                           rewards, step)
         correct = float((rewards > 0.5).float().mean())
         row = {"step": step + 1, "reward": round(float(rewards.mean()), 5),
                "exact": round(correct, 5), "loss": round(loss, 6),
-               "kl": round(sum(s["kl"] for s in stats), 6),
+               "kl": round(kl, 6),
                "useful_groups": int((rewards.std(dim=1) > 0).sum())}
         result.history.append(row)
         if progress.due(step + 1):
