@@ -20,8 +20,8 @@ from pathlib import Path
 
 from llmcore.config import FetchConfig
 from llmcore.data.corpus import read_conversations, read_texts
-from llmcore.data.packing import pack_all
 from llmcore.data.fetch import build_corpus
+from llmcore.data.packing import pack_all
 from llmcore.data.tokenizer import LLMTokenizer, render_chat, train_bpe
 
 
