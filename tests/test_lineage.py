@@ -44,7 +44,7 @@ ALLOWED = {
     "align": LOW | {"train", "model", "infer", "data", "lineage"},
     "infer": LOW | {"model", "data"},
     "report": LOW | {"model", "data", "infer"},
-    "export": LOW | {"model", "data", "infer", "report"},
+    "export": LOW | {"model", "data", "infer"},
     "serve": LOW | {"model", "data", "infer"},
     "cli": LOW | {"model", "data", "infer", "serve", "export", "tracking"},
 }
