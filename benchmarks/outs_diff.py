@@ -7,7 +7,8 @@ output's md5 is that of its listing (``<md5>.dir`` in the DVC cache), so one cha
 changes it; this script opens the listings (from any of the given caches) and names the files
 that differ. Model directories carry ``meta.json`` (git commit, run fingerprint, params), which
 changes with every commit by design; it is reported apart from the files that hold numbers.
-Metrics files hold timings, so they are listed but not counted as data outputs.
+Metrics files hold timings, and checkpoint folders (``persist``, uncached) hold resume state,
+so both are listed but not counted as data outputs.
 
 Writes ``reports/outs_diff.json`` and prints a table.
 """
@@ -44,7 +45,8 @@ def compare(old: dict[str, str], new: dict[str, str], caches: list[Path]) -> lis
     for path in sorted(set(old) | set(new)):
         a, b = old.get(path), new.get(path)
         row = {"path": path, "old": a, "new": b, "same": a == b, "files": None,
-               "kind": "metrics" if not path.startswith("data/") else "data"}
+               "kind": ("metrics" if not path.startswith("data/") else
+                        "state" if path.startswith("data/checkpoints") else "data")}
         if a != b and a and b and a.endswith(".dir") and b.endswith(".dir"):
             la, lb = listing(a, caches), listing(b, caches)
             if la is not None and lb is not None:
@@ -74,13 +76,14 @@ def main() -> None:
         elif r["files"] is not None:
             status = "DIFFERS: " + ", ".join(r["files"])
         else:
-            status = "differs" + (" (timings)" if r["kind"] == "metrics" else "")
+            status = "differs" + {"metrics": " (timings)", "state": " (resume state, uncached)",
+                                  "data": ""}[r["kind"]]
         print(f"{r['path']:<34} {status}")
     data = [r for r in rows if r["kind"] == "data"]
     same = sum(r["same"] or bool(r.get("only_bookkeeping")) for r in data)
     print(f"\n{same}/{len(data)} data outputs equal (model directories up to meta.json)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"old": str(args.old), "new": str(args.new), "outs": rows},
+    args.out.write_text(json.dumps({"old": args.old.name, "new": args.new.name, "outs": rows},
                                    indent=1) + "\n")
 
 
