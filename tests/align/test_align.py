@@ -1,5 +1,6 @@
 """DPO and GRPO: the losses against hand computations, and short runs that must learn."""
 
+import copy
 import math
 import random
 
@@ -13,7 +14,7 @@ from llmcore.align.dpo import (
     task_pairs,
     train_dpo,
 )
-from llmcore.align.grpo import group_advantages, grpo_loss, train_grpo
+from llmcore.align.grpo import group_advantages, grpo_loss, reward, train_grpo
 from llmcore.align.replies import (
     batched_sequence_logprobs,
     reply_rows,
@@ -182,18 +183,66 @@ def test_a_grpo_step_raises_rewarded_replies_and_lowers_the_others(tiny_tokenize
     assert after[0] > before[0] and (after[1:] < before[1:]).all(), (before, after)
 
 
-def test_train_grpo_runs_on_sampled_groups(tiny_tokenizer):
-    policy, ref = tiny(3), tiny(3)
-    tasks = [{"messages": [{"role": "user", "content": f"say yes {i}"},
-                           {"role": "assistant", "content": "yes"}], "answer": "yes"}
+def test_grpo_reward_exact_values(tiny_tokenizer):
+    tok, pen = tiny_tokenizer, 0.25
+
+    def r(text, answer, end=(tok.im_end_id,)):
+        return reward(tok.encode_text(text) + list(end), answer, tok, pen)
+
+    assert r("42", "42") == 1.0  # right, and ends with <|im_end|>
+    assert r("42", "42", end=()) == 1.0 - pen  # right, cut at the token budget
+    assert r("42", "42", end=(tok.eot_id,)) == 1.0 - pen  # <|endoftext|> is not the turn's end
+    assert r("43", "42") == 0.0 and r("43", "42", end=()) == -pen  # wrong
+    # outer whitespace is ignored on both sides (is_correct), inner whitespace and case are not
+    assert r(" 42 \n", "42") == 1.0 and r("42", " 42\n") == 1.0
+    assert r("4 2", "42") == 0.0 and r("Yes", "yes") == 0.0
+    assert reward([], "42", tok, pen) == -pen and reward([tok.im_end_id], "42", tok, pen) == 0.0
+    assert reward([tok.im_end_id], "", tok, pen) == 1.0  # an empty answer, answered
+
+
+def test_train_grpo_learns_a_fixed_answer(tiny_tokenizer):
+    """Every task's answer is "7". The policy starts with a prior like a pretrained model's
+    (the ten digit tokens hold ~80% of the first token's mass, ~8% each), so a group of
+    one-token replies usually holds a right one: GRPO must raise it above the other digits."""
+    tok = tiny_tokenizer
+    digits = [tok.encode_text(str(d)) for d in range(10)]
+    assert all(len(d) == 1 for d in digits)
+    digits = [d[0] for d in digits]
+    tasks = [{"messages": [{"role": "user", "content": f"What is {i} + {7 - i}?"},
+                           {"role": "assistant", "content": "7"}], "answer": "7"}
              for i in range(8)]
-    cfg = RLConfig(max_steps=2, prompts_per_step=4, group_size=4, max_new_tokens=4)
-    result = train_grpo(policy, ref, tiny_tokenizer, tasks, cfg, quiet_context("rl"), seed=1)
-    assert [h["step"] for h in result.history] == [1, 2]
-    assert all(math.isfinite(h["loss"]) and h["kl"] >= 0 for h in result.history)
-    # no reply ends with <|im_end|> or is right on a random model: every reward is -0.1 or 0
-    assert all(-0.1 - 1e-9 <= h["reward"] <= 1 for h in result.history)
-    assert all(p.grad is None for p in ref.parameters())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ~15x faster for this tiny model on a busy 2-core machine
+    try:
+        policy = tiny(0)
+        last_hidden: list[torch.Tensor] = []
+        hook = policy.lm_head.register_forward_hook(
+            lambda m, args, out: last_hidden.append(args[0][:, -1]))
+        with torch.no_grad():
+            for t in tasks:
+                policy(torch.tensor([tok.encode_prompt(t["messages"][:-1])]))
+        hook.remove()
+        u = torch.cat(last_hidden).mean(0)
+        with torch.no_grad():  # every digit: a logit of ~4.75 after the prompts, the rest ~0
+            for d in digits:
+                policy.lm_head.weight[d] = u * (4.75 / float(u @ u))
+        ref = copy.deepcopy(policy)
+        ref_state = {k: v.clone() for k, v in ref.state_dict().items()}
+        cfg = RLConfig(max_steps=16, lr=5e-3, min_lr=0.0, optimizer="adamw",
+                       prompts_per_step=4, group_size=8, max_new_tokens=1)
+        result = train_grpo(policy, ref, tok, tasks, cfg, quiet_context("rl"), seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    rewards = [h["reward"] for h in result.history]
+    assert [h["step"] for h in result.history] == list(range(1, 17))
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    # one token, never <|im_end|>: "7" scores 0.9, any other reply -0.1; chance is ~-0.02
+    assert first < 0.1 and last > 0.5 and last - first > 0.4, rewards
+    assert result.history[-1]["exact"] > 0.5, result.history[-1]
+    assert result.history[-1]["kl"] > 0  # the policy moved away from the reference ...
+    assert all(p.grad is None for p in ref.parameters())  # ... and only the policy trained
+    assert all(torch.equal(v, ref_state[k]) for k, v in ref.state_dict().items())
 
 
 def test_reference_logprobs_need_no_gradients(tiny_tokenizer):

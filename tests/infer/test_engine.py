@@ -43,11 +43,13 @@ def run_concurrently(engine, jobs):
                                                               engine.tok.eot_id])
         results[i] = (text, finish)
 
-    threads = [threading.Thread(target=worker, args=(i, p, s)) for i, (p, s) in enumerate(jobs)]
+    threads = [threading.Thread(target=worker, args=(i, p, s), daemon=True)
+               for i, (p, s) in enumerate(jobs)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
+    assert not any(t.is_alive() for t in threads), "a request got no answer within 120 s"
     return results
 
 
@@ -106,10 +108,53 @@ def test_queue_bound_and_cancel_free_the_slot(model, tiny_tokenizer):
 
 def test_requests_past_the_context_are_refused(model, tiny_tokenizer):
     engine = Engine(model, tiny_tokenizer)
-    with pytest.raises(ValueError, match="must be 1..192"):
-        engine.submit(Request([1] * 190, Sampling(max_new_tokens=7), lambda e: None))
+    try:
+        with pytest.raises(ValueError, match="must be 1..192"):
+            engine.submit(Request([1] * 190, Sampling(max_new_tokens=7), lambda e: None))
+    finally:
+        engine.stop()
 
 
+def test_a_request_joins_while_another_is_decoding(model, tiny_tokenizer):
+    """Continuous batching: B, submitted while A holds a slot, is prefilled and finishes
+    while A is still decoding (a static batch would start B only after A's last token),
+    and both produce what they produce alone."""
+    tok = tiny_tokenizer
+    p_a, p_b = prompts(tok, 2)
+    # no stop tokens: A runs its full length, so it is certainly still decoding when B comes
+    s_a, s_b = Sampling(max_new_tokens=60), Sampling(max_new_tokens=8)
+    log: list[tuple[str, Event]] = []  # every event of both, in the order the engine sent them
+    done = {"a": threading.Event(), "b": threading.Event()}
+    engine = Engine(model, tok, max_batch=2, max_queue=4)
+
+    def sink(name: str):
+        def on_event(e: Event) -> None:
+            log.append((name, e))
+            if name == "a" and len(log) == 1:  # A's first token is out: A holds its slot
+                engine.submit(Request(p_b, s_b, sink("b")))
+            if e.finish:
+                done[name].set()
+        return on_event
+
+    try:
+        engine.submit(Request(p_a, s_a, sink("a")))
+        assert done["a"].wait(60) and done["b"].wait(60), log
+        order = [name for name, _ in log]
+        a_end = next(k for k, (n, e) in enumerate(log) if n == "a" and e.finish)
+        b_end = next(k for k, (n, e) in enumerate(log) if n == "b" and e.finish)
+        assert order[0] == "a" and order.index("b") < a_end  # B started before A ended
+        assert b_end < a_end and "a" in order[order.index("b"):b_end]  # interleaved
+        # every decode step of B was also one of A's (one after the other: A's 59 + B's 7)
+        assert engine.steps <= s_a.max_new_tokens, engine.steps
+        for name, p, s in (("a", p_a, s_a), ("b", p_b, s_b)):
+            last = next(e for n, e in log if n == name and e.finish)
+            assert last.finish == "length" and last.ids == generate(model, [p], s)[0]
+            assert "".join(e.text for n, e in log if n == name) == tok.decode(last.ids)
+    finally:
+        engine.stop()
+
+
+@pytest.mark.slow  # torch.compile: tens of seconds of graph building
 def test_compiled_engine_gives_the_eager_tokens(tiny_tokenizer):
     """torch.compile of the step (dynamic shapes: any batch, any cache span) changes speed,
     not answers; the engine runs in the caller's thread here, as under `llmcore serve`."""
@@ -117,17 +162,47 @@ def test_compiled_engine_gives_the_eager_tokens(tiny_tokenizer):
     cfg = parse_section("model", {"preset": "tiny", "vocab_size": 300, "max_seq_len": 128})
     model = Transformer(cfg).eval()
     engine = Engine(model, tiny_tokenizer, max_batch=4, own_thread=False, compile=True)
-    engine.warm_up()
+    stops = [tiny_tokenizer.im_end_id, tiny_tokenizer.eot_id]
     jobs = [(p, Sampling(max_new_tokens=6 + i)) for i, p in enumerate(prompts(tiny_tokenizer, 3))]
     got: list = [None] * len(jobs)
+    together: dict[int, str] = {}
+    errors: list[BaseException] = []
 
     def client():
-        for i, (p, s) in enumerate(jobs):
-            got[i] = complete(engine, p, s, [tiny_tokenizer.im_end_id, tiny_tokenizer.eot_id])[0]
-        engine.stop(0)
+        try:
+            for i, (p, s) in enumerate(jobs):  # one at a time: batch 1
+                got[i] = complete(engine, p, s, stops, timeout=120)[0]
+            # two at once: a batch of 2 through the compiled step
+            both = [threading.Event(), threading.Event()]
+            parts: list[list[str]] = [[], []]
 
-    t = threading.Thread(target=client)
-    t.start()
-    engine.run()
-    t.join(60)
-    assert got == [alone(model, tiny_tokenizer, p, s) for p, s in jobs]
+            def sink(k):
+                def on_event(e):
+                    parts[k].append(e.text)
+                    if e.finish:
+                        together[k] = "".join(parts[k])
+                        both[k].set()
+                return on_event
+
+            engine.submit(*(Request(p, s, sink(k), stops) for k, (p, s) in enumerate(jobs[1:])))
+            for ev in both:
+                assert ev.wait(120), "no answer from the compiled engine at batch 2"
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            engine.stop(0)  # ends engine.run() below whatever happened here
+
+    try:
+        engine.warm_up()
+        t = threading.Thread(target=client, daemon=True)
+        t.start()
+        engine.run()
+        t.join(60)
+        assert not t.is_alive()
+    finally:
+        engine.stop(0)
+    if errors:
+        raise errors[0]
+    expected = [alone(model, tiny_tokenizer, p, s) for p, s in jobs]
+    assert got == expected
+    assert [together[0], together[1]] == expected[1:]

@@ -55,21 +55,31 @@ class LiveServer:
             [sys.executable, "-m", "llmcore.cli", "serve", str(model), "--port", str(self.port),
              "--device", "cpu", *args], env=env or project_env(), cwd=cwd,
             stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
+        try:
+            self._wait_healthy(time.time() + 120)
+        except BaseException:  # never leave the process behind, whatever went wrong
+            self.stop()
+            raise
+
+    def _wait_healthy(self, deadline: float) -> None:
         while True:
             try:
                 if get_json(self.url + "/health")["status"] == "ok":
                     return
-            except OSError:
+            except (OSError, ValueError):  # not listening yet, or not answering JSON yet
                 pass
             if self.proc.poll() is not None or time.time() > deadline:
                 self.proc.kill()
                 self.proc.wait(5)
-                out = self.output()[-3000:]
-                self.stop()
                 raise RuntimeError(f"llmcore serve did not start (exit {self.proc.poll()}):\n"
-                                   + out)
+                                   + self.output()[-3000:])
             time.sleep(0.2)
+
+    def __enter__(self) -> LiveServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def output(self) -> str:
         self.log.seek(0)
@@ -88,8 +98,7 @@ class LiveServer:
         return False
 
     def stop(self) -> None:
-        if self.log.closed:
-            return
+        """Terminate (then kill) the process if it still runs; safe to call twice."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -97,4 +106,5 @@ class LiveServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        self.log.close()
+        if not self.log.closed:
+            self.log.close()

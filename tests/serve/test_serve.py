@@ -100,6 +100,24 @@ def test_completions_stop_strings_and_n(served, tiny_tokenizer):
     assert [c["text"] for c in again["choices"]] == [c["text"] for c in choices]  # seeded
 
 
+def test_seeded_n_choices_differ_from_each_other_and_repeat_exactly(served):
+    _, _, client = served
+    body = {"messages": [{"role": "user", "content": "tell me something"}], "n": 3,
+            "max_tokens": 6, "temperature": 1.0, "seed": 11}
+
+    def texts(b):
+        r = client.post("/v1/chat/completions", json=b)
+        assert r.status_code == 200, r.text
+        choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+        assert [c["index"] for c in choices] == [0, 1, 2]
+        return [c["message"]["content"] for c in choices]
+
+    first = texts(body)
+    assert len(set(first)) > 1, first  # one seed, yet n samples, not n copies of one
+    assert texts(body) == first  # the same seeded request: the same choices, in order
+    assert texts({**body, "seed": 12}) != first
+
+
 def test_generate_endpoint_matches_the_library(served, tiny_tokenizer):
     _, model, client = served
     prompts = ["hello", "a much longer prompt than the first one"]

@@ -1,6 +1,7 @@
 """A real ``llmcore serve`` process driven by the official ``openai`` client: compatibility,
 a full queue, a client that disconnects mid-stream, SIGTERM with a stream open."""
 
+import re
 import threading
 import time
 
@@ -22,10 +23,12 @@ def server(tmp_path_factory, tiny_tokenizer):
     path, model = never_stopping_model(root, tiny_tokenizer)
     # two slots and no waiting room: a third concurrent request is a 429 at once
     srv = LiveServer(path, "--max-batch", "2", "--max-queue", "0")
-    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0,
-                           timeout=60)
-    yield srv, client, model
-    srv.stop()
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0,
+                               timeout=60)
+        yield srv, client, model
+    finally:
+        srv.stop()
 
 
 def greedy(model, tok, messages, n):
@@ -42,7 +45,7 @@ def test_openai_client_chat_completions_and_models(server, tiny_tokenizer):
     r = client.chat.completions.create(model="m", messages=messages, max_tokens=10,
                                        temperature=0)
     assert r.choices[0].message.content == expected and r.choices[0].finish_reason == "length"
-    assert r.id and r.created > 0 and r.model == "m"
+    assert re.fullmatch(r"chatcmpl-[0-9a-f]{24}", r.id) and r.created > 0 and r.model == "m"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (n_prompt, 10)
 
     stream = client.chat.completions.create(model="m", messages=messages, max_tokens=10,
@@ -52,8 +55,12 @@ def test_openai_client_chat_completions_and_models(server, tiny_tokenizer):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == expected
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
-    assert chunks[-1].usage.completion_tokens == 10 and all(c.id == r.id.replace(
-        r.id, c.id) and c.model == "m" for c in chunks)
+    assert chunks[-1].usage.completion_tokens == 10 and all(c.model == "m" for c in chunks)
+    # one id for every chunk of a completion (the usage chunk too), a new one per completion
+    stream_ids = {c.id for c in chunks}
+    assert len(stream_ids) == 1, stream_ids
+    stream_id = stream_ids.pop()
+    assert re.fullmatch(r"chatcmpl-[0-9a-f]{24}", stream_id) and stream_id != r.id
 
     two = client.chat.completions.create(model="m", messages=messages, max_tokens=4, n=2,
                                          temperature=0.8, seed=3)
@@ -67,9 +74,12 @@ def test_openai_client_completions(server, tiny_tokenizer):
     r = client.completions.create(model="m", prompt="The list type", max_tokens=6,
                                   temperature=0)
     assert r.choices[0].text == tiny_tokenizer.decode(out)
-    pieces = [c.choices[0].text for c in client.completions.create(
-        model="m", prompt="The list type", max_tokens=6, temperature=0, stream=True)]
-    assert "".join(pieces) == r.choices[0].text
+    assert re.fullmatch(r"cmpl-[0-9a-f]{24}", r.id)
+    chunks = list(client.completions.create(model="m", prompt="The list type", max_tokens=6,
+                                            temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    ids = {c.id for c in chunks}
+    assert len(ids) == 1 and re.fullmatch(r"cmpl-[0-9a-f]{24}", ids.pop()), ids
 
 
 def test_openai_client_gets_clear_errors(server):
@@ -116,28 +126,30 @@ def test_non_streaming_disconnect_frees_the_slot(server):
 
 def test_sigterm_stops_the_server_with_a_stream_open(tmp_path, tiny_tokenizer):
     path, _ = never_stopping_model(tmp_path, tiny_tokenizer)
-    srv = LiveServer(path)
-    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
-    got: list = []
+    with LiveServer(path) as srv:  # stopped on the way out, whatever the test did
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0,
+                               timeout=60)
+        got: list = []
 
-    def read():
-        try:
-            for c in client.chat.completions.create(
-                    model="m", messages=[{"role": "user", "content": "go"}], max_tokens=LONG,
-                    stream=True):
-                got.append(c)
-        except Exception as exc:  # the stream ends with the server: any end is fine here
-            got.append(exc)
+        def read():
+            try:
+                for c in client.chat.completions.create(
+                        model="m", messages=[{"role": "user", "content": "go"}],
+                        max_tokens=LONG, stream=True):
+                    got.append(c)
+            except Exception as exc:  # the stream ends with the server: any end is fine here
+                got.append(exc)
 
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    deadline = time.time() + 20
-    while not got:
-        assert time.time() < deadline
-        time.sleep(0.05)
-    start = time.monotonic()
-    srv.proc.terminate()
-    srv.proc.wait(15)
-    assert time.monotonic() - start < 10
-    reader.join(10)
-    assert not reader.is_alive()
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        deadline = time.time() + 20
+        while not got:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert not isinstance(got[0], Exception), got[0]  # the stream was open
+        start = time.monotonic()
+        srv.proc.terminate()
+        srv.proc.wait(15)
+        assert time.monotonic() - start < 10
+        reader.join(10)
+        assert not reader.is_alive()

@@ -6,6 +6,8 @@ import pytest
 
 from tests.serve.live_server import LiveServer, never_stopping_model
 
+pytestmark = pytest.mark.slow  # a real browser
+
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency "
                                "(pip install -e '.[dev]')")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -37,9 +40,21 @@ def set_params(root: Path, updates: dict) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["dvc", *args], cwd=root, env=project_env(), capture_output=True,
-                          text=True, timeout=600)
+def dvc(root: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``dvc *args`` in ``root``, its output captured. In a session of its own: past the
+    timeout (or on any interruption) the whole process group goes, the stages DVC started
+    included, not only dvc itself."""
+    cmd = ["dvc", *args]
+    proc = subprocess.Popen(cmd, cwd=root, env=project_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def ran(out: str) -> set[str]:

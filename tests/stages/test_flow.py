@@ -100,7 +100,7 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            proc.wait(30)
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +121,12 @@ def prefect_setup(tmp_path_factory):
     bin_dir = Path(sys.executable).parent
     server_log = (home / "server.log").open("w")
     serve_log = (home / "serve.log").open("w")
-    server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], cwd=root, env=env, start_new_session=True,
-                              stdout=server_log, stderr=subprocess.STDOUT)
-    worker = None
+    server = worker = None
     try:
+        server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host",
+                                   "127.0.0.1", "--port", str(port)], cwd=root, env=env,
+                                  start_new_session=True, stdout=server_log,
+                                  stderr=subprocess.STDOUT)
         wait_for(lambda: _healthy(url), 120, "the Prefect server")
         worker = subprocess.Popen([sys.executable, "-m", "stages.flow", "serve"], cwd=root,
                                   env=env, start_new_session=True, stdout=serve_log,
@@ -135,7 +136,8 @@ def prefect_setup(tmp_path_factory):
     finally:
         if worker is not None:
             stop(worker)
-        stop(server)
+        if server is not None:
+            stop(server)
         server_log.close()
         serve_log.close()
 
@@ -181,6 +183,17 @@ def flow_logs(url: str, run_id: str) -> str:
     return "\n".join(entry["message"] for entry in logs)
 
 
+@pytest.fixture(scope="module")
+def override_run(prefect_setup):
+    """A finished deployment run with an override, as DVC experiment lr-2e-3: what the tests
+    after it build on (its DVC run cache, its registered model), done once per module."""
+    root, url, env = prefect_setup
+    params_before = (root / "params.yaml").read_text()
+    run_id = trigger(root, env, 'overrides={"sft.lr": 0.002}', "experiment=lr-2e-3")
+    return run_id, final_state(url, run_id), params_before
+
+
+@pytest.mark.slow
 def test_prefect_list_commands_work_against_the_live_server(prefect_setup):
     """The first commands a Prefect user types (422 with fastapi >= 0.151, see pyproject)."""
     root, _, env = prefect_setup
@@ -195,13 +208,12 @@ def test_prefect_list_commands_work_against_the_live_server(prefect_setup):
         assert out.returncode == 0, (cmd, out.stdout + out.stderr)
 
 
-def test_deployment_run_with_override_is_a_dvc_experiment(prefect_setup):
+@pytest.mark.slow
+def test_deployment_run_with_override_is_a_dvc_experiment(prefect_setup, override_run):
     from mlflow.tracking import MlflowClient
 
     root, url, env = prefect_setup
-    params_before = (root / "params.yaml").read_text()
-    run_id = trigger(root, env, 'overrides={"sft.lr": 0.002}', "experiment=lr-2e-3")
-    run = final_state(url, run_id)
+    run_id, run, params_before = override_run
     assert run["state"]["type"] == "COMPLETED", flow_logs(url, run_id)[-3000:]
     assert (root / "params.yaml").read_text() == params_before
 
@@ -234,8 +246,11 @@ def test_deployment_run_with_override_is_a_dvc_experiment(prefect_setup):
     assert any(parents[0].info.run_id in json.dumps(a["data"]) for a in artifacts)
 
 
-def test_failing_stage_fails_the_flow_run_then_a_fixed_run_reuses_outputs(prefect_setup):
+@pytest.mark.slow
+def test_failing_stage_fails_the_flow_run_then_a_fixed_run_reuses_outputs(prefect_setup,
+                                                                           override_run):
     root, url, env = prefect_setup
+    assert override_run[1]["state"]["type"] == "COMPLETED"  # its outputs are what is reused
     run_id = trigger(root, env, 'overrides={"pack.seq_len": 2, "sft.lr": 0.002}')
     run = final_state(url, run_id)
     assert run["state"]["type"] == "FAILED"
@@ -255,10 +270,12 @@ def test_failing_stage_fails_the_flow_run_then_a_fixed_run_reuses_outputs(prefec
             assert f"{stage}: checkpoint is at step" in logs
 
 
-def test_registry_best_alias_after_two_runs(prefect_setup):
+@pytest.mark.slow
+def test_registry_best_alias_after_two_runs(prefect_setup, override_run):
     from mlflow.tracking import MlflowClient
 
     root, url, env = prefect_setup
+    assert override_run[1]["state"]["type"] == "COMPLETED"  # the first of the two runs
     run_id = trigger(root, env, 'overrides={"sft.lr": 0.0001}', "experiment=lr-1e-4")
     assert final_state(url, run_id)["state"]["type"] == "COMPLETED"
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")

@@ -14,12 +14,42 @@ import torch
 from tests.conftest import copy_project, project_env
 from tests.stages.pipeline import TINY, dvc, ran, set_params
 
+pytestmark = pytest.mark.slow  # the real DVC pipeline, minutes
+
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = copy_project(tmp_path_factory.mktemp("e2e"))
     set_params(root, TINY)
     return root
+
+
+def must(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+# The tests run in file order and each leaves the project as the next expects; run alone (or
+# after a failure), a test gets that state from these fixtures, which do nothing when an
+# earlier test already made it.
+@pytest.fixture
+def packed(project):
+    """The project after test_repro_pack_then_nothing_then_only_downstream: packed twice, the
+    second time with vocab_size 420 (two pipeline runs in MLflow)."""
+    if not (project / "data/shards/manifest.json").is_file():
+        must(dvc(project, "repro", "pack"))
+        set_params(project, {"tokenizer": {"vocab_size": 420}})
+        must(dvc(project, "repro", "pack"))
+    return project
+
+
+@pytest.fixture
+def pretrained(packed):
+    """The project with a finished pretraining run (what the sigkill test leaves)."""
+    if not (packed / "data/models/pretrain/model.safetensors").is_file():
+        set_params(packed, {"pretrain": {"resume": "never"}})
+        must(dvc(packed, "repro", "pretrain"))
+    return packed
 
 
 def test_stages_import_the_projects_own_code(project):
@@ -56,7 +86,8 @@ def test_repro_pack_then_nothing_then_only_downstream(project):
         "tokenizer/vocab_size"] == 420
 
 
-def test_stages_are_tracked_in_mlflow(project):
+def test_stages_are_tracked_in_mlflow(packed):
+    project = packed
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
@@ -84,7 +115,8 @@ def test_stages_are_tracked_in_mlflow(project):
     assert pack.data.tags["data.data/tokenizer"] and pack.data.tags["data.data/corpus"]
 
 
-def test_invalid_params_fail_clearly_and_lose_nothing(project):
+def test_invalid_params_fail_clearly_and_lose_nothing(packed):
+    project = packed
     before = (project / "data/shards/manifest.json").read_text()
     set_params(project, {"pack": {"seq_len": 2}})
     bad = dvc(project, "repro", "pack")
@@ -103,20 +135,27 @@ def checkpoint_steps(root: Path) -> list[int]:
                   for p in glob.glob(str(root / "data/checkpoints/pretrain/*/step-*")))
 
 
-def test_pretrain_resumes_bit_exactly_after_sigkill(project):
+def test_pretrain_resumes_bit_exactly_after_sigkill(packed):
     from safetensors.torch import load_file
 
+    project = packed
     proc = subprocess.Popen(["dvc", "repro", "pretrain"], cwd=project, env=project_env(),
                             start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        steps = checkpoint_steps(project)
-        if steps and steps[-1] >= 200:
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            steps = checkpoint_steps(project)
+            if steps and steps[-1] >= 200:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.01)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:  # a failed assertion or a timeout above: no run left behind
             os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+            proc.wait(30)
+    assert code == -signal.SIGKILL, "the run ended before it could be killed"
     assert 200 <= checkpoint_steps(project)[-1] < 600
     assert not (project / "data/models/pretrain").exists()
 
@@ -138,7 +177,8 @@ def test_pretrain_resumes_bit_exactly_after_sigkill(project):
     assert all(torch.equal(after_kill[k], never_killed[k]) for k in after_kill)
 
 
-def test_repro_runs_every_stage_then_nothing_then_sft_downstream(project):
+def test_repro_runs_every_stage_then_nothing_then_sft_downstream(pretrained):
+    project = pretrained
     full = dvc(project, "repro")
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
     keys = {
@@ -175,24 +215,29 @@ def test_repro_runs_every_stage_then_nothing_then_sft_downstream(project):
     assert ran(changed.stdout) == {"sft", "dpo", "rl", "evaluate", "quantize"}
 
 
-def test_queued_grid_runs_and_logs_to_the_main_store(project):
+def test_queued_grid_runs_and_logs_to_the_main_store(packed):
     from mlflow.tracking import MlflowClient
 
+    project = packed
     params_before = (project / "params.yaml").read_text()
-    subprocess.run(["git", "commit", "-qam", "params"], cwd=project, env=project_env())
+    subprocess.run(["git", "commit", "-qam", "params"], cwd=project, env=project_env(),
+                   timeout=60)
     queued = dvc(project, "exp", "run", "--queue", "-S", "tokenizer.vocab_size=300,330", "pack")
     assert queued.returncode == 0, queued.stderr
-    started = dvc(project, "queue", "start")
-    assert started.returncode == 0, started.stderr
+    try:
+        started = dvc(project, "queue", "start")
+        assert started.returncode == 0, started.stderr
 
-    def finished() -> bool:
+        def finished() -> bool:
+            status = dvc(project, "queue", "status").stdout
+            return "Queued" not in status and "Running" not in status
+
+        deadline = time.time() + 300
+        while not finished() and time.time() < deadline:
+            time.sleep(2)
         status = dvc(project, "queue", "status").stdout
-        return "Queued" not in status and "Running" not in status
-
-    deadline = time.time() + 300
-    while not finished() and time.time() < deadline:
-        time.sleep(2)
-    status = dvc(project, "queue", "status").stdout
+    finally:  # the queue's workers are background processes: never leave them running
+        dvc(project, "queue", "stop", "--kill")
     assert status.count("Success") == 2, status
     show = json.loads(dvc(project, "exp", "show", "--json").stdout)
     sizes = {e["revs"][0]["data"]["params"]["params.yaml"]["data"]["tokenizer"]["vocab_size"]

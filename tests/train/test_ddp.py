@@ -1,7 +1,10 @@
 """DDP with 2 CPU processes (gloo) follows the same loss curve as 1 process."""
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +15,23 @@ from tests.conftest import project_env
 
 HERE = Path(__file__).resolve().parent
 
+pytestmark = pytest.mark.slow  # torchrun: two processes and a rendezvous
+
+
+def run(cmd: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run cmd in a session of its own; on a timeout (or any interruption) the whole group is
+    killed: torchrun's workers too, not only torchrun."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
 
 def test_two_processes_match_one_at_the_same_global_batch(tiny_shards, tmp_path):
     shard_dir, tok = tiny_shards
@@ -20,14 +40,12 @@ def test_two_processes_match_one_at_the_same_global_batch(tiny_shards, tmp_path)
     tok.save(data / "tok")
     env = project_env()
     env["OMP_NUM_THREADS"] = "1"
-    single = subprocess.run([sys.executable, str(HERE / "ddp_fit.py"), str(data),
-                             str(tmp_path / "one.json"), "8"], env=env, capture_output=True,
-                            text=True, timeout=300)
+    single = run([sys.executable, str(HERE / "ddp_fit.py"), str(data),
+                  str(tmp_path / "one.json"), "8"], env)
     assert single.returncode == 0, single.stderr[-3000:]
-    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node=2", str(HERE / "ddp_fit.py"), str(data),
-                             str(tmp_path / "two.json"), "4"], env=env, capture_output=True,
-                            text=True, timeout=300)
+    double = run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  "--nproc_per_node=2", str(HERE / "ddp_fit.py"), str(data),
+                  str(tmp_path / "two.json"), "4"], env)
     assert double.returncode == 0, double.stderr[-3000:]
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())

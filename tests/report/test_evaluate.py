@@ -1,0 +1,273 @@
+"""Evaluation with rigged models whose right answers are known: task exact match and
+``<|im_end|>`` rate, doc multiple choice, bits per byte at 1x/2x/4x context and on a split,
+and the flat summary metrics."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from llmcore.data.shards import ShardDataset
+from llmcore.data.tokenizer import IM_END, render_chat, token_bytes
+from llmcore.report.evaluate import (
+    bpb_at_contexts,
+    doc_multiple_choice,
+    split_bpb,
+    summary_metrics,
+    task_accuracy,
+    wilson_interval,
+)
+
+LN2 = math.log(2.0)
+
+
+class ScriptedLM(torch.nn.Module):
+    """After a known prompt, the next token is that prompt's script, one token per position
+    (then ``after``); after an unknown prefix every token is equally likely.
+
+    Honours what callers use of a model: ``model(ids, cache=, positions=) -> (B, T, V)``, a
+    ``cfg``, parameters (device and dtype) and the KV cache protocol of
+    :func:`llmcore.infer.generate.generate` (the left-padded prefill, ``cache.advance``): each
+    cached row's tokens so far are kept on the cache object."""
+
+    def __init__(self, vocab: int, scripts: dict[tuple[int, ...], list[int]], after: int,
+                 max_seq_len: int = 512) -> None:
+        super().__init__()
+        self.vocab, self.scripts, self.after = vocab, scripts, after
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+        self.cfg = SimpleNamespace(n_layers=1, n_kv_heads=1, head_dim=1, positions="rope",
+                                   max_seq_len=max_seq_len, doc_mask=False)
+
+    def next_token(self, prefix: list[int]) -> int | None:
+        for prompt, script in self.scripts.items():
+            if len(prefix) >= len(prompt) and tuple(prefix[: len(prompt)]) == prompt:
+                k = len(prefix) - len(prompt)
+                return script[k] if k < len(script) else self.after
+        return None
+
+    def forward(self, ids, cache=None, positions=None, segments=None):
+        B, T = ids.shape
+        rows = ids.tolist()
+        if cache is not None:
+            if cache.offset == 0:  # the prefill: drop the left padding
+                real = (cache.key_padding[:, :T].tolist() if cache.key_padding is not None
+                        else [[True] * T] * B)
+                cache.history = [[] for _ in range(B)]
+            else:
+                real = [[True] * T] * B
+            past = [list(h) for h in cache.history]
+            for b in range(B):
+                cache.history[b] += [t for t, r in zip(rows[b], real[b], strict=True) if r]
+            cache.advance(T)
+        else:
+            real, past = [[True] * T] * B, [[] for _ in range(B)]
+        logits = torch.zeros(B, T, self.vocab)
+        for b in range(B):
+            prefix = list(past[b])
+            for t in range(T):
+                if real[b][t]:
+                    prefix.append(rows[b][t])
+                nxt = self.next_token(prefix)
+                if nxt is not None:
+                    logits[b, t, nxt] = 30.0
+        return logits
+
+
+class BiasLM(torch.nn.Module):
+    """The same next-token distribution everywhere: ``softmax(bias)``."""
+
+    def __init__(self, bias: torch.Tensor, positions: str = "rope", max_seq_len: int = 4096):
+        super().__init__()
+        self.bias = torch.nn.Parameter(bias.clone())
+        self.cfg = SimpleNamespace(positions=positions, max_seq_len=max_seq_len, doc_mask=False)
+
+    def forward(self, ids, **_):
+        return self.bias.expand(*ids.shape, -1)
+
+
+def conv(task, question, answer):
+    return {"task": task, "answer": answer,
+            "messages": [{"role": "user", "content": question},
+                         {"role": "assistant", "content": answer}]}
+
+
+def prompt_of(tok, c):
+    """What evaluate prompts a model with: the chat template up to the assistant's turn."""
+    return tuple(tok.encode(render_chat(c["messages"][:-1], add_generation_prompt=True)))
+
+
+def test_task_accuracy_counts_exact_matches_and_im_end(tiny_tokenizer):
+    tok = tiny_tokenizer
+    end = [tok.im_end_id]
+    cases = [  # (conversation, the rigged reply's tokens)
+        (conv("arithmetic", "What is 1 + 1?", "2"), tok.encode_text(" 2 ") + end),  # right
+        (conv("arithmetic", "What is 2 + 2?", "4"), tok.encode_text("4") + end),  # right
+        (conv("arithmetic", "What is 3 + 3?", "6"), tok.encode_text("7") + end),  # wrong
+        (conv("arithmetic", "What is 4 + 4?", "8"), tok.encode_text("8")),  # right, then eot
+        (conv("arithmetic", "What is 5 + 5?", "10"), tok.encode_text("10") + end),  # over max
+        (conv("spell", "Spell the word 'ab'.", "a-b"), tok.encode_text("a-b-a-b-a-b-a-b")),
+        (conv("spell", "Spell the word 'cd'.", "c-d"), tok.encode_text("c-d") + end),
+        (conv("doc", "What is a list?", "A sequence."), tok.encode_text("A sequence.") + end),
+        ({**conv("count", "How many?", "1"), "answer": None}, tok.encode_text("1") + end),
+    ]
+    assert len(cases[5][1]) > 6  # longer than the budget: cut, not ended
+    model = ScriptedLM(tok.vocab_size, {prompt_of(tok, c): r for c, r in cases}, tok.eot_id)
+    got = task_accuracy(model, tok, [c for c, _ in cases], max_per_task=4, max_new_tokens=6,
+                        batch_size=3)
+    assert got == {  # doc and answer-less conversations are not tasks; 4 per task at most
+        "arithmetic": {"exact_match": 0.75, "im_end_rate": 0.75, "n": 4,
+                       "ci95": wilson_interval(3, 4)},
+        "spell": {"exact_match": 0.5, "im_end_rate": 0.5, "n": 2,
+                  "ci95": wilson_interval(1, 2)},
+    }
+
+
+def test_doc_multiple_choice_picks_the_likeliest_candidate(tiny_tokenizer):
+    tok = tiny_tokenizer
+    answers = ["Use a list.", "Call len() on it.", "A tuple is immutable.", "Import it first."]
+    docs = [conv("doc", f"Question {i}?", a) for i, a in enumerate(answers)]
+    other = conv("arithmetic", "What is 1 + 1?", "2")
+    # the model prefers the documented answer of questions 0-2, and answer 0 for question 3
+    prefer = [answers[0], answers[1], answers[2], answers[0]]
+    scripts = {prompt_of(tok, c): tok.encode(p + IM_END) for c, p in zip(docs, prefer, strict=True)}
+    model = ScriptedLM(tok.vocab_size, scripts, tok.eot_id)
+    # 4 choices of 4 documented answers: every question sees every answer
+    got = doc_multiple_choice(model, tok, docs + [other], choices=4, max_questions=10)
+    assert got == {"accuracy": 0.75, "n": 4, "chance": 0.25, "ci95": wilson_interval(3, 4)}
+    first_two = doc_multiple_choice(model, tok, docs, choices=4, max_questions=2, seed=5)
+    assert first_two["accuracy"] == 1.0 and first_two["n"] == 2
+    too_few = doc_multiple_choice(model, tok, docs[:3] + [other], choices=4, max_questions=10)
+    assert math.isnan(too_few["accuracy"]) and too_few["n"] == 0
+
+
+def expected_bpb(ds: ShardDataset, rows: int, bias: torch.Tensor, tb: torch.Tensor,
+                 window: int | None) -> float:
+    """Bits per byte of BiasLM by hand: every text target costs -log p(target) under
+    softmax(bias), whatever its context; special tokens (0 bytes) and unmasked ones are free."""
+    logp = torch.log_softmax(bias.double(), dim=0)
+    ids, masks = [], []
+    for i in range(rows):
+        r, m = ds[i]
+        ids.append(torch.as_tensor(r.astype("int64")))
+        masks.append(torch.ones(len(r)) if m is None else torch.as_tensor(m.astype("float64")))
+    if window is None:  # each row: its targets are tokens 1..T
+        targets = torch.cat([r[1:] for r in ids])
+        mask = torch.cat([m[1:] for m in masks])
+    else:  # consecutive rows share their boundary token: one stream, cut into windows
+        stream = torch.cat([ids[0]] + [r[1:] for r in ids[1:]])
+        mstream = torch.cat([masks[0]] + [m[1:] for m in masks[1:]])
+        n = (len(stream) - 1) // window * window
+        targets, mask = stream[1 : n + 1], mstream[1 : n + 1]
+    text = (tb[targets] > 0).double() * mask.double()
+    bits = float((-logp[targets] * text).sum()) / LN2
+    return bits / float((tb[targets].double() * mask.double()).sum())
+
+
+@pytest.fixture(scope="module")
+def bias_setup(tiny_shards):
+    shard_dir, tok = tiny_shards
+    torch.manual_seed(0)
+    bias = torch.randn(tok.vocab_size) * 2
+    return shard_dir, tok, bias, torch.tensor(token_bytes(tok))
+
+
+def test_bpb_at_contexts_by_hand(bias_setup):
+    shard_dir, _, bias, tb = bias_setup
+    ds = ShardDataset(shard_dir, "pretrain_val")
+    seq_len, rows = ds.row_len - 1, 10
+    assert seq_len == 32 and len(ds) > rows
+    cpu = torch.device("cpu")
+    # 10 rows of 32 targets: 320 at 1x; 5 windows of 64 at 2x; 2 windows of 128 at 4x
+    got = bpb_at_contexts(BiasLM(bias), ds, tb, [1, 2, 4, 10_000], batch_size=5,
+                          max_rows=rows, device=cpu, dtype=torch.float32)
+    assert [got[f]["tokens"] for f in (1, 2, 4)] == [320, 320, 256]
+    want = {f: expected_bpb(ds, rows, bias, tb, None if f == 1 else f * seq_len)
+            for f in (1, 2, 4)}
+    assert want[4] != pytest.approx(want[1], rel=1e-3)  # the windows read different targets
+    for f in (1, 2, 4):
+        assert got[f]["bpb"] == pytest.approx(want[f], rel=1e-5), f
+    assert got[10_000] is None  # more than the held-out text: not one window
+    # a learned position table of 64: 2x fits, 4x has no rows to run on
+    learned = bpb_at_contexts(BiasLM(bias, "learned", 64), ds, tb, [1, 2, 4], 5, rows, cpu,
+                              torch.float32)
+    assert learned[4] is None and learned[2]["bpb"] == pytest.approx(want[2], rel=1e-5)
+    # the uniform model: ln(V) nats on every token, whatever the text and the context
+    uniform = bpb_at_contexts(BiasLM(torch.zeros_like(bias)), ds, tb, [1, 2], 5, rows, cpu,
+                              torch.float32)
+    assert all(uniform[f]["loss"] == pytest.approx(math.log(len(bias)), rel=1e-6)
+               for f in (1, 2))
+
+
+def test_split_bpb_scores_every_row_on_its_masked_tokens(bias_setup):
+    shard_dir, _, bias, tb = bias_setup
+    ds = ShardDataset(shard_dir, "sft_val")
+    assert ds.has_loss_mask and len(ds) > 5
+    want = expected_bpb(ds, len(ds), bias, tb, None)
+    assert split_bpb(BiasLM(bias), ds, tb, batch_size=4) == pytest.approx(want, rel=1e-5)
+    # a model that puts more mass on the text it reads scores fewer bits
+    counts = torch.zeros(len(bias))
+    for i in range(len(ds)):
+        r, m = ds[i]
+        t = torch.as_tensor(r[1:].astype("int64"))
+        counts.index_add_(0, t, torch.as_tensor(m[1:].astype("float32")))
+    unigram = torch.log(counts + 0.1)
+    assert split_bpb(BiasLM(unigram), ds, tb) < split_bpb(BiasLM(torch.zeros_like(bias)), ds, tb)
+
+
+def test_summary_metrics_flattens_weights_rounds_and_blanks_nan():
+    tasks = {"arithmetic": {"exact_match": 0.75, "im_end_rate": 0.5, "n": 4,
+                            "ci95": (0.30064, 0.95441)},
+             "spell": {"exact_match": 1 / 3, "im_end_rate": 1.0, "n": 6, "ci95": (0.1, 0.7)}}
+    results = {
+        "pretrain": {"contexts": {1: {"bpb": 2.123456789, "loss": 1.0}, 2: {"bpb": 2.5},
+                                  4: None},
+                     "sft_val": {"bpb": 3.0, "loss": math.nan},
+                     "tasks": tasks,
+                     "doc_mc": {"accuracy": math.nan, "n": 0, "chance": 0.25,
+                                "ci95": (math.nan, math.nan)}},
+        "sft": {"contexts": {1: None, 2: None, 4: None}, "sft_val": {"bpb": 1.5, "loss": 1.25},
+                "tasks": {}, "doc_mc": {"accuracy": 0.5, "n": 8, "chance": 0.25,
+                                        "ci95": (0.2, 0.8)}},
+    }
+    got = summary_metrics(results, [2, 4])
+    assert got == {
+        "evaluate/pretrain/val_bpb": 2.12346,
+        "evaluate/pretrain/sft_val_bpb": 3.0,
+        "evaluate/pretrain/sft_val_loss": None,
+        "evaluate/pretrain/bpb_ctx2x": 2.5,
+        "evaluate/pretrain/bpb_ctx4x": None,
+        "evaluate/pretrain/arithmetic_exact_match": 0.75,
+        "evaluate/pretrain/arithmetic_exact_match_ci95_low": 0.30064,
+        "evaluate/pretrain/arithmetic_exact_match_ci95_high": 0.95441,
+        "evaluate/pretrain/arithmetic_n": 4,
+        "evaluate/pretrain/spell_exact_match": 0.33333,
+        "evaluate/pretrain/spell_exact_match_ci95_low": 0.1,
+        "evaluate/pretrain/spell_exact_match_ci95_high": 0.7,
+        "evaluate/pretrain/spell_n": 6,
+        "evaluate/pretrain/im_end_rate": 0.8,  # (0.5 * 4 + 1.0 * 6) / 10: weighted by n
+        "evaluate/pretrain/doc_mc_accuracy": None,
+        "evaluate/pretrain/doc_mc_accuracy_ci95_low": None,
+        "evaluate/pretrain/doc_mc_accuracy_ci95_high": None,
+        "evaluate/pretrain/doc_mc_n": 0,
+        "evaluate/sft/val_bpb": None,
+        "evaluate/sft/sft_val_bpb": 1.5,
+        "evaluate/sft/sft_val_loss": 1.25,
+        "evaluate/sft/bpb_ctx2x": None,
+        "evaluate/sft/bpb_ctx4x": None,
+        "evaluate/sft/im_end_rate": 0.0,  # no task measured
+        "evaluate/sft/doc_mc_accuracy": 0.5,
+        "evaluate/sft/doc_mc_accuracy_ci95_low": 0.2,
+        "evaluate/sft/doc_mc_accuracy_ci95_high": 0.8,
+        "evaluate/sft/doc_mc_n": 8,
+    }
+
+
+def test_wilson_interval_closed_forms():
+    z2 = 1.96**2
+    for n in (1, 4, 30):
+        assert wilson_interval(0, n) == pytest.approx((0.0, z2 / (n + z2)))  # none right
+        assert wilson_interval(n, n) == pytest.approx((n / (n + z2), 1.0))  # all right
+    low, high = wilson_interval(5, 10)  # symmetric about 1/2
+    assert low + high == pytest.approx(1.0) and high - low == pytest.approx(
+        2 * 1.96 * math.sqrt(0.25 / 10 + z2 / 400) / (1 + z2 / 10))
