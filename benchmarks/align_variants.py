@@ -14,38 +14,51 @@ JSON line per run to reports/align_variants.jsonl.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llmcore.align.dpo import DPOSettings, encode_pairs, reference_logprobs, task_pairs, train_dpo  # noqa: E402
-from llmcore.align.grpo import GRPOSettings, train_grpo  # noqa: E402
-from llmcore.config import SYNTHETIC_TASKS  # noqa: E402
+from llmcore.align.dpo import encode_pairs, reference_logprobs, task_pairs, train_dpo  # noqa: E402
+from llmcore.align.grpo import train_grpo  # noqa: E402
+from llmcore.config import SYNTHETIC_TASKS, DPOConfig, RLConfig  # noqa: E402
 from llmcore.data.corpus import read_conversations  # noqa: E402
 from llmcore.data.tokenizer import LLMTokenizer  # noqa: E402
 from llmcore.model.modeldir import load_model_dir  # noqa: E402
 from llmcore.report.evaluate import task_accuracy  # noqa: E402
+from llmcore.train.step import RunContext  # noqa: E402
 from stages._align import task_subset  # noqa: E402
 
 TASKS = SYNTHETIC_TASKS
+
+
+def given(cfg: Any, **overrides: Any) -> Any:
+    """``cfg`` with the overrides that were given (None: keep the section's default)."""
+    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def quiet(name: str) -> RunContext:
+    return RunContext(torch.device("cpu"), torch.float32, log=lambda m: None, name=name)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("kind", choices=("base", "dpo", "rl"))
     ap.add_argument("--model", type=Path, default=REPO / "data/models/sft")
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--beta", type=float, default=0.1, help="DPO beta")
-    ap.add_argument("--nll", type=float, default=1.0, help="DPO nll_coef")
-    ap.add_argument("--kl", type=float, default=0.04, help="GRPO kl_coef")
-    ap.add_argument("--steps", type=int, default=150)
+    # None: the value params.yaml's section (= the schema) gives, the pipeline's default
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--beta", type=float, default=None, help="dpo.beta")
+    ap.add_argument("--nll", type=float, default=None, help="dpo.nll_coef")
+    ap.add_argument("--kl", type=float, default=None, help="rl.kl_coef")
+    ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--pairs-per-task", type=int, default=400)
     ap.add_argument("--per-task", type=int, default=150, help="held-out questions per task")
     ap.add_argument("--seed", type=int, default=1337)
@@ -73,17 +86,17 @@ def main() -> None:
                                 args.seed)
         pairs, rows = encode_pairs(tok, pairs, cfg.max_seq_len)
         refs = reference_logprobs(ref, pairs, rows)
-        s = DPOSettings(beta=args.beta, lr=args.lr, min_lr=args.lr / 10, warmup_steps=10,
-                        max_steps=args.steps, batch_size=16, eval_every=10**9,
-                        nll_coef=args.nll, seed=args.seed)
-        r = train_dpo(policy, pairs, refs, [], [], rows, s, log=lambda m: None)
+        dpo = given(DPOConfig(), lr=args.lr, beta=args.beta, nll_coef=args.nll,
+                    max_steps=args.steps, eval_every=10**9)
+        dpo = dataclasses.replace(dpo, min_lr=min(dpo.min_lr, dpo.lr))
+        r = train_dpo(policy, pairs, refs, [], [], rows, dpo, quiet("dpo"), args.seed)
         extra = {"pairs": len(pairs), "own_rejected": own,
                  "final_train_loss": r.history[-1]["loss"]}
     elif args.kind == "rl":
-        s = GRPOSettings(max_steps=args.steps, prompts_per_step=16, group_size=8, lr=args.lr,
-                         beta=args.kl, seed=args.seed)
-        r = train_grpo(policy, ref, tok, task_subset(train, TASKS, 10**9), s,
-                       log=lambda m: None)
+        rl = given(RLConfig(), lr=args.lr, kl_coef=args.kl, max_steps=args.steps)
+        rl = dataclasses.replace(rl, min_lr=min(rl.min_lr, rl.lr))
+        r = train_grpo(policy, ref, tok, task_subset(train, TASKS, 10**9), rl, quiet("rl"),
+                       args.seed)
         h = r.history
         extra = {"reward_first10": round(sum(x["reward"] for x in h[:10]) / len(h[:10]), 3),
                  "reward_last10": round(sum(x["reward"] for x in h[-10:]) / len(h[-10:]), 3)}

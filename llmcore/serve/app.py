@@ -33,7 +33,7 @@ from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, StreamingResponse
@@ -153,29 +153,29 @@ def _generation_routes(app: FastAPI, s: _Served) -> None:
         prompt = s.tok.encode_prompt([m.as_dict() for m in body.messages])
         field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         n_new = s.budget(prompt, body.requested_tokens(), field)
-        jobs = [(0, i, prompt, body.sampling(n_new, i)) for i in range(body.n)]
+        jobs = [Job(0, i, prompt, body.sampling(n_new, i)) for i in range(body.n)]
         return await _answer(request, s, body, jobs, "chat.completion", "chatcmpl")
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         s.check_model(body.model)
-        jobs = []
+        jobs: list[Job] = []
         for p, text in enumerate(body.prompts()):
             ids = s.tok.encode_text(text)
             n_new = s.budget(ids, body.max_tokens or 16, "max_tokens")  # OpenAI's default: 16
-            jobs += [(p, p * body.n + i, ids, body.sampling(n_new, i)) for i in range(body.n)]
+            jobs += [Job(p, p * body.n + i, ids, body.sampling(n_new, i)) for i in range(body.n)]
         return await _answer(request, s, body, jobs, "text_completion", "cmpl")
 
     @app.post("/v1/generate")
     async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        jobs = []
+        jobs: list[Job] = []
         for i, text in enumerate(prompts):
             ids = (s.tok.encode_text(text) if body.raw else
                    s.tok.encode_prompt([{"role": "user", "content": text}]))
             n_new = s.budget(ids, body.max_new_tokens, "max_new_tokens")
             sampling = Sampling(n_new, body.temperature, body.top_k, body.top_p, body.seed)
-            jobs.append((i, i, ids, sampling))
+            jobs.append(Job(i, i, ids, sampling))
         start = time.perf_counter()
         outs = await _collect(request, s.engine, jobs, s.stop_ids, ())
         return {"completions": [{"text": o.text, "tokens": o.tokens,
@@ -183,12 +183,21 @@ def _generation_routes(app: FastAPI, s: _Served) -> None:
                 "seconds": round(time.perf_counter() - start, 4)}
 
 
-async def _answer(request: Request, s: _Served, body: SamplingFields, jobs: list, kind: str,
+class Job(NamedTuple):
+    """One completion to produce: which prompt, which choice of the answer, its ids, sampling."""
+
+    prompt: int
+    choice: int
+    ids: list[int]
+    sampling: Sampling
+
+
+async def _answer(request: Request, s: _Served, body: SamplingFields, jobs: list[Job], kind: str,
                   prefix: str) -> Any:
     """An OpenAI answer (or its stream) for jobs (prompt index, choice index, ids, sampling)."""
     rid = f"{prefix}-{uuid.uuid4().hex[:24]}"
     now = int(time.time())
-    prompt_tokens = sum(len(ids) for p, i, ids, _ in jobs if i % body.n == 0)
+    prompt_tokens = sum(len(j.ids) for j in jobs if j.choice % body.n == 0)
     if body.stream:
         stops = list(body.stop or ())  # the validator made it a list
         chunks = await _stream(request, s.engine, jobs, s.stop_ids, stops, kind, rid, now,
@@ -197,7 +206,8 @@ async def _answer(request: Request, s: _Served, body: SamplingFields, jobs: list
                                  headers={"Cache-Control": "no-cache"})
     outs = await _collect(request, s.engine, jobs, s.stop_ids, list(body.stop or ()))
     choices = []
-    for (_, i, _, _), o in zip(jobs, outs, strict=True):
+    for job, o in zip(jobs, outs, strict=True):
+        i = job.choice
         if kind == "chat.completion":
             choices.append({"index": i, "message": {"role": "assistant", "content": o.text},
                             "finish_reason": o.finish, "logprobs": None})
@@ -248,7 +258,7 @@ class _Inbox:
         self.flag.clear()
 
 
-def _submit(engine: Engine, jobs: list, stop_ids: Sequence[int], stops: Sequence[str],
+def _submit(engine: Engine, jobs: list[Job], stop_ids: Sequence[int], stops: Sequence[str],
             inbox: _Inbox) -> list[EngineRequest]:
     """Queue the jobs on the engine; their events arrive in ``inbox`` as (index, Event)."""
     reqs = [EngineRequest(ids, s, inbox.sink(k), stop_ids, stops)
@@ -284,7 +294,7 @@ async def _events(request: Request, inbox: _Inbox, reqs: list[EngineRequest]
             r.cancel()
 
 
-async def _collect(request: Request, engine: Engine, jobs: list, stop_ids: Sequence[int],
+async def _collect(request: Request, engine: Engine, jobs: list[Job], stop_ids: Sequence[int],
                    stops: Sequence[str]) -> list[_Result]:
     inbox = _Inbox()
     reqs = _submit(engine, jobs, stop_ids, stops, inbox)
@@ -309,7 +319,7 @@ def _check_finished(finish: str) -> None:
         raise ApiError(503, "generation failed; the server logged the cause", None, "error")
 
 
-async def _stream(request: Request, engine: Engine, jobs: list, stop_ids: Sequence[int],
+async def _stream(request: Request, engine: Engine, jobs: list[Job], stop_ids: Sequence[int],
                   stops: Sequence[str], kind: str, rid: str, created: int, model_id: str,
                   prompt_tokens: int | None) -> AsyncIterator[str]:
     inbox = _Inbox()
@@ -332,11 +342,11 @@ async def _stream(request: Request, engine: Engine, jobs: list, stop_ids: Sequen
     async def body() -> AsyncIterator[str]:
         completion = 0
         if kind == "chat.completion":
-            for _, i, _, _ in jobs:
+            for i in (j.choice for j in jobs):
                 yield chunk(i, "", None, role=True)
         async with aclosing(_events(request, inbox, reqs)) as events:
             async for k, event in events:
-                index = jobs[k][1]
+                index = jobs[k].choice
                 if event.text:
                     yield chunk(index, event.text, None)
                 if event.finish in ("cancelled", "error"):
