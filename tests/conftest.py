@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +43,23 @@ def project_env() -> dict[str, str]:
     env.pop("DVC_ROOT", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
+
+
+def run_group(cmd: list[str], timeout: float, cwd: Path | None = None,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in a session of its own; on a timeout (or any interruption) the whole
+    process group is killed (the stages DVC started, torchrun's workers), not only ``cmd``."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env if env is not None else project_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def copy_project(dest: Path) -> Path:

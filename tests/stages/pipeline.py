@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
 from pathlib import Path
 
 import yaml
 
-from tests.conftest import project_env
+from tests.conftest import run_group
 
 TINY = {
     "base": {"tracking": "mlflow"},
@@ -44,17 +41,7 @@ def dvc(root: Path, *args: str, timeout: float = 600) -> subprocess.CompletedPro
     """``dvc *args`` in ``root``, its output captured. In a session of its own: past the
     timeout (or on any interruption) the whole process group goes, the stages DVC started
     included, not only dvc itself."""
-    cmd = ["dvc", *args]
-    proc = subprocess.Popen(cmd, cwd=root, env=project_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=30)
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run_group(["dvc", *args], timeout, cwd=root)
 
 
 def ran(out: str) -> set[str]:

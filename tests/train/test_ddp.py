@@ -1,17 +1,14 @@
 """DDP with 2 CPU processes (gloo) follows the same loss curve as 1 process."""
 
-import contextlib
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import project_env
+from tests.conftest import project_env, run_group
 
 HERE = Path(__file__).resolve().parent
 
@@ -19,18 +16,7 @@ pytestmark = pytest.mark.slow  # torchrun: two processes and a rendezvous
 
 
 def run(cmd: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run cmd in a session of its own; on a timeout (or any interruption) the whole group is
-    killed: torchrun's workers too, not only torchrun."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=30)
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run_group(cmd, timeout, env=env)  # torchrun's workers go with it on a timeout
 
 
 def test_two_processes_match_one_at_the_same_global_batch(tiny_shards, tmp_path):
