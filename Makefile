@@ -6,6 +6,9 @@
 #   make lint       ruff, then mypy on llmcore/ and stages/
 #   make speedrun   quality per minute against the peer (benchmarks/speedrun.py)
 #   make plots      dvc plots show, rendered to reports/plots/index.html (works offline)
+#   make showcase   the README's results and samples and the chat page's picture, regenerated
+#                   from the default run (runs what is stale first)
+#   make scaling    the scaling study (benchmarks/scaling.py: isoFLOP curves, hours on 2 cores)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -33,7 +36,7 @@ PREFECT_ENV := PREFECT_HOME=$(abspath .prefect) \
 # columns that change on every run (timings, throughput): hidden in `make compare`
 VOLATILE := .*(seconds|per_s|mfu|memory|speed|resumed).*
 
-.PHONY: setup pipeline test test-fast lint bench speedrun plots llama-cpp clean-venv prefect-server serve mlflow-ui compare
+.PHONY: setup pipeline test test-fast lint bench speedrun showcase scaling plots llama-cpp clean-venv prefect-server serve mlflow-ui compare
 
 setup: $(STAMP)
 
@@ -48,7 +51,11 @@ $(STAMP): pyproject.toml
 	    --extra-index-url $(TORCH_CPU_INDEX) 2>&1 | grep -v -e '^WARNING: Location' -e 'Retrying' ; \
 	  $(BIN)/python -W ignore -c 'import torch' || { echo "setup: torch failed to install"; exit 1; }; \
 	fi
-	@$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+	@# the rest with uv (its parallel downloads and installs take ~1/5 of pip's time); pip
+	@# where uv cannot be had. torch, installed above, already satisfies the project's pin.
+	@{ $(BIN)/python -m pip install -q uv 2>&1 | grep -v '^WARNING: Location'; \
+	  $(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev]'; } \
+	  || $(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
 	@$(BIN)/python -c 'import llmcore, torch, dvc, mlflow, prefect, tokenizers' \
 	  || { echo "setup: installing the project failed"; exit 1; }
 	@if ls $(WHEEL_CACHE)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
@@ -72,6 +79,16 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/pack.py
+
+# every number and reply the README and docs show comes from the run, never typed by hand
+showcase: setup
+	$(BIN)/dvc repro
+	$(BIN)/python docs/results.py
+	$(BIN)/python docs/screenshot.py data/models/rl
+
+scaling: setup
+	$(BIN)/dvc repro fetch
+	$(BIN)/python benchmarks/scaling.py
 
 # llmcore's recipe against HF Llama + AdamW, same data, shape and wall-clock budget (per side)
 SPEEDRUN_SECONDS ?= 300

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from llmcore.align.replies import batched_sequence_logprobs, reply_rows, sequence_logprobs
 from llmcore.align.run import rng_from_json, rng_to_json
 from llmcore.config import DPOConfig
-from llmcore.data.tasks import is_correct, wrong_answer
+from llmcore.data.tasks import is_correct, wrong_reply
 from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.infer.generate import Sampling, generate
 from llmcore.model.protocols import LanguageModel
@@ -219,9 +219,9 @@ def train_dpo(model: Transformer, train: Sequence[dict[str, Any]],
 def task_pairs(model: LanguageModel, tok: LLMTokenizer, conversations: Sequence[dict[str, Any]],
                max_new_tokens: int, seed: int, batch_size: int = 64
                ) -> tuple[list[dict[str, Any]], int]:
-    """On-policy preference pairs from task conversations (with an ``answer``): the right
-    answer against the model's own greedy answer when that is wrong, else against a plausible
-    wrong one. Returns the pairs and how many rejected replies are the model's own."""
+    """On-policy preference pairs from task conversations (with an ``answer``): the reference
+    reply against the model's own greedy reply when that ends wrong, else against the
+    reference with a plausible wrong final answer. Returns the pairs and how many rejected replies are the model's own."""
     rng = random.Random(seed)
     stops = [tok.im_end_id, tok.eot_id]
     pairs, own = [], 0
@@ -234,9 +234,10 @@ def task_pairs(model: LanguageModel, tok: LLMTokenizer, conversations: Sequence[
         for conv, out in zip(chunk, outs, strict=True):
             reply = tok.decode(out)  # as produced, an empty or blank one included
             wrong = not is_correct(reply, conv["answer"])
-            rejected = reply if wrong else wrong_answer(conv["task"], conv["answer"], rng)
+            chosen = conv["messages"][-1]["content"]  # the reference reply, working included
+            rejected = reply if wrong else wrong_reply(conv["task"], chosen, conv["answer"], rng)
             own += wrong
-            pairs.append({"prompt": conv["messages"][:-1], "chosen": conv["answer"],
+            pairs.append({"prompt": conv["messages"][:-1], "chosen": chosen,
                           "rejected": rejected, "task": conv["task"],
                           "source": "builtin:on-policy" if wrong else "builtin:corrupted"})
     return pairs, own

@@ -8,8 +8,16 @@ checks an answer (:func:`is_correct`: the reward of GRPO, the judge of on-policy
 and of task accuracy) and makes a plausible wrong one (:func:`wrong_answer`, DPO's rejected
 reply). The task names are :data:`llmcore.config.SYNTHETIC_TASKS`, the names params may use.
 
+Replies show their working, in formats a small model can learn: a sum or a difference goes
+column by column from the units (``7 + 8 = 15, 4 + 3 + 1 = 8`` then ``85``), reversing and
+counting spell the word first (``s-t-a-c-k``, one token per letter), then reverse the letters
+or tally the matches, and the answer stands alone on the last line. In the plain
+``What is 47 + 38?`` -> ``85`` format a model must learn every sum as a fact; column by column
+it learns one hundred single-digit facts and a rule, with far fewer examples.
+
 Trade-off: exact match is strict (``19.`` is wrong for ``19``); it is what makes the reward
-checkable without a judge model.
+checkable without a judge model. Only the final line is judged, so a right answer reached by
+wrong working still counts.
 """
 
 from __future__ import annotations
@@ -22,29 +30,71 @@ from llmcore.config import SYNTHETIC_TASKS
 from llmcore.data.corpus import Conversation
 from llmcore.data.pydocs import SYSTEM_PROMPT, word_list
 
-__all__ = ["SYNTHETIC_TASKS", "is_correct", "synthetic_conversations", "wrong_answer"]
+__all__ = ["SYNTHETIC_TASKS", "final_answer", "is_correct", "spelled", "synthetic_conversations",
+           "wrong_answer", "wrong_reply"]
 
 
-def _synthetic_one(task: str, rng: random.Random, words: list[str]) -> tuple[str, str]:
+def _column_sum(a: int, b: int) -> str:
+    """``47 + 38`` worked column by column from the units: ``7 + 8 = 15, 4 + 3 + 1 = 8``."""
+    xs, ys = str(a)[::-1], str(b)[::-1]
+    steps, carry = [], 0
+    for i in range(max(len(xs), len(ys))):
+        x, y = int(xs[i]) if i < len(xs) else 0, int(ys[i]) if i < len(ys) else 0
+        total = x + y + carry
+        steps.append(f"{x} + {y}{' + 1' if carry else ''} = {total}")
+        carry = total // 10
+    return ", ".join(steps)
+
+
+def _column_difference(a: int, b: int) -> str:
+    """``42 - 18`` (a >= b) from the units, a borrow written out: ``12 - 8 = 4, 4 - 1 - 1 = 2``."""
+    xs, ys = str(a)[::-1], str(b)[::-1]
+    steps, borrow = [], 0
+    for i in range(len(xs)):
+        x, y = int(xs[i]), int(ys[i]) if i < len(ys) else 0
+        lend = x - borrow < y
+        top = f"1{x}" if lend else str(x)
+        steps.append(f"{top}{' - 1' if borrow else ''} - {y} = {x + 10 * lend - borrow - y}")
+        borrow = int(lend)
+    return ", ".join(steps)
+
+
+def spelled(word: str) -> str:
+    """A word letter by letter: ``s-t-a-c-k`` (one token per letter, whatever the BPE merged)."""
+    return "-".join(word)
+
+
+def _synthetic_one(task: str, rng: random.Random, words: list[str]) -> tuple[str, str, str]:
+    """(question, reply, final answer). A reply may work the answer out first, one line per
+    step, and ends with the answer on a line of its own (:func:`final_answer` reads it)."""
     if task == "arithmetic":
         op = rng.choice("+-*")
         a, b = (rng.randint(0, 99), rng.randint(0, 99)) if op != "*" else (
             rng.randint(0, 12), rng.randint(0, 12))
         if op == "-" and b > a:
             a, b = b, a
-        value = {"+": a + b, "-": a - b, "*": a * b}[op]
+        value = str({"+": a + b, "-": a - b, "*": a * b}[op])
         q = rng.choice(("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?"))
-        return q.format(a=a, op=op, b=b), str(value)
+        # a product of two numbers up to 12 is a table fact; sums and differences go by column
+        work = {"+": _column_sum, "-": _column_difference}.get(op)
+        return q.format(a=a, op=op, b=b), (f"{work(a, b)}\n{value}" if work else value), value
     word = rng.choice(words)
     if task == "spell":
         q = rng.choice(("Spell the word '{w}'.", "How do you spell '{w}' letter by letter?"))
-        return q.format(w=word), "-".join(word)
+        return q.format(w=word), spelled(word), spelled(word)
     if task == "count":
         letter = rng.choice(sorted(set(word)) if rng.random() < 0.8 else "abcdefghijklmnopqrstuvwxyz")
         q = "How many times does the letter '{c}' appear in '{w}'?"
-        return q.format(c=letter, w=word), str(word.count(letter))
+        # the word spelled, each match tallied where it stands: b-a(1)-n-a(2)-n-a(3)
+        tally, n = [], 0
+        for ch in word:
+            n += ch == letter
+            tally.append(f"{ch}({n})" if ch == letter else ch)
+        return q.format(c=letter, w=word), f"{'-'.join(tally)}\n{n}", str(n)
     if task == "reverse":
-        return f"Reverse the word '{word}'.", word[::-1]
+        back = word[::-1]
+        return (f"Reverse the word '{word}'.", f"{spelled(word)}\n{spelled(back)}\n{back}",
+                back)
     raise ValueError(f"unknown synthetic task {task!r}")
 
 
@@ -55,8 +105,8 @@ def _synthetic_conversation(task: str, rng: random.Random, words: list[str]) -> 
     n_turns = 2 if rng.random() < 0.2 else 1
     answer = ""
     for _ in range(n_turns):
-        q, answer = _synthetic_one(task, rng, words)
-        turns += [("user", q), ("assistant", answer)]
+        q, reply, answer = _synthetic_one(task, rng, words)
+        turns += [("user", q), ("assistant", reply)]
     return Conversation(tuple(turns), f"builtin:synthetic/{task}", task, answer)
 
 
@@ -91,9 +141,23 @@ def synthetic_conversations(per_task: int, seed: int, val_per_task: int = 0
                     break
 
 
+def final_answer(reply: str) -> str:
+    """The answer a reply ends with: its last non-blank line, outer spaces stripped."""
+    lines = [line.strip() for line in reply.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
 def is_correct(reply: str, answer: str) -> bool:
-    """The synthetic tasks' check: the reply is exactly the answer (outer spaces ignored)."""
-    return reply.strip() == answer.strip()
+    """The synthetic tasks' check: the reply's final line is exactly the answer (outer spaces
+    ignored). The working lines before it are not judged: a reply that works it out wrongly
+    but ends right counts, and one that works it out right but ends wrong does not."""
+    return final_answer(reply) == answer.strip()
+
+
+def wrong_reply(task: str, reply: str, answer: str, rng: random.Random) -> str:
+    """``reply`` with its final answer replaced by a plausible wrong one (working kept)."""
+    lines = reply.strip().splitlines()
+    return "\n".join([*lines[:-1], wrong_answer(task, answer, rng)])
 
 
 def wrong_answer(task: str, answer: str, rng: random.Random) -> str:

@@ -8,6 +8,8 @@ and no network (``dvc plots``' HTML pulls its charting script from a CDN).
 
 from __future__ import annotations
 
+import json
+
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +29,8 @@ def fmt_ci(value: float, ci: tuple[float, float], n: int) -> str:
 
 def write_reports(out: Path, results: dict[str, Any], factors: list[int], prompts: list[str],
                   seq_len: int) -> None:
-    """comparison.md, extrapolation.md and samples.md for the results of :mod:`evaluate`."""
+    """comparison.md, extrapolation.md, samples.md and samples.json (what the README shows)
+    for the results of :mod:`evaluate`."""
     out.mkdir(parents=True, exist_ok=True)
     tasks = sorted({t for r in results.values() for t in r["tasks"]})
     lines = ["# Models compared", "", "| metric | " + " | ".join(results) + " |",
@@ -59,6 +62,9 @@ def write_reports(out: Path, results: dict[str, Any], factors: list[int], prompt
         for name, r in results.items():
             sm += [f"**{name}:**", "", "```", r["samples"][i] or "(empty)", "```", ""]
     (out / "samples.md").write_text("\n".join(sm))
+    replies = {name: list(r["samples"]) for name, r in results.items()}
+    (out / "samples.json").write_text(json.dumps({"prompts": list(prompts), "replies": replies},
+                                                 indent=2, ensure_ascii=False) + "\n")
 
 
 def read_tsv(path: Path) -> list[dict[str, float | None]]:

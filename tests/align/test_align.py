@@ -104,8 +104,9 @@ def test_task_pairs_are_on_policy_and_always_prefer_the_answer(tiny_tokenizer):
                            {"role": "assistant", "content": str(i + 1)}],
               "task": "arithmetic", "answer": str(i + 1)} for i in range(6)]
     pairs, own = task_pairs(model, tiny_tokenizer, convs, 8, seed=0)
-    assert len(pairs) == 6 and all(p["chosen"] == c["answer"] for p, c in zip(pairs, convs, strict=True))
-    assert all(not is_correct(p["rejected"], p["chosen"]) for p in pairs)
+    assert len(pairs) == 6 and all(p["chosen"] == c["messages"][-1]["content"]
+                                   for p, c in zip(pairs, convs, strict=True))
+    assert all(not is_correct(p["rejected"], c["answer"]) for p, c in zip(pairs, convs, strict=True))
     greedy = [p for p in pairs if p["source"] == "builtin:on-policy"]
     assert own == len(greedy) > 0  # a random model answers wrongly: its answers are rejected
     ids = [tiny_tokenizer.encode_prompt(c["messages"][:-1]) for c in convs]

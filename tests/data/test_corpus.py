@@ -25,7 +25,7 @@ from llmcore.data.sources import (
     read_hf,
     split_of,
 )
-from llmcore.data.tasks import synthetic_conversations
+from llmcore.data.tasks import final_answer, synthetic_conversations
 
 
 def write_jsonl(path: Path, lines: list) -> Path:
@@ -68,7 +68,7 @@ def test_synthetic_answers_are_exact():
         elif c.task == "count":
             letter, word = q.split("'")[1], q.split("'")[3]
             assert a == str(word.count(letter))
-        assert c.messages[-1] == ("assistant", a)
+        assert c.messages[-1][0] == "assistant" and final_answer(c.messages[-1][1]) == a
     assert convs == list(synthetic_conversations(50, seed=3))  # deterministic
     assert any(c.messages[0][0] == "system" for c in convs)
     assert any(sum(r == "assistant" for r, _ in c.messages) == 2 for c in convs)

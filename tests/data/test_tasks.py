@@ -1,0 +1,84 @@
+"""The synthetic tasks' worked formats: every working line is right arithmetic, the answer can
+be rebuilt from it, and only the final line is judged."""
+
+from __future__ import annotations
+
+import random
+import re
+
+from llmcore.data.pydocs import word_list
+from llmcore.data.tasks import (_column_difference, _column_sum, _synthetic_one, final_answer,
+                                is_correct, spelled, synthetic_conversations, wrong_reply)
+
+
+def _steps(work: str) -> list[tuple[str, int]]:
+    return [(left, int(right)) for left, right in (s.split(" = ") for s in work.split(", "))]
+
+
+def test_every_column_sum_is_right_and_rebuilds_the_sum():
+    for a in range(100):
+        for b in range(100):
+            steps = _steps(_column_sum(a, b))
+            assert all(eval(left) == total for left, total in steps)  # noqa: S307 (digits only)
+            # the answer is the last column's total, then the units of the others, in order
+            rebuilt = str(steps[-1][1]) + "".join(str(t % 10) for _, t in reversed(steps[:-1]))
+            assert int(rebuilt) == a + b, (a, b)
+            carries = [t // 10 for _, t in steps]
+            assert all((steps[i][0].count("+") == 2) == bool(carries[i - 1])
+                       for i in range(1, len(steps)))
+
+
+def test_every_column_difference_is_right_and_rebuilds_the_difference():
+    for a in range(100):
+        for b in range(a + 1):
+            steps = _steps(_column_difference(a, b))
+            assert all(eval(left) == d and 0 <= d <= 9 for left, d in steps), (a, b)
+            assert sum(d * 10 ** i for i, (_, d) in enumerate(steps)) == a - b
+
+
+def test_replies_end_with_the_answer_and_show_their_working():
+    rng, words = random.Random(3), word_list()
+    seen = set()
+    for _ in range(400):
+        task = rng.choice(["arithmetic", "spell", "count", "reverse"])
+        question, reply, answer = _synthetic_one(task, rng, words)
+        assert final_answer(reply) == answer and is_correct(reply, answer)
+        lines = reply.split("\n")
+        word = re.findall(r"'([a-z]+)'", question)[-1] if task != "arithmetic" else None
+        if task == "spell":
+            assert lines == [spelled(word)] and answer.replace("-", "") == word
+        elif task == "reverse":
+            assert lines == [spelled(word), spelled(word[::-1]), word[::-1]]
+        elif task == "count":
+            letter = re.findall(r"letter '([a-z])'", question)[0]
+            tally = lines[0].split("-")
+            assert "".join(re.sub(r"\(\d+\)", "", t) for t in tally) == word
+            marks = [int(m) for m in re.findall(r"\((\d+)\)", lines[0])]
+            assert marks == list(range(1, word.count(letter) + 1))
+            assert answer == str(word.count(letter))
+        else:
+            a, op, b = re.findall(r"(\d+) ([-+*]) (\d+)", question)[0]
+            assert int(answer) == {"+": int(a) + int(b), "-": int(a) - int(b),
+                                   "*": int(a) * int(b)}[op]
+            assert len(lines) == (1 if op == "*" else 2)
+        seen.add(task)
+    assert seen == {"arithmetic", "spell", "count", "reverse"}
+
+
+def test_only_the_final_line_is_judged():
+    assert is_correct("7 + 8 = 15, 4 + 3 + 1 = 8\n85", "85")
+    assert is_correct("wrong working\n85\n\n", " 85")  # blank lines and outer spaces ignored
+    assert not is_correct("7 + 8 = 15, 4 + 3 + 1 = 8\n85\n86", "85")
+    assert not is_correct("85 is it", "85") and not is_correct("", "85")
+    assert final_answer("  \n ") == ""
+    rng = random.Random(0)
+    reply = "s-t-a-c-k\nk-c-a-t-s\nkcats"
+    for _ in range(30):
+        wrong = wrong_reply("reverse", reply, "kcats", rng)
+        assert wrong.split("\n")[:2] == reply.split("\n")[:2] and not is_correct(wrong, "kcats")
+
+
+def test_the_answer_field_is_the_final_line_of_the_last_reply():
+    for conv in synthetic_conversations(20, seed=5, val_per_task=5):
+        last = conv.messages[-1]
+        assert last[0] == "assistant" and final_answer(last[1]) == conv.answer
