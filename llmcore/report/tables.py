@@ -9,7 +9,6 @@ and no network (``dvc plots``' HTML pulls its charting script from a CDN).
 from __future__ import annotations
 
 import json
-
 import math
 from collections.abc import Callable
 from pathlib import Path

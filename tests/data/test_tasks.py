@@ -7,8 +7,16 @@ import random
 import re
 
 from llmcore.data.pydocs import word_list
-from llmcore.data.tasks import (_column_difference, _column_sum, _synthetic_one, final_answer,
-                                is_correct, spelled, synthetic_conversations, wrong_reply)
+from llmcore.data.tasks import (
+    _column_difference,
+    _column_sum,
+    _synthetic_one,
+    final_answer,
+    is_correct,
+    spelled,
+    synthetic_conversations,
+    wrong_reply,
+)
 
 
 def _steps(work: str) -> list[tuple[str, int]]:
