@@ -23,6 +23,10 @@ Repetition: the corpus is small, so large budgets read it several times. Every r
 evaluated four times; a run whose last evaluation is worse than its best has started to pay
 for repeating the data (``val_turned_up``), and its epochs over the training rows are recorded.
 
+A sweep of the recipe at one point (``--tag lr-0.01 --pretrain lr=0.01``) is recorded in the
+same file under its tag and left out of the fits: that is how the pretraining defaults (lr,
+batch) the grid runs with were chosen.
+
 Each finished run is appended to ``<out>/runs.jsonl`` at once, so a killed study resumes where
 it stopped (runs already on record are skipped). Writes ``<out>/scaling.json`` (runs, fits,
 optima) and ``<out>/isoflop.png``.
@@ -44,7 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmcore.config import UserError, parse_section  # noqa: E402
+from llmcore.config import TrainConfig, UserError, parse_section  # noqa: E402
 from llmcore.data.corpus import read_conversations, read_texts  # noqa: E402
 from llmcore.data.packing import pack_all  # noqa: E402
 from llmcore.data.shards import ShardDataset, ShardLoader, read_manifest  # noqa: E402
@@ -76,6 +80,19 @@ def parse_shape(text: str) -> tuple[int, int]:
     if not (layers.isdigit() and width.isdigit()):
         raise SystemExit(f"a shape is LAYERSxWIDTH, e.g. 4x128 (got {text!r})")
     return int(layers), int(width)
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """``lr=0.01,warmup_steps=20`` -> {"lr": 0.01, "warmup_steps": 20} (YAML values)."""
+    import yaml
+
+    out = {}
+    for pair in filter(None, text.split(",")):
+        key, eq, raw = pair.partition("=")
+        if not eq:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
 
 
 def model_config(layers: int, width: int, vocab: int) -> Any:
@@ -116,10 +133,11 @@ class Run:
     vocab: int
     shape: str
     budget: float
+    tag: str = ""  # a sweep's name: kept apart from the isoFLOP fits
 
     @property
     def key(self) -> str:
-        return f"v{self.vocab}-{self.shape}-{self.budget:.3g}"
+        return f"{self.tag + ':' if self.tag else ''}v{self.vocab}-{self.shape}-{self.budget:.3g}"
 
 
 def plan_run(run: Run, seq_len: int, batch: int) -> dict[str, Any]:
@@ -139,7 +157,7 @@ def train_run(run: Run, data: Path, plan: dict[str, Any], args: argparse.Namespa
         "max_steps": steps, "batch_size": args.batch_size,
         "warmup_steps": max(1, min(50, steps // 10)), "eval_every": max(1, steps // 4),
         "eval_batches": -(-len(val) // args.batch_size), "log_every": max(1, steps // 4),
-        "checkpoint_every": steps + 1, "peak_flops": peak})
+        "checkpoint_every": steps + 1, "peak_flops": peak, **args.pretrain})
     torch.manual_seed(args.seed)
     model = Transformer(cfg).to(ctx.device)
     loader = ShardLoader(train, args.batch_size, seed=args.seed)
@@ -151,7 +169,9 @@ def train_run(run: Run, data: Path, plan: dict[str, Any], args: argparse.Namespa
     best = min(e["val_bpb"] for e in evals)
     final = evals[-1]["val_bpb"]
     return {
-        "key": run.key, "vocab": run.vocab, "shape": run.shape, "budget": run.budget,
+        "key": run.key, "tag": run.tag, "overrides": args.pretrain,
+        "batch_size": args.batch_size, "lr": tcfg.lr,
+        "vocab": run.vocab, "shape": run.shape, "budget": run.budget,
         "layers": cfg.n_layers, "d_model": cfg.d_model, "n_heads": cfg.n_heads,
         "non_embedding_params": plan["non_embedding_params"],
         "params": count_parameters(cfg), "flops_per_token": plan["flops_per_token"],
@@ -201,6 +221,7 @@ def power_law(budgets: list[float], values: list[float]) -> dict[str, float] | N
 
 
 def fits(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    runs = [r for r in runs if not r.get("tag")]
     out: dict[str, Any] = {}
     for vocab in sorted({r["vocab"] for r in runs}):
         per_budget = {}
@@ -268,8 +289,9 @@ def report(runs: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> None:
     fit = fits(runs)
     (out / "scaling.json").write_text(json.dumps({**meta, "fits": fit, "runs": runs},
                                                  indent=2) + "\n")
-    if runs:
-        plot(runs, fit, out / "isoflop.png")
+    grid = [r for r in runs if not r.get("tag")]
+    if grid:
+        plot(grid, fit, out / "isoflop.png")
     for vocab, f in fit.items():
         for budget, b in f["budgets"].items():
             edge = "" if b["inside_grid"] else " (at the grid's edge)"
@@ -288,7 +310,7 @@ def main() -> None:
     ap.add_argument("--max-epochs", type=float, default=20.0,
                     help="skip a (shape, budget) that would read the rows more times")
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=TrainConfig().batch_size)
     ap.add_argument("--chat-share", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--dtype", default="float32",
@@ -297,6 +319,10 @@ def main() -> None:
     ap.add_argument("--corpus", default="data/corpus")
     ap.add_argument("--work", default="data/scaling")
     ap.add_argument("--out", default="reports/scaling")
+    ap.add_argument("--pretrain", type=parse_overrides, default={}, metavar="KEY=VALUE,...",
+                    help="pretrain params for every run, e.g. lr=0.01,warmup_steps=20")
+    ap.add_argument("--tag", default="", help="name these runs as a sweep (e.g. lr-0.01): "
+                    "recorded beside the grid, left out of its fits")
     ap.add_argument("--plan", action="store_true", help="list the runs, train nothing")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
@@ -307,6 +333,7 @@ def main() -> None:
     device = pick_device("cpu")
     prec = precision(args.dtype, device)
     meta = {"machine": prec.describe(), "torch": torch.__version__, "seq_len": args.seq_len,
+            "pretrain_overrides": args.pretrain,
             "batch_size": args.batch_size, "chat_share": args.chat_share,
             "flops": "flops_per_token x tokens (6 x matmul params incl. head + attention)"}
     runs_path = out / "runs.jsonl"
@@ -319,7 +346,7 @@ def main() -> None:
                  tuple(args.shapes.split(","))) for b in (args.budgets or "1e13").split(",")]
     else:
         grid = list(GRID)
-    runs = list(dict.fromkeys(Run(v, s, b) for vocabs, b, shapes in grid
+    runs = list(dict.fromkeys(Run(v, s, b, args.tag) for vocabs, b, shapes in grid
                               for v in vocabs for s in shapes))
     vocabs = sorted({r.vocab for r in runs})
     todo, skipped = [], []
