@@ -492,6 +492,44 @@ def speedrun(files: Files, rel: str) -> list[str]:
     return out + ["; ".join(facts) + ".", ""]
 
 
+def scaling(files: Files) -> list[str]:
+    """The isoFLOP optima per vocabulary and budget, the power laws, the sweeps."""
+    rel = "reports/scaling/scaling.json"
+    data = files.get(rel)
+    if data is None:
+        return missing(rel, "`make scaling` (`benchmarks/scaling.py`)")
+    rows = []
+    for vocab, f in (data.get("fits") or {}).items():
+        for budget, b in (f.get("budgets") or {}).items():
+            rows.append((vocab, budget, str(b.get("runs")),
+                         f"{b['optimal_params'] / 1e6:.2f}M" + ("" if b.get("inside_grid")
+                                                               else " (grid edge)"),
+                         f"{b['optimal_tokens'] / 1e6:.2f}M", num(b.get("optimal_bpb")),
+                         f"{b.get('best_run')} ({num(b.get('best_run_bpb'))})"))
+    out = table(("vocab", "budget (FLOPs)", "runs", "optimal non-embedding params",
+                 "optimal tokens", "fitted bpb", "best run (bpb)"), rows)
+    laws = []
+    for vocab, f in (data.get("fits") or {}).items():
+        p, t = f.get("params_law"), f.get("tokens_law")
+        if p and t:
+            laws.append(f"vocab {vocab}: N_opt ~ C^{p['exponent']:.2f}, D_opt ~ C^{t['exponent']:.2f}")
+    runs = data.get("runs") or []
+    grid = [r for r in runs if not r.get("tag")]
+    up = [r for r in grid if r.get("val_turned_up")]
+    facts = laws + [f"{len(grid)} grid runs, {len(up)} whose val bpb turned up by their last "
+                    "evaluation (repeating the data costs)" + (": " + ", ".join(
+                        f"{r['key']} ({r['epochs']:.1f} epochs)" for r in up) if up else ""),
+                    f"machine: {data.get('machine', 'not recorded')}"]
+    out += ["; ".join(facts) + ".", ""]
+    sweeps = [r for r in runs if r.get("tag")]
+    if sweeps:
+        out += ["Sweeps of the recipe (one shape and budget, one change each):", ""]
+        out += table(("tag", "run", "batch", "lr", "val bpb"),
+                     [(r["tag"], r["key"].split(":", 1)[-1], str(r.get("batch_size", "-")),
+                       str(r.get("lr", "-")), num(r.get("final_val_bpb"), 4)) for r in sweeps])
+    return out
+
+
 def gguf(files: Files) -> list[str]:
     data = files.get("reports/gguf_roundtrip.json")
     if data is None:
@@ -569,6 +607,11 @@ def results_md(files: Files) -> str:
             "`reports/speedrun-ablation/speedrun.json`: the switches measured as extra llmcore "
             "sides of one run.", ""]
     out += speedrun(files, "reports/speedrun-ablation/speedrun.json")
+    out += ["### Scaling study", "",
+            "`reports/scaling/scaling.json` ([scaling](scaling.md) says how it is run and read):"
+            " per vocabulary and FLOP budget, the minimum of the isoFLOP parabola.", ""]
+    out += scaling(files)
+    out += ["![isoFLOP curves](../reports/scaling/isoflop.png)", ""]
     out += ["### GGUF in llama.cpp", "", "`reports/gguf_roundtrip.json`:", ""]
     out += gguf(files)
     out += ["### transformers compatibility of `llmcore export`", "",

@@ -92,7 +92,7 @@ class FetchConfig:
 class TokenizerConfig:
     """``tokenizer:`` byte-level BPE training."""
 
-    vocab_size: int = spec(6400, ge=260, le=65536 * 4)
+    vocab_size: int = spec(4096, ge=260, le=65536 * 4)
     min_frequency: int = spec(2, ge=1)
     include_sft: bool = spec(True, doc="also train on the SFT conversations' text")
     max_train_bytes: int | None = spec(None, ge=1, doc="cap on the training text, in bytes")
@@ -116,10 +116,10 @@ class PackConfig:
 class ModelConfig:
     """``model:`` the decoder's shape and switches (a preset plus per-field overrides)."""
 
-    preset: str = spec("cpu-small", doc="one of llmcore.config.PRESETS")
-    vocab_size: int = spec(6400, ge=8, doc="set from the tokenizer by the stages")
+    preset: str = spec("cpu-mini", doc="one of llmcore.config.PRESETS")
+    vocab_size: int = spec(4096, ge=8, doc="set from the tokenizer by the stages")
     n_layers: int = spec(4, ge=1)
-    d_model: int = spec(256, ge=8)
+    d_model: int = spec(128, ge=8)
     n_heads: int = spec(4, ge=1)
     # None at construction means "derived" (__post_init__ fills it): always an int after
     n_kv_heads: int = spec(None, ge=1, doc="grouped KV heads; default n_heads")
@@ -170,7 +170,11 @@ class ModelConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # for tests: builds and trains in milliseconds
     "tiny": dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=256),
-    # the CPU default: the whole pipeline in minutes on 2 cores, and it still learns
+    # the CPU default (0.8M non-embedding parameters): the size the scaling study
+    # (docs/scaling.md) finds near-optimal for the ~1e13-2e13 FLOPs a 2-core pretraining gets
+    "cpu-mini": dict(n_layers=4, d_model=128, n_heads=4, n_kv_heads=4, max_seq_len=1024),
+    # four times the width: learns more per token, costs ~3x per token (the default until the
+    # scaling study; the throughput benchmarks' shape)
     "cpu-small": dict(n_layers=4, d_model=256, n_heads=4, n_kv_heads=4, max_seq_len=1024),
     # GPT-2 style: learned positions, layernorm with biases, GELU MLP
     "gpt2-mini": dict(n_layers=6, d_model=384, n_heads=6, max_seq_len=1024, positions="learned",
@@ -257,7 +261,7 @@ NON_SHAPING = ("log_every", "checkpoint_every", "keep_checkpoints", "resume", "c
 class TrainConfig(OptimConfig):
     """``pretrain:`` the training loop; its defaults are params.yaml's ``pretrain:``."""
 
-    max_steps: int = _default(OptimConfig, "max_steps", 600,
+    max_steps: int = _default(OptimConfig, "max_steps", 840,
                               doc="optimizer steps (ignored when epochs is set)")
     epochs: float | None = spec(None, gt=0, doc="passes over the training rows; sets max_steps")
     # a sweep at 4e12 FLOPs on a 0.8M model (docs/scaling.md): lr 0.015 gave 1.843 bpb
@@ -306,10 +310,10 @@ class SFTConfig(TrainConfig):
                        doc="full: every weight trains; lora: adapters only (sft.lora)")
     lora: LoRAConfig = spec(default_factory=LoRAConfig)
 
-    max_steps: int = _default(TrainConfig, "max_steps", 300)
+    max_steps: int = _default(TrainConfig, "max_steps", 600)
     batch_size: int = _default(TrainConfig, "batch_size", 16)
-    lr: float = _default(TrainConfig, "lr", 1e-3)
-    min_lr: float = _default(TrainConfig, "min_lr", 1e-4)
+    lr: float = _default(TrainConfig, "lr", 6e-3)
+    min_lr: float = _default(TrainConfig, "min_lr", 6e-4)
     warmup_steps: int = _default(TrainConfig, "warmup_steps", 20)
     optimizer: str = _default(TrainConfig, "optimizer", "adamw")
     eval_every: int = _default(TrainConfig, "eval_every", 50)
@@ -319,7 +323,7 @@ class SFTConfig(TrainConfig):
 class DPOConfig(OptimConfig):
     """``dpo:`` preference optimisation of the SFT model, its frozen self as the reference."""
 
-    max_steps: int = _default(OptimConfig, "max_steps", 150, ge=0,
+    max_steps: int = _default(OptimConfig, "max_steps", 50, ge=0,
                               doc="optimizer steps; 0: the stage copies the SFT model")
     beta: float = spec(0.1, gt=0, doc="strength of the pull towards the reference")
     nll_coef: float = spec(1.0, ge=0, doc="weight of the chosen replies' NLL per token (RPO); "
@@ -333,9 +337,9 @@ class DPOConfig(OptimConfig):
     checkpoint_every: int = _default(OptimConfig, "checkpoint_every", 50)
     batch_size: int = spec(16, ge=1, doc="preference pairs per step (split over grad_accum)")
     eval_every: int = spec(50, ge=1)
-    pairs_per_task: int = spec(400, ge=0, doc="builtin on-policy pairs per synthetic task, "
+    pairs_per_task: int = spec(200, ge=0, doc="builtin on-policy pairs per synthetic task, "
                                               "from training conversations")
-    val_pairs_per_task: int = spec(50, ge=0, doc="held-out pairs per task (val conversations)")
+    val_pairs_per_task: int = spec(25, ge=0, doc="held-out pairs per task (val conversations)")
     max_new_tokens: int = spec(56, ge=1, doc="length of the SFT model's own answers")
     corpus_pairs: bool = spec(True, doc="also train on the pairs of fetch.preference_paths")
     method: str = spec("full", choices=("full", "lora"))
@@ -354,7 +358,7 @@ class RLConfig(OptimConfig):
     """``rl:`` GRPO on the checkable tasks, starting from the DPO model."""
 
     algorithm: str = spec("grpo", choices=("grpo",))
-    max_steps: int = _default(OptimConfig, "max_steps", 60, ge=0,
+    max_steps: int = _default(OptimConfig, "max_steps", 20, ge=0,
                               doc="policy updates; 0: the stage copies the DPO model")
     lr: float = _default(OptimConfig, "lr", 1e-5)
     min_lr: float = _default(OptimConfig, "min_lr", 1e-6)

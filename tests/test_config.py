@@ -98,14 +98,14 @@ def test_params_yaml_lists_every_key_and_validates():
         missing = {f.name for f in dataclasses.fields(cls)} - set(params[name])
         assert not missing, f"params.yaml section {name} lacks {sorted(missing)}"
     cfgs = parse_sections(params, list(SECTIONS))
-    assert cfgs["model"].preset == "cpu-small" and cfgs["model"].d_model == 256
+    assert cfgs["model"].preset == "cpu-mini" and cfgs["model"].d_model == 128
 
 
 def test_model_nulls_mean_the_presets_value():
     cfg = parse_section("model", {"preset": "gpt2-mini", "positions": None, "d_model": None,
                                   "n_layers": 3})
     assert (cfg.positions, cfg.d_model, cfg.n_layers) == ("learned", 384, 3)
-    assert parse_section("model", {"preset": None}).preset == "cpu-small"
+    assert parse_section("model", {"preset": None}).preset == "cpu-mini"
 
 
 def test_schema_defaults_are_the_params_yaml_defaults():
