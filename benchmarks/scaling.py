@@ -35,13 +35,12 @@ optima) and ``<out>/isoflop.png``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -128,8 +127,7 @@ def build_data(corpus: Path, work: Path, vocab: int, seq_len: int, chat_share: f
     return out
 
 
-@dataclasses.dataclass(frozen=True)
-class Run:
+class Run(NamedTuple):
     vocab: int
     shape: str
     budget: float

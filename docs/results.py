@@ -611,7 +611,8 @@ def results_md(files: Files) -> str:
             "`reports/scaling/scaling.json` ([scaling](scaling.md) says how it is run and read):"
             " per vocabulary and FLOP budget, the minimum of the isoFLOP parabola.", ""]
     out += scaling(files)
-    out += ["![isoFLOP curves](../reports/scaling/isoflop.png)", ""]
+    if (files.root / "reports/scaling/isoflop.png").exists():
+        out += ["![isoFLOP curves](../reports/scaling/isoflop.png)", ""]
     out += ["### GGUF in llama.cpp", "", "`reports/gguf_roundtrip.json`:", ""]
     out += gguf(files)
     out += ["### transformers compatibility of `llmcore export`", "",

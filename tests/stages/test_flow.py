@@ -276,7 +276,8 @@ def test_registry_best_alias_after_two_runs(prefect_setup, override_run):
 
     root, url, env = prefect_setup
     assert override_run[1]["state"]["type"] == "COMPLETED"  # the first of the two runs
-    run_id = trigger(root, env, 'overrides={"sft.lr": 0.0001}', "experiment=lr-1e-4")
+    run_id = trigger(root, env, 'overrides={"sft.lr": 0.0001, "sft.min_lr": 0.00001}',
+                     "experiment=lr-1e-4")
     assert final_state(url, run_id)["state"]["type"] == "COMPLETED"
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     versions = client.search_model_versions("name='llmcore'")

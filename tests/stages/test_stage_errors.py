@@ -86,11 +86,11 @@ def test_unknown_section_is_an_error_when_a_stage_runs_alone(project, monkeypatc
 
 
 def test_exponent_without_a_dot_gets_the_yaml_hint(project, monkeypatch, capsys):
-    text = (project / "params.yaml").read_text().replace("lr: 0.003", "lr: 3e-3")
+    text = (project / "params.yaml").read_text().replace("lr: 0.015", "lr: 15e-3")
     (project / "params.yaml").write_text(text)
     code, err = run("pretrain", project, monkeypatch, capsys)
     assert code == 2
-    assert "pretrain.lr must be a number (got '3e-3'); YAML reads 3e-3 as a string: write it " \
+    assert "pretrain.lr must be a number (got '15e-3'); YAML reads 15e-3 as a string: write it " \
            "with a dot, e.g. 1.0e-3" in err
 
 
