@@ -15,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.live_server import LiveServer  # noqa: E402
+from tests.serve.live_server import LiveServer  # noqa: E402
 
 QUESTIONS = ["What is 12 + 7?", "What does the append method of a list do?"]
 
