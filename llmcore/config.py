@@ -264,8 +264,8 @@ class TrainConfig(OptimConfig):
     max_steps: int = _default(OptimConfig, "max_steps", 840,
                               doc="optimizer steps (ignored when epochs is set)")
     epochs: float | None = spec(None, gt=0, doc="passes over the training rows; sets max_steps")
-    # a sweep at 4e12 FLOPs on a 0.8M model (docs/scaling.md): lr 0.015 gave 1.843 bpb
-    # against 1.957 at 0.003, and 8 rows per step 1.848 against 1.898 at 16
+    # a sweep at 4e12 FLOPs on a 0.8M model (docs/scaling.md): lr 0.015 gave 1.847 bpb
+    # against 1.956 at 0.003, and 8 rows per step 1.847 against 1.902 at 16 (lr 0.02)
     lr: float = _default(OptimConfig, "lr", 1.5e-2)
     min_lr: float = _default(OptimConfig, "min_lr", 1.5e-3)
     batch_size: int = spec(8, ge=1, doc="rows per micro-batch per process")

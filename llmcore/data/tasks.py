@@ -10,8 +10,9 @@ reply). The task names are :data:`llmcore.config.SYNTHETIC_TASKS`, the names par
 
 Replies show their working, in formats a small model can learn: a sum or a difference goes
 column by column from the units (``7 + 8 = 15, 4 + 3 + 1 = 8`` then ``85``), reversing and
-counting spell the word first (``s-t-a-c-k``, one token per letter), then reverse the letters
-or tally the matches, and the answer stands alone on the last line. In the plain
+counting spell the word first (``s-t-a-c-k``, one token per letter), then tally the matches
+(``b-a(1)-n-a(2)-n-a(3)``); reversing numbers the letters (``1s2t3a4c5k``) and reads them back
+from the highest number (``5k4c3a2t1s``). The answer stands alone on the last line. In the plain
 ``What is 47 + 38?`` -> ``85`` format a model must learn every sum as a fact; column by column
 it learns one hundred single-digit facts and a rule, with far fewer examples.
 
@@ -92,9 +93,15 @@ def _synthetic_one(task: str, rng: random.Random, words: list[str]) -> tuple[str
             tally.append(f"{ch}({n})" if ch == letter else ch)
         return q.format(c=letter, w=word), f"{'-'.join(tally)}\n{n}", str(n)
     if task == "reverse":
+        # each letter numbered where it stands, then read back from the highest number:
+        # 1s2t3a4c5k / 5k4c3a2t1s / kcats. Writing the next letter is then a lookup ("the
+        # letter after 4") rather than counting back from the end of the first line. Digits
+        # and letters are tokens of their own, so no separator is needed (a 10-letter word's
+        # reply is 48 tokens, inside max_new_tokens)
         back = word[::-1]
-        return (f"Reverse the word '{word}'.", f"{spelled(word)}\n{spelled(back)}\n{back}",
-                back)
+        numbered = [f"{i}{ch}" for i, ch in enumerate(word, 1)]
+        return (f"Reverse the word '{word}'.",
+                f"{''.join(numbered)}\n{''.join(reversed(numbered))}\n{back}", back)
     raise ValueError(f"unknown synthetic task {task!r}")
 
 

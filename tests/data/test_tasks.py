@@ -56,7 +56,8 @@ def test_replies_end_with_the_answer_and_show_their_working():
         if task == "spell":
             assert lines == [spelled(word)] and answer.replace("-", "") == word
         elif task == "reverse":
-            assert lines == [spelled(word), spelled(word[::-1]), word[::-1]]
+            numbered = [f"{i}{ch}" for i, ch in enumerate(word, 1)]
+            assert lines == ["".join(numbered), "".join(numbered[::-1]), word[::-1]]
         elif task == "count":
             letter = re.findall(r"letter '([a-z])'", question)[0]
             tally = lines[0].split("-")
@@ -80,7 +81,7 @@ def test_only_the_final_line_is_judged():
     assert not is_correct("85 is it", "85") and not is_correct("", "85")
     assert final_answer("  \n ") == ""
     rng = random.Random(0)
-    reply = "s-t-a-c-k\nk-c-a-t-s\nkcats"
+    reply = "1s2t3a4c5k\n5k4c3a2t1s\nkcats"
     for _ in range(30):
         wrong = wrong_reply("reverse", reply, "kcats", rng)
         assert wrong.split("\n")[:2] == reply.split("\n")[:2] and not is_correct(wrong, "kcats")
