@@ -217,23 +217,15 @@ def save_pyfunc(model_dir: Path, out: Path) -> Path:
     import mlflow.pyfunc
     import pandas as pd
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import (
-        Array,
-        ColSpec,
-        DataType,
-        Object,
-        ParamSchema,
-        ParamSpec,
-        Property,
-        Schema,
-    )
+    from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
     # the params and their defaults are llmcore.export.pyfunc.DEFAULT_PARAMS (this module imports no
     # library code; a test compares the two)
-    message = Object([Property("role", DataType.string), Property("content", DataType.string)])
+    # no input schema: MLflow would enforce one by dropping what it does not name (a list of
+    # strings became an empty answer); llmcore.export.pyfunc.requests checks every shape it
+    # takes and names them in its error
     signature = ModelSignature(
-        inputs=Schema([ColSpec(DataType.string, "prompt", required=False),
-                       ColSpec(Array(message), "messages", required=False)]),
+        inputs=None,
         outputs=Schema([ColSpec(DataType.string, "completion")]),
         params=ParamSchema([ParamSpec("max_new_tokens", DataType.long, 64),
                             ParamSpec("temperature", DataType.double, 0.0),

@@ -90,3 +90,47 @@ def test_chat_and_generate_read_control_token_strings_as_text(model_dir, tiny_to
     assert gen.returncode == 0 and gen.stdout == tiny_tokenizer.decode(toks) + "\n"
     unsafe = tiny_tokenizer.encode(render_chat([{"role": "user", "content": forged}], True))
     assert unsafe != safe  # what the command would have read before
+
+
+def _all_actions(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from ((f"{name} {a}", h) for a, h in _all_actions(sub))
+        elif not isinstance(action, argparse._HelpAction):
+            yield "/".join(action.option_strings) or action.dest, action.help
+
+
+def test_every_flag_has_help_and_no_markup():
+    from llmcore.cli import build_parser
+
+    missing = [name for name, text in _all_actions(build_parser()) if not text]
+    assert missing == []
+    out = run_cli("--help")
+    assert out.returncode == 0 and "``" not in out.stdout and ":func:" not in out.stdout
+    assert out.stdout.splitlines()[2].startswith("llmcore: generate from, chat with")
+    serve = run_cli("serve", "--help").stdout
+    assert "--api-key KEY" in serve and "LLMCORE_API_KEY" in serve
+
+
+def test_text_utf8_cannot_encode_is_one_line(model_dir):
+    path, _ = model_dir
+    # what Python makes of undecodable bytes in an argument: a lone surrogate (U+DCFF)
+    out = subprocess.run([sys.executable, "-m", "llmcore.cli", "generate", str(path),
+                          b"cut \xff".decode("utf-8", "surrogateescape"), "--device", "cpu"],
+                         capture_output=True, text=True, env=project_env(), timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == ("llmcore: prompt 1: character 4 (U+DCFF) cannot be encoded "
+                                  "as UTF-8 (a lone UTF-16 surrogate); remove or replace it")
+    raw = subprocess.run([sys.executable, "-m", "llmcore.cli", "generate", str(path),
+                          "--device", "cpu"], input=b"fine\n\xff\xfe\n", capture_output=True,
+                         env=project_env(), timeout=120)
+    # strict stdin (a UTF-8 locale) or surrogateescape (C locale, Python's UTF-8 mode): one
+    # line either way, naming the line when Python let it through
+    assert raw.returncode == 2 and len(raw.stderr.splitlines()) == 1
+    assert b"stdin is not UTF-8 text" in raw.stderr or b"prompt 2: character 0" in raw.stderr
+    chat = run_cli("chat", str(path), "--max-new-tokens", "2", "--device", "cpu",
+                   "--system", "\udcfe")
+    assert chat.returncode == 2 and "--system: character 0 (U+DCFE)" in chat.stderr

@@ -247,7 +247,8 @@ def test_only_tracking_imports_mlflow():
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             if any(n.split(".")[0] == "mlflow" for n in names):
                 offenders.append(path.relative_to(REPO).as_posix())
-    assert sorted(set(offenders)) == ["llmcore/tracking.py"]
+    # the pyfunc flavour runs inside MLflow and raises its error type (imported lazily there)
+    assert sorted(set(offenders)) == ["llmcore/export/pyfunc.py", "llmcore/tracking.py"]
 
 
 def test_every_package_imports_only_what_its_rule_allows():

@@ -125,21 +125,50 @@ def test_registry_models_load_and_predict_as_mlflow_pyfunc(tmp_path, tiny_tokeni
 
     params = loaded.metadata.get_params_schema().params
     assert {p.name: p.default for p in params} == DEFAULT_PARAMS
+    import re
+
+    import pytest
+
     got = loaded.predict(pd.DataFrame({"prompt": prompts}), params={"max_new_tokens": 8})
     assert list(got["completion"]) == expected
     chat = loaded.predict([{"messages": [{"role": "user", "content": prompts[0]}]}],
                           params={"max_new_tokens": 8})
     assert list(chat["completion"]) == expected[:1]
 
-    (tmp_path / "in.json").write_text(json.dumps({"dataframe_records": [{"prompt": prompts[0]}],
-                                                  "params": {"max_new_tokens": 8}}))
+    # every accepted shape answers one completion per prompt, the same as the DataFrame
+    conv = [{"role": "user", "content": prompts[0]}]
+    conv2 = [{"role": "user", "content": prompts[1]}]
+    for shape, want in [
+            (prompts[0], expected[:1]), (prompts, expected), (conv, expected[:1]),
+            ([conv, conv2], expected), ({"prompt": prompts}, expected),
+            ({"prompt": prompts[1]}, expected[1:]), ({"messages": [conv, conv2]}, expected),
+            ({"messages": conv}, expected[:1]), ([{"prompt": p} for p in prompts], expected),
+            (pd.DataFrame({"messages": [conv, conv2]}), expected)]:
+        got = loaded.predict(shape, params={"max_new_tokens": 8})
+        assert list(got["completion"]) == want, shape
+    for bad, why in [(42, "the input is a int"), ([prompts[0], 7], "input[1] is neither"),
+                     ({"text": ["x"]}, "needs one key"), ({"prompt": [["x"]]}, "prompt[0]"),
+                     ("cut \ud800", "prompt 0: character 4 (U+D800) cannot be encoded"),
+                     ([conv, [{"role": "user", "content": "\udc80"}]],
+                      "prompt 1 messages[0].content: character 0 (U+DC80)")]:
+        with pytest.raises(mlflow.exceptions.MlflowException, match=re.escape(why)) as info:
+            loaded.predict(bad, params={"max_new_tokens": 8})
+        assert "U+D" in why or "a list of strings" in str(info.value)  # the shapes, named
+
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    cli = subprocess.run(
-        [str(Path(sys.executable).with_name("mlflow")), "models", "predict", "-m",
-         "models:/llmcore@best", "-i", str(tmp_path / "in.json"), "-t", "json",
-         "--env-manager", "local"], capture_output=True, text=True, env=env, timeout=300)
-    assert cli.returncode == 0, cli.stderr[-2000:]
-    assert json.dumps(expected[0])[1:-1] in cli.stdout
+
+    def cli(body):
+        (tmp_path / "in.json").write_text(json.dumps({**body, "params": {"max_new_tokens": 8}}))
+        out = subprocess.run(
+            [str(Path(sys.executable).with_name("mlflow")), "models", "predict", "-m",
+             "models:/llmcore@best", "-i", str(tmp_path / "in.json"), "-t", "json",
+             "--env-manager", "local"], capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return [p["completion"] for p in json.loads(out.stdout.strip().splitlines()[-1])[
+            "predictions"]]
+
+    assert cli({"inputs": prompts}) == expected  # numpy arrays on the way in
+    assert cli({"inputs": {"messages": [conv, conv2]}}) == expected
 
 
 def test_serve_a_registry_uri(tmp_path, tiny_tokenizer):

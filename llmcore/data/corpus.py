@@ -34,6 +34,47 @@ class CorpusError(UserError):
     """The corpus cannot be built; the message says what to fix."""
 
 
+class UnencodableText(UserError):
+    """Text with a character that UTF-8 cannot encode: a lone UTF-16 surrogate, which JSON's
+    ``"\\ud800"`` escape allows (scraped text has them, e.g. half of a cut emoji) and Python
+    makes of undecodable bytes in arguments. The tokenizer cannot take it, and neither can a
+    Parquet table, so it is refused where it comes in, naming the field."""
+
+    def __init__(self, field: str, index: int, char: str) -> None:
+        self.field, self.index = field, index
+        super().__init__(f"{field}: character {index} (U+{ord(char):04X}) cannot be encoded "
+                         "as UTF-8 (a lone UTF-16 surrogate); remove or replace it")
+
+
+def unencodable(value: Any, field: str = "text") -> UnencodableText | None:
+    """The first string inside ``value`` (a string, or lists and dicts of them) that UTF-8
+    cannot encode, as an error naming where it is (``messages[1].content``), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return UnencodableText(field, exc.start, value[exc.start])
+        return None
+    if isinstance(value, dict):
+        items: Any = ((f"{field}.{k}", v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{field}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for where, item in items:
+        bad = unencodable(item, where)
+        if bad is not None:
+            return bad
+    return None
+
+
+def check_encodable(value: Any, field: str) -> None:
+    """Raise :class:`UnencodableText` if any string in ``value`` cannot be encoded."""
+    bad = unencodable(value, field)
+    if bad is not None:
+        raise bad
+
+
 class BadRecord(ValueError):
     """One malformed input record; ``location`` is ``file:line`` or similar."""
 

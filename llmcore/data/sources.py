@@ -47,6 +47,7 @@ from llmcore.data.corpus import (
     CorpusError,
     Document,
     Record,
+    unencodable,
 )
 from llmcore.data.pydocs import builtin_documents, doc_conversations, stdlib_code_documents
 from llmcore.data.tasks import synthetic_conversations
@@ -164,10 +165,19 @@ def _json_row(raw: bytes, location: str) -> Any:
 T = TypeVar("T")
 
 
+def _encodable(row: Any, location: str) -> Any:
+    """``row`` itself, or BadRecord if a string in it cannot be encoded as UTF-8."""
+    bad = unencodable(row, "record")
+    if bad is not None:
+        raise BadRecord(location, str(bad))
+    return row
+
+
 def _parsed(parse: Callable[[Any, str], T], location: str, row: Any) -> T | BadRecord:
     """A ``.jsonl`` line (bytes) is decoded first; a Parquet row is a Python value already."""
     try:
-        return parse(_json_row(row, location) if isinstance(row, bytes) else row, location)
+        value = _json_row(row, location) if isinstance(row, bytes) else row
+        return parse(_encodable(value, location), location)
     except BadRecord as bad:
         return bad
 
@@ -249,7 +259,8 @@ def read_hf(cfg: FetchConfig) -> Iterator[Record | BadRecord]:
         ) from exc
     for i, row in enumerate(stream):
         try:
-            yield parse_record(row, f"hf:{name}:{i}", cfg.text_field, f"hf:{name}")
+            location = f"hf:{name}:{i}"
+            yield parse_record(_encodable(row, location), location, cfg.text_field, f"hf:{name}")
         except BadRecord as bad:
             yield bad
 

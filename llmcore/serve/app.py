@@ -15,7 +15,8 @@ decode loop, past ``max_queue`` waiting requests the answer is 429 at once, and 
 disconnects (streaming or not) cancels its request, which frees its slot at the next step.
 
 Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 when a
-request does not fit the model, 404 for an unknown route or model, 413 for a body over
+request does not fit the model or has text UTF-8 cannot encode, 401 without the API key when
+the server has one, 404 for an unknown route or model, 413 for a body over
 ``max_body`` bytes, 422 for a malformed body (the message names the field), 429 when the queue
 is full. Nothing a client sends is a 500.
 """
@@ -39,12 +40,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, StreamingResponse
 
 from llmcore.config import ModelConfig
+from llmcore.data.corpus import unencodable
 from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.infer.engine import Engine, Event, QueueFull
 from llmcore.infer.engine import Request as EngineRequest
 from llmcore.infer.generate import Sampling
 from llmcore.model.protocols import LanguageModel
-from llmcore.serve.guard import ApiError, BodyLimit, error_body, install_error_handlers
+from llmcore.serve.guard import ApiError, ApiKey, BodyLimit, error_body, install_error_handlers
 from llmcore.serve.protocol import ChatRequest, CompletionRequest, GenerateRequest, SamplingFields
 
 
@@ -92,8 +94,10 @@ class _Served:
 
 def create_app(model_dir: Path, device: str = "auto", *, name: str | None = None,
                max_batch: int = 8, max_queue: int = 64, max_body: int = 1 << 20,
-               engine_thread: bool = True, compile: bool = False) -> FastAPI:
-    """The service for one model directory (loaded once, at creation).
+               engine_thread: bool = True, compile: bool = False,
+               api_key: str | None = None) -> FastAPI:
+    """The service for one model directory (loaded once, at creation); with ``api_key``,
+    requests need ``Authorization: Bearer <api_key>`` (:class:`~llmcore.serve.guard.ApiKey`).
 
     ``engine_thread=False`` leaves running the decode loop (``app.state.engine.run()``) to
     the caller, which is what ``llmcore serve`` does from its main thread."""
@@ -115,6 +119,9 @@ def create_app(model_dir: Path, device: str = "auto", *, name: str | None = None
     app = FastAPI(title="llmcore", description=f"Generation with {served.model_id}",
                   lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=max_body)
+    if api_key is not None:  # added last, so it runs first: no body is read for a stranger
+        app.add_middleware(ApiKey, key=api_key)
+    app.state.api_key_required = api_key is not None
     install_error_handlers(app)
     app.state.engine = engine
     _info_routes(app, served)
@@ -130,6 +137,7 @@ def _info_routes(app: FastAPI, s: _Served) -> None:
     @app.get("/health")
     def health() -> dict[str, Any]:
         return {"status": "ok", "model": s.model_id, "params": s.model.num_parameters(),
+                "api_key_required": app.state.api_key_required,
                 "positions": s.cfg.positions, "max_seq_len": s.context, **s.engine.load()}
 
     @app.get("/v1/models")
@@ -147,6 +155,7 @@ def _info_routes(app: FastAPI, s: _Served) -> None:
 def _generation_routes(app: FastAPI, s: _Served) -> None:
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatRequest, request: Request) -> Any:
+        _encodable(body)
         s.check_model(body.model)
         if body.messages[-1].role == "assistant":
             raise ApiError(400, "the last message must be from the user or system", "messages")
@@ -158,6 +167,7 @@ def _generation_routes(app: FastAPI, s: _Served) -> None:
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
+        _encodable(body)
         s.check_model(body.model)
         jobs: list[Job] = []
         for p, text in enumerate(body.prompts()):
@@ -168,6 +178,7 @@ def _generation_routes(app: FastAPI, s: _Served) -> None:
 
     @app.post("/v1/generate")
     async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
+        _encodable(body)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         jobs: list[Job] = []
         for i, text in enumerate(prompts):
@@ -181,6 +192,15 @@ def _generation_routes(app: FastAPI, s: _Served) -> None:
         return {"completions": [{"text": o.text, "tokens": o.tokens,
                                  "finish_reason": o.finish} for o in outs],
                 "seconds": round(time.perf_counter() - start, 4)}
+
+
+def _encodable(body: Any) -> None:
+    """A 400 naming the field when text in the body cannot be encoded as UTF-8 (JSON allows
+    a lone surrogate such as ``"\\ud800"``; the tokenizer cannot take it)."""
+    for name, value in body.model_dump().items():
+        bad = unencodable(value, name)
+        if bad is not None:
+            raise ApiError(400, str(bad), bad.field)
 
 
 class Job(NamedTuple):

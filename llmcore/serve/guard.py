@@ -1,4 +1,10 @@
-"""What stands between the network and the service: body size, error shape, error handlers.
+"""What stands between the network and the service: an API key, body size, error shape, error
+handlers.
+
+With a key (``llmcore serve --api-key``), every route but the chat page and ``/health`` needs
+``Authorization: Bearer <key>``, as OpenAI's API and the official clients send it; the key is
+compared in constant time (``hmac.compare_digest``), so the time of a refusal says nothing
+of how much of a guess was right.
 
 Every error leaves as OpenAI's ``{"error": {"message", "type", "param", "code"}}`` (the shape
 the official clients parse), and a validation error names the field in ``param`` and in the
@@ -8,6 +14,7 @@ message, e.g. ``body.messages.0.role: Input should be 'system', 'developer', 'us
 
 from __future__ import annotations
 
+import hmac
 import logging
 from typing import Any
 
@@ -19,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("llmcore.serve.app")
 
-_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
           422: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
 
 
@@ -72,6 +79,33 @@ def install_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)
         return _json(500, "internal error; the server logged the cause")
+
+
+class ApiKey:
+    """Refuse a request without ``Authorization: Bearer <key>`` with OpenAI's 401 (the
+    official client raises ``AuthenticationError``), before the body is read. The chat page
+    and ``/health`` stay open: the page asks for the key and sends it with each request."""
+
+    OPEN = frozenset({"/", "/health"})
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        if not key:
+            raise ValueError("the API key is empty")
+        self.app, self.key = app, key.encode("utf-8")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.OPEN:
+            await self.app(scope, receive, send)
+            return
+        auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+            what = "no API key was given" if not auth else "the API key is not this server's"
+            await _json(401, f"{what}: send the header 'Authorization: Bearer <key>' (the "
+                             "OpenAI client's api_key)", None, "invalid_api_key",
+                        {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:

@@ -8,6 +8,7 @@ import pytest
 
 from llmcore.config import FetchConfig
 from llmcore.data.corpus import (
+    BAD_RECORDS_FILE,
     BadRecord,
     Conversation,
     CorpusError,
@@ -233,3 +234,30 @@ def test_stdlib_code_is_training_data_without_docstrings():
     with_code, stats = collect(docs + code, cfg)
     assert with_code["pretrain_val"] == without["pretrain_val"]  # the same docs val set
     assert len(with_code["pretrain_train"]) == len(without["pretrain_train"]) + len(code)
+
+
+def test_text_utf8_cannot_encode_is_a_malformed_record(tmp_path):
+    # JSON's "\ud83d" escape (half of an emoji, as cut scraped text has) parses to a lone
+    # surrogate, which neither the tokenizer nor Parquet can take
+    d = tmp_path / "in"
+    d.mkdir()
+    write_jsonl(d / "c.jsonl", [
+        {"text": "A fine document."},
+        {"text": "cut emoji \ud83d here"},
+        {"messages": [{"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": "bad \udc80"}]},
+        {"text": "Another fine document."},
+    ])
+    out = tmp_path / "corpus"
+    stats = build_corpus(files_cfg(tmp_path), out)
+    assert sorted(read_texts(out, "train") + read_texts(out, "val")) == [
+        "A fine document.", "Another fine document."]
+    assert stats.bad_records == 2
+    listed = (out / BAD_RECORDS_FILE).read_text().splitlines()
+    assert listed == [
+        f"{d / 'c.jsonl'}:2: record.text: character 10 (U+D83D) cannot be encoded as UTF-8 "
+        "(a lone UTF-16 surrogate); remove or replace it",
+        f"{d / 'c.jsonl'}:3: record.messages[1].content: character 4 (U+DC80) cannot be "
+        "encoded as UTF-8 (a lone UTF-16 surrogate); remove or replace it"]
+    with pytest.raises(CorpusError, match=r"c\.jsonl:2: record\.text: character 10"):
+        build_corpus(files_cfg(tmp_path, strict=True), tmp_path / "strict")

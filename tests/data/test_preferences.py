@@ -326,3 +326,16 @@ def test_fetch_stage_reports_pairs_and_fails_clearly(tmp_path, monkeypatch, caps
     assert code == 2
     assert "fetch.preference_paths: 'prefs/missing.jsonl' matches no file" in err
     assert "Traceback" not in err
+
+
+def test_a_pair_utf8_cannot_encode_is_malformed(tmp_path):
+    prefs = write_jsonl(tmp_path / "prefs/dpo.jsonl", [
+        pair_row(0), {"prompt": Q, "chosen": "right \ud800", "rejected": "wrong"}, pair_row(1)])
+    out = tmp_path / "corpus"
+    stats = build_corpus(project(tmp_path, preference_paths=["prefs/dpo.jsonl"]), out,
+                         root=tmp_path)
+    assert sorted(p["chosen"] for p in all_pairs(out)) == ["right answer 0", "right answer 1"]
+    assert stats.bad_records == 1
+    assert (out / "bad_records.txt").read_text().splitlines() == [
+        f"{prefs}:2: record.chosen: character 6 (U+D800) cannot be encoded as UTF-8 (a lone "
+        "UTF-16 surrogate); remove or replace it"]

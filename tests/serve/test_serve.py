@@ -233,3 +233,46 @@ def test_quantized_directories_are_served(tmp_path, served, method):
         r = client.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 3})
         assert client.get("/health").json()["model"] == "q"
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+
+
+@pytest.mark.parametrize("path,body,field", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "cut \ud83d"}]},
+     "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "ok"}, {"type": "text", "text": "\udc80"}]}]},
+     "messages[0].content[1].text"),
+    ("/v1/completions", {"prompt": ["fine", "bad \ud800"]}, "prompt[1]"),
+    ("/v1/chat/completions", {"messages": MSG, "stop": ["\ud800"]}, "stop[0]"),
+    ("/v1/generate", {"prompt": "\udfff"}, "prompt"),
+])
+def test_text_utf8_cannot_encode_is_a_400_naming_the_field(served, path, body, field):
+    # json.dumps writes a lone surrogate as the escape "\ud83d", which JSON allows
+    _, _, client = served
+    r = client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == field and "cannot be encoded as UTF-8" in err["message"]
+    assert client.post("/v1/generate", json={"prompt": "x", "max_new_tokens": 1}).status_code == 200
+
+
+def test_an_api_key_guards_every_route_but_the_page_and_health(tmp_path, tiny_tokenizer):
+    path, _ = never_stopping_model(tmp_path, tiny_tokenizer, max_seq_len=64)
+    body = {"messages": MSG, "max_tokens": 2}
+    with TestClient(create_app(path, "cpu", api_key="s3cret")) as client:
+        assert client.get("/").status_code == 200
+        assert client.get("/health").json()["api_key_required"] is True
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                        {"Authorization": "Basic s3cret"}):
+            for method, route in (("post", "/v1/chat/completions"), ("get", "/v1/models"),
+                                  ("post", "/v1/generate")):
+                r = getattr(client, method)(route, json=body, headers=headers) \
+                    if method == "post" else client.get(route, headers=headers)
+                assert r.status_code == 401, (route, headers, r.text)
+                assert r.json()["error"]["code"] == "invalid_api_key"
+                assert r.headers["www-authenticate"] == "Bearer"
+        ok = client.post("/v1/chat/completions", json=body,
+                         headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+    with TestClient(create_app(path, "cpu")) as open_client:  # no key: open, as before
+        assert open_client.get("/health").json()["api_key_required"] is False
+        assert open_client.post("/v1/chat/completions", json=body).status_code == 200

@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from llmcore.infer.generate import Sampling, generate
-from tests.serve.live_server import LiveServer, never_stopping_model
+from tests.conftest import project_env
+from tests.serve.live_server import LiveServer, get_json, never_stopping_model
 
 openai = pytest.importorskip("openai", reason="the openai client is a dev dependency "
                              "(pip install -e '.[dev]')")
@@ -153,3 +154,24 @@ def test_sigterm_stops_the_server_with_a_stream_open(tmp_path, tiny_tokenizer):
         assert time.monotonic() - start < 10
         reader.join(10)
         assert not reader.is_alive()
+
+
+def test_the_openai_client_needs_the_servers_api_key(tmp_path, tiny_tokenizer):
+    path, _ = never_stopping_model(tmp_path, tiny_tokenizer, max_seq_len=64)
+    env = {**project_env(), "LLMCORE_API_KEY": "from-the-env"}
+    srv = LiveServer(path, env=env)
+    try:
+        def client(key):
+            return openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0,
+                                 timeout=30)
+        msgs = [{"role": "user", "content": "hi"}]
+        with pytest.raises(openai.AuthenticationError, match="not this server's"):
+            client("wrong").chat.completions.create(model="m", messages=msgs, max_tokens=2)
+        with pytest.raises(openai.AuthenticationError):
+            client("wrong").models.list()
+        reply = client("from-the-env").chat.completions.create(model="m", messages=msgs,
+                                                                max_tokens=2)
+        assert reply.choices[0].finish_reason == "length"
+        assert get_json(srv.url + "/health")["api_key_required"] is True
+    finally:
+        srv.stop()

@@ -57,3 +57,41 @@ def test_page_streams_the_same_reply_as_the_api_and_stops(tmp_path, tiny_tokeniz
                 browser.close()
     finally:
         srv.stop()
+
+
+def test_page_asks_for_the_api_key_once_and_keeps_the_message(tmp_path, tiny_tokenizer):
+    path, _ = never_stopping_model(tmp_path, tiny_tokenizer, max_seq_len=64)
+    srv = LiveServer(path, "--api-key", "page-key")
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                        args=["--no-sandbox"])
+            try:
+                page = browser.new_page()
+                page.goto(srv.url + "/")
+                key = page.locator("#api-key")
+                sync_api.expect(key).to_be_visible()  # /health said a key is needed
+                page.fill("#max-tokens", "3")
+                page.fill("#prompt", "hello")
+                page.click("#send")  # without the key: refused, nothing lost
+                sync_api.expect(page.locator("#error")).to_contain_text("needs an API key")
+                assert page.locator(".assistant").count() == 0
+                assert page.input_value("#prompt") == "hello"
+                key.fill("wrong")
+                page.click("#send")
+                sync_api.expect(page.locator("#error")).to_contain_text("refused this API key")
+                key.fill("page-key")
+                for text in ("hello", "again"):  # typed once, sent with every request
+                    page.fill("#prompt", text)
+                    page.click("#send")
+                    sync_api.expect(page.locator(".assistant").last).to_have_attribute(
+                        "data-state", "done", timeout=30_000)
+                assert page.locator(".assistant").count() == 2
+                assert page.locator("#error").text_content() == ""
+                stored = page.evaluate("[localStorage.length, sessionStorage.length, "
+                                       "document.cookie]")
+                assert stored == [0, 0, ""]
+            finally:
+                browser.close()
+    finally:
+        srv.stop()
