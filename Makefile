@@ -60,7 +60,7 @@ $(STAMP): pyproject.toml
 	  || { echo "setup: installing the project failed"; exit 1; }
 	@if ls $(WHEEL_CACHE)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
 	  $(BIN)/python -m pip install -q --no-deps $(WHEEL_CACHE)/llama_cpp_python-*.whl diskcache; fi
-	@$(BIN)/python -m llmcore.report.plots --vendor-only >/dev/null \
+	@$(BIN)/python -m llmcore.report.plots --configure >/dev/null \
 	  || echo "setup: charting scripts not fetched; make plots will try again"
 	@touch $(STAMP)
 

@@ -8,6 +8,11 @@ Given an ``--html-template`` without that placeholder it adds no script tags; th
 writes such a template with vega, vega-lite and vega-embed inlined. The three files come from
 the npm registry (``npm pack`` of pinned versions, at set-up: ``make setup``) into
 ``build/vega/``, where :func:`vendor` puts them and checks they are there.
+
+Set-up also writes that template to ``build/vega/dvc-template.html`` and names it in this
+checkout's DVC config (``dvc config --local plots.html_template``, which DVC reads when no
+``--html-template`` is given), so the plain ``dvc plots show`` a DVC user types works offline
+too (:func:`configure`).
 """
 
 from __future__ import annotations
@@ -81,6 +86,23 @@ def template(files: list[Path]) -> str:
     return PAGE.replace("INLINE_SCRIPTS", scripts)
 
 
+TEMPLATE_FILE = VENDOR_DIR / "dvc-template.html"
+
+
+def configure(repo: Path = REPO) -> Path:
+    """Write the offline template and make it this checkout's default for ``dvc plots show``
+    (``.dvc/config.local``, which git ignores: the path is this machine's)."""
+    TEMPLATE_FILE.write_text(template(vendor()), encoding="utf-8")
+    dvc = Path(sys.executable).with_name("dvc")
+    # DVC reads a relative template path from the .dvc directory
+    rel = Path("..") / TEMPLATE_FILE.relative_to(repo) if TEMPLATE_FILE.is_relative_to(repo) \
+        else TEMPLATE_FILE
+    subprocess.run([str(dvc) if dvc.exists() else "dvc", "config", "--local",
+                    "plots.html_template", str(rel)], cwd=repo, check=True, capture_output=True,
+                   timeout=120)
+    return TEMPLATE_FILE
+
+
 def render(out_dir: Path, targets: list[str] | None = None, repo: Path = REPO) -> Path:
     """Run ``dvc plots show`` with the offline template; the page's path."""
     files = vendor()
@@ -100,9 +122,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="reports/plots")
     ap.add_argument("--vendor-only", action="store_true", help="fetch the scripts and stop")
+    ap.add_argument("--configure", action="store_true",
+                    help="fetch the scripts, write the offline template and make it the "
+                         "default of `dvc plots show` in this checkout")
     ap.add_argument("targets", nargs="*")
     args = ap.parse_args()
     try:
+        if args.configure:
+            print(configure())
+            return
         if args.vendor_only:
             print("\n".join(str(f) for f in vendor()))
             return

@@ -39,3 +39,20 @@ def test_dvc_plots_page_works_offline(tmp_path):
     assert "Vega-Lite" in html or "vega-lite" in html  # the library itself is in the page
     for png in ("loss_curves.png", "speedrun.png"):
         assert png in html
+
+
+CONFIGURED = subprocess.run([str(Path(sys.executable).with_name("dvc")), "config",
+                             "plots.html_template"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+
+
+@pytest.mark.skipif(not (VENDORED and CONFIGURED), reason="this checkout's DVC has no plots "
+                    "template (make setup writes it with the vendored charting scripts)")
+def test_the_plain_dvc_plots_show_works_offline(tmp_path):
+    assert (REPO / ".dvc" / CONFIGURED).resolve() == dvcplots.TEMPLATE_FILE.resolve()
+    out = tmp_path / "plain"
+    subprocess.run([str(Path(sys.executable).with_name("dvc")), "plots", "show", "-o",
+                    str(out)], cwd=REPO, check=True, capture_output=True, timeout=300)
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert re.findall(r"""<script[^>]+src\s*=""", html) == [] and "cdn.jsdelivr" not in html
+    assert html.count("vegaEmbed(") >= 4 and "vega-lite" in html.lower()
