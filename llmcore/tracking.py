@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 EXPERIMENT = "llmcore"
 _PARAM_MAX = 6000  # MLflow's limit on a param value's length
@@ -241,15 +241,32 @@ def save_pyfunc(model_dir: Path, out: Path) -> Path:
     return out
 
 
+class Registered(NamedTuple):
+    """A new registry version and what it became: ``best`` or ``challenger``."""
+
+    version: str
+    alias: str
+    message: str
+
+
+# a new version takes ``best`` only when its bpb is below the holder's by more than this: a
+# smaller drop is within what a rerun with another seed can give, so it is no evidence. A
+# stated margin (docs/tracking.md), not one measured for every model size.
+PROMOTE_MARGIN = 0.01
+
+
 def register_model(tracker: Any, model_dir: Path, val_bpb: float | None, kind: str,
-                   name: str = EXPERIMENT, tags: Mapping[str, str] | None = None
-                   ) -> str | None:
+                   name: str = EXPERIMENT, tags: Mapping[str, str] | None = None,
+                   margin: float = PROMOTE_MARGIN) -> Registered | None:
     """Log ``model_dir`` to the run as an MLflow pyfunc model and register it as a new version
     of model ``name``, with ``tags`` (lineage: git commit, DVC hashes, params) on the version.
 
-    Alias ``best`` moves to the version with the lowest ``val_bpb`` tag so far. (``latest``
-    needs no alias: MLflow reserves that name and ``models:/llmcore/latest`` already resolves
-    to the newest version.) Returns the version, or None for a tracker without a registry.
+    Alias ``best`` (what users load) moves to the new version only on evidence: its
+    ``val_bpb`` is below the current holder's by more than ``margin``. Otherwise the version
+    becomes ``challenger`` and its tags say why (``promotion``, ``best_version``,
+    ``best_val_bpb``, ``val_bpb_delta``). (``latest`` needs no alias: MLflow reserves that
+    name and ``models:/llmcore/latest`` already resolves to the newest version.) Returns None
+    for a tracker without a registry.
     """
     import tempfile
 
@@ -264,19 +281,49 @@ def register_model(tracker: Any, model_dir: Path, val_bpb: float | None, kind: s
         client.create_registered_model(name)
     version_tags = {"kind": kind, "val_bpb": str(val_bpb),
                     **{k: str(v)[:_PARAM_MAX] for k, v in (tags or {}).items()}}
-    version = client.create_model_version(name, f"runs:/{tracker.run_id}/model",
-                                          run_id=tracker.run_id, tags=version_tags)
-    best, best_bpb = None, math.inf
-    for v in client.search_model_versions(f"name='{name}'"):
-        try:
-            bpb = float(v.tags.get("val_bpb", "nan"))
-        except ValueError:
-            continue
-        if math.isfinite(bpb) and bpb < best_bpb:
-            best, best_bpb = v.version, bpb
-    if best is not None:
-        client.set_registered_model_alias(name, "best", best)
-    return str(version.version)
+    version = str(client.create_model_version(name, f"runs:/{tracker.run_id}/model",
+                                              run_id=tracker.run_id, tags=version_tags).version)
+    return _promote(client, name, version, val_bpb, margin)
+
+
+def _bpb(tags: Mapping[str, str]) -> float:
+    try:
+        return float(tags.get("val_bpb", "nan"))
+    except ValueError:
+        return math.nan
+
+
+def _promote(client: Any, name: str, version: str, val_bpb: float | None,
+             margin: float) -> Registered:
+    """Point ``best`` at ``version`` if it beats the holder by more than ``margin``, else
+    ``challenger``; the decision goes into the version's tags and the returned message."""
+    from mlflow.exceptions import MlflowException
+
+    new = math.nan if val_bpb is None else float(val_bpb)
+    try:
+        holder = client.get_model_version_by_alias(name, "best")
+    except MlflowException:
+        holder = None
+    old = _bpb(holder.tags) if holder is not None else math.nan
+    if holder is None or not math.isfinite(old):
+        client.set_registered_model_alias(name, "best", version)
+        client.set_model_version_tag(name, version, "promotion", "best: the first version "
+                                     "with a val_bpb")
+        return Registered(version, "best", f"registered as {name} version {version} (best: "
+                                           "none held it before)")
+    delta = new - old if math.isfinite(new) else math.nan
+    better = math.isfinite(delta) and delta < -margin
+    alias = "best" if better else "challenger"
+    client.set_registered_model_alias(name, alias, version)
+    verdict = (f"best: val_bpb {new:.4f} beats version {holder.version}'s {old:.4f} by more "
+               f"than {margin}" if better else
+               f"challenger: val_bpb {new:.4f} against best version {holder.version}'s "
+               f"{old:.4f}; best moves only for a drop of more than {margin}")
+    for key, value in (("promotion", verdict), ("best_version", holder.version),
+                       ("best_val_bpb", f"{old:.5f}"), ("val_bpb_delta", f"{delta:.5f}"),
+                       ("promote_margin", str(margin))):
+        client.set_model_version_tag(name, version, key, value)
+    return Registered(version, alias, f"registered as {name} version {version} ({verdict})")
 
 
 def fetch_registered_model(uri: str, tracking_uri: str, cache: Path) -> tuple[Path, str]:

@@ -95,7 +95,7 @@ def save_policy(stage: str, model: Any, cfg: Any, src: Path, adapter: LoRASpec |
     tok = LLMTokenizer.load(out)
     bpb = split_bpb(model, ShardDataset(root / paths.SHARDS, "sft_val"),
                     torch.tensor(token_bytes(tok)))
-    version = register_model(tracker, out, bpb, stage, tags=model_tags(root, stage, cfgs))
-    if version:
-        log(f"{stage}: registered as llmcore version {version}")
+    registered = register_model(tracker, out, bpb, stage, tags=model_tags(root, stage, cfgs))
+    if registered:
+        log(f"{stage}: {registered.message}")
     return {f"{stage}/registry_bpb": round(bpb, 5) if math.isfinite(bpb) else None}

@@ -37,11 +37,11 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
                                ("pretrain_train", "pretrain_val"), tracker)
     if metrics:  # rank 0: its own registry name, as docs bpb and SFT-reply bpb do not compare
         root = repo_root()
-        version = register_model(tracker, root / paths.model_dir("pretrain"),
-                                 metrics["pretrain/val_bpb"], "pretrain", "llmcore-pretrain",
-                                 tags=model_tags(root, "pretrain", p.sections()))
-        if version:
-            log(f"pretrain: registered as llmcore-pretrain version {version}")
+        registered = register_model(tracker, root / paths.model_dir("pretrain"),
+                                    metrics["pretrain/val_bpb"], "pretrain", "llmcore-pretrain",
+                                    tags=model_tags(root, "pretrain", p.sections()))
+        if registered:
+            log(f"pretrain: {registered.message}")
     return metrics
 
 

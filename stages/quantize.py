@@ -76,10 +76,10 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
         gguf_path = export_gguf(src, out / "model.gguf", cfg.gguf)
         m["quantize/gguf_mb"] = round(gguf_path.stat().st_size / 2**20, 3)
         log(f"quantize: wrote {gguf_path.relative_to(root)} ({cfg.gguf})")
-    version = register_model(tracker, out, m["quantize/registry_bpb"], cfg.method,
-                             tags=model_tags(root, "quantize", p.sections()))
-    if version:
-        log(f"quantize: registered as llmcore version {version}")
+    registered = register_model(tracker, out, m["quantize/registry_bpb"], cfg.method,
+                                tags=model_tags(root, "quantize", p.sections()))
+    if registered:
+        log(f"quantize: {registered.message}")
     log(f"quantize: {cfg.method} {m['quantize/size_ratio']:.2f}x smaller, bpb "
         f"{report['bpb_fp']:.4f} -> {report['bpb_quantized']:.4f}, agreement "
         f"{report['greedy_token_agreement']:.3f}, decode speed "

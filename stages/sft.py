@@ -56,10 +56,10 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
         tb = torch.tensor(token_bytes(LLMTokenizer.load(root / OUT)))
         bpb = split_bpb(model, ShardDataset(root / SHARDS, "sft_val"), tb)
         metrics["sft/registry_bpb"] = round(bpb, 5) if math.isfinite(bpb) else None
-        version = register_model(tracker, root / OUT, bpb, "sft",
-                                 tags=model_tags(root, "sft", p.sections()))
-        if version:
-            log(f"sft: registered as llmcore version {version}")
+        registered = register_model(tracker, root / OUT, bpb, "sft",
+                                    tags=model_tags(root, "sft", p.sections()))
+        if registered:
+            log(f"sft: {registered.message}")
     return metrics
 
 

@@ -43,24 +43,34 @@ def test_mlflow_tracker_writes_runs_to_sqlite(tmp_path):
     assert (tmp_path / "art").is_dir()
 
 
-def test_registry_best_alias_follows_lowest_bpb(tmp_path):
+def test_best_moves_only_for_a_drop_beyond_the_margin(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from llmcore.tracking import register_model
+    from llmcore.tracking import PROMOTE_MARGIN, register_model
 
     uri = default_uri(tmp_path)
     model_dir = tmp_path / "m"
     model_dir.mkdir()
     (model_dir / "config.json").write_text("{}")
-    versions = []
-    for bpb in (2.0, 1.5, 1.8):
-        t = MlflowTracker(uri, "sft", artifact_root=tmp_path / "art")
-        versions.append(register_model(t, model_dir, bpb, "sft"))
-        t.finish()
     client = MlflowClient(uri)
-    assert max(int(v.version) for v in client.search_model_versions("name='llmcore'")) == \
-        int(versions[-1])
-    assert str(client.get_model_version_by_alias("llmcore", "best").version) == versions[1]
+    seen = []
+    # first; better by far; better, but inside the margin; worse; no bpb; better by enough
+    for bpb in (2.0, 1.5, 1.5 - PROMOTE_MARGIN / 2, 1.8, None, 1.5 - 2 * PROMOTE_MARGIN):
+        t = MlflowTracker(uri, "sft", artifact_root=tmp_path / "art")
+        reg = register_model(t, model_dir, bpb, "sft")
+        t.finish()
+        best = str(client.get_model_version_by_alias("llmcore", "best").version)
+        seen.append((reg.alias, best))
+        if reg.alias == "challenger":
+            tags = client.get_model_version("llmcore", reg.version).tags
+            assert tags["best_version"] == best and tags["promotion"].startswith("challenger")
+            assert str(client.get_model_version_by_alias("llmcore", "challenger").version) \
+                == reg.version
+            assert "best moves only for a drop of more than" in reg.message
+    assert seen == [("best", "1"), ("best", "2"), ("challenger", "2"), ("challenger", "2"),
+                    ("challenger", "2"), ("best", "6")]
+    tags = client.get_model_version("llmcore", "6").tags
+    assert tags["best_version"] == "2" and float(tags["val_bpb_delta"]) < -PROMOTE_MARGIN
     assert register_model(NullTracker(), model_dir, 1.0, "sft") is None
 
 
@@ -108,7 +118,7 @@ def test_registry_models_load_and_predict_as_mlflow_pyfunc(tmp_path, tiny_tokeni
     uri = default_uri(tmp_path)
     t = MlflowTracker(uri, "sft", artifact_root=tmp_path / "art")
     version = register_model(t, tmp_path / "m", 1.0, "sft",
-                             tags={"git_commit": "abc123", "dvc.data/shards": "0f0f"})
+                             tags={"git_commit": "abc123", "dvc.data/shards": "0f0f"}).version
     t.finish()
     tags = MlflowClient(uri).get_model_version("llmcore", version).tags
     assert tags["git_commit"] == "abc123" and tags["dvc.data/shards"] == "0f0f"
@@ -193,7 +203,7 @@ def test_serve_a_registry_uri(tmp_path, tiny_tokenizer):
     save_model_dir(tmp_path / "m", cfg, state_dict_for_save(model), tmp_path / "tok", {}, {})
     uri = default_uri(tmp_path)
     t = MlflowTracker(uri, "sft", artifact_root=tmp_path / "art")
-    version = register_model(t, tmp_path / "m", 1.0, "sft")
+    version = register_model(t, tmp_path / "m", 1.0, "sft").version
     t.finish()
     env = {**project_env(), "MLFLOW_TRACKING_URI": uri, "HOME": str(tmp_path / "home")}
     srv = LiveServer("models:/llmcore@best", env=env)
