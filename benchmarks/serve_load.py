@@ -34,7 +34,7 @@ from llmcore.device import describe  # noqa: E402
 from tests.serve.live_server import free_port, get_json  # noqa: E402
 
 PROMPTS = ["What is 12 + 7?", "Spell the word 'list'.", "What does a Python list hold?",
-           "Reverse the word 'tuple'.", "How many letters are in 'string'?",
+           "Reverse the letters of the word 'tuple'.", "How many letters are in 'string'?",
            "What is a dictionary in Python?", "What is 31 + 45?", "Explain a for loop."]
 
 

@@ -269,7 +269,7 @@ class TrainConfig(OptimConfig):
     lr: float = _default(OptimConfig, "lr", 1.5e-2)
     min_lr: float = _default(OptimConfig, "min_lr", 1.5e-3)
     batch_size: int = spec(8, ge=1, doc="rows per micro-batch per process")
-    eval_every: int = spec(100, ge=1)
+    eval_every: int = spec(200, ge=1)
     eval_batches: int = spec(20, ge=1)
     require_val: bool = spec(True, doc="false: train without validation when the val split "
                                        "has no rows (exports the last weights)")
@@ -316,7 +316,7 @@ class SFTConfig(TrainConfig):
     min_lr: float = _default(TrainConfig, "min_lr", 6e-4)
     warmup_steps: int = _default(TrainConfig, "warmup_steps", 20)
     optimizer: str = _default(TrainConfig, "optimizer", "adamw")
-    eval_every: int = _default(TrainConfig, "eval_every", 50)
+    eval_every: int = _default(TrainConfig, "eval_every", 150)
 
 
 @dataclass(frozen=True)
@@ -340,7 +340,7 @@ class DPOConfig(OptimConfig):
     pairs_per_task: int = spec(200, ge=0, doc="builtin on-policy pairs per synthetic task, "
                                               "from training conversations")
     val_pairs_per_task: int = spec(25, ge=0, doc="held-out pairs per task (val conversations)")
-    max_new_tokens: int = spec(56, ge=1, doc="length of the SFT model's own answers")
+    max_new_tokens: int = spec(64, ge=1, doc="length of the SFT model's own answers")
     corpus_pairs: bool = spec(True, doc="also train on the pairs of fetch.preference_paths")
     method: str = spec("full", choices=("full", "lora"))
     lora: LoRAConfig = spec(default_factory=LoRAConfig)
@@ -371,7 +371,7 @@ class RLConfig(OptimConfig):
     prompts_per_step: int = spec(16, ge=1)
     group_size: int = spec(8, ge=2, doc="replies sampled per prompt")
     temperature: float = spec(1.0, gt=0)
-    max_new_tokens: int = spec(56, ge=1)
+    max_new_tokens: int = spec(64, ge=1)
     clip: float = spec(0.2, gt=0, lt=1, doc="PPO clipping of the probability ratio")
     kl_coef: float = spec(0.04, ge=0, doc="weight of the KL penalty to the reference")
     inner_epochs: int = spec(1, ge=1, doc="optimisation passes over each sampled batch")
@@ -401,12 +401,12 @@ class EvaluateConfig:
     context_factors: list[int] = spec(default_factory=lambda: [1, 2, 4],
                                       doc="bpb at these multiples of the training context")
     max_task_examples: int = spec(250, ge=1, doc="held-out conversations per task")
-    max_new_tokens: int = spec(56, ge=1)
+    max_new_tokens: int = spec(64, ge=1)
     choices: int = spec(4, ge=2, doc="answers per multiple-choice doc question")
     prompts: list[str] = spec(default_factory=lambda: [
         "What is 12 + 7?",
         "Spell the word 'python'.",
-        "Reverse the word 'stack'.",
+        "Reverse the letters of the word 'stack'.",
         "What does `os.path.join` do?",
         "What is the Python `json` module for?",
         "Explain the \"with\" statement in Python.",

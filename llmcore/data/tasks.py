@@ -11,8 +11,9 @@ reply). The task names are :data:`llmcore.config.SYNTHETIC_TASKS`, the names par
 Replies show their working, in formats a small model can learn: a sum or a difference goes
 column by column from the units (``7 + 8 = 15, 4 + 3 + 1 = 8`` then ``85``), reversing and
 counting spell the word first (``s-t-a-c-k``, one token per letter), then tally the matches
-(``b-a(1)-n-a(2)-n-a(3)``); reversing numbers the letters (``1s2t3a4c5k``) and reads them back
-from the highest number (``5k4c3a2t1s``). The answer stands alone on the last line. In the plain
+(``b-a(1)-n-a(2)-n-a(3)``); reversing numbers the letters (``1s2t3a4c5k``), reads them back
+from the highest number (``5k4c3a2t1s``) and answers letter by letter (``k-c-a-t-s``), as
+spelling does. The answer stands alone on the last line. In the plain
 ``What is 47 + 38?`` -> ``85`` format a model must learn every sum as a fact; column by column
 it learns one hundred single-digit facts and a rule, with far fewer examples.
 
@@ -93,15 +94,17 @@ def _synthetic_one(task: str, rng: random.Random, words: list[str]) -> tuple[str
             tally.append(f"{ch}({n})" if ch == letter else ch)
         return q.format(c=letter, w=word), f"{'-'.join(tally)}\n{n}", str(n)
     if task == "reverse":
-        # each letter numbered where it stands, then read back from the highest number:
-        # 1s2t3a4c5k / 5k4c3a2t1s / kcats. Writing the next letter is then a lookup ("the
-        # letter after 4") rather than counting back from the end of the first line. Digits
-        # and letters are tokens of their own, so no separator is needed (a 10-letter word's
-        # reply is 48 tokens, inside max_new_tokens)
+        # each letter numbered where it stands, read back from the highest number, and the
+        # answer letter by letter: 1s2t3a4c5k / 5k4c3a2t1s / k-c-a-t-s. Writing the next letter
+        # is then a lookup ("the letter after 4") rather than counting back from the end, and
+        # the answer is one token per letter: the reversed word as one string would be BPE
+        # pieces of a non-word, spelling in reverse. Digits and letters are tokens of their
+        # own, so the lines need no separator (a 10-letter word's reply is 63 tokens)
         back = word[::-1]
         numbered = [f"{i}{ch}" for i, ch in enumerate(word, 1)]
-        return (f"Reverse the word '{word}'.",
-                f"{''.join(numbered)}\n{''.join(reversed(numbered))}\n{back}", back)
+        answer = spelled(back)
+        return (f"Reverse the letters of the word '{word}'.",
+                f"{''.join(numbered)}\n{''.join(reversed(numbered))}\n{answer}", answer)
     raise ValueError(f"unknown synthetic task {task!r}")
 
 
@@ -173,14 +176,16 @@ def wrong_answer(task: str, answer: str, rng: random.Random) -> str:
         if task in ("arithmetic", "count") and answer.lstrip("-").isdigit():
             value = int(answer) + rng.choice([-1, 1]) * rng.randint(1, 3 if task == "count" else 10)
             candidate = str(max(value, 0)) if task == "count" else str(value)
-        elif len(answer) >= 2:
-            chars = list(answer)
+        elif len(answer.split("-") if "-" in answer else answer) >= 2:
+            # a spelled answer (s-t-a-c-k) is changed letter-wise and stays spelled
+            sep = "-" if "-" in answer else ""
+            chars = answer.split("-") if sep else list(answer)
             i = rng.randrange(len(chars) - 1)
             if rng.random() < 0.5:
                 chars[i], chars[i + 1] = chars[i + 1], chars[i]  # swap two neighbours
             else:
                 del chars[i]  # drop one
-            candidate = "".join(chars)
+            candidate = sep.join(chars)
         else:
             candidate = answer + answer
         if candidate.strip() != answer.strip():

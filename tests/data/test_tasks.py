@@ -15,6 +15,7 @@ from llmcore.data.tasks import (
     is_correct,
     spelled,
     synthetic_conversations,
+    wrong_answer,
     wrong_reply,
 )
 
@@ -57,7 +58,7 @@ def test_replies_end_with_the_answer_and_show_their_working():
             assert lines == [spelled(word)] and answer.replace("-", "") == word
         elif task == "reverse":
             numbered = [f"{i}{ch}" for i, ch in enumerate(word, 1)]
-            assert lines == ["".join(numbered), "".join(numbered[::-1]), word[::-1]]
+            assert lines == ["".join(numbered), "".join(numbered[::-1]), spelled(word[::-1])]
         elif task == "count":
             letter = re.findall(r"letter '([a-z])'", question)[0]
             tally = lines[0].split("-")
@@ -81,13 +82,35 @@ def test_only_the_final_line_is_judged():
     assert not is_correct("85 is it", "85") and not is_correct("", "85")
     assert final_answer("  \n ") == ""
     rng = random.Random(0)
-    reply = "1s2t3a4c5k\n5k4c3a2t1s\nkcats"
+    reply = "1s2t3a4c5k\n5k4c3a2t1s\nk-c-a-t-s"
     for _ in range(30):
-        wrong = wrong_reply("reverse", reply, "kcats", rng)
-        assert wrong.split("\n")[:2] == reply.split("\n")[:2] and not is_correct(wrong, "kcats")
+        wrong = wrong_reply("reverse", reply, "k-c-a-t-s", rng)
+        assert wrong.split("\n")[:2] == reply.split("\n")[:2] and not is_correct(wrong, "k-c-a-t-s")
 
 
 def test_the_answer_field_is_the_final_line_of_the_last_reply():
     for conv in synthetic_conversations(20, seed=5, val_per_task=5):
         last = conv.messages[-1]
         assert last[0] == "assistant" and final_answer(last[1]) == conv.answer
+
+
+def test_a_wrong_spelled_answer_stays_spelled():
+    rng = random.Random(1)
+    for _ in range(50):
+        wrong = wrong_answer("reverse", "k-c-a-t-s", rng)
+        assert wrong != "k-c-a-t-s" and all(len(p) == 1 for p in wrong.split("-"))
+
+
+def test_the_longest_worked_reply_fits_the_generation_budget(tiny_tokenizer):
+    from llmcore.config import DPOConfig, EvaluateConfig, RLConfig
+
+    rng, words = random.Random(0), word_list()
+    longest = max(words, key=len)
+    worst = 0
+    for task in ("arithmetic", "spell", "count", "reverse"):
+        for _ in range(300):
+            _, reply, _ = _synthetic_one(task, rng, [longest])
+            worst = max(worst, len(tiny_tokenizer.encode(reply)) + 1)  # + <|im_end|>
+    # digits and single letters are tokens of their own whatever the vocabulary merged
+    assert worst <= min(EvaluateConfig().max_new_tokens, DPOConfig().max_new_tokens,
+                        RLConfig().max_new_tokens)
