@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmcore.config import TrainConfig, UserError, parse_section  # noqa: E402
+from llmcore.config import ModelConfig, TrainConfig, UserError, parse_section  # noqa: E402
 from llmcore.data.shards import ShardDataset, ShardLoader, read_manifest  # noqa: E402
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes  # noqa: E402
 from llmcore.device import autocast, pick_device, precision, sync  # noqa: E402
@@ -238,7 +238,8 @@ def main() -> None:
     ap.add_argument("--eval-rows", type=int, default=256, help="held-out rows scored")
     ap.add_argument("--shards", default="data/shards")
     ap.add_argument("--tokenizer", default="data/tokenizer")
-    ap.add_argument("--preset", default="cpu-small")
+    ap.add_argument("--preset", default=ModelConfig().preset,
+                    help="model preset of both sides (default: the pipeline's, %(default)s)")
     ap.add_argument("--batch-size", type=int, default=TrainConfig().batch_size)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")

@@ -521,6 +521,19 @@ def scaling(files: Files) -> list[str]:
                         f"{r['key']} ({r['epochs']:.1f} epochs)" for r in up) if up else ""),
                     f"machine: {data.get('machine', 'not recorded')}"]
     out += ["; ".join(facts) + ".", ""]
+    if grid:
+        out += ["Every grid run (docs val bpb at the end; `*`: worse than its best evaluation):",
+                ""]
+        ordered = sorted(grid, key=lambda r: (r["vocab"], r["budget"],
+                                              r["non_embedding_params"]))
+        out += table(("vocab", "budget", "shape", "non-emb params", "tokens", "epochs",
+                      "val bpb", "s", "GFLOP/s"),
+                     [(str(r["vocab"]), f"{r['budget']:.2g}", r["shape"],
+                       f"{r['non_embedding_params'] / 1e6:.2f}M", f"{r['tokens'] / 1e6:.2f}M",
+                       f"{r['epochs']:.2f}",
+                       num(r["final_val_bpb"], 4) + ("*" if r.get("val_turned_up") else ""),
+                       f"{r.get('seconds', 0):.0f}", f"{r.get('achieved_gflops', 0):.1f}")
+                      for r in ordered])
     sweeps = [r for r in runs if r.get("tag")]
     if sweeps:
         out += ["Sweeps of the recipe (one shape and budget, one change each):", ""]
