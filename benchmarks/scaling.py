@@ -56,22 +56,21 @@ from llmcore.device import measure_peak_flops, pick_device, precision  # noqa: E
 from llmcore.model.transformer import Transformer, count_parameters, flops_per_token  # noqa: E402
 from llmcore.train.loop import RunContext, Trainer  # noqa: E402
 
-# (layers, width): ~0.1M to ~6M non-embedding parameters (swiglu MLP, as the presets)
-SHAPES = ("2x64", "4x64", "3x96", "4x96", "4x128", "6x128", "4x160", "4x192", "6x192",
-          "4x256", "6x256", "8x256")
+# (layers, width): ~0.05M to ~6M non-embedding parameters (swiglu MLP, as the presets)
+SHAPES = ("1x64", "2x48", "2x64", "4x64", "3x96", "4x96", "4x128", "6x128", "4x160", "4x192",
+          "6x192", "4x256", "6x256", "8x256")
 # The default grid: per budget, the shapes around its optimum (a shape far from it costs as
 # much as one near it and only confirms the curve's slope). Vocabulary 4096 gets three budgets
-# and ~0.1M to ~3M non-embedding parameters; 2048 and 6400 the two budgets nearest the
-# pipeline's own pretraining budget, on the small shapes where the optimum lies. The budgets
-# stop at 1e13: a 10-minute pipeline cannot spend more than that on pretraining. Listed in the
-# order they run (about an hour on 2 cores), the most telling first.
+# and ~0.1M to ~3M non-embedding parameters; 2048 and 6400 the budget nearest the pipeline's
+# own pretraining budget, on the small shapes where the optimum lies. The budgets stop at
+# 1e13: a pipeline meant to finish in minutes cannot spend more than that on pretraining.
+# Listed in the order they run (about 80 minutes on 2 cores), the most telling first.
 _OTHER = ("4x64", "4x96", "4x128")
 GRID: tuple[tuple[tuple[int, ...], float, tuple[str, ...]], ...] = (
     ((4096,), 1e13, ("2x64", "4x64", "4x96", "4x128", "6x128", "4x192", "4x256")),
-    ((4096,), 5e12, ("2x64", "4x64", "4x96", "4x128", "4x192")),
+    ((4096,), 5e12, ("1x64", "2x48", "2x64", "4x64", "4x96", "4x128", "4x192")),
     ((2048, 6400), 1e13, _OTHER),
-    ((4096,), 2.5e12, ("2x64", "4x64", "4x96", "4x128")),
-    ((2048, 6400), 5e12, _OTHER),
+    ((4096,), 2.5e12, ("1x64", "2x48", "2x64", "4x64", "4x96", "4x128")),
 )
 
 
@@ -185,15 +184,19 @@ def train_run(run: Run, data: Path, plan: dict[str, Any], args: argparse.Namespa
 
 # -- fits ---------------------------------------------------------------------------------------
 
-def isoflop_fit(points: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Parabola of bpb in log10(N) through one budget's runs; its minimum is the optimum."""
+def isoflop_fit(points: list[dict[str, Any]], window: int = 2) -> dict[str, Any] | None:
+    """Parabola of bpb in log10(N) through one budget's runs nearest its best one (``window``
+    on each side: an isoFLOP curve is a parabola only near its minimum, and the grid's far
+    points would pull the vertex away); its minimum is the optimum."""
     pts = sorted(points, key=lambda r: r["non_embedding_params"])
     if len(pts) < 3:
         return None
+    i = int(np.argmin([r["final_val_bpb"] for r in pts]))
+    lo = max(0, min(i - window, len(pts) - 3))
+    best, pts = pts[i], pts[lo:max(i + window + 1, lo + 3)]
     x = np.log10([r["non_embedding_params"] for r in pts])
     y = np.array([r["final_val_bpb"] for r in pts])
     a, b, c = np.polyfit(x, y, 2)
-    best = pts[int(np.argmin(y))]
     fit: dict[str, Any] = {"runs": len(pts), "best_run": best["shape"],
                            "best_run_bpb": best["final_val_bpb"],
                            "best_run_params": best["non_embedding_params"]}

@@ -506,7 +506,7 @@ def scaling(files: Files) -> list[str]:
                                                                else " (grid edge)"),
                          f"{b['optimal_tokens'] / 1e6:.2f}M", num(b.get("optimal_bpb")),
                          f"{b.get('best_run')} ({num(b.get('best_run_bpb'))})"))
-    out = table(("vocab", "budget (FLOPs)", "runs", "optimal non-embedding params",
+    out = table(("vocab", "budget (FLOPs)", "runs fitted", "optimal non-embedding params",
                  "optimal tokens", "fitted bpb", "best run (bpb)"), rows)
     laws = []
     for vocab, f in (data.get("fits") or {}).items():
@@ -532,7 +532,7 @@ def scaling(files: Files) -> list[str]:
                        f"{r['non_embedding_params'] / 1e6:.2f}M", f"{r['tokens'] / 1e6:.2f}M",
                        f"{r['epochs']:.2f}",
                        num(r["final_val_bpb"], 4) + ("*" if r.get("val_turned_up") else ""),
-                       f"{r.get('seconds', 0):.0f}", f"{r.get('achieved_gflops', 0):.1f}")
+                       whole(r.get("seconds")), num(r.get("achieved_gflops"), 1))
                       for r in ordered])
     sweeps = [r for r in runs if r.get("tag")]
     if sweeps:

@@ -37,6 +37,14 @@ def test_the_parabola_finds_an_optimum_between_grid_points(scaling):
     assert fit["best_run_params"] == 4e5  # the grid point nearest in log: 4e5, not 2e5
 
 
+def test_the_parabola_is_fitted_near_the_best_run_only(scaling):
+    near = made_up(1e13, 3.3e5, [1e5, 2e5, 4e5, 8e5, 1.6e6])
+    far = {"vocab": 4096, "budget": 1e13, "shape": "far", "tag": "", "tokens": 1e5,
+           "non_embedding_params": 1e8, "final_val_bpb": 9.0}  # off any parabola of the rest
+    fit = scaling.isoflop_fit(near + [far])
+    assert fit["runs"] == 5 and fit["optimal_params"] == pytest.approx(3.3e5, rel=1e-6)
+
+
 def test_an_optimum_past_the_grid_is_called_an_edge(scaling):
     edge = scaling.isoflop_fit(made_up(1e13, 5e4, [1e5, 2e5, 4e5, 8e5]))
     assert edge["best_run_params"] == 1e5
