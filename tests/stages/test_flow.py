@@ -212,8 +212,6 @@ def test_prefect_list_commands_work_against_the_live_server(prefect_setup):
 def test_deployment_run_with_override_is_a_dvc_experiment(prefect_setup, override_run):
     from mlflow.tracking import MlflowClient
 
-    from llmcore.tracking import PROMOTE_MARGIN
-
     root, url, env = prefect_setup
     run_id, run, params_before = override_run
     assert run["state"]["type"] == "COMPLETED", flow_logs(url, run_id)[-3000:]
