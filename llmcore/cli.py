@@ -64,14 +64,29 @@ def _stream_reply(model: LanguageModel, tok: LLMTokenizer, ids: list[int],
     return "".join(pieces)
 
 
-def _stdin_lines() -> list[str] | None:
-    """The lines of stdin, or None (after a one-line error) when they are not UTF-8."""
+def _decoded(raw: bytes, where: str) -> str | None:
+    """One line of stdin as text, or None after a one-line error when it is not UTF-8.
+
+    Lines are read as bytes and decoded one by one, so a bad line costs only itself (a text
+    stream decodes whole chunks and would drop the good lines around it)."""
     try:
-        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        return raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as exc:
-        print(f"llmcore: stdin is not UTF-8 text (byte {exc.start} of a chunk: "
-              f"{exc.object[exc.start:exc.start + 1]!r})", file=sys.stderr)
+        print(f"llmcore: {where} is not UTF-8 text (byte {exc.start + 1}: "
+              f"{raw[exc.start:exc.start + 1]!r})", file=sys.stderr)
         return None
+
+
+def _stdin_lines() -> list[str] | None:
+    """The non-blank lines of stdin, or None (after a one-line error) if one is not UTF-8."""
+    lines = []
+    for i, raw in enumerate(sys.stdin.buffer, 1):
+        line = _decoded(raw, f"stdin line {i}")
+        if line is None:
+            return None
+        if line.strip():
+            lines.append(line)
+    return lines
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -108,13 +123,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if interactive:
             sys.stdout.write("you> ")
             sys.stdout.flush()
-        try:
-            line = sys.stdin.readline()
-        except UnicodeDecodeError:
-            print("llmcore: that line is not UTF-8 text; type it again", file=sys.stderr)
-            continue
-        if not line:
+        raw = sys.stdin.buffer.readline()
+        if not raw:
             return 0
+        line = _decoded(raw, "that line")
+        if line is None:  # said so; the conversation goes on
+            continue
         line = line.strip()
         if not line:
             continue

@@ -127,10 +127,17 @@ def test_text_utf8_cannot_encode_is_one_line(model_dir):
     raw = subprocess.run([sys.executable, "-m", "llmcore.cli", "generate", str(path),
                           "--device", "cpu"], input=b"fine\n\xff\xfe\n", capture_output=True,
                          env=project_env(), timeout=120)
-    # strict stdin (a UTF-8 locale) or surrogateescape (C locale, Python's UTF-8 mode): one
-    # line either way, naming the line when Python let it through
-    assert raw.returncode == 2 and len(raw.stderr.splitlines()) == 1
-    assert b"stdin is not UTF-8 text" in raw.stderr or b"prompt 2: character 0" in raw.stderr
+    assert raw.returncode == 2 and raw.stdout == b""
+    assert raw.stderr == b"llmcore: stdin line 2 is not UTF-8 text (byte 1: b'\\xff')\n"
+    # in a chat, a bad line is refused and the lines around it are still answered
+    def chat_on(stdin):
+        return subprocess.run([sys.executable, "-m", "llmcore.cli", "chat", str(path),
+                               "--max-new-tokens", "2", "--device", "cpu"], input=stdin,
+                              capture_output=True, env=project_env(), timeout=120)
+
+    talk, clean = chat_on(b"hi\n\xff\nagain\n"), chat_on(b"hi\nagain\n")
+    assert talk.returncode == 0 and talk.stdout == clean.stdout and clean.stdout  # both replies
+    assert b"that line is not UTF-8 text" in talk.stderr and b"Traceback" not in talk.stderr
     chat = run_cli("chat", str(path), "--max-new-tokens", "2", "--device", "cpu",
                    "--system", "\udcfe")
     assert chat.returncode == 2 and "--system: character 0 (U+DCFE)" in chat.stderr
