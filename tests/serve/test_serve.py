@@ -257,7 +257,7 @@ def test_text_utf8_cannot_encode_is_a_400_naming_the_field(served, path, body, f
 
 def test_an_api_key_guards_every_route_but_the_page_and_health(tmp_path, tiny_tokenizer):
     path, _ = never_stopping_model(tmp_path, tiny_tokenizer, max_seq_len=64)
-    body = {"messages": MSG, "max_tokens": 2}
+    body = {"messages": MSG, "max_tokens": 2, "temperature": 0}
     with TestClient(create_app(path, "cpu", api_key="s3cret")) as client:
         assert client.get("/").status_code == 200
         assert client.get("/health").json()["api_key_required"] is True
