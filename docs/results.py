@@ -371,23 +371,40 @@ def decode(files: Files) -> list[str]:
     data = files.get("reports/decode_speed.json")
     if data is None:
         return missing("reports/decode_speed.json", "`benchmarks/decode_speed.py`")
-    labels = {"llmcore": "`llmcore.infer.generate`", "hf": "transformers `generate`",
-              "engine": "the serving engine", "engine_compiled": "the engine, `--compile`"}
-    rates, ratios = data.get("tok_s") or {}, data.get("ratio_vs_hf") or {}
-    if not rates:
-        return ["_`reports/decode_speed.json` holds no decode rates (`tok_s`)._", ""]
-    rows = [(labels.get(k, k), num(v, 1), ratio(ratios.get(k, 1.0 if k == "hf" else None)))
-            for k, v in rates.items()]
-    out = table(("decoder", "tokens/s", "vs transformers"), rows)
-    facts = [f"{data.get('tokens', '-')} greedy tokens at batch 1 after a "
-             f"{data.get('prompt_tokens', '-')}-token prompt, median of "
+    batches = data.get("batches") or {}
+    if not batches:
+        return ["_`reports/decode_speed.json` holds no decode rates (`batches`)._", ""]
+    before = (files.get("reports/decode_speed-before.json") or {}).get("batches") or {}
+    labels = {"generate": "`llmcore.infer.generate`", "engine": "the serving engine",
+              "engine_compiled": "the engine, `--compile`",
+              "transformers": "transformers `generate`"}
+    names = list(dict.fromkeys(k for b in batches.values() for k in b.get("tok_s", {})))
+    header = ["decoder"]
+    for b in batches:
+        header += [f"batch {b}: tokens/s"] + ([f"batch {b}: before"] if b in before else [])
+    header.append("agreement with `generate` (batch 1)")
+    rows = []
+    for name in names:
+        row = [labels.get(name, name)]
+        for b, d in batches.items():
+            row.append(num(dig(d, "tok_s", name), 1))
+            if b in before:
+                row.append(num(dig(before, b, "tok_s", name), 1))
+        agree = dig(batches, "1", "agreement_with_generate", name)
+        row.append("-" if name == "generate" else num(agree))
+        rows.append(row)
+    out = table(header, rows)
+    facts = [f"{data.get('tokens', '-')} greedy new tokens per sequence, median of "
              f"{data.get('rounds', '-')} interleaved rounds, {data.get('threads', '-')} threads",
-             f"token agreement {num(data.get('token_agreement'))}",
-             f"engine equals `generate`: {data.get('engine_equals_generate', '-')}"]
+             f"machine: {data.get('machine', 'not recorded in the file')}"]
     if dig(data, "profile", "per_token_ms") is not None:
-        facts.append(f"profiled: {num(dig(data, 'profile', 'per_token_ms'))} ms per token")
-    facts.append(f"machine: {data['machine']}" if data.get("machine")
-                 else "machine: not recorded in the file")
+        facts.append(f"the engine at batch 1 profiled: {num(dig(data, 'profile', 'per_token_ms'))}"
+                     f" ms and {num(dig(data, 'profile', 'ops_per_token'), 1)} torch ops per "
+                     "token")
+    facts += [f"{k} not run: {v}" for k, v in (data.get("skipped") or {}).items()]
+    if before:
+        facts.append("\"before\": `reports/decode_speed-before.json`, the same benchmark on the "
+                     "code before the decode work")
     return out + ["; ".join(facts) + ".", ""]
 
 
@@ -603,7 +620,7 @@ def results_md(files: Files) -> str:
             "`reports/train_throughput.json` (the machine as it is) and "
             "`reports/train_throughput_avx2cap.json` (its kernels capped to AVX2):", ""]
     out += throughput(files)
-    out += ["### Single-stream decode speed", "", "`reports/decode_speed.json`:", ""]
+    out += ["### Decode speed", "", "`reports/decode_speed.json`:", ""]
     out += decode(files)
     out += ["### Serving under load", "",
             "`reports/serve_load*.json`: streaming clients against a real `llmcore serve` on "

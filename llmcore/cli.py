@@ -45,6 +45,9 @@ def _load(path: str, device: str) -> tuple[Any, Any]:
     from llmcore.model.modeldir import load_model_dir
 
     model, _ = load_model_dir(Path(path), pick_device(device))
+    prepare = getattr(model, "prepare_inference", None)
+    if prepare is not None:  # generation only: fused projections, a RoPE table
+        prepare()
     return model, LLMTokenizer.load(Path(path))
 
 

@@ -124,6 +124,9 @@ class LLMCorePyfunc:
         from llmcore.model.modeldir import load_model_dir
 
         self.model, _ = load_model_dir(Path(model_dir), device)
+        prepare = getattr(self.model, "prepare_inference", None)
+        if prepare is not None:  # generation only: fused projections, a RoPE table
+            prepare()
         self.tok = LLMTokenizer.load(Path(model_dir))
 
     def _prompt_ids(self, row: dict[str, Any], raw: bool, where: str) -> list[int]:

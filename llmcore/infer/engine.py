@@ -68,17 +68,19 @@ class Request:
 class SlotCache:
     """Keys and values for ``slots`` independent sequences of up to ``max_len`` tokens.
 
-    ``lengths[i]`` counts the tokens cached in slot i. A decode step over slots ``0..n-1``
-    writes each row's new key at its own length and masks every key past it, so rows of
-    different lengths share one batched forward without seeing each other or stale keys.
+    ``lengths[i]`` counts the tokens cached in slot i (Python ints: the engine reads them every
+    step, and a tensor would cost an op per read). A decode step over slots ``0..n-1`` writes
+    each row's new key at its own length and masks every key past it, so rows of different
+    lengths share one batched forward without seeing each other or stale keys.
     """
 
     def __init__(self, model: LanguageModel, slots: int, max_len: int) -> None:
         self.k, self.v = cache_tensors(model, slots, max_len)
-        device = self.k[0].device
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.device = self.k[0].device
+        self.lengths = [0] * slots
         self.max_len, self.offset, self.n = max_len, 0, 0
-        self._rows = torch.arange(slots, device=device)
+        self._rows = torch.arange(slots, device=self.device)
+        self._at = self._rows
         self._mask: torch.Tensor | None = None
         self._span = 0
 
@@ -89,18 +91,21 @@ class SlotCache:
     def begin_step(self, n: int) -> torch.Tensor:
         """Prepare a one-token step over slots 0..n-1; returns their positions (n, 1)."""
         self.n = n
-        lengths = self.lengths[:n]
-        self._span = int(lengths.max()) + 1  # keys any row of this step can see
-        keys = torch.arange(self._span, device=lengths.device)
-        self._mask = (keys[None, :] <= lengths[:, None])[:, None, None, :]  # (n, 1, 1, S)
-        return lengths[:, None]
+        self._span = max(self.lengths[:n]) + 1  # keys any row of this step can see
+        at = torch.tensor(self.lengths[:n], device=self.device)  # (n,)
+        self._at = at
+        self._mask = None  # one row sees every key up to its own: no mask at all
+        if n > 1:
+            keys = torch.arange(self._span, device=self.device)
+            self._mask = (keys[None, :] <= at[:, None])[:, None, None, :]  # (n, 1, 1, S)
+        return at[:, None]
 
     def attn_mask(self, T: int) -> tuple[torch.Tensor | None, bool]:
         return self._mask, False
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, at = self._rows[: self.n], self.lengths[: self.n]
+        rows, at = self._rows[: self.n], self._at
         self.k[layer][rows, :, at] = k[:, :, 0]
         self.v[layer][rows, :, at] = v[:, :, 0]
         return self.k[layer][: self.n, :, : self._span], self.v[layer][: self.n, :, : self._span]
@@ -115,6 +120,9 @@ class _Running:
     def __init__(self, req: Request, tokenizer: LLMTokenizer, device: torch.device) -> None:
         self.req, self.tok = req, tokenizer
         self.ids: list[int] = []
+        # the reply's text is kept, and only the tokens after its last complete character are
+        # decoded each step: decoding every id at every step would grow with the reply
+        self.text, self.pending = "", list[int]()
         self.sent = 0  # characters of the decoded text already sent
         self.generator = None
         if req.sampling.seed is not None:
@@ -127,9 +135,15 @@ class _Running:
         the event to send (None when nothing new is ready), with ``finish`` when done."""
         s = self.req.sampling
         if token in self.stops:
-            return self._finish("stop", self.tok.decode(self.ids))
+            return self._finish("stop", self.text + self.tok.decode(self.pending))
         self.ids.append(token)
-        text = self.tok.decode(self.ids)
+        self.pending.append(token)
+        tail = self.tok.decode(self.pending)
+        text = self.text + tail
+        # a character split across tokens decodes to U+FFFD until its last byte arrives (at
+        # most 4 bytes, so 4 tokens); byte-level decoding then equals decoding every id
+        if not tail.endswith("\ufffd") or len(self.pending) >= 4:
+            self.text, self.pending = text, []
         for stop in self.req.stop_strings:
             at = text.find(stop, max(0, self.sent - len(stop)))
             if at >= 0:
@@ -165,6 +179,9 @@ class Engine:
                  compile: bool = False) -> None:
         self.model, self.tok = model.eval(), tokenizer
         self.max_len = max_len or model.cfg.max_seq_len
+        prepare = getattr(model, "prepare_inference", None)
+        if prepare is not None:  # fused projections, a RoPE table: fewer ops per step
+            prepare(self.max_len)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.cache = SlotCache(model, max_batch, self.max_len)
         self.slots: list[_Running | None] = [None] * max_batch
@@ -298,11 +315,11 @@ class Engine:
         n = max(i for i, s in enumerate(self.slots) if s is not None) + 1
         live = [i for i in range(n) if self.slots[i] is not None]
         positions = self.cache.begin_step(n)
-        tokens = torch.zeros(n, dtype=torch.long, device=self.device)
+        tokens = torch.tensor([[s.ids[-1] if s is not None else 0] for s in self.slots[:n]],
+                              device=self.device)  # (n, 1); a free slot's row is ignored
+        logits = self.forward(tokens, cache=self.cache, positions=positions)[:, -1]
         for i in live:
-            tokens[i] = self.slots[i].ids[-1]  # type: ignore[union-attr]
-        logits = self.forward(tokens[:, None], cache=self.cache, positions=positions)[:, -1]
-        self.cache.lengths[live] += 1
+            self.cache.lengths[i] += 1
         self.steps += 1
         greedy = logits.argmax(dim=-1).tolist()
         for i in live:
@@ -314,7 +331,7 @@ class Engine:
             self._emit(i, run, tok)
 
     def _emit(self, i: int, run: _Running, token: Any) -> None:
-        room = self.max_len - int(self.cache.lengths[i]) - 1
+        room = self.max_len - self.cache.lengths[i] - 1
         event = run.push(int(token), room)
         if event is None:
             return

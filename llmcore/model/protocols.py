@@ -28,6 +28,7 @@ class KVCacheLike(Protocol):
     """Keys and values of past positions, written by the model one forward at a time."""
 
     offset: int  # positions already cached (the first new query's position)
+    max_len: int  # positions it can hold: every position written is below it
 
     def attn_mask(self, T: int) -> tuple[torch.Tensor | None, bool]:
         """(mask over the cached + new keys, or None; is_causal) for T new queries."""

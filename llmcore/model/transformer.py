@@ -10,11 +10,19 @@ Shapes in comments: B batch, T tokens, D model width, H query heads, K key/value
 Hd head width, F MLP width, V vocabulary.
 
 Architecture only: no loss, no optimizer, no sampling. ``forward`` takes an optional cache
-(:class:`llmcore.model.protocols.KVCacheLike`: ``offset``, ``attn_mask(T)``,
+(:class:`llmcore.model.protocols.KVCacheLike`: ``offset``, ``max_len``, ``attn_mask(T)``,
 ``update(layer, k, v)``, ``advance(T)``), and optional ``segments`` (B, T): the document each
 token of a packed row belongs to. With ``doc_mask`` the loop passes them, and a token attends
 only to earlier tokens of its own document, whose positions count from its first token, so a
 packed row computes what each document would alone (a block-diagonal causal mask).
+
+Inference (:meth:`Transformer.prepare_inference`): at batch 1 a decode step is hundreds of tiny
+operator calls, so the time goes to dispatch, not arithmetic. Prepared for inference, q/k/v
+come from one matmul and gate/up from another (the separate weights become views of the fused
+ones: no extra memory, and an in-place update of one is an update of both), q and k are
+rotated in one call, and RoPE's cos/sin come from a table instead of being recomputed each
+step. Used only without autograd (training always takes the separate projections); undone by
+``train()`` and by moving the model (``.to``, ``.float``), which would break the views.
 
 Trade-offs: K/V heads are expanded with ``repeat_interleave`` before attention rather than
 relying on SDPA's ``enable_gqa`` (newer torch only); the copy costs memory at long context.
@@ -47,7 +55,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate (B, heads, T, Hd) by position; pairs are (i, i + Hd/2)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
+    if x.dtype == torch.float32:  # no casts to dispatch (a decode step's ops are its cost)
+        return x * cos + rotated * sin
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def fuse_linears(linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """One (sum of outs, in) weight (and bias) for linears sharing their input, the linears'
+    own weights re-pointed at views of it; None unless all are plain ``nn.Linear`` (a LoRA or
+    quantized layer computes more than its weight)."""
+    if not all(type(m) is nn.Linear for m in linears):
+        return None
+    with torch.no_grad():
+        weight = torch.cat([m.weight for m in linears])  # (sum of outs, in)
+        bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+        at = 0
+        for m in linears:
+            n = m.weight.shape[0]
+            m.weight.data = weight[at : at + n]
+            if bias is not None:
+                m.bias.data = bias[at : at + n]
+            at += n
+    return weight, bias
 
 
 def document_mask(segments: torch.Tensor) -> torch.Tensor:
@@ -83,15 +112,25 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.bias)
         self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=cfg.bias)
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # prepare_inference
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCacheLike | None = None, doc_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        H, K, Hd = self.n_heads, self.n_kv, self.head_dim
+        if self.qkv is not None and not torch.is_grad_enabled():
+            # inference: one matmul, and q and k rotated together
+            qkv = F.linear(x, *self.qkv).view(B, T, H + 2 * K, Hd).transpose(1, 2)
+            qk, v = qkv[:, : H + K], qkv[:, H + K :]  # (B, H+K, T, Hd), (B, K, T, Hd)
+            if rope is not None:
+                qk = apply_rope(qk, *rope)
+            q, k = qk[:, :H], qk[:, H:]
+        else:
+            q = self.q_proj(x).view(B, T, H, Hd).transpose(1, 2)  # (B, H, T, Hd)
+            k = self.k_proj(x).view(B, T, K, Hd).transpose(1, 2)  # (B, K, T, Hd)
+            v = self.v_proj(x).view(B, T, K, Hd).transpose(1, 2)  # (B, K, T, Hd)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         mask, causal = None, cache is None
         if cache is not None:
             mask, causal = cache.attn_mask(T)  # before update: relative to the cached offset
@@ -117,9 +156,13 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # prepare_inference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
-        if self.kind == "swiglu":
+        if self.gate_up is not None and not torch.is_grad_enabled():
+            gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)  # one matmul: (B, T, F) x 2
+            h = F.silu(gate) * up
+        elif self.kind == "swiglu":
             h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, F)
         else:
             h = F.gelu(self.up_proj(x), approximate="tanh")  # (B, T, F)
@@ -157,7 +200,49 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # prepare_inference
         self.reset_parameters()
+
+    def prepare_inference(self, max_len: int | None = None) -> Transformer:
+        """Fewer, larger ops for generation (see the module docstring); RoPE's table covers
+        positions below ``max_len`` (default ``max_seq_len``). Returns the model, in eval mode."""
+        self.eval()
+        for block in self.layers:
+            attn, mlp = block.self_attn, block.mlp
+            attn.qkv = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+            if mlp.kind == "swiglu":
+                mlp.gate_up = fuse_linears([mlp.gate_proj, mlp.up_proj])
+        if self.cfg.positions == "rope":
+            p = self.embed_tokens.weight
+            self.rope_table = rope_cache(self.cfg.head_dim, torch.arange(
+                max_len or self.cfg.max_seq_len, device=p.device), self.cfg.rope_theta)
+        return self
+
+    def _unprepare(self) -> None:
+        """Back to separate weights, each with its own storage again (so that saving, which
+        refuses tensors sharing memory, and training see an ordinary model)."""
+        self.rope_table = None
+        for block in self.layers:
+            attn, mlp = block.self_attn, block.mlp
+            for fused, linears in ((attn.qkv, (attn.q_proj, attn.k_proj, attn.v_proj)),
+                                   (mlp.gate_up, (getattr(mlp, "gate_proj", None), mlp.up_proj))):
+                if fused is None:
+                    continue
+                for m in linears:
+                    assert isinstance(m, nn.Linear)
+                    m.weight.data = m.weight.data.clone()
+                    if m.bias is not None:
+                        m.bias.data = m.bias.data.clone()
+            attn.qkv, mlp.gate_up = None, None
+
+    def train(self, mode: bool = True) -> Transformer:
+        if mode:  # training takes the separate projections; nothing prepared may go stale
+            self._unprepare()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        self._unprepare()  # .to / .float make new weights: the fused views would be stale
+        return super()._apply(fn, recurse)
 
     def reset_parameters(self) -> None:
         """normal(0, 0.02); residual output projections scaled by 1/sqrt(2 * n_layers)."""
@@ -200,13 +285,26 @@ class Transformer(nn.Module):
             pos = self.embed_positions(positions)  # (T, D) or (B, T, D)
             x = x + (pos[None] if pos.ndim == 2 else pos)
         elif self.cfg.positions == "rope":
-            rope = rope_cache(self.cfg.head_dim, positions, self.cfg.rope_theta)
+            rope = self._rope(positions, cache)
         x = self.dropout(x)
         for layer in self.layers:
             x = layer(x, rope, cache, doc_mask)
         if cache is not None:
             cache.advance(T)
         return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def _rope(self, positions: torch.Tensor, cache: KVCacheLike | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for ``positions``: looked up in the table when a cache bounds them below
+        its size (no sync needed to know they fit), computed otherwise."""
+        table = self.rope_table
+        if (table is None or cache is None or cache.max_len > table[0].shape[0]
+                or torch.is_grad_enabled()):
+            return rope_cache(self.cfg.head_dim, positions, self.cfg.rope_theta)
+        cos, sin = table[0][positions], table[1][positions]  # (T, Hd) or (B, T, Hd)
+        if cos.ndim == 3:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, Hd): broadcast over heads
+        return cos, sin
 
     def num_parameters(self) -> int:
         """Distinct parameters (a tied matrix counts once)."""

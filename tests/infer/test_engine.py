@@ -206,3 +206,23 @@ def test_compiled_engine_gives_the_eager_tokens(tiny_tokenizer):
     expected = [alone(model, tiny_tokenizer, p, s) for p, s in jobs]
     assert got == expected
     assert [together[0], together[1]] == expected[1:]
+
+
+def test_reply_text_is_decoded_step_by_step_as_decoding_every_id_would(tiny_tokenizer):
+    """The engine decodes only the tokens after the last complete character each step; the
+    text sent must still equal one decode of the whole reply, multi-byte characters split
+    across tokens included."""
+    from llmcore.infer.engine import _Running
+
+    text = "naïve café: 12 + 7 = 19 ✓ 🙂🙂 done"
+    ids = tiny_tokenizer.encode_text(text)
+    assert len(ids) > len(text.encode("utf-8")) // 2  # bytes: characters span several tokens
+    run = _Running(Request([1], Sampling(max_new_tokens=1000), lambda e: None,
+                           stop_ids=[tiny_tokenizer.im_end_id]), tiny_tokenizer,
+                   torch.device("cpu"))
+    events = [run.push(t, room=1000) for t in ids]
+    assert None in events  # a part of a character was held back
+    last = run.push(tiny_tokenizer.im_end_id, room=1000)
+    assert last is not None and last.finish == "stop"
+    pieces = [e.text for e in events if e is not None] + [last.text]
+    assert "".join(pieces) == tiny_tokenizer.decode(ids) == text

@@ -206,3 +206,83 @@ def test_describe_names_the_machine_kind_and_precision():
     text = describe(torch.device("cpu"), torch.bfloat16)
     assert text.startswith("cpu with ") and "training and held-out losses in bfloat16" in text
     assert f"{torch.get_num_threads()} threads" in text
+
+
+# --- prepared for inference: fused projections and a RoPE table change ops, not answers ----
+
+PREPARE_CASES = [("rope", "rmsnorm", "swiglu", 2, False), ("rope", "rmsnorm", "swiglu", 4, True),
+                 ("learned", "layernorm", "gelu", 4, True), ("none", "rmsnorm", "swiglu", 1, False)]
+
+
+@pytest.mark.parametrize("positions,norm,mlp,kv,bias", PREPARE_CASES)
+def test_prepared_model_computes_what_the_plain_one_does(positions, norm, mlp, kv, bias):
+    from llmcore.infer.generate import KVCache, Sampling, generate
+
+    plain = build(positions=positions, norm=norm, mlp=mlp, n_kv_heads=kv, bias=bias)
+    if bias:  # zero-initialised biases would hide a bias left out of the fused matmul
+        with torch.no_grad():
+            for name, p in plain.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.1)
+    prepared = build(positions=positions, norm=norm, mlp=mlp, n_kv_heads=kv, bias=bias)
+    prepared.load_state_dict(plain.state_dict())
+    prepared.prepare_inference()
+    attn = prepared.layers[0].self_attn
+    assert attn.qkv is not None and attn.qkv[0].shape[0] == attn.q_proj.weight.shape[0] + 2 * \
+        attn.k_proj.weight.shape[0]
+    x = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), plain(x), rtol=1e-5, atol=1e-5)
+        caches = [KVCache.for_model(m, 2, 16) for m in (plain, prepared)]
+        for m, c in zip((plain, prepared), caches, strict=True):
+            m(x[:, :8], cache=c)
+        torch.testing.assert_close(prepared(x[:, 8:9], cache=caches[1]),
+                                   plain(x[:, 8:9], cache=caches[0]), rtol=1e-5, atol=1e-5)
+    prompts = [[5, 6, 7, 8, 9], [3, 4]]  # left-padded: explicit positions through the table
+    s = Sampling(max_new_tokens=12)
+    assert generate(prepared, prompts, s) == generate(plain, prompts, s)
+
+
+def test_prepared_weights_stay_one_and_training_gets_the_plain_model_back():
+    from safetensors.torch import save
+
+    model = build().prepare_inference()
+    attn = model.layers[0].self_attn
+    assert attn.qkv is not None
+    with torch.no_grad():  # the separate weight is a view of the fused one: no stale copy
+        attn.k_proj.weight.add_(1.0)
+    q_rows = attn.q_proj.weight.shape[0]
+    assert torch.equal(attn.qkv[0][q_rows : q_rows + attn.k_proj.weight.shape[0]],
+                       attn.k_proj.weight)
+    x = torch.randint(0, 97, (1, 5))
+
+
+    def storage(p: torch.Tensor) -> int:
+        return p.untyped_storage().data_ptr()
+
+    assert storage(attn.q_proj.weight) == storage(attn.k_proj.weight)
+    model.train()  # back to separate projections with their own storage
+    assert attn.qkv is None and model.rope_table is None
+    assert storage(attn.q_proj.weight) != storage(attn.k_proj.weight)
+    save({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"})  # (tied)
+    model(x).sum().backward()  # and the gradient reaches the separate weights
+    assert attn.q_proj.weight.grad is not None and attn.q_proj.weight.grad.abs().sum() > 0
+    model.eval().prepare_inference()
+    model.double()  # a move makes new weights: the fused views would be stale, so dropped
+    assert model.layers[0].self_attn.qkv is None and model.rope_table is None
+
+
+def test_rope_table_is_used_only_where_the_cache_bounds_the_positions():
+    from llmcore.infer.generate import KVCache
+
+    model = build().prepare_inference(max_len=16)
+    assert model.rope_table is not None and model.rope_table[0].shape[0] == 16
+    with torch.no_grad():
+        model.rope_table[0].zero_()  # a poisoned table shows where it is read
+        model.rope_table[1].zero_()
+        x = torch.randint(0, 97, (1, 6))
+        poisoned = model(x, cache=KVCache.for_model(model, 1, 16))
+        computed = model(x, cache=KVCache.for_model(model, 1, 40))  # past the table: computed
+        plain = build()(x)
+    assert not torch.allclose(poisoned, plain, atol=1e-3)
+    torch.testing.assert_close(computed, plain, rtol=1e-5, atol=1e-5)
