@@ -31,6 +31,8 @@ relying on SDPA's ``enable_gqa`` (newer torch only); the copy costs memory at lo
 from __future__ import annotations
 
 import math
+import typing
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -60,18 +62,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-def fuse_linears(linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def fuse_linears(modules: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """One (sum of outs, in) weight (and bias) for linears sharing their input, the linears'
     own weights re-pointed at views of it; None unless all are plain ``nn.Linear`` (a LoRA or
     quantized layer computes more than its weight)."""
-    if not all(type(m) is nn.Linear for m in linears):
+    if not all(type(m) is nn.Linear for m in modules):
         return None
+    linears = typing.cast(list[nn.Linear], modules)
     with torch.no_grad():
         weight = torch.cat([m.weight for m in linears])  # (sum of outs, in)
         bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
         at = 0
         for m in linears:
-            n = m.weight.shape[0]
+            n = int(m.weight.shape[0])
             m.weight.data = weight[at : at + n]
             if bias is not None:
                 m.bias.data = bias[at : at + n]
@@ -207,22 +210,26 @@ class Transformer(nn.Module):
         """Fewer, larger ops for generation (see the module docstring); RoPE's table covers
         positions below ``max_len`` (default ``max_seq_len``). Returns the model, in eval mode."""
         self.eval()
-        for block in self.layers:
+        for block in self.blocks():
             attn, mlp = block.self_attn, block.mlp
             attn.qkv = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
             if mlp.kind == "swiglu":
                 mlp.gate_up = fuse_linears([mlp.gate_proj, mlp.up_proj])
         if self.cfg.positions == "rope":
             p = self.embed_tokens.weight
-            self.rope_table = rope_cache(self.cfg.head_dim, torch.arange(
+            cos, sin = rope_cache(self.cfg.head_dim, torch.arange(
                 max_len or self.cfg.max_seq_len, device=p.device), self.cfg.rope_theta)
+            self.rope_table = cos, sin
         return self
+
+    def blocks(self) -> list[Block]:
+        return [typing.cast(Block, b) for b in self.layers]
 
     def _unprepare(self) -> None:
         """Back to separate weights, each with its own storage again (so that saving, which
         refuses tensors sharing memory, and training see an ordinary model)."""
         self.rope_table = None
-        for block in self.layers:
+        for block in self.blocks():
             attn, mlp = block.self_attn, block.mlp
             for fused, linears in ((attn.qkv, (attn.q_proj, attn.k_proj, attn.v_proj)),
                                    (mlp.gate_up, (getattr(mlp, "gate_proj", None), mlp.up_proj))):
@@ -240,7 +247,8 @@ class Transformer(nn.Module):
             self._unprepare()
         return super().train(mode)
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+               ) -> Transformer:
         self._unprepare()  # .to / .float make new weights: the fused views would be stale
         return super()._apply(fn, recurse)
 
@@ -300,7 +308,8 @@ class Transformer(nn.Module):
         table = self.rope_table
         if (table is None or cache is None or cache.max_len > table[0].shape[0]
                 or torch.is_grad_enabled()):
-            return rope_cache(self.cfg.head_dim, positions, self.cfg.rope_theta)
+            cos, sin = rope_cache(self.cfg.head_dim, positions, self.cfg.rope_theta)
+            return cos, sin
         cos, sin = table[0][positions], table[1][positions]  # (T, Hd) or (B, T, Hd)
         if cos.ndim == 3:
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, Hd): broadcast over heads
