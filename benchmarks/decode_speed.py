@@ -8,7 +8,8 @@ Sides, all on the same weights at float32 unless named otherwise, each producing
 ``--tokens`` new tokens per sequence (no early stop):
 
 * ``generate``: :func:`llmcore.infer.generate.generate` (what ``llmcore generate`` and the
-  evaluation run); a batch is left-padded.
+  evaluation run); a batch is left-padded. It runs on the same model object as the engines,
+  so on the model the engine prepared for inference (as ``llmcore generate`` prepares it).
 * ``engine`` / ``engine_compiled``: the continuous-batching engine that ``llmcore serve``
   runs, eager and with ``--compile``, driven from this (the main) thread as the server does.
 * ``transformers``: ``LlamaForCausalLM.generate`` on the Hugging Face export.
