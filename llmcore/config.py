@@ -254,7 +254,7 @@ def _default(cls: type, name: str, value: Any, **bounds: Any) -> Any:
 
 # the fields of a section that change no number of its run (left out of its fingerprint)
 NON_SHAPING = ("log_every", "checkpoint_every", "keep_checkpoints", "resume", "compile",
-               "threads", "peak_flops", "nproc_per_node", "require_val")
+               "threads", "peak_flops", "nproc_per_node", "require_val", "dist_timeout")
 
 
 @dataclass(frozen=True)
@@ -276,7 +276,12 @@ class TrainConfig(OptimConfig):
     early_stopping_patience: int | None = spec(None, ge=1, doc="evals without improvement")
     export: str = spec("best", choices=("best", "last"), doc="which weights become the model")
     compile: bool = spec(False, doc="torch.compile the model")
-    nproc_per_node: int = spec(1, ge=1, doc="> 1: run under torchrun (DDP)")
+    nproc_per_node: int = spec(1, ge=1, doc="> 1: run under torchrun (DDP or FSDP)")
+    parallel: str = spec("ddp", choices=("ddp", "fsdp"),
+                         doc="under torchrun: ddp (every rank holds the whole model) | fsdp "
+                             "(parameters, gradients and optimizer state sharded per block)")
+    dist_timeout: int = spec(900, ge=10, doc="seconds a rank waits for the others before the "
+                                             "run stops (a lost node ends it, not hangs it)")
     threads: int | None = spec(None, ge=1, doc="CPU threads per process; None: torch default")
     peak_flops: float | None = spec(None, gt=0, doc="device peak FLOP/s for MFU; None: measure")
 

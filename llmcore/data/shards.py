@@ -286,10 +286,17 @@ class ShardLoader:
                 "world_size": self.world_size, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        for key in ("seed", "world_size", "batch_size"):
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"loader state was saved with {key}={state[key]}, "
-                                 f"this loader has {key}={getattr(self, key)}")
+        """Continue where ``state`` was; at another world size too when the global batch is
+        the same (a step reads the same rows, split among other ranks)."""
+        if "seed" in state and state["seed"] != self.seed:
+            raise ValueError(f"loader state was saved with seed={state['seed']}, "
+                             f"this loader has seed={self.seed}")
+        saved = int(state.get("batch_size", self.batch_size)) * int(
+            state.get("world_size", self.world_size))
+        if saved != self.global_batch:
+            raise ValueError(f"loader state was saved with a global batch of {saved} rows "
+                             f"({state.get('batch_size')} x {state.get('world_size')} ranks), "
+                             f"this loader has {self.batch_size} x {self.world_size}")
         self.state = LoaderState(int(state["epoch"]), int(state["step"]))
 
     def next_batch(self) -> Batch:

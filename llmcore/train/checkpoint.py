@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmcore.files import atomic_dir, remove_leftovers, sha256_file
-from llmcore.model.modeldir import state_dict_for_save
+from llmcore.model.modeldir import load_weights, state_dict_for_save
 
 
 class HasState(typing.Protocol):
@@ -107,6 +107,8 @@ class Loaded:
 
 class CheckpointManager:
     """Save / find / load checkpoints of one run configuration under ``root``."""
+
+    collective = False  # rank 0 alone saves; every rank loads the same files
 
     def __init__(self, root: Path, fingerprint_hex: str, keep: int = 2,
                  log: Callable[[str], None] | None = None) -> None:
@@ -191,11 +193,19 @@ class CheckpointManager:
             )
         return None
 
+    def restore(self, loaded: Loaded, model: torch.nn.Module, optimizer: Any) -> None:
+        """Put a loaded checkpoint's weights and optimizer state into the live run."""
+        load_weights(model, loaded.model)
+        optimizer.load_state_dict(loaded.optimizer)
+
     def save_best(self, model: torch.nn.Module, info: dict[str, Any]) -> None:
         """The weights of the best evaluation so far (what ``export: best`` exports)."""
+        self.write_best(state_dict_for_save(model), info)
+
+    def write_best(self, weights: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
 
         def fill(tmp: Path) -> None:
-            save_file(state_dict_for_save(model), str(tmp / "model.safetensors"))
+            save_file(weights, str(tmp / "model.safetensors"))
             (tmp / "best.json").write_text(json.dumps({**info, "fingerprint": self.fingerprint,
                                                        "sha256": sha256_file(
                                                            tmp / "model.safetensors")}))

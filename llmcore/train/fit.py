@@ -15,6 +15,7 @@ them still resumes.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import os
 from collections.abc import Mapping
@@ -31,10 +32,12 @@ from llmcore.device import Precision, pick_device, precision
 from llmcore.files import sha256_file
 from llmcore.lineage import code_hash
 from llmcore.model.loss import unigram_bpb
-from llmcore.model.modeldir import load_weights, read_weights, state_dict_for_save
+from llmcore.model.modeldir import load_weights, read_weights
 from llmcore.model.transformer import Transformer
 from llmcore.train.checkpoint import CheckpointManager, fingerprint
 from llmcore.train.loop import Dist, Log, RunContext, Trainer, TrainResult
+from llmcore.train.parallel import full_state_dict, shard_model
+from llmcore.train.sharded import ShardedCheckpoints
 
 
 @dataclass(frozen=True)
@@ -78,8 +81,12 @@ class FitOutput:
 
 
 
-def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
-    """Join the process group torchrun describes in the environment (if any)."""
+def init_distributed(device: torch.device, timeout_s: float = 900) -> tuple[Dist, torch.device]:
+    """Join the process group torchrun describes in the environment (if any).
+
+    ``timeout_s`` bounds every wait for the other ranks: a rank whose peer is gone (a node
+    lost, a network cut) fails instead of hanging (torch's default wait is 30 minutes).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist(), device
@@ -88,7 +95,8 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(rank, world), device
 
 
@@ -102,6 +110,11 @@ def run_fingerprint(spec: FitSpec, extra: Mapping[str, Any]) -> str:
     # optimizers, autocast, checkpoints and RNG restore), and the adapter's module
     modules = [__name__] + ([type(spec.adapter).__module__] if spec.adapter is not None else [])
     loop = {k: v for k, v in dataclasses.asdict(spec.train).items() if k not in NON_SHAPING}
+    if spec.train.parallel == "fsdp":
+        # sharded checkpoints load at any world size: what must match is the global batch
+        world = int(extra.get("world_size", 1))
+        loop["global_batch"] = loop.pop("batch_size") * world
+        extra = {k: v for k, v in extra.items() if k != "world_size"}
     adapter = spec.adapter.fingerprint() if spec.adapter is not None else None
     return fingerprint({"model": dataclasses.asdict(spec.model), "train": loop,
                         "code": code_hash(*modules), "seed": spec.seed, **extra,
@@ -137,12 +150,39 @@ def _steps_for_epochs(cfg: TrainConfig, loader: ShardLoader, spec: FitSpec, log:
     return dataclasses.replace(cfg, max_steps=steps)
 
 
+# what a collective says when a peer is gone: gloo's transport errors name their source file
+# (.../gloo/transport/tcp/pair.cc: "Connection reset by peer", "Timed out waiting ..."), NCCL's
+# are DistBackendError
+_LOST = ("gloo/transport", "Connection reset", "Connection closed", "Timed out", "NCCL")
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    return isinstance(exc, dist.DistError) or any(s in str(exc) for s in _LOST)
+
+
+def _run(trainer: Trainer, name: str, dist_info: Dist, manager: CheckpointManager
+         ) -> TrainResult:
+    """``trainer.run()``; a lost peer becomes one clear line instead of a gloo traceback."""
+    try:
+        return trainer.run()
+    except RuntimeError as exc:  # gloo raises RuntimeError, NCCL DistBackendError (a subclass)
+        if not (dist_info.enabled and _lost_peer(exc)):
+            raise
+        steps = manager.steps()
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"{name}: rank {dist_info.rank} of {dist_info.world_size} lost the other ranks "
+            f"at step {trainer.step + 1} ({first}). The run stopped; the last checkpoint is "
+            f"{steps[-1].name if steps else 'none'}. Start the same command on every node "
+            "again to resume from it.") from None
+
+
 def fit(spec: FitSpec, tracker: Any = None, log: Log = print) -> FitOutput:
     """Build the model and data, resume if possible, train, and pick the weights to export."""
     cfg = spec.train
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dist_info, device = init_distributed(pick_device(spec.device))
+    dist_info, device = init_distributed(pick_device(spec.device), cfg.dist_timeout)
     prec = precision(spec.dtype, device)
     dtype = prec.autocast
     train_ds = ShardDataset(spec.shard_dir, spec.train_split)
@@ -157,17 +197,25 @@ def fit(spec: FitSpec, tracker: Any = None, log: Log = print) -> FitOutput:
     fp = run_fingerprint(spec, {"dtype": str(dtype), "muon_dtype": str(prec.orthogonalize),
                                 "device": device.type,
                                 "world_size": dist_info.world_size, "data": data})
-    torch.manual_seed(spec.seed + dist_info.rank)
+    # every rank draws the same initial weights (DDP would broadcast rank 0's anyway; FSDP
+    # keeps each rank's own shard of them, so they must agree), then its own stream
+    torch.manual_seed(spec.seed)
     model = Transformer(spec.model)
     if init is not None:
         load_weights(model, init)
     if spec.adapter is not None:  # after loading: adapters wrap the pretrained weights
         spec.adapter.apply(model)
+    if dist_info.rank:
+        torch.manual_seed(spec.seed + dist_info.rank)
     model.to(device)
+    sharded = cfg.parallel == "fsdp"
+    if sharded and dist_info.enabled:  # before the optimizer: it must see the shards
+        shard_model(model, device, dist_info.world_size)
     loader = ShardLoader(train_ds, cfg.batch_size, seed=spec.seed, rank=dist_info.rank,
                          world_size=dist_info.world_size)
     cfg = _steps_for_epochs(cfg, loader, spec, log)
-    manager = CheckpointManager(spec.checkpoint_dir, fp, keep=cfg.keep_checkpoints, log=log)
+    manager = (ShardedCheckpoints if sharded else CheckpointManager)(
+        spec.checkpoint_dir, fp, keep=cfg.keep_checkpoints, log=log)
     tb = torch.tensor(list(spec.token_bytes), dtype=torch.int64)
     ctx = RunContext(device, dtype, tb, manager, tracker, dist_info, log, spec.name,
                      muon_dtype=prec.orthogonalize)
@@ -182,14 +230,15 @@ def fit(spec: FitSpec, tracker: Any = None, log: Log = print) -> FitOutput:
     ug = None
     if val_ds is not None and dist_info.is_main:
         ug = unigram_bpb(train_ds, val_ds, tb, spec.model.vocab_size)
-    result = trainer.run()
-    export_weights, export_step = state_dict_for_save(model), result.step
+    result = _run(trainer, spec.name, dist_info, manager)
+    # under FSDP a collective: the shards are gathered, rank 0 gets the whole weights
+    export_weights, export_step = full_state_dict(model), result.step
     if cfg.export == "best" and dist_info.is_main:
         best = manager.load_best()
         if best is not None:
             export_weights, export_step = best[0], int(best[1]["step"])
     adapter = None
-    if spec.adapter is not None:  # the model directory holds plain (merged) weights
+    if spec.adapter is not None and export_weights:  # the model directory: merged weights
         export_weights, adapter = spec.adapter.export(export_weights)
     exported = sum(t.numel() for t in export_weights.values())
     dist_info.barrier()

@@ -35,6 +35,7 @@ from llmcore.model.loss import heldout_loss, loss_sums
 from llmcore.model.transformer import Transformer, flops_per_token
 from llmcore.train.checkpoint import Loaded
 from llmcore.train.optim import Optimizers
+from llmcore.train.parallel import is_sharded
 from llmcore.train.step import Dist, Log, NonFiniteLoss, OptimizerStep, Progress, RunContext
 
 __all__ = ["Dist", "Log", "NonFiniteLoss", "RunContext", "TrainResult", "Trainer"]
@@ -122,7 +123,7 @@ class Trainer:
         model: torch.nn.Module = self.model
         if self.cfg.compile:
             model = typing.cast(torch.nn.Module, torch.compile(model))
-        if self.ctx.dist.enabled:
+        if self.ctx.dist.enabled and not is_sharded(self.model):  # FSDP syncs by itself
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
@@ -160,13 +161,20 @@ class Trainer:
 
     def run_eval(self) -> dict[str, float] | None:
         ctx, result = self.ctx, None
-        if ctx.dist.is_main and self.val is not None:
+        # sharded weights are gathered by every rank: all of them run the forward
+        sharded = ctx.dist.enabled and is_sharded(self.model)
+        if (ctx.dist.is_main or sharded) and self.val is not None:
             assert ctx.token_bytes is not None, "evaluation needs the tokenizer's bytes per token"
             ev = heldout_loss(self.model, self.val, self.loader.batch_size,
                               self.cfg.eval_batches, ctx.token_bytes, ctx.device, ctx.dtype)
+            improved = self.best is None or ev["loss"] < self.best["val_loss"]
+            if sharded:  # rank 0's verdict, so that every rank joins the same gather
+                improved = ctx.dist.broadcast_flag(improved, ctx.device)
+            if improved and sharded and ctx.checkpoints is not None and not ctx.dist.is_main:
+                ctx.checkpoints.save_best(self.model, {})  # its part of the gather
+        if ctx.dist.is_main and self.val is not None:
             result = {"step": self.step, "val_loss": ev["loss"], "val_bpb": ev["bpb"]}
             self.evals.append(result)
-            improved = self.best is None or ev["loss"] < self.best["val_loss"]
             if improved:
                 self.best = dict(result)
                 self.evals_without_improvement = 0

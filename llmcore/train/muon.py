@@ -17,6 +17,9 @@ bf16 is native, and a cliff where it is emulated (measured: one iteration on a 2
 :func:`llmcore.device.precision`; in bf16 this class computes exactly what torch's does (same
 operations in the same order; a test holds them bit-equal), and it keeps torch's state layout
 (``momentum_buffer``), so checkpoints of either load into the other.
+
+Under FSDP each parameter is a shard (a ``DTensor``): the momentum stays sharded, and the
+update is gathered whole for the iteration (:meth:`Muon._orthogonalise`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -71,6 +75,18 @@ class Muon(torch.optim.Optimizer):
                 if p.ndim != 2:
                     raise ValueError(f"Muon takes 2-D parameters only, got {tuple(p.shape)}")
 
+    def _orthogonalise(self, update: torch.Tensor, group: dict) -> torch.Tensor:
+        if not isinstance(update, DTensor):
+            return newton_schulz(update, group["ns_steps"], COEFFICIENTS, group["eps"],
+                                 self.ns_dtype)
+        # an FSDP shard: the iteration needs the whole matrix. Every rank gathers it, runs the
+        # same iteration and keeps its own rows (no second communication). The trade-off: the
+        # Newton-Schulz flops are repeated on every rank instead of split among them
+        whole = newton_schulz(update.full_tensor(), group["ns_steps"], COEFFICIENTS,
+                              group["eps"], self.ns_dtype)
+        return distribute_tensor(whole, update.device_mesh, update.placements,
+                                 src_data_rank=None)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = None
@@ -88,8 +104,7 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mu)                  # B = mu B + (1 - mu) g
                 update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-                update = newton_schulz(update, group["ns_steps"], COEFFICIENTS, group["eps"],
-                                       self.ns_dtype)
+                update = self._orthogonalise(update, group)
                 p.mul_(1 - lr * group["weight_decay"])    # decoupled weight decay
                 p.add_(update, alpha=-rms_matched_lr(lr, p.shape))
         return loss

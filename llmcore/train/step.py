@@ -39,9 +39,9 @@ import torch.distributed as dist
 
 from llmcore.config import OptimConfig, UserError
 from llmcore.device import autocast
-from llmcore.model.modeldir import load_weights
 from llmcore.train.checkpoint import CheckpointManager, Loaded, set_rng_state
 from llmcore.train.optim import Optimizers, lr_at, make_optimizer
+from llmcore.train.parallel import as_float, set_gradient_sync
 
 Log = Callable[[str], None]
 
@@ -124,9 +124,11 @@ class OptimizerStep:
         under :meth:`autocast` where it wants it). Under DDP ``wrapped`` is the DDP module and
         gradients are all-reduced once, on the last micro-batch."""
         last = len(losses) - 1
+        ddp = self.ctx.dist.enabled and hasattr(wrapped, "no_sync")
         for i, loss_fn in enumerate(losses):
-            sync = (wrapped.no_sync() if self.ctx.dist.enabled and i < last  # type: ignore[operator]
+            sync = (wrapped.no_sync() if ddp and i < last  # type: ignore[operator]
                     else contextlib.nullcontext())
+            set_gradient_sync(self.model, i == last)  # FSDP's no_sync (nothing otherwise)
             with sync:
                 self.scaler.scale(loss_fn()).backward()
 
@@ -139,7 +141,8 @@ class OptimizerStep:
         for opt in self.optimizer.optimizers:  # clip the true gradient, not the scaled one
             self.scaler.unscale_(opt)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        # sharded gradients give a DTensor norm, already reduced over the ranks
+        grad_norm = as_float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         # with fp16 the scaler skips steps with inf gradients by itself; otherwise stop here,
         # before the optimizer writes NaN into the weights
         if not math.isfinite(loss) or (not math.isfinite(grad_norm)
@@ -168,7 +171,7 @@ class OptimizerStep:
         ctx = self.ctx
         if ctx.checkpoints is None:
             return
-        if ctx.dist.is_main:
+        if ctx.dist.is_main or ctx.checkpoints.collective:  # sharded: each rank its shards
             scaler = self.scaler.state_dict() if self.scaler.is_enabled() else None
             ctx.checkpoints.save(step, self.model, self.optimizer, {**state, "scaler": scaler})
         ctx.dist.barrier()  # no rank runs ahead of a checkpoint it could be resumed from
@@ -193,8 +196,8 @@ class OptimizerStep:
             self._fresh_start(manager)
             return None
         ctx.log(f"{ctx.name}: resuming from {loaded.path} (step {loaded.step})")
-        load_weights(self.model, loaded.model)
-        self.optimizer.load_state_dict(loaded.optimizer)
+        # sharded: each rank reads the pieces it owns at this world size
+        manager.restore(loaded, self.model, self.optimizer)
         if loaded.state.get("scaler"):
             self.scaler.load_state_dict(loaded.state["scaler"])
         load_state(loaded)

@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,8 +14,8 @@ HERE = Path(__file__).resolve().parent
 pytestmark = pytest.mark.slow  # torchrun: two processes and a rendezvous
 
 
-def run(cmd: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    return run_group(cmd, timeout, env=env)  # torchrun's workers go with it on a timeout
+def run(cmd: list[str], env: dict, timeout: float = 300):
+    return run_group(cmd, timeout, env=env)  # torchrun and its workers go on a timeout
 
 
 def test_two_processes_match_one_at_the_same_global_batch(tiny_shards, tmp_path):
@@ -26,15 +25,14 @@ def test_two_processes_match_one_at_the_same_global_batch(tiny_shards, tmp_path)
     tok.save(data / "tok")
     env = project_env()
     env["OMP_NUM_THREADS"] = "1"
-    single = run([sys.executable, str(HERE / "ddp_fit.py"), str(data),
-                  str(tmp_path / "one.json"), "8"], env)
+    script = [str(HERE / "dist_fit.py"), str(data)]
+    single = run([sys.executable, *script, str(tmp_path / "one"), "--batch", "8"], env)
     assert single.returncode == 0, single.stderr[-3000:]
     double = run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                  "--nproc_per_node=2", str(HERE / "ddp_fit.py"), str(data),
-                  str(tmp_path / "two.json"), "4"], env)
+                  "--nproc_per_node=2", *script, str(tmp_path / "two"), "--batch", "4"], env)
     assert double.returncode == 0, double.stderr[-3000:]
-    one = json.loads((tmp_path / "one.json").read_text())
-    two = json.loads((tmp_path / "two.json").read_text())
+    one = json.loads((tmp_path / "one.json").read_text())["losses"]
+    two = json.loads((tmp_path / "two.json").read_text())["losses"]
     assert len(one) == len(two) == 12
     assert one[-1] < one[0]
     assert two == pytest.approx(one, rel=1e-5, abs=1e-6)
