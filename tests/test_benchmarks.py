@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"))
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = sorted(BENCH_DIR.glob("*.py"))
 
 
 @pytest.mark.parametrize("path", BENCHMARKS, ids=lambda p: p.name)
@@ -15,3 +16,71 @@ def test_benchmark_imports(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert callable(module.main)
+
+
+def _run(args: list[str], timeout: float = 600):
+    import sys
+
+    from tests.conftest import project_env, run_group
+
+    env = project_env()
+    env["OMP_NUM_THREADS"] = "1"
+    done = run_group([sys.executable, *args], timeout, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
+def test_gpu_check_says_why_and_exits_0_without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the check would run for real")
+    done = _run([str(BENCH_DIR / "gpu_check.py")], 120)
+    assert "no CUDA device here" in done.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_step_on_the_cpu(tmp_path):
+    """The GPU check's code paths (bf16 autocast, SDPA held to the flash kernel, Muon, the
+    engine's decode, DDP and FSDP through fit under torchrun) at toy sizes on the CPU, so the
+    script is known to run before a GPU is there."""
+    import json
+
+    _run([str(BENCH_DIR / "gpu_check.py"), "--smoke-cpu",
+          "--out", str(tmp_path / "gpu.json")])
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert report["smoke"] is True
+    assert [t["preset"] for t in report["train"]] == ["gpt2-mini", "llama-0.5b"]
+    for t in report["train"]:
+        assert "error" not in t, t
+        assert t["flash"] and t["tokens_per_s"] > 0 and t["loss_last"] < t["loss_first"]
+    assert report["decode"]["batch_1_tokens_per_s"] > 0
+    assert report["decode"]["batch_32_tokens_per_s"] > 0
+    d = report["distributed"]
+    assert d["ddp"]["returncode"] == 0 and d["fsdp"]["returncode"] == 0
+    assert d["max_rel_loss_difference"] < 1e-5
+
+
+@pytest.mark.slow
+def test_fsdp_memory_computed_equals_what_each_rank_holds(tmp_path):
+    """The per-rank table is computed from shapes; at world size 2 every rank's local
+    tensors (params, grads, optimizer state) must add up to exactly that."""
+    import json
+
+    out = tmp_path / "mem.json"
+    _run([str(BENCH_DIR / "fsdp_memory.py"), "--measure-layers", "2",
+          "--measure-d-model", "128", "--vocab", "500", "--worlds", "2", "--report", str(out)])
+    report = json.loads(out.read_text())
+    for m in report["measured"]:
+        for rank in m["ranks"]:
+            for part in ("params", "grads", "optimizer"):
+                if m["parallel"] == "fsdp" and rank["rank"] == 1:
+                    assert rank[part] <= m["computed"][part]  # rank 0 holds the larger chunks
+                else:
+                    assert rank[part] == m["computed"][part], (m["parallel"], rank, part)
+    ddp, fsdp = (next(m for m in report["measured"] if m["parallel"] == p)
+                 for p in ("ddp", "fsdp"))
+    assert fsdp["ranks"][0]["total"] < 0.55 * ddp["ranks"][0]["total"]
+    rows = report["computed"]["rows"]
+    assert {(r["parallel"], r["opt"]) for r in rows} == {
+        (p, o) for p in ("ddp", "fsdp") for o in ("muon", "adamw")}

@@ -21,6 +21,7 @@ sharded and turns the sharded state into the plain tensors a model directory hol
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ def shard_model(model: torch.nn.Module, device: torch.device, world_size: int) -
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (world_size,))
-    blocks = model.blocks() if hasattr(model, "blocks") else []
+    blocks: list[torch.nn.Module] = list(getattr(model, "blocks", list)())
     for block in blocks:  # one all-gather per block: the unit that is whole at a time
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -77,7 +78,8 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                 cpu_offload=True))
     tied = tied_names(model)  # one tensor per tied matrix, as state_dict_for_save writes
-    return {k: v.detach().contiguous() for k, v in full.items() if k not in tied}
+    return {k: typing.cast(torch.Tensor, v).detach().contiguous() for k, v in full.items()
+            if k not in tied}
 
 
 def local_bytes(model: torch.nn.Module, optimizer: Any) -> dict[str, int]:
@@ -95,4 +97,33 @@ def local_bytes(model: torch.nn.Module, optimizer: Any) -> dict[str, int]:
         for state in opt.state.values():
             out["optimizer"] += sum(nbytes(v) for v in state.values()
                                     if isinstance(v, torch.Tensor) and v.ndim > 0)
+    return out
+
+
+def memory_per_rank(cfg: Any, world_size: int, parallel: str, optimizer: str,
+                    bytes_per_value: int = 4) -> dict[str, int]:
+    """Bytes of parameters, gradients and optimizer state one rank holds, from the model's
+    shapes alone (built on the meta device: nothing is allocated).
+
+    ``ddp``: every rank holds everything. ``fsdp``: each parameter is cut into ``world_size``
+    chunks along its first dimension (``torch.chunk``'s sizes; rank 0 holds the largest).
+    Optimizer state: AdamW two moments per value, Muon one momentum (``optimizer: muon`` puts
+    the blocks' matrices under Muon, the rest under AdamW). Left out: activations, the one
+    block FSDP gathers at a time, DDP's gradient buckets (see docs/distributed.md).
+    """
+    from llmcore.model.transformer import Transformer
+    from llmcore.train.optim import muon_params
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    muon = {id(p) for p in muon_params(model)} if optimizer == "muon" else set()
+    out = {"params": 0, "grads": 0, "optimizer": 0}
+    for p in {id(p): p for p in model.parameters()}.values():
+        n = p.numel()
+        if parallel == "fsdp":
+            rows = -(-p.shape[0] // world_size)  # ceil: torch.chunk's first (largest) chunk
+            n = rows * (p.numel() // p.shape[0])
+        out["params"] += n * bytes_per_value
+        out["grads"] += n * bytes_per_value
+        out["optimizer"] += n * bytes_per_value * (1 if id(p) in muon else 2)
     return out

@@ -162,7 +162,5 @@ class ShardedCheckpoints(CheckpointManager):
         # the live state is the template: DCP fills each tensor with the piece this rank owns
         # (get_state_dict first gives a fresh optimizer its state, by a step at lr 0)
         msd, osd = get_state_dict(model, optimizer.optimizers)
-        target = {"model": msd, "optim": osd}
-        dcp_load(target, checkpoint_id=str(loaded.path / DCP_DIR))
-        set_state_dict(model, optimizer.optimizers, model_state_dict=target["model"],
-                       optim_state_dict=target["optim"])
+        dcp_load({"model": msd, "optim": osd}, checkpoint_id=str(loaded.path / DCP_DIR))
+        set_state_dict(model, optimizer.optimizers, model_state_dict=msd, optim_state_dict=osd)

@@ -124,8 +124,31 @@ def test_loader_resumes_exactly(packed):
     resumed.load_state_dict(state)
     rest = [resumed.next_batch().input_ids for _ in range(7)]
     assert all(torch.equal(x, y) for x, y in zip(rest, reference[5:], strict=True))
-    with pytest.raises(ValueError, match="saved with batch_size=2"):
+    with pytest.raises(ValueError, match=r"global batch of 2 rows \(2 x 1 ranks\)"):
         ShardLoader(ds, 4, seed=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed=3"):
+        ShardLoader(ds, 2, seed=4).load_state_dict(state)
+
+
+def test_loader_resumes_at_another_world_size_with_the_same_global_batch(packed):
+    """A sharded checkpoint written by 2 ranks x 2 rows resumes in 1 process x 4 rows (and
+    back): the global batches that follow are the same rows."""
+    out, _, _ = packed
+    ds = ShardDataset(out, "pretrain_train")
+    one = ShardLoader(ds, 4, seed=3)
+    reference = [one.next_batch().input_ids for _ in range(9)]
+    two = [ShardLoader(ds, 2, seed=3, rank=r, world_size=2) for r in range(2)]
+    for loader in two:
+        for _ in range(4):
+            loader.next_batch()
+    resumed = ShardLoader(ds, 4, seed=3)
+    resumed.load_state_dict(two[0].state_dict())
+    assert all(torch.equal(resumed.next_batch().input_ids, ref) for ref in reference[4:])
+    back = [ShardLoader(ds, 2, seed=3, rank=r, world_size=2) for r in range(2)]
+    for loader in back:
+        loader.load_state_dict(resumed.state_dict())
+    joined = torch.cat([loader.next_batch().input_ids for loader in back])
+    assert torch.equal(joined, one.next_batch().input_ids)
 
 
 def test_ranks_split_each_global_batch(packed):

@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--pause", type=float, default=0.0)
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--val", action="store_true", help="evaluate on pretrain_val")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
     a = ap.parse_args()
     torch.set_num_threads(1)
     cfg = dataclasses.replace(CFG, batch_size=a.batch, max_steps=a.steps,
@@ -61,7 +63,7 @@ def main() -> None:
                               warmup_steps=min(CFG.warmup_steps, a.steps - 1),
                               dist_timeout=a.timeout, log_every=1)
     tok = LLMTokenizer.load(a.shards / "tok")
-    spec = FitSpec(model=MODEL, train=cfg, seed=1, device="cpu", dtype="float32",
+    spec = FitSpec(model=MODEL, train=cfg, seed=1, device=a.device, dtype=a.dtype,
                    shard_dir=a.shards, train_split="pretrain_train",
                    val_split="pretrain_val" if a.val else None,
                    token_bytes=tuple(token_bytes(tok)),
