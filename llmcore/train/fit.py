@@ -9,7 +9,14 @@ evaluation, or the last step).
 A configuration is identified by a fingerprint of everything that shapes the numbers: model
 and loop params, seed, precision, world size, data hashes and the code of the loop. Params
 that only change bookkeeping (logging, checkpoint cadence, threads) are left out, so changing
-them still resumes.
+them still resumes. Under ``parallel: fsdp`` the world size and per-rank batch are replaced by
+the global batch: its sharded checkpoints (:mod:`llmcore.train.sharded`) resume at another
+world size.
+
+Under torchrun, ``parallel: ddp`` wraps the model in DistributedDataParallel (each rank holds
+everything); ``parallel: fsdp`` shards it per block first (:mod:`llmcore.train.parallel`).
+A peer lost mid-run (a killed trainer, a dead node, a cut network) ends the run on every
+surviving rank within ``dist_timeout`` seconds with one line saying where to resume.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from llmcore.config import UserError  # noqa: E402
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes  # noqa: E402
+from llmcore.model.lora import LoRASpec  # noqa: E402
 from llmcore.train.fit import FitSpec, fit  # noqa: E402
 from tests.train.test_train import CFG, MODEL  # noqa: E402
 
@@ -54,6 +55,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--val", action="store_true", help="evaluate on pretrain_val")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--lora", action="store_true", help="train LoRA adapters only")
     ap.add_argument("--dtype", default="float32")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -67,7 +69,8 @@ def main() -> None:
                    shard_dir=a.shards, train_split="pretrain_train",
                    val_split="pretrain_val" if a.val else None,
                    token_bytes=tuple(token_bytes(tok)),
-                   checkpoint_dir=a.ckpt or a.out.parent / f"ckpt-{a.out.name}")
+                   checkpoint_dir=a.ckpt or a.out.parent / f"ckpt-{a.out.name}",
+                   adapter=LoRASpec(rank=4) if a.lora else None)
     try:
         out = fit(spec, tracker=Pause(a.pause), log=lambda m: print(m, flush=True))
     except UserError as exc:  # as a stage reports it: one line, exit 2
