@@ -157,6 +157,21 @@ def _steps_for_epochs(cfg: TrainConfig, loader: ShardLoader, spec: FitSpec, log:
     return dataclasses.replace(cfg, max_steps=steps)
 
 
+def _same_everywhere(fp: str, dist_info: Dist, name: str) -> None:
+    """Every rank must train the same configuration: nodes started from other commits, params
+    or data would otherwise average gradients of different runs without a word."""
+    if not dist_info.enabled:
+        return
+    fps: list[Any] = [None] * dist_info.world_size
+    dist.all_gather_object(fps, fp)
+    differ = [r for r, f in enumerate(fps) if f != fps[0]]
+    if differ:
+        raise UserError(
+            f"{name}: rank(s) {differ} would train another configuration than rank 0 (other "
+            "params, code or data hashes): every node needs the same commit, params.yaml and "
+            "data/ (compare `git rev-parse HEAD`, `git status` and `dvc status` on each)")
+
+
 # what a collective says when a peer is gone: gloo's transport errors name their source file
 # (.../gloo/transport/tcp/pair.cc: "Connection reset by peer", "Timed out waiting ..."), NCCL's
 # are DistBackendError
@@ -206,6 +221,7 @@ def fit(spec: FitSpec, tracker: Any = None, log: Log = print) -> FitOutput:
                                 "world_size": dist_info.world_size, "data": data})
     # every rank draws the same initial weights (DDP would broadcast rank 0's anyway; FSDP
     # keeps each rank's own shard of them, so they must agree), then its own stream
+    _same_everywhere(fp, dist_info, spec.name)
     torch.manual_seed(spec.seed)
     model = Transformer(spec.model)
     if init is not None:

@@ -23,8 +23,11 @@ a run is bit-exact; at another, the reductions add in another order, so equal to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,15 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
+@contextlib.contextmanager
+def _one_process_is_fine() -> Iterator[None]:
+    """DCP warns on every save and load outside a process group; one process (a sharded
+    run resumed alone, or written alone) is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def rng_file(rank: int) -> str:
     return f"rng-{rank:05d}.pt"
 
@@ -78,7 +90,8 @@ class ShardedCheckpoints(CheckpointManager):
         msd, osd = get_state_dict(model, optimizer.optimizers)
 
         def write(tmp: Path) -> None:  # every rank, into the same temporary directory
-            dcp_save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / DCP_DIR))
+            with _one_process_is_fine():
+                dcp_save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / DCP_DIR))
             torch.save(rng_state(), tmp / rng_file(_rank()))
             if _world() > 1:
                 dist.barrier()  # every rank's files are written
@@ -162,5 +175,6 @@ class ShardedCheckpoints(CheckpointManager):
         # the live state is the template: DCP fills each tensor with the piece this rank owns
         # (get_state_dict first gives a fresh optimizer its state, by a step at lr 0)
         msd, osd = get_state_dict(model, optimizer.optimizers)
-        dcp_load({"model": msd, "optim": osd}, checkpoint_id=str(loaded.path / DCP_DIR))
+        with _one_process_is_fine():
+            dcp_load({"model": msd, "optim": osd}, checkpoint_id=str(loaded.path / DCP_DIR))
         set_state_dict(model, optimizer.optimizers, model_state_dict=msd, optim_state_dict=osd)

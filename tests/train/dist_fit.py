@@ -12,6 +12,7 @@ in the middle. The model is the tests' tiny one (tests/train/test_train.py).
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,8 @@ def main() -> None:
     ap.add_argument("--val", action="store_true", help="evaluate on pretrain_val")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--lora", action="store_true", help="train LoRA adapters only")
+    ap.add_argument("--skew-rank", type=int, default=None,
+                    help="this rank trains at another lr (a node with other params)")
     ap.add_argument("--dtype", default="float32")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -64,6 +67,8 @@ def main() -> None:
                               threads=1, parallel=a.parallel, optimizer=a.optimizer,
                               warmup_steps=min(CFG.warmup_steps, a.steps - 1),
                               dist_timeout=a.timeout, log_every=1)
+    if a.skew_rank is not None and int(os.environ.get("RANK", "0")) == a.skew_rank:
+        cfg = dataclasses.replace(cfg, lr=cfg.lr * 2)
     tok = LLMTokenizer.load(a.shards / "tok")
     spec = FitSpec(model=MODEL, train=cfg, seed=1, device=a.device, dtype=a.dtype,
                    shard_dir=a.shards, train_split="pretrain_train",
