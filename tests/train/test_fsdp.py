@@ -120,6 +120,14 @@ def test_fsdp_killed_and_resumed_is_bit_identical(uninterrupted):
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+def resume_copy(src: Path, dst: Path, step: int) -> None:
+    """A checkpoint folder as a run killed after checkpoint ``step`` leaves it."""
+    shutil.copytree(src, dst)
+    for later in dst.glob("*/step-*"):
+        if int(later.name[5:]) > step:
+            shutil.rmtree(later)
+
+
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
 def test_a_checkpoint_resumes_at_another_world_size(uninterrupted, before, after):
     """Same global batch (2 x 4 rows or 1 x 8): the next step's loss matches the
@@ -127,14 +135,19 @@ def test_a_checkpoint_resumes_at_another_world_size(uninterrupted, before, after
     root, fsdp, _ = uninterrupted
     out, ckpt = root / f"world-{before}-{after}", root / f"ckpt-{before}-{after}"
 
-    def c(n: int) -> list[str]:
+    def c(n: int, where: Path = ckpt) -> list[str]:
         return cmd(n, root / "shards", out, "--parallel", "fsdp", "--val", "--eval-every", "6",
-                   "--ckpt", str(ckpt), "--batch", str(8 // n))
+                   "--ckpt", str(where), "--batch", str(8 // n))
 
-    kill_after_checkpoint([*c(before), "--pause", "0.4"], ckpt, EVERY)
+    if before == 2:  # the uninterrupted 2-process run's checkpoints, cut back to step 8
+        source = root / "ckpt-fsdp"
+    else:
+        source = root / "ckpt-one"
+        run(c(1, source))
+    resume_copy(source, ckpt, 2 * EVERY)
     resumed = run(c(after))
-    assert resumed["resumed_from"] == EVERY
+    assert resumed["resumed_from"] == 2 * EVERY
     # the history it resumed (made by `before` processes)
-    assert resumed["losses"][:EVERY] == pytest.approx(fsdp["losses"][:EVERY], rel=LOSS_RTOL)
-    assert resumed["losses"][EVERY] == pytest.approx(fsdp["losses"][EVERY], rel=LOSS_RTOL)
+    assert resumed["losses"][:8] == pytest.approx(fsdp["losses"][:8], rel=LOSS_RTOL)
+    assert resumed["losses"][8] == pytest.approx(fsdp["losses"][8], rel=LOSS_RTOL)
     assert resumed["losses"] == pytest.approx(fsdp["losses"], rel=1e-4)
