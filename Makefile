@@ -70,8 +70,9 @@ $(STAMP): pyproject.toml
 pipeline: setup
 	$(BIN)/dvc repro
 
+# --durations: the slowest tests are named at the end (make test is kept under 15 minutes)
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
