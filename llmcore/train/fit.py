@@ -199,6 +199,25 @@ def _run(trainer: Trainer, name: str, dist_info: Dist, manager: CheckpointManage
             "again to resume from it.") from None
 
 
+def _build_model(spec: FitSpec, init: Mapping[str, torch.Tensor] | None, dist_info: Dist,
+                 device: torch.device, sharded: bool) -> Transformer:
+    """The model on ``device``, from ``init`` if given, with its adapter, sharded if asked."""
+    # every rank draws the same initial weights (DDP would broadcast rank 0's anyway; FSDP
+    # keeps each rank's own shard of them, so they must agree), then its own stream
+    torch.manual_seed(spec.seed)
+    model = Transformer(spec.model)
+    if init is not None:
+        load_weights(model, init)
+    if spec.adapter is not None:  # after loading: adapters wrap the pretrained weights
+        spec.adapter.apply(model)
+    if dist_info.rank:
+        torch.manual_seed(spec.seed + dist_info.rank)
+    model.to(device)
+    if sharded and dist_info.enabled:  # before the optimizer: it must see the shards
+        shard_model(model, device, dist_info.world_size)
+    return model
+
+
 def fit(spec: FitSpec, tracker: Any = None, log: Log = print) -> FitOutput:
     """Build the model and data, resume if possible, train, and pick the weights to export."""
     cfg = spec.train
@@ -219,21 +238,9 @@ def fit(spec: FitSpec, tracker: Any = None, log: Log = print) -> FitOutput:
     fp = run_fingerprint(spec, {"dtype": str(dtype), "muon_dtype": str(prec.orthogonalize),
                                 "device": device.type,
                                 "world_size": dist_info.world_size, "data": data})
-    # every rank draws the same initial weights (DDP would broadcast rank 0's anyway; FSDP
-    # keeps each rank's own shard of them, so they must agree), then its own stream
     _same_everywhere(fp, dist_info, spec.name)
-    torch.manual_seed(spec.seed)
-    model = Transformer(spec.model)
-    if init is not None:
-        load_weights(model, init)
-    if spec.adapter is not None:  # after loading: adapters wrap the pretrained weights
-        spec.adapter.apply(model)
-    if dist_info.rank:
-        torch.manual_seed(spec.seed + dist_info.rank)
-    model.to(device)
     sharded = cfg.parallel == "fsdp"
-    if sharded and dist_info.enabled:  # before the optimizer: it must see the shards
-        shard_model(model, device, dist_info.world_size)
+    model = _build_model(spec, init, dist_info, device, sharded)
     loader = ShardLoader(train_ds, cfg.batch_size, seed=spec.seed, rank=dist_info.rank,
                          world_size=dist_info.world_size)
     cfg = _steps_for_epochs(cfg, loader, spec, log)
