@@ -91,9 +91,10 @@ def worker(parallel: str, layers: int, d_model: int, vocab: int, optimizer: str,
     dist.destroy_process_group()
 
 
-def measure(layers: int, d_model: int, vocab: int, optimizer: str) -> list[dict]:
+def measure(layers: int, d_model: int, vocab: int, optimizer: str,
+            strategies: tuple[str, ...] = ("ddp", "fsdp")) -> list[dict]:
     results = []
-    for parallel in ("ddp", "fsdp"):
+    for parallel in strategies:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "m.json"
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -142,6 +143,8 @@ def main() -> None:
     ap.add_argument("--measure-d-model", type=int, default=512)
     ap.add_argument("--optimizer", default="adamw", help="of the measured runs")
     ap.add_argument("--no-measure", action="store_true")
+    ap.add_argument("--strategies", nargs="+", default=["ddp", "fsdp"],
+                    choices=["ddp", "fsdp"], help="of the measured runs")
     ap.add_argument("--worker", choices=("ddp", "fsdp"), help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--report", type=Path, default=REPO / "reports" / "fsdp_memory.json")
@@ -151,7 +154,7 @@ def main() -> None:
         return
     comp = computed(a.preset, a.vocab, a.worlds)
     meas = [] if a.no_measure else measure(a.measure_layers, a.measure_d_model, a.vocab,
-                                           a.optimizer)
+                                           a.optimizer, tuple(a.strategies))
     a.report.parent.mkdir(parents=True, exist_ok=True)
     a.report.write_text(json.dumps({"machine": cpu_kind(), "computed": comp, "measured": meas},
                                    indent=1) + "\n")

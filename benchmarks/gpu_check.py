@@ -103,7 +103,8 @@ def train_throughput(preset: str, steps: int, seq: int, batch: int, vocab: int,
             "flash": True, "compiled": compile}
 
 
-def decode_rate(preset: str, device: torch.device, overrides: dict, tokens: int) -> dict:
+def decode_rate(preset: str, device: torch.device, overrides: dict, tokens: int,
+                docs_n: int = 200) -> dict:
     """Greedy decode through the serving engine at batch 1 and 32 (random weights: the rate
     does not depend on them; no stop tokens, so every reply is 128 tokens)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -114,8 +115,9 @@ def decode_rate(preset: str, device: torch.device, overrides: dict, tokens: int)
     from llmcore.infer.engine import Engine
     from llmcore.model.transformer import Transformer
 
-    docs = [d.text for _, d in zip(range(200), builtin_documents(), strict=False)]
-    tok = LLMTokenizer(train_bpe(docs, vocab_size=2048, min_frequency=2))
+    docs = [d.text for _, d in zip(range(docs_n), builtin_documents(), strict=False)]
+    tok = LLMTokenizer(train_bpe(docs, vocab_size=2048 if docs_n >= 200 else 300,
+                                 min_frequency=2))
     cfg = parse_model({"preset": preset, "vocab_size": tok.vocab_size, **overrides})
     model = Transformer(cfg).to(device).eval()
     out = {}
@@ -132,14 +134,14 @@ def decode_rate(preset: str, device: torch.device, overrides: dict, tokens: int)
     return out
 
 
-def distributed(steps: int, device: torch.device) -> dict:
+def distributed(steps: int, device: torch.device, docs_n: int = 200) -> dict:
     """fit() under torchrun on every GPU (2 CPU processes for a smoke run), ddp then fsdp."""
     gpus = torch.cuda.device_count() if device.type == "cuda" else 2
 
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(tmp) / "shards"
-        subprocess.run([sys.executable, "-c", _MAKE_SHARDS, str(shards)], check=True,
-                       cwd=REPO, timeout=600)
+        subprocess.run([sys.executable, "-c", _MAKE_SHARDS, str(shards), str(docs_n)],
+                       check=True, cwd=REPO, timeout=600)
         result: dict = {"gpus": gpus}
         for parallel in ("ddp", "fsdp"):
             out = Path(tmp) / parallel
@@ -170,7 +172,7 @@ from pathlib import Path
 from llmcore.data.packing import pack_all
 from llmcore.data.pydocs import builtin_documents
 from llmcore.data.tokenizer import LLMTokenizer, train_bpe
-docs = [d.text for _, d in zip(range(200), builtin_documents())]
+docs = [d.text for _, d in zip(range(int(sys.argv[2])), builtin_documents())]
 tok = LLMTokenizer(train_bpe(docs, vocab_size=300, min_frequency=2))
 out = Path(sys.argv[1])
 pack_all(tok, {"train": docs[8:], "val": docs[:8]}, {"train": [], "val": []}, out,
@@ -227,13 +229,14 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     try:
-        report["decode"] = decode_rate(a.presets[0], device, overrides, tokens)
+        report["decode"] = decode_rate(a.presets[0], device, overrides, tokens,
+                                       40 if a.smoke_cpu else 200)
     except Exception as exc:
         report["decode"] = {"error": f"{type(exc).__name__}: {exc}"}
     print(json.dumps({"decode": report["decode"]}), flush=True)
     if not a.no_dist:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        report["distributed"] = distributed(a.steps, device)
+        report["distributed"] = distributed(a.steps, device, 40 if a.smoke_cpu else 200)
         print(json.dumps({"distributed": {k: v for k, v in report["distributed"].items()
                                           if k not in ("ddp", "fsdp")}}), flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -107,7 +107,10 @@ def stop(proc: subprocess.Popen) -> None:
 def prefect_setup(tmp_path_factory):
     root = copy_project(tmp_path_factory.mktemp("flow"))
     set_params(root, TINY)
-    set_params(root, {"flow": {"retries": 0, "timeouts": {"pretrain": 600}}})
+    # orchestration is under test here, not learning: a fraction of TINY's 600 steps (which
+    # the SIGKILL test needs to kill a run in the middle)
+    set_params(root, {"pretrain": {"max_steps": 150, "eval_every": 75},
+                      "flow": {"retries": 0, "timeouts": {"pretrain": 600}}})
     subprocess.run(["git", "commit", "-qam", "tiny params"], cwd=root, env=project_env(),
                    check=True)
     home = tmp_path_factory.mktemp("prefect-home")

@@ -112,9 +112,9 @@ def test_fsdp_killed_and_resumed_is_bit_identical(uninterrupted):
     out, ckpt = root / "killed", root / "ckpt-killed"
     c = cmd(2, root / "shards", out, "--parallel", "fsdp", "--val", "--eval-every", "6",
             "--ckpt", str(ckpt))
-    kill_after_checkpoint([*c, "--pause", "0.4"], ckpt, 8)
+    kill_after_checkpoint([*c, "--pause", "0.4"], ckpt, EVERY)
     resumed = run(c)
-    assert resumed["resumed_from"] == 8
+    assert resumed["resumed_from"] == EVERY
     assert resumed["losses"] == fsdp["losses"]  # exact: same ranks, same order of sums
     a, b = weights(out), weights(root / "fsdp")
     assert all(torch.equal(a[k], b[k]) for k in b)

@@ -187,7 +187,7 @@ def test_a_lost_node_stops_both_and_a_restart_resumes(hosts, data, one_node):
     out, ckpt = root / "lost", root / "ckpt-lost"
     args = fit_args(data, out, "--ckpt", str(ckpt), "--timeout", "30")
     port, run_id = random.randrange(20000, 40000), f"t{random.randrange(10**6)}"
-    procs = {side: start(hosts.torchrun(side, port, run_id, *args, "--pause", "0.5"))
+    procs = {side: start(hosts.torchrun(side, port, run_id, *args, "--pause", "0.3"))
              for side in "ab"}
     try:
         deadline = time.monotonic() + 180
