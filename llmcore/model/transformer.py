@@ -281,11 +281,15 @@ class Transformer(nn.Module):
             assert cache is None, "segments are for training and scoring, not cached decoding"
             doc_mask = document_mask(segments)
             positions = segment_positions(segments) if positions is None else positions
+        if self.cfg.positions == "learned":
+            # the default positions' last one is known without reading the tensor: reading it
+            # (.max()) would synchronise a GPU and break a compiled graph at every forward
+            last = offset + T - 1 if positions is None else int(positions.max())
+            if last >= self.cfg.max_seq_len:
+                raise ValueError(f"position {last} is past the learned position table "
+                                 f"(model.max_seq_len = {self.cfg.max_seq_len})")
         if positions is None:
             positions = torch.arange(offset, offset + T, device=input_ids.device)  # (T,)
-        if self.cfg.positions == "learned" and int(positions.max()) >= self.cfg.max_seq_len:
-            raise ValueError(f"position {int(positions.max())} is past the learned position "
-                             f"table (model.max_seq_len = {self.cfg.max_seq_len})")
         x = self.embed_tokens(input_ids)  # (B, T, D)
         rope = None
         if self.cfg.positions == "learned":
