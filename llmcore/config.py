@@ -408,6 +408,8 @@ class EvaluateConfig:
     max_task_examples: int = spec(250, ge=1, doc="held-out conversations per task")
     max_new_tokens: int = spec(64, ge=1)
     choices: int = spec(4, ge=2, doc="answers per multiple-choice doc question")
+    contamination_ngram: int = spec(13, ge=0, doc="words in a run shared with a training "
+                                    "stream that marks an example contaminated (0: no check)")
     prompts: list[str] = spec(default_factory=lambda: [
         "What is 12 + 7?",
         "Spell the word 'python'.",

@@ -207,12 +207,36 @@ class ShardDataset:
         masks = self._take(self._masks, indices, np.uint8) if self.has_loss_mask else None
         return ids, masks
 
+    def subset(self, rows: Sequence[int] | np.ndarray) -> RowSubset:
+        """These rows alone, in this order, as a dataset."""
+        return RowSubset(self, rows)
+
     def segments(self, indices: Sequence[int] | np.ndarray, ids: np.ndarray) -> np.ndarray:
         """The document number of each token of the rows at ``indices`` (``ids`` are theirs):
         stored for SFT rows, counted from ``<|endoftext|>`` for pretraining rows."""
         if self.has_segments:
             return self._take(self._segs, indices, np.int64)
         return eot_segments(ids, self.eot_id)
+
+
+class RowSubset:
+    """Some rows of a :class:`ShardDataset`, read as a dataset of their own (what held-out
+    scoring of a chosen subset needs: ``len``, ``gather``, ``segments``, ``eot_id``)."""
+
+    def __init__(self, dataset: ShardDataset, rows: Sequence[int] | np.ndarray) -> None:
+        self.dataset, self.rows = dataset, np.asarray(rows, dtype=np.int64)
+        self.row_len, self.eot_id = dataset.row_len, dataset.eot_id
+        if len(self.rows) and not (0 <= self.rows.min() and self.rows.max() < len(dataset)):
+            raise IndexError(f"rows out of range [0, {len(dataset)})")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def gather(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.dataset.gather(self.rows[np.asarray(indices, dtype=np.int64)])
+
+    def segments(self, indices: Sequence[int] | np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return self.dataset.segments(self.rows[np.asarray(indices, dtype=np.int64)], ids)
 
 
 def eot_segments(ids: np.ndarray, eot_id: int) -> np.ndarray:

@@ -24,9 +24,10 @@ from __future__ import annotations
 import math
 import random
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -76,20 +77,34 @@ def _prompt_ids(tok: LLMTokenizer, messages: Sequence[dict[str, str]]) -> list[i
     return tok.encode(render_chat(messages, add_generation_prompt=True))
 
 
-def task_accuracy(model: LanguageModel, tok: LLMTokenizer, conversations: Sequence[dict[str, Any]],
-                  max_per_task: int, max_new_tokens: int, batch_size: int = 32
-                  ) -> dict[str, dict[str, Any]]:
-    """Exact match and ``<|im_end|>`` rate per synthetic task on held-out conversations."""
+def task_examples(conversations: Sequence[dict[str, Any]], max_per_task: int
+                  ) -> dict[str, list[dict[str, Any]]]:
+    """The held-out conversations each synthetic task is scored on: the first
+    ``max_per_task`` of each, in corpus order (the same ones for every model and check)."""
     by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for conv in conversations:
         task = conv["task"]
         if task != "doc" and conv.get("answer") is not None and \
                 len(by_task[task]) < max_per_task:
             by_task[task].append(conv)
+    return dict(sorted(by_task.items()))
+
+
+def doc_questions(conversations: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every held-out doc question with a documented answer (the multiple choice's pool)."""
+    return [c for c in conversations if c["task"] == "doc" and c.get("answer")]
+
+
+def task_accuracy(model: LanguageModel, tok: LLMTokenizer, conversations: Sequence[dict[str, Any]],
+                  max_per_task: int, max_new_tokens: int, batch_size: int = 32
+                  ) -> dict[str, dict[str, Any]]:
+    """Exact match and ``<|im_end|>`` rate per synthetic task on held-out conversations, with
+    each example's outcome (``correct``, in :func:`task_examples` order)."""
     results: dict[str, dict[str, Any]] = {}
     stops = [tok.im_end_id, tok.eot_id]
-    for task, convs in sorted(by_task.items()):
-        correct = ended = 0
+    for task, convs in task_examples(conversations, max_per_task).items():
+        correct: list[bool] = []
+        ended = 0
         for i in range(0, len(convs), batch_size):
             chunk = convs[i : i + batch_size]
             prompts = [_prompt_ids(tok, c["messages"][:-1]) for c in chunk]
@@ -98,10 +113,12 @@ def task_accuracy(model: LanguageModel, tok: LLMTokenizer, conversations: Sequen
             for conv, ids in zip(chunk, outs, strict=True):
                 stopped = bool(ids) and ids[-1] == tok.im_end_id
                 reply = tok.decode(ids[:-1] if ids and ids[-1] in stops else ids).strip()
-                correct += is_correct(reply, conv["answer"])
+                correct.append(is_correct(reply, conv["answer"]))
                 ended += stopped
-        results[task] = {"exact_match": correct / len(convs), "im_end_rate": ended / len(convs),
-                         "n": len(convs), "ci95": wilson_interval(correct, len(convs))}
+        right = sum(correct)
+        results[task] = {"exact_match": right / len(convs), "im_end_rate": ended / len(convs),
+                         "n": len(convs), "ci95": wilson_interval(right, len(convs)),
+                         "correct": correct}
     return results
 
 
@@ -130,24 +147,26 @@ def _mean_logprob(model: LanguageModel, prompt: list[int], candidates: list[list
 
 def doc_multiple_choice(model: LanguageModel, tok: LLMTokenizer, conversations: Sequence[dict[str, Any]],
                         choices: int, max_questions: int, seed: int = 0) -> dict[str, Any]:
-    """Accuracy of picking the documented answer among ``choices`` candidates."""
-    docs = [c for c in conversations if c["task"] == "doc" and c.get("answer")]
+    """Accuracy of picking the documented answer among ``choices`` candidates (the first
+    ``max_questions`` of :func:`doc_questions`; each one's outcome in ``correct``)."""
+    docs = doc_questions(conversations)
     if len(docs) < choices:
         return {"accuracy": float("nan"), "n": 0, "chance": 1.0 / choices,
-                "ci95": (float("nan"), float("nan"))}
+                "ci95": (float("nan"), float("nan")), "correct": []}
     rng = random.Random(seed)
     questions = docs[:max_questions]
     max_len = model.cfg.max_seq_len
-    correct = 0
+    correct: list[bool] = []
     for i, conv in enumerate(questions):
         others = [d["answer"] for j, d in enumerate(docs) if j != i]
         candidates = [conv["answer"]] + rng.sample(others, choices - 1)
         prompt = _prompt_ids(tok, conv["messages"][:-1])
         cand_ids = [tok.encode(a + IM_END) for a in candidates]
         scores = _mean_logprob(model, prompt, cand_ids, tok.pad_id, max_len)
-        correct += max(range(len(scores)), key=scores.__getitem__) == 0
-    return {"accuracy": correct / len(questions), "n": len(questions), "chance": 1.0 / choices,
-            "ci95": wilson_interval(correct, len(questions))}
+        correct.append(max(range(len(scores)), key=scores.__getitem__) == 0)
+    return {"accuracy": sum(correct) / len(questions), "n": len(questions),
+            "chance": 1.0 / choices, "ci95": wilson_interval(sum(correct), len(questions)),
+            "correct": correct}
 
 
 def answer_prompts(model: LanguageModel, tok: LLMTokenizer, prompts: Sequence[str], max_new_tokens: int
@@ -162,8 +181,10 @@ def answer_prompts(model: LanguageModel, tok: LLMTokenizer, prompts: Sequence[st
 def evaluate_model(model: LanguageModel, tok: LLMTokenizer, *, pretrain_val: ShardDataset,
                    sft_val: ShardDataset, conversations: Sequence[dict[str, Any]],
                    token_bytes: torch.Tensor, cfg: EvaluateConfig, device: torch.device,
-                   dtype: torch.dtype) -> dict[str, Any]:
-    """Everything the evaluate stage reports for one model, as a nested dict."""
+                   dtype: torch.dtype, clean_rows: Sequence[int] | np.ndarray | None = None) -> dict[str, Any]:
+    """Everything the evaluate stage reports for one model, as a nested dict; with
+    ``clean_rows``, also the bits per byte of those rows of ``pretrain_val`` alone (the ones
+    no training stream shares a run of words with)."""
     ctx = bpb_at_contexts(model, pretrain_val, token_bytes, cfg.context_factors, cfg.batch_size,
                           cfg.max_rows, device, dtype)
     rows = min(len(sft_val), cfg.max_rows or len(sft_val))
@@ -172,7 +193,13 @@ def evaluate_model(model: LanguageModel, tok: LLMTokenizer, *, pretrain_val: Sha
     tasks = task_accuracy(model, tok, conversations, cfg.max_task_examples, cfg.max_new_tokens)
     mc = doc_multiple_choice(model, tok, conversations, cfg.choices, cfg.max_task_examples)
     samples = answer_prompts(model, tok, cfg.prompts, cfg.max_new_tokens)
-    return {"contexts": ctx, "sft_val": sft, "tasks": tasks, "doc_mc": mc, "samples": samples}
+    out = {"contexts": ctx, "sft_val": sft, "tasks": tasks, "doc_mc": mc, "samples": samples}
+    if clean_rows is not None:
+        clean = pretrain_val.subset(clean_rows)
+        out["clean_bpb"] = heldout_loss(model, clean, cfg.batch_size,
+                                        -(-len(clean) // cfg.batch_size), token_bytes, device,
+                                        dtype)["bpb"]
+    return out
 
 
 def summary_metrics(results: dict[str, Any], factors: Sequence[int]) -> dict[str, Any]:
@@ -203,6 +230,34 @@ def summary_metrics(results: dict[str, Any], factors: Sequence[int]) -> dict[str
         metrics[f"{p}/doc_mc_n"] = r["doc_mc"]["n"]
     return {k: (None if isinstance(v, float) and math.isnan(v) else
                 round(v, 5) if isinstance(v, float) else v) for k, v in metrics.items()}
+
+
+def clean_metrics(results: dict[str, Any], contaminated: Mapping[str, Sequence[bool] | np.ndarray]
+                  ) -> dict[str, Any]:
+    """``evaluate/<model>/<metric>_clean`` (with its interval and ``_clean_n``): each accuracy
+    on the examples not flagged in ``contaminated`` (set name -> one flag per example, in
+    scoring order: the tasks by name, ``doc_questions``), and ``val_bpb_clean``. None where
+    no example is left."""
+    metrics: dict[str, Any] = {}
+    for name, r in results.items():
+        p = f"evaluate/{name}"
+        scored = [(f"{t}_exact_match", t, v["correct"]) for t, v in r["tasks"].items()]
+        scored.append(("doc_mc_accuracy", "doc_questions", r["doc_mc"]["correct"]))
+        for metric, set_name, correct in scored:
+            flags = list(contaminated.get(set_name, [False] * len(correct)))
+            if len(flags) != len(correct):
+                raise ValueError(f"{set_name}: {len(flags)} contamination flags for "
+                                 f"{len(correct)} scored examples")
+            kept = [c for c, f in zip(correct, flags, strict=True) if not f]
+            low, high = wilson_interval(sum(kept), len(kept))
+            metrics[f"{p}/{metric}_clean"] = sum(kept) / len(kept) if kept else None
+            metrics[f"{p}/{metric}_clean_ci95_low"] = None if math.isnan(low) else round(low, 5)
+            metrics[f"{p}/{metric}_clean_ci95_high"] = None if math.isnan(high) else round(high, 5)
+            metrics[f"{p}/{metric}_clean_n"] = len(kept)
+        if "clean_bpb" in r:
+            bpb = r["clean_bpb"]
+            metrics[f"{p}/val_bpb_clean"] = None if math.isnan(bpb) else round(bpb, 5)
+    return {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

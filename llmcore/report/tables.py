@@ -66,6 +66,26 @@ def write_reports(out: Path, results: dict[str, Any], factors: list[int], prompt
                                                  indent=2, ensure_ascii=False) + "\n")
 
 
+def clean_comparison(metrics: dict[str, Any], models: list[str]) -> str:
+    """A Markdown table of every metric that has a ``_clean`` twin (from
+    :func:`llmcore.report.evaluate.clean_metrics`): on every example / without the
+    contaminated ones (how many are left)."""
+    first = f"evaluate/{models[0]}/"
+    names = sorted(k[len(first):-len("_clean")] for k in metrics
+                   if k.startswith(first) and k.endswith("_clean"))
+    lines = ["| metric | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    for name in names:
+        cells = []
+        for m in models:
+            p = f"evaluate/{m}/{name}"
+            n = metrics.get(f"{p}_clean_n")
+            left = "" if n is None else f" (n={n})"
+            cells.append(f"{fmt(metrics.get(p))} / {fmt(metrics.get(p + '_clean'))}{left}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(["Every example / without the contaminated ones (examples left):", "",
+                      *lines]) + "\n"
+
+
 def read_tsv(path: Path) -> list[dict[str, float | None]]:
     """Rows of a metrics TSV written by a training stage ([] when there is none)."""
     if not path.is_file():

@@ -117,9 +117,9 @@ def test_task_accuracy_counts_exact_matches_and_im_end(tiny_tokenizer):
                         batch_size=3)
     assert got == {  # doc and answer-less conversations are not tasks; 4 per task at most
         "arithmetic": {"exact_match": 0.75, "im_end_rate": 0.75, "n": 4,
-                       "ci95": wilson_interval(3, 4)},
+                       "ci95": wilson_interval(3, 4), "correct": [True, True, False, True]},
         "spell": {"exact_match": 0.5, "im_end_rate": 0.5, "n": 2,
-                  "ci95": wilson_interval(1, 2)},
+                  "ci95": wilson_interval(1, 2), "correct": [False, True]},
     }
 
 
@@ -134,7 +134,8 @@ def test_doc_multiple_choice_picks_the_likeliest_candidate(tiny_tokenizer):
     model = ScriptedLM(tok.vocab_size, scripts, tok.eot_id)
     # 4 choices of 4 documented answers: every question sees every answer
     got = doc_multiple_choice(model, tok, docs + [other], choices=4, max_questions=10)
-    assert got == {"accuracy": 0.75, "n": 4, "chance": 0.25, "ci95": wilson_interval(3, 4)}
+    assert got == {"accuracy": 0.75, "n": 4, "chance": 0.25, "ci95": wilson_interval(3, 4),
+                   "correct": [True, True, True, False]}
     first_two = doc_multiple_choice(model, tok, docs, choices=4, max_questions=2, seed=5)
     assert first_two["accuracy"] == 1.0 and first_two["n"] == 2
     too_few = doc_multiple_choice(model, tok, docs[:3] + [other], choices=4, max_questions=10)
@@ -271,3 +272,25 @@ def test_wilson_interval_closed_forms():
     low, high = wilson_interval(5, 10)  # symmetric about 1/2
     assert low + high == pytest.approx(1.0) and high - low == pytest.approx(
         2 * 1.96 * math.sqrt(0.25 / 10 + z2 / 400) / (1 + z2 / 10))
+
+
+def test_a_row_subset_scores_exactly_its_own_rows(bias_setup):
+    from llmcore.model.loss import heldout_loss
+
+    shard_dir, _, bias, tb = bias_setup
+    ds = ShardDataset(shard_dir, "pretrain_val")
+    model, cpu = BiasLM(bias), torch.device("cpu")
+
+    def bits(d, rows):
+        r = heldout_loss(model, d, 1, rows, tb, cpu, torch.float32)
+        return r["bpb"] * r["bytes"], r["bytes"]
+
+    # row k alone carries the bits the first k + 1 rows have beyond the first k
+    for k in (3, 7):
+        (b1, n1), (b0, n0) = bits(ds, k + 1), bits(ds, k)
+        one = bits(ds.subset([k]), 1)
+        assert one[0] == pytest.approx(b1 - b0, rel=1e-5) and one[1] == n1 - n0
+    both = heldout_loss(model, ds.subset([7, 3]), 2, 1, tb, cpu, torch.float32)
+    assert both["bytes"] == bits(ds.subset([3]), 1)[1] + bits(ds.subset([7]), 1)[1]
+    with pytest.raises(IndexError):
+        ds.subset([len(ds)])

@@ -186,7 +186,9 @@ def test_repro_runs_every_stage_then_nothing_then_sft_downstream(pretrained):
         "evaluate": ["evaluate/pretrain/val_bpb", "evaluate/sft/val_bpb",
                      "evaluate/sft/sft_val_bpb", "evaluate/pretrain/bpb_ctx2x",
                      "evaluate/sft/bpb_ctx4x", "evaluate/sft/arithmetic_exact_match",
-                     "evaluate/pretrain/doc_mc_accuracy", "evaluate/sft/im_end_rate"],
+                     "evaluate/pretrain/doc_mc_accuracy", "evaluate/sft/im_end_rate",
+                     "evaluate/rl/doc_mc_accuracy_clean_n", "evaluate/sft/val_bpb_clean",
+                     "evaluate/contamination/docs_val/contaminated"],
         "dpo": ["dpo/val_reward_accuracy", "dpo/kl_to_reference", "dpo/trainable_share",
                 "dpo/train_pairs"],
         "rl": ["rl/reward_last10", "rl/arithmetic_exact_before", "rl/arithmetic_exact_after"],
@@ -198,7 +200,7 @@ def test_repro_runs_every_stage_then_nothing_then_sft_downstream(pretrained):
         assert set(wanted) <= set(metrics), (stage, sorted(metrics))
     q = json.loads((project / "metrics/quantize.json").read_text())
     assert q["quantize/size_ratio"] > 1.5 and abs(q["quantize/bpb_delta"]) < 0.1
-    for report in ("comparison.md", "extrapolation.md", "samples.md"):
+    for report in ("comparison.md", "extrapolation.md", "samples.md", "contamination.md"):
         assert (project / "reports/evaluate" / report).read_text().startswith("# ")
     assert (project / "data/models/chat-int8/config.json").is_file()
     assert "| metric | pretrain | sft | dpo | rl |" in (

@@ -1,0 +1,159 @@
+"""Decontamination: n-gram hashes against a plain tuple reference, duplicates planted in each
+training stream found (and only they), the 13-word boundary, examples shorter than n, and
+the metrics without the contaminated examples."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from llmcore.data.packing import pack_all
+from llmcore.data.shards import ShardDataset
+from llmcore.report.contamination import (
+    NgramIndex,
+    Words,
+    check_set,
+    contamination_metrics,
+    contamination_report,
+    decontaminate,
+    gram_hashes,
+)
+from llmcore.report.evaluate import clean_metrics
+from llmcore.report.tables import clean_comparison
+
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
+         "juliet", "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo",
+         "sierra", "tango", "uniform", "victor", "whiskey", "xray", "yankee", "zulu"]
+
+
+def prose(seed: int, n: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) + str(rng.randint(0, 99)) for _ in range(n)) + "."
+
+
+def test_gram_hashes_are_equal_exactly_where_the_windows_are():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 4, size=400)  # a small alphabet: many windows repeat
+    for n in (1, 3, 5):
+        hashes = gram_hashes(ids, n)
+        windows = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+        assert len(hashes) == len(windows)
+        by_hash: dict[int, set] = {}
+        for h, w in zip(hashes.tolist(), windows, strict=True):
+            by_hash.setdefault(h, set()).add(w)
+        assert all(len(ws) == 1 for ws in by_hash.values())  # no two windows share a hash
+        assert len(by_hash) == len(set(windows))  # equal windows share one
+    assert len(gram_hashes(ids[:4], 5)) == 0
+
+
+def test_the_13_word_boundary_short_examples_and_spelling_differences():
+    words = Words()
+    train = prose(1, 200)
+    index = {"pretrain": NgramIndex([words(train)])}
+    tw = train.split()
+    examples = [
+        words(" ".join(tw[50:62]) + " unseen words here and more"),  # 12 shared words: clean
+        words(" ".join(tw[80:93]) + " unseen words here"),  # 13 shared words: flagged
+        words(" ".join(tw[100:140]).upper().replace(" ", ", ")),  # case and commas differ
+        words(" ".join(tw[10:15])),  # shorter than 13 words, inside the stream: flagged
+        words(" ".join([tw[10], tw[12], tw[11]])),  # short, not a run of the stream: clean
+        words(""),
+    ]
+    r = check_set("set", examples, index, words)
+    assert r.found["pretrain"].tolist() == [False, True, True, True, False, False]
+    assert r.overlap[2] == 1.0 and r.overlap[1] == pytest.approx(1 / 4)
+    assert r.matches[1] == " ".join(tw[80:93]).lower()
+    assert r.matches[0] is None
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, tiny_tokenizer):
+    """A corpus where one example of each evaluation set leaked through one stream."""
+    tok = tiny_tokenizer
+
+    def conv(task, q, a, system=False):
+        msgs = ([{"role": "system", "content": "You are a helpful assistant."}] if system
+                else []) + [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        return {"messages": msgs, "task": task, "answer": a}
+
+    val = [conv("spell", "Spell the word 'zebra'.", "z-e-b-r-a"),
+           conv("spell", "Spell the word 'quokka'.", "q-u-o-k-k-a"),
+           conv("spell", "Spell the word 'narwhal'.", "n-a-r-w-h-a-l"),
+           conv("doc", "What does the planted module do?", prose(7, 30)),
+           conv("doc", "What does the fresh module do?", prose(8, 30)),
+           conv("doc", "What does the near module do?", prose(9, 30))]
+    train_docs = [prose(s, 120) for s in range(10, 20)]
+    # the doc answer inside a pretraining document, in capitals and with commas
+    train_docs.append(prose(20, 50) + " " + val[3]["answer"].upper().replace(" ", ", "))
+    # 12 words of the third doc answer: one short of a leak
+    train_docs.append(" ".join(val[5]["answer"].split()[5:17]) + " " + prose(21, 40))
+    val_docs = [train_docs[2], prose(30, 400)]  # a copied document and a fresh one
+    train_convs = [conv("spell", f"Spell the word '{w}'.", "-".join(w)) for w in WORDS]
+    train_convs.append(conv("spell", "Spell the word 'zebra'.", "z-e-b-r-a", system=True))
+    preferences = [{"prompt": [{"role": "user", "content": "Spell the word 'quokka'."}],
+                    "chosen": "q-u-o-k-k-a", "rejected": "q-u-o-k-a", "source": "t"}]
+    out = tmp_path_factory.mktemp("planted")
+    pack_all(tok, {"train": train_docs, "val": val_docs},
+             {"train": [c["messages"] for c in train_convs], "val": []}, out, seq_len=256)
+    results = decontaminate(
+        tok, val_conversations=val, train_conversations=train_convs, preferences=preferences,
+        pretrain_train=ShardDataset(out, "pretrain_train"),
+        sft_train=ShardDataset(out, "sft_train"), pretrain_val=ShardDataset(out, "pretrain_val"),
+        max_per_task=10)
+    return results, ShardDataset(out, "pretrain_val"), tok
+
+
+def test_planted_duplicates_are_found_in_their_stream_only(planted):
+    results, val_rows, _ = planted
+    spell, doc, docs_val = results["spell"], results["doc_questions"], results["docs_val"]
+    # zebra: an SFT conversation (with a system prompt the check leaves out); quokka: a
+    # preference pair; narwhal: nowhere
+    assert spell.found["sft"].tolist() == [True, False, False]
+    assert spell.found["dpo"].tolist() == [True, True, False]  # zebra is a task conversation
+    assert spell.found["pretrain"].tolist() == [False, False, False]  # no chat mix here
+    assert spell.contaminated.tolist() == [True, True, False]
+    assert doc.found["pretrain"].tolist() == [True, False, False]
+    # 38 words (role names, question, 30-word answer): 26 runs, the answer's own 18 leaked
+    assert doc.overlap[0] == pytest.approx(18 / 26) and doc.overlap[2] == 0.0
+    # docs_val: the rows of the copied document are flagged, the fresh document's are not
+    flags = docs_val.contaminated
+    assert len(flags) == len(val_rows)
+    assert flags.any() and not flags.all()
+    assert flags[0] and not flags[-1]  # the copy comes first, the fresh text last
+
+
+def test_the_report_lists_every_contaminated_example(planted):
+    results = planted[0]
+    data, page = contamination_report(results)
+    assert data["ngram"] == 13 and data["unit"] == "words"
+    assert data["sets"]["spell"]["contaminated"] == 2
+    assert data["sets"]["spell"]["by_stream"] == {"pretrain": 0, "sft": 1, "dpo": 2}
+    listed = [(e["set"], e["index"]) for e in data["examples"]]
+    assert ("spell", 0) in listed and ("spell", 1) in listed and ("spell", 2) not in listed
+    assert ("doc_questions", 0) in listed and ("doc_questions", 2) not in listed
+    assert "| spell | 3 | 2 |" in page
+    json.dumps(data)  # writable as it is
+    metrics = contamination_metrics(results)
+    assert metrics["evaluate/contamination/spell/contaminated"] == 2
+    assert metrics["evaluate/contamination/doc_questions/pretrain"] == 1
+
+
+def test_clean_metrics_drop_the_flagged_examples():
+    results = {"sft": {"tasks": {"spell": {"correct": [True, True, False, False]}},
+                       "doc_mc": {"correct": [True, False]}, "clean_bpb": 1.25}}
+    flags = {"spell": [True, False, False, True], "doc_questions": [False, False]}
+    m = clean_metrics(results, flags)
+    assert m["evaluate/sft/spell_exact_match_clean"] == 0.5
+    assert m["evaluate/sft/spell_exact_match_clean_n"] == 2
+    assert m["evaluate/sft/doc_mc_accuracy_clean"] == 0.5
+    assert m["evaluate/sft/val_bpb_clean"] == 1.25
+    every = clean_metrics(results, {"spell": [True] * 4, "doc_questions": [True, True]})
+    assert every["evaluate/sft/spell_exact_match_clean"] is None
+    assert every["evaluate/sft/spell_exact_match_clean_n"] == 0
+    table = clean_comparison({**m, "evaluate/sft/spell_exact_match": 0.5,
+                              "evaluate/sft/val_bpb": 1.5}, ["sft"])
+    assert "| spell_exact_match | 0.500 / 0.500 (n=2) |" in table
+    assert "| val_bpb | 1.500 / 1.250 |" in table
+    with pytest.raises(ValueError, match="3 contamination flags for 4"):
+        clean_metrics(results, {"spell": [True] * 3})
