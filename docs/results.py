@@ -207,6 +207,36 @@ def extrapolation(files: Files) -> list[str]:
     return out + [""] + table(["model", *head], rows)
 
 
+def contamination(files: Files) -> list[str]:
+    """Per evaluation set: examples that share a 13-word run with each training stream; then
+    every model's accuracies on every example and without the contaminated ones."""
+    ev = files.get("metrics/evaluate.json")
+    if ev is None:
+        return missing("metrics/evaluate.json", "`dvc repro evaluate`")
+    pre = "evaluate/contamination/"
+    sets = sorted({k[len(pre):].split("/")[0] for k in ev if k.startswith(pre)})
+    if not sets:
+        return ["No contamination check in this run (`evaluate.contamination_ngram: 0`).", ""]
+    streams = sorted({k.rsplit("/", 1)[1] for k in ev if k.startswith(pre)}
+                     - {"examples", "contaminated"})
+    rows = [[s, whole(ev.get(f"{pre}{s}/examples")), whole(ev.get(f"{pre}{s}/contaminated")),
+             *(whole(ev.get(f"{pre}{s}/{st}")) for st in streams)] for s in sets]
+    out = table(["set", "examples", "contaminated", *(f"via {st}" for st in streams)], rows)
+    models = models_in(ev)
+    metrics = sorted({k.split("/", 2)[2][: -len("_clean")] for k in ev
+                      if k.endswith("_clean") and k.startswith(f"evaluate/{models[0][0]}/")})
+
+    def cell(m: str, metric: str) -> str:
+        n = ev.get(f"evaluate/{m}/{metric}_clean_n")
+        left = "" if n is None else f" (n={n})"
+        return f"{num(ev.get(f'evaluate/{m}/{metric}'))} / {num(ev.get(f'evaluate/{m}/{metric}_clean'))}{left}"
+
+    out += ["Every example / without the contaminated ones (examples left):", ""]
+    out += table(["metric", *(label for _, label in models)],
+                 [[metric, *(cell(m, metric) for m, _ in models)] for metric in metrics])
+    return out
+
+
 def stage_sections(files: Files) -> list[str]:
     out: list[str] = []
     fetch = files.get("metrics/fetch.json")
@@ -607,6 +637,11 @@ def results_md(files: Files) -> str:
     out += ["![loss curves](../reports/evaluate/loss_curves.png)", "",
             "### Length extrapolation", ""]
     out += extrapolation(files)
+    out += ["### Contamination", "",
+            "Held-out examples that share a run of 13 words with a training stream "
+            "(`reports/evaluate/contamination.md` lists them; [evaluation]"
+            "(evaluation.md#decontamination) says how it is checked):", ""]
+    out += contamination(files)
     out += ["## Per stage", ""]
     out += stage_sections(files)
     out += ["## Stage times", "",
