@@ -9,6 +9,8 @@
 #   make showcase   the README's results and samples and the chat page's picture, regenerated
 #                   from the default run (runs what is stale first)
 #   make scaling    the scaling study (benchmarks/scaling.py: isoFLOP curves, hours on 2 cores)
+#   make compare    experiments side by side; VARIANT='key=value' SEEDS=5: with significance
+#   make harness    the held-out tasks in lm-evaluation-harness, on the exported model
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -36,7 +38,7 @@ PREFECT_ENV := PREFECT_HOME=$(abspath .prefect) \
 # columns that change on every run (timings, throughput): hidden in `make compare`
 VOLATILE := .*(seconds|per_s|mfu|memory|speed|resumed).*
 
-.PHONY: setup pipeline test test-fast lint bench speedrun showcase scaling plots llama-cpp clean-venv prefect-server serve mlflow-ui compare
+.PHONY: setup pipeline test test-fast lint bench speedrun showcase scaling plots llama-cpp clean-venv prefect-server serve mlflow-ui compare harness
 
 setup: $(STAMP)
 
@@ -128,6 +130,19 @@ mlflow-ui: setup
 	$(BIN)/mlflow server --backend-store-uri sqlite:///$(abspath mlflow.db) \
 	  --default-artifact-root $(abspath mlartifacts) --host 127.0.0.1 --port $(MLFLOW_PORT)
 
-# experiments side by side: only the params and metrics that differ, without timings
+# experiments side by side: only the params and metrics that differ, without timings. With
+# VARIANT='key=value ...': the committed params against the variant over SEEDS seeds, queued
+# as DVC experiments, with intervals and Welch p-values (python -m stages.compare --help)
+SEEDS ?= 5
+PROFILE ?= quick
 compare: setup
+ifdef VARIANT
+	$(BIN)/python -m stages.compare --variant '$(VARIANT)' --seeds $(SEEDS) --profile $(PROFILE)
+else
 	$(BIN)/dvc exp show --only-changed --md --drop '$(VOLATILE)'
+endif
+
+# the evaluate stage's examples in lm-evaluation-harness, on the Hugging Face export
+harness: setup
+	$(BIN)/dvc repro evaluate
+	$(BIN)/python benchmarks/harness.py

@@ -22,6 +22,7 @@ __all__ = ["ConfigError", "UserError"]  # re-exported: every module takes them f
 PARAMS_FILE = "params.yaml"
 # the synthetic tasks with checkable answers (made by llmcore.data.tasks): the names params use
 SYNTHETIC_TASKS = ("arithmetic", "spell", "count", "reverse")
+CHAIN_MODELS = ("pretrain", "sft", "dpo", "rl")  # the models the evaluate stage can score
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,6 +411,9 @@ class EvaluateConfig:
     choices: int = spec(4, ge=2, doc="answers per multiple-choice doc question")
     contamination_ngram: int = spec(13, ge=0, doc="words in a run shared with a training "
                                     "stream that marks an example contaminated (0: no check)")
+    models: list[str] = spec(default_factory=lambda: list(CHAIN_MODELS),
+                             doc="the models of the chain to score (a quick comparison that "
+                                 "skips alignment scores pretrain and sft only)")
     prompts: list[str] = spec(default_factory=lambda: [
         "What is 12 + 7?",
         "Spell the word 'python'.",
@@ -420,6 +424,10 @@ class EvaluateConfig:
     ], doc="prompts answered by both models in reports/samples.md")
 
     def validate(self) -> list[str]:
+        if not self.models or any(m not in CHAIN_MODELS for m in self.models) or \
+                len(set(self.models)) != len(self.models):
+            return [f"evaluate.models must be a non-empty list of distinct names from "
+                    f"{', '.join(CHAIN_MODELS)} (got {self.models})"]
         if 1 not in self.context_factors or any(f < 1 for f in self.context_factors):
             return [f"evaluate.context_factors must be integers >= 1 and include 1 (the "
                     f"training context) (got {self.context_factors})"]

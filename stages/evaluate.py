@@ -64,7 +64,8 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
         clean_rows = np.nonzero(~checks["docs_val"].contaminated)[0]
     tb = torch.tensor(token_bytes(tok))
     results = {}
-    for name, path in MODELS.items():
+    for name in cfg.models:
+        path = MODELS[name]
         model, _ = load_model_dir(root / path, device)
         log(f"evaluate: {name} model")
         results[name] = evaluate_model(model, tok, pretrain_val=pre_val, sft_val=sft_val,

@@ -145,27 +145,40 @@ def _mean_logprob(model: LanguageModel, prompt: list[int], candidates: list[list
     return ((logp * m).sum(1) / m.sum(1).clamp(min=1)).tolist()
 
 
-def doc_multiple_choice(model: LanguageModel, tok: LLMTokenizer, conversations: Sequence[dict[str, Any]],
-                        choices: int, max_questions: int, seed: int = 0) -> dict[str, Any]:
-    """Accuracy of picking the documented answer among ``choices`` candidates (the first
-    ``max_questions`` of :func:`doc_questions`; each one's outcome in ``correct``)."""
+def doc_mc_items(conversations: Sequence[dict[str, Any]], choices: int, max_questions: int,
+                 seed: int = 0) -> list[tuple[dict[str, Any], list[str]]]:
+    """(question, candidates) of the doc multiple choice: the first ``max_questions`` of
+    :func:`doc_questions`, each with its documented answer first and ``choices - 1`` answers
+    to other questions drawn with ``seed`` (the same draw for every model and every tool)."""
     docs = doc_questions(conversations)
     if len(docs) < choices:
+        return []
+    rng = random.Random(seed)
+    items = []
+    for i, conv in enumerate(docs[:max_questions]):
+        others = [d["answer"] for j, d in enumerate(docs) if j != i]
+        items.append((conv, [conv["answer"]] + rng.sample(others, choices - 1)))
+    return items
+
+
+def doc_multiple_choice(model: LanguageModel, tok: LLMTokenizer, conversations: Sequence[dict[str, Any]],
+                        choices: int, max_questions: int, seed: int = 0) -> dict[str, Any]:
+    """Accuracy of picking the documented answer among ``choices`` candidates
+    (:func:`doc_mc_items`; each question's outcome in ``correct``), scored by mean
+    log-probability per token of the candidate and its ``<|im_end|>``."""
+    items = doc_mc_items(conversations, choices, max_questions, seed)
+    if not items:
         return {"accuracy": float("nan"), "n": 0, "chance": 1.0 / choices,
                 "ci95": (float("nan"), float("nan")), "correct": []}
-    rng = random.Random(seed)
-    questions = docs[:max_questions]
     max_len = model.cfg.max_seq_len
     correct: list[bool] = []
-    for i, conv in enumerate(questions):
-        others = [d["answer"] for j, d in enumerate(docs) if j != i]
-        candidates = [conv["answer"]] + rng.sample(others, choices - 1)
+    for conv, candidates in items:
         prompt = _prompt_ids(tok, conv["messages"][:-1])
         cand_ids = [tok.encode(a + IM_END) for a in candidates]
         scores = _mean_logprob(model, prompt, cand_ids, tok.pad_id, max_len)
         correct.append(max(range(len(scores)), key=scores.__getitem__) == 0)
-    return {"accuracy": sum(correct) / len(questions), "n": len(questions),
-            "chance": 1.0 / choices, "ci95": wilson_interval(sum(correct), len(questions)),
+    return {"accuracy": sum(correct) / len(items), "n": len(items),
+            "chance": 1.0 / choices, "ci95": wilson_interval(sum(correct), len(items)),
             "correct": correct}
 
 

@@ -1,0 +1,146 @@
+"""Comparing a baseline with variants over several seeds: intervals, differences, p-values.
+
+One run per side tells nothing when the difference is inside the seed-to-seed spread. With N
+seeds per side, each metric gets, per side, the mean, the sample standard deviation and a 95%
+interval of the mean (Student's t with N - 1 degrees of freedom); per variant, the difference
+to the baseline with its 95% interval and the two-sided p-value of Welch's t-test (unequal
+variances, Welch-Satterthwaite degrees of freedom; scipy computes both), and a verdict.
+
+Trade-offs: a t-test assumes roughly normal means, which five seeds cannot check; with
+identical values on both sides (a metric the change cannot move) the test is undefined and
+the p-value is reported as None. No correction for testing several metrics is applied: with
+six metrics at p < 0.05 about one in four comparisons of two identical recipes shows a
+"difference" somewhere, so the verdict asks for p < 0.01.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+ALPHA = 0.01  # the verdict's threshold (see the trade-offs above)
+
+
+def describe(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation and the 95% t interval of the mean of ``values``."""
+    x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    n = len(x)
+    if n == 0:
+        return {"n": 0, "mean": None, "sd": None, "ci95": [None, None], "values": []}
+    mean = float(x.mean())
+    sd = float(x.std(ddof=1)) if n > 1 else math.nan
+    half = float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if n > 1 else math.nan
+    return {"n": n, "mean": mean, "sd": _num(sd), "ci95": [_num(mean - half), _num(mean + half)],
+            "values": x.tolist()}
+
+
+def welch(base: Sequence[float], variant: Sequence[float]) -> dict[str, Any]:
+    """Difference of means (variant - base), its 95% Welch interval and Welch's p-value."""
+    a, b = (np.asarray([v for v in s if v is not None and not math.isnan(v)], dtype=float)
+            for s in (base, variant))
+    if len(a) < 2 or len(b) < 2:
+        return {"diff": None, "ci95": [None, None], "p": None, "df": None}
+    diff = float(b.mean() - a.mean())
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return {"diff": diff, "ci95": [diff, diff], "p": None, "df": None}
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = float(stats.t.ppf(0.975, df)) * se
+    p = float(stats.ttest_ind(b, a, equal_var=False).pvalue)
+    return {"diff": diff, "ci95": [diff - half, diff + half], "p": p, "df": float(df)}
+
+
+def verdict(test: dict[str, Any], lower_is_better: bool) -> str:
+    """``better`` / ``worse`` where p < ALPHA, else ``no detectable difference``."""
+    if test["p"] is None or test["diff"] is None or test["p"] >= ALPHA:
+        return "no detectable difference"
+    better = test["diff"] < 0 if lower_is_better else test["diff"] > 0
+    return "better" if better else "worse"
+
+
+def lower_is_better(metric: str) -> bool:
+    """Losses and bits per byte go down; accuracies and rewards go up."""
+    name = metric.rsplit("/", 1)[-1]
+    return any(k in name for k in ("bpb", "loss", "seconds", "perplexity"))
+
+
+def compare(runs: dict[str, dict[int, dict[str, float]]], baseline: str,
+            metrics: Sequence[str]) -> dict[str, Any]:
+    """``runs``: side -> seed -> flat metrics. Every side against ``baseline`` per metric."""
+    out: dict[str, Any] = {"baseline": baseline, "alpha": ALPHA, "metrics": {}}
+    for m in metrics:
+        sides = {side: describe([r.get(m) for r in seeds.values()])
+                 for side, seeds in runs.items()}
+        entry: dict[str, Any] = {"sides": sides, "lower_is_better": lower_is_better(m),
+                                 "against_baseline": {}}
+        for side in runs:
+            if side == baseline:
+                continue
+            test = welch(sides[baseline]["values"], sides[side]["values"])
+            test["verdict"] = verdict(test, entry["lower_is_better"])
+            entry["against_baseline"][side] = test
+        out["metrics"][m] = entry
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """One table row per metric and side: mean +- sd [95% interval], difference, p, verdict."""
+    lines = ["| metric | side | seeds | mean +- sd | 95% interval | difference [95%] | p (Welch) "
+             "| verdict |", "|---|---|---|---|---|---|---|---|"]
+    for m, e in result["metrics"].items():
+        for side, d in e["sides"].items():
+            t = e["against_baseline"].get(side)
+            diff = ("" if t is None or t["diff"] is None else
+                    f"{t['diff']:+.4f} [{_f(t['ci95'][0])}, {_f(t['ci95'][1])}]")
+            p = "" if t is None else ("n/a" if t["p"] is None else f"{t['p']:.3g}")
+            lines.append(f"| {m} | {side} | {d['n']} | {_f(d['mean'])} +- {_f(d['sd'])} | "
+                         f"[{_f(d['ci95'][0])}, {_f(d['ci95'][1])}] | {diff} | {p} | "
+                         f"{'' if t is None else t['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """One panel per metric, each seed a dot, each side's mean with its 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = list(result["metrics"])
+    cols = min(3, len(metrics))
+    rows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    rng = np.random.default_rng(0)  # horizontal jitter only, so equal values stay visible
+    for ax, m in zip(axes.flat, metrics, strict=False):
+        e = result["metrics"][m]
+        for i, d in enumerate(e["sides"].values()):
+            xs = i + rng.uniform(-0.08, 0.08, len(d["values"]))
+            ax.plot(xs, d["values"], "o", alpha=0.6)
+            if d["mean"] is not None and d["ci95"][0] is not None:
+                ax.errorbar([i + 0.25], [d["mean"]], yerr=[[d["mean"] - d["ci95"][0]],
+                            [d["ci95"][1] - d["mean"]]], fmt="s", color="black", capsize=3)
+        ax.set_xticks(range(len(e["sides"])), list(e["sides"]), fontsize=8)
+        tests = e["against_baseline"]
+        ps = ", ".join(f"p={t['p']:.2g}" for t in tests.values() if t["p"] is not None)
+        ax.set_title(f"{m}\n{ps}", fontsize=8)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _num(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def _f(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"

@@ -1,0 +1,237 @@
+"""Seeds and significance: a baseline and its variants, each over N seeds, as DVC experiments.
+
+    python -m stages.compare --variant model.positions=learned --seeds 5
+    make compare VARIANT="model.positions=learned" SEEDS=5
+
+Every (side, seed) is one ``dvc exp run --queue`` experiment named ``<name>-<side>-s<seed>``
+(``-S base.seed=<seed>``, the profile's overrides, the side's own), queued seed by seed so
+that a comparison stopped early is still balanced. ``dvc queue start`` runs them one at a
+time (``--jobs`` for more: each is a full training); DVC's run cache restores the stages that
+no override touches (fetch, tokenizer, pack). When the queue is done, the metrics of every
+experiment (``dvc exp show --json``) are compared by :mod:`llmcore.report.compare` and written
+to ``reports/compare/<name>.{json,md,png}``. ``--report-only`` compares experiments that ran
+before, by name.
+
+Profiles: ``quick`` (a short pretraining and SFT, alignment skipped, 100 questions per task,
+no MLflow runs: a 5-seed comparison of two sides in about half an hour on 2 cores) and
+``full`` (the committed params). A variant is one or more ``key=value`` overrides separated by
+spaces: ``--variant "pretrain.optimizer=adamw pretrain.lr=0.003"``.
+
+The seed changes everything random in training (initialisation, data order, dropout, DPO and
+GRPO sampling) and nothing else: the corpus, the tokenizer, the shards and every held-out set
+do not depend on ``base.seed``, so the sides are scored on the same questions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llmcore.report.compare import compare, markdown, plot
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES: dict[str, list[str]] = {
+    "quick": ["pretrain.max_steps=240", "pretrain.eval_every=120", "sft.max_steps=160",
+              "sft.eval_every=80", "dpo.max_steps=0", "rl.max_steps=0",
+              "evaluate.max_task_examples=100", "evaluate.context_factors=[1]",
+              "evaluate.contamination_ngram=0", "evaluate.models=[pretrain,sft]",
+              "base.tracking=none"],
+    "full": [],
+}
+METRICS = ["evaluate/pretrain/val_bpb", "evaluate/sft/sft_val_bpb", "evaluate/sft/doc_mc_accuracy",
+           "evaluate/sft/arithmetic_exact_match", "evaluate/sft/count_exact_match",
+           "evaluate/sft/spell_exact_match", "evaluate/sft/reverse_exact_match"]
+DONE = ("Success", "Failed")
+
+
+def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["dvc", *args], cwd=ROOT, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise SystemExit(f"compare: dvc {' '.join(args)} failed:\n{proc.stderr.strip()[-2000:]}")
+    return proc
+
+
+def side_name(variant: str) -> str:
+    """A short name for a variant's overrides: ``model.positions=learned`` -> ``positions-learned``."""
+    parts = []
+    for o in variant.split():
+        key, _, value = o.partition("=")
+        parts.append(re.sub(r"[^A-Za-z0-9.]+", "-", f"{key.split('.')[-1]}-{value}").strip("-."))
+    return "-".join(parts)[:40] or "variant"
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, int, list[str]]]:
+    """(experiment name, seed, overrides) of every run, seed by seed."""
+    sides = {"base": args.baseline.split() if args.baseline else []}
+    for v in args.variant:
+        name = side_name(v)
+        if name in sides:
+            raise SystemExit(f"compare: two sides named {name!r}; give distinct variants")
+        sides[name] = v.split()
+    for overrides in sides.values():
+        for o in overrides:
+            if "=" not in o:
+                raise SystemExit(f"compare: an override is key=value (got {o!r})")
+    return [(f"{args.name}-{side}-s{seed}", seed,
+             [f"base.seed={seed}", *PROFILES[args.profile], *overrides])
+            for seed in args.seed_list for side, overrides in sides.items()]
+
+
+def queue(runs: list[tuple[str, int, list[str]]], target: str) -> None:
+    for name, _, overrides in runs:
+        sets = [a for o in overrides for a in ("-S", o)]
+        dvc("exp", "run", "--queue", "-n", name, *sets, target)
+        print(f"compare: queued {name}", flush=True)
+
+
+def statuses(names: set[str]) -> dict[str, str]:
+    """Our experiments' state in ``dvc queue status`` (Queued, Running, Success, Failed)."""
+    out = {}
+    for line in dvc("queue", "status", check=False).stdout.splitlines():
+        cols = line.split()
+        if len(cols) >= 3 and cols[1] in names:
+            out[cols[1]] = cols[-1]
+    return out
+
+
+def wait(names: set[str], jobs: int, poll: float = 10.0) -> dict[str, str]:
+    """Start the queue's workers and wait for every one of ``names`` to finish, with a line
+    of progress (done, failed, rate, ETA) whenever a run ends."""
+    # the queue's workers are daemons that would inherit a captured pipe, and a wait for its
+    # end would last as long as they do: their output goes to DVC's own logs instead
+    started = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=ROOT,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    if started.returncode != 0:
+        raise SystemExit("compare: `dvc queue start` failed; run it by hand to see why")
+    start, reported = time.time(), -1
+    try:
+        while True:
+            state = statuses(names)
+            done = [n for n, s in state.items() if s in DONE]
+            if len(done) != reported:
+                reported = len(done)
+                elapsed = time.time() - start
+                eta = (elapsed / len(done) * (len(names) - len(done))) if done else None
+                failed = sum(state[n] == "Failed" for n in done)
+                print(f"compare: {len(done)}/{len(names)} done ({failed} failed), "
+                      f"{elapsed / 60:.1f} min"
+                      + (f", eta {eta / 60:.1f} min" if eta is not None else ""), flush=True)
+            if len(done) == len(names):
+                return state
+            if not any(s in ("Queued", "Running") for s in state.values()) and \
+                    len(state) < len(names):
+                missing = sorted(names - set(state))
+                raise SystemExit(f"compare: {', '.join(missing)} left the queue unfinished "
+                                 "(see `dvc queue status`)")
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        dvc("queue", "kill", *[n for n, s in statuses(names).items() if s == "Running"],
+            check=False)
+        raise SystemExit("compare: stopped; the finished experiments stay (`dvc exp show`), "
+                         "rerun with --report-only to compare them") from None
+
+
+def collect(names: set[str]) -> dict[str, dict[str, Any]]:
+    """name -> flat metrics (every metrics file merged) of the experiments in ``names``."""
+    show = json.loads(dvc("exp", "show", "--json").stdout or "[]")
+    found: dict[str, dict[str, Any]] = {}
+    for baseline in show:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                name = rev.get("name") or exp.get("name")
+                if name in names and rev.get("data"):
+                    metrics: dict[str, Any] = {}
+                    for f in (rev["data"].get("metrics") or {}).values():
+                        metrics.update(f.get("data") or {})
+                    found[name] = metrics
+    return found
+
+
+def report(args: argparse.Namespace, runs: list[tuple[str, int, list[str]]],
+           seconds: float | None) -> Path:
+    found = collect({n for n, _, _ in runs})
+    by_side: dict[str, dict[int, dict[str, Any]]] = {}
+    for name, seed, _ in runs:
+        side = name[len(args.name) + 1 : name.rindex("-s")]
+        if name in found:
+            by_side.setdefault(side, {})[seed] = found[name]
+    missing = [n for n, _, _ in runs if n not in found]
+    if "base" not in by_side:
+        raise SystemExit(f"compare: no finished baseline run among {args.name}-base-s*; "
+                         "see `dvc queue status`")
+    result = compare(by_side, "base", args.metric)
+    result.update(name=args.name, profile=args.profile, seeds=args.seed_list,
+                  sides={"base": args.baseline or "", **{side_name(v): v for v in args.variant}},
+                  missing=missing, seconds=None if seconds is None else round(seconds, 1))
+    out = ROOT / "reports" / "compare"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    table = markdown(result)
+    header = (f"# {args.name}\n\nProfile `{args.profile}`, seeds {args.seed_list}; sides: "
+              + "; ".join(f"`{k}` = `{v or 'the params as committed'}`"
+                          for k, v in result["sides"].items())
+              + (f"; {seconds / 60:.1f} min" if seconds else "") + "\n\n")
+    (out / f"{args.name}.md").write_text(header + table
+                                         + (f"\nMissing runs: {', '.join(missing)}\n" if missing
+                                            else ""))
+    plot(result, out / f"{args.name}.png")
+    print(header + table, flush=True)
+    return out / f"{args.name}.json"
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m stages.compare", description=__doc__.split(
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", action="append", default=[],
+                   help="overrides of one variant, 'key=value key=value' (repeatable)")
+    p.add_argument("--baseline", default="", help="overrides of the baseline (default: none)")
+    p.add_argument("--seeds", type=int, default=5, help="seeds per side: 1..N (default 5)")
+    p.add_argument("--seed-list", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="explicit seeds, e.g. 1,2,3 (instead of --seeds)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="quick",
+                   help="params every run gets (default quick)")
+    p.add_argument("--metric", action="append", default=None,
+                   help=f"a metrics key to compare (repeatable; default: {', '.join(METRICS)})")
+    p.add_argument("--name", default=None, help="the comparison's name (default cmp-<time>)")
+    p.add_argument("--target", default="evaluate", help="the stage each run ends with")
+    p.add_argument("--jobs", type=int, default=1, help="queue workers (default 1)")
+    p.add_argument("--report-only", action="store_true",
+                   help="compare the experiments of --name that ran before; run nothing")
+    args = p.parse_args(argv)
+    args.seed_list = args.seed_list or list(range(1, args.seeds + 1))
+    args.metric = args.metric or METRICS
+    args.name = args.name or time.strftime("cmp-%Y%m%d-%H%M%S")
+    if not args.variant:
+        p.error("give at least one --variant")
+    if len(args.seed_list) < 2:
+        p.error("a comparison needs at least 2 seeds per side")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.name):
+        p.error(f"--name {args.name!r}: letters, digits, '.', '_' and '-' only")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    runs = plan(args)
+    seconds = None
+    if not args.report_only:
+        start = time.time()
+        queue(runs, args.target)
+        state = wait({n for n, _, _ in runs}, args.jobs)
+        dvc("queue", "stop", check=False)
+        seconds = time.time() - start
+        failed = sorted(n for n, s in state.items() if s == "Failed")
+        if failed:
+            print(f"compare: failed: {', '.join(failed)} (`dvc queue logs NAME`)", file=sys.stderr)
+    report(args, runs, seconds)
+
+
+if __name__ == "__main__":
+    main()

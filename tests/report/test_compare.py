@@ -1,0 +1,78 @@
+"""Seeds and significance: intervals and Welch's test against textbook values, verdicts in the
+right direction, the run plan of a comparison, and the report's plot."""
+
+import math
+
+import pytest
+
+from llmcore.report.compare import compare, describe, lower_is_better, markdown, plot, welch
+from stages.compare import parse, plan, side_name
+
+
+def test_describe_gives_the_t_interval_of_the_mean():
+    d = describe([1.0, 2.0, 3.0, 4.0, 5.0])
+    # mean 3, sd sqrt(2.5), t(0.975, 4) = 2.776445: half width 2.776445 * 1.581139 / sqrt(5)
+    assert d["mean"] == 3.0 and d["sd"] == pytest.approx(math.sqrt(2.5))
+    assert d["ci95"] == pytest.approx([3 - 1.963243, 3 + 1.963243], abs=1e-5)
+    assert describe([2.0])["ci95"] == [None, None]  # one seed has no spread
+    assert describe([None, float("nan")])["n"] == 0
+
+
+def test_welch_matches_the_hand_computation():
+    a, b = [1.0, 2.0, 3.0, 4.0, 5.0], [2.0, 4.0, 6.0, 8.0, 10.0]
+    w = welch(a, b)
+    # variances of the means 0.5 and 2.0: se sqrt(2.5); Welch-Satterthwaite df
+    # 2.5^2 / (0.5^2/4 + 2^2/4) = 5.882; t = 3 / 1.5811 = 1.897, two-sided p = 0.1075
+    assert w["diff"] == 3.0 and w["df"] == pytest.approx(5.882, abs=1e-3)
+    assert w["p"] == pytest.approx(0.1075, abs=5e-4)
+    half = w["ci95"][1] - 3.0
+    # t(0.975, 5.882) = 2.459 (between 2.571 at df 5 and 2.447 at df 6, linear in 1/df)
+    assert half == pytest.approx(2.459 * math.sqrt(2.5), rel=1e-3)
+    assert welch([1.0, 1.0], [1.0, 1.0])["p"] is None  # no spread at all: undefined
+    assert welch([1.0], [2.0, 3.0])["p"] is None
+
+
+def test_verdicts_follow_the_direction_of_each_metric():
+    base = {s: {"evaluate/sft/val_bpb": 1.50 + 0.001 * s, "evaluate/sft/count_exact_match":
+                0.50 + 0.01 * s} for s in range(1, 6)}
+    better = {s: {"evaluate/sft/val_bpb": 1.40 + 0.001 * s, "evaluate/sft/count_exact_match":
+                  0.30 + 0.01 * s} for s in range(1, 6)}
+    same = {s: dict(base[6 - s]) for s in range(1, 6)}  # the same values, other seeds
+    r = compare({"base": base, "lower": better, "same": same}, "base",
+                ["evaluate/sft/val_bpb", "evaluate/sft/count_exact_match"])
+    bpb = r["metrics"]["evaluate/sft/val_bpb"]["against_baseline"]
+    count = r["metrics"]["evaluate/sft/count_exact_match"]["against_baseline"]
+    assert bpb["lower"]["verdict"] == "better" and count["lower"]["verdict"] == "worse"
+    assert bpb["lower"]["p"] < 1e-6 and bpb["lower"]["ci95"][1] < 0
+    assert bpb["same"]["verdict"] == "no detectable difference" and bpb["same"]["p"] == pytest.approx(1.0)
+    assert lower_is_better("evaluate/sft/sft_val_bpb") and not lower_is_better("a/doc_mc_accuracy")
+    table = markdown(r)
+    assert "| evaluate/sft/val_bpb | lower | 5 |" in table and "| better |" in table
+
+
+def test_the_plot_has_a_panel_per_metric(tmp_path):
+    base = {s: {"m/val_bpb": 1.0 + s / 10, "m/acc": s / 10} for s in range(1, 4)}
+    other = {s: {"m/val_bpb": 0.9 + s / 10, "m/acc": s / 20} for s in range(1, 4)}
+    path = plot(compare({"base": base, "v": other}, "base", ["m/val_bpb", "m/acc"]),
+                tmp_path / "c.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_plan_queues_every_side_seed_by_seed():
+    args = parse(["--variant", "model.positions=learned", "--variant",
+                  "pretrain.optimizer=adamw pretrain.lr=0.003", "--seeds", "3", "--name", "x"])
+    runs = plan(args)
+    assert [n for n, _, _ in runs[:3]] == ["x-base-s1", "x-positions-learned-s1",
+                                           "x-optimizer-adamw-lr-0.003-s1"]
+    assert len(runs) == 9 and [s for _, s, _ in runs] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    overrides = runs[2][2]
+    assert overrides[0] == "base.seed=1" and overrides[-2:] == ["pretrain.optimizer=adamw",
+                                                                "pretrain.lr=0.003"]
+    assert "dpo.max_steps=0" in overrides  # the quick profile
+    assert side_name("sft.lora.rank=4") == "rank-4"
+    with pytest.raises(SystemExit):
+        parse(["--variant", "a=1", "--seeds", "1"])
+    with pytest.raises(SystemExit):
+        parse(["--seeds", "3"])  # no variant
+    with pytest.raises(SystemExit, match="key=value"):
+        plan(parse(["--variant", "model.positions"]))

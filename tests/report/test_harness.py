@@ -1,0 +1,99 @@
+"""lm-evaluation-harness on the Hugging Face export reads the evaluate stage's examples and
+scores them as the stage does: the same exact match per example on generated replies, and
+the multiple choice's ``acc`` equal to the summed log-probability rule computed here."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmcore.config import parse_section
+from llmcore.data.tasks import final_answer
+from llmcore.data.tokenizer import IM_END
+from llmcore.export.hf import export_hf
+from llmcore.infer.generate import Sampling, generate
+from llmcore.model.modeldir import save_model_dir, state_dict_for_save
+from llmcore.model.transformer import Transformer
+from llmcore.report.evaluate import doc_mc_items, task_accuracy
+from llmcore.report.harness import read_results, results_file, write_tasks
+
+pytestmark = pytest.mark.slow  # lm_eval and transformers in a subprocess
+
+
+def conv(task, q, a):
+    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+            "task": task, "answer": a}
+
+
+@torch.no_grad()
+def test_the_harness_scores_the_export_as_the_evaluate_stage_does(tmp_path, tiny_tokenizer):
+    lm_eval = Path(sys.executable).parent / "lm_eval"
+    if not lm_eval.is_file():
+        pytest.skip("lm-evaluation-harness is not installed (make setup installs it)")
+    tok = tiny_tokenizer
+    tok.save(tmp_path / "tok")
+    cfg = parse_section("model", {"preset": "tiny", "vocab_size": tok.vocab_size})
+    torch.manual_seed(1)
+    model = Transformer(cfg).eval()
+    for p in model.parameters():  # large random weights: varied replies, no near-ties
+        if p.dim() > 1:
+            p.normal_(0, 0.5)
+    save_model_dir(tmp_path / "m", cfg, state_dict_for_save(model), tmp_path / "tok", {},
+                   {"eos_token_id": [tok.im_end_id, tok.eot_id], "pad_token_id": tok.pad_id})
+    # a random model's answers are its own greedy replies' last lines: every other question
+    # gets that as its answer (right) or something else (wrong), so both scorers have right
+    # and wrong examples to agree on. Replies with a control token are not used as right
+    # answers: the harness decodes with special tokens skipped
+    special = {tok.im_start_id, tok.im_end_id, tok.eot_id, tok.pad_id}
+    convs = []
+    for i in range(12):
+        q = f"What is {i} + {i + 3}?"
+        prompt = tok.encode_prompt([{"role": "user", "content": q}])
+        reply = generate(model, [prompt], Sampling(max_new_tokens=8),
+                         [tok.im_end_id, tok.eot_id], pad_id=tok.pad_id)[0]
+        own = final_answer(tok.decode(reply).strip())
+        clean = own and not special & set(reply)
+        convs.append(conv("arithmetic", q, own if clean and i % 2 == 0 else "no such answer"))
+    answers = ["Use a list.", "Call len() on it.", "A tuple is immutable.", "Import it first.",
+               "It joins paths.", "It reads JSON."]
+    convs += [conv("doc", f"Question {i}?", a) for i, a in enumerate(answers)]
+    ours = task_accuracy(model, tok, convs, max_per_task=20, max_new_tokens=8, batch_size=1)
+    assert 0 < ours["arithmetic"]["exact_match"] < 1
+
+    names = write_tasks(tmp_path / "tasks", convs, max_per_task=20, choices=4,
+                        max_new_tokens=8)
+    assert names == ["llmcore_arithmetic", "llmcore_doc_mc"]
+    hf = export_hf(tmp_path / "m", tmp_path / "hf")
+    out = subprocess.run(
+        [str(lm_eval), "run",
+         "--model", "hf", "--model_args", f"pretrained={hf},dtype=float32", "--device", "cpu",
+         "--include_path", str(tmp_path / "tasks"), "--tasks", *names, "--batch_size", "1",
+         "--output_path", str(tmp_path / "out"), "--log_samples"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    got = read_results(results_file(tmp_path / "out"))
+    samples = sorted((tmp_path / "out").rglob("samples_llmcore_arithmetic_*.jsonl"))
+    assert got["llmcore_arithmetic"]["exact_match"] == ours["arithmetic"]["exact_match"]
+    per_example = [json.loads(line) for line in samples[-1].read_text().splitlines()]
+    per_example.sort(key=lambda s: s["doc_id"])
+    assert [bool(s["exact_match"]) for s in per_example] == ours["arithmetic"]["correct"]
+
+    # the multiple choice: the harness's acc is the argmax of the summed log-probabilities
+    right = 0
+    items = doc_mc_items(convs, 4, 20)
+    for c, cands in items:
+        prompt = tok.encode_prompt(c["messages"][:-1])
+        sums = []
+        for a in cands:
+            ids = torch.tensor([prompt + tok.encode(a + IM_END)])
+            logp = torch.log_softmax(model(ids[:, :-1]).float(), -1)[0]
+            cont = ids[0, len(prompt):]
+            sums.append(float(logp[len(prompt) - 1:].gather(1, cont[:, None]).sum()))
+        right += max(range(len(sums)), key=sums.__getitem__) == 0
+    assert math.isclose(got["llmcore_doc_mc"]["acc"], right / len(items))
