@@ -46,10 +46,10 @@ def test_a_seeded_comparison_through_the_dvc_queue(tmp_path):
     result = json.loads((root / "reports/compare/t.json").read_text())
     assert result["missing"] == [] and result["seeds"] == [1, 2]
     bpb = result["metrics"]["pretrain/val_bpb"]
-    base, variant = bpb["sides"]["base"]["values"], bpb["sides"]["log_every-7"]["values"]
+    base, variant = bpb["sides"]["base"]["values"], bpb["sides"]["log-every-7"]["values"]
     assert len(base) == 2 and base[0] != base[1]  # another seed, another run
     assert variant == base  # the same seed repeats exactly
-    assert bpb["against_baseline"]["log_every-7"]["verdict"] == "no detectable difference"
+    assert bpb["against_baseline"]["log-every-7"]["verdict"] == "no detectable difference"
     assert (root / "reports/compare/t.png").is_file()
     assert "| pretrain/val_bpb | base | 2 |" in (root / "reports/compare/t.md").read_text()
     # --report-only reads the same experiments again without running anything
