@@ -237,6 +237,40 @@ def contamination(files: Files) -> list[str]:
     return out
 
 
+def seeded(files: Files, rel: str) -> list[str]:
+    """A seeded comparison (``python -m stages.compare``): per variant, per metric, both
+    sides' mean +- sd over the seeds, the difference with its 95% interval, Welch's p and the
+    verdict."""
+    data = files.get(rel)
+    if data is None:
+        return missing(rel, "`python -m stages.compare --name seeds-quick ...`")
+    sides = data.get("sides", {})
+    out = [f"Profile `{data.get('profile')}`, seeds {data.get('seeds')}, "
+           f"{len(sides)} sides, {minutes(data.get('seconds'))} for every run of every side; "
+           f"verdicts at p < {data.get('alpha')}. Baseline: the committed params"
+           + (f" with `{sides['base']}`" if sides.get("base") else "") + ".", ""]
+    for side, overrides in sides.items():
+        if side == "base":
+            continue
+        out += [f"**`{overrides}`** against the baseline:", ""]
+        rows = []
+        for metric, e in data.get("metrics", {}).items():
+            b, v = e["sides"].get("base", {}), e["sides"].get(side, {})
+            t = e["against_baseline"].get(side, {})
+
+            def ms(d: Json) -> str:
+                return "-" if d.get("mean") is None else \
+                    f"{d['mean']:.3f} +- {d['sd'] if d.get('sd') is not None else float('nan'):.3f}"
+            ci = t.get("ci95") or [None, None]
+            diff = "-" if t.get("diff") is None else \
+                f"{t['diff']:+.3f} [{num(ci[0])}, {num(ci[1])}]"
+            p = "-" if t.get("p") is None else f"{t['p']:.2g}"
+            rows.append([metric, ms(b), ms(v), diff, p, t.get("verdict", "-")])
+        out += table(["metric", "baseline", "variant", "difference [95%]", "p (Welch)",
+                      "verdict"], rows)
+    return out
+
+
 def stage_sections(files: Files) -> list[str]:
     out: list[str] = []
     fetch = files.get("metrics/fetch.json")
@@ -590,6 +624,23 @@ def scaling(files: Files) -> list[str]:
     return out
 
 
+def harness(files: Files) -> list[str]:
+    data = files.get("reports/harness.json")
+    if data is None:
+        return missing("reports/harness.json", "`make harness`")
+    rows = [[r["task"], num(r["harness"]), num(r["llmcore"]),
+             f"{r['harness'] - r['llmcore']:+.3f}"] for r in data.get("tasks", [])]
+    out = [f"The `{data.get('model')}` model; lm_eval ran {minutes(data.get('lm_eval_seconds'))}.",
+           ""]
+    out += table(["task", "lm-eval", "llmcore", "difference"], rows)
+    stage = [r for r in data.get("tasks", []) if "stage_mean_per_token" in r]
+    for r in stage:
+        out += [f"The doc questions by the evaluate stage's own rule (mean log-probability per "
+                f"token): {num(r['stage_mean_per_token'])}; the harness's `acc_norm` (per "
+                f"character): {num(r.get('harness_acc_norm'))}.", ""]
+    return out
+
+
 def gguf(files: Files) -> list[str]:
     data = files.get("reports/gguf_roundtrip.json")
     if data is None:
@@ -678,6 +729,15 @@ def results_md(files: Files) -> str:
     out += scaling(files)
     if (files.root / "reports/scaling/isoflop.png").exists():
         out += ["![isoFLOP curves](../reports/scaling/isoflop.png)", ""]
+    out += ["### Experiments over seeds", "",
+            "`reports/compare/seeds-quick.json` ([experiments](experiments.md#seeds-and-"
+            "significance) says how it is run and read): each variant against the committed "
+            "params, every side trained with the same seeds.", ""]
+    out += seeded(files, "reports/compare/seeds-quick.json")
+    if (files.root / "reports/compare/seeds-quick.png").exists():
+        out += ["![seeded comparison](../reports/compare/seeds-quick.png)", ""]
+    out += ["### lm-evaluation-harness on the export", "", "`reports/harness.json`:", ""]
+    out += harness(files)
     out += ["### GGUF in llama.cpp", "", "`reports/gguf_roundtrip.json`:", ""]
     out += gguf(files)
     out += ["### transformers compatibility of `llmcore export`", "",
