@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -50,8 +51,13 @@ METRICS = ["evaluate/pretrain/val_bpb", "evaluate/sft/sft_val_bpb", "evaluate/sf
 DONE = ("Success", "Failed")
 
 
+# DVC's queue starts its workers as `dvc` found on PATH: the one beside this Python first
+ENV = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent),
+                                              os.environ.get("PATH", "")])}
+
+
 def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["dvc", *args], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(["dvc", *args], cwd=ROOT, capture_output=True, text=True, env=ENV)
     if check and proc.returncode != 0:
         raise SystemExit(f"compare: dvc {' '.join(args)} failed:\n{proc.stderr.strip()[-2000:]}")
     return proc
@@ -90,30 +96,46 @@ def queue(runs: list[tuple[str, int, list[str]]], target: str) -> None:
         print(f"compare: queued {name}", flush=True)
 
 
-def statuses(names: set[str]) -> dict[str, str]:
-    """Our experiments' state in ``dvc queue status`` (Queued, Running, Success, Failed)."""
-    out = {}
+def statuses(names: set[str]) -> tuple[dict[str, str], int | None]:
+    """Our experiments' state in ``dvc queue status`` (Queued, Running, Success, Failed), and
+    how many workers are active (None if the line is missing)."""
+    out, active = {}, None
     for line in dvc("queue", "status", check=False).stdout.splitlines():
         cols = line.split()
         if len(cols) >= 3 and cols[1] in names:
             out[cols[1]] = cols[-1]
-    return out
+        found = re.search(r"Worker status: (\d+) active", line)
+        if found:
+            active = int(found.group(1))
+    return out, active
+
+
+def start_workers(jobs: int) -> None:
+    # the queue's workers are daemons that would inherit a captured pipe, and a wait for its
+    # end would last as long as they do: their output goes to DVC's own logs instead
+    started = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=ROOT, env=ENV,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    if started.returncode != 0:
+        raise SystemExit("compare: `dvc queue start` failed; run it by hand to see why")
 
 
 def wait(names: set[str], jobs: int, poll: float = 10.0) -> dict[str, str]:
     """Start the queue's workers and wait for every one of ``names`` to finish, with a line
     of progress (done, failed, rate, ETA) whenever a run ends."""
-    # the queue's workers are daemons that would inherit a captured pipe, and a wait for its
-    # end would last as long as they do: their output goes to DVC's own logs instead
-    started = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=ROOT,
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    if started.returncode != 0:
-        raise SystemExit("compare: `dvc queue start` failed; run it by hand to see why")
+    start_workers(jobs)
     start, reported = time.time(), -1
     try:
+        idle = 0
         while True:
-            state = statuses(names)
+            state, active = statuses(names)
+            # a worker can stop between tasks (a shutdown left in the queue's broker by an
+            # earlier `dvc queue stop` reaches the next worker): start another
+            idle = idle + 1 if active == 0 and "Queued" in state.values() else 0
+            if idle >= 3:
+                print("compare: no queue worker is running; starting one", flush=True)
+                start_workers(jobs)
+                idle = 0
             done = [n for n, s in state.items() if s in DONE]
             if len(done) != reported:
                 reported = len(done)
@@ -132,7 +154,7 @@ def wait(names: set[str], jobs: int, poll: float = 10.0) -> dict[str, str]:
                                  "(see `dvc queue status`)")
             time.sleep(poll)
     except KeyboardInterrupt:
-        dvc("queue", "kill", *[n for n, s in statuses(names).items() if s == "Running"],
+        dvc("queue", "kill", *[n for n, s in statuses(names)[0].items() if s == "Running"],
             check=False)
         raise SystemExit("compare: stopped; the finished experiments stay (`dvc exp show`), "
                          "rerun with --report-only to compare them") from None
@@ -224,8 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.report_only:
         start = time.time()
         queue(runs, args.target)
+        # the workers stop by themselves once the queue is idle (`dvc queue stop` would leave
+        # a shutdown in the broker that stops the next comparison's worker after one task)
         state = wait({n for n, _, _ in runs}, args.jobs)
-        dvc("queue", "stop", check=False)
         seconds = time.time() - start
         failed = sorted(n for n, s in state.items() if s == "Failed")
         if failed:

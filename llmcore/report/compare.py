@@ -26,7 +26,7 @@ from scipy import stats
 ALPHA = 0.01  # the verdict's threshold (see the trade-offs above)
 
 
-def describe(values: Sequence[float]) -> dict[str, Any]:
+def describe(values: Sequence[float | None]) -> dict[str, Any]:
     """Mean, sample standard deviation and the 95% t interval of the mean of ``values``."""
     x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
     n = len(x)
@@ -39,7 +39,7 @@ def describe(values: Sequence[float]) -> dict[str, Any]:
             "values": x.tolist()}
 
 
-def welch(base: Sequence[float], variant: Sequence[float]) -> dict[str, Any]:
+def welch(base: Sequence[float | None], variant: Sequence[float | None]) -> dict[str, Any]:
     """Difference of means (variant - base), its 95% Welch interval and Welch's p-value."""
     a, b = (np.asarray([v for v in s if v is not None and not math.isnan(v)], dtype=float)
             for s in (base, variant))
