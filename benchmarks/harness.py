@@ -23,39 +23,21 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from llmcore.data.corpus import read_conversations  # noqa: E402
-from llmcore.data.tokenizer import IM_END, LLMTokenizer  # noqa: E402
+from llmcore.data.tokenizer import LLMTokenizer  # noqa: E402
 from llmcore.export.hf import export_hf  # noqa: E402
 from llmcore.model.modeldir import load_model_dir  # noqa: E402
-from llmcore.report.evaluate import doc_mc_items  # noqa: E402
-from llmcore.report.harness import read_results, results_file, write_tasks  # noqa: E402
-
-
-@torch.no_grad()
-def summed_logprob_accuracy(model_dir: Path, conversations: list, choices: int,
-                            max_questions: int) -> float:
-    """The doc multiple choice by the harness's ``acc`` rule, on the llmcore model."""
-    model, _ = load_model_dir(model_dir, "cpu")
-    model.eval()
-    tok = LLMTokenizer.load(model_dir)
-    items = doc_mc_items(conversations, choices, max_questions)
-    right = 0
-    for conv, cands in items:
-        prompt = tok.encode_prompt(conv["messages"][:-1])
-        sums = []
-        for a in cands:
-            ids = torch.tensor([prompt + tok.encode(a + IM_END)])
-            logp = torch.log_softmax(model(ids[:, :-1]).float(), -1)[0]
-            cont = ids[0, len(prompt):]
-            sums.append(float(logp[len(prompt) - 1:].gather(1, cont[:, None]).sum()))
-        right += max(range(len(sums)), key=sums.__getitem__) == 0
-    return right / len(items)
+from llmcore.report.harness import (  # noqa: E402
+    read_results,
+    results_file,
+    summed_logprob_accuracy,
+    write_tasks,
+)
 
 
 def main() -> None:
@@ -88,8 +70,9 @@ def main() -> None:
     for name in names:
         task = name.removeprefix("llmcore_")
         if task == "doc_mc":
-            ours = summed_logprob_accuracy(model_dir, convs, params["choices"],
-                                           params["max_task_examples"])
+            model, _ = load_model_dir(model_dir, "cpu")
+            ours = summed_logprob_accuracy(model.eval(), LLMTokenizer.load(model_dir), convs,
+                                           params["choices"], params["max_task_examples"])
             rows.append({"task": "doc_mc (acc: summed log-prob)", "harness": got[name]["acc"],
                          "llmcore": ours, "stage_mean_per_token": metrics.get(
                              f"{p}/doc_mc_accuracy"), "harness_acc_norm": got[name]["acc_norm"]})

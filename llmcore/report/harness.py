@@ -22,9 +22,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-from llmcore.data.tokenizer import EOT, IM_END, render_chat
+from llmcore.data.tokenizer import EOT, IM_END, LLMTokenizer, render_chat
+from llmcore.model.protocols import LanguageModel
 from llmcore.report.evaluate import doc_mc_items, task_examples
 
 PREFIX = "llmcore_"
@@ -103,3 +105,23 @@ def results_file(output_dir: Path) -> Path:
     if not found:
         raise FileNotFoundError(f"no results_*.json under {output_dir}: did lm_eval run?")
     return found[-1]
+
+
+@torch.no_grad()
+def summed_logprob_accuracy(model: LanguageModel, tok: LLMTokenizer,
+                            conversations: Sequence[dict[str, Any]], choices: int,
+                            max_questions: int) -> float:
+    """The doc multiple choice by the harness's ``acc`` rule (the candidate with the largest
+    summed log-probability), computed on an llmcore model: what ``acc`` must equal."""
+    items = doc_mc_items(conversations, choices, max_questions)
+    right = 0
+    for conv, cands in items:
+        prompt = tok.encode_prompt(conv["messages"][:-1])
+        sums = []
+        for a in cands:
+            ids = torch.tensor([prompt + tok.encode(a + IM_END)])
+            logp = torch.log_softmax(model(ids[:, :-1]).float(), -1)[0]  # (T, V)
+            cont = ids[0, len(prompt):]
+            sums.append(float(logp[len(prompt) - 1:].gather(1, cont[:, None]).sum()))
+        right += max(range(len(sums)), key=sums.__getitem__) == 0
+    return right / len(items) if items else float("nan")

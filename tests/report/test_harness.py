@@ -14,13 +14,17 @@ import torch
 
 from llmcore.config import parse_section
 from llmcore.data.tasks import final_answer
-from llmcore.data.tokenizer import IM_END
 from llmcore.export.hf import export_hf
 from llmcore.infer.generate import Sampling, generate
 from llmcore.model.modeldir import save_model_dir, state_dict_for_save
 from llmcore.model.transformer import Transformer
 from llmcore.report.evaluate import doc_mc_items, task_accuracy
-from llmcore.report.harness import read_results, results_file, write_tasks
+from llmcore.report.harness import (
+    read_results,
+    results_file,
+    summed_logprob_accuracy,
+    write_tasks,
+)
 
 pytestmark = pytest.mark.slow  # lm_eval and transformers in a subprocess
 
@@ -85,15 +89,6 @@ def test_the_harness_scores_the_export_as_the_evaluate_stage_does(tmp_path, tiny
     assert [bool(s["exact_match"]) for s in per_example] == ours["arithmetic"]["correct"]
 
     # the multiple choice: the harness's acc is the argmax of the summed log-probabilities
-    right = 0
-    items = doc_mc_items(convs, 4, 20)
-    for c, cands in items:
-        prompt = tok.encode_prompt(c["messages"][:-1])
-        sums = []
-        for a in cands:
-            ids = torch.tensor([prompt + tok.encode(a + IM_END)])
-            logp = torch.log_softmax(model(ids[:, :-1]).float(), -1)[0]
-            cont = ids[0, len(prompt):]
-            sums.append(float(logp[len(prompt) - 1:].gather(1, cont[:, None]).sum()))
-        right += max(range(len(sums)), key=sums.__getitem__) == 0
-    assert math.isclose(got["llmcore_doc_mc"]["acc"], right / len(items))
+    ours_mc = summed_logprob_accuracy(model, tok, convs, 4, 20)
+    assert math.isclose(got["llmcore_doc_mc"]["acc"], ours_mc)
+    assert len(doc_mc_items(convs, 4, 20)) == 6
