@@ -161,8 +161,17 @@ def wait(names: set[str], jobs: int, poll: float = 10.0) -> dict[str, str]:
 
 
 def collect(names: set[str]) -> dict[str, dict[str, Any]]:
-    """name -> flat metrics (every metrics file merged) of the experiments in ``names``."""
-    show = json.loads(dvc("exp", "show", "--json").stdout or "[]")
+    """name -> flat metrics (every metrics file merged) of the experiments in ``names``:
+    those of the current commit, and of every commit when some are missing (experiments
+    queued before a later commit belong to the commit they started from)."""
+    found = _collect(names, json.loads(dvc("exp", "show", "--json").stdout or "[]"))
+    if len(found) < len(names):
+        show = json.loads(dvc("exp", "show", "--json", "--all-commits").stdout or "[]")
+        found.update(_collect(names - set(found), show))
+    return found
+
+
+def _collect(names: set[str], show: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
     for baseline in show:
         for exp in baseline.get("experiments") or []:
