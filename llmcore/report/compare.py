@@ -128,7 +128,8 @@ def plot(result: dict[str, Any], path: Path) -> Path:
             if d["mean"] is not None and d["ci95"][0] is not None:
                 ax.errorbar([i + 0.25], [d["mean"]], yerr=[[d["mean"] - d["ci95"][0]],
                             [d["ci95"][1] - d["mean"]]], fmt="s", color="black", capsize=3)
-        ax.set_xticks(range(len(e["sides"])), list(e["sides"]), fontsize=8)
+        ax.set_xticks(range(len(e["sides"])), list(e["sides"]), fontsize=7, rotation=25,
+                      ha="right")
         tests = e["against_baseline"]
         ps = ", ".join(f"p={t['p']:.2g}" for t in tests.values() if t["p"] is not None)
         ax.set_title(f"{m}\n{ps}", fontsize=8)
