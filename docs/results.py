@@ -245,9 +245,10 @@ def seeded(files: Files, rel: str) -> list[str]:
     if data is None:
         return missing(rel, "`python -m stages.compare --name seeds-quick ...`")
     sides = data.get("sides", {})
-    out = [f"Profile `{data.get('profile')}`, seeds {data.get('seeds')}, "
-           f"{len(sides)} sides, {minutes(data.get('seconds'))} for every run of every side; "
-           f"verdicts at p < {data.get('alpha')}. Baseline: the committed params"
+    took = ("" if data.get("seconds") is None else
+            f", {minutes(data.get('seconds'))} for every run of every side")
+    out = [f"Profile `{data.get('profile')}`, seeds {data.get('seeds')}, {len(sides)} sides"
+           f"{took}; verdicts at p < {data.get('alpha')}. Baseline: the committed params"
            + (f" with `{sides['base']}`" if sides.get("base") else "") + ".", ""]
     for side, overrides in sides.items():
         if side == "base":
