@@ -78,6 +78,11 @@ def test_evaluate_and_quantize_sections():
     with pytest.raises(ConfigError, match=r"evaluate.context_factors must be integers >= 1 and "
                                           r"include 1"):
         parse_section("evaluate", {"context_factors": [2, 4]})
+    assert parse_section("evaluate", {"models": ["sft"]}).models == ["sft"]
+    for bad in ([], ["sft", "sft"], ["chat"]):
+        with pytest.raises(ConfigError, match=r"evaluate.models must be a non-empty list of "
+                                              r"distinct names from pretrain, sft, dpo, rl"):
+            parse_section("evaluate", {"models": bad})
     with pytest.raises(ConfigError, match="quantize.method must be one of int8, int4"):
         parse_section("quantize", {"method": "int3"})
     with pytest.raises(ConfigError, match=r"sft.epochs must be > 0 \(got 0.0\)"):
