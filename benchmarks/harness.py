@@ -50,7 +50,7 @@ def main() -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())["evaluate"]
     model_dir = REPO / "data" / "models" / args.model
     metrics = json.loads((REPO / "metrics" / "evaluate.json").read_text())
-    convs = read_conversations(REPO / "data" / "corpus", "val")
+    convs = read_conversations(REPO / "data" / "corpus", "test")  # what the evaluate stage scores
     build = REPO / "build" / "lm_eval"
     names = write_tasks(build / "tasks", convs, max_per_task=params["max_task_examples"],
                         choices=params["choices"], max_new_tokens=params["max_new_tokens"])

@@ -132,7 +132,7 @@ def key_table(data: Json, prefix: str,
 # --- the default run -----------------------------------------------------------------------
 
 def models_in(ev: Json) -> list[tuple[str, str]]:
-    return [(m, label) for m, label in MODELS if f"evaluate/{m}/val_bpb" in ev]
+    return [(m, label) for m, label in MODELS if f"evaluate/{m}/docs_bpb" in ev]
 
 
 def tasks_in(ev: Json, models: Sequence[tuple[str, str]]) -> list[str]:
@@ -162,9 +162,8 @@ def comparison(files: Files) -> list[str]:
     base = f" (unigram baseline {unigram:.2f})" if isinstance(unigram, (int, float)) else ""
     mc = (f"{choices}-way multiple choice (chance {1 / choices:.2f})"
           if isinstance(choices, int) and choices > 0 else "multiple choice")
-    rows = [[f"bits per byte, held-out docs{base}", *cells("val_bpb", lambda k: num(ev.get(k)))],
-            ["bits per byte, held-out SFT replies",
-             *cells("sft_val_bpb", lambda k: num(ev.get(k)))],
+    rows = [[f"bits per byte, test docs{base}", *cells("docs_bpb", lambda k: num(ev.get(k)))],
+            ["bits per byte, test SFT replies", *cells("sft_bpb", lambda k: num(ev.get(k)))],
             [f"doc questions, {mc}", *cells("doc_mc_accuracy", acc("doc_mc_accuracy"))]]
     tasks = tasks_in(ev, models)
     for task in tasks:
@@ -202,26 +201,33 @@ def extrapolation(files: Files) -> list[str]:
     head = [f"{f}x ({f * seq_len})" if isinstance(seq_len, int) else f"{f}x" for f in factors]
     rows = [[label, *(num(ev.get(f"evaluate/{m}/bpb_ctx{f}x")) for f in factors)]
             for m, label in models_in(ev)]
-    out = [f"Bits per byte on the held-out docs re-cut into windows of 1x, 2x and 4x the training "
+    out = [f"Bits per byte on the test docs re-cut into windows of 1x, 2x and 4x the training "
            f"context ({seq_len} tokens)." if isinstance(seq_len, int) else ""]
     return out + [""] + table(["model", *head], rows)
 
 
 def contamination(files: Files) -> list[str]:
-    """Per evaluation set: examples that share a 13-word run with each training stream; then
-    every model's accuracies on every example and without the contaminated ones."""
+    """The split contract's verdict; per evaluation set, test examples that share a 13-word
+    run with each training stream; then every model's accuracies on every example and
+    without those."""
     ev = files.get("metrics/evaluate.json")
     if ev is None:
         return missing("metrics/evaluate.json", "`dvc repro evaluate`")
     pre = "evaluate/contamination/"
     sets = sorted({k[len(pre):].split("/")[0] for k in ev if k.startswith(pre)})
     if not sets:
-        return ["No contamination check in this run (`evaluate.contamination_ngram: 0`).", ""]
+        return ["_`metrics/evaluate.json` holds no contract check: it was written before "
+                "the check ran on every evaluation (`dvc repro evaluate`)._", ""]
     streams = sorted({k.rsplit("/", 1)[1] for k in ev if k.startswith(pre)}
                      - {"examples", "contaminated"})
     rows = [[s, whole(ev.get(f"{pre}{s}/examples")), whole(ev.get(f"{pre}{s}/contaminated")),
              *(whole(ev.get(f"{pre}{s}/{st}")) for st in streams)] for s in sets]
-    out = table(["set", "examples", "contaminated", *(f"via {st}" for st in streams)], rows)
+    out = [f"Contract violations: {whole(ev.get('evaluate/contract/violations'))} (a "
+           "violation stops the evaluate stage). Test words whose every token is spelled in "
+           "some training word: "
+           f"{pct(ev.get('evaluate/contract/test_words_token_covered'))}.", ""]
+    out += table(["set", "test examples", "share a run", *(f"via {st}" for st in streams)],
+                 rows)
     models = models_in(ev)
     metrics = sorted({k.split("/", 2)[2][: -len("_clean")] for k in ev
                       if k.endswith("_clean") and k.startswith(f"evaluate/{models[0][0]}/")})
@@ -231,7 +237,7 @@ def contamination(files: Files) -> list[str]:
         left = "" if n is None else f" (n={n})"
         return f"{num(ev.get(f'evaluate/{m}/{metric}'))} / {num(ev.get(f'evaluate/{m}/{metric}_clean'))}{left}"
 
-    out += ["Every example / without the contaminated ones (examples left):", ""]
+    out += ["Every example / without the ones that share a run (examples left):", ""]
     out += table(["metric", *(label for _, label in models)],
                  [[metric, *(cell(m, metric) for m, _ in models)] for metric in metrics])
     return out
@@ -340,10 +346,10 @@ def stage_sections(files: Files) -> list[str]:
             ("train_pairs", "training pairs", whole),
             ("on_policy_rejected", "of which the SFT model's own wrong answer is rejected",
              whole),
-            ("val_pairs", "held-out pairs", whole),
-            ("val_reward_accuracy", "held-out reward accuracy", num),
-            ("val_reward_margin", "held-out reward margin", num),
-            ("val_loss", "held-out DPO loss", num),
+            ("val_pairs", "val pairs", whole),
+            ("val_reward_accuracy", "val reward accuracy", num),
+            ("val_reward_margin", "val reward margin", num),
+            ("val_loss", "val DPO loss", num),
             ("kl_to_reference", "KL to the reference (on the policy's samples)", num),
             ("trainable_share", "trainable share", pct),
         ])
@@ -381,7 +387,7 @@ def rl_section(files: Files) -> list[str]:
     tasks = [t for t in TASK_LABELS if f"rl/{t}_exact_before" in rl]
     if tasks:
         n = dig(files.params(), "rl", "eval_per_task")
-        out += ["Greedy exact match on held-out task questions before and after the stage"
+        out += ["Greedy exact match on val task questions before and after the stage"
                 + (f" ({n} per task):" if isinstance(n, int) else ":"), ""]
         out += table(("task", "before", "after"),
                      [(t, num(rl.get(f"rl/{t}_exact_before")), num(rl.get(f"rl/{t}_exact_after")))
@@ -690,9 +696,10 @@ def results_md(files: Files) -> str:
             "### Length extrapolation", ""]
     out += extrapolation(files)
     out += ["### Contamination", "",
-            "Held-out examples that share a run of 13 words with a training stream "
-            "(`reports/evaluate/contamination.md` lists them; [evaluation]"
-            "(evaluation.md#decontamination) says how it is checked):", ""]
+            "The split contract's check, and the test examples that share a run of 13 words "
+            "with a training stream (`reports/evaluate/contamination.md` lists them with "
+            "each set's contract; [evaluation](evaluation.md#the-contract-checked-every-run) "
+            "says how it is checked):", ""]
     out += contamination(files)
     out += ["## Per stage", ""]
     out += stage_sections(files)
@@ -733,7 +740,11 @@ def results_md(files: Files) -> str:
     out += ["### Experiments over seeds", "",
             "`reports/compare/seeds-quick.json` ([experiments](experiments.md#seeds-and-"
             "significance) says how it is run and read): each variant against the committed "
-            "params, every side trained with the same seeds.", ""]
+            "params, every side trained with the same seeds. **Measured on the old splits**, "
+            "before the three splits by construction: its task and doc-question figures are "
+            "on sets that training could reach ([evaluation](evaluation.md#reading-the-"
+            "default-run) says what they measured); they compare the recipes with each other, "
+            "not what a model does on unseen questions.", ""]
     out += seeded(files, "reports/compare/seeds-quick.json")
     if (files.root / "reports/compare/seeds-quick.png").exists():
         out += ["![seeded comparison](../reports/compare/seeds-quick.png)", ""]

@@ -59,7 +59,10 @@ class FetchConfig:
     hf_dataset: str | None = spec(None, doc="Hugging Face dataset id or a local dataset folder")
     hf_config: str | None = spec(None)
     hf_split: str = spec("train")
-    val_fraction: float = spec(0.05, gt=0.0, lt=0.5)
+    val_fraction: float = spec(0.1, gt=0.0, lt=0.5, doc="share of document groups (and "
+                               "user conversations, preference prompts) held out for decisions")
+    test_fraction: float = spec(0.1, ge=0.0, lt=0.5, doc="share held out for the reported "
+                                "table, never for a decision")
     max_documents: int | None = spec(None, ge=1)
     max_bytes: int | None = spec(None, ge=1)
     min_chars: int = spec(1, ge=1, doc="documents shorter than this (after strip) are dropped")
@@ -68,8 +71,10 @@ class FetchConfig:
                                          "as training documents only")
     doc_questions: bool = spec(True, doc="add SFT questions answered from the stdlib docs")
     synthetic_per_task: int = spec(5000, ge=0, doc="SFT training examples per synthetic task")
-    synthetic_val_per_task: int = spec(250, ge=0, doc="held-out examples per synthetic task, "
-                                       "none of them a training conversation (0: hash split)")
+    synthetic_val_per_task: int = spec(250, ge=0, doc="val examples per synthetic task, drawn "
+                                       "from the val pools of words and operand pairs")
+    synthetic_test_per_task: int = spec(250, ge=0, doc="test examples per synthetic task, "
+                                        "drawn from the test pools")
     preference_paths: list[str] = spec(default_factory=list, doc="preference pairs for DPO: "
                                        ".jsonl / .parquet files or globs, MiniMind's dpo.jsonl "
                                        "(chosen / rejected message lists) or TRL's (prompt, "
@@ -81,6 +86,9 @@ class FetchConfig:
             problems.append(
                 "fetch.paths must list at least one file or glob when fetch.source is files"
             )
+        if self.val_fraction + self.test_fraction >= 0.6:
+            problems.append(f"fetch.val_fraction + fetch.test_fraction must be below 0.6 (got "
+                            f"{self.val_fraction} + {self.test_fraction}): most data must train")
         if self.source == "hf" and not self.hf_dataset:
             problems.append(
                 "fetch.hf_dataset must name a dataset (hub id or local folder) "
@@ -409,8 +417,9 @@ class EvaluateConfig:
     max_task_examples: int = spec(250, ge=1, doc="held-out conversations per task")
     max_new_tokens: int = spec(64, ge=1)
     choices: int = spec(4, ge=2, doc="answers per multiple-choice doc question")
-    contamination_ngram: int = spec(13, ge=0, doc="words in a run shared with a training "
-                                    "stream that marks an example contaminated (0: no check)")
+    contamination_ngram: int = spec(13, ge=8, le=50, doc="words in a run shared with a "
+                                    "training stream that marks an example contaminated (the "
+                                    "check always runs)")
     models: list[str] = spec(default_factory=lambda: list(CHAIN_MODELS),
                              doc="the models of the chain to score (a quick comparison that "
                                  "skips alignment scores pretrain and sft only)")

@@ -254,10 +254,18 @@ class Registered(NamedTuple):
 # stated margin (docs/tracking.md), not one measured for every model size.
 PROMOTE_MARGIN = 0.01
 
+# the version of the corpus's train/val/test construction. A val_bpb is a number about one
+# val split: measured on another split it is another quantity, so ``best`` compares only
+# versions registered on the same split version. Bump this string whenever the construction of
+# the splits changes (what goes in, the seed or fractions of the split, dedup or contamination
+# filtering of val/test); the first version registered after the bump takes ``best``.
+SPLIT_VERSION = "3"
+
 
 def register_model(tracker: Any, model_dir: Path, val_bpb: float | None, kind: str,
                    name: str = EXPERIMENT, tags: Mapping[str, str] | None = None,
-                   margin: float = PROMOTE_MARGIN) -> Registered | None:
+                   margin: float = PROMOTE_MARGIN,
+                   split_version: str = SPLIT_VERSION) -> Registered | None:
     """Log ``model_dir`` to the run as an MLflow pyfunc model and register it as a new version
     of model ``name``, with ``tags`` (lineage: git commit, DVC hashes, params) on the version.
 
@@ -267,6 +275,12 @@ def register_model(tracker: Any, model_dir: Path, val_bpb: float | None, kind: s
     ``best_val_bpb``, ``val_bpb_delta``). (``latest`` needs no alias: MLflow reserves that
     name and ``models:/llmcore/latest`` already resolves to the newest version.) Returns None
     for a tracker without a registry.
+
+    Every version carries tag ``split_version`` (``split_version``, by default
+    :data:`SPLIT_VERSION`, the version of the corpus's train/val/test construction: bump it
+    whenever that construction changes). A val_bpb is only compared with one measured on the
+    same split version: a ``best`` holder on another split version (or with none recorded) is
+    not compared, the new version takes ``best`` and its ``promotion`` tag says so.
     """
     import tempfile
 
@@ -279,11 +293,13 @@ def register_model(tracker: Any, model_dir: Path, val_bpb: float | None, kind: s
         tracker.log_artifact(save_pyfunc(Path(model_dir), Path(tmp) / "model"), "model")
     with contextlib.suppress(MlflowException):  # already registered
         client.create_registered_model(name)
+    split_version = str(split_version)
     version_tags = {"kind": kind, "val_bpb": str(val_bpb),
-                    **{k: str(v)[:_PARAM_MAX] for k, v in (tags or {}).items()}}
+                    **{k: str(v)[:_PARAM_MAX] for k, v in (tags or {}).items()},
+                    "split_version": split_version}  # the argument wins over a tag of that name
     version = str(client.create_model_version(name, f"runs:/{tracker.run_id}/model",
                                               run_id=tracker.run_id, tags=version_tags).version)
-    return _promote(client, name, version, val_bpb, margin)
+    return _promote(client, name, version, val_bpb, margin, split_version)
 
 
 def _bpb(tags: Mapping[str, str]) -> float:
@@ -294,9 +310,12 @@ def _bpb(tags: Mapping[str, str]) -> float:
 
 
 def _promote(client: Any, name: str, version: str, val_bpb: float | None,
-             margin: float) -> Registered:
+             margin: float, split_version: str = SPLIT_VERSION) -> Registered:
     """Point ``best`` at ``version`` if it beats the holder by more than ``margin``, else
-    ``challenger``; the decision goes into the version's tags and the returned message."""
+    ``challenger``; the decision goes into the version's tags and the returned message.
+
+    The holder counts only if it was registered on ``split_version``: a val_bpb of another
+    split version is not comparable, so such a holder loses ``best`` without a comparison."""
     from mlflow.exceptions import MlflowException
 
     new = math.nan if val_bpb is None else float(val_bpb)
@@ -304,6 +323,19 @@ def _promote(client: Any, name: str, version: str, val_bpb: float | None,
         holder = client.get_model_version_by_alias(name, "best")
     except MlflowException:
         holder = None
+    if holder is not None and holder.tags.get("split_version") != split_version:
+        held_on = holder.tags.get("split_version")
+        held_on = f"split version {held_on}" if held_on else "no recorded split version"
+        reason = (f"best: the first version on split version {split_version} (version "
+                  f"{holder.version} held best on {held_on})")
+        client.set_registered_model_alias(name, "best", version)
+        for key, value in (("promotion", reason), ("previous_best_version", holder.version),
+                           ("previous_best_split_version",
+                            holder.tags.get("split_version", "none"))):
+            client.set_model_version_tag(name, version, key, value)
+        return Registered(version, "best", f"registered as {name} version {version} "
+                                           f"({reason}; val_bpb is not compared across split "
+                                           "versions)")
     old = _bpb(holder.tags) if holder is not None else math.nan
     if holder is None or not math.isfinite(old):
         client.set_registered_model_alias(name, "best", version)
@@ -315,10 +347,11 @@ def _promote(client: Any, name: str, version: str, val_bpb: float | None,
     better = math.isfinite(delta) and delta < -margin
     alias = "best" if better else "challenger"
     client.set_registered_model_alias(name, alias, version)
-    verdict = (f"best: val_bpb {new:.4f} beats version {holder.version}'s {old:.4f} by more "
-               f"than {margin}" if better else
+    on = f"split version {split_version}"
+    verdict = (f"best: val_bpb {new:.4f} beats version {holder.version}'s {old:.4f} ({on}) by "
+               f"more than {margin}" if better else
                f"challenger: val_bpb {new:.4f} against best version {holder.version}'s "
-               f"{old:.4f}; best moves only for a drop of more than {margin}")
+               f"{old:.4f} ({on}); best moves only for a drop of more than {margin}")
     for key, value in (("promotion", verdict), ("best_version", holder.version),
                        ("best_val_bpb", f"{old:.5f}"), ("val_bpb_delta", f"{delta:.5f}"),
                        ("promote_margin", str(margin))):

@@ -41,11 +41,11 @@ PROFILES: dict[str, list[str]] = {
     "quick": ["pretrain.max_steps=240", "pretrain.eval_every=120", "sft.max_steps=160",
               "sft.eval_every=80", "dpo.max_steps=0", "rl.max_steps=0",
               "evaluate.max_task_examples=100", "evaluate.context_factors=[1]",
-              "evaluate.contamination_ngram=0", "evaluate.models=[pretrain,sft]",
+              "evaluate.models=[pretrain,sft]",
               "base.tracking=none"],
     "full": [],
 }
-METRICS = ["evaluate/pretrain/val_bpb", "evaluate/sft/sft_val_bpb", "evaluate/sft/doc_mc_accuracy",
+METRICS = ["evaluate/pretrain/docs_bpb", "evaluate/sft/sft_bpb", "evaluate/sft/doc_mc_accuracy",
            "evaluate/sft/arithmetic_exact_match", "evaluate/sft/count_exact_match",
            "evaluate/sft/spell_exact_match", "evaluate/sft/reverse_exact_match"]
 DONE = ("Success", "Failed")

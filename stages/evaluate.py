@@ -1,5 +1,11 @@
-"""DVC stage ``evaluate``: compare every model of the chain (pretrain, sft, dpo, rl) on the same
-held-out data; write ``reports/evaluate/``."""
+"""DVC stage ``evaluate``: compare every model of the chain (pretrain, sft, dpo, rl) on the
+test split; write ``reports/evaluate/``.
+
+First it checks every evaluation set's contract against every training stream
+(:mod:`llmcore.report.contamination`) and stops, naming the set and the example, when one is
+broken: no param turns the check off. Only then are the models scored, on test alone (every
+decision of the chain read val).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +13,20 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from llmcore.config import BaseConfig, EvaluateConfig
-from llmcore.data.corpus import read_conversations, read_preferences
+from llmcore.data.corpus import read_conversations
 from llmcore.data.shards import ShardDataset
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes
 from llmcore.device import pick_device, precision
 from llmcore.model.modeldir import load_model_dir
-from llmcore.report.contamination import contamination_metrics, contamination_report, decontaminate
+from llmcore.report.contamination import (
+    Contract,
+    ContractViolation,
+    check_contract,
+    contamination_metrics,
+)
 from llmcore.report.evaluate import clean_metrics, evaluate_model, summary_metrics
 from llmcore.report.tables import clean_comparison, render_plots, write_reports
 from llmcore.tracking import Tracker
@@ -35,53 +45,55 @@ class Params(StageParams):
     evaluate: EvaluateConfig
 
 
+def _contract(p: Params, tok: LLMTokenizer) -> Contract:
+    """Check every set's contract; write the report. Raises ContractViolation (one line: the
+    set and its first violating example) when one breaks."""
+    cfg, root = p.evaluate, repo_root()
+    c = check_contract(tok, root / paths.CORPUS, root / paths.SHARDS, cfg.max_task_examples,
+                       cfg.choices, cfg.contamination_ngram)
+    out = root / OUT
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "contamination.json").write_text(json.dumps(c.data, indent=1) + "\n")
+    (out / "contamination.md").write_text(c.page)
+    if c.violation:
+        raise ContractViolation(f"{c.violation} (see {OUT}/contamination.md); rebuild the "
+                                "corpus with `dvc repro fetch`, or fix the data that leaks")
+    log(c.page.split("\n## ")[0])
+    return c
+
+
 def body(p: Params, tracker: Tracker) -> dict[str, Any]:
     cfg, base, root = p.evaluate, p.base, repo_root()
     tok = LLMTokenizer.load(root / paths.TOKENIZER)
     device = pick_device(base.device)
     prec = precision(base.dtype, device)
-    dtype = prec.autocast
     log(f"evaluate: {prec.describe()}")
     torch.manual_seed(base.seed)
-    pre_val = ShardDataset(root / paths.SHARDS, "pretrain_val")
-    sft_val = ShardDataset(root / paths.SHARDS, "sft_val")
-    convs = read_conversations(root / paths.CORPUS, "val")
-    out, checks, clean_rows = root / OUT, {}, None
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.contamination_ngram:
-        checks = decontaminate(
-            tok, val_conversations=convs,
-            train_conversations=read_conversations(root / paths.CORPUS, "train"),
-            preferences=read_preferences(root / paths.CORPUS, "train"),
-            pretrain_train=ShardDataset(root / paths.SHARDS, "pretrain_train"),
-            sft_train=ShardDataset(root / paths.SHARDS, "sft_train"), pretrain_val=pre_val,
-            max_per_task=cfg.max_task_examples, max_rows=cfg.max_rows,
-            n=cfg.contamination_ngram)
-        data, page = contamination_report(checks, cfg.contamination_ngram)
-        (out / "contamination.json").write_text(json.dumps(data, indent=1) + "\n")
-        (out / "contamination.md").write_text(page)
-        log(page.split("\n## ")[0])
-        clean_rows = np.nonzero(~checks["docs_val"].contaminated)[0]
+    contract = _contract(p, tok)
+    docs_test = ShardDataset(root / paths.SHARDS, "pretrain_test")
+    sft_test = ShardDataset(root / paths.SHARDS, "sft_test")
+    convs = read_conversations(root / paths.CORPUS, "test")
+    out = root / OUT
     tb = torch.tensor(token_bytes(tok))
     results = {}
     for name in cfg.models:
-        path = MODELS[name]
-        model, _ = load_model_dir(root / path, device)
+        model, _ = load_model_dir(root / MODELS[name], device)
         log(f"evaluate: {name} model")
-        results[name] = evaluate_model(model, tok, pretrain_val=pre_val, sft_val=sft_val,
+        results[name] = evaluate_model(model, tok, docs=docs_test, replies=sft_test,
                                        conversations=convs, token_bytes=tb, cfg=cfg,
-                                       device=device, dtype=dtype, clean_rows=clean_rows)
-    seq_len = pre_val.row_len - 1
+                                       device=device, dtype=prec.autocast)
+    seq_len = docs_test.row_len - 1
     write_reports(out, results, cfg.context_factors, cfg.prompts, seq_len)
     render_plots(root / paths.METRICS, out, results, cfg.context_factors, seq_len)
     tracker.log_artifact(out, "reports")
     log((out / "comparison.md").read_text())
     metrics = summary_metrics(results, cfg.context_factors)
-    if checks:
-        metrics.update(contamination_metrics(checks))
-        metrics.update(clean_metrics(results, {k: r.contaminated for k, r in checks.items()}))
-        with (out / "contamination.md").open("a") as f:
-            f.write("\n## The metrics without them\n\n" + clean_comparison(metrics, list(results)))
+    metrics.update(contamination_metrics(contract.checks))
+    metrics["evaluate/contract/violations"] = 0  # a violation stopped the stage above
+    metrics["evaluate/contract/test_words_token_covered"] = contract.coverage["share"]
+    metrics.update(clean_metrics(results, {k: r.contaminated for k, r in contract.checks.items()}))
+    with (out / "contamination.md").open("a") as f:
+        f.write("\n## The metrics without them\n\n" + clean_comparison(metrics, list(results)))
     return metrics
 
 

@@ -7,9 +7,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from llmcore.config import PackConfig
-from llmcore.data.corpus import read_conversations, read_texts
+from llmcore.config import PackConfig, UserError
+from llmcore.data.corpus import read_conversations, read_documents
 from llmcore.data.packing import pack_all
+from llmcore.data.splits import SPLITS, pool_breach
 from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.files import atomic_dir
 from llmcore.tracking import Tracker
@@ -28,9 +29,15 @@ class Params(StageParams):
 def body(p: Params, tracker: Tracker) -> dict[str, Any]:
     cfg, root = p.pack, repo_root()
     tok = LLMTokenizer.load(root / TOKENIZER)
-    pretrain = {s: read_texts(root / CORPUS, s) for s in ("train", "val")}
-    sft = {s: [c["messages"] for c in read_conversations(root / CORPUS, s)]
-           for s in ("train", "val")}
+    docs = {s: read_documents(root / CORPUS, s) for s in SPLITS}
+    convs = {s: read_conversations(root / CORPUS, s) for s in SPLITS}
+    # the split contract, checked where the rows are made: cheap, and before any training
+    breach = pool_breach({**{f"pretrain_{s}": v for s, v in docs.items()},
+                          **{f"sft_{s}": v for s, v in convs.items()}})
+    if breach:
+        raise UserError(f"{CORPUS}: {breach}; run `dvc repro fetch`")
+    pretrain = {s: [d["text"] for d in v] for s, v in docs.items()}
+    sft = {s: [c["messages"] for c in v] for s, v in convs.items()}
     total = sum(map(len, pretrain.values())) + sum(map(len, sft.values()))
     with tqdm(total=total, desc="pack", unit="doc", mininterval=1.0) as bar:
         manifest = atomic_dir(root / OUT, lambda tmp: pack_all(

@@ -74,6 +74,77 @@ def test_best_moves_only_for_a_drop_beyond_the_margin(tmp_path):
     assert register_model(NullTracker(), model_dir, 1.0, "sft") is None
 
 
+def test_best_compares_val_bpb_only_within_one_split_version(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from llmcore.tracking import PROMOTE_MARGIN, SPLIT_VERSION, register_model
+
+    assert isinstance(SPLIT_VERSION, str)
+    uri = default_uri(tmp_path)
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    client = MlflowClient(uri)
+
+    def register(bpb, **kwargs):
+        t = MlflowTracker(uri, "sft", artifact_root=tmp_path / "art")
+        reg = register_model(t, model_dir, bpb, "sft", **kwargs)
+        t.finish()
+        best = str(client.get_model_version_by_alias("llmcore", "best").version)
+        return reg, best, client.get_model_version("llmcore", reg.version).tags
+
+    # v1: best on split version 2
+    reg, best, tags = register(1.2, split_version="2")
+    assert (reg.alias, best, tags["split_version"]) == ("best", "1", "2")
+    # v2: far worse, but measured on split version 3: not compared with v1, takes best
+    reg, best, tags = register(2.0, split_version="3")
+    assert (reg.alias, best, tags["split_version"]) == ("best", "2", "3")
+    assert tags["promotion"] == ("best: the first version on split version 3 "
+                                 "(version 1 held best on split version 2)")
+    assert "best_version" not in tags and "val_bpb_delta" not in tags  # nothing was compared
+    assert "version 1 held best on split version 2" in reg.message
+    # v3, v4: on split version 3 again, the margin rule holds against v2
+    reg, best, tags = register(2.0 - PROMOTE_MARGIN / 2, split_version="3")
+    assert (reg.alias, best) == ("challenger", "2")
+    assert tags["best_version"] == "2" and tags["split_version"] == "3"
+    assert tags["promotion"].startswith("challenger") and "split version 3" in tags["promotion"]
+    reg, best, tags = register(2.0 - 2 * PROMOTE_MARGIN, split_version="3")
+    assert (reg.alias, best) == ("best", "4")
+    assert tags["best_version"] == "2" and float(tags["val_bpb_delta"]) < -PROMOTE_MARGIN
+    # v5: an old-split version better by far never takes best from a split-3 holder by
+    # comparison; it takes best only as the first of its split version (and says so)
+    reg, best, tags = register(0.5, split_version="2")
+    assert (reg.alias, best) == ("best", "5")
+    assert tags["promotion"] == ("best: the first version on split version 2 "
+                                 "(version 4 held best on split version 3)")
+    # the default is SPLIT_VERSION, and a tag of that name cannot override the argument
+    reg, best, tags = register(0.1, tags={"split_version": "2"})
+    assert (reg.alias, best, tags["split_version"]) == ("best", "6", SPLIT_VERSION)
+
+
+def test_a_best_holder_without_a_split_version_is_not_compared(tmp_path):
+    """A version registered before split versions were tagged holds best on no known split."""
+    from mlflow.tracking import MlflowClient
+
+    from llmcore.tracking import SPLIT_VERSION, register_model
+
+    uri = default_uri(tmp_path)
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    client = MlflowClient(uri)
+    t = MlflowTracker(uri, "sft", artifact_root=tmp_path / "art")
+    register_model(t, model_dir, 1.0, "sft")
+    client.delete_model_version_tag("llmcore", "1", "split_version")  # as an old version
+    reg = register_model(t, model_dir, 3.0, "sft")
+    t.finish()
+    assert reg.alias == "best"
+    assert str(client.get_model_version_by_alias("llmcore", "best").version) == "2"
+    assert client.get_model_version("llmcore", "2").tags["promotion"] == (
+        f"best: the first version on split version {SPLIT_VERSION} "
+        "(version 1 held best on no recorded split version)")
+
+
 def test_system_metrics_are_sampled_into_the_run(tmp_path):
     import time
 

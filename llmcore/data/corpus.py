@@ -1,12 +1,15 @@
 """The corpus on disk: its record types, its Parquet tables, reading them back.
 
-``data/corpus/`` holds four tables, ``pretrain_{train,val}.parquet`` (``id``, ``text``,
-``source``) and ``sft_{train,val}.parquet`` (``id``, ``messages``, ``task``, ``answer``,
-``source``), rows sorted by id, plus ``bad_records.txt`` (every malformed input record, by
-``file:line``) and ``manifest.json``. The ``id`` is the SHA-256 of the content, which also
-decides the split (:mod:`llmcore.data.sources`). When ``fetch.preference_paths`` names files, two
-more: ``preferences_{train,val}.parquet`` (``id``, ``prompt``, ``chosen``, ``rejected``,
-``source``; :mod:`llmcore.data.preferences`); a corpus without them reads as having no pairs.
+``data/corpus/`` holds six tables, one file per split (train, val, test):
+``pretrain_<split>.parquet`` (``id``, ``text``, ``source``, ``pool``) and
+``sft_<split>.parquet`` (``id``, ``messages``, ``task``, ``answer``, ``source``, ``pool``),
+rows sorted by id, plus ``bad_records.txt`` (every malformed input record, by ``file:line``)
+and ``manifest.json``. The ``id`` is the SHA-256 of the content; ``pool`` lists the keys that
+decided the row's split (a document group, a word, an operand pair: :mod:`llmcore.data.splits`),
+so a contract can be checked with a few lines of pyarrow: no key of a held-out table is in a
+train table. When ``fetch.preference_paths`` names files, three more:
+``preferences_<split>.parquet`` (``id``, ``prompt``, ``chosen``, ``rejected``, ``source``,
+``pool``; :mod:`llmcore.data.preferences`); a corpus without them reads as having no pairs.
 
 Everything that reads the corpus (tokenizer, pack, evaluate, quantize) needs only this module,
 not the readers of the sources, so a change to how a source is read re-runs fetch and what
@@ -26,7 +29,10 @@ import pyarrow.parquet as pq
 from llmcore.config import UserError
 from llmcore.files import atomic_dir
 
-SPLITS = ("train", "val")
+# train: every training stream; val: every decision; test: only reported (what decides a
+# row's split is llmcore.data.splits, which fetch alone needs)
+SPLITS = ("train", "val", "test")
+
 BAD_RECORDS_FILE = "bad_records.txt"
 
 
@@ -87,7 +93,9 @@ class BadRecord(ValueError):
 class Document:
     text: str
     source: str
-    split: str | None = None  # a fixed split; None: decided by the content hash
+    split: str | None = None  # a fixed split; None: decided by the group
+    group: str | None = None  # what decides the split (a module, a topic); None: the content
+    train_only: bool = False  # only ever trained on: left out when its group is held out
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,8 @@ class Conversation:
     source: str
     task: str = "chat"
     answer: str | None = None  # exact expected final reply, for tasks that have one
-    split: str | None = None  # a fixed split; None: decided by the content hash
+    split: str | None = None  # a fixed split; None: decided by the pool keys
+    pool: tuple[str, ...] = ()  # what it is about (a group, a word, a pair); (): the content
 
     def as_dicts(self) -> list[dict[str, str]]:
         return [{"role": r, "content": c} for r, c in self.messages]
@@ -105,15 +114,17 @@ class Conversation:
 Record = Document | Conversation
 
 
+POOL_TYPE = pa.list_(pa.string())  # the pool keys that decided the row's split
 PRETRAIN_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.large_string()),
-                             ("source", pa.string())])
+                             ("source", pa.string()), ("pool", POOL_TYPE)])
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.large_string())]))
 SFT_SCHEMA = pa.schema([("id", pa.string()), ("messages", MESSAGE_TYPE), ("task", pa.string()),
-                        ("answer", pa.large_string()), ("source", pa.string())])
+                        ("answer", pa.large_string()), ("source", pa.string()),
+                        ("pool", POOL_TYPE)])
 PREFERENCE_SCHEMA = pa.schema([("id", pa.string()), ("prompt", MESSAGE_TYPE),
                                ("chosen", pa.large_string()), ("rejected", pa.large_string()),
-                               ("source", pa.string())])
-PREFERENCES = "preferences"  # tables preferences_train, preferences_val
+                               ("source", pa.string()), ("pool", POOL_TYPE)])
+PREFERENCES = "preferences"  # tables preferences_train, preferences_val, preferences_test
 
 
 def _schema(table: str) -> pa.Schema:
@@ -155,6 +166,11 @@ def read_texts(corpus_dir: Path, split: str = "train") -> list[str]:
     return table.column("text").to_pylist()
 
 
+def read_documents(corpus_dir: Path, split: str) -> list[dict[str, Any]]:
+    """Pretraining documents of one split: ``{"id", "text", "source", "pool"}``."""
+    return _read_table(Path(corpus_dir) / f"pretrain_{split}.parquet").to_pylist()
+
+
 def read_conversations(corpus_dir: Path, split: str = "train") -> list[dict[str, Any]]:
     """SFT rows of one split: ``{"id", "messages", "task", "answer", "source"}``."""
     return _read_table(Path(corpus_dir) / f"sft_{split}.parquet").to_pylist()
@@ -168,4 +184,4 @@ def read_preferences(corpus_dir: Path, split: str) -> list[dict[str, Any]]:
     path = Path(corpus_dir) / f"{PREFERENCES}_{split}.parquet"
     if not path.exists():
         return []
-    return _read_table(path, ["prompt", "chosen", "rejected", "source"]).to_pylist()
+    return _read_table(path, ["prompt", "chosen", "rejected", "source", "pool"]).to_pylist()

@@ -39,11 +39,10 @@ from llmcore.config import FetchConfig
 from llmcore.data.corpus import PREFERENCES, SPLITS, BadRecord
 from llmcore.data.sources import (
     CorpusStats,
-    both_splits,
+    assign_splits,
     content_hash,
     parse_messages,
     read_rows,
-    split_of,
 )
 
 Messages = tuple[tuple[str, str], ...]
@@ -134,9 +133,10 @@ def read_preferences_file(path: Path) -> Iterator[PreferencePair | BadRecord]:
 
 def collect_preferences(records: Iterable[PreferencePair | BadRecord], cfg: FetchConfig,
                         stats: CorpusStats) -> dict[str, list[dict]]:
-    """De-duplicate and split pairs into the rows of ``preferences_{train,val}``, counting
-    them (and skipping malformed records, or failing on them) in ``stats``."""
-    tables: dict[str, list[dict]] = {f"{PREFERENCES}_{s}": [] for s in SPLITS}
+    """De-duplicate and split pairs into the rows of ``preferences_{train,val,test}`` by the
+    hash of their prompt, counting them (and skipping malformed records, or failing on them)
+    in ``stats``."""
+    rows: list[dict] = []
     seen: set[str] = set()
     for rec in records:
         if isinstance(rec, BadRecord):
@@ -147,11 +147,16 @@ def collect_preferences(records: Iterable[PreferencePair | BadRecord], cfg: Fetc
             stats.preference_duplicates_dropped += 1
             continue
         seen.add(key)
-        split = rec.split or split_of(content_hash(rec.prompt), cfg.val_fraction)
+        rows.append({"table": PREFERENCES, "split": rec.split, "id": key,
+                     "prompt": [{"role": r, "content": c} for r, c in rec.prompt],
+                     "chosen": rec.chosen, "rejected": rec.rejected, "source": rec.source,
+                     "pool": [f"prompt:{content_hash(rec.prompt)}"]})
+    assign_splits(rows, cfg.val_fraction, cfg.test_fraction, stats.notes,
+                  ((PREFERENCES, "preference pairs"),))
+    tables: dict[str, list[dict]] = {f"{PREFERENCES}_{s}": [] for s in SPLITS}
+    for row in rows:
+        split = row.pop("split")
+        del row["table"]
         stats.preference_pairs[split] += 1
-        tables[f"{PREFERENCES}_{split}"].append({
-            "id": key, "prompt": [{"role": r, "content": c} for r, c in rec.prompt],
-            "chosen": rec.chosen, "rejected": rec.rejected, "source": rec.source})
-    both_splits(tables[f"{PREFERENCES}_train"], tables[f"{PREFERENCES}_val"],
-                stats.preference_pairs, None, "preference pairs", stats.notes)
+        tables[f"{PREFERENCES}_{split}"].append(row)
     return tables

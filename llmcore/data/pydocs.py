@@ -114,8 +114,9 @@ def builtin_documents(max_chars: int = 3000) -> Iterator[Document]:
     so that the few huge modules do not make the val split a lottery of a handful of files.
     """
     for entry in pydoc_topics():
-        yield Document(entry.doc, f"builtin:topic/{entry.name}")
+        yield Document(entry.doc, f"builtin:topic/{entry.name}", group=topic_group(entry.name))
     for modname, entries in stdlib_entries():
+        group = module_group(modname)
         parts: list[str] = []
         size = 0
         for e in entries:
@@ -125,11 +126,11 @@ def builtin_documents(max_chars: int = 3000) -> Iterator[Document]:
                 body = "\n".join("    " + ln if ln else "" for ln in e.doc.splitlines())
                 part = f"{e.signature}\n{body}"
             if parts and size + len(part) > max_chars:
-                yield Document("\n\n".join(parts), f"builtin:module/{modname}")
+                yield Document("\n\n".join(parts), f"builtin:module/{modname}", group=group)
                 parts, size = [f"Help on module {modname} (continued):"], 0
             parts.append(part)
             size += len(part)
-        yield Document("\n\n".join(parts), f"builtin:module/{modname}")
+        yield Document("\n\n".join(parts), f"builtin:module/{modname}", group=group)
 
 
 def _without_docstrings(source: str) -> str | None:
@@ -164,8 +165,10 @@ def stdlib_code_documents(max_chars: int = 4000) -> Iterator[Document]:
     """The standard library's Python source (tests and docstrings left out), in pieces of
     about ``max_chars`` that end before a top-level statement, as training documents only.
 
-    Only for training: the validation split stays the documentation, the same set with or
-    without the code, so bits per byte on it compare across the two.
+    Only for training: the held-out splits stay the documentation, the same set with or
+    without the code, so bits per byte on them compare across the two. A piece belongs to its
+    module's group and is left out when that group is held out (the code of a held-out module
+    would show its names and comments).
     """
     for modname, path in _stdlib_files():
         if modname.startswith("pydoc_data"):  # the reference topics: documentation, as data
@@ -182,12 +185,14 @@ def stdlib_code_documents(max_chars: int = 4000) -> Iterator[Document]:
             top_level = line[:1] not in (" ", "\t", "\n", ")", "]", "}", "#", "")
             # cut before a top-level statement, or anywhere in a statement far too long
             if (size > max_chars and top_level) or size > 4 * max_chars:
-                yield Document("".join(piece), f"builtin:code/{modname}", split="train")
+                yield Document("".join(piece), f"builtin:code/{modname}",
+                               group=module_group(modname), train_only=True)
                 piece, size = [], 0
             piece.append(line)
             size += len(line)
         if "".join(piece).strip():
-            yield Document("".join(piece), f"builtin:code/{modname}", split="train")
+            yield Document("".join(piece), f"builtin:code/{modname}",
+                           group=module_group(modname), train_only=True)
 
 
 def first_paragraphs(text: str, max_chars: int = 600) -> str:
@@ -211,10 +216,27 @@ _DOC_QUESTIONS = {
 SYSTEM_PROMPT = "You are a helpful assistant who answers questions about Python precisely."
 
 
+def topic_group(name: str) -> str:
+    """The split group of a reference topic: the topic itself."""
+    return f"topic:{name}"
+
+
+def module_group(modname: str) -> str:
+    """The split group of a stdlib module: its top-level package (``email.mime.text`` ->
+    ``module:email``), so that a package's modules, which repeat each other's text, stay
+    together. Near-copies across packages (``posixpath`` and ``ntpath``) are joined later, by
+    their shared text (:func:`llmcore.data.splits.merge_near_copies`)."""
+    return f"module:{modname.split('.')[0]}"
+
+
 def doc_conversations(min_chars: int = 40) -> Iterator[Conversation]:
-    """A question about each documented topic/module/class/function, answered from its doc."""
-    entries = pydoc_topics() + [e for _, es in stdlib_entries() for e in es]
-    for e in entries:
+    """A question about each documented topic/module/class/function, answered from its doc.
+
+    Each belongs to the group of the document its answer is cut from, so the question, its
+    answer and the document land in one split."""
+    entries = [(topic_group(e.name), e) for e in pydoc_topics()] + [
+        (module_group(m), e) for m, es in stdlib_entries() for e in es]
+    for group, e in entries:
         answer = first_paragraphs(e.doc)
         if len(answer) < min_chars:
             continue
@@ -223,10 +245,10 @@ def doc_conversations(min_chars: int = 40) -> Iterator[Conversation]:
         title = e.signature.strip('"*')
         question = templates[pick].format(name=e.name, sig=e.signature, title=title)
         yield Conversation((("user", question), ("assistant", answer)),
-                           f"builtin:doc/{e.kind}", "doc", answer)
+                           f"builtin:doc/{e.kind}", "doc", answer, pool=(group,))
 
 
-def word_list(min_len: int = 3, max_len: int = 10, size: int = 2000) -> list[str]:
+def word_list(min_len: int = 3, max_len: int = 10, size: int = 2400) -> list[str]:
     """The most frequent plain lowercase words of the pydoc topics (stable for a Python version)."""
     counts: Counter[str] = Counter()
     for e in pydoc_topics():

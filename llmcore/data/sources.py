@@ -15,11 +15,14 @@ canonical JSON of a conversation) and applies document/byte limits. Malformed re
 skipped and counted, all of them listed in the corpus's ``bad_records.txt``; ``strict`` turns
 them into errors.
 
-The train/val split is a pure function of the content: SHA-256 of the text mapped to [0, 1)
-and compared with ``val_fraction``. Adding or removing a document never moves another one
-between splits. The price: the val fraction is only approximately ``val_fraction`` on small
-corpora, and near-duplicates may land on both sides. When the hash leaves a split empty and
-there are two or more records, the one nearest the split line crosses it.
+The train/val/test split is decided by pool keys, never by filtering duplicates
+(:mod:`llmcore.data.splits`): a document's group (a module or topic of the builtin corpus,
+the content hash of a user document), merged with the groups it nearly copies; a doc
+question follows its document; a synthetic question its word or operand pair; a user
+conversation its content. Adding or removing a record never moves another one between
+splits. The price: the shares are only approximately ``val_fraction`` / ``test_fraction`` on
+small corpora. When the hash leaves train or val without rows and there are two or more
+groups, the group nearest the split line crosses it, whole.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ import json
 import os
 import socket
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -50,6 +53,7 @@ from llmcore.data.corpus import (
     unencodable,
 )
 from llmcore.data.pydocs import builtin_documents, doc_conversations, stdlib_code_documents
+from llmcore.data.splits import merge_near_copies, pool_breach, split_of, unit_interval
 from llmcore.data.tasks import synthetic_conversations
 
 ROLES = ("system", "user", "assistant")
@@ -68,11 +72,6 @@ def content_hash(payload: Any) -> str:
 
 def content_key(record: Record) -> str:
     return content_hash(record.text if isinstance(record, Document) else record.messages)
-
-
-def split_of(key_hex: str, val_fraction: float) -> str:
-    """``"val"`` for a fraction ``val_fraction`` of keys, decided by the key alone."""
-    return "val" if int(key_hex[:16], 16) / 2.0**64 < val_fraction else "train"
 
 
 def parse_messages(raw: Any, location: str, need_assistant: bool = True
@@ -280,6 +279,7 @@ class CorpusStats:
     bad_listed: list[str] = field(default_factory=list)  # the first MAX_LISTED
     notes: list[str] = field(default_factory=list)  # what the user should know (small corpus)
     limit_dropped: int = 0
+    held_out_dropped: int = 0  # training-only documents (code) of a held-out group
     seconds: float = 0.0
 
     def metrics(self, prefix: str = "fetch") -> dict[str, float]:
@@ -293,6 +293,7 @@ class CorpusStats:
                                              + self.preference_duplicates_dropped),
             f"{prefix}/bad_records": self.bad_records,
             f"{prefix}/limit_dropped": self.limit_dropped,
+            f"{prefix}/held_out_dropped": self.held_out_dropped,
             f"{prefix}/seconds": round(self.seconds, 3),
         }
         for s in SPLITS:
@@ -332,7 +333,8 @@ def source_records(cfg: FetchConfig, root: Path | None = None) -> Iterator[Recor
         # The seed is fixed by content, not base.seed, so that the SFT set is a property of
         # the corpus params alone.
         yield from synthetic_conversations(cfg.synthetic_per_task, seed=0,
-                                           val_per_task=cfg.synthetic_val_per_task)
+                                           val_per_task=cfg.synthetic_val_per_task,
+                                           test_per_task=cfg.synthetic_test_per_task)
 
 
 def _cleaned(rec: Record, cfg: FetchConfig, stats: CorpusStats) -> Record | None:
@@ -340,20 +342,20 @@ def _cleaned(rec: Record, cfg: FetchConfig, stats: CorpusStats) -> Record | None
     if isinstance(rec, Document):
         text = rec.text.strip()
         if len(text) >= cfg.min_chars:
-            return Document(text, rec.source, rec.split)
+            return replace(rec, text=text)
     elif not any(r == "assistant" and not c.strip() for r, c in rec.messages):
         return rec
     stats.empty_dropped += 1
     return None
 
 
-def collect(records: Iterable[Record | BadRecord], cfg: FetchConfig
-            ) -> tuple[dict[str, list[dict]], CorpusStats]:
-    """Clean, de-duplicate, limit and split records into rows per table."""
-    stats = CorpusStats()
-    tables: dict[str, list[dict]] = {f"{k}_{s}": [] for k in ("pretrain", "sft") for s in SPLITS}
+def _read_all(records: Iterable[Record | BadRecord], cfg: FetchConfig, stats: CorpusStats
+              ) -> tuple[list[tuple[str, Document]], list[tuple[str, Conversation]]]:
+    """(id, record) of every clean, new document and conversation, within the limits."""
+    docs: list[tuple[str, Document]] = []
+    convs: list[tuple[str, Conversation]] = []
     seen: set[str] = set()
-    total_docs = total_bytes = 0
+    total_bytes = 0
     for raw in records:
         if isinstance(raw, BadRecord):
             stats.skip_bad(raw, cfg.strict)
@@ -369,63 +371,103 @@ def collect(records: Iterable[Record | BadRecord], cfg: FetchConfig
                 stats.sft_duplicates_dropped += 1
             continue
         seen.add(key)
-        split = getattr(rec, "split", None) or split_of(key, cfg.val_fraction)
         if isinstance(rec, Conversation):
-            stats.conversations[split] += 1
-            stats.sft_tasks[rec.task] += 1
-            tables[f"sft_{split}"].append({"id": key, "messages": rec.as_dicts(), "task": rec.task,
-                                           "answer": rec.answer, "source": rec.source})
+            convs.append((key, rec))
             continue
         size = len(rec.text.encode("utf-8"))
-        if (cfg.max_documents is not None and total_docs >= cfg.max_documents) or (
+        if (cfg.max_documents is not None and len(docs) >= cfg.max_documents) or (
                 cfg.max_bytes is not None and total_bytes + size > cfg.max_bytes):
             stats.limit_dropped += 1
             continue
-        total_docs += 1
         total_bytes += size
-        stats.documents[split] += 1
-        stats.bytes[split] += size
-        tables[f"pretrain_{split}"].append({"id": key, "text": rec.text, "source": rec.source})
-    if total_docs == 0:
+        docs.append((key, rec))
+    return docs, convs
+
+
+def collect(records: Iterable[Record | BadRecord], cfg: FetchConfig
+            ) -> tuple[dict[str, list[dict]], CorpusStats]:
+    """Clean, de-duplicate, limit and split records into rows per table.
+
+    Splits follow pool keys (:mod:`llmcore.data.splits`): a document's group (its content
+    hash when it has none), merged with the groups it nearly copies; a conversation's own
+    keys (a doc question: its document's group; a synthetic one: its word or pair, with the
+    split it was drawn for), or its content hash.
+    """
+    stats = CorpusStats()
+    docs, convs = _read_all(records, cfg, stats)
+    if not docs:
         raise CorpusError(
             f"no documents left after cleaning (source {cfg.source!r}: "
             f"{stats.empty_dropped} empty, {stats.bad_records} malformed, "
             f"{stats.duplicates_dropped} duplicates). Check fetch.paths / fetch.hf_dataset and "
             f"that the records have a non-empty {cfg.text_field!r} field.")
-    both_splits(tables["pretrain_train"], tables["pretrain_val"], stats.documents, stats.bytes,
-                "documents", stats.notes)
-    both_splits(tables["sft_train"], tables["sft_val"], stats.conversations, None,
-                "conversations", stats.notes)
+    own = {key: d.group or f"doc:{key}" for key, d in docs}
+    shown = [(own[k], d.text) for k, d in docs if not d.train_only]
+    merged = merge_near_copies([g for g, _ in shown], [t for _, t in shown])
+
+    def group(g: str) -> str:
+        return merged.get(g, g)
+
+    rows: list[dict] = []
+    for key, d in docs:
+        rows.append({"table": "pretrain", "split": d.split, "train_only": d.train_only,
+                     "id": key, "text": d.text, "source": d.source, "pool": [group(own[key])]})
+    for key, c in convs:
+        pool = [group(k) for k in c.pool] or [f"conversation:{key}"]
+        rows.append({"table": "sft", "split": c.split, "train_only": False, "id": key,
+                     "messages": c.as_dicts(), "task": c.task, "answer": c.answer,
+                     "source": c.source, "pool": list(dict.fromkeys(pool))})
+    assign_splits(rows, cfg.val_fraction, cfg.test_fraction, stats.notes)
+    tables: dict[str, list[dict]] = {f"{t}_{s}": [] for t in ("pretrain", "sft") for s in SPLITS}
+    for row in rows:
+        split, table, train_only = row.pop("split"), row.pop("table"), row.pop("train_only")
+        if train_only and split != "train":
+            stats.held_out_dropped += 1  # the code of a held-out module: in no split
+            continue
+        tables[f"{table}_{split}"].append(row)
+        if table == "pretrain":
+            stats.documents[split] += 1
+            stats.bytes[split] += len(row["text"].encode("utf-8"))
+        else:
+            stats.conversations[split] += 1
+            stats.sft_tasks[row["task"]] += 1
+    breach = pool_breach(tables)
+    if breach:
+        raise CorpusError(f"split contract broken while building the corpus: {breach}")
     return tables, stats
 
 
-def both_splits(train: list[dict], val: list[dict], counts: dict[str, int],
-                sizes: dict[str, int] | None, what: str, notes: list[str]) -> None:
-    """Make sure train and val both have rows when there are two or more (moves rows between
-    the two lists, updating ``counts`` and ``sizes``; ``what`` names the rows, plural).
+def assign_splits(rows: list[dict], val_fraction: float, test_fraction: float,
+                  notes: list[str], tables: Sequence[tuple[str, str]] = (
+                      ("pretrain", "documents"), ("sft", "conversations"))) -> None:
+    """Set each row's ``split`` (where it is not fixed) from its pool keys.
 
-    The hash split holds out ~val_fraction of the rows, which on a small corpus can be none
-    (or all). Then the row nearest the split line crosses it: the lowest hash of train goes to
-    val (or the highest of val to train), so the choice still depends on content alone.
+    Rows that share a key share a split; a row whose keys would split apart goes to the
+    split of its first key. Per table (``tables``: name, what its rows are), when two or more
+    groups exist but val or train got none, the group nearest the split line crosses it,
+    whole; a single group trains. An empty test split of documents is allowed and noted: the
+    evaluate stage then reports nothing for it.
     """
-    if (train and val) or not (train or val):
-        return
-    if len(train) + len(val) < 2:
-        notes.append(f"only one {what[:-1]}: none is held out for validation (add {what})")
-        if val:  # the one there is, is for training
-            train.append(val.pop())
-            counts["train"], counts["val"] = 1, 0
-            if sizes is not None:
-                sizes["train"], sizes["val"] = sizes["val"], 0
-        return
-    src, dst = (train, val) if not val else (val, train)
-    row = min(src, key=lambda r: r["id"]) if not val else max(src, key=lambda r: r["id"])
-    src.remove(row)
-    dst.append(row)
-    a, b = ("train", "val") if not val else ("val", "train")
-    counts[a] -= 1
-    counts[b] += 1
-    if sizes is not None:
-        size = len(row["text"].encode("utf-8"))
-        sizes[a] -= size
-        sizes[b] += size
+    fixed = {k: r["split"] for r in rows if r["split"] for k in r["pool"]}
+    keys = sorted({r["pool"][0] for r in rows if not r["split"]})
+    place = {k: split_of(k, val_fraction, test_fraction) for k in keys}
+    for table, what in tables:
+        movable = sorted({r["pool"][0] for r in rows if r["table"] == table and not r["split"]}
+                         - fixed.keys())
+        if len(movable) == 1 and place[movable[0]] != "train":
+            notes.append(f"only one group of {what}: none is held out (add {what})")
+            place[movable[0]] = "train"
+        for need, src, pick in (("train", ("val", "test"), max), ("val", ("train",), min)):
+            if len(movable) >= 2 and not any(place[k] == need for k in movable):
+                candidates = [k for k in movable if place[k] in src] or movable
+                key = pick(candidates, key=unit_interval)
+                notes.append(f"the hash left {need} without {what}: the group {key!r} "
+                             "moved there")
+                place[key] = need
+        if table == "pretrain" and movable and not any(place[k] == "test" for k in movable):
+            notes.append("no group of documents is in the test split (too small a corpus): "
+                         "the evaluate stage has no held-out documents to report")
+    for r in rows:
+        if not r["split"]:
+            first = r["pool"][0]
+            r["split"] = fixed.get(first) or place[first]

@@ -25,15 +25,21 @@ wrong working still counts.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
-from dataclasses import replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from llmcore.config import SYNTHETIC_TASKS
 from llmcore.data.corpus import Conversation
 from llmcore.data.pydocs import SYSTEM_PROMPT, word_list
+from llmcore.data.splits import SPLITS, split_of
 
-__all__ = ["SYNTHETIC_TASKS", "final_answer", "is_correct", "spelled", "synthetic_conversations",
-           "wrong_answer", "wrong_reply"]
+# (val, test) shares of the word pool and of the operand pairs: a test set of 250 distinct
+# questions per task needs more than 250 test words (reverse has one template per word)
+WORD_SHARES = (0.10, 0.15)
+PAIR_SHARES = (0.10, 0.10)
+
+__all__ = ["SYNTHETIC_TASKS", "TaskPool", "final_answer", "is_correct", "spelled",
+           "synthetic_conversations", "task_pools", "wrong_answer", "wrong_reply"]
 
 
 def _column_sum(a: int, b: int) -> str:
@@ -66,24 +72,68 @@ def spelled(word: str) -> str:
     return "-".join(word)
 
 
-def _synthetic_one(task: str, rng: random.Random, words: list[str]) -> tuple[str, str, str]:
-    """(question, reply, final answer). A reply may work the answer out first, one line per
-    step, and ends with the answer on a line of its own (:func:`final_answer` reads it)."""
+@dataclass(frozen=True)
+class TaskPool:
+    """What one split's questions may be about: words (spell, count, reverse), unordered
+    operand pairs (sums and differences) and whether products are asked (train only)."""
+
+    words: tuple[str, ...]
+    pairs: tuple[tuple[int, int], ...]
+    products: bool
+
+
+def task_pools(words: Sequence[str] | None = None) -> dict[str, TaskPool]:
+    """Each split's pool, by a stable hash of the word or the pair (:func:`split_of`).
+
+    Words: one pool for spell, count and reverse (every reply spells the word, so a word
+    tested in one task must not be trained in another). Pairs ``{a, b}`` of 0..99 unordered:
+    ``12 + 7``, ``7 + 12`` and ``12 - 7`` fall together. Products of two numbers up to 12 are
+    169 table facts with no working to generalise from: all of them stay in training, and
+    the held-out splits ask sums and differences only.
+    """
+    words = word_list() if words is None else words
+    by_split: dict[str, tuple[list, list]] = {s: ([], []) for s in SPLITS}
+    for w in words:
+        by_split[split_of(word_key(w), *WORD_SHARES)][0].append(w)
+    for a in range(100):
+        for b in range(a, 100):
+            by_split[split_of(pair_key(a, b), *PAIR_SHARES)][1].append((a, b))
+    return {s: TaskPool(tuple(ws), tuple(ps), products=s == "train")
+            for s, (ws, ps) in by_split.items()}
+
+
+def word_key(word: str) -> str:
+    return f"word:{word}"
+
+
+def pair_key(a: int, b: int) -> str:
+    return f"pair:{min(a, b)},{max(a, b)}"
+
+
+def _synthetic_one(task: str, rng: random.Random, pool: TaskPool) -> tuple[str, str, str, str]:
+    """(question, reply, final answer, pool key). A reply may work the answer out first,
+    one line per step, and ends with the answer on a line of its own (:func:`final_answer`
+    reads it). The pool key names what the question is about (a word, an operand pair)."""
     if task == "arithmetic":
-        op = rng.choice("+-*")
-        a, b = (rng.randint(0, 99), rng.randint(0, 99)) if op != "*" else (
-            rng.randint(0, 12), rng.randint(0, 12))
-        if op == "-" and b > a:
-            a, b = b, a
+        op = rng.choice("+-*" if pool.products else "+-")
+        if op == "*":
+            a, b = rng.randint(0, 12), rng.randint(0, 12)
+            key = f"product:{min(a, b)},{max(a, b)}"
+        else:
+            a, b = rng.choice(pool.pairs)
+            a, b = (b, a) if op == "-" or rng.random() < 0.5 else (a, b)  # a >= b for "-"
+            key = pair_key(a, b)
         value = str({"+": a + b, "-": a - b, "*": a * b}[op])
         q = rng.choice(("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?"))
         # a product of two numbers up to 12 is a table fact; sums and differences go by column
         work = {"+": _column_sum, "-": _column_difference}.get(op)
-        return q.format(a=a, op=op, b=b), (f"{work(a, b)}\n{value}" if work else value), value
-    word = rng.choice(words)
+        return (q.format(a=a, op=op, b=b), (f"{work(a, b)}\n{value}" if work else value),
+                value, key)
+    word = rng.choice(pool.words)
+    key = word_key(word)
     if task == "spell":
         q = rng.choice(("Spell the word '{w}'.", "How do you spell '{w}' letter by letter?"))
-        return q.format(w=word), spelled(word), spelled(word)
+        return q.format(w=word), spelled(word), spelled(word), key
     if task == "count":
         letter = rng.choice(sorted(set(word)) if rng.random() < 0.8 else "abcdefghijklmnopqrstuvwxyz")
         q = "How many times does the letter '{c}' appear in '{w}'?"
@@ -92,7 +142,7 @@ def _synthetic_one(task: str, rng: random.Random, words: list[str]) -> tuple[str
         for ch in word:
             n += ch == letter
             tally.append(f"{ch}({n})" if ch == letter else ch)
-        return q.format(c=letter, w=word), f"{'-'.join(tally)}\n{n}", str(n)
+        return q.format(c=letter, w=word), f"{'-'.join(tally)}\n{n}", str(n), key
     if task == "reverse":
         # each letter numbered where it stands, read back from the highest number, and the
         # answer letter by letter: 1s2t3a4c5k / 5k4c3a2t1s / k-c-a-t-s. Writing the next letter
@@ -104,51 +154,53 @@ def _synthetic_one(task: str, rng: random.Random, words: list[str]) -> tuple[str
         numbered = [f"{i}{ch}" for i, ch in enumerate(word, 1)]
         answer = spelled(back)
         return (f"Reverse the letters of the word '{word}'.",
-                f"{''.join(numbered)}\n{''.join(reversed(numbered))}\n{answer}", answer)
+                f"{''.join(numbered)}\n{''.join(reversed(numbered))}\n{answer}", answer, key)
     raise ValueError(f"unknown synthetic task {task!r}")
 
 
-def _synthetic_conversation(task: str, rng: random.Random, words: list[str]) -> Conversation:
+def _synthetic_conversation(task: str, rng: random.Random, pool: TaskPool, split: str
+                            ) -> Conversation:
     turns: list[tuple[str, str]] = []
     if rng.random() < 0.2:
         turns.append(("system", SYSTEM_PROMPT))
     n_turns = 2 if rng.random() < 0.2 else 1
-    answer = ""
+    answer, keys = "", []
     for _ in range(n_turns):
-        q, reply, answer = _synthetic_one(task, rng, words)
+        q, reply, answer, key = _synthetic_one(task, rng, pool)
         turns += [("user", q), ("assistant", reply)]
-    return Conversation(tuple(turns), f"builtin:synthetic/{task}", task, answer)
+        keys.append(key)
+    return Conversation(tuple(turns), f"builtin:synthetic/{task}", task, answer, split,
+                        tuple(dict.fromkeys(keys)))
 
 
-def synthetic_conversations(per_task: int, seed: int, val_per_task: int = 0
-                            ) -> Iterator[Conversation]:
+def synthetic_conversations(per_task: int, seed: int, val_per_task: int = 0,
+                            test_per_task: int = 0) -> Iterator[Conversation]:
     """Tasks with one exactly checkable answer. A fifth have a system prompt, a fifth two turns.
 
-    With ``val_per_task``, each task also gets that many held-out conversations from a stream
-    of their own, each kept only if it is not one of the training conversations, so that every
-    task is measured on the same number of examples. (Without it the corpus's hash split
-    decides, and the duplicates it drops thin the held-out set of the smaller tasks.) A
-    held-out question can still reuse a word or a product the model has seen in another
-    training conversation: spelling a word it was never shown is not what these tasks ask.
+    ``per_task`` training conversations per task from the train pools, and ``val_per_task`` /
+    ``test_per_task`` held-out ones from the val / test pools (:func:`task_pools`), each split
+    from a seeded stream of its own: no held-out question can be a training one, or be about
+    a word or a pair that training shows. Held-out conversations end in distinct questions
+    (the one scored), so that n examples are n different items; a small pool can give fewer.
     """
-    words = word_list()
+    pools = task_pools()
+    wanted = {"train": per_task, "val": val_per_task, "test": test_per_task}
     for task in SYNTHETIC_TASKS:
-        rng = random.Random(f"{seed}:{task}")
-        train = [_synthetic_conversation(task, rng, words) for _ in range(per_task)]
-        if not val_per_task:
-            yield from train
-            continue
-        yield from (replace(c, split="train") for c in train)
-        seen = {c.messages for c in train}
-        val_rng, made = random.Random(f"{seed}:{task}:val"), 0
-        for _ in range(50 * val_per_task):  # bounded: a small task space can run out
-            c = _synthetic_conversation(task, val_rng, words)
-            if c.messages not in seen:
-                seen.add(c.messages)
-                made += 1
-                yield replace(c, split="val")
-                if made == val_per_task:
+        for split in SPLITS:
+            rng = random.Random(f"{seed}:{task}" if split == "train" else f"{seed}:{task}:{split}")
+            if split == "train":
+                for _ in range(per_task):
+                    yield _synthetic_conversation(task, rng, pools[split], split)
+                continue
+            asked: set[str] = set()
+            for _ in range(50 * wanted[split]):  # bounded: a small pool can run out
+                if len(asked) == wanted[split]:
                     break
+                c = _synthetic_conversation(task, rng, pools[split], split)
+                question = [m for r, m in c.messages if r == "user"][-1]
+                if question not in asked:
+                    asked.add(question)
+                    yield c
 
 
 def final_answer(reply: str) -> str:

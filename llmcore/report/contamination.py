@@ -1,82 +1,57 @@
-"""Decontamination: which evaluation examples also appear, nearly verbatim, in training data.
+"""The split contract, checked: no test example is something a training stream holds.
 
-A held-out question is only held out if the model never read it. Here it could have leaked
-through three streams: the pretraining rows (which carry SFT conversations too, the chat mix),
-the SFT rows, and the DPO pairs (and the GRPO prompts, drawn from the same training
-conversations). An example is *contaminated* by a stream when it shares a run of ``n`` words
-(13 by default, the rule of the GPT-3 paper) with it.
+Two kinds of violation fail the evaluate stage (:func:`first_violation`), with one line
+naming the set and the first violating example:
 
-* Words, not tokens: runs of letters, digits and underscores, lowercased (punctuation, spacing
-  and case do not hide a copy). 13 tokens of this tokenizer are three or four English words and
-  every answer of the spelling tasks is one token per letter, so token 13-grams flag shared
-  phrases of the question templates; 13 words is a sentence. The streams are the pack stage's
-  rows, decoded: exactly what the model trained on. Special tokens become line breaks on both
-  sides; an example's system prompt is left out (a fixed sentence shared by a fifth of all
-  conversations would match everything).
-* An example shorter than ``n`` words is checked whole: contaminated if it appears as one run.
-  Most task questions with their replies are 14-27 words, so they match where the same
-  question with its reply was trained on.
-* Each example also gets its *overlap*: the share of its n-grams found in any stream. One
-  shared run flags a sentence of boilerplate; an overlap near 1 means the example itself was
-  trained on.
-* n-grams are 64-bit polynomial hashes over word numbers, computed with NumPy's wrapping uint64
-  arithmetic (two different n-grams collide with probability ~2^-64 per pair).
+* a **pool breach**: a pool key (a document group, a word, an operand pair, a prompt) found in
+  a training table and a held-out one (:func:`llmcore.data.sources.pool_breach`). Every
+  training stream is made of the train tables only: pretraining rows (the chat mix is SFT
+  train conversations), SFT rows, DPO pairs (train task conversations and train preference
+  pairs) and RL prompts (train task conversations), so a key in no train table is in no
+  stream;
+* a **copy**: a test example whose ``n``-word runs (13, the rule of the GPT-3 paper) found in
+  the training streams cover half or more of its own runs.
 
-Trade-offs: exact n-grams miss paraphrases and do not know which overlaps matter: two doc
-answers that share a sentence of boilerplate count as a leak. The counts are an upper bound,
-and the overlap share tells a copied example from one that shares a phrase.
+Smaller natural repeats (a sentence of boilerplate shared by two documents) are listed and
+counted in the report, not hidden, and do not fail the stage. The streams are the pack
+stage's rows, decoded: exactly what the model trained on. Special tokens become line breaks
+on both sides; an example's system prompt is left out (a fixed sentence shared by a fifth of
+all conversations would match everything). An example shorter than ``n`` words is checked
+whole: contaminated if it appears as one run. Each example gets its *overlap*: the share of
+its n-grams found in any stream. Word n-grams: :mod:`llmcore.data.ngrams`.
+
+Trade-offs: exact n-grams miss paraphrases and do not know which overlaps matter; the
+counts of shared runs are an upper bound, and the overlap share tells a copied example from
+one that shares a phrase.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from llmcore.config import UserError
+from llmcore.data.corpus import read_conversations, read_documents, read_preferences
+from llmcore.data.ngrams import NGRAM, Words, example_grams, gram_hashes
 from llmcore.data.shards import ShardDataset
-from llmcore.data.tokenizer import SPECIAL_TOKENS, LLMTokenizer, render_chat
-from llmcore.report.evaluate import doc_questions, task_examples
+from llmcore.data.splits import CONTRACTS, SPLITS, pool_breach
+from llmcore.data.tokenizer import LLMTokenizer, render_chat
+from llmcore.report.evaluate import doc_mc_questions, task_examples
 
-NGRAM = 13
-_P = np.uint64(0x100000001B3)  # FNV-64 prime: odd, so multiplication mod 2^64 mixes every bit
-_SPECIAL = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
-_WORD = re.compile(r"\w+")
+__all__ = ["NGRAM", "Contract", "ContractViolation", "NgramIndex", "SetResult", "Words",
+           "check_contract", "check_set", "contamination_metrics", "contamination_report",
+           "decontaminate", "evaluation_sets", "first_violation", "gram_hashes",
+           "training_streams", "word_token_coverage"]
 
-
-def gram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
-    """Hashes of every window of ``n`` numbers of the 1-D ``ids`` (empty if it is shorter)."""
-    count = len(ids) - n + 1
-    if count <= 0 or n <= 0:
-        return np.empty(0, dtype=np.uint64)
-    x = ids.astype(np.uint64) + np.uint64(1)  # + 1: word 0 still moves the hash
-    h = np.zeros(count, dtype=np.uint64)
-    for k in range(n):
-        h = h * _P + x[k : k + count]  # wraps mod 2^64, which is the hash's arithmetic
-    return h
+COPY_SHARE = 0.5  # a test example with this share of its runs in training is a copy
 
 
-class Words:
-    """Text -> word numbers, one numbering shared by the streams and the examples."""
-
-    def __init__(self) -> None:
-        self.numbers: dict[str, int] = {}
-        self.names: list[str] = []
-
-    def __call__(self, text: str) -> np.ndarray:
-        out = []
-        for w in _WORD.findall(_SPECIAL.sub("\n", text).lower()):
-            i = self.numbers.get(w)
-            if i is None:
-                i = self.numbers[w] = len(self.names)
-                self.names.append(w)
-            out.append(i)
-        return np.asarray(out, dtype=np.int64)
-
-    def text(self, ids: Sequence[int] | np.ndarray) -> str:
-        return " ".join(self.names[int(i)] for i in ids)
+class ContractViolation(UserError):
+    """A held-out example that training could reach: the evaluation would measure recall."""
 
 
 def conversation_text(conv: dict[str, Any]) -> str:
@@ -146,7 +121,7 @@ def check_set(name: str, examples: Sequence[np.ndarray], streams: dict[str, Ngra
     with ``words``, the first shared run of each contaminated example as text."""
     grams, owner, length = [], [], []
     for i, ex in enumerate(examples):
-        g = gram_hashes(ex, n) if len(ex) >= n else gram_hashes(ex, len(ex))
+        g = example_grams(ex, n)
         grams.append(g)
         owner.append(np.full(len(g), i))
         length.append(np.full(len(g), min(n, len(ex))))
@@ -180,46 +155,77 @@ def check_set(name: str, examples: Sequence[np.ndarray], streams: dict[str, Ngra
 def training_streams(tok: LLMTokenizer, words: Words, pretrain_rows: np.ndarray,
                      sft_rows: np.ndarray, task_conversations: Sequence[dict[str, Any]],
                      preferences: Sequence[dict[str, Any]]) -> dict[str, NgramIndex]:
-    """The three streams an evaluation example could have leaked through.
+    """The streams an evaluation example could have leaked through.
 
     ``pretrain``: the pretraining rows (text and the chat mix); ``sft``: the SFT rows;
-    ``dpo``: what preference pairs are made of, the training conversations of the checkable
-    tasks (the prompts and right answers of the on-policy pairs, and GRPO's prompts) and the
-    corpus's pairs, prompt with chosen and with rejected reply. The SFT model's own rejected
-    replies are not read: they are generated, and the model cannot leak what it wrote.
+    ``align``: what DPO pairs and RL prompts are made of, the training conversations of the
+    checkable tasks (the prompts and right answers of the on-policy pairs, GRPO's prompts)
+    and the corpus's training pairs, prompt with chosen and with rejected reply. The SFT
+    model's own rejected replies are not read: they are generated, and the model cannot leak
+    what it wrote.
     """
     pairs = [{"messages": [*p["prompt"], {"role": "assistant", "content": reply}]}
              for p in preferences for reply in (p["chosen"], p["rejected"])]
     return {"pretrain": NgramIndex(words(t) for t in rows_text(tok, pretrain_rows, True)),
             "sft": NgramIndex(words(t) for t in rows_text(tok, sft_rows, False)),
-            "dpo": NgramIndex(words(conversation_text(c))
-                              for c in [*task_conversations, *pairs])}
+            "align": NgramIndex(words(conversation_text(c))
+                                for c in [*task_conversations, *pairs])}
 
 
-def decontaminate(tok: LLMTokenizer, *, val_conversations: Sequence[dict[str, Any]],
+def decontaminate(tok: LLMTokenizer, sets: Mapping[str, Sequence[str]], *,
                   train_conversations: Sequence[dict[str, Any]],
                   preferences: Sequence[dict[str, Any]], pretrain_train: ShardDataset,
-                  sft_train: ShardDataset, pretrain_val: ShardDataset, max_per_task: int,
-                  max_rows: int | None = None, n: int = NGRAM) -> dict[str, SetResult]:
-    """Every evaluation set checked against every training stream.
-
-    The sets are the examples the evaluate stage scores, in its order: each synthetic task
-    (:func:`task_examples`), ``doc_questions`` (the multiple choice's questions with their
-    documented answers) and ``docs_val`` (each of the first ``max_rows`` rows of the held-out
-    pretraining text, the rows bits per byte is measured on).
-    """
+                  sft_train: ShardDataset, n: int = NGRAM) -> dict[str, SetResult]:
+    """Every evaluation set (name -> its examples as text, in scoring order) checked against
+    every training stream (:func:`training_streams`)."""
     words = Words()
     tasks = [c for c in train_conversations if c["task"] != "doc" and c.get("answer")]
     streams = training_streams(tok, words, pretrain_train.gather(range(len(pretrain_train)))[0],
                                sft_train.gather(range(len(sft_train)))[0], tasks, preferences)
-    sets = {t: [words(conversation_text(c)) for c in convs]
-            for t, convs in task_examples(val_conversations, max_per_task).items()}
-    sets["doc_questions"] = [words(conversation_text(c))
-                             for c in doc_questions(val_conversations)[:max_per_task]]
-    val_rows = min(len(pretrain_val), max_rows or len(pretrain_val))
-    sets["docs_val"] = [words(t) for t in
-                        rows_text(tok, pretrain_val.gather(range(val_rows))[0], False)]
-    return {name: check_set(name, ex, streams, words, n) for name, ex in sets.items()}
+    return {name: check_set(name, [words(t) for t in texts], streams, words, n)
+            for name, texts in sets.items()}
+
+
+def first_violation(results: Mapping[str, SetResult], tables: Mapping[str, list[dict]],
+                    texts: Mapping[str, Sequence[str]], n: int = NGRAM) -> str | None:
+    """The first broken contract as one line (None when every contract holds): a pool key in
+    a training table and a held-out one, or a test example whose runs found in training
+    cover ``COPY_SHARE`` or more of its own."""
+    breach = pool_breach(dict(tables))
+    if breach:
+        return f"pool breach: {breach}"
+    for name, r in results.items():
+        copied = np.nonzero(r.overlap >= COPY_SHARE)[0]
+        if len(copied):
+            i = int(copied[0])
+            streams = ", ".join(s for s, f in r.found.items() if f[i])
+            text = " ".join(texts[name][i].split())[:80]
+            return (f"set {name!r}: example {i} ({text!r}) shares {n}-word runs with "
+                    f"training ({streams}) covering {r.overlap[i]:.0%} of its runs")
+    return None
+
+
+def word_token_coverage(tok: LLMTokenizer, tables: Mapping[str, list[dict]], split: str = "test"
+                        ) -> dict[str, float | int]:
+    """How many ``split`` words of the tasks are spelled, token by token, in training.
+
+    Spelling a word means knowing the letters of each of its BPE tokens; a model learns
+    those from training words that contain the same tokens (each training reply spells its
+    word). A held-out word is answerable in that sense when every one of its tokens occurs
+    in some training word: the share of such words is measured here, with the word encoded
+    as it stands in a question (after a quote)."""
+    def words_of(name: str) -> set[str]:
+        return {k.split(":", 1)[1] for row in tables.get(name, [])
+                for k in row.get("pool") or () if k.startswith("word:")}
+
+    def pieces(word: str) -> list[int]:
+        return tok.encode(f"'{word}")[1:] if tok.encode("'") else tok.encode(word)
+
+    trained = {t for w in words_of("sft_train") for t in pieces(w)}
+    held = sorted(words_of(f"sft_{split}"))
+    covered = sum(all(t in trained for t in pieces(w)) for w in held)
+    return {"words": len(held), "covered": covered,
+            "share": round(covered / len(held), 4) if held else float("nan")}
 
 
 def contamination_metrics(results: dict[str, SetResult]) -> dict[str, int]:
@@ -233,18 +239,29 @@ def contamination_metrics(results: dict[str, SetResult]) -> dict[str, int]:
     return out
 
 
-def contamination_report(results: dict[str, SetResult], n: int = NGRAM, listed: int = 10
+def contamination_report(results: dict[str, SetResult], n: int = NGRAM, listed: int = 10,
+                         violation: str | None = None,
+                         coverage: Mapping[str, Any] | None = None
                          ) -> tuple[dict[str, Any], str]:
     """(JSON-ready summary with every contaminated example, Markdown page) of :func:`check_set`
-    results."""
-    data: dict[str, Any] = {"ngram": n, "unit": "words", "sets": {}, "examples": []}
+    results, with each set's contract, the verdict (``violation``: the first broken contract,
+    or None) and the test words' token coverage."""
+    data: dict[str, Any] = {"ngram": n, "unit": "words", "violation": violation,
+                            "word_token_coverage": dict(coverage or {}), "sets": {},
+                            "examples": []}
     streams = sorted({s for r in results.values() for s in r.found})
-    lines = ["# Contamination", "",
-             f"Evaluation examples that share a run of {n} words with a training stream "
-             "(lowercased words; special tokens and system prompts left out). Overlap: the "
-             f"share of an example's {n}-word runs found in any stream. docs_val: one example "
-             "per held-out pretraining row.", "",
-             "| set | examples | contaminated | " + " | ".join(streams) +
+    verdict = (f"**Contract broken**: {violation}" if violation else
+               "**Every contract holds**: no pool key is in a training table and a held-out "
+               f"one, and no test example has {COPY_SHARE:.0%} or more of its {n}-word runs "
+               "in a training stream.")
+    lines = ["# The split contract", "", verdict, "",
+             "| set | contract |", "|---|---|",
+             *[f"| {name} | {CONTRACTS.get(name, '-')} |" for name in results], "",
+             f"Test examples that share a run of {n} words with a training stream (lowercased "
+             "words; special tokens and system prompts left out), listed and counted: a "
+             "shared sentence is not a copy. Overlap: the share of an example's "
+             f"{n}-word runs found in any stream.", "",
+             "| set | examples | share a run | " + " | ".join(streams) +
              " | overlap >= 0.5 | mean overlap |",
              "|---|---|---|" + "---|" * len(streams) + "---|---|"]
     for name, r in results.items():
@@ -257,7 +274,11 @@ def contamination_report(results: dict[str, SetResult], n: int = NGRAM, listed: 
                                      "streams": [st for st in streams if r.found[st][i]],
                                      "overlap": round(float(r.overlap[i]), 4),
                                      "match": r.matches[i] if r.matches else None})
-    lines += ["", "Metrics without the contaminated examples are in metrics/evaluate.json "
+    if coverage and coverage.get("words"):
+        lines += ["", f"Test words whose every token is spelled in some training word (what "
+                  f"spelling a held-out word needs): {coverage['covered']} of "
+                  f"{coverage['words']} ({coverage['share']:.1%})."]
+    lines += ["", "Metrics without the examples that share a run are in metrics/evaluate.json "
               "(`*_clean`), beside the ones on every example.", ""]
     for name in results:
         flagged = [e for e in data["examples"] if e["set"] == name]
@@ -273,3 +294,54 @@ def contamination_report(results: dict[str, SetResult], n: int = NGRAM, listed: 
                          f"`{run}` |")
         lines.append("")
     return data, "\n".join(lines)
+
+
+def evaluation_sets(tasks: Mapping[str, Sequence[dict[str, Any]]],
+                    doc_questions: Sequence[dict[str, Any]], documents: Sequence[str],
+                    chats: Sequence[dict[str, Any]], preferences: Sequence[dict[str, Any]]
+                    ) -> dict[str, list[str]]:
+    """Set name -> its test examples as the text checked (conversations as the chat
+    template renders them, system prompt left out), in scoring order; empty sets left out."""
+    pairs = [{"messages": [*p["prompt"], {"role": "assistant", "content": p["chosen"]}]}
+             for p in preferences]
+    sets = {**{t: [conversation_text(c) for c in convs] for t, convs in tasks.items()},
+            "doc_questions": [conversation_text(c) for c in doc_questions],
+            "docs_test": list(documents),
+            "chat_test": [conversation_text(c) for c in chats],
+            "preferences_test": [conversation_text(c) for c in pairs]}
+    return {k: v for k, v in sets.items() if v}
+
+
+@dataclass
+class Contract:
+    """The contract check of one corpus and its shards: per-set results, the first
+    violation (None: every contract holds), the test words' token coverage, the report."""
+
+    checks: dict[str, SetResult]
+    violation: str | None
+    coverage: dict[str, Any]
+    data: dict[str, Any]
+    page: str
+
+
+def check_contract(tok: LLMTokenizer, corpus_dir: Path, shard_dir: Path, max_per_task: int,
+                   choices: int, n: int = NGRAM) -> Contract:
+    """Every evaluation set of the corpus's test split, as the evaluate stage scores it,
+    checked against the pool keys of every table and against every training stream."""
+    tables = {f"{t}_{s}": rows for s in SPLITS for t, rows in (
+        ("pretrain", read_documents(corpus_dir, s)), ("sft", read_conversations(corpus_dir, s)),
+        ("preferences", read_preferences(corpus_dir, s)))}
+    convs = tables["sft_test"]
+    sets = evaluation_sets(task_examples(convs, max_per_task),
+                           doc_mc_questions(convs, choices, max_per_task),
+                           [d["text"] for d in tables["pretrain_test"]],
+                           [c for c in convs if c["task"] == "chat"],
+                           tables["preferences_test"])
+    checks = decontaminate(tok, sets, train_conversations=tables["sft_train"],
+                           preferences=tables["preferences_train"],
+                           pretrain_train=ShardDataset(shard_dir, "pretrain_train"),
+                           sft_train=ShardDataset(shard_dir, "sft_train"), n=n)
+    violation = first_violation(checks, tables, sets, n)
+    coverage = word_token_coverage(tok, tables)
+    data, page = contamination_report(checks, n, violation=violation, coverage=coverage)
+    return Contract(checks, violation, coverage, data, page)

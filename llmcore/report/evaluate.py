@@ -16,7 +16,10 @@ All functions take a model and data and return plain dicts; the evaluate stage w
 
 Trade-off: multiple choice by length-normalised likelihood favours short fluent distractors a
 little; it needs no generation and no judge, and it separates a model that read the docs from
-one that did not.
+one that did not. The documented answer sits at a seeded random position among distractors
+that differ from it (and from each other) as text, and a tie among the best ``k`` candidates
+earns ``1/k``: a model with no preference scores chance, not a win (it used to, with the
+answer always first and ``max`` keeping the first of equal scores).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import math
 import random
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -125,17 +128,26 @@ def task_accuracy(model: LanguageModel, tok: LLMTokenizer, conversations: Sequen
 @torch.no_grad()
 def _mean_logprob(model: LanguageModel, prompt: list[int], candidates: list[list[int]], pad_id: int,
                   max_len: int) -> list[float]:
-    seqs = []
+    """Mean log-probability per token of each candidate after ``prompt``, in one batch.
+
+    A candidate keeps its first ``max(1, max_len - len(prompt))`` tokens and the sequence is
+    then cut from the left to ``max_len``: a prompt of ``max_len`` tokens or more loses its
+    start and every candidate is scored on its first token alone. The mask covers exactly the
+    kept candidate tokens (those with a token before them to predict them from).
+    """
+    seqs: list[list[int]] = []
+    kept: list[int] = []
     for cand in candidates:
         cand = cand[: max(1, max_len - len(prompt))]
-        seqs.append((prompt + cand)[-max_len:])
+        seq = (prompt + cand)[-max_len:]
+        seqs.append(seq)
+        kept.append(min(len(cand), len(seq) - 1))
     longest = max(len(s) for s in seqs)
     device = next(model.parameters()).device
     ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), longest)
-    for i, (s, cand) in enumerate(zip(seqs, candidates, strict=True)):
+    for i, (s, n) in enumerate(zip(seqs, kept, strict=True)):
         ids[i, : len(s)] = torch.tensor(s)
-        n = min(len(cand), len(s) - 1)
         mask[i, len(s) - n : len(s)] = 1.0
     ids, mask = ids.to(device), mask.to(device)
     logits = model(ids[:, :-1]).float()
@@ -145,41 +157,109 @@ def _mean_logprob(model: LanguageModel, prompt: list[int], candidates: list[list
     return ((logp * m).sum(1) / m.sum(1).clamp(min=1)).tolist()
 
 
+# Scores within this (relative, and absolute near 0) count as tied. They are float32
+# reductions: scores equal in exact arithmetic come out a few ulps apart (the mean of n equal
+# log-probabilities -5.7037826 reads -5.7037816 for some n, 1.7e-7 relative), so an exact
+# comparison (or 1e-9, below float32's 1.2e-7 resolution) would give one of them the whole
+# credit by rounding. 1e-5 is ~80 ulps: above the rounding of these short sums, and far below
+# any preference a model expresses (1e-5 x |score| nats per token: a probability ratio within
+# 1.0001 per token for mean log-probabilities above -10).
+TIE_TOL = 1e-5
+
+
+def choice_credit(scores: Sequence[float], gold: int, tol: float = TIE_TOL) -> float:
+    """A multiple-choice question's credit: ``1/k`` when ``gold`` is among the ``k`` candidates
+    tied (within ``tol``) for the highest score, else 0. So a model indifferent among all
+    ``c`` candidates earns exactly chance, ``1/c``, per question. NaN scores are never the
+    best; with every score NaN the credit is 0 (a broken model does not earn chance)."""
+    if not 0 <= gold < len(scores):
+        raise IndexError(f"gold index {gold} for {len(scores)} candidates")
+    best = max((s for s in scores if not math.isnan(s)), default=math.nan)
+    if math.isnan(best):
+        return 0.0
+    tied = [i for i, s in enumerate(scores) if math.isclose(s, best, rel_tol=tol, abs_tol=tol)]
+    return 1.0 / len(tied) if gold in tied else 0.0
+
+
+class MCItem(NamedTuple):
+    """One doc multiple-choice question: the conversation, its candidate answers (the
+    documented one among them) and the documented answer's index in ``candidates``."""
+
+    conv: dict[str, Any]
+    candidates: tuple[str, ...]
+    gold: int
+
+
+def normalise_answer(text: str) -> str:
+    """What two answers must differ in to be different candidates: the text stripped, its
+    whitespace runs collapsed to one space, casefolded."""
+    return " ".join(text.split()).casefold()
+
+
 def doc_mc_items(conversations: Sequence[dict[str, Any]], choices: int, max_questions: int,
-                 seed: int = 0) -> list[tuple[dict[str, Any], list[str]]]:
-    """(question, candidates) of the doc multiple choice: the first ``max_questions`` of
-    :func:`doc_questions`, each with its documented answer first and ``choices - 1`` answers
-    to other questions drawn with ``seed`` (the same draw for every model and every tool)."""
+                 seed: int = 0) -> list[MCItem]:
+    """The doc multiple choice: the first ``max_questions`` of :func:`doc_questions`, each with
+    ``choices - 1`` distractors and its documented answer at a random position.
+
+    Distractors are answers to other questions, distinct from the documented answer and from
+    each other as :func:`normalise_answer` text (each distinct answer spelled as it first
+    appears); one ``random.Random(seed)`` draws them and the answer's position, question by
+    question, so every model and tool (the harness tasks too) sees the same items. Every
+    question's answer is in the pool of distinct answers, so each has the same number of
+    distractors to draw from: with fewer than ``choices`` distinct answers in all, no question
+    can be asked and the set is empty (no question is skipped alone, so the items stay in
+    :func:`doc_questions` order, the order per-question flags such as contamination use).
+    """
     docs = doc_questions(conversations)
-    if len(docs) < choices:
+    pool: dict[str, str] = {}
+    for d in docs:
+        pool.setdefault(normalise_answer(d["answer"]), d["answer"])
+    if len(pool) < choices:
         return []
     rng = random.Random(seed)
     items = []
-    for i, conv in enumerate(docs[:max_questions]):
-        others = [d["answer"] for j, d in enumerate(docs) if j != i]
-        items.append((conv, [conv["answer"]] + rng.sample(others, choices - 1)))
+    for conv in docs[:max_questions]:
+        key = normalise_answer(conv["answer"])
+        candidates = rng.sample([a for k, a in pool.items() if k != key], choices - 1)
+        gold = rng.randrange(choices)
+        candidates.insert(gold, conv["answer"])
+        items.append(MCItem(conv, tuple(candidates), gold))
     return items
+
+
+def doc_mc_questions(conversations: Sequence[dict[str, Any]], choices: int, max_questions: int,
+                     seed: int = 0) -> list[dict[str, Any]]:
+    """The doc questions the multiple choice scores, in its order (the contract check's set)."""
+    return [item.conv for item in doc_mc_items(conversations, choices, max_questions, seed)]
 
 
 def doc_multiple_choice(model: LanguageModel, tok: LLMTokenizer, conversations: Sequence[dict[str, Any]],
                         choices: int, max_questions: int, seed: int = 0) -> dict[str, Any]:
     """Accuracy of picking the documented answer among ``choices`` candidates
-    (:func:`doc_mc_items`; each question's outcome in ``correct``), scored by mean
-    log-probability per token of the candidate and its ``<|im_end|>``."""
+    (:func:`doc_mc_items`), scored by mean log-probability per token of the candidate and its
+    ``<|im_end|>``.
+
+    ``correct`` holds each question's credit in [0, 1] (:func:`choice_credit`: 1, 0, or
+    ``1/k`` for a ``k``-way tie with the answer), ``accuracy`` their mean, and ``ci95`` the
+    Wilson interval of the credit sum over ``n``: a credit in [0, 1] with mean ``p`` has at
+    most the variance ``p(1 - p)`` of a 0/1 outcome, so the interval is conservative, and it
+    equals the usual one when there are no ties.
+    """
     items = doc_mc_items(conversations, choices, max_questions, seed)
     if not items:
         return {"accuracy": float("nan"), "n": 0, "chance": 1.0 / choices,
                 "ci95": (float("nan"), float("nan")), "correct": []}
     max_len = model.cfg.max_seq_len
-    correct: list[bool] = []
-    for conv, candidates in items:
-        prompt = _prompt_ids(tok, conv["messages"][:-1])
-        cand_ids = [tok.encode(a + IM_END) for a in candidates]
+    credit: list[float] = []
+    for item in items:
+        prompt = _prompt_ids(tok, item.conv["messages"][:-1])
+        cand_ids = [tok.encode(a + IM_END) for a in item.candidates]
         scores = _mean_logprob(model, prompt, cand_ids, tok.pad_id, max_len)
-        correct.append(max(range(len(scores)), key=scores.__getitem__) == 0)
-    return {"accuracy": sum(correct) / len(items), "n": len(items),
-            "chance": 1.0 / choices, "ci95": wilson_interval(sum(correct), len(items)),
-            "correct": correct}
+        credit.append(choice_credit(scores, item.gold))
+    total = sum(credit)
+    return {"accuracy": total / len(items), "n": len(items),
+            "chance": 1.0 / choices, "ci95": wilson_interval(total, len(items)),
+            "correct": credit}
 
 
 def answer_prompts(model: LanguageModel, tok: LLMTokenizer, prompts: Sequence[str], max_new_tokens: int
@@ -191,28 +271,22 @@ def answer_prompts(model: LanguageModel, tok: LLMTokenizer, prompts: Sequence[st
     return [tok.decode(o).strip() for o in outs]
 
 
-def evaluate_model(model: LanguageModel, tok: LLMTokenizer, *, pretrain_val: ShardDataset,
-                   sft_val: ShardDataset, conversations: Sequence[dict[str, Any]],
+def evaluate_model(model: LanguageModel, tok: LLMTokenizer, *, docs: ShardDataset,
+                   replies: ShardDataset, conversations: Sequence[dict[str, Any]],
                    token_bytes: torch.Tensor, cfg: EvaluateConfig, device: torch.device,
-                   dtype: torch.dtype, clean_rows: Sequence[int] | np.ndarray | None = None) -> dict[str, Any]:
-    """Everything the evaluate stage reports for one model, as a nested dict; with
-    ``clean_rows``, also the bits per byte of those rows of ``pretrain_val`` alone (the ones
-    no training stream shares a run of words with)."""
-    ctx = bpb_at_contexts(model, pretrain_val, token_bytes, cfg.context_factors, cfg.batch_size,
+                   dtype: torch.dtype) -> dict[str, Any]:
+    """Everything the evaluate stage reports for one model, as a nested dict: bits per byte
+    on ``docs`` (pretraining rows) and on ``replies`` (SFT rows), the tasks and the multiple
+    choice on ``conversations``, and the samples. The stage passes the test split."""
+    ctx = bpb_at_contexts(model, docs, token_bytes, cfg.context_factors, cfg.batch_size,
                           cfg.max_rows, device, dtype)
-    rows = min(len(sft_val), cfg.max_rows or len(sft_val))
-    sft = heldout_loss(model, sft_val, cfg.batch_size, -(-rows // cfg.batch_size), token_bytes,
+    rows = min(len(replies), cfg.max_rows or len(replies))
+    sft = heldout_loss(model, replies, cfg.batch_size, -(-rows // cfg.batch_size), token_bytes,
                        device, dtype)
     tasks = task_accuracy(model, tok, conversations, cfg.max_task_examples, cfg.max_new_tokens)
     mc = doc_multiple_choice(model, tok, conversations, cfg.choices, cfg.max_task_examples)
     samples = answer_prompts(model, tok, cfg.prompts, cfg.max_new_tokens)
-    out = {"contexts": ctx, "sft_val": sft, "tasks": tasks, "doc_mc": mc, "samples": samples}
-    if clean_rows is not None:
-        clean = pretrain_val.subset(clean_rows)
-        out["clean_bpb"] = heldout_loss(model, clean, cfg.batch_size,
-                                        -(-len(clean) // cfg.batch_size), token_bytes, device,
-                                        dtype)["bpb"]
-    return out
+    return {"contexts": ctx, "sft": sft, "tasks": tasks, "doc_mc": mc, "samples": samples}
 
 
 def summary_metrics(results: dict[str, Any], factors: Sequence[int]) -> dict[str, Any]:
@@ -224,9 +298,9 @@ def summary_metrics(results: dict[str, Any], factors: Sequence[int]) -> dict[str
     metrics: dict[str, Any] = {}
     for name, r in results.items():
         p = f"evaluate/{name}"
-        metrics[f"{p}/val_bpb"] = r["contexts"][1]["bpb"] if r["contexts"][1] else None
-        metrics[f"{p}/sft_val_bpb"] = r["sft_val"]["bpb"]
-        metrics[f"{p}/sft_val_loss"] = r["sft_val"]["loss"]
+        metrics[f"{p}/docs_bpb"] = r["contexts"][1]["bpb"] if r["contexts"][1] else None
+        metrics[f"{p}/sft_bpb"] = r["sft"]["bpb"]
+        metrics[f"{p}/sft_loss"] = r["sft"]["loss"]
         for f in factors:
             metrics[f"{p}/bpb_ctx{f}x"] = r["contexts"][f]["bpb"] if r["contexts"][f] else None
         for task, v in r["tasks"].items():
@@ -249,8 +323,7 @@ def clean_metrics(results: dict[str, Any], contaminated: Mapping[str, Sequence[b
                   ) -> dict[str, Any]:
     """``evaluate/<model>/<metric>_clean`` (with its interval and ``_clean_n``): each accuracy
     on the examples not flagged in ``contaminated`` (set name -> one flag per example, in
-    scoring order: the tasks by name, ``doc_questions``), and ``val_bpb_clean``. None where
-    no example is left."""
+    scoring order: the tasks by name, ``doc_questions``). None where no example is left."""
     metrics: dict[str, Any] = {}
     for name, r in results.items():
         p = f"evaluate/{name}"
@@ -267,14 +340,12 @@ def clean_metrics(results: dict[str, Any], contaminated: Mapping[str, Sequence[b
             metrics[f"{p}/{metric}_clean_ci95_low"] = None if math.isnan(low) else round(low, 5)
             metrics[f"{p}/{metric}_clean_ci95_high"] = None if math.isnan(high) else round(high, 5)
             metrics[f"{p}/{metric}_clean_n"] = len(kept)
-        if "clean_bpb" in r:
-            bpb = r["clean_bpb"]
-            metrics[f"{p}/val_bpb_clean"] = None if math.isnan(bpb) else round(bpb, 5)
     return {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% (z = 1.96) Wilson score interval of a proportion ``successes / n``.
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% (z = 1.96) Wilson score interval of a proportion ``successes / n`` (``successes``
+    may be a sum of fractional credits in [0, 1], as the doc multiple choice's ties give).
 
     Unlike the normal approximation it stays inside [0, 1] and is honest at 0 or n successes
     and small n, which is where task accuracies of small models live.

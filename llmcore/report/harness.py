@@ -13,6 +13,10 @@ candidate (``acc``) or by it per character (``acc_norm``), the evaluate stage by
 token; the three can pick differently, so only ``acc`` is compared against the same rule
 computed here. The data files are named by absolute path (the harness reads ``data_files``
 from the working directory), so the folder belongs to one checkout and is not committed.
+The target is the documented answer's drawn position (:func:`doc_mc_items`), not always 0;
+a tie still goes to the first of the tied candidates in the harness (``argmax``), where
+:func:`summed_logprob_accuracy` gives it ``1/k`` credit, so the two agree only on questions
+without ties (a trained model's summed log-probabilities practically never tie).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import yaml
 
 from llmcore.data.tokenizer import EOT, IM_END, LLMTokenizer, render_chat
 from llmcore.model.protocols import LanguageModel
-from llmcore.report.evaluate import doc_mc_items, task_examples
+from llmcore.report.evaluate import choice_credit, doc_mc_items, task_examples
 
 PREFIX = "llmcore_"
 # the reply's last non-blank line, trimmed: what is_correct compares with the answer. Lines
@@ -71,10 +75,10 @@ def write_tasks(out: Path, conversations: Sequence[dict[str, Any]], *, max_per_t
     items = doc_mc_items(conversations, choices, max_per_task, seed)
     if items:
         name = f"{PREFIX}doc_mc"
-        # the candidates end with <|im_end|> as the evaluate stage scores them; the right
-        # answer is always first (its index is the target)
-        rows = [{"prompt": prompt_text(c), "choices": [a + IM_END for a in cands], "label": 0}
-                for c, cands in items]
+        # the candidates end with <|im_end|> as the evaluate stage scores them; the target
+        # is the documented answer's index, drawn per question with ``seed``
+        rows = [{"prompt": prompt_text(it.conv), "choices": [a + IM_END for a in it.candidates],
+                 "label": it.gold} for it in items]
         spec = {"task": name, **_data(out / f"{name}.jsonl", rows),
                 "output_type": "multiple_choice", "doc_to_text": "prompt",
                 "doc_to_choice": "choices", "doc_to_target": "label",
@@ -110,18 +114,20 @@ def results_file(output_dir: Path) -> Path:
 @torch.no_grad()
 def summed_logprob_accuracy(model: LanguageModel, tok: LLMTokenizer,
                             conversations: Sequence[dict[str, Any]], choices: int,
-                            max_questions: int) -> float:
+                            max_questions: int, seed: int = 0) -> float:
     """The doc multiple choice by the harness's ``acc`` rule (the candidate with the largest
-    summed log-probability), computed on an llmcore model: what ``acc`` must equal."""
-    items = doc_mc_items(conversations, choices, max_questions)
-    right = 0
-    for conv, cands in items:
-        prompt = tok.encode_prompt(conv["messages"][:-1])
+    summed log-probability), computed on an llmcore model: what ``acc`` must equal when no
+    candidates tie. A tie of ``k`` with the documented answer earns ``1/k``
+    (:func:`choice_credit`, as the evaluate stage), where the harness takes the first."""
+    items = doc_mc_items(conversations, choices, max_questions, seed)
+    credit = 0.0
+    for item in items:
+        prompt = tok.encode_prompt(item.conv["messages"][:-1])
         sums = []
-        for a in cands:
+        for a in item.candidates:
             ids = torch.tensor([prompt + tok.encode(a + IM_END)])
             logp = torch.log_softmax(model(ids[:, :-1]).float(), -1)[0]  # (T, V)
             cont = ids[0, len(prompt):]
             sums.append(float(logp[len(prompt) - 1:].gather(1, cont[:, None]).sum()))
-        right += max(range(len(sums)), key=sums.__getitem__) == 0
-    return right / len(items) if items else float("nan")
+        credit += choice_credit(sums, item.gold)
+    return credit / len(items) if items else float("nan")

@@ -35,8 +35,8 @@ def write_reports(out: Path, results: dict[str, Any], factors: list[int], prompt
     lines = ["# Models compared", "", "| metric | " + " | ".join(results) + " |",
              "|---|" + "---|" * len(results)]
     rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
-            ("val bpb (pretraining text)", lambda r: fmt(r["contexts"][1]["bpb"])),
-            ("val bpb (SFT replies)", lambda r: fmt(r["sft_val"]["bpb"])),
+            ("test bpb (docs)", lambda r: fmt(r["contexts"][1]["bpb"])),
+            ("test bpb (SFT replies)", lambda r: fmt(r["sft"]["bpb"])),
             ("doc questions, multiple choice", lambda r: fmt_ci(
                 r["doc_mc"]["accuracy"], r["doc_mc"]["ci95"], r["doc_mc"]["n"]))]
     rows += [(f"{t} exact match", _task_cell(t)) for t in tasks]

@@ -1,6 +1,7 @@
-"""Decontamination: n-gram hashes against a plain tuple reference, duplicates planted in each
-training stream found (and only they), the 13-word boundary, examples shorter than n, and
-the metrics without the contaminated examples."""
+"""The contract check: n-gram hashes against a plain tuple reference, duplicates planted in
+each training stream found (and only they), the 13-word boundary, examples shorter than n, a
+copy and a pool breach each named as the first violation, and the metrics without the
+examples that share a run."""
 
 import json
 import random
@@ -17,6 +18,8 @@ from llmcore.report.contamination import (
     contamination_metrics,
     contamination_report,
     decontaminate,
+    evaluation_sets,
+    first_violation,
     gram_hashes,
 )
 from llmcore.report.evaluate import clean_metrics
@@ -94,33 +97,64 @@ def planted(tmp_path_factory, tiny_tokenizer):
     preferences = [{"prompt": [{"role": "user", "content": "Spell the word 'quokka'."}],
                     "chosen": "q-u-o-k-k-a", "rejected": "q-u-o-k-a", "source": "t"}]
     out = tmp_path_factory.mktemp("planted")
-    pack_all(tok, {"train": train_docs, "val": val_docs},
-             {"train": [c["messages"] for c in train_convs], "val": []}, out, seq_len=256)
+    pack_all(tok, {"train": train_docs}, {"train": [c["messages"] for c in train_convs]}, out,
+             seq_len=256)
+    sets = evaluation_sets({"spell": val[:3]}, val[3:], val_docs, [], [])
     results = decontaminate(
-        tok, val_conversations=val, train_conversations=train_convs, preferences=preferences,
+        tok, sets, train_conversations=train_convs, preferences=preferences,
         pretrain_train=ShardDataset(out, "pretrain_train"),
-        sft_train=ShardDataset(out, "sft_train"), pretrain_val=ShardDataset(out, "pretrain_val"),
-        max_per_task=10)
-    return results, ShardDataset(out, "pretrain_val"), tok
+        sft_train=ShardDataset(out, "sft_train"))
+    return results, sets, tok
 
 
 def test_planted_duplicates_are_found_in_their_stream_only(planted):
-    results, val_rows, _ = planted
-    spell, doc, docs_val = results["spell"], results["doc_questions"], results["docs_val"]
+    results, _, _ = planted
+    spell, doc, docs_test = results["spell"], results["doc_questions"], results["docs_test"]
     # zebra: an SFT conversation (with a system prompt the check leaves out); quokka: a
     # preference pair; narwhal: nowhere
     assert spell.found["sft"].tolist() == [True, False, False]
-    assert spell.found["dpo"].tolist() == [True, True, False]  # zebra is a task conversation
+    assert spell.found["align"].tolist() == [True, True, False]  # zebra: a task conversation
     assert spell.found["pretrain"].tolist() == [False, False, False]  # no chat mix here
     assert spell.contaminated.tolist() == [True, True, False]
     assert doc.found["pretrain"].tolist() == [True, False, False]
     # 38 words (role names, question, 30-word answer): 26 runs, the answer's own 18 leaked
     assert doc.overlap[0] == pytest.approx(18 / 26) and doc.overlap[2] == 0.0
-    # docs_val: the rows of the copied document are flagged, the fresh document's are not
-    flags = docs_val.contaminated
-    assert len(flags) == len(val_rows)
-    assert flags.any() and not flags.all()
-    assert flags[0] and not flags[-1]  # the copy comes first, the fresh text last
+    # docs_test: the copied document is flagged, wholly, the fresh one is not
+    assert docs_test.contaminated.tolist() == [True, False]
+    assert docs_test.overlap[0] == 1.0 and docs_test.overlap[1] == 0.0
+
+
+def test_the_first_violation_names_the_set_and_the_copied_example(planted):
+    results, sets, _ = planted
+    line = first_violation(results, {}, sets)
+    # zebra's whole example is in training (one run: overlap 1.0): the first set checked
+    assert line.startswith("set 'spell': example 0 (") and "zebra" in line
+    assert "covering 100% of its runs" in line and "sft" in line
+    # a doc answer sharing 18 of its 26 runs (69%) is a copy too; a 12-word run is not
+    assert results["doc_questions"].overlap[0] >= 0.5 > results["doc_questions"].overlap[2]
+    only_docs = {k: v for k, v in results.items() if k != "spell"}
+    assert first_violation(only_docs, {}, sets).startswith("set 'doc_questions': example 0")
+
+
+def test_a_shared_sentence_is_counted_but_is_no_violation(planted):
+    results, sets, _ = planted
+    doc = results["doc_questions"]
+    keep = np.array([False, True, True])  # the fresh and the near question only
+    partial = {"doc_questions": type(doc)("doc_questions",
+                                          {s: f[keep] for s, f in doc.found.items()},
+                                          doc.overlap[keep])}
+    assert first_violation(partial, {}, {"doc_questions": sets["doc_questions"][1:]}) is None
+
+
+def test_a_pool_key_in_two_splits_is_a_violation_before_any_copy(planted):
+    results, sets, _ = planted
+    tables = {"sft_train": [{"id": "a" * 64, "pool": ["word:zebra"]}],
+              "sft_test": [{"id": "b" * 64, "pool": ["word:okapi"]},
+                           {"id": "c" * 64, "pool": ["word:zebra"]}]}
+    line = first_violation(results, tables, sets)
+    assert line.startswith("pool breach: 'word:zebra' is in sft_test and in sft_train")
+    tables["sft_test"].pop()
+    assert not first_violation({}, tables, sets)
 
 
 def test_the_report_lists_every_contaminated_example(planted):
@@ -128,7 +162,7 @@ def test_the_report_lists_every_contaminated_example(planted):
     data, page = contamination_report(results)
     assert data["ngram"] == 13 and data["unit"] == "words"
     assert data["sets"]["spell"]["contaminated"] == 2
-    assert data["sets"]["spell"]["by_stream"] == {"pretrain": 0, "sft": 1, "dpo": 2}
+    assert data["sets"]["spell"]["by_stream"] == {"pretrain": 0, "sft": 1, "align": 2}
     listed = [(e["set"], e["index"]) for e in data["examples"]]
     assert ("spell", 0) in listed and ("spell", 1) in listed and ("spell", 2) not in listed
     assert ("doc_questions", 0) in listed and ("doc_questions", 2) not in listed
@@ -141,19 +175,16 @@ def test_the_report_lists_every_contaminated_example(planted):
 
 def test_clean_metrics_drop_the_flagged_examples():
     results = {"sft": {"tasks": {"spell": {"correct": [True, True, False, False]}},
-                       "doc_mc": {"correct": [True, False]}, "clean_bpb": 1.25}}
+                       "doc_mc": {"correct": [True, False]}}}
     flags = {"spell": [True, False, False, True], "doc_questions": [False, False]}
     m = clean_metrics(results, flags)
     assert m["evaluate/sft/spell_exact_match_clean"] == 0.5
     assert m["evaluate/sft/spell_exact_match_clean_n"] == 2
     assert m["evaluate/sft/doc_mc_accuracy_clean"] == 0.5
-    assert m["evaluate/sft/val_bpb_clean"] == 1.25
     every = clean_metrics(results, {"spell": [True] * 4, "doc_questions": [True, True]})
     assert every["evaluate/sft/spell_exact_match_clean"] is None
     assert every["evaluate/sft/spell_exact_match_clean_n"] == 0
-    table = clean_comparison({**m, "evaluate/sft/spell_exact_match": 0.5,
-                              "evaluate/sft/val_bpb": 1.5}, ["sft"])
+    table = clean_comparison({**m, "evaluate/sft/spell_exact_match": 0.5}, ["sft"])
     assert "| spell_exact_match | 0.500 / 0.500 (n=2) |" in table
-    assert "| val_bpb | 1.500 / 1.250 |" in table
     with pytest.raises(ValueError, match="3 contamination flags for 4"):
         clean_metrics(results, {"spell": [True] * 3})

@@ -1,6 +1,6 @@
 """Evaluation with rigged models whose right answers are known: task exact match and
-``<|im_end|>`` rate, doc multiple choice, bits per byte at 1x/2x/4x context and on a split,
-and the flat summary metrics."""
+``<|im_end|>`` rate, doc multiple choice (its items, tie credit and candidate scores), bits
+per byte at 1x/2x/4x context and on a split, and the flat summary metrics."""
 
 import math
 from types import SimpleNamespace
@@ -11,8 +11,12 @@ import torch
 from llmcore.data.shards import ShardDataset
 from llmcore.data.tokenizer import IM_END, render_chat, token_bytes
 from llmcore.report.evaluate import (
+    _mean_logprob,
     bpb_at_contexts,
+    choice_credit,
+    doc_mc_items,
     doc_multiple_choice,
+    normalise_answer,
     split_bpb,
     summary_metrics,
     task_accuracy,
@@ -135,11 +139,91 @@ def test_doc_multiple_choice_picks_the_likeliest_candidate(tiny_tokenizer):
     # 4 choices of 4 documented answers: every question sees every answer
     got = doc_multiple_choice(model, tok, docs + [other], choices=4, max_questions=10)
     assert got == {"accuracy": 0.75, "n": 4, "chance": 0.25, "ci95": wilson_interval(3, 4),
-                   "correct": [True, True, True, False]}
+                   "correct": [1.0, 1.0, 1.0, 0.0]}
     first_two = doc_multiple_choice(model, tok, docs, choices=4, max_questions=2, seed=5)
     assert first_two["accuracy"] == 1.0 and first_two["n"] == 2
     too_few = doc_multiple_choice(model, tok, docs[:3] + [other], choices=4, max_questions=10)
     assert math.isnan(too_few["accuracy"]) and too_few["n"] == 0
+
+
+def doc_convs(n: int) -> list[dict]:
+    """``n`` doc questions with distinct answers of 1 to 5 words (different token counts)."""
+    return [conv("doc", f"Question {i}?", f"Answer {i}" + " more" * (i % 5) + ".")
+            for i in range(n)]
+
+
+def test_a_model_without_preference_scores_exactly_chance(tiny_tokenizer):
+    tok = tiny_tokenizer
+    uniform = BiasLM(torch.zeros(tok.vocab_size))
+    got = doc_multiple_choice(uniform, tok, doc_convs(200), choices=4, max_questions=200)
+    # every candidate ties (up to float32 rounding: the means over different token counts
+    # are not all bitwise equal), so each question earns 1/4; with the answer always first
+    # and the first of equal scores winning, this model used to score 1.0
+    assert got["n"] == 200 and got["correct"] == [0.25] * 200
+    assert got["accuracy"] == 0.25 == got["chance"]
+    low, high = got["ci95"]
+    assert low < 0.25 < high and (low, high) == wilson_interval(50, 200)
+
+
+def test_choice_credit_shares_a_tie_and_ignores_rounding():
+    assert choice_credit([-1.0, -2.0, -3.0], 0) == 1.0
+    assert choice_credit([-1.0, -2.0, -3.0], 1) == 0.0
+    assert choice_credit([-2.0, -1.0, -1.0, -3.0], 2) == 0.5
+    assert choice_credit([-2.0, -1.0, -1.0, -3.0], 0) == 0.0
+    assert choice_credit([-4.0] * 4, 3) == 0.25
+    assert choice_credit([-5.7037826, -5.7037816, -9.0], 0) == 0.5  # float32 ulps apart
+    assert choice_credit([-5.70, -5.71], 1) == 0.0  # a real preference is not a tie
+    assert choice_credit([math.nan, -2.0, -1.0], 2) == 1.0  # NaN is never the best
+    assert choice_credit([math.nan, math.nan], 0) == 0.0
+    with pytest.raises(IndexError):
+        choice_credit([-1.0, -2.0], 2)
+
+
+def test_distractors_differ_from_the_answer_and_each_other_as_text():
+    answers = ["Use a list.", "  use a   LIST. ", "Call len() on it.", "A tuple is immutable.",
+               "Import it first.", "USE A LIST.", "import it\tfirst."]
+    convs = [conv("doc", f"Question {i}?", a) for i, a in enumerate(answers)]
+    distinct = {normalise_answer(a) for a in answers}
+    assert len(distinct) == 4
+    for seed in range(20):
+        items = doc_mc_items(convs, 4, 10, seed)
+        assert len(items) == len(answers)
+        for it, c in zip(items, convs, strict=True):
+            assert it.conv is c and it.candidates[it.gold] == c["answer"]
+            assert {normalise_answer(a) for a in it.candidates} == distinct  # 4 distinct
+    # 7 questions but 4 distinct answers: 5 choices cannot be filled, for any question
+    assert doc_mc_items(convs, 5, 10) == []
+
+
+def test_gold_positions_are_spread_and_seeded():
+    convs = doc_convs(200)
+    items = doc_mc_items(convs, 4, 200, seed=3)
+    golds = [it.gold for it in items]
+    assert all(it.candidates[it.gold] == it.conv["answer"] for it in items)
+    assert all(30 <= golds.count(g) <= 70 for g in range(4))  # ~50 each, none always
+    assert doc_mc_items(convs, 4, 200, seed=3) == items  # the same draw every call
+    assert [it.gold for it in doc_mc_items(convs, 4, 200, seed=4)] != golds
+    # the first questions' items do not depend on how many are asked
+    assert doc_mc_items(convs, 4, 10, seed=3) == items[:10]
+
+
+def test_mean_logprob_masks_exactly_the_kept_candidate_tokens():
+    torch.manual_seed(0)
+    bias = torch.randn(50)
+    model = BiasLM(bias)  # log p(token) = logp[token] whatever the context
+    logp = torch.log_softmax(bias, 0)
+
+    def direct(tokens: list[int]) -> float:
+        return float(logp[tokens].mean())
+
+    prompt, short, long = list(range(10)), [11, 12, 13], [20, 21, 22, 23, 24, 25, 26, 27]
+    # max_len 14: the short candidate fits, the long one keeps its first 4 tokens
+    got = _mean_logprob(model, prompt, [short, long], pad_id=0, max_len=14)
+    assert got == pytest.approx([direct(short), direct(long[:4])], rel=1e-6)
+    assert got[1] != pytest.approx(direct(prompt[-4:] + long[:4]), rel=1e-3)  # the old mask
+    # a prompt longer than max_len: cut from the left, each candidate scored on its first token
+    got = _mean_logprob(model, list(range(30)), [short, long], pad_id=0, max_len=14)
+    assert got == pytest.approx([direct(short[:1]), direct(long[:1])], rel=1e-6)
 
 
 def expected_bpb(ds: ShardDataset, rows: int, bias: torch.Tensor, tb: torch.Tensor,

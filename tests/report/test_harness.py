@@ -1,6 +1,7 @@
 """lm-evaluation-harness on the Hugging Face export reads the evaluate stage's examples and
 scores them as the stage does: the same exact match per example on generated replies, and
-the multiple choice's ``acc`` equal to the summed log-probability rule computed here."""
+the multiple choice's ``acc`` equal to the summed log-probability rule computed here; the
+task files carry the drawn candidates and answer position, and ties earn chance."""
 
 import json
 import math
@@ -14,6 +15,7 @@ import torch
 
 from llmcore.config import parse_section
 from llmcore.data.tasks import final_answer
+from llmcore.data.tokenizer import IM_END
 from llmcore.export.hf import export_hf
 from llmcore.infer.generate import Sampling, generate
 from llmcore.model.modeldir import save_model_dir, state_dict_for_save
@@ -25,6 +27,7 @@ from llmcore.report.harness import (
     summed_logprob_accuracy,
     write_tasks,
 )
+from tests.report.test_evaluate import BiasLM
 
 pytestmark = pytest.mark.slow  # lm_eval and transformers in a subprocess
 
@@ -92,3 +95,36 @@ def test_the_harness_scores_the_export_as_the_evaluate_stage_does(tmp_path, tiny
     ours_mc = summed_logprob_accuracy(model, tok, convs, 4, 20)
     assert math.isclose(got["llmcore_doc_mc"]["acc"], ours_mc)
     assert len(doc_mc_items(convs, 4, 20)) == 6
+
+
+def test_the_doc_mc_task_file_targets_the_drawn_answer_position(tmp_path):
+    convs = [conv("doc", f"Question {i}?", f"Answer number {i}.") for i in range(40)]
+    names = write_tasks(tmp_path, convs, max_per_task=30, choices=4, max_new_tokens=8, seed=7)
+    assert names == ["llmcore_doc_mc"]
+    rows = [json.loads(line) for line in (tmp_path / "llmcore_doc_mc.jsonl").read_text()
+            .splitlines()]
+    items = doc_mc_items(convs, 4, 30, seed=7)
+    assert [r["label"] for r in rows] == [it.gold for it in items]
+    assert [r["choices"] for r in rows] == [[a + IM_END for a in it.candidates] for it in items]
+    assert all(r["choices"][r["label"]] == c["answer"] + IM_END for r, c in zip(rows, convs[:30], strict=True))
+    assert {r["label"] for r in rows} == {0, 1, 2, 3}  # not always the first
+
+
+def test_summed_logprob_accuracy_gives_a_tie_chance_credit(tiny_tokenizer):
+    tok = tiny_tokenizer
+    # one-letter answers: every candidate is one token and <|im_end|>, so a uniform model's
+    # summed log-probabilities are all equal; answers repeat, distractors never do
+    letters = "abcde"
+    convs = [conv("doc", f"Question {i}?", letters[i % 5]) for i in range(200)]
+    assert {len(tok.encode(a + IM_END)) for a in letters} == {2}
+    uniform = BiasLM(torch.zeros(tok.vocab_size))
+    assert summed_logprob_accuracy(uniform, tok, convs, 4, 200) == 0.25  # was 1.0
+    # a model that prefers "a" to the other letters, which it cannot tell apart: full credit
+    # where "a" is the answer, none where "a" is a distractor, 1/4 where it is not offered
+    prefer_a = BiasLM(torch.zeros(tok.vocab_size).index_fill(0, torch.tensor(
+        tok.encode("a")), 5.0))
+    items = doc_mc_items(convs, 4, 200, seed=1)
+    want = [1.0 if it.conv["answer"] == "a" else 0.0 if "a" in it.candidates else 0.25
+            for it in items]
+    assert 0 < want.count(0.25) < want.count(0.0)
+    assert summed_logprob_accuracy(prefer_a, tok, convs, 4, 200, seed=1) == sum(want) / 200

@@ -183,12 +183,12 @@ def test_repro_runs_every_stage_then_nothing_then_sft_downstream(pretrained):
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
     keys = {
         "sft": ["sft/val_bpb", "sft/val_loss", "sft/tokens_per_second", "sft/mfu"],
-        "evaluate": ["evaluate/pretrain/val_bpb", "evaluate/sft/val_bpb",
-                     "evaluate/sft/sft_val_bpb", "evaluate/pretrain/bpb_ctx2x",
+        "evaluate": ["evaluate/pretrain/docs_bpb", "evaluate/sft/docs_bpb",
+                     "evaluate/sft/sft_bpb", "evaluate/pretrain/bpb_ctx2x",
                      "evaluate/sft/bpb_ctx4x", "evaluate/sft/arithmetic_exact_match",
                      "evaluate/pretrain/doc_mc_accuracy", "evaluate/sft/im_end_rate",
-                     "evaluate/rl/doc_mc_accuracy_clean_n", "evaluate/sft/val_bpb_clean",
-                     "evaluate/contamination/docs_val/contaminated"],
+                     "evaluate/rl/doc_mc_accuracy_clean_n", "evaluate/contract/violations",
+                     "evaluate/contamination/docs_test/contaminated"],
         "dpo": ["dpo/val_reward_accuracy", "dpo/kl_to_reference", "dpo/trainable_share",
                 "dpo/train_pairs"],
         "rl": ["rl/reward_last10", "rl/arithmetic_exact_before", "rl/arithmetic_exact_after"],
