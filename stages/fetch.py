@@ -38,7 +38,8 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
         f"documents and {stats.bad_records} malformed records dropped")
     if cfg.preference_paths:
         log(f"fetch: {metrics['fetch/preference_pairs']} preference pairs "
-            f"({metrics['fetch/preference_pairs_val']} held out), "
+            f"({metrics['fetch/preference_pairs_val']} val, "
+            f"{metrics['fetch/preference_pairs_test']} test), "
             f"{stats.preference_duplicates_dropped} duplicate pairs dropped")
     return metrics
 

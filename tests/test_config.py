@@ -55,6 +55,24 @@ def test_cross_field_rules():
     assert parse_section("base", {"device": "cuda:1"}).device == "cuda:1"
 
 
+def test_held_out_fractions():
+    cfg = FetchConfig()
+    assert (cfg.val_fraction, cfg.test_fraction, cfg.synthetic_test_per_task) == (0.1, 0.1, 250)
+    assert parse_section("fetch", {"val_fraction": 0.3, "test_fraction": 0.29}).test_fraction == 0.29
+    assert parse_section("fetch", {"test_fraction": 0.0}).test_fraction == 0.0  # no test split
+    with pytest.raises(ConfigError) as err:  # most data must train
+        parse_section("fetch", {"val_fraction": 0.3, "test_fraction": 0.3})
+    assert err.value.problems == [
+        "params.yaml: fetch.val_fraction + fetch.test_fraction must be below 0.6 (got 0.3 + "
+        "0.3): most data must train"]
+    with pytest.raises(ConfigError, match=r"fetch.test_fraction must be < 0.5 \(got 0.5\)"):
+        parse_section("fetch", {"test_fraction": 0.5})
+    with pytest.raises(ConfigError, match=r"fetch.test_fraction must be >= 0 \(got -0.1\)"):
+        parse_section("fetch", {"test_fraction": -0.1})
+    with pytest.raises(ConfigError, match=r"fetch.val_fraction must be > 0 \(got 0.0\)"):
+        parse_section("fetch", {"val_fraction": 0.0})  # decisions always need a val split
+
+
 def test_list_type_checked():
     with pytest.raises(ConfigError, match=r"fetch.paths must be a list of strings \(got 'a.txt'\)"):
         parse_section("fetch", {"source": "files", "paths": "a.txt"})

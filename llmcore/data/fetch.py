@@ -33,6 +33,7 @@ def build_corpus(cfg: FetchConfig, out_dir: Path, root: Path | None = None) -> C
         "source": cfg.source,
         "python_version": sys.version.split()[0] if cfg.source == "builtin" else None,
         "val_fraction": cfg.val_fraction,
+        "test_fraction": cfg.test_fraction,
         "bad_examples": stats.bad_examples,
         "sft_tasks": dict(sorted(stats.sft_tasks.items())),
     }

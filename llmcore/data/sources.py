@@ -350,10 +350,13 @@ def _cleaned(rec: Record, cfg: FetchConfig, stats: CorpusStats) -> Record | None
 
 
 def _read_all(records: Iterable[Record | BadRecord], cfg: FetchConfig, stats: CorpusStats
-              ) -> tuple[list[tuple[str, Document]], list[tuple[str, Conversation]]]:
-    """(id, record) of every clean, new document and conversation, within the limits."""
+              ) -> tuple[list[tuple[str, Document]], list[tuple[str, Conversation]],
+                         list[Document]]:
+    """(id, record) of every clean, new document and conversation, within the limits; and
+    the exact duplicates of documents dropped (their groups must still join the copy's)."""
     docs: list[tuple[str, Document]] = []
     convs: list[tuple[str, Conversation]] = []
+    copies: list[Document] = []
     seen: set[str] = set()
     total_bytes = 0
     for raw in records:
@@ -367,6 +370,8 @@ def _read_all(records: Iterable[Record | BadRecord], cfg: FetchConfig, stats: Co
         if key in seen:
             if isinstance(rec, Document):
                 stats.duplicates_dropped += 1
+                if rec.group and not rec.train_only:
+                    copies.append(rec)
             else:
                 stats.sft_duplicates_dropped += 1
             continue
@@ -381,7 +386,7 @@ def _read_all(records: Iterable[Record | BadRecord], cfg: FetchConfig, stats: Co
             continue
         total_bytes += size
         docs.append((key, rec))
-    return docs, convs
+    return docs, convs, copies
 
 
 def collect(records: Iterable[Record | BadRecord], cfg: FetchConfig
@@ -394,7 +399,7 @@ def collect(records: Iterable[Record | BadRecord], cfg: FetchConfig
     split it was drawn for), or its content hash.
     """
     stats = CorpusStats()
-    docs, convs = _read_all(records, cfg, stats)
+    docs, convs, copies = _read_all(records, cfg, stats)
     if not docs:
         raise CorpusError(
             f"no documents left after cleaning (source {cfg.source!r}: "
@@ -402,7 +407,10 @@ def collect(records: Iterable[Record | BadRecord], cfg: FetchConfig
             f"{stats.duplicates_dropped} duplicates). Check fetch.paths / fetch.hf_dataset and "
             f"that the records have a non-empty {cfg.text_field!r} field.")
     own = {key: d.group or f"doc:{key}" for key, d in docs}
-    shown = [(own[k], d.text) for k, d in docs if not d.train_only]
+    # a dropped exact copy still joins its group to the kept one's: the questions about it
+    # (e.g. the reference topics `if` and `else`, one text) must follow that text
+    shown = [(own[k], d.text) for k, d in docs if not d.train_only] + [
+        (d.group, d.text) for d in copies if d.group]
     merged = merge_near_copies([g for g, _ in shown], [t for _, t in shown])
 
     def group(g: str) -> str:
@@ -451,20 +459,31 @@ def assign_splits(rows: list[dict], val_fraction: float, test_fraction: float,
     fixed = {k: r["split"] for r in rows if r["split"] for k in r["pool"]}
     keys = sorted({r["pool"][0] for r in rows if not r["split"]})
     place = {k: split_of(k, val_fraction, test_fraction) for k in keys}
+    decided: set[str] = set(fixed)  # keys an earlier table placed: a later one leaves them
     for table, what in tables:
         movable = sorted({r["pool"][0] for r in rows if r["table"] == table and not r["split"]}
-                         - fixed.keys())
+                         - decided)
+        decided.update(movable)
+
+        def held(split: str) -> list[str]:
+            return [k for k in movable if place[k] == split]
+
         if len(movable) == 1 and place[movable[0]] != "train":
             notes.append(f"only one group of {what}: none is held out (add {what})")
             place[movable[0]] = "train"
-        for need, src, pick in (("train", ("val", "test"), max), ("val", ("train",), min)):
-            if len(movable) >= 2 and not any(place[k] == need for k in movable):
-                candidates = [k for k in movable if place[k] in src] or movable
-                key = pick(candidates, key=unit_interval)
-                notes.append(f"the hash left {need} without {what}: the group {key!r} "
-                             "moved there")
-                place[key] = need
-        if table == "pretrain" and movable and not any(place[k] == "test" for k in movable):
+        if len(movable) >= 2 and not held("train"):
+            key = max(movable, key=unit_interval)  # the held-out group nearest train's line
+            notes.append(f"the hash left train without {what}: the group {key!r} moved there")
+            place[key] = "train"
+        if len(movable) >= 2 and not held("val"):
+            # from train only while train keeps a group, else from test
+            source = held("train") if len(held("train")) >= 2 else held("test")
+            if source:
+                key = min(source, key=unit_interval)
+                notes.append(f"the hash left val without {what}: the group {key!r} moved "
+                             "there")
+                place[key] = "val"
+        if table == "pretrain" and movable and not held("test"):
             notes.append("no group of documents is in the test split (too small a corpus): "
                          "the evaluate stage has no held-out documents to report")
     for r in rows:

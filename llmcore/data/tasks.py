@@ -8,6 +8,10 @@ checks an answer (:func:`is_correct`: the reward of GRPO, the judge of on-policy
 and of task accuracy) and makes a plausible wrong one (:func:`wrong_answer`, DPO's rejected
 reply). The task names are :data:`llmcore.config.SYNTHETIC_TASKS`, the names params may use.
 
+Held out by construction (:func:`task_pools`): words and operand pairs are split into train /
+val / test pools by a stable hash, and each split's questions are drawn from its own pools,
+so a test question is about a word or a pair no training conversation mentions.
+
 Replies show their working, in formats a small model can learn: a sum or a difference goes
 column by column from the units (``7 + 8 = 15, 4 + 3 + 1 = 8`` then ``85``), reversing and
 counting spell the word first (``s-t-a-c-k``, one token per letter), then tally the matches

@@ -24,9 +24,11 @@ from llmcore.data.sources import (
     expand_paths,
     read_file,
     read_hf,
-    split_of,
 )
+from llmcore.data.splits import SPLITS, split_of
 from llmcore.data.tasks import final_answer, synthetic_conversations
+
+TASKS = ("arithmetic", "spell", "count", "reverse")
 
 
 def write_jsonl(path: Path, lines: list) -> Path:
@@ -34,6 +36,14 @@ def write_jsonl(path: Path, lines: list) -> Path:
         for line in lines:
             fh.write(line if isinstance(line, bytes) else (json.dumps(line) + "\n").encode())
     return path
+
+
+def all_texts(out: Path) -> list[str]:
+    return [t for s in SPLITS for t in read_texts(out, s)]
+
+
+def all_conversations(out: Path) -> list[dict]:
+    return [c for s in SPLITS for c in read_conversations(out, s)]
 
 
 def files_cfg(tmp_path, **kw) -> FetchConfig:
@@ -75,19 +85,25 @@ def test_synthetic_answers_are_exact():
     assert any(sum(r == "assistant" for r, _ in c.messages) == 2 for c in convs)
 
 
-def test_synthetic_held_out_set_is_fixed_and_disjoint():
-    convs = list(synthetic_conversations(300, seed=0, val_per_task=40))
-    train = [c for c in convs if c.split == "train"]
-    val = [c for c in convs if c.split == "val"]
-    assert len(train) == 4 * 300
-    assert Counter(c.task for c in val) == {t: 40 for t in ("arithmetic", "spell", "count",
-                                                            "reverse")}
-    assert not {c.messages for c in train} & {c.messages for c in val}
-    assert len({c.messages for c in val}) == len(val)
+def test_synthetic_held_out_sets_are_fixed_and_disjoint():
+    convs = list(synthetic_conversations(300, seed=0, val_per_task=40, test_per_task=30))
+    by_split = {s: [c for c in convs if c.split == s] for s in SPLITS}
+    assert len(by_split["train"]) == 4 * 300
+    assert Counter(c.task for c in by_split["val"]) == dict.fromkeys(TASKS, 40)
+    assert Counter(c.task for c in by_split["test"]) == dict.fromkeys(TASKS, 30)
+    messages = {s: {c.messages for c in cs} for s, cs in by_split.items()}
+    assert not messages["train"] & messages["val"]
+    assert not messages["train"] & messages["test"] and not messages["val"] & messages["test"]
+    assert len(messages["val"]) == 4 * 40 and len(messages["test"]) == 4 * 30
     # through the corpus: the fixed splits are kept, whatever the hash says
     docs = [Document(f"document number {i}", "test") for i in range(4)]
-    tables, _ = collect(docs + convs, FetchConfig(doc_questions=False))
-    assert Counter(r["task"] for r in tables["sft_val"]) == Counter(c.task for c in val)
+    # (training draws with replacement: its exact repeats are dropped as duplicates)
+    tables, stats = collect(docs + convs, FetchConfig(doc_questions=False))
+    for s in SPLITS:
+        distinct = {c.messages: c for c in by_split[s]}.values()
+        assert Counter(r["task"] for r in tables[f"sft_{s}"]) == Counter(
+            c.task for c in distinct), s
+    assert stats.sft_duplicates_dropped == len(by_split["train"]) - len(messages["train"])
 
 
 def test_doc_questions_answer_from_docs():
@@ -99,12 +115,13 @@ def test_doc_questions_answer_from_docs():
 
 def test_split_is_stable_when_documents_are_added():
     texts = [f"document number {i}" for i in range(400)]
-    before = {t: split_of(content_key(Document(t, "x")), 0.1) for t in texts}
+    before = {t: split_of(content_key(Document(t, "x")), 0.1, 0.1) for t in texts}
     more = texts + [f"new document {i}" for i in range(100)]
-    after = {t: split_of(content_key(Document(t, "x")), 0.1) for t in more}
+    after = {t: split_of(content_key(Document(t, "x")), 0.1, 0.1) for t in more}
     assert all(after[t] == before[t] for t in texts)
-    share = sum(v == "val" for v in before.values()) / len(before)
-    assert 0.05 < share < 0.15
+    for held_out in ("val", "test"):
+        share = sum(v == held_out for v in before.values()) / len(before)
+        assert 0.05 < share < 0.15, held_out
 
 
 def test_files_source_reads_every_format_and_skips_bad_records(tmp_path, capsys):
@@ -129,11 +146,11 @@ def test_files_source_reads_every_format_and_skips_bad_records(tmp_path, capsys)
     cfg = files_cfg(tmp_path)
     out = tmp_path / "corpus"
     stats = build_corpus(cfg, out)
-    texts = read_texts(out, "train") + read_texts(out, "val")
+    texts = all_texts(out)
     assert sorted(texts) == sorted(["A plain text document.", "# Title\n\nMarkdown body.",
                                     "JSON line document.", "Parquet document one.",
                                     "Parquet document two."])
-    convs = read_conversations(out, "train") + read_conversations(out, "val")
+    convs = all_conversations(out)
     assert {c["messages"][-1]["content"] for c in convs} == {"hello", "4"}
     assert stats.bad_records == 4 and stats.duplicates_dropped == 1 and stats.empty_dropped == 1
     joined = "\n".join(stats.bad_examples)
@@ -141,7 +158,8 @@ def test_files_source_reads_every_format_and_skips_bad_records(tmp_path, capsys)
     assert f"{d / 'c.jsonl'}:2: invalid JSON" in joined
     assert f"{d / 'c.jsonl'}:5: message 0 has role 'robot'" in joined
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["tables"]["pretrain_train"]["rows"] + manifest["tables"]["pretrain_val"]["rows"] == 5
+    assert sum(manifest["tables"][f"pretrain_{s}"]["rows"] for s in SPLITS) == 5
+    assert stats.documents == {s: manifest["tables"][f"pretrain_{s}"]["rows"] for s in SPLITS}
 
 
 def test_strict_mode_fails_naming_file_and_line(tmp_path):
@@ -216,24 +234,44 @@ def test_hf_source_fails_fast_without_the_hub(monkeypatch):
         list(read_hf(cfg))
 
 
-def test_stdlib_code_is_training_data_without_docstrings():
-    import itertools
+def test_stdlib_code_is_training_data_without_docstrings(monkeypatch):
     import json as json_module
 
-    from llmcore.data.pydocs import _without_docstrings, stdlib_code_documents
+    from llmcore.data import pydocs
 
     src = 'def f():\n    """Doc of f."""\n\n\nclass C:\n    """Doc of C."""\n    x = 1\n'
-    assert _without_docstrings(src) == "def f():\n    ...\n\n\nclass C:\n    x = 1\n"
-    code = [d for d in stdlib_code_documents() if d.source == "builtin:code/json"]
+    assert pydocs._without_docstrings(src) == "def f():\n    ...\n\n\nclass C:\n    x = 1\n"
+    # a slice of the standard library with the json package in it (the whole takes seconds)
+    files = pydocs._stdlib_files()
+    monkeypatch.setattr(pydocs, "_stdlib_files", lambda: [
+        f for i, f in enumerate(files) if i < 60 or f[0].split(".")[0] == "json"])
+    code = [d for d in pydocs.stdlib_code_documents() if d.group == "module:json"]
     text = "".join(d.text for d in code)
     assert "def dumps(" in text and json_module.__doc__.strip()[:50] not in text
-    assert all(d.split == "train" for d in code)
-    docs = list(itertools.islice(builtin_documents(), 300))
-    cfg = FetchConfig(doc_questions=False, synthetic_per_task=0)
-    without, _ = collect(docs, cfg)
-    with_code, stats = collect(docs + code, cfg)
-    assert with_code["pretrain_val"] == without["pretrain_val"]  # the same docs val set
-    assert len(with_code["pretrain_train"]) == len(without["pretrain_train"]) + len(code)
+    assert all(d.train_only and d.split is None and d.source.startswith("builtin:code/json")
+               for d in code)
+    docs = list(pydocs.builtin_documents())
+    assert any(d.group == "module:json" for d in docs)
+    assert all(not d.train_only for d in docs)
+    seen = set()
+    for fractions in ((0.1, 0.1), (0.1, 0.49)):  # two cuts: json's docs trained, then tested
+        cfg = FetchConfig(doc_questions=False, synthetic_per_task=0, val_fraction=fractions[0],
+                          test_fraction=fractions[1])
+        without, _ = collect(docs, cfg)
+        with_code, stats = collect(docs + code, cfg)
+        json_split = {s for s in SPLITS for r in without[f"pretrain_{s}"]
+                      if r["source"].startswith("builtin:module/json")}
+        assert len(json_split) == 1
+        seen |= json_split
+        for s in ("val", "test"):  # the same held-out documents, with or without the code
+            assert with_code[f"pretrain_{s}"] == without[f"pretrain_{s}"]
+        if json_split == {"train"}:
+            assert len(with_code["pretrain_train"]) == len(without["pretrain_train"]) + len(code)
+            assert stats.held_out_dropped == 0
+        else:  # the code of a held-out module would show its names: it is in no split
+            assert with_code["pretrain_train"] == without["pretrain_train"]
+            assert stats.held_out_dropped == len(code)
+    assert seen == {"train", "test"}  # both cases were met
 
 
 def test_text_utf8_cannot_encode_is_a_malformed_record(tmp_path):
@@ -250,8 +288,7 @@ def test_text_utf8_cannot_encode_is_a_malformed_record(tmp_path):
     ])
     out = tmp_path / "corpus"
     stats = build_corpus(files_cfg(tmp_path), out)
-    assert sorted(read_texts(out, "train") + read_texts(out, "val")) == [
-        "A fine document.", "Another fine document."]
+    assert sorted(all_texts(out)) == ["A fine document.", "Another fine document."]
     assert stats.bad_records == 2
     listed = (out / BAD_RECORDS_FILE).read_text().splitlines()
     assert listed == [

@@ -15,7 +15,8 @@ from llmcore.config import FetchConfig
 from llmcore.data.corpus import BadRecord, CorpusError, read_preferences, read_texts
 from llmcore.data.fetch import build_corpus
 from llmcore.data.preferences import PreferencePair, parse_preference, read_preferences_file
-from llmcore.data.sources import content_hash, split_of
+from llmcore.data.sources import content_hash
+from llmcore.data.splits import SPLITS, split_of
 
 
 def msg(role: str, content) -> dict:
@@ -54,7 +55,12 @@ def project(tmp_path: Path, **kw) -> FetchConfig:
 
 
 def all_pairs(out: Path) -> list[dict]:
-    return read_preferences(out, "train") + read_preferences(out, "val")
+    return [p for s in SPLITS for p in read_preferences(out, s)]
+
+
+def prompt_key(prompt: list[dict]) -> str:
+    """The pool key of a pair: the hash of its prompt messages."""
+    return f"prompt:{content_hash(tuple((m['role'], m['content']) for m in prompt))}"
 
 
 # --- the layouts --------------------------------------------------------------------------
@@ -176,21 +182,24 @@ def test_fetch_writes_pairs_that_read_back(tmp_path):
     pairs = all_pairs(out)
     assert len(pairs) == 21
     first = next(p for p in pairs if p["chosen"] == GOOD)
-    assert first == {"prompt": [{"role": "user", "content": Q}], "chosen": GOOD,
-                     "rejected": BAD, "source": f"file:{tmp_path / 'prefs/minimind.jsonl'}"}
+    prompt = [{"role": "user", "content": Q}]
+    assert first == {"prompt": prompt, "chosen": GOOD, "rejected": BAD,
+                     "source": f"file:{tmp_path / 'prefs/minimind.jsonl'}",
+                     "pool": [prompt_key(prompt)]}
     assert {p["chosen"] for p in pairs} == {GOOD} | {f"right answer {i}" for i in range(20)}
     metrics = stats.metrics()
     assert metrics["fetch/preference_pairs"] == 21
-    assert metrics["fetch/preference_pairs_train"] == len(read_preferences(out, "train"))
-    assert metrics["fetch/preference_pairs_val"] == len(read_preferences(out, "val")) > 0
+    for s in SPLITS:
+        assert metrics[f"fetch/preference_pairs_{s}"] == len(read_preferences(out, s)) > 0, s
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["tables"]["preferences_train"]["file"] == "preferences_train.parquet"
-    assert sum(manifest["tables"][f"preferences_{s}"]["rows"] for s in ("train", "val")) == 21
+    for s in SPLITS:
+        assert manifest["tables"][f"preferences_{s}"]["file"] == f"preferences_{s}.parquet"
+    assert sum(manifest["tables"][f"preferences_{s}"]["rows"] for s in SPLITS) == 21
     # the documents are untouched by the pairs
-    assert sorted(read_texts(out, "train") + read_texts(out, "val")) == [
+    assert sorted(t for s in SPLITS for t in read_texts(out, s)) == [
         "A first document.", "A second document."]
-    with pytest.raises(ValueError, match="split must be one of train, val"):
-        read_preferences(out, "test")
+    with pytest.raises(ValueError, match="split must be one of train, val, test"):
+        read_preferences(out, "dev")
 
 
 def test_duplicates_are_dropped_across_files_and_layouts(tmp_path):
@@ -251,26 +260,46 @@ def test_split_goes_by_prompt_and_is_deterministic(tmp_path):
     rows = [pair_row(i) for i in range(60)]
     rows += [{**pair_row(i), "rejected": f"another wrong {i}"} for i in range(60)]  # same prompts
     write_jsonl(tmp_path / "prefs/dpo.jsonl", rows)
-    cfg = project(tmp_path, preference_paths=["prefs/dpo.jsonl"], val_fraction=0.25)
+    cfg = project(tmp_path, preference_paths=["prefs/dpo.jsonl"], val_fraction=0.25,
+                  test_fraction=0.2)
     build_corpus(cfg, tmp_path / "one", root=tmp_path)
     write_jsonl(tmp_path / "prefs/dpo.jsonl", rows[::-1])  # the same pairs in another order
     build_corpus(cfg, tmp_path / "two", root=tmp_path)
-    for split in ("train", "val"):
+    for split in SPLITS:
         assert read_preferences(tmp_path / "one", split) == read_preferences(tmp_path / "two",
                                                                               split)
-    for split in ("train", "val"):
-        for p in read_preferences(tmp_path / "one", split):
-            prompt = tuple((m["role"], m["content"]) for m in p["prompt"])
-            assert split_of(content_hash(prompt), 0.25) == split
-    val_prompts = {p["prompt"][0]["content"] for p in read_preferences(tmp_path / "one", "val")}
-    train_prompts = {p["prompt"][0]["content"] for p in read_preferences(tmp_path / "one",
-                                                                         "train")}
-    assert val_prompts and train_prompts and not val_prompts & train_prompts
-    assert 5 <= len(val_prompts) <= 25  # about a quarter of the 60 prompts
+    prompts = {}
+    for split in SPLITS:
+        pairs = read_preferences(tmp_path / "one", split)
+        for p in pairs:
+            assert p["pool"] == [prompt_key(p["prompt"])]
+            assert split_of(p["pool"][0], 0.25, 0.2) == split
+        prompts[split] = {p["prompt"][0]["content"] for p in pairs}
+        # both pairs of a prompt on one side
+        assert len(pairs) == 2 * len(prompts[split]), split
+    assert not prompts["train"] & prompts["val"] and not prompts["train"] & prompts["test"]
+    assert not prompts["val"] & prompts["test"]
+    assert sum(map(len, prompts.values())) == 60
+    assert 5 <= len(prompts["val"]) <= 25  # about a quarter of the 60 prompts
+    assert 4 <= len(prompts["test"]) <= 22  # about a fifth
 
 
 def test_two_pairs_always_leave_one_for_validation(tmp_path):
-    # with a tiny val_fraction the hash puts both in train; the one nearest the line crosses
+    # with a tiny val_fraction (and no test share) the hash puts both in train; the one
+    # nearest the line crosses
+    write_jsonl(tmp_path / "prefs/dpo.jsonl", [pair_row(1), pair_row(2)])
+    out = tmp_path / "corpus"
+    build_corpus(project(tmp_path, preference_paths=["prefs/dpo.jsonl"], val_fraction=1e-9,
+                         test_fraction=0.0), out, root=tmp_path)
+    assert len(read_preferences(out, "train")) == 1 and len(read_preferences(out, "val")) == 1
+    assert read_preferences(out, "test") == []
+
+
+def test_two_pairs_with_one_in_test_still_leave_one_for_training(tmp_path):
+    # with the default test share, question 2 hashes to test and question 1 to train; val is
+    # empty, and filling it must not empty train
+    keys = [prompt_key([msg("user", f"question {i}?")]) for i in (1, 2)]
+    assert [split_of(k, 1e-9, 0.1) for k in keys] == ["train", "test"]
     write_jsonl(tmp_path / "prefs/dpo.jsonl", [pair_row(1), pair_row(2)])
     out = tmp_path / "corpus"
     build_corpus(project(tmp_path, preference_paths=["prefs/dpo.jsonl"], val_fraction=1e-9),
@@ -281,16 +310,15 @@ def test_two_pairs_always_leave_one_for_validation(tmp_path):
 def test_without_preference_paths_the_corpus_is_as_before(tmp_path):
     out = tmp_path / "corpus"
     stats = build_corpus(project(tmp_path), out, root=tmp_path)
-    assert sorted(p.name for p in out.iterdir()) == [
-        "bad_records.txt", "manifest.json", "pretrain_train.parquet", "pretrain_val.parquet",
-        "sft_train.parquet", "sft_val.parquet"]
-    assert set(json.loads((out / "manifest.json").read_text())["tables"]) == {
-        "pretrain_train", "pretrain_val", "sft_train", "sft_val"}
-    assert read_preferences(out, "train") == [] and read_preferences(out, "val") == []
+    tables = {f"{t}_{s}" for t in ("pretrain", "sft") for s in SPLITS}
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["bad_records.txt", "manifest.json", *(f"{t}.parquet" for t in tables)])
+    assert set(json.loads((out / "manifest.json").read_text())["tables"]) == tables
+    assert all(read_preferences(out, s) == [] for s in SPLITS)
     metrics = stats.metrics()
     assert {k: v for k, v in metrics.items() if "preference" in k} == {
         "fetch/preference_pairs": 0, "fetch/preference_pairs_train": 0,
-        "fetch/preference_pairs_val": 0}
+        "fetch/preference_pairs_val": 0, "fetch/preference_pairs_test": 0}
 
 
 # --- the stage itself ---------------------------------------------------------------------
@@ -317,8 +345,9 @@ def test_fetch_stage_reports_pairs_and_fails_clearly(tmp_path, monkeypatch, caps
     assert code == 0, err
     metrics = json.loads((tmp_path / "metrics/fetch.json").read_text())
     assert metrics["fetch/preference_pairs"] == 10 and metrics["fetch/duplicates_dropped"] == 1
-    held_out = metrics["fetch/preference_pairs_val"]
-    assert f"fetch: 10 preference pairs ({held_out} held out), 1 duplicate pairs dropped" in err
+    val, test = metrics["fetch/preference_pairs_val"], metrics["fetch/preference_pairs_test"]
+    assert (f"fetch: 10 preference pairs ({val} val, {test} test), 1 duplicate pairs "
+            "dropped") in err
     assert len(all_pairs(tmp_path / "data/corpus")) == 10
 
     code, err = run_fetch(tmp_path, {**fetch, "preference_paths": ["prefs/missing.jsonl"]},

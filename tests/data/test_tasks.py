@@ -8,16 +8,22 @@ import re
 
 from llmcore.data.pydocs import word_list
 from llmcore.data.tasks import (
+    TaskPool,
     _column_difference,
     _column_sum,
     _synthetic_one,
     final_answer,
     is_correct,
+    pair_key,
     spelled,
     synthetic_conversations,
+    task_pools,
+    word_key,
     wrong_answer,
     wrong_reply,
 )
+
+ALL_PAIRS = tuple((a, b) for a in range(100) for b in range(a, 100))
 
 
 def _steps(work: str) -> list[tuple[str, int]]:
@@ -46,14 +52,16 @@ def test_every_column_difference_is_right_and_rebuilds_the_difference():
 
 
 def test_replies_end_with_the_answer_and_show_their_working():
-    rng, words = random.Random(3), word_list()
+    rng, pool = random.Random(3), task_pools()["train"]  # the one with products
     seen = set()
     for _ in range(400):
         task = rng.choice(["arithmetic", "spell", "count", "reverse"])
-        question, reply, answer = _synthetic_one(task, rng, words)
+        question, reply, answer, key = _synthetic_one(task, rng, pool)
         assert final_answer(reply) == answer and is_correct(reply, answer)
         lines = reply.split("\n")
         word = re.findall(r"'([a-z]+)'", question)[-1] if task != "arithmetic" else None
+        if word is not None:
+            assert key == word_key(word) and word in pool.words
         if task == "spell":
             assert lines == [spelled(word)] and answer.replace("-", "") == word
         elif task == "reverse":
@@ -71,6 +79,11 @@ def test_replies_end_with_the_answer_and_show_their_working():
             assert int(answer) == {"+": int(a) + int(b), "-": int(a) - int(b),
                                    "*": int(a) * int(b)}[op]
             assert len(lines) == (1 if op == "*" else 2)
+            a, b = sorted((int(a), int(b)))
+            if op == "*":  # a table fact, keyed apart from the pairs of sums and differences
+                assert key == f"product:{a},{b}" and b <= 12
+            else:
+                assert key == pair_key(a, b) and (a, b) in pool.pairs
         seen.add(task)
     assert seen == {"arithmetic", "spell", "count", "reverse"}
 
@@ -89,9 +102,12 @@ def test_only_the_final_line_is_judged():
 
 
 def test_the_answer_field_is_the_final_line_of_the_last_reply():
-    for conv in synthetic_conversations(20, seed=5, val_per_task=5):
+    convs = list(synthetic_conversations(20, seed=5, val_per_task=5, test_per_task=5))
+    assert {c.split for c in convs} == {"train", "val", "test"}
+    for conv in convs:
         last = conv.messages[-1]
         assert last[0] == "assistant" and final_answer(last[1]) == conv.answer
+        assert conv.pool and all(k.startswith(("word:", "pair:", "product:")) for k in conv.pool)
 
 
 def test_a_wrong_spelled_answer_stays_spelled():
@@ -106,10 +122,11 @@ def test_the_longest_worked_reply_fits_the_generation_budget(tiny_tokenizer):
 
     rng, words = random.Random(0), word_list()
     longest = max(words, key=len)
+    pool = TaskPool((longest,), ALL_PAIRS, products=True)
     worst = 0
     for task in ("arithmetic", "spell", "count", "reverse"):
         for _ in range(300):
-            _, reply, _ = _synthetic_one(task, rng, [longest])
+            _, reply, _, _ = _synthetic_one(task, rng, pool)
             worst = max(worst, len(tiny_tokenizer.encode(reply)) + 1)  # + <|im_end|>
     # digits and single letters are tokens of their own whatever the vocabulary merged
     assert worst <= min(EvaluateConfig().max_new_tokens, DPOConfig().max_new_tokens,
