@@ -465,7 +465,7 @@ def assign_splits(rows: list[dict], val_fraction: float, test_fraction: float,
                          - decided)
         decided.update(movable)
 
-        def held(split: str) -> list[str]:
+        def held(split: str, movable: list[str] = movable) -> list[str]:
             return [k for k in movable if place[k] == split]
 
         if len(movable) == 1 and place[movable[0]] != "train":

@@ -307,19 +307,19 @@ def test_summary_metrics_flattens_weights_rounds_and_blanks_nan():
     results = {
         "pretrain": {"contexts": {1: {"bpb": 2.123456789, "loss": 1.0}, 2: {"bpb": 2.5},
                                   4: None},
-                     "sft_val": {"bpb": 3.0, "loss": math.nan},
+                     "sft": {"bpb": 3.0, "loss": math.nan},
                      "tasks": tasks,
                      "doc_mc": {"accuracy": math.nan, "n": 0, "chance": 0.25,
                                 "ci95": (math.nan, math.nan)}},
-        "sft": {"contexts": {1: None, 2: None, 4: None}, "sft_val": {"bpb": 1.5, "loss": 1.25},
+        "sft": {"contexts": {1: None, 2: None, 4: None}, "sft": {"bpb": 1.5, "loss": 1.25},
                 "tasks": {}, "doc_mc": {"accuracy": 0.5, "n": 8, "chance": 0.25,
                                         "ci95": (0.2, 0.8)}},
     }
     got = summary_metrics(results, [2, 4])
     assert got == {
-        "evaluate/pretrain/val_bpb": 2.12346,
-        "evaluate/pretrain/sft_val_bpb": 3.0,
-        "evaluate/pretrain/sft_val_loss": None,
+        "evaluate/pretrain/docs_bpb": 2.12346,
+        "evaluate/pretrain/sft_bpb": 3.0,
+        "evaluate/pretrain/sft_loss": None,
         "evaluate/pretrain/bpb_ctx2x": 2.5,
         "evaluate/pretrain/bpb_ctx4x": None,
         "evaluate/pretrain/arithmetic_exact_match": 0.75,
@@ -335,9 +335,9 @@ def test_summary_metrics_flattens_weights_rounds_and_blanks_nan():
         "evaluate/pretrain/doc_mc_accuracy_ci95_low": None,
         "evaluate/pretrain/doc_mc_accuracy_ci95_high": None,
         "evaluate/pretrain/doc_mc_n": 0,
-        "evaluate/sft/val_bpb": None,
-        "evaluate/sft/sft_val_bpb": 1.5,
-        "evaluate/sft/sft_val_loss": 1.25,
+        "evaluate/sft/docs_bpb": None,
+        "evaluate/sft/sft_bpb": 1.5,
+        "evaluate/sft/sft_loss": 1.25,
         "evaluate/sft/bpb_ctx2x": None,
         "evaluate/sft/bpb_ctx4x": None,
         "evaluate/sft/im_end_rate": 0.0,  # no task measured
