@@ -229,6 +229,8 @@ def contamination(files: Files) -> list[str]:
     out += table(["set", "test examples", "share a run", *(f"via {st}" for st in streams)],
                  rows)
     models = models_in(ev)
+    if not models:
+        return out
     metrics = sorted({k.split("/", 2)[2][: -len("_clean")] for k in ev
                       if k.endswith("_clean") and k.startswith(f"evaluate/{models[0][0]}/")})
 
