@@ -424,13 +424,14 @@ class EvaluateConfig:
                              doc="the models of the chain to score (a quick comparison that "
                                  "skips alignment scores pretrain and sft only)")
     prompts: list[str] = spec(default_factory=lambda: [
-        "What is 12 + 7?",
-        "Spell the word 'python'.",
-        "Reverse the letters of the word 'stack'.",
-        "What does `os.path.join` do?",
-        "What is the Python `json` module for?",
-        "Explain the \"with\" statement in Python.",
-    ], doc="prompts answered by both models in reports/samples.md")
+        "What is 17 + 21?",
+        "Spell the word 'banana'.",
+        "Reverse the letters of the word 'cache'.",
+        "What does `subprocess.Popen.poll` do?",
+        "What is the Python `statistics` module for?",
+        "Explain the \"del\" statement in Python.",
+    ], doc="prompts every model answers in reports/samples.md (the defaults are about test "
+           "words, operands and documents: a showcase of what no training stream held)")
 
     def validate(self) -> list[str]:
         if not self.models or any(m not in CHAIN_MODELS for m in self.models) or \

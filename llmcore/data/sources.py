@@ -33,7 +33,7 @@ import json
 import os
 import socket
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -53,7 +53,7 @@ from llmcore.data.corpus import (
     unencodable,
 )
 from llmcore.data.pydocs import builtin_documents, doc_conversations, stdlib_code_documents
-from llmcore.data.splits import merge_near_copies, pool_breach, split_of, unit_interval
+from llmcore.data.splits import assign_splits, merge_near_copies, pool_breach
 from llmcore.data.tasks import synthetic_conversations
 
 ROLES = ("system", "user", "assistant")
@@ -443,50 +443,3 @@ def collect(records: Iterable[Record | BadRecord], cfg: FetchConfig
     if breach:
         raise CorpusError(f"split contract broken while building the corpus: {breach}")
     return tables, stats
-
-
-def assign_splits(rows: list[dict], val_fraction: float, test_fraction: float,
-                  notes: list[str], tables: Sequence[tuple[str, str]] = (
-                      ("pretrain", "documents"), ("sft", "conversations"))) -> None:
-    """Set each row's ``split`` (where it is not fixed) from its pool keys.
-
-    Rows that share a key share a split; a row whose keys would split apart goes to the
-    split of its first key. Per table (``tables``: name, what its rows are), when two or more
-    groups exist but val or train got none, the group nearest the split line crosses it,
-    whole; a single group trains. An empty test split of documents is allowed and noted: the
-    evaluate stage then reports nothing for it.
-    """
-    fixed = {k: r["split"] for r in rows if r["split"] for k in r["pool"]}
-    keys = sorted({r["pool"][0] for r in rows if not r["split"]})
-    place = {k: split_of(k, val_fraction, test_fraction) for k in keys}
-    decided: set[str] = set(fixed)  # keys an earlier table placed: a later one leaves them
-    for table, what in tables:
-        movable = sorted({r["pool"][0] for r in rows if r["table"] == table and not r["split"]}
-                         - decided)
-        decided.update(movable)
-
-        def held(split: str, movable: list[str] = movable) -> list[str]:
-            return [k for k in movable if place[k] == split]
-
-        if len(movable) == 1 and place[movable[0]] != "train":
-            notes.append(f"only one group of {what}: none is held out (add {what})")
-            place[movable[0]] = "train"
-        if len(movable) >= 2 and not held("train"):
-            key = max(movable, key=unit_interval)  # the held-out group nearest train's line
-            notes.append(f"the hash left train without {what}: the group {key!r} moved there")
-            place[key] = "train"
-        if len(movable) >= 2 and not held("val"):
-            # from train only while train keeps a group, else from test
-            source = held("train") if len(held("train")) >= 2 else held("test")
-            if source:
-                key = min(source, key=unit_interval)
-                notes.append(f"the hash left val without {what}: the group {key!r} moved "
-                             "there")
-                place[key] = "val"
-        if table == "pretrain" and movable and not held("test"):
-            notes.append("no group of documents is in the test split (too small a corpus): "
-                         "the evaluate stage has no held-out documents to report")
-    for r in rows:
-        if not r["split"]:
-            first = r["pool"][0]
-            r["split"] = fixed.get(first) or place[first]

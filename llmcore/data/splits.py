@@ -33,8 +33,8 @@ import numpy as np
 from llmcore.data.corpus import SPLITS
 from llmcore.data.ngrams import NGRAM, Words, gram_hashes
 
-__all__ = ["CONTRACTS", "SPLITS", "merge_near_copies", "pool_breach", "split_of",
-           "unit_interval"]
+__all__ = ["CONTRACTS", "MIN_TEST_EXAMPLES", "SPLITS", "assign_splits", "merge_near_copies",
+           "pool_breach", "split_of", "unit_interval"]
 
 # Near-copies: a document whose 13-word runs are found in another group's documents for at
 # least this share joins that group. Well below the contract's limit (half of an example's
@@ -110,6 +110,53 @@ def merge_near_copies(groups: Sequence[str], texts: Sequence[str], n: int = NGRA
     return {g: union.find(g) for g in set(groups)}
 
 
+def assign_splits(rows: list[dict], val_fraction: float, test_fraction: float,
+                  notes: list[str], tables: Sequence[tuple[str, str]] = (
+                      ("pretrain", "documents"), ("sft", "conversations"))) -> None:
+    """Set each row's ``split`` (where it is not fixed) from its pool keys.
+
+    Rows that share a key share a split; a row whose keys would split apart goes to the
+    split of its first key. Per table (``tables``: name, what its rows are), when two or more
+    groups exist but val or train got none, the group nearest the split line crosses it,
+    whole; a single group trains. An empty test split of documents is allowed and noted: the
+    evaluate stage then reports nothing for it.
+    """
+    fixed = {k: r["split"] for r in rows if r["split"] for k in r["pool"]}
+    keys = sorted({r["pool"][0] for r in rows if not r["split"]})
+    place = {k: split_of(k, val_fraction, test_fraction) for k in keys}
+    decided: set[str] = set(fixed)  # keys an earlier table placed: a later one leaves them
+    for table, what in tables:
+        movable = sorted({r["pool"][0] for r in rows if r["table"] == table and not r["split"]}
+                         - decided)
+        decided.update(movable)
+
+        def held(split: str, movable: list[str] = movable) -> list[str]:
+            return [k for k in movable if place[k] == split]
+
+        if len(movable) == 1 and place[movable[0]] != "train":
+            notes.append(f"only one group of {what}: none is held out (add {what})")
+            place[movable[0]] = "train"
+        if len(movable) >= 2 and not held("train"):
+            key = max(movable, key=unit_interval)  # the held-out group nearest train's line
+            notes.append(f"the hash left train without {what}: the group {key!r} moved there")
+            place[key] = "train"
+        if len(movable) >= 2 and not held("val"):
+            # from train only while train keeps a group, else from test
+            source = held("train") if len(held("train")) >= 2 else held("test")
+            if source:
+                key = min(source, key=unit_interval)
+                notes.append(f"the hash left val without {what}: the group {key!r} moved "
+                             "there")
+                place[key] = "val"
+        if table == "pretrain" and movable and not held("test"):
+            notes.append("no group of documents is in the test split (too small a corpus): "
+                         "the evaluate stage has no held-out documents to report")
+    for r in rows:
+        if not r["split"]:
+            first = r["pool"][0]
+            r["split"] = fixed.get(first) or place[first]
+
+
 def pool_breach(tables: dict[str, list[dict]]) -> str | None:
     """The first pool key found in two splits, described (None when every key is in one)."""
     where: dict[str, tuple[str, str]] = {}
@@ -143,3 +190,9 @@ CONTRACTS = {
     "preferences_test": "user preference pairs whose prompt hashes to test (every pair of one "
                         "prompt on one side)",
 }
+
+# The smallest test set each contract promises on the builtin corpus (a Wilson interval at
+# n = 200 is about +-0.07 wide at p = 0.5; 50 documents are ~100 rows of 256 tokens). The
+# evaluate stage reports each set's size against it; a user corpus may be smaller (noted).
+MIN_TEST_EXAMPLES = {"arithmetic": 200, "spell": 200, "count": 200, "reverse": 200,
+                     "doc_questions": 200, "docs_test": 50}

@@ -4,7 +4,7 @@ Two kinds of violation fail the evaluate stage (:func:`first_violation`), with o
 naming the set and the first violating example:
 
 * a **pool breach**: a pool key (a document group, a word, an operand pair, a prompt) found in
-  a training table and a held-out one (:func:`llmcore.data.sources.pool_breach`). Every
+  a training table and a held-out one (:func:`llmcore.data.splits.pool_breach`). Every
   training stream is made of the train tables only: pretraining rows (the chat mix is SFT
   train conversations), SFT rows, DPO pairs (train task conversations and train preference
   pairs) and RL prompts (train task conversations), so a key in no train table is in no
@@ -38,7 +38,7 @@ from llmcore.config import UserError
 from llmcore.data.corpus import read_conversations, read_documents, read_preferences
 from llmcore.data.ngrams import NGRAM, Words, example_grams, gram_hashes
 from llmcore.data.shards import ShardDataset
-from llmcore.data.splits import CONTRACTS, SPLITS, pool_breach
+from llmcore.data.splits import CONTRACTS, MIN_TEST_EXAMPLES, SPLITS, pool_breach
 from llmcore.data.tokenizer import LLMTokenizer, render_chat
 from llmcore.report.evaluate import doc_mc_questions, task_examples
 
@@ -212,14 +212,16 @@ def word_token_coverage(tok: LLMTokenizer, tables: Mapping[str, list[dict]], spl
     Spelling a word means knowing the letters of each of its BPE tokens; a model learns
     those from training words that contain the same tokens (each training reply spells its
     word). A held-out word is answerable in that sense when every one of its tokens occurs
-    in some training word: the share of such words is measured here, with the word encoded
-    as it stands in a question (after a quote)."""
+    in some training word: the share of such words is measured here, with every word encoded
+    as it stands in a question (in quotes)."""
     def words_of(name: str) -> set[str]:
         return {k.split(":", 1)[1] for row in tables.get(name, [])
                 for k in row.get("pool") or () if k.startswith("word:")}
 
     def pieces(word: str) -> list[int]:
-        return tok.encode(f"'{word}")[1:] if tok.encode("'") else tok.encode(word)
+        # quoted, as questions write it: a quote can merge with the first letters (the
+        # pre-tokenizer's contractions, 's and 't), and that token is the one to spell
+        return tok.encode(f"'{word}'")
 
     trained = {t for w in words_of("sft_train") for t in pieces(w)}
     held = sorted(words_of(f"sft_{split}"))
@@ -246,7 +248,10 @@ def contamination_report(results: dict[str, SetResult], n: int = NGRAM, listed: 
     """(JSON-ready summary with every contaminated example, Markdown page) of :func:`check_set`
     results, with each set's contract, the verdict (``violation``: the first broken contract,
     or None) and the test words' token coverage."""
+    small = [f"{name} ({len(r.overlap)} < {MIN_TEST_EXAMPLES[name]})"
+             for name, r in results.items() if len(r.overlap) < MIN_TEST_EXAMPLES.get(name, 0)]
     data: dict[str, Any] = {"ngram": n, "unit": "words", "violation": violation,
+                            "below_minimum": small,
                             "word_token_coverage": dict(coverage or {}), "sets": {},
                             "examples": []}
     streams = sorted({s for r in results.values() for s in r.found})
@@ -254,9 +259,12 @@ def contamination_report(results: dict[str, SetResult], n: int = NGRAM, listed: 
                "**Every contract holds**: no pool key is in a training table and a held-out "
                f"one, and no test example has {COPY_SHARE:.0%} or more of its {n}-word runs "
                "in a training stream.")
-    lines = ["# The split contract", "", verdict, "",
-             "| set | contract |", "|---|---|",
-             *[f"| {name} | {CONTRACTS.get(name, '-')} |" for name in results], "",
+    sizes = ("Every test set has at least its minimum of examples." if not small else
+             "Below the minimum (intervals are wide; add data): " + ", ".join(small) + ".")
+    lines = ["# The split contract", "", verdict, "", sizes, "",
+             "| set | test examples | minimum | contract |", "|---|---|---|---|",
+             *[f"| {name} | {len(r.overlap)} | {MIN_TEST_EXAMPLES.get(name, '-')} | "
+               f"{CONTRACTS.get(name, '-')} |" for name, r in results.items()], "",
              f"Test examples that share a run of {n} words with a training stream (lowercased "
              "words; special tokens and system prompts left out), listed and counted: a "
              "shared sentence is not a copy. Overlap: the share of an example's "

@@ -531,3 +531,45 @@ def test_user_files_get_three_split_files_with_pool_columns(tmp_path):
                 for k in pool:
                     keys[k].add(s)
     assert all(len(v) == 1 for v in keys.values())
+
+
+def test_the_default_test_split_meets_every_minimum(builtin_tables):
+    """The sizes the contracts promise (MIN_TEST_EXAMPLES), met by the builtin corpus with the
+    default fetch params: 250 questions per task, its doc questions and documents."""
+    from llmcore.data.splits import MIN_TEST_EXAMPLES
+
+    tables, _ = builtin_tables
+    test = tables["sft_test"]
+    assert sum(r["task"] == "doc" for r in test) >= MIN_TEST_EXAMPLES["doc_questions"]
+    assert len(tables["pretrain_test"]) >= MIN_TEST_EXAMPLES["docs_test"]
+    tasks = list(synthetic_conversations(0, seed=0, test_per_task=250))
+    for task in ("arithmetic", "spell", "count", "reverse"):
+        assert sum(c.task == task for c in tasks) >= MIN_TEST_EXAMPLES[task], task
+
+
+def test_the_showcase_prompts_are_about_test_subjects(builtin_tables):
+    """The README's samples (evaluate.prompts) ask about a test pair, test words and test
+    documents: a showcase of recall would contradict the table above it."""
+    import re
+
+    import yaml
+
+    from llmcore.data.pydocs import module_group, topic_group
+    from tests.conftest import REPO
+
+    tables, _ = builtin_tables
+    prompts = yaml.safe_load((REPO / "params.yaml").read_text())["evaluate"]["prompts"]
+    pools = task_pools()["test"]
+    test_groups = {r["pool"][0] for r in tables["pretrain_test"]}
+    for prompt in prompts:
+        if m := re.fullmatch(r"What is (\d+) [+-] (\d+)\?", prompt):
+            a, b = sorted(map(int, m.groups()))
+            assert (a, b) in pools.pairs, prompt
+        elif m := re.search(r"'([a-z]+)'", prompt):
+            assert m.group(1) in pools.words, prompt
+        elif m := re.search(r"`([\w.]+)`", prompt):
+            assert module_group(m.group(1)) in test_groups, prompt
+        elif m := re.search(r'"(\w+)" statement', prompt):
+            assert topic_group(m.group(1)) in test_groups, prompt
+        else:
+            raise AssertionError(f"a prompt about nothing the test knows: {prompt}")

@@ -4,36 +4,13 @@ the set and the example; an untouched corpus passes."""
 
 from __future__ import annotations
 
-import importlib
-import shutil
-
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from llmcore.data.corpus import PRETRAIN_SCHEMA, SFT_SCHEMA
 from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.report.contamination import check_contract
-from tests.stages.test_stage_errors import TINY, error_line, run, write_params
-
-
-@pytest.fixture(scope="module")
-def packed(tmp_path_factory):
-    """Corpus, tokenizer and shards of the tiny params (the contract runs before any model)."""
-    root = tmp_path_factory.mktemp("proj")
-    write_params(root, TINY)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        for stage in ("fetch", "tokenizer", "pack"):
-            importlib.import_module(f"stages.{stage}").main()
-    return root
-
-
-@pytest.fixture()
-def project(packed, tmp_path):
-    root = tmp_path / "proj"
-    shutil.copytree(packed, root)
-    return root
+from tests.stages.test_stage_errors import error_line, run
 
 
 def rows(root, table):

@@ -58,25 +58,6 @@ def error_line(err: str) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def packed(tmp_path_factory):
-    """A project folder with corpus, tokenizer and shards of the tiny params."""
-    root = tmp_path_factory.mktemp("proj")
-    write_params(root, TINY)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        for stage in ("fetch", "tokenizer", "pack"):
-            importlib.import_module(f"stages.{stage}").main()
-    return root
-
-
-@pytest.fixture()
-def project(packed, tmp_path):
-    root = tmp_path / "proj"
-    shutil.copytree(packed, root)
-    return root
-
-
 def test_unknown_section_is_an_error_when_a_stage_runs_alone(project, monkeypatch, capsys):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["pakc"] = {"seq_len": 64}
