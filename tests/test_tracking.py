@@ -43,15 +43,20 @@ def test_mlflow_tracker_writes_runs_to_sqlite(tmp_path):
     assert (tmp_path / "art").is_dir()
 
 
+def registry_store(tmp_path):
+    """(SQLite store URI, a model directory to register) of a fresh registry."""
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    return default_uri(tmp_path), model_dir
+
+
 def test_best_moves_only_for_a_drop_beyond_the_margin(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from llmcore.tracking import PROMOTE_MARGIN, register_model
 
-    uri = default_uri(tmp_path)
-    model_dir = tmp_path / "m"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text("{}")
+    uri, model_dir = registry_store(tmp_path)
     client = MlflowClient(uri)
     seen = []
     # first; better by far; better, but inside the margin; worse; no bpb; better by enough
@@ -80,10 +85,7 @@ def test_best_compares_val_bpb_only_within_one_split_version(tmp_path):
     from llmcore.tracking import PROMOTE_MARGIN, SPLIT_VERSION, register_model
 
     assert isinstance(SPLIT_VERSION, str)
-    uri = default_uri(tmp_path)
-    model_dir = tmp_path / "m"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text("{}")
+    uri, model_dir = registry_store(tmp_path)
     client = MlflowClient(uri)
 
     def register(bpb, **kwargs):
@@ -128,10 +130,7 @@ def test_a_best_holder_without_a_split_version_is_not_compared(tmp_path):
 
     from llmcore.tracking import SPLIT_VERSION, register_model
 
-    uri = default_uri(tmp_path)
-    model_dir = tmp_path / "m"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text("{}")
+    uri, model_dir = registry_store(tmp_path)
     client = MlflowClient(uri)
     t = MlflowTracker(uri, "sft", artifact_root=tmp_path / "art")
     register_model(t, model_dir, 1.0, "sft")
