@@ -1,7 +1,8 @@
 """The fetch stage's work: read the sources and the preference pairs, clean, split, write.
 
-:mod:`llmcore.data.sources` reads and cleans documents and conversations;
-:mod:`llmcore.data.preferences` builds on its row readers for preference pairs. This module
+:mod:`llmcore.data.sources` reads documents and conversations, :mod:`llmcore.data.assemble`
+cleans and splits them, :mod:`llmcore.data.preferences` builds on both for preference pairs.
+This module
 is the one place that joins them into the corpus directory, so neither imports the other's
 caller (no import circle).
 """
@@ -13,9 +14,10 @@ import time
 from pathlib import Path
 
 from llmcore.config import FetchConfig
+from llmcore.data.assemble import CorpusStats, collect
 from llmcore.data.corpus import write_corpus
 from llmcore.data.preferences import collect_preferences, read_preferences_file
-from llmcore.data.sources import ROW_SUFFIXES, CorpusStats, collect, expand_paths, source_records
+from llmcore.data.sources import ROW_SUFFIXES, expand_paths, source_records
 
 
 def build_corpus(cfg: FetchConfig, out_dir: Path, root: Path | None = None) -> CorpusStats:

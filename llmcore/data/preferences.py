@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from llmcore.config import FetchConfig
+from llmcore.data.assemble import CorpusStats
 from llmcore.data.corpus import PREFERENCES, SPLITS, BadRecord
-from llmcore.data.sources import CorpusStats, content_hash, parse_messages, read_rows
+from llmcore.data.sources import content_hash, parse_messages, read_rows
 from llmcore.data.splits import assign_splits
 
 Messages = tuple[tuple[str, str], ...]

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llmcore.config import FetchConfig
+from llmcore.data.assemble import collect
 from llmcore.data.corpus import (
     BAD_RECORDS_FILE,
     BadRecord,
@@ -19,7 +20,6 @@ from llmcore.data.corpus import (
 from llmcore.data.fetch import build_corpus
 from llmcore.data.pydocs import builtin_documents, doc_conversations
 from llmcore.data.sources import (
-    collect,
     content_key,
     expand_paths,
     read_file,

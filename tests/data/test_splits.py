@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llmcore.config import SYNTHETIC_TASKS, FetchConfig
+from llmcore.data.assemble import collect
 from llmcore.data.corpus import (
     Conversation,
     CorpusError,
@@ -26,7 +27,7 @@ from llmcore.data.corpus import (
 )
 from llmcore.data.fetch import build_corpus
 from llmcore.data.pydocs import word_list
-from llmcore.data.sources import collect, content_hash
+from llmcore.data.sources import content_hash
 from llmcore.data.splits import (
     COMMON_RUN_GROUPS,
     CONTRACTS,
