@@ -169,6 +169,12 @@ def comparison(files: Files) -> list[str]:
     for task in tasks:
         metric = f"{task}_exact_match"
         rows.append([f"{TASK_LABELS.get(task, task)} exact match", *cells(metric, acc(metric))])
+        for kind, what in (("multi", "words of several tokens"), ("single", "one-token words")):
+            metric = f"{task}_{kind}_exact_match"
+            if any(f"evaluate/{m}/{metric}" in ev for m, _ in models):
+                n = ev.get(f"evaluate/{models[-1][0]}/{task}_{kind}_n")
+                rows.append([f"&nbsp;&nbsp;on {what} (n = {whole(n)})",
+                             *cells(metric, acc(metric))])
     rows.append(["replies that end with `<|im_end|>`",
                  *cells("im_end_rate", lambda k: num(ev.get(k)))])
     out = table(["", *(label for _, label in models)], rows)
@@ -763,17 +769,44 @@ def results_md(files: Files) -> str:
     return "\n".join(out) + "\n"
 
 
+SPLIT_WORDS = {"train": "trained on", "val": "val split: held out, used for decisions",
+               "test": "test split: never trained on", "none": "not a task word"}
+
+
 def samples(files: Files) -> list[str]:
-    """The last model of the chain's greedy replies to ``evaluate.prompts``, verbatim."""
+    """The last model of the chain's greedy replies to ``evaluate.prompts``, verbatim, each
+    with the split its subject falls in; then test questions drawn at random, with a tally."""
     data = files.get("reports/evaluate/samples.json")
     if not data or not data.get("replies"):
         return missing("reports/evaluate/samples.json", "dvc repro evaluate")
-    name = list(data["replies"])[-1]
+    name = data.get("final_model") or list(data["replies"])[-1]
     label = dict(MODELS).get(name, name)
     out = [f"What the {label} model, the last of the chain and the one `quantize` takes, answers "
            "(greedy, as generated: working lines, then the answer on the last line):", ""]
-    for prompt, reply in zip(data["prompts"], data["replies"][name], strict=False):
-        out += [f"> {prompt}", "", "```", reply or "(empty reply)", "```", ""]
+    subjects = data.get("subjects") or [None] * len(data["prompts"])
+    for prompt, reply, subject in zip(data["prompts"], data["replies"][name], subjects,
+                                      strict=False):
+        where = ""
+        if subject:
+            what = subject["key"].replace("pair:", "operands ").replace("word:", "word ")
+            where = f" &nbsp;_({what}: {SPLIT_WORDS.get(subject['split'], subject['split'])})_"
+        out += [f"> {prompt}{where}", "", "```", reply or "(empty reply)", "```", ""]
+    drawn = data.get("drawn") or []
+    if drawn:
+        right = sum(d["correct"] for d in drawn)
+        per_task = len(drawn) // max(1, len({d["task"] for d in drawn}))
+        out += [f"Test questions drawn at random (seeded, {per_task} per task), the {label} "
+                "model's final line against the answer: "
+                f"**{right} of {len(drawn)} right**.", "",
+                "| task | question | tokens in the word | reply's last line | answer | right |",
+                "|---|---|---|---|---|---|"]
+        for d in drawn:
+            last = (d["reply"].strip().splitlines() or [""])[-1].replace("|", "\\|")
+            question = d["question"].replace("|", "\\|")
+            pieces = d["pieces"] if d.get("pieces") is not None else ""
+            out.append(f"| {d['task']} | {question} | {pieces} | `{last}` | "
+                       f"`{d['answer']}` | {'yes' if d['correct'] else 'no'} |")
+        out.append("")
     return out
 
 

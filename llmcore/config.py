@@ -119,6 +119,9 @@ class PackConfig:
     batch_documents: int = spec(256, ge=1, doc="documents per encode_batch call")
     pretrain_chat_share: float = spec(0.5, ge=0.0, le=0.9, doc="share of the pretraining "
                                       "train tokens that are SFT train conversations")
+    letters_share: float = spec(0.3, ge=0.0, le=0.9, doc="share of the SFT train "
+                                "conversations that spell one vocabulary piece (the letters "
+                                "curriculum; 0: none)")
 
 
 @dataclass(frozen=True)
@@ -424,14 +427,17 @@ class EvaluateConfig:
                              doc="the models of the chain to score (a quick comparison that "
                                  "skips alignment scores pretrain and sft only)")
     prompts: list[str] = spec(default_factory=lambda: [
+        "What is 12 + 7?",
+        "Spell the word 'python'.",
+        "Reverse the letters of the word 'stack'.",
         "What is 17 + 21?",
-        "Spell the word 'banana'.",
-        "Reverse the letters of the word 'cache'.",
+        "Spell the word 'assignment'.",
+        "Reverse the letters of the word 'variable'.",
         "What does `subprocess.Popen.poll` do?",
         "What is the Python `statistics` module for?",
-        "Explain the \"del\" statement in Python.",
-    ], doc="prompts every model answers in reports/samples.md (the defaults are about test "
-           "words, operands and documents: a showcase of what no training stream held)")
+    ], doc="prompts every model answers in reports/samples.md, each shown with the split its "
+           "word, operands or document fall in (the defaults: the README's three questions, "
+           "then test words of several tokens, a test pair and test documents)")
 
     def validate(self) -> list[str]:
         if not self.models or any(m not in CHAIN_MODELS for m in self.models) or \

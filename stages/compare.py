@@ -17,9 +17,11 @@ no MLflow runs: a 5-seed comparison of two sides in about half an hour on 2 core
 ``full`` (the committed params). A variant is one or more ``key=value`` overrides separated by
 spaces: ``--variant "pretrain.optimizer=adamw pretrain.lr=0.003"``.
 
-A comparison decides between recipes, so by default it reads the val split
-(``pretrain/val_bpb``, ``sft/val_bpb``); the evaluate stage's test metrics
-(``--metric evaluate/sft/arithmetic_exact_match``) report a choice once it is made.
+A comparison decides between recipes, so its verdicts read the val split: the training
+stages' held-out bpb and the final model's exact match on the val task questions
+(``evaluate/val/...``, multi-token words apart). A second table reports the final model
+(the last of the chain a run scored: ``rl``, or ``sft`` in the quick profile) on test, to
+quote a choice once it is made (``--report``).
 
 The seed changes everything random in training (initialisation, data order, dropout, DPO and
 GRPO sampling) and nothing else: the corpus, the tokenizer, the shards and every held-out set
@@ -49,9 +51,18 @@ PROFILES: dict[str, list[str]] = {
               "base.tracking=none"],
     "full": [],
 }
-# a comparison is a decision: it reads val (the training stages' held-out bpb). The evaluate
-# stage's metrics are on test: pass them with --metric to report a choice already made
-METRICS = ["pretrain/val_bpb", "sft/val_bpb"]
+# a comparison is a decision: it reads val (the training stages' held-out bpb and the final
+# model's task questions of the val split, which the evaluate stage scores for this)
+METRICS = ["pretrain/val_bpb", "sft/val_bpb",
+           *(f"evaluate/val/{t}_exact_match" for t in ("arithmetic", "count", "spell",
+                                                        "spell_multi", "reverse",
+                                                        "reverse_multi"))]
+# ...and reports the final model (the last of the chain each run scored) on test, in a table
+# of its own: figures to quote once a choice is made, never to make it
+REPORTED = ["docs_bpb", "arithmetic_exact_match", "count_exact_match", "spell_exact_match",
+            "spell_multi_exact_match", "reverse_exact_match", "reverse_multi_exact_match",
+            "doc_mc_accuracy"]
+CHAIN = ("pretrain", "sft", "dpo", "rl")
 DONE = ("Success", "Failed")
 
 
@@ -189,6 +200,17 @@ def _collect(names: set[str], show: list[dict[str, Any]]) -> dict[str, dict[str,
     return found
 
 
+def final_model(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``evaluate/final/<metric>``: the run's last scored model of the chain (rl in the full
+    profile, sft in the quick one), so that sides of any profile report the same model."""
+    scored = [m for m in CHAIN if f"evaluate/{m}/docs_bpb" in metrics]
+    if not scored:
+        return {}
+    prefix = f"evaluate/{scored[-1]}/"
+    return {f"evaluate/final/{k[len(prefix):]}": v for k, v in metrics.items()
+            if k.startswith(prefix)}
+
+
 def report(args: argparse.Namespace, runs: list[tuple[str, int, list[str]]],
            seconds: float | None) -> Path:
     found = collect({n for n, _, _ in runs})
@@ -201,14 +223,21 @@ def report(args: argparse.Namespace, runs: list[tuple[str, int, list[str]]],
     if "base" not in by_side:
         raise SystemExit(f"compare: no finished baseline run among {args.name}-base-s*; "
                          "see `dvc queue status`")
+    for seeds in by_side.values():
+        for metrics in seeds.values():
+            metrics.update(final_model(metrics))
     result = compare(by_side, "base", args.metric)
+    reported = compare(by_side, "base", [f"evaluate/final/{m}" for m in args.report])
     result.update(name=args.name, profile=args.profile, seeds=args.seed_list,
                   sides={"base": args.baseline or "", **{side_name(v): v for v in args.variant}},
-                  missing=missing, seconds=None if seconds is None else round(seconds, 1))
+                  missing=missing, seconds=None if seconds is None else round(seconds, 1),
+                  reported=reported["metrics"])
     out = ROOT / "reports" / "compare"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    table = markdown(result)
+    table = ("## Decided on: val\n\n" + markdown(result)
+             + "\n## Reported: the final model on test (not for decisions)\n\n"
+             + markdown({"metrics": result["reported"]}))
     header = (f"# {args.name}\n\nProfile `{args.profile}`, seeds {args.seed_list}; sides: "
               + "; ".join(f"`{k}` = `{v or 'the params as committed'}`"
                           for k, v in result["sides"].items())
@@ -234,6 +263,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="params every run gets (default quick)")
     p.add_argument("--metric", action="append", default=None,
                    help=f"a metrics key to compare (repeatable; default: {', '.join(METRICS)})")
+    p.add_argument("--report", action="append", default=None,
+                   help="a test metric of the final model to report, e.g. arithmetic_exact_match"
+                        f" (repeatable; default: {', '.join(REPORTED)})")
     p.add_argument("--name", default=None, help="the comparison's name (default cmp-<time>)")
     p.add_argument("--target", default="evaluate", help="the stage each run ends with")
     p.add_argument("--jobs", type=int, default=1, help="queue workers (default 1)")
@@ -242,6 +274,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.seed_list = args.seed_list or list(range(1, args.seeds + 1))
     args.metric = args.metric or METRICS
+    args.report = args.report or REPORTED
     args.name = args.name or time.strftime("cmp-%Y%m%d-%H%M%S")
     if not args.variant:
         p.error("give at least one --variant")

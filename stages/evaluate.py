@@ -27,7 +27,14 @@ from llmcore.report.contamination import (
     check_contract,
     contamination_metrics,
 )
-from llmcore.report.evaluate import clean_metrics, evaluate_model, summary_metrics
+from llmcore.report.evaluate import (
+    clean_metrics,
+    drawn_samples,
+    evaluate_model,
+    summary_metrics,
+    task_accuracy,
+    task_metrics,
+)
 from llmcore.report.tables import clean_comparison, render_plots, write_reports
 from llmcore.tracking import Tracker
 from stages import paths
@@ -37,6 +44,7 @@ PARAMS = ("base.seed", "base.device", "base.dtype", "evaluate")
 MODELS = {"pretrain": paths.model_dir("pretrain"), "sft": paths.model_dir("sft"),
           "dpo": paths.model_dir("dpo"), "rl": paths.model_dir("rl")}
 OUT = f"{paths.REPORTS}/evaluate"
+SAMPLES_PER_TASK = 2  # test questions per task drawn at random for the README
 
 
 @dataclass(frozen=True)
@@ -82,12 +90,19 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
         results[name] = evaluate_model(model, tok, docs=docs_test, replies=sft_test,
                                        conversations=convs, token_bytes=tb, cfg=cfg,
                                        device=device, dtype=prec.autocast)
+    # the final model (the one quantize takes) on val too: what a comparison decides on
+    final = cfg.models[-1]
+    log(f"evaluate: {final} model on the val tasks (for decisions)")
+    val_tasks = task_accuracy(model, tok, read_conversations(root / paths.CORPUS, "val"),
+                              cfg.max_task_examples, cfg.max_new_tokens)
     seq_len = docs_test.row_len - 1
-    write_reports(out, results, cfg.context_factors, cfg.prompts, seq_len)
+    drawn = drawn_samples(results[final]["tasks"], convs, SAMPLES_PER_TASK, base.seed)
+    write_reports(out, results, cfg.context_factors, cfg.prompts, seq_len, drawn)
     render_plots(root / paths.METRICS, out, results, cfg.context_factors, seq_len)
     tracker.log_artifact(out, "reports")
     log((out / "comparison.md").read_text())
     metrics = summary_metrics(results, cfg.context_factors)
+    metrics.update(task_metrics("evaluate/val", val_tasks))
     metrics.update(contamination_metrics(contract.checks))
     metrics["evaluate/contract/violations"] = 0  # a violation stopped the stage above
     metrics["evaluate/contract/test_words_token_covered"] = contract.coverage["share"]

@@ -29,7 +29,8 @@ wrong working still counts.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from llmcore.config import SYNTHETIC_TASKS
@@ -37,13 +38,17 @@ from llmcore.data.corpus import Conversation
 from llmcore.data.pydocs import SYSTEM_PROMPT, word_list
 from llmcore.data.splits import SPLITS, split_of
 
+# the questions of the letters curriculum (one vocabulary piece spelled; training only)
+LETTERS_TEMPLATES = ("Which letters make up '{w}'?", "Spell '{w}'.")
+
 # (val, test) shares of the word pool and of the operand pairs: a test set of 250 distinct
 # questions per task needs more than 250 test words (reverse has one template per word)
 WORD_SHARES = (0.10, 0.15)
 PAIR_SHARES = (0.10, 0.10)
 
-__all__ = ["SYNTHETIC_TASKS", "TaskPool", "final_answer", "is_correct", "spelled",
-           "synthetic_conversations", "task_pools", "wrong_answer", "wrong_reply"]
+__all__ = ["SYNTHETIC_TASKS", "TaskPool", "final_answer", "is_correct", "letter_pieces",
+           "letters_conversations", "question_subject", "spelled", "synthetic_conversations",
+           "task_pools", "wrong_answer", "wrong_reply"]
 
 
 def _column_sum(a: int, b: int) -> str:
@@ -205,6 +210,62 @@ def synthetic_conversations(per_task: int, seed: int, val_per_task: int = 0,
                 if question not in asked:
                     asked.add(question)
                     yield c
+
+
+def letter_pieces(vocab: Iterable[str], held_out: Collection[str]) -> list[str]:
+    """The vocabulary's pieces a quoted word is made of, minus the held-out words.
+
+    A word in quotes (``'python'``) is encoded as pieces without a leading space, so those
+    are the ones whose letters a model must know to spell any word: the lowercase ASCII
+    alphabetic pieces of ``vocab`` (its tokens as text), sorted. A piece that is a held-out
+    word (``held_out``: the val and test words) is left out, or spelling the piece would
+    spell a test word in training.
+    """
+    held = {w.lower() for w in held_out}
+    return sorted({v for v in vocab
+                   if v.isascii() and v.isalpha() and v.islower() and v not in held})
+
+
+def letters_conversations(pieces: Sequence[str], n: int, seed: int) -> Iterator[Conversation]:
+    """``n`` training conversations, each spelling one piece of the vocabulary: ``Which letters
+    make up 'thon'?`` -> ``t-h-o-n``. Every piece once per pass, each pass in a seeded order.
+
+    Why: spelling a word means writing the letters of each of its tokens, and a model sees
+    a token's letters nowhere else (the token is one id). Taught piece by piece, the letters
+    compose into the spelling of a word never spelled in training (``py`` + ``thon``); without
+    it, spell and reverse only recall the training words.
+    """
+    rng = random.Random(f"{seed}:letters")
+    order: list[str] = []
+    for _ in range(n):
+        if not order:
+            order = list(pieces)
+            rng.shuffle(order)
+        piece = order.pop()
+        q = rng.choice(LETTERS_TEMPLATES).format(w=piece)
+        yield Conversation((("user", q), ("assistant", spelled(piece))), "builtin:letters",
+                           "letters", spelled(piece), "train", (f"piece:{piece}",))
+
+
+def question_subject(question: str, words: Collection[str] | None = None
+                     ) -> tuple[str, str] | None:
+    """What a task question is about and the split that subject falls in:
+    ``("pair:7,12", "val")`` for ``What is 12 + 7?``, ``("word:python", "train")`` for
+    ``Spell the word 'python'.``; ``(key, "none")`` for a word outside the word list (no
+    task asks about it); None for a question about neither. For the showcase, so that a
+    reader sees whether an answer is recalled (train) or worked out (val, test)."""
+    m = re.search(r"(\d+)\s*([-+*])\s*(\d+)", question)
+    if m:
+        a, op, b = int(m[1]), m[2], int(m[3])
+        if op == "*":
+            return f"product:{min(a, b)},{max(a, b)}", "train"
+        return pair_key(a, b), split_of(pair_key(a, b), *PAIR_SHARES)
+    quoted = re.findall(r"'([A-Za-z]+)'", question)
+    if not quoted:
+        return None
+    word = quoted[-1]
+    known = word_list() if words is None else words
+    return word_key(word), (split_of(word_key(word), *WORD_SHARES) if word in known else "none")
 
 
 def final_answer(reply: str) -> str:

@@ -4,7 +4,10 @@ One run per side tells nothing when the difference is inside the seed-to-seed sp
 seeds per side, each metric gets, per side, the mean, the sample standard deviation and a 95%
 interval of the mean (Student's t with N - 1 degrees of freedom); per variant, the difference
 to the baseline with its 95% interval and the two-sided p-value of Welch's t-test (unequal
-variances, Welch-Satterthwaite degrees of freedom; scipy computes both), and a verdict.
+variances, Welch-Satterthwaite degrees of freedom; scipy computes both), and a verdict. Where
+both sides ran the same seeds, the difference is also tested seed by seed (a paired t-test):
+the sides of one seed share every stage upstream of the change, so the seed's own luck
+cancels and a smaller effect shows.
 
 Trade-offs: a t-test assumes roughly normal means, which five seeds cannot check; with
 identical values on both sides (a metric the change cannot move) the test is undefined and
@@ -59,6 +62,25 @@ def welch(base: Sequence[float | None], variant: Sequence[float | None]) -> dict
     return {"diff": diff, "ci95": [diff - half, diff + half], "p": p, "df": float(df)}
 
 
+def paired(base: dict[int, float | None], variant: dict[int, float | None]) -> dict[str, Any]:
+    """The variant minus the baseline seed by seed (the seeds both sides ran): the mean
+    difference, its 95% interval and the paired t-test's p. Apt where a seed's two sides
+    share their upstream stages (DVC's cache), so that the seed's own luck cancels."""
+    seeds = sorted(s for s in base.keys() & variant.keys()
+                   if base[s] is not None and variant[s] is not None)
+    d = np.asarray([float(variant[s]) - float(base[s]) for s in seeds])  # type: ignore[arg-type]
+    if len(d) < 2:
+        return {"diff": None, "ci95": [None, None], "p": None, "seeds": seeds}
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    if sd == 0:
+        return {"diff": mean, "ci95": [mean, mean], "p": None, "seeds": seeds}
+    half = float(stats.t.ppf(0.975, len(d) - 1)) * sd / math.sqrt(len(d))
+    with warnings.catch_warnings():  # near-identical differences: scipy warns, p still right
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = float(stats.ttest_1samp(d, 0.0).pvalue)
+    return {"diff": mean, "ci95": [mean - half, mean + half], "p": p, "seeds": seeds}
+
+
 def verdict(test: dict[str, Any], lower_is_better: bool) -> str:
     """``better`` / ``worse`` where p < ALPHA, else ``no detectable difference``."""
     if test["p"] is None or test["diff"] is None or test["p"] >= ALPHA:
@@ -82,11 +104,15 @@ def compare(runs: dict[str, dict[int, dict[str, float]]], baseline: str,
                  for side, seeds in runs.items()}
         entry: dict[str, Any] = {"sides": sides, "lower_is_better": lower_is_better(m),
                                  "against_baseline": {}}
-        for side in runs:
+        for side, seeds in runs.items():
             if side == baseline:
                 continue
             test = welch(sides[baseline]["values"], sides[side]["values"])
             test["verdict"] = verdict(test, entry["lower_is_better"])
+            by_seed = paired({k: r.get(m) for k, r in runs[baseline].items()},
+                             {k: r.get(m) for k, r in seeds.items()})
+            by_seed["verdict"] = verdict(by_seed, entry["lower_is_better"])
+            test["paired"] = by_seed
             entry["against_baseline"][side] = test
         out["metrics"][m] = entry
     return out
@@ -95,16 +121,20 @@ def compare(runs: dict[str, dict[int, dict[str, float]]], baseline: str,
 def markdown(result: dict[str, Any]) -> str:
     """One table row per metric and side: mean +- sd [95% interval], difference, p, verdict."""
     lines = ["| metric | side | seeds | mean +- sd | 95% interval | difference [95%] | p (Welch) "
-             "| verdict |", "|---|---|---|---|---|---|---|---|"]
+             "| verdict | p (paired by seed) | verdict (paired) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for m, e in result["metrics"].items():
         for side, d in e["sides"].items():
             t = e["against_baseline"].get(side)
             diff = ("" if t is None or t["diff"] is None else
                     f"{t['diff']:+.4f} [{_f(t['ci95'][0])}, {_f(t['ci95'][1])}]")
             p = "" if t is None else ("n/a" if t["p"] is None else f"{t['p']:.3g}")
+            pt = None if t is None else t.get("paired")
+            pp = "" if pt is None else ("n/a" if pt["p"] is None else f"{pt['p']:.3g}")
             lines.append(f"| {m} | {side} | {d['n']} | {_f(d['mean'])} +- {_f(d['sd'])} | "
                          f"[{_f(d['ci95'][0])}, {_f(d['ci95'][1])}] | {diff} | {p} | "
-                         f"{'' if t is None else t['verdict']} |")
+                         f"{'' if t is None else t['verdict']} | {pp} | "
+                         f"{'' if pt is None else pt['verdict']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -107,6 +107,7 @@ def task_accuracy(model: LanguageModel, tok: LLMTokenizer, conversations: Sequen
     stops = [tok.im_end_id, tok.eot_id]
     for task, convs in task_examples(conversations, max_per_task).items():
         correct: list[bool] = []
+        replies: list[str] = []
         ended = 0
         for i in range(0, len(convs), batch_size):
             chunk = convs[i : i + batch_size]
@@ -117,12 +118,52 @@ def task_accuracy(model: LanguageModel, tok: LLMTokenizer, conversations: Sequen
                 stopped = bool(ids) and ids[-1] == tok.im_end_id
                 reply = tok.decode(ids[:-1] if ids and ids[-1] in stops else ids).strip()
                 correct.append(is_correct(reply, conv["answer"]))
+                replies.append(reply)
                 ended += stopped
         right = sum(correct)
         results[task] = {"exact_match": right / len(convs), "im_end_rate": ended / len(convs),
                          "n": len(convs), "ci95": wilson_interval(right, len(convs)),
-                         "correct": correct}
+                         "correct": correct, "pieces": [word_pieces(tok, c) for c in convs],
+                         "replies": replies}
     return results
+
+
+def drawn_samples(tasks: Mapping[str, Mapping[str, Any]], conversations: Sequence[dict[str, Any]],
+                  per_task: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``per_task`` scored questions of each task drawn at random (seeded, not picked by
+    hand), with the model's reply, the right answer and whether it counted: what a reader
+    sees of the model on questions it never trained on. ``tasks``: :func:`task_accuracy`'s
+    result on ``conversations``."""
+    examples = task_examples(conversations, max(len(v["correct"]) for v in tasks.values()))
+    rng = random.Random(f"samples:{seed}")
+    drawn = []
+    for task, v in sorted(tasks.items()):
+        for i in sorted(rng.sample(range(len(v["correct"])), min(per_task, len(v["correct"])))):
+            conv = examples[task][i]
+            drawn.append({"task": task, "question": conv["messages"][-2]["content"],
+                          "reply": v["replies"][i], "answer": conv["answer"],
+                          "correct": bool(v["correct"][i]), "pieces": v["pieces"][i]})
+    return drawn
+
+
+def word_pieces(tok: LLMTokenizer, conv: Mapping[str, Any]) -> int | None:
+    """Tokens of a word question's word as the question quotes it (``'python'``); None for a
+    question about no word. One token: spelling it recalls that token's letters; more:
+    it composes the letters of several tokens."""
+    words = [k.split(":", 1)[1] for k in conv.get("pool") or () if k.startswith("word:")]
+    if not words:
+        return None
+    return len(tok.encode(f" '{words[-1]}'.")) - 2  # the quote pieces " '" and "'." off
+
+
+def by_pieces(result: Mapping[str, Any]) -> dict[str, tuple[float, int]]:
+    """A word task's exact match on single-token and on multi-token words: kind ->
+    (successes, n). Empty for a task whose questions are about no word."""
+    out: dict[str, list[int]] = {}
+    for ok, n in zip(result["correct"], result.get("pieces") or (), strict=False):
+        if n is not None:
+            out.setdefault("single" if n == 1 else "multi", []).append(int(ok))
+    return {k: (sum(v), len(v)) for k, v in sorted(out.items())}
 
 
 @torch.no_grad()
@@ -303,11 +344,7 @@ def summary_metrics(results: dict[str, Any], factors: Sequence[int]) -> dict[str
         metrics[f"{p}/sft_loss"] = r["sft"]["loss"]
         for f in factors:
             metrics[f"{p}/bpb_ctx{f}x"] = r["contexts"][f]["bpb"] if r["contexts"][f] else None
-        for task, v in r["tasks"].items():
-            metrics[f"{p}/{task}_exact_match"] = v["exact_match"]
-            metrics[f"{p}/{task}_exact_match_ci95_low"] = v["ci95"][0]
-            metrics[f"{p}/{task}_exact_match_ci95_high"] = v["ci95"][1]
-            metrics[f"{p}/{task}_n"] = v["n"]
+        metrics.update(task_metrics(p, r["tasks"]))
         n = sum(v["n"] for v in r["tasks"].values())
         metrics[f"{p}/im_end_rate"] = sum(v["im_end_rate"] * v["n"]
                                           for v in r["tasks"].values()) / max(n, 1)
@@ -317,6 +354,24 @@ def summary_metrics(results: dict[str, Any], factors: Sequence[int]) -> dict[str
         metrics[f"{p}/doc_mc_n"] = r["doc_mc"]["n"]
     return {k: (None if isinstance(v, float) and math.isnan(v) else
                 round(v, 5) if isinstance(v, float) else v) for k, v in metrics.items()}
+
+
+def task_metrics(prefix: str, tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """``<prefix>/<task>_exact_match`` with its interval and n, and for a word task the same
+    on single-token and on multi-token words (``<task>_multi_exact_match``...)."""
+    metrics: dict[str, Any] = {}
+    for task, v in tasks.items():
+        metrics[f"{prefix}/{task}_exact_match"] = v["exact_match"]
+        metrics[f"{prefix}/{task}_exact_match_ci95_low"] = v["ci95"][0]
+        metrics[f"{prefix}/{task}_exact_match_ci95_high"] = v["ci95"][1]
+        metrics[f"{prefix}/{task}_n"] = v["n"]
+        for kind, (right, n) in by_pieces(v).items():
+            low, high = wilson_interval(right, n)
+            metrics[f"{prefix}/{task}_{kind}_exact_match"] = right / n
+            metrics[f"{prefix}/{task}_{kind}_exact_match_ci95_low"] = low
+            metrics[f"{prefix}/{task}_{kind}_exact_match_ci95_high"] = high
+            metrics[f"{prefix}/{task}_{kind}_n"] = n
+    return {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
 def clean_metrics(results: dict[str, Any], contaminated: Mapping[str, Sequence[bool] | np.ndarray]

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llmcore.data.tasks import question_subject
+
 
 def fmt(x: Any) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
@@ -27,9 +29,10 @@ def fmt_ci(value: float, ci: tuple[float, float], n: int) -> str:
 
 
 def write_reports(out: Path, results: dict[str, Any], factors: list[int], prompts: list[str],
-                  seq_len: int) -> None:
+                  seq_len: int, drawn: list[dict[str, Any]] | None = None) -> None:
     """comparison.md, extrapolation.md, samples.md and samples.json (what the README shows)
-    for the results of :mod:`evaluate`."""
+    for the results of :mod:`evaluate`. samples.json also holds the split each prompt's
+    subject falls in and ``drawn`` (the final model's randomly drawn test questions)."""
     out.mkdir(parents=True, exist_ok=True)
     tasks = sorted({t for r in results.values() for t in r["tasks"]})
     lines = ["# Models compared", "", "| metric | " + " | ".join(results) + " |",
@@ -62,8 +65,11 @@ def write_reports(out: Path, results: dict[str, Any], factors: list[int], prompt
             sm += [f"**{name}:**", "", "```", r["samples"][i] or "(empty)", "```", ""]
     (out / "samples.md").write_text("\n".join(sm))
     replies = {name: list(r["samples"]) for name, r in results.items()}
-    (out / "samples.json").write_text(json.dumps({"prompts": list(prompts), "replies": replies},
-                                                 indent=2, ensure_ascii=False) + "\n")
+    subjects = [question_subject(p) for p in prompts]
+    data = {"prompts": list(prompts), "replies": replies,
+            "subjects": [None if s is None else {"key": s[0], "split": s[1]} for s in subjects],
+            "final_model": list(results)[-1], "drawn": drawn or []}
+    (out / "samples.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def clean_comparison(metrics: dict[str, Any], models: list[str]) -> str:

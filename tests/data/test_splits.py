@@ -548,29 +548,39 @@ def test_the_default_test_split_meets_every_minimum(builtin_tables):
         assert sum(c.task == task for c in tasks) >= MIN_TEST_EXAMPLES[task], task
 
 
-def test_the_showcase_prompts_are_about_test_subjects(builtin_tables):
-    """The README's samples (evaluate.prompts) ask about a test pair, test words and test
-    documents: a showcase of recall would contradict the table above it."""
+def test_the_showcase_prompts_name_their_split(builtin_tables):
+    """The README's samples (evaluate.prompts) are the README's three questions (whose
+    subjects may be trained: the page shows the split beside each), then a test pair, a spell
+    and a reverse question on test words and test documents; every task subject's split,
+    as the page reports it, is the pool it is really in."""
     import re
 
     import yaml
 
-    from llmcore.data.pydocs import module_group, topic_group
+    from llmcore.data.pydocs import module_group
+    from llmcore.data.tasks import question_subject
     from tests.conftest import REPO
 
     tables, _ = builtin_tables
     prompts = yaml.safe_load((REPO / "params.yaml").read_text())["evaluate"]["prompts"]
-    pools = task_pools()["test"]
+    assert prompts[:3] == ["What is 12 + 7?", "Spell the word 'python'.",
+                           "Reverse the letters of the word 'stack'."]
+    pools = task_pools()
     test_groups = {r["pool"][0] for r in tables["pretrain_test"]}
+    held_out_tasks = set()
     for prompt in prompts:
-        if m := re.fullmatch(r"What is (\d+) [+-] (\d+)\?", prompt):
-            a, b = sorted(map(int, m.groups()))
-            assert (a, b) in pools.pairs, prompt
-        elif m := re.search(r"'([a-z]+)'", prompt):
-            assert m.group(1) in pools.words, prompt
+        subject = question_subject(prompt)
+        if subject is not None:
+            key, split = subject
+            kind, _, value = key.partition(":")
+            where = {s for s, p in pools.items()
+                     if (value in p.words if kind == "word" else
+                         tuple(map(int, value.split(","))) in p.pairs)}
+            assert where == {split}, (prompt, where, split)
+            if split == "test":
+                held_out_tasks.add(prompt.split()[0])
         elif m := re.search(r"`([\w.]+)`", prompt):
             assert module_group(m.group(1)) in test_groups, prompt
-        elif m := re.search(r'"(\w+)" statement', prompt):
-            assert topic_group(m.group(1)) in test_groups, prompt
         else:
             raise AssertionError(f"a prompt about nothing the test knows: {prompt}")
+    assert {"What", "Spell", "Reverse"} <= held_out_tasks

@@ -5,8 +5,16 @@ import math
 
 import pytest
 
-from llmcore.report.compare import compare, describe, lower_is_better, markdown, plot, welch
-from stages.compare import parse, plan, side_name
+from llmcore.report.compare import (
+    compare,
+    describe,
+    lower_is_better,
+    markdown,
+    paired,
+    plot,
+    welch,
+)
+from stages.compare import final_model, parse, plan, side_name
 
 
 def test_describe_gives_the_t_interval_of_the_mean():
@@ -30,6 +38,33 @@ def test_welch_matches_the_hand_computation():
     assert half == pytest.approx(2.459 * math.sqrt(2.5), rel=1e-3)
     assert welch([1.0, 1.0], [1.0, 1.0])["p"] is None  # no spread at all: undefined
     assert welch([1.0], [2.0, 3.0])["p"] is None
+
+
+def test_the_paired_test_takes_the_differences_seed_by_seed():
+    # a constant gain of 0.1 on top of a spread of 0.4 between seeds: Welch cannot see it,
+    # the seed-by-seed differences (0.1, 0.1, 0.1, 0.12, 0.08) can
+    base = {1: 0.1, 2: 0.3, 3: 0.5, 4: 0.2, 5: 0.4}
+    variant = {1: 0.2, 2: 0.4, 3: 0.6, 4: 0.32, 5: 0.48}
+    p = paired(base, variant)
+    # mean 0.1, sd sqrt(0.0008/4) = 0.014142: t = 0.1 / (0.014142 / sqrt 5) = 15.81, df 4
+    assert p["diff"] == pytest.approx(0.1) and p["seeds"] == [1, 2, 3, 4, 5]
+    assert p["p"] == pytest.approx(9.3e-5, rel=0.05)
+    assert welch(list(base.values()), list(variant.values()))["p"] > 0.3
+    assert paired({1: 0.1, 2: None}, {1: 0.2, 2: 0.3})["p"] is None  # one common seed only
+    r = compare({"base": {s: {"a": v} for s, v in base.items()},
+                 "v": {s: {"a": v} for s, v in variant.items()}}, "base", ["a"])
+    assert r["metrics"]["a"]["against_baseline"]["v"]["paired"]["verdict"] == "better"
+    assert r["metrics"]["a"]["against_baseline"]["v"]["verdict"] == "no detectable difference"
+
+
+def test_a_run_reports_its_last_scored_model_as_the_final_one():
+    quick = {"evaluate/pretrain/docs_bpb": 2.0, "evaluate/sft/docs_bpb": 2.1,
+             "evaluate/sft/count_exact_match": 0.4}
+    full = {**quick, "evaluate/rl/docs_bpb": 2.2, "evaluate/rl/count_exact_match": 0.6}
+    assert final_model(quick) == {"evaluate/final/docs_bpb": 2.1,
+                                  "evaluate/final/count_exact_match": 0.4}
+    assert final_model(full)["evaluate/final/count_exact_match"] == 0.6
+    assert final_model({"sft/val_bpb": 1.0}) == {}
 
 
 def test_verdicts_follow_the_direction_of_each_metric():

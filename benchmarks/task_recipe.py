@@ -1,0 +1,138 @@
+"""Which SFT recipe teaches the checkable tasks: exact match on the *val* split per recipe.
+
+    python benchmarks/task_recipe.py --tag base --steps 600
+    python benchmarks/task_recipe.py --tag letters-30 --letters-share 0.3 --steps 600
+    python benchmarks/task_recipe.py --tag muon --optimizer muon --lr 0.01 --steps 600
+
+Each run fine-tunes one starting model (``--init``, default the pretrain stage's model) with
+the SFT stage's own loop on conversations this script builds from the corpus's training
+pools (the tasks' train words and operand pairs, the letters curriculum of
+:func:`llmcore.data.tasks.letters_conversations`, optionally the corpus's doc
+conversations), then scores greedy exact match on the corpus's ``val`` task questions, with
+spell / reverse / count split into single-token and multi-token words. Decisions about the
+default recipe are made on these figures; the test split is not read.
+
+Every run is appended to ``<out>/runs.jsonl`` (tag, recipe, seconds, tokens, val scores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llmcore.config import SFTConfig  # noqa: E402
+from llmcore.data.corpus import read_conversations  # noqa: E402
+from llmcore.data.packing import pack_all  # noqa: E402
+from llmcore.data.tasks import (  # noqa: E402
+    letter_pieces,
+    letters_conversations,
+    synthetic_conversations,
+)
+from llmcore.data.tokenizer import LLMTokenizer, token_bytes  # noqa: E402
+from llmcore.model.modeldir import read_model_config, save_model_dir  # noqa: E402
+from llmcore.report.evaluate import by_pieces, task_accuracy  # noqa: E402
+from llmcore.train.fit import FitSpec, fit  # noqa: E402
+
+
+def word_of(conv: dict) -> str | None:
+    keys = [k for k in conv.get("pool") or [] if k.startswith("word:")]
+    return keys[-1][5:] if keys else None
+
+
+def build_train(args: argparse.Namespace, tok: LLMTokenizer, corpus: Path) -> list[list[dict]]:
+    convs = [c.as_dicts() for c in synthetic_conversations(args.per_task, args.seed)
+             if c.split == "train"]
+    held = {w for s in ("val", "test") for c in read_conversations(corpus, s)
+            if (w := word_of(c))}
+    if args.letters_share > 0:
+        pieces = letter_pieces((tok.decode([i]) for i in range(tok.vocab_size)), held)
+        n = int(len(convs) * args.letters_share / (1 - args.letters_share))
+        convs += [c.as_dicts() for c in letters_conversations(pieces, n, args.seed)]
+    if args.docs:
+        convs += [c["messages"] for c in read_conversations(corpus, "train") if c["task"] == "doc"]
+    random.Random(args.seed).shuffle(convs)
+    return convs
+
+
+def score(model, tok: LLMTokenizer, val: list[dict], per_task: int) -> dict:
+    res = task_accuracy(model, tok, val, per_task, 64, batch_size=64)
+    out: dict = {t: round(r["exact_match"], 3) for t, r in res.items()}
+    for task, r in res.items():
+        for kind, (right, n) in by_pieces(r).items():
+            out[f"{task}_{kind}"] = round(right / n, 3)
+            out[f"{task}_{kind}_n"] = n
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tag", required=True)
+    ap.add_argument("--init", default="data/models/pretrain", help="model dir, or 'scratch'")
+    ap.add_argument("--corpus", default="data/corpus")
+    ap.add_argument("--tokenizer", default="data/tokenizer")
+    ap.add_argument("--per-task", type=int, default=5000)
+    ap.add_argument("--letters-share", type=float, default=0.0)
+    ap.add_argument("--docs", action="store_true", help="add the corpus's doc conversations")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=0.006)
+    ap.add_argument("--min-lr", type=float, default=None)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--optimizer", default="adamw")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--eval-per-task", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--out", default="reports/task_recipe")
+    ap.add_argument("--save", default=None, help="also write the trained model directory here")
+    args = ap.parse_args()
+    corpus, tok = ROOT / args.corpus, LLMTokenizer.load(ROOT / args.tokenizer)
+    val = [c for c in read_conversations(corpus, "val") if c["task"] != "doc"]
+    train = build_train(args, tok, corpus)
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = Path(tmp) / "shards"
+        shards.mkdir()
+        manifest = pack_all(tok, {}, {"train": train, "val": [c["messages"] for c in val]},
+                            shards, args.seq_len)
+        init = None if args.init == "scratch" else ROOT / args.init
+        model_cfg = read_model_config(init) if init else read_model_config(
+            ROOT / "data/models/pretrain")
+        cfg = dataclasses.replace(
+            SFTConfig(), max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+            min_lr=args.min_lr if args.min_lr is not None else args.lr / 10,
+            warmup_steps=args.warmup, optimizer=args.optimizer, eval_every=10**9,
+            export="last", checkpoint_every=10**9, log_every=100, resume="never")
+        spec = FitSpec(model=model_cfg, train=cfg, shard_dir=shards, train_split="sft_train",
+                       val_split="sft_val", token_bytes=tuple(token_bytes(tok)),
+                       checkpoint_dir=Path(tmp) / "ckpt", seed=args.seed, init_from=init,
+                       name=args.tag)
+        start = time.perf_counter()
+        out = fit(spec, log=print)
+        seconds = time.perf_counter() - start
+    model = out.model.eval()
+    if args.save:
+        save_model_dir(Path(args.save), model_cfg, out.export_weights, ROOT / args.tokenizer,
+                       {"tag": args.tag}, {"eos_token_id": [tok.im_end_id, tok.eot_id],
+                                           "pad_token_id": tok.pad_id})
+    scores = score(model, tok, val, args.eval_per_task)
+    tokens = args.steps * args.batch_size * args.seq_len
+    row = {"tag": args.tag, "recipe": vars(args), "train_seconds": round(seconds, 1),
+           "tokens": tokens, "train_conversations": len(train),
+           "train_rows": manifest["splits"]["sft_train"]["rows"], "val": scores}
+    print(json.dumps(row))
+    out_dir = ROOT / args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "runs.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
