@@ -12,7 +12,8 @@ conversations), then scores greedy exact match on the corpus's ``val`` task ques
 spell / reverse / count split into single-token and multi-token words. Decisions about the
 default recipe are made on these figures; the test split is not read.
 
-Every run is appended to ``<out>/runs.jsonl`` (tag, recipe, seconds, tokens, val scores).
+Every run is appended to ``<out>/runs.jsonl`` (tag, recipe, seconds, tokens, val scores,
+the split version of the pools it ran on and the machine).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from llmcore.data.tasks import (  # noqa: E402
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes  # noqa: E402
 from llmcore.model.modeldir import read_model_config, save_model_dir  # noqa: E402
 from llmcore.report.evaluate import by_pieces, task_accuracy  # noqa: E402
+from llmcore.tracking import SPLIT_VERSION  # noqa: E402
 from llmcore.train.fit import FitSpec, fit  # noqa: E402
 
 
@@ -124,7 +126,8 @@ def main() -> None:
                                            "pad_token_id": tok.pad_id})
     scores = score(model, tok, val, args.eval_per_task)
     tokens = args.steps * args.batch_size * args.seq_len
-    row = {"tag": args.tag, "recipe": vars(args), "train_seconds": round(seconds, 1),
+    row = {"tag": args.tag, "split_version": SPLIT_VERSION, "machine": out.device,
+           "recipe": vars(args), "train_seconds": round(seconds, 1),
            "tokens": tokens, "train_conversations": len(train),
            "train_rows": manifest["splits"]["sft_train"]["rows"], "val": scores}
     print(json.dumps(row))

@@ -757,6 +757,13 @@ def results_md(files: Files) -> str:
     out += seeded(files, "reports/compare/seeds-quick.json")
     if (files.root / "reports/compare/seeds-quick.png").exists():
         out += ["![seeded comparison](../reports/compare/seeds-quick.png)", ""]
+    out += ["### SFT recipes for the tasks, on val", "",
+            "`reports/task_recipe/runs.jsonl` (`benchmarks/task_recipe.py`): one fine-tuning "
+            "run per row from a pretrained model, scored by greedy exact match on the val "
+            "split's task questions (200 per task), spell, count and reverse also on their "
+            "words of several tokens. Rows of one split version ran on the same pools and "
+            "starting model; rows of different versions are not comparable.", ""]
+    out += recipe_runs(files.root / "reports/task_recipe/runs.jsonl")
     out += ["### lm-evaluation-harness on the export", "", "`reports/harness.json`:", ""]
     out += harness(files)
     out += ["### GGUF in llama.cpp", "", "`reports/gguf_roundtrip.json`:", ""]
@@ -767,6 +774,28 @@ def results_md(files: Files) -> str:
     while out and out[-1] == "":
         out.pop()
     return "\n".join(out) + "\n"
+
+
+def recipe_runs(path: Path) -> list[str]:
+    """The recipe probes of benchmarks/task_recipe.py, one row per run, in the file's order."""
+    try:
+        runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return missing(str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
+                       "`python benchmarks/task_recipe.py --tag NAME`")
+    rows = []
+    for r in runs:
+        rec, val = r.get("recipe", {}), r.get("val", {})
+        what = (f"{rec.get('optimizer')} lr {rec.get('lr')}, {rec.get('steps')} steps x "
+                f"{rec.get('batch_size')}, {rec.get('per_task')}/task, letters "
+                f"{rec.get('letters_share')}" + (", docs" if rec.get("docs") else ""))
+        rows.append([f"`{r.get('tag')}`", r.get("split_version", "3"), what,
+                     whole(r.get("tokens")), num(r.get("train_seconds"), 0),
+                     *(num(val.get(k)) for k in ("arithmetic", "count", "spell", "spell_multi",
+                                                 "reverse", "reverse_multi"))])
+    return table(["run", "split version", "recipe", "tokens", "seconds", "arithmetic", "count",
+                  "spell", "spell, several tokens", "reverse", "reverse, several tokens"],
+                 rows) + [""]
 
 
 SPLIT_WORDS = {"train": "trained on", "val": "val split: held out, used for decisions",

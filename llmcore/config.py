@@ -70,7 +70,7 @@ class FetchConfig:
     builtin_code: bool = spec(False, doc="builtin: also the standard library's Python source, "
                                          "as training documents only")
     doc_questions: bool = spec(True, doc="add SFT questions answered from the stdlib docs")
-    synthetic_per_task: int = spec(5000, ge=0, doc="SFT training examples per synthetic task")
+    synthetic_per_task: int = spec(20000, ge=0, doc="SFT training examples per synthetic task")
     synthetic_val_per_task: int = spec(250, ge=0, doc="val examples per synthetic task, drawn "
                                        "from the val pools of words and operand pairs")
     synthetic_test_per_task: int = spec(250, ge=0, doc="test examples per synthetic task, "
@@ -273,7 +273,7 @@ NON_SHAPING = ("log_every", "checkpoint_every", "keep_checkpoints", "resume", "c
 class TrainConfig(OptimConfig):
     """``pretrain:`` the training loop; its defaults are params.yaml's ``pretrain:``."""
 
-    max_steps: int = _default(OptimConfig, "max_steps", 840,
+    max_steps: int = _default(OptimConfig, "max_steps", 600,
                               doc="optimizer steps (ignored when epochs is set)")
     epochs: float | None = spec(None, gt=0, doc="passes over the training rows; sets max_steps")
     # a sweep at 4e12 FLOPs on a 0.8M model (docs/scaling.md): lr 0.015 gave 1.847 bpb
@@ -327,20 +327,20 @@ class SFTConfig(TrainConfig):
                        doc="full: every weight trains; lora: adapters only (sft.lora)")
     lora: LoRAConfig = spec(default_factory=LoRAConfig)
 
-    max_steps: int = _default(TrainConfig, "max_steps", 600)
+    max_steps: int = _default(TrainConfig, "max_steps", 700)
     batch_size: int = _default(TrainConfig, "batch_size", 16)
-    lr: float = _default(TrainConfig, "lr", 6e-3)
-    min_lr: float = _default(TrainConfig, "min_lr", 6e-4)
+    lr: float = _default(TrainConfig, "lr", 1.5e-2)
+    min_lr: float = _default(TrainConfig, "min_lr", 1.5e-3)
     warmup_steps: int = _default(TrainConfig, "warmup_steps", 20)
-    optimizer: str = _default(TrainConfig, "optimizer", "adamw")
-    eval_every: int = _default(TrainConfig, "eval_every", 150)
+    optimizer: str = _default(TrainConfig, "optimizer", "muon")
+    eval_every: int = _default(TrainConfig, "eval_every", 175)
 
 
 @dataclass(frozen=True)
 class DPOConfig(OptimConfig):
     """``dpo:`` preference optimisation of the SFT model, its frozen self as the reference."""
 
-    max_steps: int = _default(OptimConfig, "max_steps", 50, ge=0,
+    max_steps: int = _default(OptimConfig, "max_steps", 30, ge=0,
                               doc="optimizer steps; 0: the stage copies the SFT model")
     beta: float = spec(0.1, gt=0, doc="strength of the pull towards the reference")
     nll_coef: float = spec(1.0, ge=0, doc="weight of the chosen replies' NLL per token (RPO); "
@@ -351,10 +351,10 @@ class DPOConfig(OptimConfig):
     optimizer: str = _default(OptimConfig, "optimizer", "adamw")
     weight_decay: float = _default(OptimConfig, "weight_decay", 0.0)
     log_every: int = _default(OptimConfig, "log_every", 10)
-    checkpoint_every: int = _default(OptimConfig, "checkpoint_every", 50)
+    checkpoint_every: int = _default(OptimConfig, "checkpoint_every", 30)
     batch_size: int = spec(16, ge=1, doc="preference pairs per step (split over grad_accum)")
-    eval_every: int = spec(50, ge=1)
-    pairs_per_task: int = spec(200, ge=0, doc="builtin on-policy pairs per synthetic task, "
+    eval_every: int = spec(30, ge=1)
+    pairs_per_task: int = spec(100, ge=0, doc="builtin on-policy pairs per synthetic task, "
                                               "from training conversations")
     val_pairs_per_task: int = spec(25, ge=0, doc="held-out pairs per task (val conversations)")
     max_new_tokens: int = spec(64, ge=1, doc="length of the SFT model's own answers")
@@ -377,8 +377,8 @@ class RLConfig(OptimConfig):
     algorithm: str = spec("grpo", choices=("grpo",))
     max_steps: int = _default(OptimConfig, "max_steps", 20, ge=0,
                               doc="policy updates; 0: the stage copies the DPO model")
-    lr: float = _default(OptimConfig, "lr", 1e-5)
-    min_lr: float = _default(OptimConfig, "min_lr", 1e-6)
+    lr: float = _default(OptimConfig, "lr", 1e-4)
+    min_lr: float = _default(OptimConfig, "min_lr", 1e-5)
     schedule: str = _default(OptimConfig, "schedule", "constant")
     warmup_steps: int = _default(OptimConfig, "warmup_steps", 0)
     optimizer: str = _default(OptimConfig, "optimizer", "adamw")
@@ -431,8 +431,8 @@ class EvaluateConfig:
         "Spell the word 'python'.",
         "Reverse the letters of the word 'stack'.",
         "What is 17 + 21?",
-        "Spell the word 'assignment'.",
-        "Reverse the letters of the word 'variable'.",
+        "Spell the word 'concrete'.",
+        "Reverse the letters of the word 'absent'.",
         "What does `subprocess.Popen.poll` do?",
         "What is the Python `statistics` module for?",
     ], doc="prompts every model answers in reports/samples.md, each shown with the split its "

@@ -14,6 +14,7 @@ releases); the corpus manifest records that version.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import re
 import sysconfig
@@ -246,6 +247,19 @@ def doc_conversations(min_chars: int = 40) -> Iterator[Conversation]:
         question = templates[pick].format(name=e.name, sig=e.signature, title=title)
         yield Conversation((("user", question), ("assistant", answer)),
                            f"builtin:doc/{e.kind}", "doc", answer, pool=(group,))
+
+
+@functools.lru_cache(maxsize=4)
+def docstring_words(min_len: int = 3, max_len: int = 10, min_count: int = 2) -> tuple[str, ...]:
+    """Plain lowercase words of the standard library's docstrings seen ``min_count`` times or
+    more, sorted (stable for one Python version): the pool spelling trains on beyond the
+    word list (:func:`llmcore.data.tasks.task_pools`)."""
+    counts: Counter[str] = Counter()
+    for _, entries in stdlib_entries():
+        for e in entries:
+            counts.update(w for w in re.findall(r"\b[a-z]+\b", e.doc)
+                          if min_len <= len(w) <= max_len)
+    return tuple(sorted(w for w, c in counts.items() if c >= min_count))
 
 
 def word_list(min_len: int = 3, max_len: int = 10, size: int = 2400) -> list[str]:

@@ -30,16 +30,19 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Collection, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from llmcore.config import SYNTHETIC_TASKS
 from llmcore.data.corpus import Conversation
-from llmcore.data.pydocs import SYSTEM_PROMPT, word_list
+from llmcore.data.pydocs import SYSTEM_PROMPT, docstring_words, word_list
 from llmcore.data.splits import SPLITS, split_of
 
 # the questions of the letters curriculum (one vocabulary piece spelled; training only)
 LETTERS_TEMPLATES = ("Which letters make up '{w}'?", "Spell '{w}'.")
+
+# share of the training sums and differences with an operand of 100..999 (train only)
+BIG_SHARE = 0.5
 
 # (val, test) shares of the word pool and of the operand pairs: a test set of 250 distinct
 # questions per task needs more than 250 test words (reverse has one template per word)
@@ -89,9 +92,12 @@ class TaskPool:
     words: tuple[str, ...]
     pairs: tuple[tuple[int, int], ...]
     products: bool
+    # word -> its stem group (:func:`word_stems`), for the words that have one
+    stems: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
 
 
-def task_pools(words: Sequence[str] | None = None) -> dict[str, TaskPool]:
+def task_pools(words: Sequence[str] | None = None, extra: Sequence[str] | None = None
+               ) -> dict[str, TaskPool]:
     """Each split's pool, by a stable hash of the word or the pair (:func:`split_of`).
 
     Words: one pool for spell, count and reverse (every reply spells the word, so a word
@@ -99,16 +105,64 @@ def task_pools(words: Sequence[str] | None = None) -> dict[str, TaskPool]:
     ``12 + 7``, ``7 + 12`` and ``12 - 7`` fall together. Products of two numbers up to 12 are
     169 table facts with no working to generalise from: all of them stay in training, and
     the held-out splits ask sums and differences only.
+
+    ``extra`` words (default, for the builtin word list: the docstrings' words,
+    :func:`llmcore.data.pydocs.docstring_words`) join the train pool only: with ~1,800 train
+    words a model can learn each word's spelling by heart, with several thousand more it has
+    to compose the letters of its tokens, which is what a held-out word asks. An extra word
+    that is a held-out word, or begins or ends another (``assignments`` for a held-out
+    ``assignment``), is left out.
     """
+    if extra is None:
+        extra = docstring_words() if words is None else ()
     words = word_list() if words is None else words
     by_split: dict[str, tuple[list, list]] = {s: ([], []) for s in SPLITS}
+    stems = word_stems(words)
     for w in words:
-        by_split[split_of(word_key(w), *WORD_SHARES)][0].append(w)
+        by_split[split_of(stem_key(stems[w]), *WORD_SHARES)][0].append(w)
+    held = {w for s in ("val", "test") for w in by_split[s][0]}
+    held_ends = {e for h in held for e in _ends(h)}
+    by_split["train"][0].extend(sorted(
+        x for x in set(extra) - set(words)
+        if x not in held_ends and not any(e in held for e in _ends(x))))
     for a in range(100):
         for b in range(a, 100):
             by_split[split_of(pair_key(a, b), *PAIR_SHARES)][1].append((a, b))
-    return {s: TaskPool(tuple(ws), tuple(ps), products=s == "train")
+    return {s: TaskPool(tuple(ws), tuple(ps), products=s == "train", stems=stems)
             for s, (ws, ps) in by_split.items()}
+
+
+def word_stems(words: Iterable[str], least: int = 5) -> dict[str, str]:
+    """Each word's stem group, named by its shortest word (then the first alphabetically):
+    words of which one begins or ends the other with ``least`` letters or more in common
+    (``assign``, ``assigned``, ``assignment``; ``table``, ``printable``) fall together, so
+    that a test word's inflections are never spelled in training."""
+    pool = sorted(set(words))
+    parent = {w: w for w in pool}
+
+    def root(w: str) -> str:
+        while parent[w] != w:
+            parent[w] = parent[parent[w]]
+            w = parent[w]
+        return w
+
+    for w in pool:
+        for e in _ends(w, least):
+            if e != w and e in parent:
+                a, b = sorted((root(e), root(w)), key=lambda x: (len(x), x))
+                parent[b] = a
+    return {w: root(w) for w in pool}
+
+
+def stem_key(stem: str) -> str:
+    return f"stem:{stem}"
+
+
+def _ends(word: str, least: int = 4) -> set[str]:
+    """The word's beginnings and endings of ``least`` letters or more, itself included: two
+    words are related when one is among the other's (``assignment``, ``assignments``)."""
+    return {word[:i] for i in range(least, len(word) + 1)} | \
+        {word[-i:] for i in range(least, len(word) + 1)}
 
 
 def word_key(word: str) -> str:
@@ -129,7 +183,13 @@ def _synthetic_one(task: str, rng: random.Random, pool: TaskPool) -> tuple[str, 
             a, b = rng.randint(0, 12), rng.randint(0, 12)
             key = f"product:{min(a, b)},{max(a, b)}"
         else:
-            a, b = rng.choice(pool.pairs)
+            if pool.products and rng.random() < BIG_SHARE:
+                # train only: operands up to 999, one of them 100 or more. No held-out pair
+                # has one, and at ~800,000 pairs no sum can be learned by heart: only the
+                # columns can, which is what a held-out pair of 0..99 asks for
+                a, b = sorted((rng.randint(0, 999), rng.randint(100, 999)))
+            else:
+                a, b = rng.choice(pool.pairs)  # a <= b
             a, b = (b, a) if op == "-" or rng.random() < 0.5 else (a, b)  # a >= b for "-"
             key = pair_key(a, b)
         value = str({"+": a + b, "-": a - b, "*": a * b}[op])
@@ -178,6 +238,8 @@ def _synthetic_conversation(task: str, rng: random.Random, pool: TaskPool, split
         q, reply, answer, key = _synthetic_one(task, rng, pool)
         turns += [("user", q), ("assistant", reply)]
         keys.append(key)
+        if key.startswith("word:") and key[5:] in pool.stems:  # the split is the stem's
+            keys.append(stem_key(pool.stems[key[5:]]))
     return Conversation(tuple(turns), f"builtin:synthetic/{task}", task, answer, split,
                         tuple(dict.fromkeys(keys)))
 
@@ -265,7 +327,9 @@ def question_subject(question: str, words: Collection[str] | None = None
         return None
     word = quoted[-1]
     known = word_list() if words is None else words
-    return word_key(word), (split_of(word_key(word), *WORD_SHARES) if word in known else "none")
+    stems = word_stems(known)
+    return word_key(word), (split_of(stem_key(stems[word]), *WORD_SHARES) if word in stems
+                            else "none")
 
 
 def final_answer(reply: str) -> str:

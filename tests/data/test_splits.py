@@ -26,7 +26,7 @@ from llmcore.data.corpus import (
     read_documents,
 )
 from llmcore.data.fetch import build_corpus
-from llmcore.data.pydocs import word_list
+from llmcore.data.pydocs import docstring_words, word_list
 from llmcore.data.sources import content_hash
 from llmcore.data.splits import (
     COMMON_RUN_GROUPS,
@@ -37,7 +37,14 @@ from llmcore.data.splits import (
     split_of,
     unit_interval,
 )
-from llmcore.data.tasks import pair_key, synthetic_conversations, task_pools, word_key
+from llmcore.data.tasks import (
+    pair_key,
+    stem_key,
+    synthetic_conversations,
+    task_pools,
+    word_key,
+    word_stems,
+)
 
 HELD_OUT = ("val", "test")
 ALL_PAIRS = {(a, b) for a in range(100) for b in range(a, 100)}
@@ -115,8 +122,20 @@ def test_word_pools_are_disjoint_and_cover_the_word_list(pools):
     words = {s: set(p.words) for s, p in pools.items()}
     assert not words["train"] & words["val"] and not words["train"] & words["test"]
     assert not words["val"] & words["test"]
-    assert words["train"] | words["val"] | words["test"] == set(word_list())
-    assert sum(len(p.words) for p in pools.values()) == len(word_list())  # no repeats
+    # the word list is split whole; training also spells the docstrings' other words
+    assert set(word_list()) <= words["train"] | words["val"] | words["test"]
+    extra = words["train"] - set(word_list())
+    assert extra and extra <= set(docstring_words())
+    assert len(set(pools["train"].words)) == len(pools["train"].words)  # no repeats
+    # a word and its inflections fall in one split; no extra word inflects a held-out one
+    stems = word_stems(word_list())
+    for w in words["val"] | words["test"]:
+        held = "val" if w in words["val"] else "test"
+        assert all(x in words[held] for x in stems if stems[x] == stems[w]), w
+    held_out = words["val"] | words["test"]
+    assert not any(x.startswith(h) or x.endswith(h) for x in extra for h in held_out
+                   if len(h) >= 4)
+    assert "assignments" not in words["train"] or "assignment" not in held_out
     # each held-out pool is big enough to be a test set, and smaller than training's
     assert len(words["test"]) >= FetchConfig().synthetic_test_per_task
     assert 100 < len(words["val"]) < len(words["train"])
@@ -175,11 +194,16 @@ def test_held_out_questions_share_no_word_or_pair_with_training(synthetic, pools
         assert not subjects[a] & subjects[b], (a, b, sorted(subjects[a] & subjects[b])[:5])
     # the pool column says what the questions say, and names keys of its own split's pool
     pool_keys = {s: {word_key(w) for w in p.words} | {pair_key(a, b) for a, b in p.pairs}
+                 | {stem_key(p.stems[w]) for w in p.words if w in p.stems}
                  for s, p in pools.items()}
+    stems = pools["train"].stems
     for c in synthetic:
-        assert set(c.pool) == {subject_key(x) for x in question_subjects(c)}, c
-        assert all(k in pool_keys[c.split] or (c.split == "train" and k.startswith("product:"))
-                   for k in c.pool), c
+        subjects_ = question_subjects(c)
+        assert set(c.pool) == {subject_key(x) for x in subjects_} | {
+            stem_key(stems[x[1]]) for x in subjects_ if x[0] == "word" and x[1] in stems}, c
+        assert all(k in pool_keys[c.split] or (c.split == "train" and (
+            k.startswith("product:") or (k.startswith("pair:") and max(
+                map(int, k[5:].split(","))) >= 100))) for k in c.pool), c
     # every task's training reaches the held-out pools' neighbours: the tests above are not
     # vacuous (training shows thousands of words and pairs, products included)
     kinds = Counter(x[0] for x in subjects["train"])

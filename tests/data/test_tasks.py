@@ -53,7 +53,7 @@ def test_every_column_difference_is_right_and_rebuilds_the_difference():
 
 def test_replies_end_with_the_answer_and_show_their_working():
     rng, pool = random.Random(3), task_pools()["train"]  # the one with products
-    seen = set()
+    seen, big = set(), 0
     for _ in range(400):
         task = rng.choice(["arithmetic", "spell", "count", "reverse"])
         question, reply, answer, key = _synthetic_one(task, rng, pool)
@@ -82,9 +82,13 @@ def test_replies_end_with_the_answer_and_show_their_working():
             a, b = sorted((int(a), int(b)))
             if op == "*":  # a table fact, keyed apart from the pairs of sums and differences
                 assert key == f"product:{a},{b}" and b <= 12
+            elif b >= 100:  # train only: 3-digit operands, which no held-out pair has
+                assert key == pair_key(a, b) and pool.products and b <= 999
+                big += 1
             else:
                 assert key == pair_key(a, b) and (a, b) in pool.pairs
         seen.add(task)
+    assert big > 0
     assert seen == {"arithmetic", "spell", "count", "reverse"}
 
 
@@ -107,7 +111,8 @@ def test_the_answer_field_is_the_final_line_of_the_last_reply():
     for conv in convs:
         last = conv.messages[-1]
         assert last[0] == "assistant" and final_answer(last[1]) == conv.answer
-        assert conv.pool and all(k.startswith(("word:", "pair:", "product:")) for k in conv.pool)
+        assert conv.pool and all(k.startswith(("word:", "stem:", "pair:", "product:"))
+                                 for k in conv.pool)
 
 
 def test_a_wrong_spelled_answer_stays_spelled():
