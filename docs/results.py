@@ -137,7 +137,8 @@ def models_in(ev: Json) -> list[tuple[str, str]]:
 
 def tasks_in(ev: Json, models: Sequence[tuple[str, str]]) -> list[str]:
     found = {k.split("/")[2][: -len("_exact_match")] for k in ev
-             if k.startswith("evaluate/") and k.endswith("_exact_match") and k.count("/") == 2}
+             if k.startswith("evaluate/") and k.endswith("_exact_match") and k.count("/") == 2
+             and not k.endswith(("_multi_exact_match", "_single_exact_match"))}
     order = [t for t in TASK_LABELS if t in found] + sorted(found - set(TASK_LABELS))
     return [t for t in order if any(f"evaluate/{m}/{t}_exact_match" in ev for m, _ in models)]
 
