@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llmcore.config import SFTConfig  # noqa: E402
+from llmcore.config import EvaluateConfig, SFTConfig  # noqa: E402
 from llmcore.data.corpus import read_conversations  # noqa: E402
 from llmcore.data.packing import pack_all  # noqa: E402
 from llmcore.data.tasks import (  # noqa: E402
@@ -66,7 +66,7 @@ def build_train(args: argparse.Namespace, tok: LLMTokenizer, corpus: Path) -> li
 
 
 def score(model, tok: LLMTokenizer, val: list[dict], per_task: int) -> dict:
-    res = task_accuracy(model, tok, val, per_task, 64, batch_size=64)
+    res = task_accuracy(model, tok, val, per_task, EvaluateConfig().max_new_tokens, batch_size=64)
     out: dict = {t: round(r["exact_match"], 3) for t, r in res.items()}
     for task, r in res.items():
         for kind, (right, n) in by_pieces(r).items():

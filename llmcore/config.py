@@ -357,7 +357,7 @@ class DPOConfig(OptimConfig):
     pairs_per_task: int = spec(100, ge=0, doc="builtin on-policy pairs per synthetic task, "
                                               "from training conversations")
     val_pairs_per_task: int = spec(25, ge=0, doc="held-out pairs per task (val conversations)")
-    max_new_tokens: int = spec(64, ge=1, doc="length of the SFT model's own answers")
+    max_new_tokens: int = spec(96, ge=1, doc="length of the SFT model's own answers")
     corpus_pairs: bool = spec(True, doc="also train on the pairs of fetch.preference_paths")
     method: str = spec("full", choices=("full", "lora"))
     lora: LoRAConfig = spec(default_factory=LoRAConfig)
@@ -385,10 +385,10 @@ class RLConfig(OptimConfig):
     weight_decay: float = _default(OptimConfig, "weight_decay", 0.0)
     log_every: int = _default(OptimConfig, "log_every", 1)
     checkpoint_every: int = _default(OptimConfig, "checkpoint_every", 10)
-    prompts_per_step: int = spec(16, ge=1)
+    prompts_per_step: int = spec(8, ge=1)
     group_size: int = spec(8, ge=2, doc="replies sampled per prompt")
     temperature: float = spec(1.0, gt=0)
-    max_new_tokens: int = spec(64, ge=1)
+    max_new_tokens: int = spec(96, ge=1)
     clip: float = spec(0.2, gt=0, lt=1, doc="PPO clipping of the probability ratio")
     kl_coef: float = spec(0.04, ge=0, doc="weight of the KL penalty to the reference")
     inner_epochs: int = spec(1, ge=1, doc="optimisation passes over each sampled batch")
@@ -418,7 +418,7 @@ class EvaluateConfig:
     context_factors: list[int] = spec(default_factory=lambda: [1, 2, 4],
                                       doc="bpb at these multiples of the training context")
     max_task_examples: int = spec(250, ge=1, doc="held-out conversations per task")
-    max_new_tokens: int = spec(64, ge=1)
+    max_new_tokens: int = spec(96, ge=1)
     choices: int = spec(4, ge=2, doc="answers per multiple-choice doc question")
     contamination_ngram: int = spec(13, ge=8, le=50, doc="words in a run shared with a "
                                     "training stream that marks an example contaminated (the "

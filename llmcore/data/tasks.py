@@ -13,11 +13,11 @@ val / test pools by a stable hash, and each split's questions are drawn from its
 so a test question is about a word or a pair no training conversation mentions.
 
 Replies show their working, in formats a small model can learn: a sum or a difference goes
-column by column from the units (``7 + 8 = 15, 4 + 3 + 1 = 8`` then ``85``), reversing and
-counting spell the word first (``s-t-a-c-k``, one token per letter), then tally the matches
-(``b-a(1)-n-a(2)-n-a(3)``); reversing numbers the letters (``1s2t3a4c5k``), reads them back
-from the highest number (``5k4c3a2t1s``) and answers letter by letter (``k-c-a-t-s``), as
-spelling does. The answer stands alone on the last line. In the plain
+column by column from the units (``7 + 8 = 15, 4 + 3 + 1 = 8`` then ``85``), counting
+spells the word tallying the matches (``b-a(1)-n-a(2)-n-a(3)``), reversing spells it as
+spell does (``s-t-a-c-k``, one token per letter), numbers the letters (``1s2t3a4c5k``), reads
+them back from the highest number (``5k4c3a2t1s``) and answers letter by letter
+(``k-c-a-t-s``). The answer stands alone on the last line. In the plain
 ``What is 47 + 38?`` -> ``85`` format a model must learn every sum as a fact; column by column
 it learns one hundred single-digit facts and a rule, with far fewer examples.
 
@@ -206,24 +206,29 @@ def _synthetic_one(task: str, rng: random.Random, pool: TaskPool) -> tuple[str, 
     if task == "count":
         letter = rng.choice(sorted(set(word)) if rng.random() < 0.8 else "abcdefghijklmnopqrstuvwxyz")
         q = "How many times does the letter '{c}' appear in '{w}'?"
-        # the word spelled, each match tallied where it stands: b-a(1)-n-a(2)-n-a(3)
+        # the word spelled, each match tallied where it stands: b-a(1)-n-a(2)-n-a(3). (A
+        # plain spelled line first, as reverse has, measured worse on val: 0.31 against 0.52,
+        # reports/task_recipe)
         tally, n = [], 0
         for ch in word:
             n += ch == letter
             tally.append(f"{ch}({n})" if ch == letter else ch)
         return q.format(c=letter, w=word), f"{'-'.join(tally)}\n{n}", str(n), key
     if task == "reverse":
-        # each letter numbered where it stands, read back from the highest number, and the
+        # the word spelled as spell does (the skill the three word tasks share: the letters
+        # of each of the word's tokens, in a row), then each letter numbered where it
+        # stands, read back from the highest number, and the
         # answer letter by letter: 1s2t3a4c5k / 5k4c3a2t1s / k-c-a-t-s. Writing the next letter
         # is then a lookup ("the letter after 4") rather than counting back from the end, and
         # the answer is one token per letter: the reversed word as one string would be BPE
         # pieces of a non-word, spelling in reverse. Digits and letters are tokens of their
-        # own, so the lines need no separator (a 10-letter word's reply is 63 tokens)
+        # own, so the lines need no separator (a 10-letter word's reply is 83 tokens)
         back = word[::-1]
         numbered = [f"{i}{ch}" for i, ch in enumerate(word, 1)]
         answer = spelled(back)
         return (f"Reverse the letters of the word '{word}'.",
-                f"{''.join(numbered)}\n{''.join(reversed(numbered))}\n{answer}", answer, key)
+                f"{spelled(word)}\n{''.join(numbered)}\n{''.join(reversed(numbered))}\n{answer}",
+                answer, key)
     raise ValueError(f"unknown synthetic task {task!r}")
 
 

@@ -66,7 +66,8 @@ def test_replies_end_with_the_answer_and_show_their_working():
             assert lines == [spelled(word)] and answer.replace("-", "") == word
         elif task == "reverse":
             numbered = [f"{i}{ch}" for i, ch in enumerate(word, 1)]
-            assert lines == ["".join(numbered), "".join(numbered[::-1]), spelled(word[::-1])]
+            assert lines == [spelled(word), "".join(numbered), "".join(numbered[::-1]),
+                             spelled(word[::-1])]
         elif task == "count":
             letter = re.findall(r"letter '([a-z])'", question)[0]
             tally = lines[0].split("-")
