@@ -44,8 +44,8 @@ from llmcore.report.compare import compare, markdown, plot
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES: dict[str, list[str]] = {
-    "quick": ["pretrain.max_steps=240", "pretrain.eval_every=120", "sft.max_steps=160",
-              "sft.eval_every=80", "dpo.max_steps=0", "rl.max_steps=0",
+    "quick": ["pretrain.max_steps=200", "pretrain.eval_every=100", "sft.max_steps=400",
+              "sft.eval_every=200", "dpo.max_steps=0", "rl.max_steps=0",
               "evaluate.max_task_examples=100", "evaluate.context_factors=[1]",
               "evaluate.models=[pretrain,sft]",
               "base.tracking=none"],
