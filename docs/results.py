@@ -265,26 +265,40 @@ def seeded(files: Files, rel: str) -> list[str]:
     out = [f"Profile `{data.get('profile')}`, seeds {data.get('seeds')}, {len(sides)} sides"
            f"{took}; verdicts at p < {data.get('alpha')}. Baseline: the committed params"
            + (f" with `{sides['base']}`" if sides.get("base") else "") + ".", ""]
+    tables = [("", data.get("metrics", {}))]
+    if data.get("reported"):
+        tables = [("decided on val: ", data["metrics"]),
+                  ("reported, the final model on test (not for decisions): ", data["reported"])]
     for side, overrides in sides.items():
         if side == "base":
             continue
-        out += [f"**`{overrides}`** against the baseline:", ""]
-        rows = []
-        for metric, e in data.get("metrics", {}).items():
-            b, v = e["sides"].get("base", {}), e["sides"].get(side, {})
-            t = e["against_baseline"].get(side, {})
-
-            def ms(d: Json) -> str:
-                return "-" if d.get("mean") is None else \
-                    f"{d['mean']:.3f} +- {d['sd'] if d.get('sd') is not None else float('nan'):.3f}"
-            ci = t.get("ci95") or [None, None]
-            diff = "-" if t.get("diff") is None else \
-                f"{t['diff']:+.3f} [{num(ci[0])}, {num(ci[1])}]"
-            p = "-" if t.get("p") is None else f"{t['p']:.2g}"
-            rows.append([metric, ms(b), ms(v), diff, p, t.get("verdict", "-")])
-        out += table(["metric", "baseline", "variant", "difference [95%]", "p (Welch)",
-                      "verdict"], rows)
+        for label, metrics in tables:
+            out += [f"**`{overrides}`** against the baseline" + (f", {label}" if label
+                                                                  else ":"), ""]
+            out += _seeded_rows(metrics, side)
     return out
+
+
+def _seeded_rows(metrics: Json, side: str) -> list[str]:
+    def ms(d: Json) -> str:
+        return "-" if d.get("mean") is None else \
+            f"{d['mean']:.3f} +- {d['sd'] if d.get('sd') is not None else float('nan'):.3f}"
+
+    rows, paired = [], any("paired" in e["against_baseline"].get(side, {})
+                           for e in metrics.values())
+    for metric, e in metrics.items():
+        b, v = e["sides"].get("base", {}), e["sides"].get(side, {})
+        t = e["against_baseline"].get(side, {})
+        ci = t.get("ci95") or [None, None]
+        diff = "-" if t.get("diff") is None else f"{t['diff']:+.3f} [{num(ci[0])}, {num(ci[1])}]"
+        p = "-" if t.get("p") is None else f"{t['p']:.2g}"
+        row = [metric, ms(b), ms(v), diff, p, t.get("verdict", "-")]
+        if paired:
+            pt = t.get("paired") or {}
+            row += ["-" if pt.get("p") is None else f"{pt['p']:.2g}", pt.get("verdict", "-")]
+        rows.append(row)
+    head = ["metric", "baseline", "variant", "difference [95%]", "p (Welch)", "verdict"]
+    return table(head + (["p (paired by seed)", "verdict (paired)"] if paired else []), rows)
 
 
 def stage_sections(files: Files) -> list[str]:
@@ -758,6 +772,13 @@ def results_md(files: Files) -> str:
     out += seeded(files, "reports/compare/seeds-quick.json")
     if (files.root / "reports/compare/seeds-quick.png").exists():
         out += ["![seeded comparison](../reports/compare/seeds-quick.png)", ""]
+    out += ["### The letters curriculum over seeds", "",
+            "`reports/compare/letters-quick.json`: the committed params against the same "
+            "without the letters curriculum (`pack.letters_share=0`), the quick profile, "
+            "decided on val and reported on test:", ""]
+    out += seeded(files, "reports/compare/letters-quick.json")
+    if (files.root / "reports/compare/letters-quick.png").exists():
+        out += ["![letters curriculum over seeds](../reports/compare/letters-quick.png)", ""]
     out += ["### SFT recipes for the tasks, on val", "",
             "`reports/task_recipe/runs.jsonl` (`benchmarks/task_recipe.py`): one fine-tuning "
             "run per row from a pretrained model, scored by greedy exact match on the val "

@@ -83,6 +83,18 @@ def _collect_entries(body: list[ast.stmt], prefix: str, depth: int, out: list[Do
 
 def stdlib_entries() -> Iterator[tuple[str, list[DocEntry]]]:
     """``(module name, entries)`` for each stdlib module, in a stable order."""
+    for modname, entries in _parsed_stdlib():
+        yield modname, list(entries)
+
+
+@functools.lru_cache(maxsize=1)
+def _parsed_stdlib() -> tuple[tuple[str, tuple[DocEntry, ...]], ...]:
+    """Every stdlib module parsed once per process: the documents, the doc questions and the
+    spelling words all read it (~3 s a parse)."""
+    return tuple((m, tuple(es)) for m, es in _parse_stdlib())
+
+
+def _parse_stdlib() -> Iterator[tuple[str, list[DocEntry]]]:
     for modname, path in _stdlib_files():
         try:
             tree = ast.parse(path.read_bytes())

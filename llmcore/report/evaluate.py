@@ -160,7 +160,7 @@ def by_pieces(result: Mapping[str, Any]) -> dict[str, tuple[float, int]]:
     """A word task's exact match on single-token and on multi-token words: kind ->
     (successes, n). Empty for a task whose questions are about no word."""
     out: dict[str, list[int]] = {}
-    for ok, n in zip(result["correct"], result.get("pieces") or (), strict=False):
+    for ok, n in zip(result.get("correct") or (), result.get("pieces") or (), strict=False):
         if n is not None:
             out.setdefault("single" if n == 1 else "multi", []).append(int(ok))
     return {k: (sum(v), len(v)) for k, v in sorted(out.items())}

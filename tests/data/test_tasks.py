@@ -137,3 +137,52 @@ def test_the_longest_worked_reply_fits_the_generation_budget(tiny_tokenizer):
     # digits and single letters are tokens of their own whatever the vocabulary merged
     assert worst <= min(EvaluateConfig().max_new_tokens, DPOConfig().max_new_tokens,
                         RLConfig().max_new_tokens)
+
+
+def test_letter_pieces_are_the_quoted_word_pieces_minus_held_out_words():
+    from llmcore.data.tasks import letter_pieces, letters_conversations
+
+    vocab = ["<|pad|>", "thon", "py", "Ġthe", " the", "Py", "ab1", "é", "stack", "a", "cache"]
+    pieces = letter_pieces(vocab, held_out={"cache"})
+    assert pieces == ["a", "py", "stack", "thon"]  # lowercase ASCII letters, sorted, no 'cache'
+    convs = list(letters_conversations(pieces, 10, seed=1))
+    assert len(convs) == 10 and {c.split for c in convs} == {"train"}
+    # every piece once per pass: the first four cover the pieces, the next four again
+    first = [re.findall(r"'([a-z]+)'", c.messages[0][1])[0] for c in convs]
+    assert sorted(first[:4]) == pieces and sorted(first[4:8]) == pieces
+    for c, piece in zip(convs, first, strict=True):
+        assert c.messages[-1] == ("assistant", spelled(piece)) and c.answer == spelled(piece)
+        assert c.pool == (f"piece:{piece}",) and c.task == "letters"
+    assert [c.messages for c in letters_conversations(pieces, 10, seed=1)] == \
+        [c.messages for c in convs]  # seeded
+
+
+def test_a_word_and_its_inflections_share_one_stem_and_split():
+    from llmcore.data.tasks import word_stems
+
+    stems = word_stems(["assign", "assigned", "assignment", "table", "printable", "print",
+                        "cat", "cats", "concrete"])
+    assert stems["assigned"] == stems["assignment"] == "assign"
+    # 'table' ends 'printable', 'print' begins it: one group, named by its shortest word
+    assert stems["printable"] == stems["print"] == stems["table"] == "print"
+    assert stems["cats"] == "cats" and stems["cat"] == "cat"  # 3 letters: too short to join
+    assert stems["concrete"] == "concrete"
+    pools = task_pools()
+    for word in ("variable", "variables"):  # once split apart, now together
+        assert sum(word in p.words for p in pools.values()) == 1
+    assert [s for s, p in pools.items() if "variable" in p.words] == \
+        [s for s, p in pools.items() if "variables" in p.words]
+
+
+def test_question_subject_names_the_split_a_showcase_question_is_about():
+    from llmcore.data.tasks import question_subject
+
+    pools = task_pools()
+    key, split = question_subject("What is 12 + 7?")
+    assert key == pair_key(7, 12) and (7, 12) in pools[split].pairs
+    key, split = question_subject("Spell the word 'python'.")
+    assert key == word_key("python") and "python" in pools[split].words
+    assert question_subject("How many times does the letter 'a' appear in 'zzqqx'?") == \
+        (word_key("zzqqx"), "none")
+    assert question_subject("Compute 3 * 4.") == ("product:3,4", "train")
+    assert question_subject("What does `os.path` do?") is None

@@ -13,13 +13,16 @@ from llmcore.data.tokenizer import IM_END, render_chat, token_bytes
 from llmcore.report.evaluate import (
     _mean_logprob,
     bpb_at_contexts,
+    by_pieces,
     choice_credit,
     doc_mc_items,
     doc_multiple_choice,
+    drawn_samples,
     normalise_answer,
     split_bpb,
     summary_metrics,
     task_accuracy,
+    task_metrics,
     wilson_interval,
 )
 
@@ -110,8 +113,10 @@ def test_task_accuracy_counts_exact_matches_and_im_end(tiny_tokenizer):
         (conv("arithmetic", "What is 3 + 3?", "6"), tok.encode_text("7") + end),  # wrong
         (conv("arithmetic", "What is 4 + 4?", "8"), tok.encode_text("8")),  # right, then eot
         (conv("arithmetic", "What is 5 + 5?", "10"), tok.encode_text("10") + end),  # over max
-        (conv("spell", "Spell the word 'ab'.", "a-b"), tok.encode_text("a-b-a-b-a-b-a-b")),
-        (conv("spell", "Spell the word 'cd'.", "c-d"), tok.encode_text("c-d") + end),
+        ({**conv("spell", "Spell the word 'ab'.", "a-b"), "pool": ["word:ab", "stem:ab"]},
+         tok.encode_text("a-b-a-b-a-b-a-b")),
+        ({**conv("spell", "Spell the word 'cd'.", "c-d"), "pool": ["word:cd"]},
+         tok.encode_text("c-d") + end),
         (conv("doc", "What is a list?", "A sequence."), tok.encode_text("A sequence.") + end),
         ({**conv("count", "How many?", "1"), "answer": None}, tok.encode_text("1") + end),
     ]
@@ -119,12 +124,49 @@ def test_task_accuracy_counts_exact_matches_and_im_end(tiny_tokenizer):
     model = ScriptedLM(tok.vocab_size, {prompt_of(tok, c): r for c, r in cases}, tok.eot_id)
     got = task_accuracy(model, tok, [c for c, _ in cases], max_per_task=4, max_new_tokens=6,
                         batch_size=3)
+    pieces = {w: len(tok.encode(f" '{w}'.")) - 2 for w in ("ab", "cd")}
+    replies = got["arithmetic"].pop("replies"), got["spell"].pop("replies")
     assert got == {  # doc and answer-less conversations are not tasks; 4 per task at most
         "arithmetic": {"exact_match": 0.75, "im_end_rate": 0.75, "n": 4,
-                       "ci95": wilson_interval(3, 4), "correct": [True, True, False, True]},
+                       "ci95": wilson_interval(3, 4), "correct": [True, True, False, True],
+                       "pieces": [None] * 4},
         "spell": {"exact_match": 0.5, "im_end_rate": 0.5, "n": 2,
-                  "ci95": wilson_interval(1, 2), "correct": [False, True]},
+                  "ci95": wilson_interval(1, 2), "correct": [False, True],
+                  "pieces": [pieces["ab"], pieces["cd"]]},
     }
+    assert replies[0] == ["2", "4", "7", "8"] and replies[1][1] == "c-d"
+    assert "a-b-a-b-a-b-a-b".startswith(replies[1][0]) and len(replies[1][0]) > 3  # cut off
+
+
+def test_word_tasks_are_reported_on_multi_and_single_token_words():
+    result = {"correct": [True, False, True, True, False], "pieces": [1, 2, 3, None, 1]}
+    assert by_pieces(result) == {"multi": (1, 2), "single": (1, 2)}
+    assert by_pieces({"correct": [True], "pieces": [None]}) == {}
+    tasks = {"spell": {"exact_match": 0.6, "ci95": (0.2, 0.9), "n": 5, **result},
+             "arithmetic": {"exact_match": 0.5, "ci95": (0.1, 0.9), "n": 2,
+                            "correct": [True, False], "pieces": [None, None]}}
+    m = task_metrics("evaluate/val", tasks)
+    assert m["evaluate/val/spell_multi_exact_match"] == 0.5
+    assert m["evaluate/val/spell_single_n"] == 2 and m["evaluate/val/spell_multi_n"] == 2
+    assert m["evaluate/val/spell_multi_exact_match_ci95_low"] == round(wilson_interval(1, 2)[0], 5)
+    assert "evaluate/val/arithmetic_multi_exact_match" not in m
+    assert m["evaluate/val/arithmetic_exact_match"] == 0.5
+
+
+def test_drawn_samples_are_seeded_and_carry_the_reply_and_verdict():
+    convs = [{**conv("spell", f"Spell the word '{w}'.", "-".join(w)), "pool": [f"word:{w}"]}
+             for w in ("ab", "cd", "ef", "gh")]
+    tasks = {"spell": {"correct": [True, False, True, False], "pieces": [1, 2, 1, 2],
+                       "replies": ["a-b", "c-x", "e-f", "g"]}}
+    drawn = drawn_samples(tasks, convs, per_task=2, seed=3)
+    assert drawn == drawn_samples(tasks, convs, per_task=2, seed=3) and len(drawn) == 2
+    for d in drawn:
+        i = ["ab", "cd", "ef", "gh"].index(d["question"].split("'")[1])
+        assert d["reply"] == tasks["spell"]["replies"][i]
+        assert d["correct"] == tasks["spell"]["correct"][i] and d["answer"] == convs[i]["answer"]
+        assert d["pieces"] == tasks["spell"]["pieces"][i] and d["task"] == "spell"
+    assert {tuple(d["question"] for d in drawn_samples(tasks, convs, 2, seed=s))
+            for s in range(8)} != {tuple(d["question"] for d in drawn)}  # the seed draws
 
 
 def test_doc_multiple_choice_picks_the_likeliest_candidate(tiny_tokenizer):

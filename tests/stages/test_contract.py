@@ -57,3 +57,26 @@ def test_a_test_document_copied_into_training_stops_evaluate(project, monkeypatc
     line = error_line(err)
     assert code == 2 and "set 'docs_test': example 0" in line
     assert "covering 100% of its runs" in line and "pretrain" in line
+
+
+def test_the_letters_curriculum_spells_pieces_but_no_held_out_word(packed):
+    """Pack mixes conversations spelling vocabulary pieces into the SFT rows; none of them
+    spells a val or test word, so a one-token test word stays a word never spelled."""
+    import json
+    import re
+
+    from llmcore.data.shards import ShardDataset
+
+    tok = LLMTokenizer.load(packed / "data/tokenizer")
+    held = {k.split(":", 1)[1] for s in ("val", "test") for r in rows(packed, f"sft_{s}")
+            for k in r["pool"] if k.startswith("word:")}
+    ds = ShardDataset(packed / "data/shards", "sft_train")
+    ids, _ = ds.gather(range(len(ds)))
+    text = "".join(tok.decode(row.tolist()) for row in ids)
+    spelled = re.findall(r"(?:Which letters make up|Spell) '([a-z]+)'(?:\?|\.)<\|im_end\|>\n"
+                         r"<\|im_start\|>assistant\n([a-z-]+)<\|im_end\|>", text)
+    assert len(spelled) > 20 and held
+    assert all(reply == "-".join(piece) for piece, reply in spelled)
+    assert not {piece for piece, _ in spelled} & held
+    metrics = json.loads((packed / "metrics/pack.json").read_text())
+    assert metrics["pack/letters_conversations"] >= len(spelled) > 0
