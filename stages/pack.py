@@ -9,9 +9,9 @@ from tqdm import tqdm
 
 from llmcore.config import PackConfig, UserError
 from llmcore.data.corpus import read_conversations, read_documents
+from llmcore.data.curriculum import mix_letters
 from llmcore.data.packing import pack_all
 from llmcore.data.splits import SPLITS, pool_breach
-from llmcore.data.tasks import letter_pieces, letters_conversations
 from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.files import atomic_dir
 from llmcore.tracking import Tracker
@@ -27,27 +27,6 @@ class Params(StageParams):
     pack: PackConfig
 
 
-def with_letters(tok: LLMTokenizer, convs: dict[str, list[dict[str, Any]]], share: float,
-                 train: list[list[dict[str, str]]]) -> tuple[int, int]:
-    """Mix the letters curriculum into ``train`` (in place): conversations spelling one
-    vocabulary piece each, ``share`` of the result, spread evenly through it. Pieces that are
-    a val or test word (a held-out conversation's ``word:`` pool key) are never spelled.
-    Returns (pieces, conversations added)."""
-    if share <= 0 or not train:
-        return 0, 0
-    held = {k.split(":", 1)[1] for s in ("val", "test") for c in convs[s]
-            for k in c.get("pool") or () if k.startswith("word:")}
-    pieces = letter_pieces((tok.decode([i]) for i in range(tok.vocab_size)), held)
-    n = round(len(train) * share / (1 - share)) if pieces else 0
-    added = [c.as_dicts() for c in letters_conversations(pieces, n, seed=0)]
-    mixed: list[list[dict[str, str]]] = []
-    for i, conv in enumerate(train):  # interleaved: every stretch of rows has its share
-        mixed.append(conv)
-        mixed.extend(added[i * n // len(train): (i + 1) * n // len(train)])
-    train[:] = mixed
-    return len(pieces), n
-
-
 def body(p: Params, tracker: Tracker) -> dict[str, Any]:
     cfg, root = p.pack, repo_root()
     tok = LLMTokenizer.load(root / TOKENIZER)
@@ -60,7 +39,11 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
         raise UserError(f"{CORPUS}: {breach}; run `dvc repro fetch`")
     pretrain = {s: [d["text"] for d in v] for s, v in docs.items()}
     sft = {s: [c["messages"] for c in v] for s, v in convs.items()}
-    letters = with_letters(tok, convs, cfg.letters_share, sft["train"])
+    # the letters curriculum: never a piece that is a val or test word
+    held = {k.split(":", 1)[1] for s in ("val", "test") for c in convs[s]
+            for k in c.get("pool") or () if k.startswith("word:")}
+    letters = mix_letters(sft["train"], (tok.decode([i]) for i in range(tok.vocab_size)), held,
+                          cfg.letters_share)
     total = sum(map(len, pretrain.values())) + sum(map(len, sft.values()))
     with tqdm(total=total, desc="pack", unit="doc", mininterval=1.0) as bar:
         manifest = atomic_dir(root / OUT, lambda tmp: pack_all(
