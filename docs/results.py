@@ -279,6 +279,14 @@ def seeded(files: Files, rel: str) -> list[str]:
     return out
 
 
+def seeded_section(files: Files, name: str, alt: str) -> list[str]:
+    """The tables of ``reports/compare/<name>.json`` and its plot, when there is one."""
+    out = seeded(files, f"reports/compare/{name}.json")
+    if (files.root / f"reports/compare/{name}.png").exists():
+        out += [f"![{alt}](../reports/compare/{name}.png)", ""]
+    return out
+
+
 def _seeded_rows(metrics: Json, side: str) -> list[str]:
     def ms(d: Json) -> str:
         return "-" if d.get("mean") is None else \
@@ -769,16 +777,12 @@ def results_md(files: Files) -> str:
             "on sets that training could reach ([evaluation](evaluation.md#reading-the-"
             "default-run) says what they measured); they compare the recipes with each other, "
             "not what a model does on unseen questions.", ""]
-    out += seeded(files, "reports/compare/seeds-quick.json")
-    if (files.root / "reports/compare/seeds-quick.png").exists():
-        out += ["![seeded comparison](../reports/compare/seeds-quick.png)", ""]
+    out += seeded_section(files, "seeds-quick", "seeded comparison")
     out += ["### The letters curriculum over seeds", "",
             "`reports/compare/letters-quick.json`: the committed params against the same "
             "without the letters curriculum (`pack.letters_share=0`), the quick profile, "
             "decided on val and reported on test:", ""]
-    out += seeded(files, "reports/compare/letters-quick.json")
-    if (files.root / "reports/compare/letters-quick.png").exists():
-        out += ["![letters curriculum over seeds](../reports/compare/letters-quick.png)", ""]
+    out += seeded_section(files, "letters-quick", "letters curriculum over seeds")
     out += ["### SFT recipes for the tasks, on val", "",
             "`reports/task_recipe/runs.jsonl` (`benchmarks/task_recipe.py`): one fine-tuning "
             "run per row from a pretrained model, scored by greedy exact match on the val "

@@ -3,8 +3,9 @@ test split; write ``reports/evaluate/``.
 
 First it checks every evaluation set's contract against every training stream
 (:mod:`llmcore.report.contamination`) and stops, naming the set and the example, when one is
-broken: no param turns the check off. Only then are the models scored, on test alone (every
-decision of the chain read val).
+broken: no param turns the check off. Only then are the models scored on test (every
+decision of the chain read val). The final model also answers the val task questions
+(``evaluate/val/...``): the figures a comparison of recipes decides on, never test's.
 """
 
 from __future__ import annotations
