@@ -52,7 +52,8 @@ class LanguageModel(Protocol):
 
     def __call__(self, input_ids: torch.Tensor, cache: KVCacheLike | None = None,
                  positions: torch.Tensor | None = None,
-                 segments: torch.Tensor | None = None) -> torch.Tensor: ...
+                 segments: torch.Tensor | None = None,
+                 keep: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]: ...
 

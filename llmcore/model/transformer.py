@@ -270,9 +270,15 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: KVCacheLike | None = None,
                 positions: torch.Tensor | None = None,
-                segments: torch.Tensor | None = None) -> torch.Tensor:
+                segments: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
         """``positions`` (B, T) overrides the default ``offset + arange(T)`` (left padding);
-        ``segments`` (B, T) confines attention to each token's document (not with a cache)."""
+        ``segments`` (B, T) confines attention to each token's document (not with a cache);
+        ``keep`` (B, T) bool: the logits of those positions only, (N, V) in row order.
+
+        ``keep`` is for training on a loss mask: the head (D x V, most of a small model's
+        compute) and the softmax run only where a loss is taken. SFT takes it on the replies,
+        under half of its tokens."""
         B, T = input_ids.shape
         offset = cache.offset if cache is not None else 0
         doc_mask = None
@@ -303,7 +309,9 @@ class Transformer(nn.Module):
             x = layer(x, rope, cache, doc_mask)
         if cache is not None:
             cache.advance(T)
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        if keep is not None:
+            x = x[keep]  # (N, D)
+        return self.lm_head(self.norm(x))  # (B, T, V), or (N, V) with keep
 
     def _rope(self, positions: torch.Tensor, cache: KVCacheLike | None
               ) -> tuple[torch.Tensor, torch.Tensor]:

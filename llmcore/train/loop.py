@@ -145,8 +145,15 @@ class Trainer:
             m = b.loss_mask.to(ctx.device)
             seg = b.segments.to(ctx.device) if self._doc_mask and b.segments is not None \
                 else None
+            # the head only where a loss is taken (SFT's replies); a compiled graph keeps
+            # static shapes, and pretraining's mask is all ones
+            keep = None if self.cfg.compile or bool(b.loss_mask.all()) else m.bool()
             with self.stepper.autocast():
-                logits = model(x, segments=seg)
+                if keep is None:
+                    logits = model(x, segments=seg)
+                else:
+                    logits = model(x, segments=seg, keep=keep)
+                    y, m = y[keep], m[keep]
             loss_sum, _ = loss_sums(logits, y, m)
             sums.append(loss_sum.detach())
             # DDP averages gradients over ranks: scale so the result is the global mean

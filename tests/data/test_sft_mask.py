@@ -66,3 +66,23 @@ def test_every_assistant_reply_ends_with_a_trained_im_end(sft_shards):
         # the user's words are never trained on
         text = tok.decode(trained)
         assert "What is" not in text and "Spell the word" not in text
+
+
+def test_the_head_on_kept_positions_gives_the_full_loss_and_gradients(sft_shards):
+    """Training runs the head only on the reply positions: the same loss, the same gradients."""
+    shard_dir, _ = sft_shards
+    batch = ShardLoader(ShardDataset(shard_dir, "sft_train"), 4, seed=0).next_batch()
+    torch.manual_seed(0)
+    model = Transformer(parse_section("model", {"preset": "tiny", "vocab_size": 300}))
+    keep = batch.loss_mask.bool()
+    full, _ = loss_sums(model(batch.input_ids), batch.targets, batch.loss_mask)
+    full.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logits = model(batch.input_ids, keep=keep)
+    assert logits.shape == (int(keep.sum()), 300)
+    kept, _ = loss_sums(logits, batch.targets[keep], batch.loss_mask[keep])
+    kept.backward()
+    torch.testing.assert_close(kept, full)
+    for g, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-3, atol=1e-5)
