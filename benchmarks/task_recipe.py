@@ -58,7 +58,7 @@ def build_train(args: argparse.Namespace, tok: LLMTokenizer, corpus: Path) -> li
     if args.letters_share > 0:
         pieces = letter_pieces((tok.decode([i]) for i in range(tok.vocab_size)), held)
         n = int(len(convs) * args.letters_share / (1 - args.letters_share))
-        convs += [c.as_dicts() for c in letters_conversations(pieces, n, args.seed)]
+        convs += [c.as_dicts() for c in letters_conversations(pieces, n, args.seed, held)]
     if args.docs:
         convs += [c["messages"] for c in read_conversations(corpus, "train") if c["task"] == "doc"]
     random.Random(args.seed).shuffle(convs)

@@ -273,7 +273,7 @@ NON_SHAPING = ("log_every", "checkpoint_every", "keep_checkpoints", "resume", "c
 class TrainConfig(OptimConfig):
     """``pretrain:`` the training loop; its defaults are params.yaml's ``pretrain:``."""
 
-    max_steps: int = _default(OptimConfig, "max_steps", 600,
+    max_steps: int = _default(OptimConfig, "max_steps", 400,
                               doc="optimizer steps (ignored when epochs is set)")
     epochs: float | None = spec(None, gt=0, doc="passes over the training rows; sets max_steps")
     # a sweep at 4e12 FLOPs on a 0.8M model (docs/scaling.md): lr 0.015 gave 1.847 bpb
@@ -327,13 +327,13 @@ class SFTConfig(TrainConfig):
                        doc="full: every weight trains; lora: adapters only (sft.lora)")
     lora: LoRAConfig = spec(default_factory=LoRAConfig)
 
-    max_steps: int = _default(TrainConfig, "max_steps", 700)
+    max_steps: int = _default(TrainConfig, "max_steps", 1300)
     batch_size: int = _default(TrainConfig, "batch_size", 16)
     lr: float = _default(TrainConfig, "lr", 1.5e-2)
     min_lr: float = _default(TrainConfig, "min_lr", 1.5e-3)
     warmup_steps: int = _default(TrainConfig, "warmup_steps", 20)
     optimizer: str = _default(TrainConfig, "optimizer", "muon")
-    eval_every: int = _default(TrainConfig, "eval_every", 175)
+    eval_every: int = _default(TrainConfig, "eval_every", 325)
 
 
 @dataclass(frozen=True)

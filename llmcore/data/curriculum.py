@@ -24,7 +24,7 @@ def mix_letters(train: list[list[dict[str, str]]], vocab: Iterable[str],
         return 0, 0
     pieces = letter_pieces(vocab, held_out)
     n = round(len(train) * share / (1 - share)) if pieces else 0
-    added = [c.as_dicts() for c in letters_conversations(pieces, n, seed=0)]
+    added = [c.as_dicts() for c in letters_conversations(pieces, n, seed=0, held_out=held_out)]
     mixed: list[list[dict[str, str]]] = []
     for i, conv in enumerate(train):
         mixed.append(conv)

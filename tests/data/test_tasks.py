@@ -145,16 +145,43 @@ def test_letter_pieces_are_the_quoted_word_pieces_minus_held_out_words():
     vocab = ["<|pad|>", "thon", "py", "Ġthe", " the", "Py", "ab1", "é", "stack", "a", "cache"]
     pieces = letter_pieces(vocab, held_out={"cache"})
     assert pieces == ["a", "py", "stack", "thon"]  # lowercase ASCII letters, sorted, no 'cache'
-    convs = list(letters_conversations(pieces, 10, seed=1))
-    assert len(convs) == 10 and {c.split for c in convs} == {"train"}
+    convs = list(letters_conversations(pieces, 40, seed=1))
+    assert len(convs) == 40 and {c.split for c in convs} == {"train"}
+    assert {c.task for c in convs} == {"letters"}
+    spelt = [c for c in convs if c.pool[0].startswith("piece:")]
+    compounds = [c for c in convs if c.pool[0].startswith("compound:")]
+    assert len(spelt) + len(compounds) == 40 and 10 <= len(compounds) <= 30
     # every piece once per pass: the first four cover the pieces, the next four again
-    first = [re.findall(r"'([a-z]+)'", c.messages[0][1])[0] for c in convs]
+    first = [re.findall(r"'([a-z]+)'", c.messages[0][1])[0] for c in spelt]
     assert sorted(first[:4]) == pieces and sorted(first[4:8]) == pieces
-    for c, piece in zip(convs, first, strict=True):
+    for c, piece in zip(spelt, first, strict=True):
         assert c.messages[-1] == ("assistant", spelled(piece)) and c.answer == spelled(piece)
-        assert c.pool == (f"piece:{piece}",) and c.task == "letters"
-    assert [c.messages for c in letters_conversations(pieces, 10, seed=1)] == \
+        assert c.pool == (f"piece:{piece}",)
+    # a compound is asked in a word task's own format, and judged by its answer
+    for c in compounds:
+        word = c.pool[0].split(":", 1)[1]
+        assert re.fullmatch("(py|thon|stack|a){2,3}", word) and f"'{word}'" in c.messages[0][1]
+        assert is_correct(c.messages[-1][1], c.answer)
+    assert {c.messages[0][1].split()[0] for c in compounds} >= {"Reverse", "How"}
+    assert [c.messages for c in letters_conversations(pieces, 40, seed=1)] == \
         [c.messages for c in convs]  # seeded
+
+
+def test_compounds_never_write_out_a_run_of_a_held_out_word():
+    from llmcore.data.tasks import compound_words
+
+    pieces = ["con", "crete", "ab", "sent", "xy", "zq", "conc"]
+    stream = compound_words(pieces, {"concrete", "absent"}, seed=3)
+    words = [next(stream) for _ in range(300)]
+    assert len(set(words)) > 20
+    for w in words:
+        assert 5 <= len(w) <= 12
+        for held in ("concrete", "absent"):
+            for run in {held[i:i + 5] for i in range(len(held) - 4)}:
+                assert run not in w and run[::-1] not in w
+    assert "concrete" not in words and any("con" in w for w in words)
+    free = compound_words(pieces, (), seed=3)
+    assert any("concr" in next(free) for _ in range(300))  # the filter is what keeps it out
 
 
 def test_a_word_and_its_inflections_share_one_stem_and_split():
