@@ -34,6 +34,7 @@ from llmcore.config import EvaluateConfig, SFTConfig  # noqa: E402
 from llmcore.data.corpus import read_conversations  # noqa: E402
 from llmcore.data.packing import pack_all  # noqa: E402
 from llmcore.data.tasks import (  # noqa: E402
+    COMPOUND_SHARE,
     letter_pieces,
     letters_conversations,
     synthetic_conversations,
@@ -63,6 +64,12 @@ def build_train(args: argparse.Namespace, tok: LLMTokenizer, corpus: Path) -> li
         convs += [c["messages"] for c in read_conversations(corpus, "train") if c["task"] == "doc"]
     random.Random(args.seed).shuffle(convs)
     return convs
+
+
+def init_steps(init: str) -> int | None:
+    """The optimizer steps the starting model was trained for (its meta.json), None from scratch."""
+    meta = ROOT / init / "meta.json"
+    return json.loads(meta.read_text()).get("steps_trained") if meta.is_file() else None
 
 
 def score(model, tok: LLMTokenizer, val: list[dict], per_task: int) -> dict:
@@ -127,7 +134,8 @@ def main() -> None:
     scores = score(model, tok, val, args.eval_per_task)
     tokens = args.steps * args.batch_size * args.seq_len
     row = {"tag": args.tag, "split_version": SPLIT_VERSION, "machine": out.device,
-           "recipe": vars(args), "train_seconds": round(seconds, 1),
+           "recipe": {**vars(args), "compound_share": COMPOUND_SHARE if args.letters_share else 0},
+           "init_steps": init_steps(args.init), "train_seconds": round(seconds, 1),
            "tokens": tokens, "train_conversations": len(train),
            "train_rows": manifest["splits"]["sft_train"]["rows"], "val": scores}
     print(json.dumps(row))

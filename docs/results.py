@@ -814,7 +814,10 @@ def recipe_runs(path: Path) -> list[str]:
         rec, val = r.get("recipe", {}), r.get("val", {})
         what = (f"{rec.get('optimizer')} lr {rec.get('lr')}, {rec.get('steps')} steps x "
                 f"{rec.get('batch_size')}, {rec.get('per_task')}/task, letters "
-                f"{rec.get('letters_share')}" + (", docs" if rec.get("docs") else ""))
+                f"{rec.get('letters_share')}"
+                + (f" ({rec['compound_share']:.0%} compounds)" if rec.get("compound_share") else "")
+                + (", docs" if rec.get("docs") else "")
+                + (f"; from {r['init_steps']} pretraining steps" if r.get("init_steps") else ""))
         rows.append([f"`{r.get('tag')}`", r.get("split_version", "3"), what,
                      whole(r.get("tokens")), num(r.get("train_seconds"), 0),
                      *(num(val.get(k)) for k in ("arithmetic", "count", "spell", "spell_multi",
