@@ -75,7 +75,7 @@ def test_the_letters_curriculum_spells_pieces_but_no_held_out_word(packed):
     text = "".join(tok.decode(row.tolist()) for row in ids)
     spelled = re.findall(r"(?:Which letters make up|Spell) '([a-z]+)'(?:\?|\.)<\|im_end\|>\n"
                          r"<\|im_start\|>assistant\n([a-z-]+)<\|im_end\|>", text)
-    assert len(spelled) >= 10 and held
+    assert len(spelled) >= 5 and held  # half of the curriculum spells one piece
     assert all(reply == "-".join(piece) for piece, reply in spelled)
     assert not {piece for piece, _ in spelled} & held
     metrics = json.loads((packed / "metrics/pack.json").read_text())
