@@ -17,9 +17,10 @@ __all__ = ["mix_letters"]
 def mix_letters(train: list[list[dict[str, str]]], vocab: Iterable[str],
                 held_out: Collection[str], share: float) -> tuple[int, int]:
     """Mix the letters curriculum into ``train`` (conversations as message lists, in place):
-    ``share`` of the result spells one piece of ``vocab`` each (:func:`letter_pieces`, never
-    a ``held_out`` word), spread evenly through it so that every stretch of packed rows has
-    its share. Returns (pieces, conversations added)."""
+    ``share`` of the result comes from :func:`letters_conversations` over the pieces of
+    ``vocab`` (:func:`letter_pieces`, never a ``held_out`` word; its compounds never near
+    one), spread evenly through it so that every stretch of packed rows has its share.
+    Returns (pieces, conversations added)."""
     if share <= 0 or not train:
         return 0, 0
     pieces = letter_pieces(vocab, held_out)

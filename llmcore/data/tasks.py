@@ -315,8 +315,8 @@ def letters_conversations(pieces: Sequence[str], n: int, seed: int,
     order: list[str] = []
     compounds = compound_words(pieces, held_out, seed)
     for _ in range(n):
-        if rng.random() < COMPOUND_SHARE:
-            word = next(compounds)
+        word = next(compounds, None) if rng.random() < COMPOUND_SHARE else None
+        if word is not None:
             task = rng.choice(("spell", "count", "reverse"))
             q, reply, answer, _ = _synthetic_one(task, rng, TaskPool((word,), (), False))
             yield Conversation((("user", q), ("assistant", reply)), "builtin:letters",
@@ -335,7 +335,9 @@ def compound_words(pieces: Sequence[str], held_out: Collection[str], seed: int
                    ) -> Iterator[str]:
     """An endless seeded stream of two or three ``pieces`` joined, 5 to 12 letters, none of
     which shares a run of five letters (or a whole word of four) with a ``held_out`` word or
-    that word reversed: spelling or reversing one never writes out part of a test answer."""
+    that word reversed: spelling or reversing one never writes out part of a test answer.
+    The stream ends when 10,000 draws in a row find none (pieces too short, or every
+    combination too close to a held-out word), so that a small vocabulary cannot hang it."""
     if not pieces:
         return
     held = {w.lower() for w in held_out}
@@ -343,14 +345,15 @@ def compound_words(pieces: Sequence[str], held_out: Collection[str], seed: int
     runs = {w[i:i + 5] for w in held if len(w) >= 5 for i in range(len(w) - 4)}
     short = {w for w in held if len(w) == 4}
     rng = random.Random(f"{seed}:compounds")
-    while True:
+    misses = 0
+    while misses < 10_000:
         word = "".join(rng.choice(pieces) for _ in range(rng.choice((2, 2, 3))))
-        if not 5 <= len(word) <= 12 or word in held:
+        if (not 5 <= len(word) <= 12 or word in held
+                or any(word[i:i + 5] in runs for i in range(len(word) - 4))
+                or any(word[i:i + 4] in short for i in range(len(word) - 3))):
+            misses += 1
             continue
-        if any(word[i:i + 5] in runs for i in range(len(word) - 4)):
-            continue
-        if any(word[i:i + 4] in short for i in range(len(word) - 3)):
-            continue
+        misses = 0
         yield word
 
 

@@ -184,6 +184,14 @@ def test_compounds_never_write_out_a_run_of_a_held_out_word():
     assert any("concr" in next(free) for _ in range(300))  # the filter is what keeps it out
 
 
+def test_letters_from_pieces_too_short_for_a_compound_end_without_hanging():
+    from llmcore.data.tasks import compound_words, letters_conversations
+
+    assert list(compound_words(["a", "b"], (), seed=0)) == []  # two letters at most: none
+    convs = list(letters_conversations(["a", "b"], 20, seed=0))
+    assert len(convs) == 20 and all(c.pool[0].startswith("piece:") for c in convs)
+
+
 def test_a_word_and_its_inflections_share_one_stem_and_split():
     from llmcore.data.tasks import word_stems
 
