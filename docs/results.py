@@ -437,7 +437,12 @@ def stage_times(files: Files) -> list[str]:
         seconds = data.get(f"{stage}/stage_seconds")
         train = data.get(f"{stage}/train_seconds")
         total += seconds if isinstance(seconds, (int, float)) else 0.0
-        rows.append((stage, minutes(seconds), minutes(train)))
+        resumed = data.get(f"{stage}/resumed_from")
+        # a stage that resumed its own checkpoint trained in an earlier process: its
+        # training seconds are that run's, its stage seconds only this one's
+        note = (f" (resumed at step {resumed}: it trained in an earlier process)"
+                if isinstance(resumed, int) and resumed >= 0 else "")
+        rows.append((stage, minutes(seconds) + note, minutes(train)))
     rows.append(("**all stages**", f"**{minutes(total)}**", ""))
     return table(("stage", "stage seconds", "of which training"), rows)
 
