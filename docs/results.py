@@ -324,6 +324,7 @@ def stage_sections(files: Files) -> list[str]:
             ("conversations_val", "SFT conversations, val", whole),
             ("preference_pairs", "preference pairs", whole),
             ("duplicates_dropped", "exact duplicates dropped", whole),
+            ("synthetic_repeats_kept", "synthetic training repeats kept", whole),
             ("empty_dropped", "empty records dropped", whole),
             ("bad_records", "malformed records", whole),
         ])

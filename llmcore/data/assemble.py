@@ -1,7 +1,11 @@
 """The corpus assembled from what the sources read: cleaned, de-duplicated, limited, split.
 
 Cleaning drops empty documents, removes exact duplicates (by SHA-256 of the text, or of the
-canonical JSON of a conversation) and applies document/byte limits. Malformed records are
+canonical JSON of a conversation) and applies document/byte limits. The exception: the
+training conversations a generator draws with replacement (the synthetic tasks, whose split
+is fixed to ``train``) keep their repeats. ``synthetic_per_task`` is then the number a task
+trains on: dropping the repeats left reverse, one template over its train words, with under
+half of its conversations and the other tasks each with a different share. Malformed records are
 skipped and counted, all of them listed in the corpus's ``bad_records.txt``; ``strict`` turns
 them into errors.
 
@@ -40,6 +44,7 @@ class CorpusStats:
     empty_dropped: int = 0
     duplicates_dropped: int = 0
     sft_duplicates_dropped: int = 0
+    sft_repeats_kept: int = 0  # generated training conversations drawn again (kept)
     preference_duplicates_dropped: int = 0
     bad_records: int = 0
     bad_listed: list[str] = field(default_factory=list)  # the first MAX_LISTED
@@ -57,6 +62,7 @@ class CorpusStats:
             f"{prefix}/empty_dropped": self.empty_dropped,
             f"{prefix}/duplicates_dropped": (self.duplicates_dropped + self.sft_duplicates_dropped
                                              + self.preference_duplicates_dropped),
+            f"{prefix}/synthetic_repeats_kept": self.sft_repeats_kept,
             f"{prefix}/bad_records": self.bad_records,
             f"{prefix}/limit_dropped": self.limit_dropped,
             f"{prefix}/held_out_dropped": self.held_out_dropped,
@@ -112,7 +118,9 @@ def _read_all(records: Iterable[Record | BadRecord], cfg: FetchConfig, stats: Co
         if rec is None:
             continue
         key = content_key(rec)
-        if key in seen:
+        if key in seen and isinstance(rec, Conversation) and rec.split == "train":
+            stats.sft_repeats_kept += 1  # drawn with replacement on purpose: its weight
+        elif key in seen:
             if isinstance(rec, Document):
                 stats.duplicates_dropped += 1
                 if rec.group and not rec.train_only:
