@@ -327,13 +327,13 @@ class SFTConfig(TrainConfig):
                        doc="full: every weight trains; lora: adapters only (sft.lora)")
     lora: LoRAConfig = spec(default_factory=LoRAConfig)
 
-    max_steps: int = _default(TrainConfig, "max_steps", 1300)
+    max_steps: int = _default(TrainConfig, "max_steps", 1600)
     batch_size: int = _default(TrainConfig, "batch_size", 16)
     lr: float = _default(TrainConfig, "lr", 1.5e-2)
     min_lr: float = _default(TrainConfig, "min_lr", 1.5e-3)
     warmup_steps: int = _default(TrainConfig, "warmup_steps", 20)
     optimizer: str = _default(TrainConfig, "optimizer", "muon")
-    eval_every: int = _default(TrainConfig, "eval_every", 325)
+    eval_every: int = _default(TrainConfig, "eval_every", 400)
 
 
 @dataclass(frozen=True)

@@ -193,7 +193,8 @@ def pack_all(tokenizer: LLMTokenizer, pretrain: dict[str, list[str]], sft: dict[
 
     ``pretrain`` maps split -> texts, ``sft`` maps split -> conversations (lists of messages).
     ``chat_share``: that share of the pretraining *train* stream is SFT train conversations
-    (a draw seeded by ``seed``; fewer when they run out). ``progress`` is called with the
+    (a draw seeded by ``seed``; fewer when they run out). The SFT train conversations are
+    packed in an order seeded by ``seed``. ``progress`` is called with the
     number of documents/conversations just encoded.
     """
     out_dir = Path(out_dir)
@@ -228,6 +229,11 @@ def pack_all(tokenizer: LLMTokenizer, pretrain: dict[str, list[str]], sft: dict[
     for split, convs in sft.items():
         name = f"sft_{split}"
         st = stats[name] = PackStats()
+        if split == "train":
+            # in a seeded order: the corpus stores conversations by content hash, so the
+            # repeats of a synthetic question (drawn with replacement) lie side by side and
+            # would fill a row with copies of one question
+            convs = [convs[i] for i in np.random.default_rng(seed).permutation(len(convs))]
         sft_split = sft_rows(encoded_convs(convs), seq_len, tokenizer.pad_id, sft_overflow, st,
                              packed=sft_packed)
         splits[name] = pack_split(out_dir, name, sft_split, seq_len + 1, dtype, rows_per_shard,

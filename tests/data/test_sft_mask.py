@@ -22,6 +22,23 @@ def sft_shards(tmp_path_factory, tiny_shards):
 from llmcore.model.loss import loss_sums  # noqa: E402
 
 
+def test_repeated_train_conversations_are_spread_over_rows(tmp_path, tiny_shards):
+    """The corpus stores conversations by content hash, so a question drawn twice lies next
+    to its copy: packed in that order, rows would hold copies of one question."""
+    _, tok = tiny_shards
+    convs = sorted((c.as_dicts() for c in synthetic_conversations(40, seed=1)
+                    if c.task == "arithmetic"), key=str)
+    stored = [c for c in convs[:12] for _ in range(6)]  # each one six times, side by side
+    pack_all(tok, {}, {"train": stored, "val": stored}, tmp_path, seq_len=192)
+    most = {}
+    for split in ("sft_train", "sft_val"):
+        data = ShardDataset(tmp_path, split)
+        most[split] = max(max(tok.decode([t for t in data[i][0].tolist() if t > 3]).count(
+            q[-2]["content"]) for q in convs[:12]) for i in range(len(data)))
+    # val keeps the stored order (the control: its rows do hold several copies)
+    assert most["sft_train"] <= 2 < most["sft_val"], most
+
+
 def test_user_tokens_never_reach_the_loss(sft_shards):
     shard_dir, tok = sft_shards
     batch = ShardLoader(ShardDataset(shard_dir, "sft_train"), 4, seed=0).next_batch()

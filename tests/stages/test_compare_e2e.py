@@ -26,7 +26,9 @@ def test_the_seed_reaches_no_data_stage_and_no_held_out_set():
 def test_a_seeded_comparison_through_the_dvc_queue(tmp_path):
     root = copy_project(tmp_path / "proj")
     set_params(root, TINY)
-    set_params(root, {"base": {"tracking": "none"}})
+    # seeds and the queue are under test, not learning: 100 of TINY's 600 steps
+    set_params(root, {"base": {"tracking": "none"},
+                      "pretrain": {"max_steps": 100, "eval_every": 50}})
     packed = dvc(root, "repro", "pack")
     assert packed.returncode == 0, packed.stderr[-2000:]
     env = project_env()
