@@ -107,7 +107,9 @@ def test_the_plan_queues_every_side_seed_by_seed():
     assert side_name("sft.lora.rank=4") == "rank-4"
     with pytest.raises(SystemExit):
         parse(["--variant", "a=1", "--seeds", "1"])
-    with pytest.raises(SystemExit):
-        parse(["--seeds", "3"])  # no variant
+    # no variant: the baseline alone over its seeds (the table a default is judged on)
+    alone = plan(parse(["--seeds", "2", "--profile", "full", "--name", "d"]))
+    assert [(n, s) for n, s, _ in alone] == [("d-base-s1", 1), ("d-base-s2", 2)]
+    assert alone[0][2] == ["base.seed=1"]
     with pytest.raises(SystemExit, match="key=value"):
         plan(parse(["--variant", "model.positions"]))
