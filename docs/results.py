@@ -291,6 +291,24 @@ def seeded_section(files: Files, name: str, alt: str) -> list[str]:
     return out
 
 
+def chain_gain(files: Files, rel: str) -> list[str]:
+    """Per step of the chain and metric: the paired difference over seeds (later model minus
+    earlier), its 95% interval, p and verdict (``benchmarks/chain_gain.py``)."""
+    data = files.get(rel)
+    if data is None:
+        return missing(rel, "`python benchmarks/chain_gain.py --name default-3seeds`")
+    rows = []
+    for step, metrics in data.get("steps", {}).items():
+        for metric, t in metrics.items():
+            lo, hi = t.get("ci95") or [None, None]
+            rows.append([step.replace("->", " -> "), f"`{metric}`",
+                         "-" if t.get("diff") is None else f"{t['diff']:+.3f}",
+                         "-" if lo is None else f"[{lo:+.3f}, {hi:+.3f}]",
+                         "-" if t.get("p") is None else f"{t['p']:.3f}", t.get("verdict", "")])
+    return [f"Seeds {data.get('seeds')}, verdicts at p < {data.get('alpha')}:", ""] + table(
+        ["step", "metric", "mean difference", "95% interval", "p (paired)", "verdict"], rows)
+
+
 def _alone_rows(metrics: Json) -> list[str]:
     """One side over its seeds: mean +- sd, the 95% t interval of the mean, each seed's value."""
     rows = []
@@ -756,6 +774,11 @@ def results_md(files: Files) -> str:
             "the seeds, so with three seeds they are wide. The final model's test figures are "
             "what the default is judged on:", ""]
     out += seeded_section(files, "default-3seeds", "the default over seeds")
+    out += ["What each alignment stage adds to the model before it, seed by seed on test "
+            "(`reports/compare/default-3seeds-chain.json`, `python benchmarks/chain_gain.py "
+            "--name default-3seeds`): the step against nothing, not against SFT given the "
+            "same minutes.", ""]
+    out += chain_gain(files, "reports/compare/default-3seeds-chain.json")
     out += ["![loss curves](../reports/evaluate/loss_curves.png)", "",
             "### Length extrapolation", ""]
     out += extrapolation(files)

@@ -180,14 +180,16 @@ def collect(names: set[str]) -> dict[str, dict[str, Any]]:
     """name -> flat metrics (every metrics file merged) of the experiments in ``names``:
     those of the current commit, and of every commit when some are missing (experiments
     queued before a later commit belong to the commit they started from)."""
-    found = _collect(names, json.loads(dvc("exp", "show", "--json").stdout or "[]"))
+    found = experiment_metrics(names, json.loads(dvc("exp", "show", "--json").stdout or "[]"))
     if len(found) < len(names):
         show = json.loads(dvc("exp", "show", "--json", "--all-commits").stdout or "[]")
-        found.update(_collect(names - set(found), show))
+        found.update(experiment_metrics(names - set(found), show))
     return found
 
 
-def _collect(names: set[str], show: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def experiment_metrics(names: set[str], show: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """name -> flat metrics of the experiments in ``names`` found in ``show`` (the parsed
+    output of ``dvc exp show --json``)."""
     found: dict[str, dict[str, Any]] = {}
     for baseline in show:
         for exp in baseline.get("experiments") or []:

@@ -85,3 +85,27 @@ def test_fsdp_memory_computed_equals_what_each_rank_holds(tmp_path):
     assert fsdp_total < 0.55 * ddp_total
     assert {(r["parallel"], r["opt"]) for r in rows} == {
         (p, o) for p in ("ddp", "fsdp") for o in ("muon", "adamw")}
+
+
+def test_chain_gain_pairs_the_models_of_each_seeds_run():
+    """Each seed's run scored SFT, DPO and RL on the same questions: a step's gain is the paired
+    difference, found from `dvc exp show --json` by the experiments' names."""
+    from benchmarks.chain_gain import chain_gain, runs_of
+
+    def rev(name: str, sft: float, rl: float) -> dict:
+        data = {"evaluate/sft/arithmetic_exact_match": sft, "evaluate/dpo/arithmetic_exact_match":
+                sft, "evaluate/rl/arithmetic_exact_match": rl}
+        return {"name": name, "revs": [{"name": name, "data": {"metrics": {
+            "metrics/evaluate.json": {"data": data}}}}]}
+
+    show = [{"experiments": [rev("d-base-s1", 0.40, 0.45), rev("d-base-s2", 0.50, 0.551),
+                             rev("d-base-s3", 0.60, 0.649), rev("d-other-s1", 0.0, 1.0),
+                             rev("dd-base-s4", 0.0, 1.0)]}]
+    runs = runs_of("d", "base", show)
+    assert sorted(runs) == [1, 2, 3]  # neither another side nor another comparison
+    gain = chain_gain(runs)
+    rl = gain["sft->rl"]["arithmetic_exact_match"]
+    assert rl["seeds"] == [1, 2, 3] and abs(rl["diff"] - 0.05) < 1e-9
+    assert rl["p"] < 0.01 and rl["verdict"] == "better"
+    assert gain["sft->dpo"]["arithmetic_exact_match"]["diff"] == 0.0
+    assert gain["sft->rl"]["count_exact_match"]["diff"] is None  # not scored: no figure
