@@ -3,6 +3,7 @@
     python benchmarks/task_recipe.py --tag base --steps 600
     python benchmarks/task_recipe.py --tag letters-30 --letters-share 0.3 --steps 600
     python benchmarks/task_recipe.py --tag muon --optimizer muon --lr 0.01 --steps 600
+    python benchmarks/task_recipe.py --tag arith-x2 --task-weights arithmetic=2 --steps 600
 
 Each run fine-tunes one starting model (``--init``, default the pretrain stage's model) with
 the SFT stage's own loop on conversations this script builds from the corpus's training
@@ -25,12 +26,13 @@ import random
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llmcore.config import EvaluateConfig, SFTConfig  # noqa: E402
+from llmcore.config import SYNTHETIC_TASKS, EvaluateConfig, SFTConfig  # noqa: E402
 from llmcore.data.corpus import read_conversations  # noqa: E402
 from llmcore.data.packing import pack_all  # noqa: E402
 from llmcore.data.tasks import (  # noqa: E402
@@ -51,9 +53,29 @@ def word_of(conv: dict) -> str | None:
     return keys[-1][5:] if keys else None
 
 
+def task_weights(text: str) -> dict[str, float]:
+    """``arithmetic=2,reverse=0.5`` -> {task: weight}; a task not named weighs 1."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        task, _, w = part.partition("=")
+        if task not in SYNTHETIC_TASKS or not w:
+            raise SystemExit(f"--task-weights: {part!r} is not TASK=WEIGHT with a task of "
+                             f"{', '.join(SYNTHETIC_TASKS)}")
+        out[task] = float(w)
+    return out
+
+
 def build_train(args: argparse.Namespace, tok: LLMTokenizer, corpus: Path) -> list[list[dict]]:
-    convs = [c.as_dicts() for c in synthetic_conversations(args.per_task, args.seed)
-             if c.split == "train"]
+    # each task draws from a stream of its own, so the first n of a longer draw are the n
+    # of a shorter one: a weight adds (or drops) conversations of that task only
+    weights = task_weights(args.task_weights)
+    want = {t: round(args.per_task * weights.get(t, 1.0)) for t in SYNTHETIC_TASKS}
+    kept: Counter[str] = Counter()
+    convs = []
+    for c in synthetic_conversations(max(want.values()), args.seed):
+        if c.split == "train" and kept[c.task] < want[c.task]:
+            kept[c.task] += 1
+            convs.append(c.as_dicts())
     held = {w for s in ("val", "test") for c in read_conversations(corpus, s)
             if (w := word_of(c))}
     if args.letters_share > 0:
@@ -89,6 +111,8 @@ def main() -> None:
     ap.add_argument("--corpus", default="data/corpus")
     ap.add_argument("--tokenizer", default="data/tokenizer")
     ap.add_argument("--per-task", type=int, default=5000)
+    ap.add_argument("--task-weights", default="",
+                    help="per-task multipliers of --per-task, e.g. arithmetic=2,reverse=0.5")
     ap.add_argument("--letters-share", type=float, default=0.0)
     ap.add_argument("--docs", action="store_true", help="add the corpus's doc conversations")
     ap.add_argument("--steps", type=int, default=600)

@@ -868,7 +868,9 @@ def recipe_runs(path: Path) -> list[str]:
     for r in runs:
         rec, val = r.get("recipe", {}), r.get("val", {})
         what = (f"{rec.get('optimizer')} lr {rec.get('lr')}, {rec.get('steps')} steps x "
-                f"{rec.get('batch_size')}, {rec.get('per_task')}/task, letters "
+                f"{rec.get('batch_size')}, {rec.get('per_task')}/task"
+                + (f" (x {rec['task_weights']})" if rec.get("task_weights") else "")
+                + ", letters "
                 f"{rec.get('letters_share')}"
                 + (f" ({rec['compound_share']:.0%} compounds)" if rec.get("compound_share") else "")
                 + (", docs" if rec.get("docs") else "")
