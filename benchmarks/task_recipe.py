@@ -26,7 +26,6 @@ import random
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,16 +65,10 @@ def task_weights(text: str) -> dict[str, float]:
 
 
 def build_train(args: argparse.Namespace, tok: LLMTokenizer, corpus: Path) -> list[list[dict]]:
-    # each task draws from a stream of its own, so the first n of a longer draw are the n
-    # of a shorter one: a weight adds (or drops) conversations of that task only
+    # each task draws from a stream of its own: a weight adds (or drops) that task's only
     weights = task_weights(args.task_weights)
     want = {t: round(args.per_task * weights.get(t, 1.0)) for t in SYNTHETIC_TASKS}
-    kept: Counter[str] = Counter()
-    convs = []
-    for c in synthetic_conversations(max(want.values()), args.seed):
-        if c.split == "train" and kept[c.task] < want[c.task]:
-            kept[c.task] += 1
-            convs.append(c.as_dicts())
+    convs = [c.as_dicts() for c in synthetic_conversations(want, args.seed)]
     held = {w for s in ("val", "test") for c in read_conversations(corpus, s)
             if (w := word_of(c))}
     if args.letters_share > 0:

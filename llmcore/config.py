@@ -50,6 +50,23 @@ class BaseConfig:
 
 
 @dataclass(frozen=True)
+class TaskWeights:
+    """``fetch.synthetic_task_weights:`` each synthetic task's training conversations, as a
+    multiple of ``fetch.synthetic_per_task``. Tasks differ in what they cost and teach: an
+    arithmetic reply is a few tokens and its skill grows with examples; a reverse reply is
+    several times longer and, past the letters it shares with spell, recalls its words."""
+
+    arithmetic: float = spec(1.0, ge=0, doc="arithmetic conversations per synthetic_per_task")
+    spell: float = spec(1.0, ge=0, doc="spell conversations per synthetic_per_task")
+    count: float = spec(1.0, ge=0, doc="count conversations per synthetic_per_task")
+    reverse: float = spec(1.0, ge=0, doc="reverse conversations per synthetic_per_task")
+
+    def counts(self, per_task: int) -> dict[str, int]:
+        """task -> training conversations for ``per_task`` (rounded)."""
+        return {t: round(per_task * getattr(self, t)) for t in SYNTHETIC_TASKS}
+
+
+@dataclass(frozen=True)
 class FetchConfig:
     """``fetch:`` where the corpus comes from and how it is cleaned and split."""
 
@@ -71,6 +88,8 @@ class FetchConfig:
                                          "as training documents only")
     doc_questions: bool = spec(True, doc="add SFT questions answered from the stdlib docs")
     synthetic_per_task: int = spec(20000, ge=0, doc="SFT training examples per synthetic task")
+    synthetic_task_weights: TaskWeights = spec(default_factory=TaskWeights,
+                                               doc="per task: a multiple of synthetic_per_task")
     synthetic_val_per_task: int = spec(250, ge=0, doc="val examples per synthetic task, drawn "
                                        "from the val pools of words and operand pairs")
     synthetic_test_per_task: int = spec(250, ge=0, doc="test examples per synthetic task, "

@@ -100,9 +100,18 @@ def plan(args: argparse.Namespace) -> list[tuple[str, int, list[str]]]:
         for o in overrides:
             if "=" not in o:
                 raise SystemExit(f"compare: an override is key=value (got {o!r})")
-    return [(f"{args.name}-{side}-s{seed}", seed,
+    return [(f"{base_prefix(args) if side == 'base' else args.name}-{side}-s{seed}", seed,
              [f"base.seed={seed}", *PROFILES[args.profile], *overrides])
             for seed in args.seed_list for side, overrides in sides.items()]
+
+
+def base_prefix(args: argparse.Namespace) -> str:
+    """The comparison whose baseline runs this one reads: its own, or ``--base-from``'s."""
+    return args.base_from or args.name
+
+
+def is_base(args: argparse.Namespace, name: str) -> bool:
+    return name.startswith(f"{base_prefix(args)}-base-s")
 
 
 def queue(runs: list[tuple[str, int, list[str]]], target: str) -> None:
@@ -219,7 +228,7 @@ def report(args: argparse.Namespace, runs: list[tuple[str, int, list[str]]],
     found = collect({n for n, _, _ in runs})
     by_side: dict[str, dict[int, dict[str, Any]]] = {}
     for name, seed, _ in runs:
-        side = name[len(args.name) + 1 : name.rindex("-s")]
+        side = "base" if is_base(args, name) else name[len(args.name) + 1 : name.rindex("-s")]
         if name in found:
             by_side.setdefault(side, {})[seed] = found[name]
     missing = [n for n, _, _ in runs if n not in found]
@@ -259,6 +268,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variant", action="append", default=[],
                    help="overrides of one variant, 'key=value key=value' (repeatable)")
     p.add_argument("--baseline", default="", help="overrides of the baseline (default: none)")
+    p.add_argument("--base-from", default=None, metavar="NAME",
+                   help="take the baseline's runs from comparison NAME, which ran them with "
+                        "the same profile and seeds: only the variants run")
     p.add_argument("--seeds", type=int, default=5, help="seeds per side: 1..N (default 5)")
     p.add_argument("--seed-list", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help="explicit seeds, e.g. 1,2,3 (instead of --seeds)")
@@ -292,10 +304,12 @@ def main(argv: list[str] | None = None) -> None:
     seconds = None
     if not args.report_only:
         start = time.time()
-        queue(runs, args.target)
+        # a baseline read from another comparison ran before: only the variants run
+        todo = [r for r in runs if not (args.base_from and is_base(args, r[0]))]
+        queue(todo, args.target)
         # the workers stop by themselves once the queue is idle (`dvc queue stop` would leave
         # a shutdown in the broker that stops the next comparison's worker after one task)
-        state = wait({n for n, _, _ in runs}, args.jobs)
+        state = wait({n for n, _, _ in todo}, args.jobs)
         seconds = time.time() - start
         failed = sorted(n for n, s in state.items() if s == "Failed")
         if failed:

@@ -264,6 +264,7 @@ def source_records(cfg: FetchConfig, root: Path | None = None) -> Iterator[Recor
     if cfg.synthetic_per_task:
         # The seed is fixed by content, not base.seed, so that the SFT set is a property of
         # the corpus params alone.
-        yield from synthetic_conversations(cfg.synthetic_per_task, seed=0,
+        yield from synthetic_conversations(cfg.synthetic_task_weights.counts(
+                                               cfg.synthetic_per_task), seed=0,
                                            val_per_task=cfg.synthetic_val_per_task,
                                            test_per_task=cfg.synthetic_test_per_task)

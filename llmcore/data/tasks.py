@@ -252,23 +252,28 @@ def _synthetic_conversation(task: str, rng: random.Random, pool: TaskPool, split
                         tuple(dict.fromkeys(keys)))
 
 
-def synthetic_conversations(per_task: int, seed: int, val_per_task: int = 0,
+def synthetic_conversations(per_task: int | Mapping[str, int], seed: int, val_per_task: int = 0,
                             test_per_task: int = 0) -> Iterator[Conversation]:
     """Tasks with one exactly checkable answer. A fifth have a system prompt, a fifth two turns.
 
-    ``per_task`` training conversations per task from the train pools, and ``val_per_task`` /
+    ``per_task`` training conversations per task (one number, or task -> number) from the
+    train pools, and ``val_per_task`` /
     ``test_per_task`` held-out ones from the val / test pools (:func:`task_pools`), each split
     from a seeded stream of its own: no held-out question can be a training one, or be about
     a word or a pair that training shows. Held-out conversations end in distinct questions
     (the one scored), so that n examples are n different items; a small pool can give fewer.
+    A task's training stream is its own: the first n of a longer draw are the n of a shorter
+    one, so giving one task more leaves the others' conversations as they were.
     """
     pools = task_pools()
-    wanted = {"train": per_task, "val": val_per_task, "test": test_per_task}
+    train = per_task if isinstance(per_task, Mapping) else dict.fromkeys(SYNTHETIC_TASKS,
+                                                                          per_task)
+    wanted = {"val": val_per_task, "test": test_per_task}
     for task in SYNTHETIC_TASKS:
         for split in SPLITS:
             rng = random.Random(f"{seed}:{task}" if split == "train" else f"{seed}:{task}:{split}")
             if split == "train":
-                for _ in range(per_task):
+                for _ in range(train.get(task, 0)):
                     yield _synthetic_conversation(task, rng, pools[split], split)
                 continue
             asked: set[str] = set()

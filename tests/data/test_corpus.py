@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llmcore.config import FetchConfig
+from llmcore.config import ConfigError, FetchConfig, parse_sections
 from llmcore.data.assemble import collect
 from llmcore.data.corpus import (
     BAD_RECORDS_FILE,
@@ -83,6 +83,26 @@ def test_synthetic_answers_are_exact():
     assert convs == list(synthetic_conversations(50, seed=3))  # deterministic
     assert any(c.messages[0][0] == "system" for c in convs)
     assert any(sum(r == "assistant" for r, _ in c.messages) == 2 for c in convs)
+
+
+def test_task_weights_scale_one_task_and_leave_the_others_as_they_were():
+    weights = parse_sections({"fetch": {"synthetic_task_weights": {
+        "arithmetic": 2.0, "reverse": 0.5}}}, ["fetch"])["fetch"].synthetic_task_weights
+    counts = weights.counts(40)
+    assert counts == {"arithmetic": 80, "spell": 40, "count": 40, "reverse": 20}
+    weighted = list(synthetic_conversations(counts, seed=3, test_per_task=5))
+    plain = list(synthetic_conversations(40, seed=3, test_per_task=5))
+    by_task = {t: [c for c in weighted if c.task == t and c.split == "train"]
+               for t in counts}
+    assert {t: len(cs) for t, cs in by_task.items()} == counts
+    for task in counts:  # a task's own stream: the shorter draw is the start of the longer
+        mine = [c for c in plain if c.task == task and c.split == "train"]
+        n = min(len(mine), counts[task])
+        assert by_task[task][:n] == mine[:n]
+    # the held-out questions do not depend on the weights
+    assert [c for c in weighted if c.split == "test"] == [c for c in plain if c.split == "test"]
+    with pytest.raises(ConfigError, match="synthetic_task_weights.reverse must be >= 0"):
+        parse_sections({"fetch": {"synthetic_task_weights": {"reverse": -1}}}, ["fetch"])
 
 
 def test_synthetic_held_out_sets_are_fixed_and_disjoint():

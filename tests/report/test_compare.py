@@ -1,6 +1,7 @@
 """Seeds and significance: intervals and Welch's test against textbook values, verdicts in the
 right direction, the run plan of a comparison, and the report's plot."""
 
+import json
 import math
 
 import pytest
@@ -117,3 +118,31 @@ def test_the_plan_queues_every_side_seed_by_seed():
     assert alone[0][2] == ["base.seed=1"]
     with pytest.raises(SystemExit, match="key=value"):
         plan(parse(["--variant", "model.positions"]))
+
+
+def test_a_variant_can_be_compared_with_the_baseline_of_an_earlier_comparison(
+        tmp_path, monkeypatch):
+    import stages.compare as cmp
+
+    args = parse(["--variant", "pretrain.max_steps=600", "--seed-list", "1,2", "--profile",
+                  "full", "--name", "longer", "--base-from", "default-3seeds"])
+    runs = plan(args)
+    assert [n for n, _, _ in runs] == ["default-3seeds-base-s1", "longer-max-steps-600-s1",
+                                       "default-3seeds-base-s2", "longer-max-steps-600-s2"]
+    queued: list[str] = []
+    monkeypatch.setattr(cmp, "queue", lambda todo, target: queued.extend(n for n, _, _ in todo))
+    monkeypatch.setattr(cmp, "wait", lambda names, jobs: dict.fromkeys(names, "Success"))
+    score = {"default-3seeds-base-s1": .2, "default-3seeds-base-s2": .3,
+             "longer-max-steps-600-s1": .6, "longer-max-steps-600-s2": .7}
+    monkeypatch.setattr(cmp, "collect", lambda names: {
+        n: {"evaluate/val/arithmetic_exact_match": score[n], "evaluate/rl/docs_bpb": 2.0}
+        for n in names})
+    monkeypatch.setattr(cmp, "ROOT", tmp_path)
+    cmp.main(["--variant", "pretrain.max_steps=600", "--seed-list", "1,2", "--profile", "full",
+              "--name", "longer", "--base-from", "default-3seeds",
+              "--metric", "evaluate/val/arithmetic_exact_match"])
+    assert queued == ["longer-max-steps-600-s1", "longer-max-steps-600-s2"]  # base ran before
+    result = json.loads((tmp_path / "reports/compare/longer.json").read_text())
+    metric = result["metrics"]["evaluate/val/arithmetic_exact_match"]
+    assert metric["sides"]["base"]["mean"] == pytest.approx(.25)
+    assert metric["sides"]["max-steps-600"]["mean"] == pytest.approx(.65)
