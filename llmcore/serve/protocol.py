@@ -119,6 +119,9 @@ class CompletionRequest(SamplingFields):
             raise ValueError("best_of is not supported by this server (omit it or send n)")
         if self.suffix:
             raise ValueError("suffix is not supported by this server")
+        if self.max_completion_tokens is not None:
+            raise ValueError("max_completion_tokens is a chat field: /v1/completions takes "
+                             "max_tokens")
         if not 1 <= len(self.prompts()) * self.n <= MAX_PROMPTS:
             raise ValueError(f"prompt: 1 to {MAX_PROMPTS} completions per request "
                              f"(prompts x n), got {len(self.prompts()) * self.n}")

@@ -176,6 +176,9 @@ def test_bad_requests_name_the_problem(served, body, status, fragment):
     ("/v1/generate", {"json": {"prompt": "a", "max_new_tokens": 4096}}, 400, "context"),
     ("/v1/completions", {"json": {"prompt": "a", "n": 8, "max_tokens": 2}}, 200, "choices"),
     ("/v1/completions", {"json": {"prompt": "a", "echo": True}}, 422, "echo"),
+    # a chat-only field on the completions route is refused, not silently ignored
+    ("/v1/completions", {"json": {"prompt": "a", "max_completion_tokens": 3}}, 422,
+     "max_completion_tokens"),
     ("/v1/chat/completions", {"json": {"messages": MSG, "logit_bias": {"5": 3}}}, 422,
      "logit_bias"),
     ("/v1/nothing", {"json": {}}, 404, "Not Found"),
