@@ -38,6 +38,7 @@ class Tracker(Protocol):
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def flush(self) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
+    def start_system_metrics(self, interval: float = 10.0) -> None: ...
 
 
 class NullTracker:
@@ -64,6 +65,9 @@ class NullTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.status = status
+
+    def start_system_metrics(self, interval: float = 10.0) -> None:
+        pass  # nothing to sample for: no run to log them to
 
     def __enter__(self) -> NullTracker:
         return self

@@ -11,6 +11,7 @@ from llmcore.config import BaseConfig, ModelConfig, TrainConfig, UserError
 from llmcore.data.shards import read_manifest
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes
 from llmcore.model.modeldir import save_model_dir
+from llmcore.tracking import Tracker
 from llmcore.train.fit import FitSpec, fit
 from stages import paths
 from stages._common import as_dict, git_commit, log, rank, repo_root, write_tsv
@@ -25,12 +26,11 @@ def data_fingerprint(manifest: dict[str, Any], splits: list[str]) -> dict[str, A
 
 
 def train_and_export(stage: str, model_cfg: ModelConfig, cfg: TrainConfig, base: BaseConfig,
-                     splits: tuple[str, str], tracker: Any, init_from: Path | None = None,
+                     splits: tuple[str, str], tracker: Tracker, init_from: Path | None = None,
                      adapter: Any = None) -> dict[str, Any]:
     """Train on ``splits`` (train, val), write ``data/models/<stage>``; the stage's metrics."""
     root = repo_root()
-    if hasattr(tracker, "start_system_metrics"):
-        tracker.start_system_metrics()
+    tracker.start_system_metrics()
     tok = LLMTokenizer.load(root / TOKENIZER)
     manifest = read_manifest(root / SHARDS)
     if manifest["tokenizer_sha256"] != tok.sha256():
