@@ -54,12 +54,12 @@ def _load(path: str, device: str) -> tuple[Any, Any]:
 def _stream_reply(model: LanguageModel, tok: LLMTokenizer, ids: list[int],
                   args: argparse.Namespace,
                   out: Any) -> str:
-    from llmcore.infer.generate import TextStreamer, stream
+    from llmcore.infer.generate import Detokenizer, stream
 
-    streamer = TextStreamer(tok)
+    detok = Detokenizer(tok)
     pieces = []
     for token in stream(model, ids, _sampling(args), [tok.im_end_id, tok.eot_id]):
-        piece = streamer.push(token)
+        piece = detok.stream(token)
         pieces.append(piece)
         out.write(piece)
         out.flush()

@@ -29,7 +29,14 @@ from typing import Any
 import torch
 
 from llmcore.data.tokenizer import LLMTokenizer
-from llmcore.infer.generate import KVCache, Sampling, cache_tensors, sample_next, utf8_ready
+from llmcore.infer.generate import (
+    Detokenizer,
+    KVCache,
+    Sampling,
+    cache_tensors,
+    sample_next,
+    utf8_ready,
+)
 from llmcore.model.protocols import LanguageModel
 
 log = logging.getLogger("llmcore.infer.engine")
@@ -118,12 +125,8 @@ class _Running:
     """A request in a slot: its tokens, its text and what has been sent."""
 
     def __init__(self, req: Request, tokenizer: LLMTokenizer, device: torch.device) -> None:
-        self.req, self.tok = req, tokenizer
+        self.req, self.detok = req, Detokenizer(tokenizer)
         self.ids: list[int] = []
-        # the reply's text is kept, and only the tokens after its last complete character are
-        # decoded each step: decoding every id at every step would grow with the reply
-        self.text, self.pending = "", list[int]()
-        self.sent = 0  # characters of the decoded text already sent
         self.generator = None
         if req.sampling.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(req.sampling.seed)
@@ -135,36 +138,29 @@ class _Running:
         the event to send (None when nothing new is ready), with ``finish`` when done."""
         s = self.req.sampling
         if token in self.stops:
-            return self._finish("stop", self.text + self.tok.decode(self.pending))
+            return self._finish("stop", self.detok.text)
         self.ids.append(token)
-        self.pending.append(token)
-        tail = self.tok.decode(self.pending)
-        text = self.text + tail
-        # a character split across tokens decodes to U+FFFD until its last byte arrives (at
-        # most 4 bytes, so 4 tokens); byte-level decoding then equals decoding every id
-        if not tail.endswith("\ufffd") or len(self.pending) >= 4:
-            self.text, self.pending = text, []
+        text = self.detok.push(token)
+        sent = self.detok.sent
         for stop in self.req.stop_strings:
-            at = text.find(stop, max(0, self.sent - len(stop)))
+            at = text.find(stop, max(0, sent - len(stop)))
             if at >= 0:
                 return self._finish("stop", text[:at])
         if len(self.ids) >= s.max_new_tokens or room <= 0:
             return self._finish("length", text)
         ready = utf8_ready(text)  # a multi-byte character that is not complete waits
         if self.hold:  # keep back a tail that could be the start of a stop string
-            for cut in range(min(self.hold - 1, ready - self.sent), 0, -1):
+            for cut in range(min(self.hold - 1, ready - sent), 0, -1):
                 tail = text[ready - cut : ready]
                 if any(st.startswith(tail) for st in self.req.stop_strings):
                     ready -= cut
                     break
-        if ready <= self.sent:
-            return None
-        piece, self.sent = text[self.sent : ready], ready
-        return Event(piece, len(self.ids))
+        piece = self.detok.emit(text, ready)
+        return Event(piece, len(self.ids)) if piece else None
 
     def _finish(self, reason: str, text: str) -> Event:
-        piece = text[self.sent :] if len(text) > self.sent else ""
-        self.sent = len(text)
+        piece = text[self.detok.sent :] if len(text) > self.detok.sent else ""
+        self.detok.sent = len(text)
         return Event(piece, len(self.ids), finish=reason)
 
 

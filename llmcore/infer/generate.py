@@ -236,17 +236,46 @@ def generate_no_cache(model: LanguageModel, prompt: Sequence[int], max_new_token
     return out
 
 
-class TextStreamer:
-    """Turn a token stream into text pieces, holding back incomplete UTF-8 sequences."""
+class Detokenizer:
+    """The text of a growing token stream, decoded incrementally: one decoder for the CLI's
+    stream and the server's replies.
+
+    The text of the tokens up to the last complete character is kept, and only the tokens
+    after it are decoded at each step (decoding every id at every step would grow with the
+    reply). A character split across tokens decodes to U+FFFD until its last byte arrives (at
+    most 4 bytes, so 4 tokens); byte-level decoding then equals decoding every id. ``sent``
+    counts the characters already handed out by :meth:`emit`.
+    """
 
     def __init__(self, tokenizer: LLMTokenizer) -> None:
-        self.tok, self.ids, self.sent = tokenizer, list[int](), 0
+        self.tok = tokenizer
+        self._done, self._pending = "", list[int]()
+        self.sent = 0
 
     def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        ready = utf8_ready(text)
+        """Add one token; the whole text so far (a trailing partial character as U+FFFD)."""
+        self._pending.append(token)
+        tail = self.tok.decode(self._pending)
+        text = self._done + tail
+        if not tail.endswith("\ufffd") or len(self._pending) >= 4:
+            self._done, self._pending = text, []
+        return text
+
+    @property
+    def text(self) -> str:
+        return self._done + self.tok.decode(self._pending)
+
+    def emit(self, text: str, upto: int | None = None) -> str:
+        """The part of ``text`` not handed out yet, up to ``upto`` characters (default: all
+        but a trailing incomplete character); empty when nothing new is ready."""
+        ready = utf8_ready(text) if upto is None else upto
         if ready <= self.sent:
             return ""
         piece, self.sent = text[self.sent : ready], ready
         return piece
+
+    def stream(self, token: int) -> str:
+        """Add one token and return the text it completes (what a terminal prints)."""
+        return self.emit(self.push(token))
+
+

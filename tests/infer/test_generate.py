@@ -5,9 +5,9 @@ import torch
 
 from llmcore.config import parse_section
 from llmcore.infer.generate import (
+    Detokenizer,
     KVCache,
     Sampling,
-    TextStreamer,
     generate,
     generate_no_cache,
     sample_next,
@@ -115,9 +115,16 @@ def test_stream_yields_the_same_tokens(model):
         generate(model, [prompt], Sampling(max_new_tokens=15))[0]
 
 
-def test_text_streamer_holds_back_partial_characters(tiny_tokenizer):
-    ids = tiny_tokenizer.encode("héllo 🎉 wörld")
-    streamer = TextStreamer(tiny_tokenizer)
-    pieces = [streamer.push(i) for i in ids]
-    assert "".join(pieces) == "héllo 🎉 wörld"
+def test_the_detokenizer_holds_back_partial_characters(tiny_tokenizer):
+    """The one decoder of the CLI's stream and the server's replies: pieces with no partial
+    character, and at every step the text of one decode of every id so far."""
+    text = "héllo 🎉 wörld"
+    ids = tiny_tokenizer.encode_text(text)
+    detok = Detokenizer(tiny_tokenizer)
+    pieces = []
+    for n, i in enumerate(ids, 1):
+        pieces.append(detok.stream(i))
+        assert detok.text == tiny_tokenizer.decode(ids[:n])
+    assert "".join(pieces) == text
+    assert "" in pieces  # a part of a character was held back
     assert all("\ufffd" not in p for p in pieces)
