@@ -41,6 +41,7 @@ from llmcore.data.tasks import (  # noqa: E402
     synthetic_conversations,
 )
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes  # noqa: E402
+from llmcore.data.working import work_pieces  # noqa: E402
 from llmcore.model.modeldir import read_model_config, save_model_dir  # noqa: E402
 from llmcore.report.evaluate import by_pieces, task_accuracy  # noqa: E402
 from llmcore.tracking import SPLIT_VERSION  # noqa: E402
@@ -77,8 +78,15 @@ def build_train(args: argparse.Namespace, tok: LLMTokenizer, corpus: Path) -> li
         convs += [c.as_dicts() for c in letters_conversations(pieces, n, args.seed, held)]
     if args.docs:
         convs += [c["messages"] for c in read_conversations(corpus, "train") if c["task"] == "doc"]
+    if args.working == "pieces":
+        convs = [work_pieces(c, pieces_of(tok)) for c in convs]
     random.Random(args.seed).shuffle(convs)
     return convs
+
+
+def pieces_of(tok: LLMTokenizer):
+    """word -> its tokens as text, as a quoted word is encoded."""
+    return lambda word: [tok.decode([i]) for i in tok.encode_text(word)]
 
 
 def init_steps(init: str) -> int | None:
@@ -87,8 +95,8 @@ def init_steps(init: str) -> int | None:
     return json.loads(meta.read_text()).get("steps_trained") if meta.is_file() else None
 
 
-def score(model, tok: LLMTokenizer, val: list[dict], per_task: int) -> dict:
-    res = task_accuracy(model, tok, val, per_task, EvaluateConfig().max_new_tokens, batch_size=64)
+def score(model, tok: LLMTokenizer, val: list[dict], per_task: int, max_new_tokens: int) -> dict:
+    res = task_accuracy(model, tok, val, per_task, max_new_tokens, batch_size=64)
     out: dict = {t: round(r["exact_match"], 3) for t, r in res.items()}
     for task, r in res.items():
         for kind, (right, n) in by_pieces(r).items():
@@ -108,6 +116,11 @@ def main() -> None:
                     help="per-task multipliers of --per-task, e.g. arithmetic=2,reverse=0.5")
     ap.add_argument("--letters-share", type=float, default=0.0)
     ap.add_argument("--docs", action="store_true", help="add the corpus's doc conversations")
+    ap.add_argument("--working", choices=("plain", "pieces"), default="plain",
+                    help="pieces: word-task replies list each token's letters first "
+                         "(llmcore.data.working)")
+    ap.add_argument("--max-new-tokens", type=int, default=EvaluateConfig().max_new_tokens,
+                    help="reply length when scoring (piece lines make replies longer)")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0.006)
@@ -126,7 +139,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(tmp) / "shards"
         shards.mkdir()
-        manifest = pack_all(tok, {}, {"train": train, "val": [c["messages"] for c in val]},
+        val_msgs = [c["messages"] for c in val]
+        if args.working == "pieces":
+            val_msgs = [work_pieces(m, pieces_of(tok)) for m in val_msgs]
+        manifest = pack_all(tok, {}, {"train": train, "val": val_msgs},
                             shards, args.seq_len)
         init = None if args.init == "scratch" else ROOT / args.init
         model_cfg = read_model_config(init) if init else read_model_config(
@@ -148,7 +164,7 @@ def main() -> None:
         save_model_dir(Path(args.save), model_cfg, out.export_weights, ROOT / args.tokenizer,
                        {"tag": args.tag}, {"eos_token_id": [tok.im_end_id, tok.eot_id],
                                            "pad_token_id": tok.pad_id})
-    scores = score(model, tok, val, args.eval_per_task)
+    scores = score(model, tok, val, args.eval_per_task, args.max_new_tokens)
     tokens = args.steps * args.batch_size * args.seq_len
     row = {"tag": args.tag, "split_version": SPLIT_VERSION, "machine": out.device,
            "recipe": {**vars(args), "compound_share": COMPOUND_SHARE if args.letters_share else 0},
