@@ -41,7 +41,7 @@ from llmcore.data.tasks import (  # noqa: E402
     synthetic_conversations,
 )
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes  # noqa: E402
-from llmcore.data.working import work_pieces  # noqa: E402
+from llmcore.data.working import pieces_of, work_pieces  # noqa: E402
 from llmcore.model.modeldir import read_model_config, save_model_dir  # noqa: E402
 from llmcore.report.evaluate import by_pieces, task_accuracy  # noqa: E402
 from llmcore.tracking import SPLIT_VERSION  # noqa: E402
@@ -82,11 +82,6 @@ def build_train(args: argparse.Namespace, tok: LLMTokenizer, corpus: Path) -> li
         convs = [work_pieces(c, pieces_of(tok)) for c in convs]
     random.Random(args.seed).shuffle(convs)
     return convs
-
-
-def pieces_of(tok: LLMTokenizer):
-    """word -> its tokens as text, as a quoted word is encoded."""
-    return lambda word: [tok.decode([i]) for i in tok.encode_text(word)]
 
 
 def init_steps(init: str) -> int | None:
