@@ -73,7 +73,7 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
         data={"init_sha256": sha256_file(root / SRC / "model.safetensors"),
               "pairs": data_hash([train, train_ref])},
         code=["llmcore.align.dpo", *(["llmcore.model.lora"] if adapter else [])],
-        checkpoint_dir=root / paths.checkpoint_dir("dpo"), log=log)
+        checkpoint_dir=root / paths.checkpoint_dir("dpo"), log=log, tracker=tracker)
     result = train_dpo(policy, train, train_ref, val, val_ref, rows, cfg, ctx, base.seed)
     kl = sampled_kl(policy, ref, tok, [p["prompt"] for p in val[:64]], cfg.max_new_tokens,
                     base.seed)

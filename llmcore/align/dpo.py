@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from llmcore.align.replies import batched_sequence_logprobs, reply_rows, sequence_logprobs
-from llmcore.align.run import rng_from_json, rng_to_json
+from llmcore.align.run import log_curve, rng_from_json, rng_to_json
 from llmcore.config import DPOConfig
 from llmcore.data.tasks import is_correct, wrong_reply
 from llmcore.data.tokenizer import LLMTokenizer
@@ -196,12 +196,14 @@ def train_dpo(model: Transformer, train: Sequence[dict[str, Any]],
         acc = float(torch.cat([p[1] for p in parts]).mean())
         result.history.append({"step": step + 1, "loss": round(loss, 5),
                                "reward_accuracy": round(acc, 4), "grad_norm": norm, "lr": lr})
+        log_curve(ctx, result.history[-1])
         if progress.due(step + 1):
             progress.report(step + 1, [f"loss {loss:.4f}", f"reward accuracy {acc:.3f}",
                                        f"lr {lr:.2e}", f"grad {norm:.2f}"], *progress.lap())
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
             m = pair_metrics(model, val, val_ref, rows, cfg.beta) if val else {}
             result.evals.append({"step": step + 1, **{k: round(v, 5) for k, v in m.items()}})
+            log_curve(ctx, result.evals[-1], "val_")
             ctx.log(f"{ctx.name} step {step + 1}: held-out reward accuracy "
                     f"{m.get('reward_accuracy', float('nan')):.3f} margin "
                     f"{m.get('reward_margin', float('nan')):.3f}")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from llmcore.align.replies import prompt_reply_rows, token_logprobs
-from llmcore.align.run import rng_from_json, rng_to_json
+from llmcore.align.run import log_curve, rng_from_json, rng_to_json
 from llmcore.config import RLConfig
 from llmcore.data.tasks import is_correct
 from llmcore.data.tokenizer import LLMTokenizer
@@ -166,6 +166,7 @@ def train_grpo(model: Transformer, ref_model: Transformer, tok: LLMTokenizer,
                "kl": round(kl, 6),
                "useful_groups": int((rewards.std(dim=1) > 0).sum())}
         result.history.append(row)
+        log_curve(ctx, row)
         if progress.due(step + 1):
             progress.report(step + 1, [
                 f"mean reward {row['reward']:.3f}", f"exact {correct:.3f}",

@@ -26,6 +26,7 @@ import torch
 from llmcore.config import NON_SHAPING, OptimConfig
 from llmcore.device import precision
 from llmcore.lineage import code_hash
+from llmcore.tracking import Tracker
 from llmcore.train.checkpoint import CheckpointManager, fingerprint
 from llmcore.train.step import Log, RunContext
 
@@ -38,8 +39,10 @@ def data_hash(value: Any) -> str:
 
 def policy_context(name: str, cfg: OptimConfig, *, seed: int, device: torch.device,
                    dtype: str, data: Mapping[str, Any], code: Sequence[str],
-                   checkpoint_dir: Path | None = None, log: Log = print) -> RunContext:
-    """The :class:`RunContext` of one alignment run (checkpoints only with a directory)."""
+                   checkpoint_dir: Path | None = None, log: Log = print,
+                   tracker: Tracker | None = None) -> RunContext:
+    """The :class:`RunContext` of one alignment run (checkpoints only with a directory; the
+    per-step curves go to ``tracker`` as pretraining's and SFT's do)."""
     prec = precision(dtype, device)
     shaping = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NON_SHAPING}
     fp = fingerprint({"params": shaping, "seed": seed, "code": code_hash(*code),
@@ -48,8 +51,16 @@ def policy_context(name: str, cfg: OptimConfig, *, seed: int, device: torch.devi
     manager = (CheckpointManager(checkpoint_dir, fp, keep=cfg.keep_checkpoints, log=log)
                if checkpoint_dir is not None else None)
     log(f"{name}: {prec.describe()}")
-    return RunContext(device, prec.autocast, checkpoints=manager, log=log, name=name,
-                      muon_dtype=prec.orthogonalize)
+    return RunContext(device, prec.autocast, checkpoints=manager, tracker=tracker, log=log,
+                      name=name, muon_dtype=prec.orthogonalize)
+
+
+def log_curve(ctx: RunContext, row: Mapping[str, Any], prefix: str = "") -> None:
+    """One step's row (``step`` and its numbers) as ``<name>/<prefix><key>`` metrics of the
+    run's tracker, at that step: the curve a user opens in the MLflow UI."""
+    if ctx.tracker is not None:
+        ctx.tracker.log_metrics({f"{ctx.name}/{prefix}{k}": float(v) for k, v in row.items()
+                                 if k != "step"}, step=int(row["step"]))
 
 
 def rng_to_json(rng: random.Random) -> list[Any]:

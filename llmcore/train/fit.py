@@ -41,6 +41,7 @@ from llmcore.lineage import code_hash
 from llmcore.model.loss import unigram_bpb
 from llmcore.model.modeldir import load_weights, read_weights
 from llmcore.model.transformer import Transformer
+from llmcore.tracking import Tracker
 from llmcore.train.checkpoint import CheckpointManager, fingerprint
 from llmcore.train.loop import Dist, Log, RunContext, Trainer, TrainResult
 from llmcore.train.parallel import full_state_dict, shard_model
@@ -218,7 +219,7 @@ def _build_model(spec: FitSpec, init: Mapping[str, torch.Tensor] | None, dist_in
     return model
 
 
-def fit(spec: FitSpec, tracker: Any = None, log: Log = print) -> FitOutput:
+def fit(spec: FitSpec, tracker: Tracker | None = None, log: Log = print) -> FitOutput:
     """Build the model and data, resume if possible, train, and pick the weights to export."""
     cfg = spec.train
     if cfg.threads:

@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from llmcore.config import OptimConfig, UserError
 from llmcore.device import autocast
+from llmcore.tracking import Tracker
 from llmcore.train.checkpoint import CheckpointManager, Loaded, set_rng_state
 from llmcore.train.optim import Optimizers, lr_at, make_optimizer
 from llmcore.train.parallel import as_float, set_gradient_sync
@@ -91,7 +92,7 @@ class RunContext:
     dtype: torch.dtype  # autocast dtype (float32: none)
     token_bytes: torch.Tensor | None = None  # (V,) UTF-8 bytes per token id, for bits per byte
     checkpoints: CheckpointManager | None = None
-    tracker: Any = None
+    tracker: Tracker | None = None
     dist: Dist = field(default_factory=Dist)
     log: Log = print
     name: str = "train"  # prefix of log lines and metric names, and of params keys in errors

@@ -14,6 +14,7 @@ from llmcore.align.grpo import train_grpo
 from llmcore.align.run import policy_context
 from llmcore.config import DPOConfig, RLConfig, UserError, parse_section
 from llmcore.model.transformer import Transformer
+from llmcore.tracking import NullTracker
 from llmcore.train.checkpoint import CheckpointManager
 
 
@@ -122,3 +123,32 @@ def test_changed_params_do_not_resume_and_must_says_why(tiny_tokenizer, tmp_path
     with pytest.raises(UserError, match="dpo.resume is must but"):
         train_dpo(tiny(2), kept[:8], refs[:8], kept[8:], refs[8:], rows, other,
                   context("dpo", other, tmp_path, "llmcore.align.dpo"), seed=3)
+
+
+def test_dpo_and_grpo_send_their_curves_to_the_tracker(tiny_tokenizer, tmp_path):
+    """Each step's row goes to the run's tracker (MLflow in the stages) at its step, as
+    pretraining's and SFT's do, and DPO's held-out evaluations as val_ metrics."""
+    kept, rows, refs = pairs(tiny_tokenizer)
+    cfg = DPOConfig(max_steps=4, warmup_steps=1, batch_size=4, eval_every=2,
+                    checkpoint_every=10, log_every=10)
+    tracker = NullTracker()
+    ctx = policy_context("dpo", cfg, seed=3, device=torch.device("cpu"), dtype="float32",
+                         data={"toy": 1}, code=["llmcore.align.dpo"], log=lambda m: None,
+                         tracker=tracker)
+    result = train_dpo(tiny(2), kept[:8], refs[:8], kept[8:], refs[8:], rows, cfg, ctx, seed=3)
+    train_steps = [s for s, m in tracker.metrics if "dpo/loss" in m]
+    assert train_steps == [1, 2, 3, 4]
+    assert [m["dpo/loss"] for s, m in tracker.metrics if "dpo/loss" in m] == \
+        [r["loss"] for r in result.history]
+    assert [s for s, m in tracker.metrics if "dpo/val_reward_accuracy" in m] == [2, 4]
+    tasks = [{"messages": [{"role": "user", "content": f"say yes {i}"},
+                           {"role": "assistant", "content": "yes"}], "answer": "yes"}
+             for i in range(4)]
+    rl = RLConfig(max_steps=3, prompts_per_step=2, group_size=2, max_new_tokens=3)
+    tracker = NullTracker()
+    ctx = policy_context("rl", rl, seed=3, device=torch.device("cpu"), dtype="float32",
+                         data={"toy": 1}, code=["llmcore.align.grpo"], log=lambda m: None,
+                         tracker=tracker)
+    train_grpo(tiny(2), tiny(2), tiny_tokenizer, tasks, rl, ctx, seed=3)
+    assert [s for s, _ in tracker.metrics] == [1, 2, 3]
+    assert {"rl/reward", "rl/exact", "rl/kl", "rl/loss"} <= set(tracker.metrics[0][1])
