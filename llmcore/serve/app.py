@@ -69,21 +69,24 @@ class _Served:
     def context(self) -> int:
         return self.cfg.max_seq_len
 
-    def budget(self, prompt: Sequence[int], requested: int | None, field: str) -> int:
-        """max new tokens for a prompt, or a 400 that states the limits."""
+    def budget(self, prompt: Sequence[int], max_new_tokens: int | None, field: str) -> int:
+        """The max new tokens of a reply to ``prompt``: ``max_new_tokens`` (as the request's
+        ``field`` asked), or all the context has left when None; a 400 stating the limits
+        when they do not fit. (One internal name for the budget: max_new_tokens; the API's
+        fields keep OpenAI's names.)"""
         if not prompt:
             raise ApiError(400, "the prompt is empty", "messages")
         room = self.context - len(prompt)
-        if requested is None:
+        if max_new_tokens is None:
             if room < 1:
                 raise ApiError(400, f"the prompt has {len(prompt)} tokens; this model's "
                                     f"context is {self.context} tokens", "messages")
             return room
-        if requested > room:
+        if max_new_tokens > room:
             raise ApiError(400, f"the prompt has {len(prompt)} tokens and {field} is "
-                                f"{requested}; this model's context is {self.context} tokens, "
+                                f"{max_new_tokens}; this model's context is {self.context} tokens, "
                                 f"so prompt + {field} must be at most {self.context}", field)
-        return requested
+        return max_new_tokens
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in (self.model_id, ""):
@@ -160,9 +163,8 @@ def _generation_routes(app: FastAPI, s: _Served) -> None:
         if body.messages[-1].role == "assistant":
             raise ApiError(400, "the last message must be from the user or system", "messages")
         prompt = s.tok.encode_prompt([m.as_dict() for m in body.messages])
-        field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-        n_new = s.budget(prompt, body.requested_tokens(), field)
-        jobs = [Job(0, i, prompt, body.sampling(n_new, i)) for i in range(body.n)]
+        max_new_tokens = s.budget(prompt, *body.max_new_tokens_field())
+        jobs = [Job(0, i, prompt, body.sampling(max_new_tokens, i)) for i in range(body.n)]
         return await _answer(request, s, body, jobs, "chat.completion", "chatcmpl")
 
     @app.post("/v1/completions", response_model=None)
@@ -172,8 +174,10 @@ def _generation_routes(app: FastAPI, s: _Served) -> None:
         jobs: list[Job] = []
         for p, text in enumerate(body.prompts()):
             ids = s.tok.encode_text(text)
-            n_new = s.budget(ids, body.max_tokens or 16, "max_tokens")  # OpenAI's default: 16
-            jobs += [Job(p, p * body.n + i, ids, body.sampling(n_new, i)) for i in range(body.n)]
+            # OpenAI's default for completions: 16
+            max_new_tokens = s.budget(ids, body.max_tokens or 16, "max_tokens")
+            jobs += [Job(p, p * body.n + i, ids, body.sampling(max_new_tokens, i))
+                     for i in range(body.n)]
         return await _answer(request, s, body, jobs, "text_completion", "cmpl")
 
     @app.post("/v1/generate")
@@ -184,8 +188,8 @@ def _generation_routes(app: FastAPI, s: _Served) -> None:
         for i, text in enumerate(prompts):
             ids = (s.tok.encode_text(text) if body.raw else
                    s.tok.encode_prompt([{"role": "user", "content": text}]))
-            n_new = s.budget(ids, body.max_new_tokens, "max_new_tokens")
-            sampling = Sampling(n_new, body.temperature, body.top_k, body.top_p, body.seed)
+            max_new_tokens = s.budget(ids, body.max_new_tokens, "max_new_tokens")
+            sampling = Sampling(max_new_tokens, body.temperature, body.top_k, body.top_p, body.seed)
             jobs.append(Job(i, i, ids, sampling))
         start = time.perf_counter()
         outs = await _collect(request, s.engine, jobs, s.stop_ids, ())

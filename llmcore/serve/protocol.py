@@ -88,8 +88,12 @@ class SamplingFields(BaseModel):
             raise ValueError("response_format other than text is not supported")
         return self
 
-    def requested_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+    def max_new_tokens_field(self) -> tuple[int | None, str]:
+        """The reply's token budget the request asks for (None: what the context has left),
+        and the field that asked it, for an error to name: OpenAI's newer name first."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
 
     def sampling(self, max_new_tokens: int, index: int = 0) -> Sampling:
         # n > 1 with a seed: choice i uses seed + i, so the choices differ and each reproduces

@@ -67,6 +67,10 @@ def test_chat_completion_fields_and_stream_agree(served, tiny_tokenizer):
     assert text == expected
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
     assert chunks[-1]["usage"]["completion_tokens"] == 8
+    # max_completion_tokens (OpenAI's newer name) sets the same budget, before max_tokens
+    newer = {**body, "max_tokens": 20, "max_completion_tokens": 5}
+    r = client.post("/v1/chat/completions", json=newer)
+    assert r.json()["usage"]["completion_tokens"] == 5, r.text
 
 
 def test_list_of_text_parts_equals_a_string(served):
@@ -156,6 +160,9 @@ MSG = [{"role": "user", "content": "x"}]
      422, "content"),
     ({"messages": MSG, "model": "gpt-4o"}, 404, "serves 'm'"),
     ({"messages": MSG, "max_tokens": 500}, 400, "context is 128 tokens"),
+    # OpenAI's newer name is honoured, and named when it does not fit
+    ({"messages": MSG, "max_tokens": 4, "max_completion_tokens": 500}, 400,
+     "max_completion_tokens is 500"),
     ({"messages": [{"role": "user", "content": "word " * 150}]}, 400, "context is 128"),
     ({"messages": MSG + [{"role": "assistant", "content": "y"}]}, 400, "last message"),
 ])
