@@ -30,12 +30,11 @@ sys.path.insert(0, str(REPO))
 from llmcore.align.dpo import encode_pairs, reference_logprobs, task_pairs, train_dpo  # noqa: E402
 from llmcore.align.grpo import train_grpo  # noqa: E402
 from llmcore.config import SYNTHETIC_TASKS, DPOConfig, RLConfig  # noqa: E402
-from llmcore.data.corpus import read_conversations  # noqa: E402
+from llmcore.data.corpus import read_conversations, task_subset  # noqa: E402
 from llmcore.data.tokenizer import LLMTokenizer  # noqa: E402
 from llmcore.model.modeldir import load_model_dir  # noqa: E402
 from llmcore.report.evaluate import task_accuracy  # noqa: E402
 from llmcore.train.step import RunContext  # noqa: E402
-from stages._align import task_subset  # noqa: E402
 
 TASKS = SYNTHETIC_TASKS
 

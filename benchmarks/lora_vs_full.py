@@ -26,12 +26,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from llmcore.config import parse_section  # noqa: E402
-from llmcore.data.shards import read_manifest  # noqa: E402
+from llmcore.data.shards import data_fingerprint, read_manifest  # noqa: E402
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes  # noqa: E402
 from llmcore.model.lora import LoRASpec  # noqa: E402
 from llmcore.model.modeldir import read_model_config  # noqa: E402
 from llmcore.train.fit import FitSpec, fit  # noqa: E402
-from stages._training import data_fingerprint  # noqa: E402
 
 
 def main() -> None:

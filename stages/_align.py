@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,18 +57,6 @@ def load_policy(src: Path, base: BaseConfig, method: str, lora_cfg: LoRAConfig
     trainable, total = trainable_parameters(model)
     return model, cfg, adapter, {"trainable_params": trainable,
                                  "trainable_share": round(trainable / total, 5)}
-
-
-def task_subset(convs: list[dict[str, Any]], tasks: Sequence[str], per_task: int
-                ) -> list[dict[str, Any]]:
-    """Up to ``per_task`` conversations of each task, in corpus order."""
-    out, counts = [], dict.fromkeys(tasks, 0)
-    for c in convs:
-        t = c["task"]
-        if t in counts and c.get("answer") and counts[t] < per_task:
-            out.append(c)
-            counts[t] += 1
-    return out
 
 
 def exact_match(model: Any, tok: LLMTokenizer, convs: list[dict[str, Any]], per_task: int,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcore.config import BaseConfig, ModelConfig, TrainConfig, UserError
-from llmcore.data.shards import read_manifest
+from llmcore.data.shards import data_fingerprint, read_manifest
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes
 from llmcore.model.modeldir import save_model_dir
 from llmcore.tracking import Tracker
@@ -17,12 +17,6 @@ from stages import paths
 from stages._common import as_dict, git_commit, log, rank, repo_root, write_tsv
 
 SHARDS, TOKENIZER = paths.SHARDS, paths.TOKENIZER
-
-
-def data_fingerprint(manifest: dict[str, Any], splits: list[str]) -> dict[str, Any]:
-    return {"tokenizer": manifest["tokenizer_sha256"], "seq_len": manifest["seq_len"],
-            "shards": {s: [x["sha256"] for x in manifest["splits"][s]["shards"]]
-                       for s in splits if s in manifest["splits"]}}
 
 
 def train_and_export(stage: str, model_cfg: ModelConfig, cfg: TrainConfig, base: BaseConfig,

@@ -18,13 +18,13 @@ from llmcore.align.dpo import encode_pairs, reference_logprobs, task_pairs, trai
 from llmcore.align.replies import sampled_kl
 from llmcore.align.run import data_hash, policy_context
 from llmcore.config import SYNTHETIC_TASKS, BaseConfig, DPOConfig
-from llmcore.data.corpus import read_conversations, read_preferences
+from llmcore.data.corpus import read_conversations, read_preferences, task_subset
 from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.files import sha256_file
 from llmcore.model.modeldir import load_model_dir
 from llmcore.tracking import Tracker
 from stages import paths
-from stages._align import copy_model, load_policy, save_policy, task_subset
+from stages._align import copy_model, load_policy, save_policy
 from stages._common import StageParams, log, repo_root, run_stage, write_tsv
 
 PARAMS = ("base.seed", "base.device", "base.dtype", "dpo")

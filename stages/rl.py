@@ -16,13 +16,13 @@ from typing import Any
 from llmcore.align.grpo import train_grpo
 from llmcore.align.run import data_hash, policy_context
 from llmcore.config import BaseConfig, RLConfig
-from llmcore.data.corpus import read_conversations
+from llmcore.data.corpus import read_conversations, task_subset
 from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.files import sha256_file
 from llmcore.model.modeldir import load_model_dir
 from llmcore.tracking import Tracker
 from stages import paths
-from stages._align import copy_model, exact_match, load_policy, save_policy, task_subset
+from stages._align import copy_model, exact_match, load_policy, save_policy
 from stages._common import StageParams, log, repo_root, run_stage, write_tsv
 
 PARAMS = ("base.seed", "base.device", "base.dtype", "rl")

@@ -19,6 +19,7 @@ depends on its output, not every reader of the corpus code.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,19 @@ def read_documents(corpus_dir: Path, split: str) -> list[dict[str, Any]]:
 def read_conversations(corpus_dir: Path, split: str = "train") -> list[dict[str, Any]]:
     """SFT rows of one split: ``{"id", "messages", "task", "answer", "source"}``."""
     return _read_table(Path(corpus_dir) / f"sft_{split}.parquet").to_pylist()
+
+
+def task_subset(convs: list[dict[str, Any]], tasks: Sequence[str], per_task: int
+                ) -> list[dict[str, Any]]:
+    """Up to ``per_task`` conversations with an answer of each of ``tasks``, in corpus order
+    (what DPO makes pairs from and GRPO rewards)."""
+    out, counts = [], dict.fromkeys(tasks, 0)
+    for c in convs:
+        t = c["task"]
+        if t in counts and c.get("answer") and counts[t] < per_task:
+            out.append(c)
+            counts[t] += 1
+    return out
 
 
 def read_preferences(corpus_dir: Path, split: str) -> list[dict[str, Any]]:

@@ -239,6 +239,14 @@ class RowSubset:
         return self.dataset.segments(self.rows[np.asarray(indices, dtype=np.int64)], ids)
 
 
+def data_fingerprint(manifest: dict[str, Any], splits: list[str]) -> dict[str, Any]:
+    """What of the shards a training run's numbers depend on (its checkpoints' fingerprint):
+    the tokenizer, the row length and the hash of every shard of ``splits``."""
+    return {"tokenizer": manifest["tokenizer_sha256"], "seq_len": manifest["seq_len"],
+            "shards": {s: [x["sha256"] for x in manifest["splits"][s]["shards"]]
+                       for s in splits if s in manifest["splits"]}}
+
+
 def eot_segments(ids: np.ndarray, eot_id: int) -> np.ndarray:
     """(n, L) ids -> (n, L) document numbers; each ``<|endoftext|>`` starts a document.
 
