@@ -118,3 +118,28 @@ def test_a_baseline_alone_over_seeds_renders_its_mean_interval_and_values(tmp_pa
     row = next(line for line in text.splitlines() if line.startswith("| `m/acc`"))
     # mean 0.6, sd 0.1, t(0.975, 2) = 4.303: 0.6 +- 0.248
     assert row == "| `m/acc` | 3 | 0.600 +- 0.100 | [0.352, 0.848] | 0.500, 0.700, 0.600 |"
+
+
+def test_every_report_is_read_by_a_page_and_history_is_dated():
+    """One convention for ``reports/``: a current file is named by a page, the results
+    generator or a benchmark (so a reader can find what made it and what it shows); a
+    superseded one goes to ``reports/history/`` under its date. Files a named folder holds
+    (``reports/evaluate/``, a comparison's .md and .png beside its .json) ride with it."""
+    readers = "\n".join(p.read_text() for p in [REPO / "README.md", *REPO.glob("docs/*.md"),
+                                                 *REPO.glob("docs/*.py"),
+                                                 *REPO.glob("benchmarks/*.py")])
+    orphans = []
+    for path in sorted((REPO / "reports").rglob("*.json*")):
+        rel = path.relative_to(REPO).as_posix()
+        if rel.startswith("reports/history/"):
+            assert re.match(r"\d{4}-\d{2}-\d{2}-", path.name), rel
+            continue
+        if rel.startswith("reports/evaluate/"):
+            continue  # the evaluate stage's output, read as a folder
+        named = (rel in readers
+                 or (path.parent.name != "reports"
+                     and f"{path.parent.relative_to(REPO).as_posix()}/" in readers)
+                 or (path.parent.name == "compare" and f"`{path.stem}" in readers))
+        if not named:
+            orphans.append(rel)
+    assert orphans == []
