@@ -97,8 +97,10 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = self.dropout(x) @ self.lora_A.T @ self.lora_B.T  # (..., in) -> (..., out)
-        return self.base(x) + update * self.scaling
+        dropped: torch.Tensor = self.dropout(x)
+        update = dropped @ self.lora_A.T @ self.lora_B.T  # (..., in) -> (..., out)
+        base: torch.Tensor = self.base(x)
+        return base + update * self.scaling
 
     def merged(self) -> torch.Tensor:
         """W + scaling * B A, the weight of the equivalent plain Linear."""

@@ -148,7 +148,8 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                            is_causal=causal)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*Hd)
-        return self.o_proj(y)  # (B, T, D)
+        out: torch.Tensor = self.o_proj(y)  # (B, T, D)
+        return out
 
 
 class MLP(nn.Module):
@@ -169,7 +170,8 @@ class MLP(nn.Module):
             h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, F)
         else:
             h = F.gelu(self.up_proj(x), approximate="tanh")  # (B, T, F)
-        return self.down_proj(h)
+        out: torch.Tensor = self.down_proj(h)
+        return out
 
 
 class Block(nn.Module):
@@ -185,7 +187,8 @@ class Block(nn.Module):
                 cache: KVCacheLike | None = None,
                 doc_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, cache, doc_mask))
-        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        mlp: torch.Tensor = self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        return x + mlp
 
 
 class Transformer(nn.Module):
@@ -250,7 +253,7 @@ class Transformer(nn.Module):
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
                ) -> Transformer:
         self._unprepare()  # .to / .float make new weights: the fused views would be stale
-        return super()._apply(fn, recurse)
+        return super()._apply(fn, recurse)  # type: ignore[no-untyped-call, no-any-return]
 
     def reset_parameters(self) -> None:
         """normal(0, 0.02); residual output projections scaled by 1/sqrt(2 * n_layers)."""
@@ -311,7 +314,8 @@ class Transformer(nn.Module):
             cache.advance(T)
         if keep is not None:
             x = x[keep]  # (N, D)
-        return self.lm_head(self.norm(x))  # (B, T, V), or (N, V) with keep
+        logits: torch.Tensor = self.lm_head(self.norm(x))  # (B, T, V), or (N, V) with keep
+        return logits
 
     def _rope(self, positions: torch.Tensor, cache: KVCacheLike | None
               ) -> tuple[torch.Tensor, torch.Tensor]:

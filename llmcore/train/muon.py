@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -75,7 +76,7 @@ class Muon(torch.optim.Optimizer):
                 if p.ndim != 2:
                     raise ValueError(f"Muon takes 2-D parameters only, got {tuple(p.shape)}")
 
-    def _orthogonalise(self, update: torch.Tensor, group: dict) -> torch.Tensor:
+    def _orthogonalise(self, update: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
         if not isinstance(update, DTensor):
             return newton_schulz(update, group["ns_steps"], COEFFICIENTS, group["eps"],
                                  self.ns_dtype)

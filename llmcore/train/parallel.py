@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
-from llmcore.model.modeldir import state_dict_for_save, tied_names
+from llmcore.model.modeldir import state_dict_for_save
+from llmcore.model.quant import tied_names
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -83,8 +83,8 @@ class ShardedCheckpoints(CheckpointManager):
 
     def save(self, step: int, model: torch.nn.Module, optimizer: Any,
              state: dict[str, Any]) -> Path:
-        from torch.distributed.checkpoint import save as dcp_save
         from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
         final = self.dir / f"{STEP_PREFIX}{step:08d}"
         msd, osd = get_state_dict(model, optimizer.optimizers)
@@ -169,8 +169,8 @@ class ShardedCheckpoints(CheckpointManager):
 
     def restore(self, loaded: Loaded, model: torch.nn.Module, optimizer: Any) -> None:
         """Read the model and optimizer shards this rank owns now (any world size)."""
-        from torch.distributed.checkpoint import load as dcp_load
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
         # the live state is the template: DCP fills each tensor with the piece this rank owns
         # (get_state_dict first gives a fresh optimizer its state, by a step at lr 0)

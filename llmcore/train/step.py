@@ -110,7 +110,8 @@ class OptimizerStep:
 
     def autocast(self) -> AbstractContextManager[Any]:
         """The forward's precision: bf16 where native, fp16 where only that exists, else fp32."""
-        return autocast(self.ctx.device, self.ctx.dtype)
+        context: AbstractContextManager[Any] = autocast(self.ctx.device, self.ctx.dtype)
+        return context
 
     def set_lr(self, step: int) -> float:
         """The schedule's learning rate for optimizer step ``step`` (0-based), applied."""
@@ -131,7 +132,7 @@ class OptimizerStep:
                     else contextlib.nullcontext())
             set_gradient_sync(self.model, i == last)  # FSDP's no_sync (nothing otherwise)
             with sync:
-                self.scaler.scale(loss_fn()).backward()
+                self.scaler.scale(loss_fn()).backward()  # type: ignore[no-untyped-call]
 
     def update(self, loss: float, step: int) -> float:
         """Clip, check, step and clear the gradients; returns the (unclipped) gradient norm.
