@@ -197,14 +197,18 @@ def collect(names: set[str]) -> dict[str, dict[str, Any]]:
 
 
 def experiment_metrics(names: set[str], show: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """name -> flat metrics of the experiments in ``names`` found in ``show`` (the parsed
-    output of ``dvc exp show --json``)."""
+    """name -> flat metrics of the finished experiments in ``names`` found in ``show`` (the
+    parsed output of ``dvc exp show --json``). A queued, running, failed or killed one is
+    left out: DVC lists it with the metrics files of the commit it started from, which are
+    another run's."""
     found: dict[str, dict[str, Any]] = {}
     for baseline in show:
         for exp in baseline.get("experiments") or []:
+            if (exp.get("executor") or {}).get("state") in ("queued", "running", "failed"):
+                continue
             for rev in exp.get("revs") or []:
                 name = rev.get("name") or exp.get("name")
-                if name in names and rev.get("data"):
+                if name in names and rev.get("data") and not rev.get("error"):
                     metrics: dict[str, Any] = {}
                     for f in (rev["data"].get("metrics") or {}).values():
                         metrics.update(f.get("data") or {})

@@ -146,3 +146,23 @@ def test_a_variant_can_be_compared_with_the_baseline_of_an_earlier_comparison(
     metric = result["metrics"]["evaluate/val/arithmetic_exact_match"]
     assert metric["sides"]["base"]["mean"] == pytest.approx(.25)
     assert metric["sides"]["max-steps-600"]["mean"] == pytest.approx(.65)
+
+
+def test_only_finished_experiments_are_read():
+    """DVC lists a queued, running or failed experiment with the metrics files of the commit
+    it started from: another run's figures, which must not count as this seed's."""
+    from stages.compare import experiment_metrics
+
+    def exp(name, executor=None, error=None, value=0.5):
+        return {"name": name, "executor": executor,
+                "revs": [{"name": name, "error": error, "data": {"metrics": {
+                    "metrics/evaluate.json": {"data": {"evaluate/val/x": value}}}}}]}
+
+    show = [{"rev": "abc", "experiments": [
+        exp("c-base-s1", value=0.9),
+        exp("c-base-s2", executor={"state": "queued"}),
+        exp("c-base-s3", executor={"state": "running"}),
+        exp("c-base-s4", error={"msg": "Experiment run failed", "type": ""}),
+        exp("c-base-s5", executor={"state": "failed"})]}]
+    found = experiment_metrics({f"c-base-s{i}" for i in range(1, 6)}, show)
+    assert found == {"c-base-s1": {"evaluate/val/x": 0.9}}
