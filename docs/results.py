@@ -258,7 +258,7 @@ def seeded(files: Files, rel: str) -> list[str]:
     verdict."""
     data = files.get(rel)
     if data is None:
-        return missing(rel, "`python -m stages.compare --name seeds-quick ...`")
+        return missing(rel, f"`python -m stages.compare --name {Path(rel).stem} ...`")
     sides = data.get("sides", {})
     took = ("" if data.get("seconds") is None else
             f", {minutes(data.get('seconds'))} for every run of every side")
@@ -309,11 +309,11 @@ def chain_gain(files: Files, rel: str) -> list[str]:
         ["step", "metric", "mean difference", "95% interval", "p (paired)", "verdict"], rows)
 
 
-def _alone_rows(metrics: Json) -> list[str]:
+def _alone_rows(metrics: Json, side: str = "base") -> list[str]:
     """One side over its seeds: mean +- sd, the 95% t interval of the mean, each seed's value."""
     rows = []
     for metric, e in metrics.items():
-        d = e["sides"].get("base", {})
+        d = e["sides"].get(side, {})
         lo, hi = d.get("ci95") or [None, None]
         rows.append([f"`{metric}`", str(d.get("n", 0)),
                      "-" if d.get("mean") is None else f"{d['mean']:.3f} +- {d['sd']:.3f}",
@@ -766,19 +766,9 @@ def results_md(files: Files) -> str:
            "(`metrics/*.json`, DVC metrics).", "",
            "### Four models compared", "", "From `metrics/evaluate.json`:", ""]
     out += comparison(files)
-    out += ["### The default over seeds", "",
-            "`reports/compare/default-3seeds.json` (`python -m stages.compare --seed-list "
-            "1337,1,2 --profile full --name default-3seeds`): the committed params run once "
-            "per seed as DVC experiments. The seed changes initialisation, data order and "
-            "sampling, never the corpus or a held-out set; the intervals are Student's t over "
-            "the seeds, so with three seeds they are wide. The final model's test figures are "
-            "what the default is judged on:", ""]
-    out += seeded_section(files, "default-3seeds", "the default over seeds")
-    out += ["What each alignment stage adds to the model before it, seed by seed on test "
-            "(`reports/compare/default-3seeds-chain.json`, `python benchmarks/chain_gain.py "
-            "--name default-3seeds`): the step against nothing, not against SFT given the "
-            "same minutes.", ""]
-    out += chain_gain(files, "reports/compare/default-3seeds-chain.json")
+    out += ["### The default over seeds", ""]
+    out += default_seeded(files)
+    out += chain_gain(files, SEEDED_DEFAULT.replace(".json", "-chain.json"))
     out += ["![loss curves](../reports/evaluate/loss_curves.png)", "",
             "### Length extrapolation", ""]
     out += extrapolation(files)
@@ -833,6 +823,17 @@ def results_md(files: Files) -> str:
             "default-run) says what they measured); they compare the recipes with each other, "
             "not what a model does on unseen questions.", ""]
     out += seeded_section(files, "seeds-quick", "seeded comparison")
+    out += ["### Task weights over seeds", "",
+            "Each variant against the params before it (`fetch.synthetic_task_weights` all 1; "
+            "the baseline's runs are those of the default over seeds), decided on val. "
+            "`reports/compare/arith2.json`: `python -m stages.compare --variant "
+            "\"fetch.synthetic_task_weights.arithmetic=2\" --seed-list 1337,1,2 --profile "
+            "full --name arith2 --base-from default-3seeds`:", ""]
+    out += seeded_section(files, "arith2", "arithmetic x2 over seeds")
+    out += ["`reports/compare/arith2-rev05.json`: arithmetic x2 and reverse x0.5, stopped "
+            "after its first seed (`--name arith2-rev05`): reverse fell far below every seed "
+            "of the baseline.", ""]
+    out += seeded_section(files, "arith2-rev05", "arithmetic x2, reverse x0.5")
     out += ["### The letters curriculum over seeds", "",
             "`reports/compare/letters-quick.json`: the committed params against the same "
             "without the letters curriculum (`pack.letters_share=0`), the quick profile, "
@@ -925,7 +926,12 @@ def samples(files: Files) -> list[str]:
     return out
 
 
+# the committed params over seeds: a comparison's file and the side whose runs had exactly
+# these params (the baseline of a default run alone, or the variant a comparison adopted),
+# and the command that made it
 SEEDED_DEFAULT = "reports/compare/default-3seeds.json"
+SEEDED_SIDE = "base"
+SEEDED_COMMAND = "python -m stages.compare --seed-list 1337,1,2 --profile full --name default-3seeds"
 # what the default is judged on (spell and reverse on their words of several tokens)
 JUDGED = ("arithmetic_exact_match", "count_exact_match", "spell_multi_exact_match",
           "reverse_multi_exact_match")
@@ -940,16 +946,36 @@ def _interval(metric: str, lo: float | None, hi: float | None) -> str:
     return f"[{lo:.3f}, {hi:.3f}]"
 
 
+def default_seeded(files: Files) -> list[str]:
+    """The results page's section on the committed params over seeds: val (what decisions
+    read) and the final model on test (what the default is judged on), each seed's value."""
+    data = files.get(SEEDED_DEFAULT)
+    if data is None or not data.get("reported"):
+        return missing(SEEDED_DEFAULT, f"`{SEEDED_COMMAND}`")
+    out = [f"`{SEEDED_DEFAULT}` (`{SEEDED_COMMAND}`; side `{SEEDED_SIDE}`, whose runs had "
+           "the committed params): one run per seed, as DVC experiments. The seed changes "
+           "initialisation, data order and sampling, never the corpus or a held-out set; "
+           f"the intervals are Student's t over the seeds {data.get('seeds')}, so with three "
+           "seeds they are wide.", "", "Val, what a decision reads:", ""]
+    out += _alone_rows(data.get("metrics", {}), SEEDED_SIDE)
+    out += ["The final model on test, what the default is judged on:", ""]
+    out += _alone_rows(data["reported"], SEEDED_SIDE)
+    chain = SEEDED_DEFAULT.replace(".json", "-chain.json")
+    return out + ["What each alignment stage adds to the model before it, seed by seed on test "
+                  f"(`{chain}`, `python benchmarks/chain_gain.py --name "
+                  f"{data.get('name')} --side {SEEDED_SIDE}`): the step against nothing, not "
+                  "against SFT given the same minutes.", ""]
+
+
 def default_over_seeds(files: Files) -> list[str]:
     """The README's line on the default over seeds: the final model's test figures (mean and
     the 95% interval of the mean), linking the full table."""
     data = files.get(SEEDED_DEFAULT)
     if data is None or not data.get("reported"):
-        return missing(SEEDED_DEFAULT, "`python -m stages.compare --seed-list 1337,1,2 "
-                                       "--profile full --name default-3seeds`")
+        return missing(SEEDED_DEFAULT, f"`{SEEDED_COMMAND}`")
     rows = []
     for metric, e in data["reported"].items():
-        d = e["sides"].get("base", {})
+        d = e["sides"].get(SEEDED_SIDE, {})
         lo, hi = d.get("ci95") or [None, None]
         if d.get("mean") is None or metric.rsplit("/", 1)[-1] not in JUDGED:
             continue

@@ -84,8 +84,11 @@ def paired(base: dict[int, float | None], variant: dict[int, float | None]) -> d
 
 
 def verdict(test: dict[str, Any], lower_is_better: bool) -> str:
-    """``better`` / ``worse`` where p < ALPHA, else ``no detectable difference``."""
-    if test["p"] is None or test["diff"] is None or test["p"] >= ALPHA:
+    """``better`` / ``worse`` where p < ALPHA, else ``no detectable difference``; ``too few
+    seeds`` where there is no difference to test (under two seeds on a side, or in common)."""
+    if test["diff"] is None:
+        return "too few seeds"
+    if test["p"] is None or test["p"] >= ALPHA:
         return "no detectable difference"
     better = test["diff"] < 0 if lower_is_better else test["diff"] > 0
     return "better" if better else "worse"

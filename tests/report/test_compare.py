@@ -86,6 +86,10 @@ def test_verdicts_follow_the_direction_of_each_metric():
     assert bpb["lower"]["p"] < 1e-6 and bpb["lower"]["ci95"][1] < 0
     assert bpb["same"]["verdict"] == "no detectable difference" and bpb["same"]["p"] == pytest.approx(1.0)
     assert lower_is_better("evaluate/sft/sft_val_bpb") and not lower_is_better("a/doc_mc_accuracy")
+    # one seed on a side (a comparison stopped early): nothing to test, and it says so
+    one = compare({"base": base, "early": {1: better[1]}}, "base", ["evaluate/sft/val_bpb"])
+    early = one["metrics"]["evaluate/sft/val_bpb"]["against_baseline"]["early"]
+    assert early["verdict"] == "too few seeds" and early["paired"]["verdict"] == "too few seeds"
     table = markdown(r)
     assert "| evaluate/sft/val_bpb | lower | 5 |" in table and "| better |" in table
 
