@@ -56,7 +56,7 @@ class TaskWeights:
     arithmetic reply is a few tokens and its skill grows with examples; a reverse reply is
     several times longer and, past the letters it shares with spell, recalls its words."""
 
-    arithmetic: float = spec(1.0, ge=0, doc="arithmetic conversations per synthetic_per_task")
+    arithmetic: float = spec(2.0, ge=0, doc="arithmetic conversations per synthetic_per_task")
     spell: float = spec(1.0, ge=0, doc="spell conversations per synthetic_per_task")
     count: float = spec(1.0, ge=0, doc="count conversations per synthetic_per_task")
     reverse: float = spec(1.0, ge=0, doc="reverse conversations per synthetic_per_task")
