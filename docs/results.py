@@ -263,7 +263,7 @@ def seeded(files: Files, rel: str) -> list[str]:
     took = ("" if data.get("seconds") is None else
             f", {minutes(data.get('seconds'))} for every run of every side")
     out = [f"Profile `{data.get('profile')}`, seeds {data.get('seeds')}, {len(sides)} sides"
-           f"{took}; verdicts at p < {data.get('alpha')}. Baseline: the committed params"
+           f"{took}; verdicts at p < {data.get('alpha')}. Baseline: the params as committed when it ran"
            + (f" with `{sides['base']}`" if sides.get("base") else "") + ".", ""]
     tables = [("", data.get("metrics", {}))]
     if data.get("reported"):
@@ -825,7 +825,8 @@ def results_md(files: Files) -> str:
     out += seeded_section(files, "seeds-quick", "seeded comparison")
     out += ["### Task weights over seeds", "",
             "Each variant against the params before it (`fetch.synthetic_task_weights` all 1; "
-            "the baseline's runs are those of the default over seeds), decided on val. "
+            "the baseline's runs are the previous default's, `default-3seeds-base-s*`, "
+            "reused with `--base-from`), decided on val. The first is the default now. "
             "`reports/compare/arith2.json`: `python -m stages.compare --variant "
             "\"fetch.synthetic_task_weights.arithmetic=2\" --seed-list 1337,1,2 --profile "
             "full --name arith2 --base-from default-3seeds`:", ""]
