@@ -890,6 +890,18 @@ SPLIT_WORDS = {"train": "trained on", "val": "val split: held out, used for deci
                "test": "test split: never trained on", "none": "not a task word"}
 
 
+SHOWN_LINES = 6  # a reply's lines shown in the README; the rest is counted, not printed
+
+
+def shown(reply: str) -> str:
+    """A reply for the README: its first SHOWN_LINES non-blank lines, and how many more."""
+    if not reply.strip():
+        return "(empty reply)"
+    lines = [line for line in reply.strip().splitlines() if line.strip()]
+    more = len(lines) - SHOWN_LINES
+    return "\n".join(lines[:SHOWN_LINES] + ([f"[... {more} more line{'s' * (more > 1)}]"] if more > 0 else []))
+
+
 def samples(files: Files) -> list[str]:
     """The last model of the chain's greedy replies to ``evaluate.prompts``, verbatim, each
     with the split its subject falls in; then test questions drawn at random, with a tally."""
@@ -907,7 +919,7 @@ def samples(files: Files) -> list[str]:
         if subject:
             what = subject["key"].replace("pair:", "operands ").replace("word:", "word ")
             where = f" &nbsp;_({what}: {SPLIT_WORDS.get(subject['split'], subject['split'])})_"
-        out += [f"> {prompt}{where}", "", "```", reply or "(empty reply)", "```", ""]
+        out += [f"> {prompt}{where}", "", "```", shown(reply), "```", ""]
     drawn = data.get("drawn") or []
     if drawn:
         right = sum(d["correct"] for d in drawn)
