@@ -31,7 +31,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llmcore.config import SYNTHETIC_TASKS, EvaluateConfig, SFTConfig  # noqa: E402
+from llmcore.config import (  # noqa: E402
+    SYNTHETIC_TASKS,
+    ConfigError,
+    EvaluateConfig,
+    FetchConfig,
+    SFTConfig,
+    TaskWeights,
+    parse_section,
+)
 from llmcore.data.corpus import read_conversations  # noqa: E402
 from llmcore.data.packing import pack_all  # noqa: E402
 from llmcore.data.tasks import (  # noqa: E402
@@ -53,22 +61,29 @@ def word_of(conv: dict) -> str | None:
     return keys[-1][5:] if keys else None
 
 
-def task_weights(text: str) -> dict[str, float]:
-    """``arithmetic=2,reverse=0.5`` -> {task: weight}; a task not named weighs 1."""
-    out = {}
+def task_weights(text: str) -> TaskWeights:
+    """``arithmetic=2,reverse=0.5`` on top of the pipeline's own ``fetch.synthetic_task_weights``
+    (a task not named keeps the default's weight), checked as params.yaml is."""
+    raw = {f.name: getattr(FetchConfig().synthetic_task_weights, f.name)
+           for f in dataclasses.fields(TaskWeights)}
     for part in filter(None, (p.strip() for p in text.split(","))):
         task, _, w = part.partition("=")
-        if task not in SYNTHETIC_TASKS or not w:
+        try:
+            raw[task] = float(w)
+        except ValueError:
+            task = ""
+        if task not in SYNTHETIC_TASKS:
             raise SystemExit(f"--task-weights: {part!r} is not TASK=WEIGHT with a task of "
-                             f"{', '.join(SYNTHETIC_TASKS)}")
-        out[task] = float(w)
-    return out
+                             f"{', '.join(SYNTHETIC_TASKS)} and a number")
+    try:
+        return parse_section("fetch", {"synthetic_task_weights": raw}).synthetic_task_weights
+    except ConfigError as exc:
+        raise SystemExit(f"--task-weights: {exc}") from None
 
 
 def build_train(args: argparse.Namespace, tok: LLMTokenizer, corpus: Path) -> list[list[dict]]:
     # each task draws from a stream of its own: a weight adds (or drops) that task's only
-    weights = task_weights(args.task_weights)
-    want = {t: round(args.per_task * weights.get(t, 1.0)) for t in SYNTHETIC_TASKS}
+    want = task_weights(args.task_weights).counts(args.per_task)
     convs = [c.as_dicts() for c in synthetic_conversations(want, args.seed)]
     held = {w for s in ("val", "test") for c in read_conversations(corpus, s)
             if (w := word_of(c))}
@@ -108,7 +123,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", default="data/tokenizer")
     ap.add_argument("--per-task", type=int, default=5000)
     ap.add_argument("--task-weights", default="",
-                    help="per-task multipliers of --per-task, e.g. arithmetic=2,reverse=0.5")
+                    help="per-task multipliers of --per-task over the pipeline's "
+                         "fetch.synthetic_task_weights, e.g. arithmetic=1,reverse=0.5")
     ap.add_argument("--letters-share", type=float, default=0.0)
     ap.add_argument("--docs", action="store_true", help="add the corpus's doc conversations")
     ap.add_argument("--working", choices=("plain", "pieces"), default="plain",

@@ -237,7 +237,7 @@ def report(args: argparse.Namespace, runs: list[tuple[str, int, list[str]]],
             by_side.setdefault(side, {})[seed] = found[name]
     missing = [n for n, _, _ in runs if n not in found]
     if "base" not in by_side:
-        raise SystemExit(f"compare: no finished baseline run among {args.name}-base-s*; "
+        raise SystemExit(f"compare: no finished baseline run among {base_prefix(args)}-base-s*; "
                          "see `dvc queue status`")
     for seeds in by_side.values():
         for metrics in seeds.values():
@@ -308,8 +308,16 @@ def main(argv: list[str] | None = None) -> None:
     seconds = None
     if not args.report_only:
         start = time.time()
-        # a baseline read from another comparison ran before: only the variants run
+        # a baseline read from another comparison ran before: only the variants run, and
+        # only once every baseline run is there (not an hour of training to find one missing)
         todo = [r for r in runs if not (args.base_from and is_base(args, r[0]))]
+        if args.base_from:
+            wanted = {n for n, _, _ in runs if is_base(args, n)}
+            absent = sorted(wanted - set(collect(wanted)))
+            if absent:
+                raise SystemExit(f"compare: --base-from {args.base_from}: no finished run "
+                                 f"{', '.join(absent)} (`dvc exp show` lists what exists; "
+                                 "the seeds and profile must be the ones it ran with)")
         queue(todo, args.target)
         # the workers stop by themselves once the queue is idle (`dvc queue stop` would leave
         # a shutdown in the broker that stops the next comparison's worker after one task)

@@ -109,3 +109,20 @@ def test_chain_gain_pairs_the_models_of_each_seeds_run():
     assert rl["p"] < 0.01 and rl["verdict"] == "better"
     assert gain["sft->dpo"]["arithmetic_exact_match"]["diff"] == 0.0
     assert gain["sft->rl"]["count_exact_match"]["diff"] is None  # not scored: no figure
+
+
+def test_task_recipe_weights_start_from_the_pipeline_default_and_are_checked():
+    """The probe's ``--task-weights`` overrides the pipeline's own weights (so a probe of the
+    default is the default), and a bad weight is refused as params.yaml would refuse it."""
+    from llmcore.config import FetchConfig
+
+    path = BENCH_DIR / "task_recipe.py"
+    spec = importlib.util.spec_from_file_location("bench_task_recipe_w", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.task_weights("") == FetchConfig().synthetic_task_weights
+    assert module.task_weights("reverse=0.5").counts(10)["reverse"] == 5
+    for bad, says in (("reverse=-1", "must be >= 0"), ("arith=2", "TASK=WEIGHT"),
+                      ("spell=x", "TASK=WEIGHT")):
+        with pytest.raises(SystemExit, match=says):
+            module.task_weights(bad)

@@ -146,6 +146,14 @@ def test_a_variant_can_be_compared_with_the_baseline_of_an_earlier_comparison(
               "--name", "longer", "--base-from", "default-3seeds",
               "--metric", "evaluate/val/arithmetic_exact_match"])
     assert queued == ["longer-max-steps-600-s1", "longer-max-steps-600-s2"]  # base ran before
+    # a baseline run that is not there stops the comparison before anything is queued
+    queued.clear()
+    monkeypatch.setattr(cmp, "collect", lambda names: {})
+    with pytest.raises(SystemExit, match="no finished run default-3seeds-base-s1, "
+                                         "default-3seeds-base-s2"):
+        cmp.main(["--variant", "pretrain.max_steps=600", "--seed-list", "1,2", "--profile",
+                  "full", "--name", "longer", "--base-from", "default-3seeds"])
+    assert queued == []
     result = json.loads((tmp_path / "reports/compare/longer.json").read_text())
     metric = result["metrics"]["evaluate/val/arithmetic_exact_match"]
     assert metric["sides"]["base"]["mean"] == pytest.approx(.25)
