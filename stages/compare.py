@@ -92,15 +92,16 @@ def plan(args: argparse.Namespace) -> list[tuple[str, int, list[str]]]:
     """(experiment name, seed, overrides) of every run, seed by seed."""
     sides = {"base": args.baseline.split() if args.baseline else []}
     for v in args.variant:
-        name = side_name(v)
+        name, overrides = variant_side(v)
         if name in sides:
             raise SystemExit(f"compare: two sides named {name!r}; give distinct variants")
-        sides[name] = v.split()
+        sides[name] = overrides
     for overrides in sides.values():
         for o in overrides:
             if "=" not in o:
                 raise SystemExit(f"compare: an override is key=value (got {o!r})")
-    return [(f"{base_prefix(args) if side == 'base' else args.name}-{side}-s{seed}", seed,
+    return [(f"{base_prefix(args)}-{args.base_side}-s{seed}" if side == "base"
+             else f"{args.name}-{side}-s{seed}", seed,
              [f"base.seed={seed}", *PROFILES[args.profile], *overrides])
             for seed in args.seed_list for side, overrides in sides.items()]
 
@@ -111,7 +112,19 @@ def base_prefix(args: argparse.Namespace) -> str:
 
 
 def is_base(args: argparse.Namespace, name: str) -> bool:
-    return name.startswith(f"{base_prefix(args)}-base-s")
+    return name.startswith(f"{base_prefix(args)}-{args.base_side}-s")
+
+
+def variant_side(variant: str) -> tuple[str, list[str]]:
+    """(side name, overrides) of ``--variant``: ``LABEL: key=value ...`` names the side
+    (``first-fit:`` alone: the workspace as it is, for a change of code rather than of
+    params); otherwise the name comes from the overrides."""
+    label, colon, rest = variant.partition(":")
+    if colon and "=" not in label:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", label.strip()):
+            raise SystemExit(f"compare: side label {label!r}: letters, digits, '.', '_', '-'")
+        return label.strip(), rest.split()
+    return side_name(variant), variant.split()
 
 
 def queue(runs: list[tuple[str, int, list[str]]], target: str) -> None:
@@ -237,15 +250,19 @@ def report(args: argparse.Namespace, runs: list[tuple[str, int, list[str]]],
             by_side.setdefault(side, {})[seed] = found[name]
     missing = [n for n, _, _ in runs if n not in found]
     if "base" not in by_side:
-        raise SystemExit(f"compare: no finished baseline run among {base_prefix(args)}-base-s*; "
+        raise SystemExit(f"compare: no finished baseline run among "
+                         f"{base_prefix(args)}-{args.base_side}-s*; "
                          "see `dvc queue status`")
     for seeds in by_side.values():
         for metrics in seeds.values():
             metrics.update(final_model(metrics))
     result = compare(by_side, "base", args.metric)
     reported = compare(by_side, "base", [f"evaluate/final/{m}" for m in args.report])
+    base = (f"the {args.base_side} side of comparison {args.base_from}" if args.base_from
+            else args.baseline)
     result.update(name=args.name, profile=args.profile, seeds=args.seed_list,
-                  sides={"base": args.baseline or "", **{side_name(v): v for v in args.variant}},
+                  sides={"base": base or "",
+                         **{variant_side(v)[0]: v for v in args.variant}},
                   missing=missing, seconds=None if seconds is None else round(seconds, 1),
                   reported=reported["metrics"])
     out = ROOT / "reports" / "compare"
@@ -275,6 +292,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base-from", default=None, metavar="NAME",
                    help="take the baseline's runs from comparison NAME, which ran them with "
                         "the same profile and seeds: only the variants run")
+    p.add_argument("--base-side", default="base", metavar="SIDE",
+                   help="with --base-from: the side of NAME whose runs are the baseline, e.g. "
+                        "the variant an earlier comparison adopted (default: its baseline)")
     p.add_argument("--seeds", type=int, default=5, help="seeds per side: 1..N (default 5)")
     p.add_argument("--seed-list", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help="explicit seeds, e.g. 1,2,3 (instead of --seeds)")
@@ -297,6 +317,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.name = args.name or time.strftime("cmp-%Y%m%d-%H%M%S")
     if len(args.seed_list) < 2:
         p.error("a comparison needs at least 2 seeds per side")
+    if args.base_side != "base" and not args.base_from:
+        p.error("--base-side names a side of --base-from NAME; give --base-from too")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.name):
         p.error(f"--name {args.name!r}: letters, digits, '.', '_' and '-' only")
     return args

@@ -20,7 +20,7 @@ SFT rows: conversations rendered with the chat template, carrying a ``loss_mask`
 exactly on assistant reply tokens and their closing ``<|im_end|>``. By default whole
 conversations are packed into a row while they fit and the rest is padded with ``<|pad|>``;
 short chat turns padded one per row would waste most of the compute (77% padding on the
-builtin set at seq_len 256, 17% with next-fit packing). A ``segment`` column numbers the
+builtin set at seq_len 256, 2.5% with first-fit packing). A ``segment`` column numbers the
 conversations of a row so that a document-masked model keeps them apart.
 ``pack.sft_packing: false`` gives one conversation per row. Too long conversations are
 truncated or dropped (counted).
@@ -90,34 +90,47 @@ def pretrain_rows(token_chunks: Iterable[Sequence[Sequence[int]]], seq_len: int,
     stats.cropped_tokens = stats.source_tokens - stats.tokens
 
 
+OPEN_ROWS = 8  # SFT packing: rows a conversation may join (first fit); 2.5% padding vs 14%
+
+
+@dataclass
+class _Row:
+    ids: list[int]
+    mask: list[int]
+    seg: list[int]
+
+
 def sft_rows(encoded: Iterable[tuple[Sequence[int], Sequence[int]]], seq_len: int, pad_id: int,
              overflow: str, stats: PackStats, packed: bool = False
              ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(ids, mask, segment) rows of ``seq_len + 1`` tokens from encoded conversations.
 
-    ``packed=False``: one conversation per row, padded. ``packed=True``: whole conversations
-    are appended to the current row while they fit (next-fit), then the row is padded; a
-    conversation never straddles two rows. Too long ones are truncated or dropped either way.
-    ``segment`` numbers the conversations of a row (the padding after them is one more), so
-    that a document-masked model keeps them apart.
+    ``packed=False``: one conversation per row, padded. ``packed=True``: each conversation
+    joins the first of up to ``OPEN_ROWS`` open rows it fits in (first fit); one that fits
+    none opens a row, and when ``OPEN_ROWS`` are open the fullest is padded and written first.
+    Next fit (one open row) pads 14% of the builtin SFT rows at seq_len 256, first fit over
+    eight 2.5%: an SFT step of fixed rows then holds 13% more conversations. The window keeps
+    the conversations in about the order they come (a seeded shuffle) with bounded memory.
+    A conversation never straddles two rows. Too long ones are truncated or dropped either
+    way. ``segment`` numbers the conversations of a row (the padding after them is one
+    more), so that a document-masked model keeps them apart.
     """
     row_len = seq_len + 1
-    cur_ids: list[int] = []
-    cur_mask: list[int] = []
-    cur_seg: list[int] = []
+    open_rows: list[_Row] = []
+    room = OPEN_ROWS if packed else 1
 
-    def emit() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        row = np.full(row_len, pad_id, dtype=np.int64)
+    def emit(row: _Row) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ids = np.full(row_len, pad_id, dtype=np.int64)
         m = np.zeros(row_len, dtype=np.uint8)
-        seg = np.full(row_len, (cur_seg[-1] + 1) if cur_seg else 0, dtype=np.int64)
-        row[: len(cur_ids)] = cur_ids
-        m[: len(cur_mask)] = cur_mask
-        seg[: len(cur_seg)] = cur_seg
+        seg = np.full(row_len, row.seg[-1] + 1, dtype=np.int64)
+        ids[: len(row.ids)] = row.ids
+        m[: len(row.mask)] = row.mask
+        seg[: len(row.seg)] = row.seg
         stats.rows += 1
-        stats.tokens += len(cur_ids)
-        stats.padded_tokens += row_len - len(cur_ids)
+        stats.tokens += len(row.ids)
+        stats.padded_tokens += row_len - len(row.ids)
         stats.target_tokens += int(m[1:].sum())
-        return row, m, seg
+        return ids, m, seg
 
     for ids, mask in encoded:
         stats.source_tokens += len(ids)
@@ -134,14 +147,18 @@ def sft_rows(encoded: Iterable[tuple[Sequence[int], Sequence[int]]], seq_len: in
             stats.dropped_rows += 1
             stats.cropped_tokens += len(ids)
             continue
-        if cur_ids and (not packed or len(cur_ids) + len(ids) > row_len):
-            yield emit()
-            cur_ids, cur_mask, cur_seg = [], [], []
-        cur_seg.extend([cur_seg[-1] + 1 if cur_seg else 0] * len(ids))
-        cur_ids.extend(ids)
-        cur_mask.extend(mask)
-    if cur_ids:
-        yield emit()
+        row = next((r for r in open_rows if packed and len(r.ids) + len(ids) <= row_len), None)
+        if row is None:
+            if len(open_rows) == room:
+                fullest = max(range(room), key=lambda i: len(open_rows[i].ids))
+                yield emit(open_rows.pop(fullest))
+            row = _Row([], [], [])
+            open_rows.append(row)
+        row.seg.extend([row.seg[-1] + 1 if row.seg else 0] * len(ids))
+        row.ids.extend(ids)
+        row.mask.extend(mask)
+    for row in open_rows:
+        yield emit(row)
 
 
 def chunked(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:

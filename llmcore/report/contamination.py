@@ -61,24 +61,36 @@ def conversation_text(conv: dict[str, Any]) -> str:
 
 
 class NgramIndex:
-    """The set of n-gram hashes of one training stream, for every length asked of it.
+    """One training stream's words, asked which n-gram hashes it holds.
 
     ``segments`` are 1-D arrays of word numbers whose n-grams count (a stream of rows joined,
-    or one array per conversation); no n-gram crosses from one segment into the next.
+    or one array per conversation); no n-gram crosses from one segment into the next. The
+    segments are kept as one array, so each length is hashed in one pass over the stream.
+
+    Why not a set of the stream's n-grams: the stream holds millions of words and the
+    questions (a few thousand examples' n-grams) are few, so sorting the questions and
+    looking every stream window up in them costs a pass per length, where a sorted set of
+    the stream costs a sort of millions per length.
     """
 
     def __init__(self, segments: Iterable[np.ndarray]) -> None:
-        self.segments = [s for s in segments if len(s)]
-        self.words = sum(len(s) for s in self.segments)
-        self._sets: dict[int, np.ndarray] = {}
+        parts = [s for s in segments if len(s)]
+        self.words = sum(len(s) for s in parts)
+        self._flat = (np.concatenate(parts) if parts else np.empty(0, dtype=np.int64))
+        self._segment = np.repeat(np.arange(len(parts)), [len(s) for s in parts])
 
-    def hashes(self, length: int) -> np.ndarray:
-        """Sorted unique hashes of every ``length``-gram (built once per length)."""
-        if length not in self._sets:
-            parts = [gram_hashes(s, length) for s in self.segments]
-            self._sets[length] = (np.unique(np.concatenate(parts)) if parts
-                                  else np.empty(0, dtype=np.uint64))
-        return self._sets[length]
+    def contains(self, length: int, grams: np.ndarray) -> np.ndarray:
+        """For each hash of ``grams`` (``length``-grams), whether the stream holds it."""
+        if not len(grams) or self.words < length:
+            return np.zeros(len(grams), dtype=bool)
+        asked, back = np.unique(grams, return_inverse=True)
+        windows = gram_hashes(self._flat, length)
+        inside = self._segment[: len(windows)] == self._segment[length - 1 :]
+        windows = windows[inside]
+        at = np.minimum(np.searchsorted(asked, windows), len(asked) - 1)
+        held = np.zeros(len(asked), dtype=bool)
+        held[at[asked[at] == windows]] = True
+        return held[back.reshape(-1)]
 
 
 def rows_text(tok: LLMTokenizer, rows: np.ndarray, shared_token: bool) -> list[str]:
@@ -136,7 +148,7 @@ def check_set(name: str, examples: Sequence[np.ndarray], streams: dict[str, Ngra
         hit = np.zeros(len(all_g), dtype=bool)
         for L in np.unique(all_len):
             sel = all_len == L
-            hit[sel] = np.isin(all_g[sel], index.hashes(int(L)))
+            hit[sel] = index.contains(int(L), all_g[sel])
         found[sname] = np.bincount(all_o[hit], minlength=count) > 0
         hit_any |= hit
     per_example = np.bincount(all_o, minlength=count)
@@ -182,8 +194,16 @@ def decontaminate(tok: LLMTokenizer, sets: Mapping[str, Sequence[str]], *,
     tasks = [c for c in train_conversations if c["task"] != "doc" and c.get("answer")]
     streams = training_streams(tok, words, pretrain_train.gather(range(len(pretrain_train)))[0],
                                sft_train.gather(range(len(sft_train)))[0], tasks, preferences)
-    return {name: check_set(name, [words(t) for t in texts], streams, words, n)
-            for name, texts in sets.items()}
+    # every set in one check: each stream is read once per n-gram length, not once per set
+    examples = {name: [words(t) for t in texts] for name, texts in sets.items()}
+    together = check_set("all", [e for ex in examples.values() for e in ex], streams, words, n)
+    out, start = {}, 0
+    for name, ex in examples.items():
+        part = slice(start, start + len(ex))
+        out[name] = SetResult(name, {s: f[part] for s, f in together.found.items()},
+                              together.overlap[part], together.matches[part])
+        start += len(ex)
+    return out
 
 
 def first_violation(results: Mapping[str, SetResult], tables: Mapping[str, list[dict]],

@@ -59,6 +59,28 @@ def test_sft_packing_keeps_conversations_whole():
     assert st.padded_tokens == 1 + 4 and st.tokens == 5 + 2 + 6
 
 
+def test_sft_packing_fills_an_earlier_row_first_and_writes_the_fullest_when_all_are_open(
+        monkeypatch):
+    enc = [([1, 2, 3, 4], [0, 1, 1, 1]), ([5, 6, 7], [0, 1, 1]), ([8, 9], [0, 1]),
+           ([10, 11, 12, 13, 14], [0, 1, 1, 1, 1]), ([15, 16], [0, 1])]
+    st = PackStats()
+    rows = list(sft_rows(enc, seq_len=5, pad_id=0, overflow="truncate", stats=st, packed=True))
+    # [8, 9] goes back to the first row (next fit would have put it after [5, 6, 7]) and
+    # [15, 16] joins [5, 6, 7]: 3 rows, 2 pad tokens, where next fit writes 4 rows and 8
+    assert [r.tolist() for r, _, _ in rows] == [[1, 2, 3, 4, 8, 9], [5, 6, 7, 15, 16, 0],
+                                                [10, 11, 12, 13, 14, 0]]
+    assert [g.tolist() for _, _, g in rows][0] == [0, 0, 0, 0, 1, 1]
+    assert st.rows == 3 and st.padded_tokens == 2
+    # with two open rows, the third conversation that fits neither writes the fullest first
+    monkeypatch.setattr("llmcore.data.packing.OPEN_ROWS", 2)
+    enc = [([1, 2, 3, 4], [0, 1, 1, 1]), ([5, 6, 7], [0, 1, 1]),
+           ([8, 9, 10, 11], [0, 1, 1, 1]), ([12, 13], [0, 1])]
+    rows = list(sft_rows(enc, seq_len=5, pad_id=0, overflow="truncate", stats=PackStats(),
+                         packed=True))
+    assert [r.tolist() for r, _, _ in rows] == [[1, 2, 3, 4, 0, 0], [5, 6, 7, 12, 13, 0],
+                                                [8, 9, 10, 11, 0, 0]]
+
+
 def test_shard_layout_and_manifest(packed, tiny_tokenizer):
     out, manifest, _ = packed
     m = read_manifest(out)

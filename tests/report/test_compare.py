@@ -160,6 +160,42 @@ def test_a_variant_can_be_compared_with_the_baseline_of_an_earlier_comparison(
     assert metric["sides"]["max-steps-600"]["mean"] == pytest.approx(.65)
 
 
+def test_a_labelled_side_of_code_is_compared_with_the_side_an_earlier_comparison_adopted(
+        tmp_path, monkeypatch):
+    """A change of code has no override: ``LABEL:`` names its side, and ``--base-side`` takes
+    the baseline from the variant an earlier comparison adopted (the default of today)."""
+    import stages.compare as cmp
+
+    argv = ["--variant", "first-fit:", "--seed-list", "1,2", "--profile", "full", "--name",
+            "pack", "--base-from", "arith2", "--base-side", "arithmetic-2"]
+    runs = plan(parse(argv))
+    assert [(n, o) for n, _, o in runs] == [
+        ("arith2-arithmetic-2-s1", ["base.seed=1", *cmp.PROFILES["full"]]),
+        ("pack-first-fit-s1", ["base.seed=1", *cmp.PROFILES["full"]]),
+        ("arith2-arithmetic-2-s2", ["base.seed=2", *cmp.PROFILES["full"]]),
+        ("pack-first-fit-s2", ["base.seed=2", *cmp.PROFILES["full"]])]
+    queued: list[str] = []
+    monkeypatch.setattr(cmp, "queue", lambda todo, target: queued.extend(n for n, _, _ in todo))
+    monkeypatch.setattr(cmp, "wait", lambda names, jobs: dict.fromkeys(names, "Success"))
+    score = {"arith2-arithmetic-2-s1": .6, "arith2-arithmetic-2-s2": .7,
+             "pack-first-fit-s1": .8, "pack-first-fit-s2": .9}
+    monkeypatch.setattr(cmp, "collect", lambda names: {
+        n: {"evaluate/val/count_exact_match": score[n]} for n in names if n in score})
+    monkeypatch.setattr(cmp, "ROOT", tmp_path)
+    cmp.main([*argv, "--metric", "evaluate/val/count_exact_match"])
+    assert queued == ["pack-first-fit-s1", "pack-first-fit-s2"]
+    result = json.loads((tmp_path / "reports/compare/pack.json").read_text())
+    sides = result["metrics"]["evaluate/val/count_exact_match"]["sides"]
+    assert sides["base"]["mean"] == pytest.approx(.65)
+    assert sides["first-fit"]["mean"] == pytest.approx(.85)
+    assert result["sides"] == {"base": "the arithmetic-2 side of comparison arith2",
+                               "first-fit": "first-fit:"}
+    with pytest.raises(SystemExit):
+        parse(["--variant", "a:", "--seed-list", "1,2", "--base-side", "arithmetic-2"])
+    with pytest.raises(SystemExit, match="side label"):
+        plan(parse(["--variant", "bad label!: x=1", "--seed-list", "1,2"]))
+
+
 def test_only_finished_experiments_are_read():
     """DVC lists a queued, running or failed experiment with the metrics files of the commit
     it started from: another run's figures, which must not count as this seed's."""
