@@ -20,9 +20,9 @@ import contextlib
 import functools
 import resource
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -161,7 +161,7 @@ def describe(device: torch.device, dtype: torch.dtype) -> str:
     return replace(precision("auto", device), autocast=dtype).describe()
 
 
-def autocast(device: torch.device, dtype: torch.dtype) -> Any:
+def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager[None]:
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)

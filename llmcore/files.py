@@ -19,7 +19,9 @@ import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 TMP, OLD = ".tmp-", ".old-"
 
@@ -69,7 +71,7 @@ def remove_leftovers(final: Path, name: str | None = None) -> list[Path]:
     return removed
 
 
-def atomic_dir(final: Path, fill: Callable[[Path], Any]) -> Any:
+def atomic_dir(final: Path, fill: Callable[[Path], T]) -> T:
     """Create directory ``final`` by ``fill(tmp)`` on a temporary sibling, then a rename.
 
     Returns what ``fill`` returns. On any error the temporary is removed and ``final`` is left

@@ -22,6 +22,7 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from types import TracebackType
 from typing import Any, NamedTuple, Protocol
 
 EXPERIMENT = "llmcore"
@@ -72,7 +73,8 @@ class NullTracker:
     def __enter__(self) -> NullTracker:
         return self
 
-    def __exit__(self, exc_type: Any, *_: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None,
+                 *_: BaseException | TracebackType | None) -> None:
         self.finish("FAILED" if exc_type else "FINISHED")
 
 
@@ -164,7 +166,8 @@ class MlflowTracker:
     def __enter__(self) -> MlflowTracker:
         return self
 
-    def __exit__(self, exc_type: Any, *_: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None,
+                 *_: BaseException | TracebackType | None) -> None:
         self.finish("FAILED" if exc_type else "FINISHED")
 
 

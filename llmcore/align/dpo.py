@@ -71,7 +71,7 @@ class PairBatch:
 
 
 def encode_pairs(tok: LLMTokenizer, pairs: Sequence[dict[str, Any]], max_len: int,
-                 device: torch.device | str = "cpu") -> tuple[list[dict[str, Any]], Any]:
+                 device: torch.device | str = "cpu") -> tuple[list[dict[str, Any]], Rows]:
     """Pairs whose both replies fit ``max_len``, and a function giving a batch's rows."""
     chosen = [(p["prompt"], p["chosen"]) for p in pairs]
     rejected = [(p["prompt"], p["rejected"]) for p in pairs]
@@ -113,7 +113,7 @@ class DPOResult:
 @torch.no_grad()
 def pair_metrics(model: LanguageModel, pairs: Sequence[dict[str, Any]],
                  refs: Sequence[tuple[float, float]],
-                 rows: Callable, beta: float, batch_size: int = 32) -> dict[str, float]:
+                 rows: Rows, beta: float, batch_size: int = 32) -> dict[str, float]:
     """Held-out DPO loss, reward accuracy (ties count half) and mean reward margin."""
     model.eval()
     losses, correct, margins = [], 0.0, []

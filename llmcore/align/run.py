@@ -38,7 +38,7 @@ def data_hash(value: Any) -> str:
 
 
 def policy_context(name: str, cfg: OptimConfig, *, seed: int, device: torch.device,
-                   dtype: str, data: Mapping[str, Any], code: Sequence[str],
+                   dtype: str, data: Mapping[str, str], code: Sequence[str],
                    checkpoint_dir: Path | None = None, log: Log = print,
                    tracker: Tracker | None = None) -> RunContext:
     """The :class:`RunContext` of one alignment run (checkpoints only with a directory; the
@@ -55,7 +55,7 @@ def policy_context(name: str, cfg: OptimConfig, *, seed: int, device: torch.devi
                       name=name, muon_dtype=prec.orthogonalize)
 
 
-def log_curve(ctx: RunContext, row: Mapping[str, Any], prefix: str = "") -> None:
+def log_curve(ctx: RunContext, row: Mapping[str, float], prefix: str = "") -> None:
     """One step's row (``step`` and its numbers) as ``<name>/<prefix><key>`` metrics of the
     run's tracker, at that step: the curve a user opens in the MLflow UI."""
     if ctx.tracker is not None:
@@ -63,7 +63,7 @@ def log_curve(ctx: RunContext, row: Mapping[str, Any], prefix: str = "") -> None
                                  if k != "step"}, step=int(row["step"]))
 
 
-def rng_to_json(rng: random.Random) -> list[Any]:
+def rng_to_json(rng: random.Random) -> list[int | list[int] | float | None]:
     version, state, gauss = rng.getstate()
     return [version, list(state), gauss]
 

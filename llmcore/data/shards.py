@@ -19,7 +19,7 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -239,7 +239,15 @@ class RowSubset:
         return self.dataset.segments(self.rows[np.asarray(indices, dtype=np.int64)], ids)
 
 
-def data_fingerprint(manifest: dict[str, Any], splits: list[str]) -> dict[str, Any]:
+class DataFingerprint(TypedDict):
+    """What of the shards a run depends on (:func:`data_fingerprint`)."""
+
+    tokenizer: str  # the tokenizer's SHA-256
+    seq_len: int
+    shards: dict[str, list[str]]  # split -> the SHA-256 of each of its shards
+
+
+def data_fingerprint(manifest: dict[str, Any], splits: list[str]) -> DataFingerprint:
     """What of the shards a training run's numbers depend on (its checkpoints' fingerprint):
     the tokenizer, the row length and the hash of every shard of ``splits``."""
     return {"tokenizer": manifest["tokenizer_sha256"], "seq_len": manifest["seq_len"],

@@ -18,7 +18,6 @@ import time
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +27,7 @@ from llmcore.infer.generate import Sampling, generate
 from llmcore.model.loss import heldout_loss
 from llmcore.model.protocols import LanguageModel
 from llmcore.model.quant import (
+    QuantInfo,
     dequantize_int4,
     dequantize_int8,
     quantizable,
@@ -43,7 +43,7 @@ class QuantSpec:
     method: str = "int8"
     group_size: int = 64
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> QuantInfo:
         return {"method": self.method,
                 "group_size": self.group_size if self.method == "int4" else None}
 

@@ -24,7 +24,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
@@ -35,6 +35,15 @@ TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_p
            "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
            "down": "mlp.down_proj"}
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+class LoRAParams(TypedDict):
+    """What of a :class:`LoRASpec` shapes a run (:meth:`LoRASpec.fingerprint`)."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    targets: list[str]
 
 
 @dataclass(frozen=True)
@@ -68,7 +77,7 @@ class LoRASpec:
              base_model: str | None = None) -> Path:
         return save_adapter(adapters, self, out, base_model)
 
-    def fingerprint(self) -> dict[str, Any]:
+    def fingerprint(self) -> dict[str, LoRAParams]:
         """The adapters' params (their code is in the run's code hash: the fit module adds
         this class's module to its import closure)."""
         return {"lora": {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,

@@ -16,13 +16,12 @@ repeatable, and the caller bounds the cost with ``max_batches``.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from llmcore.device import autocast
-from llmcore.model.protocols import LanguageModel
+from llmcore.model.protocols import LanguageModel, RowDataset
 
 LN2 = math.log(2.0)
 
@@ -36,7 +35,7 @@ def loss_sums(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
     return (losses * m).sum(), m.sum()
 
 
-def _rows(dataset: Any, n: int, seq_len: int | None
+def _rows(dataset: RowDataset, n: int, seq_len: int | None
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The first ``n`` rows as (ids, mask, segments), optionally re-cut into ``seq_len + 1``
     windows (whose documents are then counted from ``<|endoftext|>``)."""
@@ -56,7 +55,7 @@ def _rows(dataset: Any, n: int, seq_len: int | None
 
 
 @torch.no_grad()
-def heldout_loss(model: LanguageModel, dataset: Any, batch_size: int, max_batches: int,
+def heldout_loss(model: LanguageModel, dataset: RowDataset, batch_size: int, max_batches: int,
                  token_bytes: torch.Tensor, device: torch.device, dtype: torch.dtype,
                  seq_len: int | None = None) -> dict[str, float]:
     """Mean loss (nats/token) and bits per byte over the first rows of ``dataset``.
@@ -93,10 +92,10 @@ def heldout_loss(model: LanguageModel, dataset: Any, batch_size: int, max_batche
     return {"loss": loss, "bpb": bpb, "tokens": total_tokens, "bytes": total_bytes}
 
 
-def unigram_bpb(train: Any, val: Any, token_bytes: torch.Tensor, vocab_size: int,
+def unigram_bpb(train: RowDataset, val: RowDataset, token_bytes: torch.Tensor, vocab_size: int,
                 max_rows: int = 100_000) -> float:
     """Bits per byte of a unigram model (add-one token frequencies of train) on val rows."""
-    def counts(ds: Any) -> torch.Tensor:
+    def counts(ds: RowDataset) -> torch.Tensor:
         ids, mask = ds.gather(range(min(len(ds), max_rows)))
         t = torch.from_numpy(ids[:, 1:].astype("int64")).reshape(-1)
         w = (torch.ones_like(t) if mask is None

@@ -21,7 +21,7 @@ import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,7 +29,10 @@ from torch import nn
 
 from llmcore.config import ModelConfig, UserError
 from llmcore.files import atomic_dir
-from llmcore.model.quant import QuantFormatError, load_quantized, tied_names
+from llmcore.model.quant import QuantFormatError, QuantInfo, load_quantized, tied_names
+
+if TYPE_CHECKING:
+    from llmcore.model.transformer import Transformer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -62,7 +65,7 @@ def load_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
 def save_model_dir(out: Path, cfg: ModelConfig, weights: Mapping[str, torch.Tensor],
                    tokenizer_dir: Path, meta: Mapping[str, Any],
                    generation: Mapping[str, Any],
-                   quantization: Mapping[str, Any] | None = None) -> None:
+                   quantization: QuantInfo | None = None) -> None:
     """Write a model directory atomically (the previous one stays until the new is whole)."""
 
     def fill(tmp: Path) -> None:
@@ -118,7 +121,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model_dir(path: Path, device: str | torch.device = "cpu",
-                   quant_runtime: str = "auto") -> tuple[Any, ModelConfig]:
+                   quant_runtime: str = "auto") -> tuple[Transformer, ModelConfig]:
     """Rebuild the model of a model directory, fp or quantized (on ``device``, eval mode)."""
     from llmcore.model.transformer import Transformer
 

@@ -8,6 +8,9 @@
   ids (B, T) in, logits (B, T, V) out, with an optional cache and positions, plus the config
   and parameters they read the shapes, device and dtype from. The transformer satisfies it,
   and so does a compiled or wrapped one that keeps these attributes.
+* :class:`RowDataset` is what held-out scoring (:mod:`llmcore.model.loss`) reads rows from:
+  :class:`llmcore.data.shards.ShardDataset` and its ``RowSubset`` satisfy it, and the model
+  imports neither.
 
 Trade-off: structural typing (``typing.Protocol``), so a test's rigged model or a wrapper
 qualifies without inheriting anything; the price is that a mismatch shows up in the type
@@ -16,9 +19,10 @@ checker, not at construction.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from llmcore.config import ModelConfig
@@ -62,3 +66,21 @@ class LanguageModel(Protocol):
     def eval(self) -> LanguageModel: ...
 
     def train(self, mode: bool = True) -> LanguageModel: ...
+
+
+class RowDataset(Protocol):
+    """Packed rows of ``row_len`` tokens, read by index (a shard split, or some of its rows)."""
+
+    @property
+    def eot_id(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def gather(self, indices: Sequence[int] | np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Token ids (n, row_len) and loss mask (None for pretraining rows) at ``indices``."""
+        ...
+
+    def segments(self, indices: Sequence[int] | np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """The document number of each token of the rows at ``indices`` (``ids`` are theirs)."""
+        ...

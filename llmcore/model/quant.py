@@ -18,7 +18,7 @@ less at int4); it is exact to explain and needs nothing but the weights.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TypedDict
 
 import torch
 from torch import nn
@@ -28,6 +28,13 @@ from llmcore.schema import UserError
 
 class QuantFormatError(UserError):
     """Quantized tensors that do not match the model they are loaded into."""
+
+
+class QuantInfo(TypedDict):
+    """``config.json``'s ``quantization`` of a quantized model directory."""
+
+    method: str  # int8 or int4
+    group_size: int | None  # int4's group of input columns; None for int8
 
 
 def tied_names(model: nn.Module) -> set[str]:
@@ -131,7 +138,7 @@ def int8mm_available(device: torch.device) -> bool:
 
 
 def load_quantized(model: nn.Module, tensors: Mapping[str, torch.Tensor],
-                   quant: Mapping[str, Any], mode: str = "auto") -> nn.Module:
+                   quant: QuantInfo, mode: str = "auto") -> nn.Module:
     """Fill ``model`` (built from the config) from quantized tensors.
 
     ``mode``: ``dequant`` expands weights to float at load; ``int8mm`` keeps int8 weights

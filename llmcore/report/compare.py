@@ -22,7 +22,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 from scipy import stats
@@ -30,7 +30,46 @@ from scipy import stats
 ALPHA = 0.01  # the verdict's threshold (see the trade-offs above)
 
 
-def describe(values: Sequence[float | None]) -> dict[str, Any]:
+class SideStats(TypedDict):
+    """One side's values of a metric (:func:`describe`); None where it is undefined."""
+
+    n: int
+    mean: float | None
+    sd: float | None
+    ci95: list[float | None]
+    values: list[float]
+
+
+class _Difference(TypedDict):
+    diff: float | None
+    ci95: list[float | None]
+    p: float | None
+
+
+class _Paired(_Difference):
+    seeds: list[int]
+
+
+class _Welch(_Difference):
+    df: float | None
+
+
+class PairedTest(_Paired, total=False):
+    """The variant minus the baseline seed by seed (:func:`paired`); ``verdict`` is added by
+    :func:`compare`. (``total=False`` makes only the keys declared here optional.)"""
+
+    verdict: str
+
+
+class WelchTest(_Welch, total=False):
+    """The difference of the sides' means (:func:`welch`); ``verdict`` and ``paired`` are
+    added by :func:`compare`."""
+
+    verdict: str
+    paired: PairedTest
+
+
+def describe(values: Sequence[float | None]) -> SideStats:
     """Mean, sample standard deviation and the 95% t interval of the mean of ``values``."""
     x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
     n = len(x)
@@ -43,7 +82,7 @@ def describe(values: Sequence[float | None]) -> dict[str, Any]:
             "values": x.tolist()}
 
 
-def welch(base: Sequence[float | None], variant: Sequence[float | None]) -> dict[str, Any]:
+def welch(base: Sequence[float | None], variant: Sequence[float | None]) -> WelchTest:
     """Difference of means (variant - base), its 95% Welch interval and Welch's p-value."""
     a, b = (np.asarray([v for v in s if v is not None and not math.isnan(v)], dtype=float)
             for s in (base, variant))
@@ -62,7 +101,7 @@ def welch(base: Sequence[float | None], variant: Sequence[float | None]) -> dict
     return {"diff": diff, "ci95": [diff - half, diff + half], "p": p, "df": float(df)}
 
 
-def paired(base: dict[int, float | None], variant: dict[int, float | None]) -> dict[str, Any]:
+def paired(base: dict[int, float | None], variant: dict[int, float | None]) -> PairedTest:
     """The variant minus the baseline seed by seed (the seeds both sides ran): the mean
     difference, its 95% interval and the paired t-test's p. Apt where a seed's two sides
     share their upstream stages (DVC's cache), so that the seed's own luck cancels."""
@@ -83,7 +122,7 @@ def paired(base: dict[int, float | None], variant: dict[int, float | None]) -> d
     return {"diff": mean, "ci95": [mean - half, mean + half], "p": p, "seeds": seeds}
 
 
-def verdict(test: dict[str, Any], lower_is_better: bool) -> str:
+def verdict(test: WelchTest | PairedTest, lower_is_better: bool) -> str:
     """``better`` / ``worse`` where p < ALPHA, else ``no detectable difference``; ``too few
     seeds`` where there is no difference to test (under two seeds on a side, or in common)."""
     if test["diff"] is None:

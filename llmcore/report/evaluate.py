@@ -28,7 +28,7 @@ import math
 import random
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 import numpy as np
 import torch
@@ -41,6 +41,53 @@ from llmcore.data.tokenizer import IM_END, LLMTokenizer, render_chat
 from llmcore.infer.generate import Sampling, generate
 from llmcore.model.loss import heldout_loss
 from llmcore.model.protocols import LanguageModel
+
+# A flat metric name -> value (``evaluate/<model>/<metric>``); None where nothing was measured
+Metrics = dict[str, float | None]
+
+
+class TaskResult(TypedDict):
+    """One synthetic task's score (:func:`task_accuracy`), the examples in
+    :func:`task_examples` order."""
+
+    exact_match: float
+    im_end_rate: float
+    n: int
+    ci95: tuple[float, float]
+    correct: list[bool]
+    pieces: list[int | None]  # the question's word in tokens (:func:`word_pieces`)
+    replies: list[str]
+
+
+class DocMCResult(TypedDict):
+    """The doc multiple choice's score (:func:`doc_multiple_choice`)."""
+
+    accuracy: float
+    n: int
+    chance: float
+    ci95: tuple[float, float]
+    correct: list[float]  # each question's credit in [0, 1]
+
+
+class ModelResults(TypedDict):
+    """Everything :func:`evaluate_model` measures of one model."""
+
+    contexts: dict[int, dict[str, float] | None]  # factor -> heldout_loss (None: cannot run)
+    sft: dict[str, float]
+    tasks: dict[str, TaskResult]
+    doc_mc: DocMCResult
+    samples: list[str]
+
+
+class DrawnSample(TypedDict):
+    """One test question drawn for the README (:func:`drawn_samples`)."""
+
+    task: str
+    question: str
+    reply: str
+    answer: str
+    correct: bool
+    pieces: int | None
 
 
 def bpb_at_contexts(model: LanguageModel, ds: ShardDataset, token_bytes: torch.Tensor, factors: Sequence[int],
@@ -100,10 +147,10 @@ def doc_questions(conversations: Sequence[dict[str, Any]]) -> list[dict[str, Any
 
 def task_accuracy(model: LanguageModel, tok: LLMTokenizer, conversations: Sequence[dict[str, Any]],
                   max_per_task: int, max_new_tokens: int, batch_size: int = 32
-                  ) -> dict[str, dict[str, Any]]:
+                  ) -> dict[str, TaskResult]:
     """Exact match and ``<|im_end|>`` rate per synthetic task on held-out conversations, with
     each example's outcome (``correct``, in :func:`task_examples` order)."""
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, TaskResult] = {}
     stops = [tok.im_end_id, tok.eot_id]
     for task, convs in task_examples(conversations, max_per_task).items():
         correct: list[bool] = []
@@ -128,15 +175,15 @@ def task_accuracy(model: LanguageModel, tok: LLMTokenizer, conversations: Sequen
     return results
 
 
-def drawn_samples(tasks: Mapping[str, Mapping[str, Any]], conversations: Sequence[dict[str, Any]],
-                  per_task: int, seed: int = 0) -> list[dict[str, Any]]:
+def drawn_samples(tasks: Mapping[str, TaskResult], conversations: Sequence[dict[str, Any]],
+                  per_task: int, seed: int = 0) -> list[DrawnSample]:
     """``per_task`` scored questions of each task drawn at random (seeded, not picked by
     hand), with the model's reply, the right answer and whether it counted: what a reader
     sees of the model on questions it never trained on. ``tasks``: :func:`task_accuracy`'s
     result on ``conversations``."""
     examples = task_examples(conversations, max(len(v["correct"]) for v in tasks.values()))
     rng = random.Random(f"samples:{seed}")
-    drawn = []
+    drawn: list[DrawnSample] = []
     for task, v in sorted(tasks.items()):
         for i in sorted(rng.sample(range(len(v["correct"])), min(per_task, len(v["correct"])))):
             conv = examples[task][i]
@@ -156,7 +203,7 @@ def word_pieces(tok: LLMTokenizer, conv: Mapping[str, Any]) -> int | None:
     return len(tok.encode(f" '{words[-1]}'.")) - 2  # the quote pieces " '" and "'." off
 
 
-def by_pieces(result: Mapping[str, Any]) -> dict[str, tuple[float, int]]:
+def by_pieces(result: TaskResult) -> dict[str, tuple[float, int]]:
     """A word task's exact match on single-token and on multi-token words: kind ->
     (successes, n). Empty for a task whose questions are about no word."""
     out: dict[str, list[int]] = {}
@@ -275,7 +322,7 @@ def doc_mc_questions(conversations: Sequence[dict[str, Any]], choices: int, max_
 
 
 def doc_multiple_choice(model: LanguageModel, tok: LLMTokenizer, conversations: Sequence[dict[str, Any]],
-                        choices: int, max_questions: int, seed: int = 0) -> dict[str, Any]:
+                        choices: int, max_questions: int, seed: int = 0) -> DocMCResult:
     """Accuracy of picking the documented answer among ``choices`` candidates
     (:func:`doc_mc_items`), scored by mean log-probability per token of the candidate and its
     ``<|im_end|>``.
@@ -315,7 +362,7 @@ def answer_prompts(model: LanguageModel, tok: LLMTokenizer, prompts: Sequence[st
 def evaluate_model(model: LanguageModel, tok: LLMTokenizer, *, docs: ShardDataset,
                    replies: ShardDataset, conversations: Sequence[dict[str, Any]],
                    token_bytes: torch.Tensor, cfg: EvaluateConfig, device: torch.device,
-                   dtype: torch.dtype) -> dict[str, Any]:
+                   dtype: torch.dtype) -> ModelResults:
     """Everything the evaluate stage reports for one model, as a nested dict: bits per byte
     on ``docs`` (pretraining rows) and on ``replies`` (SFT rows), the tasks and the multiple
     choice on ``conversations``, and the samples. The stage passes the test split."""
@@ -330,20 +377,21 @@ def evaluate_model(model: LanguageModel, tok: LLMTokenizer, *, docs: ShardDatase
     return {"contexts": ctx, "sft": sft, "tasks": tasks, "doc_mc": mc, "samples": samples}
 
 
-def summary_metrics(results: dict[str, Any], factors: Sequence[int]) -> dict[str, Any]:
+def summary_metrics(results: Mapping[str, ModelResults], factors: Sequence[int]) -> Metrics:
     """Flat ``evaluate/<model>/<metric>`` numbers of :func:`evaluate_model` results.
 
     NaN (nothing to measure, e.g. an empty split) becomes None, which JSON and DVC show as
     empty rather than as an invalid number.
     """
-    metrics: dict[str, Any] = {}
+    metrics: Metrics = {}
     for name, r in results.items():
         p = f"evaluate/{name}"
         metrics[f"{p}/docs_bpb"] = r["contexts"][1]["bpb"] if r["contexts"][1] else None
         metrics[f"{p}/sft_bpb"] = r["sft"]["bpb"]
         metrics[f"{p}/sft_loss"] = r["sft"]["loss"]
         for f in factors:
-            metrics[f"{p}/bpb_ctx{f}x"] = r["contexts"][f]["bpb"] if r["contexts"][f] else None
+            at = r["contexts"][f]
+            metrics[f"{p}/bpb_ctx{f}x"] = at["bpb"] if at else None
         metrics.update(task_metrics(p, r["tasks"]))
         n = sum(v["n"] for v in r["tasks"].values())
         metrics[f"{p}/im_end_rate"] = sum(v["im_end_rate"] * v["n"]
@@ -356,10 +404,10 @@ def summary_metrics(results: dict[str, Any], factors: Sequence[int]) -> dict[str
                 round(v, 5) if isinstance(v, float) else v) for k, v in metrics.items()}
 
 
-def task_metrics(prefix: str, tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+def task_metrics(prefix: str, tasks: Mapping[str, TaskResult]) -> Metrics:
     """``<prefix>/<task>_exact_match`` with its interval and n, and for a word task the same
     on single-token and on multi-token words (``<task>_multi_exact_match``...)."""
-    metrics: dict[str, Any] = {}
+    metrics: Metrics = {}
     for task, v in tasks.items():
         metrics[f"{prefix}/{task}_exact_match"] = v["exact_match"]
         metrics[f"{prefix}/{task}_exact_match_ci95_low"] = v["ci95"][0]
@@ -374,15 +422,16 @@ def task_metrics(prefix: str, tasks: Mapping[str, Mapping[str, Any]]) -> dict[st
     return {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
-def clean_metrics(results: dict[str, Any], contaminated: Mapping[str, Sequence[bool] | np.ndarray]
-                  ) -> dict[str, Any]:
+def clean_metrics(results: Mapping[str, ModelResults],
+                  contaminated: Mapping[str, Sequence[bool] | np.ndarray]) -> Metrics:
     """``evaluate/<model>/<metric>_clean`` (with its interval and ``_clean_n``): each accuracy
     on the examples not flagged in ``contaminated`` (set name -> one flag per example, in
     scoring order: the tasks by name, ``doc_questions``). None where no example is left."""
-    metrics: dict[str, Any] = {}
+    metrics: Metrics = {}
     for name, r in results.items():
         p = f"evaluate/{name}"
-        scored = [(f"{t}_exact_match", t, v["correct"]) for t, v in r["tasks"].items()]
+        scored: list[tuple[str, str, Sequence[float]]] = [
+            (f"{t}_exact_match", t, v["correct"]) for t, v in r["tasks"].items()]
         scored.append(("doc_mc_accuracy", "doc_questions", r["doc_mc"]["correct"]))
         for metric, set_name, correct in scored:
             flags = list(contaminated.get(set_name, [False] * len(correct)))

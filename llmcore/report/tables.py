@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 from llmcore.data.tasks import question_subject
+from llmcore.report.evaluate import DrawnSample, Metrics, ModelResults
 
 
-def fmt(x: Any) -> str:
+def fmt(x: float | None) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
@@ -28,8 +28,9 @@ def fmt_ci(value: float, ci: tuple[float, float], n: int) -> str:
     return f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}] n={n}"
 
 
-def write_reports(out: Path, results: dict[str, Any], factors: list[int], prompts: list[str],
-                  seq_len: int, drawn: list[dict[str, Any]] | None = None) -> None:
+def write_reports(out: Path, results: Mapping[str, ModelResults], factors: list[int],
+                  prompts: list[str], seq_len: int, drawn: list[DrawnSample] | None = None
+                  ) -> None:
     """comparison.md, extrapolation.md, samples.md and samples.json (what the README shows)
     for the results of :mod:`evaluate`. samples.json also holds the split each prompt's
     subject falls in and ``drawn`` (the final model's randomly drawn test questions)."""
@@ -37,8 +38,9 @@ def write_reports(out: Path, results: dict[str, Any], factors: list[int], prompt
     tasks = sorted({t for r in results.values() for t in r["tasks"]})
     lines = ["# Models compared", "", "| metric | " + " | ".join(results) + " |",
              "|---|" + "---|" * len(results)]
-    rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
-            ("test bpb (docs)", lambda r: fmt(r["contexts"][1]["bpb"])),
+    rows: list[tuple[str, Callable[[ModelResults], str]]] = [
+            # the training context's own window: None only with no held-out text at all
+            ("test bpb (docs)", lambda r: fmt(c["bpb"] if (c := r["contexts"][1]) else None)),
             ("test bpb (SFT replies)", lambda r: fmt(r["sft"]["bpb"])),
             ("doc questions, multiple choice", lambda r: fmt_ci(
                 r["doc_mc"]["accuracy"], r["doc_mc"]["ci95"], r["doc_mc"]["n"]))]
@@ -56,7 +58,7 @@ def write_reports(out: Path, results: dict[str, Any], factors: list[int], prompt
            "|---|" + "---|" * len(factors)]
     for name, r in results.items():
         ext.append(f"| {name} | " + " | ".join(
-            fmt(r["contexts"][f]["bpb"] if r["contexts"][f] else None) for f in factors) + " |")
+            fmt(c["bpb"] if c else None) for c in (r["contexts"][f] for f in factors)) + " |")
     (out / "extrapolation.md").write_text("\n".join(ext) + "\n")
     sm = ["# Samples (greedy)", ""]
     for i, p in enumerate(prompts):
@@ -72,7 +74,7 @@ def write_reports(out: Path, results: dict[str, Any], factors: list[int], prompt
     (out / "samples.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def clean_comparison(metrics: dict[str, Any], models: list[str]) -> str:
+def clean_comparison(metrics: Metrics, models: list[str]) -> str:
     """A Markdown table of every metric that has a ``_clean`` twin (from
     :func:`llmcore.report.evaluate.clean_metrics`): on every example / without the
     contaminated ones (how many are left)."""
@@ -102,15 +104,15 @@ def read_tsv(path: Path) -> list[dict[str, float | None]]:
             for ln in lines[1:]]
 
 
-def _task_cell(task: str) -> Callable[[dict[str, Any]], str]:
-    def cell(r: dict[str, Any]) -> str:
+def _task_cell(task: str) -> Callable[[ModelResults], str]:
+    def cell(r: ModelResults) -> str:
         m = r["tasks"][task]
         return fmt_ci(m["exact_match"], m["ci95"], m["n"])
     return cell
 
 
-def render_plots(metrics_dir: Path, out: Path, results: dict[str, Any], factors: list[int],
-                 seq_len: int) -> list[Path]:
+def render_plots(metrics_dir: Path, out: Path, results: Mapping[str, ModelResults],
+                 factors: list[int], seq_len: int) -> list[Path]:
     """loss_curves.png (train and val loss per training stage) and extrapolation.png."""
     import matplotlib
 
@@ -141,7 +143,7 @@ def render_plots(metrics_dir: Path, out: Path, results: dict[str, Any], factors:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in results.items():
         xs = [f * seq_len for f in factors if r["contexts"][f]]
-        ax.plot(xs, [r["contexts"][f]["bpb"] for f in factors if r["contexts"][f]], "o-",
+        ax.plot(xs, [c["bpb"] for c in (r["contexts"][f] for f in factors) if c], "o-",
                 label=name)
     ax.axvline(seq_len, color="grey", linestyle=":", label="training context")
     ax.set_xlabel("context (tokens)")

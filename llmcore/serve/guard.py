@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import Any
+from typing import Any, TypedDict
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,8 +37,21 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
+class ErrorDetail(TypedDict):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(TypedDict):
+    """An error response in the OpenAI API's shape: ``{"error": {...}}``."""
+
+    error: ErrorDetail
+
+
 def error_body(status: int, message: str, param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+               code: str | None = None) -> ErrorBody:
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error"),
                       "param": param, "code": code}}
 

@@ -42,6 +42,9 @@ from safetensors.torch import load_file, save_file
 from llmcore.files import atomic_dir, remove_leftovers, sha256_file
 from llmcore.model.modeldir import load_weights, state_dict_for_save
 
+if typing.TYPE_CHECKING:
+    from llmcore.train.optim import Optimizers
+
 
 class HasState(typing.Protocol):
     """What a checkpoint saves of an optimizer (a torch optimizer, or several as one)."""
@@ -193,16 +196,16 @@ class CheckpointManager:
             )
         return None
 
-    def restore(self, loaded: Loaded, model: torch.nn.Module, optimizer: Any) -> None:
+    def restore(self, loaded: Loaded, model: torch.nn.Module, optimizer: Optimizers) -> None:
         """Put a loaded checkpoint's weights and optimizer state into the live run."""
         load_weights(model, loaded.model)
         optimizer.load_state_dict(loaded.optimizer)
 
-    def save_best(self, model: torch.nn.Module, info: dict[str, Any]) -> None:
+    def save_best(self, model: torch.nn.Module, info: Mapping[str, float]) -> None:
         """The weights of the best evaluation so far (what ``export: best`` exports)."""
         self.write_best(state_dict_for_save(model), info)
 
-    def write_best(self, weights: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    def write_best(self, weights: dict[str, torch.Tensor], info: Mapping[str, float]) -> None:
 
         def fill(tmp: Path) -> None:
             save_file(weights, str(tmp / "model.safetensors"))

@@ -22,13 +22,16 @@ sharded and turns the sharded state into the plain tensors a model directory hol
 from __future__ import annotations
 
 import typing
-from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
 
 from llmcore.model.modeldir import state_dict_for_save
 from llmcore.model.quant import tied_names
+
+if typing.TYPE_CHECKING:
+    from llmcore.config import ModelConfig
+    from llmcore.train.optim import Optimizers
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -83,7 +86,8 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             if k not in tied}
 
 
-def local_bytes(model: torch.nn.Module, optimizer: Any) -> dict[str, int]:
+def local_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Optimizers
+                ) -> dict[str, int]:
     """Bytes this rank holds of parameters, gradients and optimizer state (its shards)."""
 
     def nbytes(t: torch.Tensor) -> int:
@@ -101,7 +105,7 @@ def local_bytes(model: torch.nn.Module, optimizer: Any) -> dict[str, int]:
     return out
 
 
-def memory_per_rank(cfg: Any, world_size: int, parallel: str, optimizer: str,
+def memory_per_rank(cfg: ModelConfig, world_size: int, parallel: str, optimizer: str,
                     bytes_per_value: int = 4) -> dict[str, int]:
     """Bytes of parameters, gradients and optimizer state one rank holds, from the model's
     shapes alone (built on the meta device: nothing is allocated).

@@ -27,9 +27,9 @@ import contextlib
 import json
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,9 @@ import torch.distributed as dist
 from llmcore.files import atomic_dir, sha256_file
 from llmcore.train.checkpoint import STEP_PREFIX, CheckpointManager, Loaded, rng_state
 from llmcore.train.parallel import full_state_dict
+
+if TYPE_CHECKING:
+    from llmcore.train.optim import Optimizers
 
 DCP_DIR = "dcp"
 
@@ -115,7 +118,7 @@ class ShardedCheckpoints(CheckpointManager):
             dist.barrier()  # nobody goes on before the checkpoint is in place
         return final
 
-    def save_best(self, model: torch.nn.Module, info: dict[str, Any]) -> None:
+    def save_best(self, model: torch.nn.Module, info: Mapping[str, float]) -> None:
         """A collective: the shards are gathered into whole weights, which rank 0 writes."""
         weights = full_state_dict(model)
         if _rank() == 0:
@@ -167,7 +170,7 @@ class ShardedCheckpoints(CheckpointManager):
         return Loaded(step=int(state["step"]), path=path, model={}, optimizer={}, rng=rng,
                       state=state)
 
-    def restore(self, loaded: Loaded, model: torch.nn.Module, optimizer: Any) -> None:
+    def restore(self, loaded: Loaded, model: torch.nn.Module, optimizer: Optimizers) -> None:
         """Read the model and optimizer shards this rank owns now (any world size)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
         from torch.distributed.checkpoint.state_dict_loader import load as dcp_load

@@ -108,9 +108,9 @@ class OptimizerStep:
         # fp16 has too few exponent bits for small gradients; bf16 and fp32 need no scaling
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
 
-    def autocast(self) -> AbstractContextManager[Any]:
+    def autocast(self) -> AbstractContextManager[None]:
         """The forward's precision: bf16 where native, fp16 where only that exists, else fp32."""
-        context: AbstractContextManager[Any] = autocast(self.ctx.device, self.ctx.dtype)
+        context: AbstractContextManager[None] = autocast(self.ctx.device, self.ctx.dtype)
         return context
 
     def set_lr(self, step: int) -> float:
