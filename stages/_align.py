@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from llmcore.config import BaseConfig, LoRAConfig
+from llmcore.data.corpus import ConversationRow
 from llmcore.data.shards import ShardDataset
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes
 from llmcore.device import pick_device
@@ -59,7 +60,7 @@ def load_policy(src: Path, base: BaseConfig, method: str, lora_cfg: LoRAConfig
                                  "trainable_share": round(trainable / total, 5)}
 
 
-def exact_match(model: Any, tok: LLMTokenizer, convs: list[dict[str, Any]], per_task: int,
+def exact_match(model: Any, tok: LLMTokenizer, convs: list[ConversationRow], per_task: int,
                 max_new_tokens: int) -> dict[str, float]:
     model.eval()
     return {t: v["exact_match"] for t, v in

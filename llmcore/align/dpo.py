@@ -24,7 +24,6 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from llmcore.align.replies import batched_sequence_logprobs, reply_rows, sequence_logprobs
 from llmcore.align.run import log_curve, rng_from_json, rng_to_json
 from llmcore.config import DPOConfig
+from llmcore.data.corpus import ConversationRow, Preference, expected_answer
 from llmcore.data.tasks import is_correct, wrong_reply
 from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.infer.generate import Sampling, generate
@@ -70,15 +70,15 @@ class PairBatch:
     n: int
 
 
-def encode_pairs(tok: LLMTokenizer, pairs: Sequence[dict[str, Any]], max_len: int,
-                 device: torch.device | str = "cpu") -> tuple[list[dict[str, Any]], Rows]:
+def encode_pairs(tok: LLMTokenizer, pairs: Sequence[Preference], max_len: int,
+                 device: torch.device | str = "cpu") -> tuple[list[Preference], Rows]:
     """Pairs whose both replies fit ``max_len``, and a function giving a batch's rows."""
     chosen = [(p["prompt"], p["chosen"]) for p in pairs]
     rejected = [(p["prompt"], p["rejected"]) for p in pairs]
     fits = set(reply_rows(tok, chosen, max_len)[2]) & set(reply_rows(tok, rejected, max_len)[2])
     kept = [p for i, p in enumerate(pairs) if i in fits]
 
-    def rows(batch: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(batch: Sequence[Preference]) -> tuple[torch.Tensor, torch.Tensor]:
         items = [(p["prompt"], p["chosen"]) for p in batch] + \
                 [(p["prompt"], p["rejected"]) for p in batch]
         ids, mask, _ = reply_rows(tok, items, max_len, device)
@@ -87,7 +87,7 @@ def encode_pairs(tok: LLMTokenizer, pairs: Sequence[dict[str, Any]], max_len: in
     return kept, rows
 
 
-def reference_logprobs(ref_model: LanguageModel, pairs: Sequence[dict[str, Any]], rows: Rows,
+def reference_logprobs(ref_model: LanguageModel, pairs: Sequence[Preference], rows: Rows,
                        batch_size: int = 32) -> list[tuple[float, float]]:
     """(log pi_ref(chosen), log pi_ref(rejected)) per pair, computed once."""
     out: list[tuple[float, float]] = []
@@ -99,7 +99,7 @@ def reference_logprobs(ref_model: LanguageModel, pairs: Sequence[dict[str, Any]]
     return out
 
 
-Rows = Callable[[Sequence[dict[str, Any]]], tuple[torch.Tensor, torch.Tensor]]
+Rows = Callable[[Sequence[Preference]], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -111,7 +111,7 @@ class DPOResult:
 
 
 @torch.no_grad()
-def pair_metrics(model: LanguageModel, pairs: Sequence[dict[str, Any]],
+def pair_metrics(model: LanguageModel, pairs: Sequence[Preference],
                  refs: Sequence[tuple[float, float]],
                  rows: Rows, beta: float, batch_size: int = 32) -> dict[str, float]:
     """Held-out DPO loss, reward accuracy (ties count half) and mean reward margin."""
@@ -132,7 +132,7 @@ def pair_metrics(model: LanguageModel, pairs: Sequence[dict[str, Any]],
             "reward_margin": sum(margins) / n}
 
 
-def _pair_loss(model: Transformer, stepper: OptimizerStep, batch: list[dict[str, Any]],
+def _pair_loss(model: Transformer, stepper: OptimizerStep, batch: list[Preference],
                refs: list[tuple[float, float]], rows: Rows, cfg: DPOConfig, step_pairs: int,
                parts: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
     """One micro-batch's DPO loss, weighted by its share of the step's pairs."""
@@ -148,8 +148,8 @@ def _pair_loss(model: Transformer, stepper: OptimizerStep, batch: list[dict[str,
     return loss * weight if weight != 1 else loss
 
 
-def train_dpo(model: Transformer, train: Sequence[dict[str, Any]],
-              train_ref: Sequence[tuple[float, float]], val: Sequence[dict[str, Any]],
+def train_dpo(model: Transformer, train: Sequence[Preference],
+              train_ref: Sequence[tuple[float, float]], val: Sequence[Preference],
               val_ref: Sequence[tuple[float, float]], rows: Rows, cfg: DPOConfig,
               ctx: RunContext, seed: int) -> DPOResult:
     """DPO on the trainable parameters of ``model`` through the shared optimizer step.
@@ -218,15 +218,16 @@ def train_dpo(model: Transformer, train: Sequence[dict[str, Any]],
 
 
 @torch.no_grad()
-def task_pairs(model: LanguageModel, tok: LLMTokenizer, conversations: Sequence[dict[str, Any]],
+def task_pairs(model: LanguageModel, tok: LLMTokenizer, conversations: Sequence[ConversationRow],
                max_new_tokens: int, seed: int, batch_size: int = 64
-               ) -> tuple[list[dict[str, Any]], int]:
+               ) -> tuple[list[Preference], int]:
     """On-policy preference pairs from task conversations (with an ``answer``): the reference
     reply against the model's own greedy reply when that ends wrong, else against the
     reference with a plausible wrong final answer. Returns the pairs and how many rejected replies are the model's own."""
     rng = random.Random(seed)
     stops = [tok.im_end_id, tok.eot_id]
-    pairs, own = [], 0
+    pairs: list[Preference] = []
+    own = 0
     convs = [c for c in conversations if c.get("answer") and c["task"] != "doc"]
     for i in range(0, len(convs), batch_size):
         chunk = convs[i : i + batch_size]
@@ -235,9 +236,10 @@ def task_pairs(model: LanguageModel, tok: LLMTokenizer, conversations: Sequence[
                         pad_id=tok.pad_id)
         for conv, out in zip(chunk, outs, strict=True):
             reply = tok.decode(out)  # as produced, an empty or blank one included
-            wrong = not is_correct(reply, conv["answer"])
+            wrong = not is_correct(reply, expected_answer(conv))
             chosen = conv["messages"][-1]["content"]  # the reference reply, working included
-            rejected = reply if wrong else wrong_reply(conv["task"], chosen, conv["answer"], rng)
+            rejected = reply if wrong else wrong_reply(conv["task"], chosen,
+                                                       expected_answer(conv), rng)
             own += wrong
             pairs.append({"prompt": conv["messages"][:-1], "chosen": chosen,
                           "rejected": rejected, "task": conv["task"],

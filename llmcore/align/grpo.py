@@ -18,13 +18,13 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from llmcore.align.replies import prompt_reply_rows, token_logprobs
 from llmcore.align.run import log_curve, rng_from_json, rng_to_json
 from llmcore.config import RLConfig
+from llmcore.data.corpus import ConversationRow, expected_answer
 from llmcore.data.tasks import is_correct
 from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.infer.generate import Sampling, generate
@@ -72,7 +72,7 @@ class GRPOResult:
     resumed_from: int | None = None
 
 
-def _sample(model: Transformer, tok: LLMTokenizer, batch: Sequence[dict[str, Any]],
+def _sample(model: Transformer, tok: LLMTokenizer, batch: Sequence[ConversationRow],
             cfg: RLConfig, seed: int, step: int
             ) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
     """(prompts repeated per reply, the G replies per prompt, (P, G) rewards)."""
@@ -83,7 +83,7 @@ def _sample(model: Transformer, tok: LLMTokenizer, batch: Sequence[dict[str, Any
     model.eval()
     replies = generate(model, expanded, sampling, [tok.im_end_id, tok.eot_id],
                        pad_id=tok.pad_id, keep_stop=True)
-    rewards = torch.tensor([[reward(replies[i * cfg.group_size + g], c["answer"], tok,
+    rewards = torch.tensor([[reward(replies[i * cfg.group_size + g], expected_answer(c), tok,
                                     cfg.no_end_penalty) for g in range(cfg.group_size)]
                             for i, c in enumerate(batch)])
     return expanded, replies, rewards
@@ -129,7 +129,7 @@ def _update(model: Transformer, ref_model: Transformer, stepper: OptimizerStep, 
 
 
 def train_grpo(model: Transformer, ref_model: Transformer, tok: LLMTokenizer,
-               tasks: Sequence[dict[str, Any]], cfg: RLConfig, ctx: RunContext, seed: int
+               tasks: Sequence[ConversationRow], cfg: RLConfig, ctx: RunContext, seed: int
                ) -> GRPOResult:
     """GRPO on task conversations (``messages`` ending in the reference reply, ``answer``).
 

@@ -22,7 +22,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -128,6 +128,41 @@ PREFERENCE_SCHEMA = pa.schema([("id", pa.string()), ("prompt", MESSAGE_TYPE),
 PREFERENCES = "preferences"  # tables preferences_train, preferences_val, preferences_test
 
 
+class DocumentRow(TypedDict):
+    """A row of ``pretrain_<split>.parquet`` (:func:`read_documents`)."""
+
+    id: str
+    text: str
+    source: str
+    pool: list[str]
+
+
+class ConversationRow(TypedDict):
+    """A row of ``sft_<split>.parquet`` (:func:`read_conversations`)."""
+
+    id: str
+    messages: list[dict[str, str]]  # {"role", "content"}, as Conversation.as_dicts writes them
+    task: str
+    answer: str | None  # None: a conversation without an exact expected reply (chat)
+    source: str
+    pool: list[str]
+
+
+class _PreferenceFields(TypedDict):
+    prompt: list[dict[str, str]]  # {"role", "content"} messages; the last one is the user's
+    chosen: str
+    rejected: str
+    source: str
+
+
+class Preference(_PreferenceFields, total=False):
+    """A preference pair: a row of ``preferences_<split>.parquet`` (:func:`read_preferences`,
+    with ``pool``), or one DPO makes from a task conversation (with ``task``)."""
+
+    task: str
+    pool: list[str]
+
+
 def _schema(table: str) -> pa.Schema:
     if table.startswith(PREFERENCES):
         return PREFERENCE_SCHEMA
@@ -167,18 +202,18 @@ def read_texts(corpus_dir: Path, split: str = "train") -> list[str]:
     return table.column("text").to_pylist()
 
 
-def read_documents(corpus_dir: Path, split: str) -> list[dict[str, Any]]:
+def read_documents(corpus_dir: Path, split: str) -> list[DocumentRow]:
     """Pretraining documents of one split: ``{"id", "text", "source", "pool"}``."""
     return _read_table(Path(corpus_dir) / f"pretrain_{split}.parquet").to_pylist()
 
 
-def read_conversations(corpus_dir: Path, split: str = "train") -> list[dict[str, Any]]:
-    """SFT rows of one split: ``{"id", "messages", "task", "answer", "source"}``."""
+def read_conversations(corpus_dir: Path, split: str = "train") -> list[ConversationRow]:
+    """SFT rows of one split: ``{"id", "messages", "task", "answer", "source", "pool"}``."""
     return _read_table(Path(corpus_dir) / f"sft_{split}.parquet").to_pylist()
 
 
-def task_subset(convs: list[dict[str, Any]], tasks: Sequence[str], per_task: int
-                ) -> list[dict[str, Any]]:
+def task_subset(convs: list[ConversationRow], tasks: Sequence[str], per_task: int
+                ) -> list[ConversationRow]:
     """Up to ``per_task`` conversations with an answer of each of ``tasks``, in corpus order
     (what DPO makes pairs from and GRPO rewards)."""
     out, counts = [], dict.fromkeys(tasks, 0)
@@ -190,7 +225,16 @@ def task_subset(convs: list[dict[str, Any]], tasks: Sequence[str], per_task: int
     return out
 
 
-def read_preferences(corpus_dir: Path, split: str) -> list[dict[str, Any]]:
+def expected_answer(conv: ConversationRow) -> str:
+    """The exact expected final reply of a conversation that has one (a task's): what the
+    tasks are scored, paired and rewarded on. ValueError for one without (a chat)."""
+    answer = conv["answer"]
+    if answer is None:
+        raise ValueError(f"conversation {conv.get('id', '?')} ({conv.get('task')}) has no answer")
+    return answer
+
+
+def read_preferences(corpus_dir: Path, split: str) -> list[Preference]:
     """Preference pairs of one split: ``{"prompt": [{"role", "content"}, ...], "chosen",
     "rejected", "source"}``; none (an empty list) in a corpus built without any."""
     if split not in SPLITS:

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -157,16 +158,18 @@ def assign_splits(rows: list[dict], val_fraction: float, test_fraction: float,
             r["split"] = fixed.get(first) or place[first]
 
 
-def pool_breach(tables: dict[str, list[dict]]) -> str | None:
+def pool_breach(tables: Mapping[str, Sequence[Mapping[str, Any]]]) -> str | None:
     """The first pool key found in two splits, described (None when every key is in one)."""
     where: dict[str, tuple[str, str]] = {}
     for name in sorted(tables):
         split = name.rsplit("_", 1)[1]
-        for row in tables[name]:
+        for i, row in enumerate(tables[name]):
             for key in row.get("pool") or ():
                 other = where.setdefault(key, (split, name))
                 if other[0] != split:
-                    return (f"{key!r} is in {other[1]} and in {name} (row {row['id'][:12]}); "
+                    # preference rows are read without their id: their place names them
+                    at = f"row {row['id'][:12]}" if row.get("id") else f"row #{i}"
+                    return (f"{key!r} is in {other[1]} and in {name} ({at}); "
                             "a held-out example must share no pool with training")
     return None
 

@@ -25,7 +25,7 @@ import json
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -47,6 +47,13 @@ CHAT_TEMPLATE = (
 )
 
 
+class Chat(TypedDict):
+    """A conversation as the chat template reads it (a corpus row has more keys:
+    :class:`llmcore.data.corpus.ConversationRow`)."""
+
+    messages: list[dict[str, str]]  # {"role", "content"}
+
+
 def render_chat(messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
     """The ChatML text of a conversation, exactly as CHAT_TEMPLATE renders it."""
     text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
@@ -62,7 +69,7 @@ def _pre_tokenizer(split_digits: bool) -> Any:
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
 
 
-def training_texts(texts: list[str], conversations: Sequence[dict[str, Any]],
+def training_texts(texts: list[str], conversations: Sequence[Chat],
                    max_bytes: int | None) -> list[str]:
     """Pretraining texts, then every message of ``conversations``, cut at ``max_bytes``.
 

@@ -30,16 +30,23 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
 from llmcore.config import UserError
-from llmcore.data.corpus import read_conversations, read_documents, read_preferences
+from llmcore.data.corpus import (
+    ConversationRow,
+    DocumentRow,
+    Preference,
+    read_conversations,
+    read_documents,
+    read_preferences,
+)
 from llmcore.data.ngrams import NGRAM, Words, example_grams, gram_hashes
 from llmcore.data.shards import ShardDataset
 from llmcore.data.splits import CONTRACTS, MIN_TEST_EXAMPLES, SPLITS, pool_breach
-from llmcore.data.tokenizer import LLMTokenizer, render_chat
+from llmcore.data.tokenizer import Chat, LLMTokenizer, render_chat
 from llmcore.report.evaluate import doc_mc_questions, task_examples
 
 __all__ = ["NGRAM", "Contract", "ContractViolation", "NgramIndex", "SetResult", "Words",
@@ -54,7 +61,7 @@ class ContractViolation(UserError):
     """A held-out example that training could reach: the evaluation would measure recall."""
 
 
-def conversation_text(conv: dict[str, Any]) -> str:
+def conversation_text(conv: Chat) -> str:
     """A conversation as the model read it in training (the chat template), system prompt left
     out."""
     return render_chat([m for m in conv["messages"] if m["role"] != "system"])
@@ -103,6 +110,16 @@ def rows_text(tok: LLMTokenizer, rows: np.ndarray, shared_token: bool) -> list[s
     return [tok.decode(r.tolist()) for r in rows]
 
 
+class SetSummary(TypedDict):
+    """One set's counts in the report (:meth:`SetResult.summary`)."""
+
+    examples: int
+    contaminated: int  # examples that share a run with some stream
+    by_stream: dict[str, int]  # stream -> examples that share a run with it
+    overlap_half_or_more: int
+    mean_overlap: float | None  # None: no examples
+
+
 @dataclass
 class SetResult:
     """One evaluation set checked against every stream."""
@@ -119,7 +136,7 @@ class SetResult:
             any_ |= f
         return any_
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> SetSummary:
         return {"examples": len(self.overlap),
                 "contaminated": int(self.contaminated.sum()),
                 "by_stream": {s: int(f.sum()) for s, f in self.found.items()},
@@ -165,8 +182,8 @@ def check_set(name: str, examples: Sequence[np.ndarray], streams: dict[str, Ngra
 
 
 def training_streams(tok: LLMTokenizer, words: Words, pretrain_rows: np.ndarray,
-                     sft_rows: np.ndarray, task_conversations: Sequence[dict[str, Any]],
-                     preferences: Sequence[dict[str, Any]]) -> dict[str, NgramIndex]:
+                     sft_rows: np.ndarray, task_conversations: Sequence[ConversationRow],
+                     preferences: Sequence[Preference]) -> dict[str, NgramIndex]:
     """The streams an evaluation example could have leaked through.
 
     ``pretrain``: the pretraining rows (text and the chat mix); ``sft``: the SFT rows;
@@ -176,8 +193,8 @@ def training_streams(tok: LLMTokenizer, words: Words, pretrain_rows: np.ndarray,
     model's own rejected replies are not read: they are generated, and the model cannot leak
     what it wrote.
     """
-    pairs = [{"messages": [*p["prompt"], {"role": "assistant", "content": reply}]}
-             for p in preferences for reply in (p["chosen"], p["rejected"])]
+    pairs: list[Chat] = [{"messages": [*p["prompt"], {"role": "assistant", "content": reply}]}
+                         for p in preferences for reply in (p["chosen"], p["rejected"])]
     return {"pretrain": NgramIndex(words(t) for t in rows_text(tok, pretrain_rows, True)),
             "sft": NgramIndex(words(t) for t in rows_text(tok, sft_rows, False)),
             "align": NgramIndex(words(conversation_text(c))
@@ -185,8 +202,8 @@ def training_streams(tok: LLMTokenizer, words: Words, pretrain_rows: np.ndarray,
 
 
 def decontaminate(tok: LLMTokenizer, sets: Mapping[str, Sequence[str]], *,
-                  train_conversations: Sequence[dict[str, Any]],
-                  preferences: Sequence[dict[str, Any]], pretrain_train: ShardDataset,
+                  train_conversations: Sequence[ConversationRow],
+                  preferences: Sequence[Preference], pretrain_train: ShardDataset,
                   sft_train: ShardDataset, n: int = NGRAM) -> dict[str, SetResult]:
     """Every evaluation set (name -> its examples as text, in scoring order) checked against
     every training stream (:func:`training_streams`)."""
@@ -206,7 +223,8 @@ def decontaminate(tok: LLMTokenizer, sets: Mapping[str, Sequence[str]], *,
     return out
 
 
-def first_violation(results: Mapping[str, SetResult], tables: Mapping[str, list[dict]],
+def first_violation(results: Mapping[str, SetResult],
+                    tables: Mapping[str, Sequence[Mapping[str, Any]]],
                     texts: Mapping[str, Sequence[str]], n: int = NGRAM) -> str | None:
     """The first broken contract as one line (None when every contract holds): a pool key in
     a training table and a held-out one, or a test example whose runs found in training
@@ -225,8 +243,8 @@ def first_violation(results: Mapping[str, SetResult], tables: Mapping[str, list[
     return None
 
 
-def word_token_coverage(tok: LLMTokenizer, tables: Mapping[str, list[dict]], split: str = "test"
-                        ) -> dict[str, float | int]:
+def word_token_coverage(tok: LLMTokenizer, tables: Mapping[str, Sequence[Mapping[str, Any]]],
+                        split: str = "test") -> dict[str, float | int]:
     """How many ``split`` words of the tasks are spelled, token by token, in training.
 
     Spelling a word means knowing the letters of each of its BPE tokens; a model learns
@@ -263,7 +281,7 @@ def contamination_metrics(results: dict[str, SetResult]) -> dict[str, int]:
 
 def contamination_report(results: dict[str, SetResult], n: int = NGRAM, listed: int = 10,
                          violation: str | None = None,
-                         coverage: Mapping[str, Any] | None = None
+                         coverage: Mapping[str, float | int] | None = None
                          ) -> tuple[dict[str, Any], str]:
     """(JSON-ready summary with every contaminated example, Markdown page) of :func:`check_set`
     results, with each set's contract, the verdict (``violation``: the first broken contract,
@@ -324,14 +342,14 @@ def contamination_report(results: dict[str, SetResult], n: int = NGRAM, listed: 
     return data, "\n".join(lines)
 
 
-def evaluation_sets(tasks: Mapping[str, Sequence[dict[str, Any]]],
-                    doc_questions: Sequence[dict[str, Any]], documents: Sequence[str],
-                    chats: Sequence[dict[str, Any]], preferences: Sequence[dict[str, Any]]
+def evaluation_sets(tasks: Mapping[str, Sequence[ConversationRow]],
+                    doc_questions: Sequence[ConversationRow], documents: Sequence[str],
+                    chats: Sequence[ConversationRow], preferences: Sequence[Preference]
                     ) -> dict[str, list[str]]:
     """Set name -> its test examples as the text checked (conversations as the chat
     template renders them, system prompt left out), in scoring order; empty sets left out."""
-    pairs = [{"messages": [*p["prompt"], {"role": "assistant", "content": p["chosen"]}]}
-             for p in preferences]
+    pairs: list[Chat] = [{"messages": [*p["prompt"], {"role": "assistant", "content": p["chosen"]}]}
+                         for p in preferences]
     sets = {**{t: [conversation_text(c) for c in convs] for t, convs in tasks.items()},
             "doc_questions": [conversation_text(c) for c in doc_questions],
             "docs_test": list(documents),
@@ -347,7 +365,7 @@ class Contract:
 
     checks: dict[str, SetResult]
     violation: str | None
-    coverage: dict[str, Any]
+    coverage: dict[str, float | int]  # word_token_coverage
     data: dict[str, Any]
     page: str
 
@@ -356,17 +374,22 @@ def check_contract(tok: LLMTokenizer, corpus_dir: Path, shard_dir: Path, max_per
                    choices: int, n: int = NGRAM) -> Contract:
     """Every evaluation set of the corpus's test split, as the evaluate stage scores it,
     checked against the pool keys of every table and against every training stream."""
-    tables = {f"{t}_{s}": rows for s in SPLITS for t, rows in (
-        ("pretrain", read_documents(corpus_dir, s)), ("sft", read_conversations(corpus_dir, s)),
-        ("preferences", read_preferences(corpus_dir, s)))}
-    convs = tables["sft_test"]
+    docs: dict[str, list[DocumentRow]] = {}
+    sft: dict[str, list[ConversationRow]] = {}
+    prefs: dict[str, list[Preference]] = {}
+    for s in SPLITS:
+        docs[s], sft[s] = read_documents(corpus_dir, s), read_conversations(corpus_dir, s)
+        prefs[s] = read_preferences(corpus_dir, s)
+    tables = {f"{t}_{s}": rows for s in SPLITS
+              for t, rows in (("pretrain", docs[s]), ("sft", sft[s]), ("preferences", prefs[s]))}
+    convs = sft["test"]
     sets = evaluation_sets(task_examples(convs, max_per_task),
                            doc_mc_questions(convs, choices, max_per_task),
-                           [d["text"] for d in tables["pretrain_test"]],
+                           [d["text"] for d in docs["test"]],
                            [c for c in convs if c["task"] == "chat"],
-                           tables["preferences_test"])
-    checks = decontaminate(tok, sets, train_conversations=tables["sft_train"],
-                           preferences=tables["preferences_train"],
+                           prefs["test"])
+    checks = decontaminate(tok, sets, train_conversations=sft["train"],
+                           preferences=prefs["train"],
                            pretrain_train=ShardDataset(shard_dir, "pretrain_train"),
                            sft_train=ShardDataset(shard_dir, "sft_train"), n=n)
     violation = first_violation(checks, tables, sets, n)

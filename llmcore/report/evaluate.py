@@ -28,13 +28,14 @@ import math
 import random
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple, TypedDict
+from typing import NamedTuple, TypedDict
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from llmcore.config import EvaluateConfig
+from llmcore.data.corpus import ConversationRow, expected_answer
 from llmcore.data.shards import ShardDataset
 from llmcore.data.tasks import is_correct
 from llmcore.data.tokenizer import IM_END, LLMTokenizer, render_chat
@@ -127,11 +128,11 @@ def _prompt_ids(tok: LLMTokenizer, messages: Sequence[dict[str, str]]) -> list[i
     return tok.encode(render_chat(messages, add_generation_prompt=True))
 
 
-def task_examples(conversations: Sequence[dict[str, Any]], max_per_task: int
-                  ) -> dict[str, list[dict[str, Any]]]:
+def task_examples(conversations: Sequence[ConversationRow], max_per_task: int
+                  ) -> dict[str, list[ConversationRow]]:
     """The held-out conversations each synthetic task is scored on: the first
     ``max_per_task`` of each, in corpus order (the same ones for every model and check)."""
-    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    by_task: dict[str, list[ConversationRow]] = defaultdict(list)
     for conv in conversations:
         task = conv["task"]
         if task != "doc" and conv.get("answer") is not None and \
@@ -140,12 +141,12 @@ def task_examples(conversations: Sequence[dict[str, Any]], max_per_task: int
     return dict(sorted(by_task.items()))
 
 
-def doc_questions(conversations: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def doc_questions(conversations: Sequence[ConversationRow]) -> list[ConversationRow]:
     """Every held-out doc question with a documented answer (the multiple choice's pool)."""
     return [c for c in conversations if c["task"] == "doc" and c.get("answer")]
 
 
-def task_accuracy(model: LanguageModel, tok: LLMTokenizer, conversations: Sequence[dict[str, Any]],
+def task_accuracy(model: LanguageModel, tok: LLMTokenizer, conversations: Sequence[ConversationRow],
                   max_per_task: int, max_new_tokens: int, batch_size: int = 32
                   ) -> dict[str, TaskResult]:
     """Exact match and ``<|im_end|>`` rate per synthetic task on held-out conversations, with
@@ -164,7 +165,7 @@ def task_accuracy(model: LanguageModel, tok: LLMTokenizer, conversations: Sequen
             for conv, ids in zip(chunk, outs, strict=True):
                 stopped = bool(ids) and ids[-1] == tok.im_end_id
                 reply = tok.decode(ids[:-1] if ids and ids[-1] in stops else ids).strip()
-                correct.append(is_correct(reply, conv["answer"]))
+                correct.append(is_correct(reply, expected_answer(conv)))
                 replies.append(reply)
                 ended += stopped
         right = sum(correct)
@@ -175,7 +176,7 @@ def task_accuracy(model: LanguageModel, tok: LLMTokenizer, conversations: Sequen
     return results
 
 
-def drawn_samples(tasks: Mapping[str, TaskResult], conversations: Sequence[dict[str, Any]],
+def drawn_samples(tasks: Mapping[str, TaskResult], conversations: Sequence[ConversationRow],
                   per_task: int, seed: int = 0) -> list[DrawnSample]:
     """``per_task`` scored questions of each task drawn at random (seeded, not picked by
     hand), with the model's reply, the right answer and whether it counted: what a reader
@@ -188,12 +189,12 @@ def drawn_samples(tasks: Mapping[str, TaskResult], conversations: Sequence[dict[
         for i in sorted(rng.sample(range(len(v["correct"])), min(per_task, len(v["correct"])))):
             conv = examples[task][i]
             drawn.append({"task": task, "question": conv["messages"][-2]["content"],
-                          "reply": v["replies"][i], "answer": conv["answer"],
+                          "reply": v["replies"][i], "answer": expected_answer(conv),
                           "correct": bool(v["correct"][i]), "pieces": v["pieces"][i]})
     return drawn
 
 
-def word_pieces(tok: LLMTokenizer, conv: Mapping[str, Any]) -> int | None:
+def word_pieces(tok: LLMTokenizer, conv: ConversationRow) -> int | None:
     """Tokens of a word question's word as the question quotes it (``'python'``); None for a
     question about no word. One token: spelling it recalls that token's letters; more:
     it composes the letters of several tokens."""
@@ -273,7 +274,7 @@ class MCItem(NamedTuple):
     """One doc multiple-choice question: the conversation, its candidate answers (the
     documented one among them) and the documented answer's index in ``candidates``."""
 
-    conv: dict[str, Any]
+    conv: ConversationRow
     candidates: tuple[str, ...]
     gold: int
 
@@ -284,7 +285,7 @@ def normalise_answer(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def doc_mc_items(conversations: Sequence[dict[str, Any]], choices: int, max_questions: int,
+def doc_mc_items(conversations: Sequence[ConversationRow], choices: int, max_questions: int,
                  seed: int = 0) -> list[MCItem]:
     """The doc multiple choice: the first ``max_questions`` of :func:`doc_questions`, each with
     ``choices - 1`` distractors and its documented answer at a random position.
@@ -301,28 +302,29 @@ def doc_mc_items(conversations: Sequence[dict[str, Any]], choices: int, max_ques
     docs = doc_questions(conversations)
     pool: dict[str, str] = {}
     for d in docs:
-        pool.setdefault(normalise_answer(d["answer"]), d["answer"])
+        pool.setdefault(normalise_answer(expected_answer(d)), expected_answer(d))
     if len(pool) < choices:
         return []
     rng = random.Random(seed)
     items = []
     for conv in docs[:max_questions]:
-        key = normalise_answer(conv["answer"])
+        key = normalise_answer(expected_answer(conv))
         candidates = rng.sample([a for k, a in pool.items() if k != key], choices - 1)
         gold = rng.randrange(choices)
-        candidates.insert(gold, conv["answer"])
+        candidates.insert(gold, expected_answer(conv))
         items.append(MCItem(conv, tuple(candidates), gold))
     return items
 
 
-def doc_mc_questions(conversations: Sequence[dict[str, Any]], choices: int, max_questions: int,
-                     seed: int = 0) -> list[dict[str, Any]]:
+def doc_mc_questions(conversations: Sequence[ConversationRow], choices: int, max_questions: int,
+                     seed: int = 0) -> list[ConversationRow]:
     """The doc questions the multiple choice scores, in its order (the contract check's set)."""
     return [item.conv for item in doc_mc_items(conversations, choices, max_questions, seed)]
 
 
-def doc_multiple_choice(model: LanguageModel, tok: LLMTokenizer, conversations: Sequence[dict[str, Any]],
-                        choices: int, max_questions: int, seed: int = 0) -> DocMCResult:
+def doc_multiple_choice(model: LanguageModel, tok: LLMTokenizer,
+                        conversations: Sequence[ConversationRow], choices: int,
+                        max_questions: int, seed: int = 0) -> DocMCResult:
     """Accuracy of picking the documented answer among ``choices`` candidates
     (:func:`doc_mc_items`), scored by mean log-probability per token of the candidate and its
     ``<|im_end|>``.
@@ -360,7 +362,7 @@ def answer_prompts(model: LanguageModel, tok: LLMTokenizer, prompts: Sequence[st
 
 
 def evaluate_model(model: LanguageModel, tok: LLMTokenizer, *, docs: ShardDataset,
-                   replies: ShardDataset, conversations: Sequence[dict[str, Any]],
+                   replies: ShardDataset, conversations: Sequence[ConversationRow],
                    token_bytes: torch.Tensor, cfg: EvaluateConfig, device: torch.device,
                    dtype: torch.dtype) -> ModelResults:
     """Everything the evaluate stage reports for one model, as a nested dict: bits per byte

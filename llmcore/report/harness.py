@@ -29,7 +29,8 @@ from typing import Any
 import torch
 import yaml
 
-from llmcore.data.tokenizer import EOT, IM_END, LLMTokenizer, render_chat
+from llmcore.data.corpus import ConversationRow
+from llmcore.data.tokenizer import EOT, IM_END, Chat, LLMTokenizer, render_chat
 from llmcore.model.protocols import LanguageModel
 from llmcore.report.evaluate import choice_credit, doc_mc_items, task_examples
 
@@ -39,7 +40,7 @@ PREFIX = "llmcore_"
 LAST_LINE = r"(\S(?:[^\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]*\S)?)"
 
 
-def prompt_text(conv: dict[str, Any]) -> str:
+def prompt_text(conv: Chat) -> str:
     return render_chat(conv["messages"][:-1], add_generation_prompt=True)
 
 
@@ -49,7 +50,7 @@ def _data(path: Path, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "test_split": "test"}
 
 
-def write_tasks(out: Path, conversations: Sequence[dict[str, Any]], *, max_per_task: int,
+def write_tasks(out: Path, conversations: Sequence[ConversationRow], *, max_per_task: int,
                 choices: int, max_new_tokens: int, seed: int = 0) -> list[str]:
     """Task YAMLs and JSONL data for every evaluation set in ``out``; their task names."""
     out = Path(out).resolve()
@@ -57,7 +58,8 @@ def write_tasks(out: Path, conversations: Sequence[dict[str, Any]], *, max_per_t
     names = []
     for task, convs in task_examples(conversations, max_per_task).items():
         name = f"{PREFIX}{task}"
-        rows = [{"prompt": prompt_text(c), "answer": c["answer"]} for c in convs]
+        rows: list[dict[str, Any]] = [{"prompt": prompt_text(c), "answer": c["answer"]}
+                                      for c in convs]
         spec = {"task": name, **_data(out / f"{name}.jsonl", rows),
                 "output_type": "generate_until", "doc_to_text": "{{prompt}}",
                 "doc_to_target": "{{answer}}", "target_delimiter": "",
@@ -113,7 +115,7 @@ def results_file(output_dir: Path) -> Path:
 
 @torch.no_grad()
 def summed_logprob_accuracy(model: LanguageModel, tok: LLMTokenizer,
-                            conversations: Sequence[dict[str, Any]], choices: int,
+                            conversations: Sequence[ConversationRow], choices: int,
                             max_questions: int, seed: int = 0) -> float:
     """The doc multiple choice by the harness's ``acc`` rule (the candidate with the largest
     summed log-probability), computed on an llmcore model: what ``acc`` must equal when no

@@ -366,6 +366,10 @@ def test_pool_breach_names_a_key_planted_in_two_splits():
                         "sft_val": [{"id": "2", "pool": ["k"]}]}) is None
     assert "'k'" in pool_breach({"pretrain_val": [{"id": "1", "pool": ["k"]}],
                                  "sft_test": [{"id": "2", "pool": ["k"]}]})
+    # a preference pair is read without its id: the breach names its place instead
+    pairs = [{"prompt": [], "pool": ["x"]}, {"prompt": [], "pool": ["k"]}]
+    assert "preferences_val (row #1)" in pool_breach(
+        {"preferences_train": [{"prompt": [], "pool": ["k"]}], "preferences_val": pairs})
     # rows without keys (a table of another kind) are no breach
     assert pool_breach({"pretrain_train": [{"id": "1", "pool": []}],
                         "pretrain_test": [{"id": "2", "pool": None}]}) is None
