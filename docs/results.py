@@ -262,9 +262,13 @@ def seeded(files: Files, rel: str) -> list[str]:
     sides = data.get("sides", {})
     took = ("" if data.get("seconds") is None else
             f", {minutes(data.get('seconds'))} for every run of every side")
+    base = sides.get("base") or ""
+    if " side of comparison " in base:  # --base-from NAME --base-side SIDE: runs reused
+        base = f"{base} (its runs, reused)"
+    else:
+        base = "the params as committed when it ran" + (f" with `{base}`" if base else "")
     out = [f"Profile `{data.get('profile')}`, seeds {data.get('seeds')}, {len(sides)} sides"
-           f"{took}; verdicts at p < {data.get('alpha')}. Baseline: the params as committed when it ran"
-           + (f" with `{sides['base']}`" if sides.get("base") else "") + ".", ""]
+           f"{took}; verdicts at p < {data.get('alpha')}. Baseline: {base}.", ""]
     tables = [("", data.get("metrics", {}))]
     if data.get("reported"):
         tables = [("decided on val: ", data["metrics"]),
@@ -835,6 +839,16 @@ def results_md(files: Files) -> str:
             "after its first seed (`--name arith2-rev05`): reverse fell far below every seed "
             "of the baseline.", ""]
     out += seeded_section(files, "arith2-rev05", "arithmetic x2, reverse x0.5")
+    out += ["### SFT packing over seeds", "",
+            "First fit over eight open rows against next fit (one open row): the code of "
+            "`llmcore/data/packing.py`, not a param, so the variant is the workspace with the "
+            "new packing (`--variant first-fit:`) against the default of the comparison "
+            "above (`--base-from arith2 --base-side arithmetic-2`). Same steps and rows per "
+            "step; the rows hold 13% more conversations. The variant is the default now. "
+            "`reports/compare/firstfit.json`: `python -m stages.compare --variant first-fit: "
+            "--seed-list 1337,1,2 --profile full --name firstfit --base-from arith2 "
+            "--base-side arithmetic-2`:", ""]
+    out += seeded_section(files, "firstfit", "first-fit packing over seeds")
     out += ["### The letters curriculum over seeds", "",
             "`reports/compare/letters-quick.json`: the committed params against the same "
             "without the letters curriculum (`pack.letters_share=0`), the quick profile, "
