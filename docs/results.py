@@ -956,10 +956,10 @@ def samples(files: Files) -> list[str]:
 # the committed params over seeds: a comparison's file and the side whose runs had exactly
 # these params (the baseline of a default run alone, or the variant a comparison adopted),
 # and the command that made it
-SEEDED_DEFAULT = "reports/compare/arith2.json"
-SEEDED_SIDE = "arithmetic-2"
-SEEDED_COMMAND = ("python -m stages.compare --variant \"fetch.synthetic_task_weights.arithmetic=2\" "
-                  "--seed-list 1337,1,2 --profile full --name arith2 --base-from default-3seeds")
+SEEDED_DEFAULT = "reports/compare/firstfit.json"
+SEEDED_SIDE = "first-fit"
+SEEDED_COMMAND = ("python -m stages.compare --variant first-fit: --seed-list 1337,1,2 "
+                  "--profile full --name firstfit --base-from arith2 --base-side arithmetic-2")
 # what the default is judged on (spell and reverse on their words of several tokens)
 JUDGED = ("arithmetic_exact_match", "count_exact_match", "spell_multi_exact_match",
           "reverse_multi_exact_match")
