@@ -208,10 +208,10 @@ def stage_run(client_uri: str, run_name: str, tags: Mapping[str, str],
     return tracker
 
 
-def end_stage_run(tracker: Any, status: str) -> None:
+def end_stage_run(tracker: Tracker, status: str) -> None:
     """Finish a stage's run; a ``dvc repro`` pipeline run ends with its latest stage."""
     tracker.finish(status)
-    if getattr(tracker, "owns_parent", False) and tracker.parent_run_id:
+    if isinstance(tracker, MlflowTracker) and tracker.owns_parent and tracker.parent_run_id:
         tracker.client.set_terminated(tracker.parent_run_id, status=status)
 
 
@@ -269,7 +269,7 @@ PROMOTE_MARGIN = 0.01
 SPLIT_VERSION = "4"
 
 
-def register_model(tracker: Any, model_dir: Path, val_bpb: float | None, kind: str,
+def register_model(tracker: Tracker, model_dir: Path, val_bpb: float | None, kind: str,
                    name: str = EXPERIMENT, tags: Mapping[str, str] | None = None,
                    margin: float = PROMOTE_MARGIN,
                    split_version: str = SPLIT_VERSION) -> Registered | None:

@@ -34,11 +34,20 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
-from llmcore.data.shards import FORMAT_VERSION, MANIFEST, ShardWriter, token_dtype
+from llmcore.data.shards import (
+    FORMAT_VERSION,
+    MANIFEST,
+    Manifest,
+    PackCounts,
+    ShardWriter,
+    SplitManifest,
+    SplitShards,
+    token_dtype,
+)
 from llmcore.data.tokenizer import LLMTokenizer
 
 T = TypeVar("T")
@@ -59,8 +68,9 @@ class PackStats:
     chat_tokens: int = 0  # pretrain: conversation tokens mixed in (chat mix)
     chat_conversations: int = 0  # pretrain: conversations mixed in
 
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
+    def as_dict(self) -> PackCounts:
+        # the fields above are PackCounts' keys, in its order
+        return cast(PackCounts, dict(self.__dict__))
 
 
 def pretrain_rows(token_chunks: Iterable[Sequence[Sequence[int]]], seq_len: int, eot_id: int,
@@ -161,13 +171,20 @@ def sft_rows(encoded: Iterable[tuple[Sequence[int], Sequence[int]]], seq_len: in
         yield emit(row)
 
 
+class PackedManifest(Manifest):
+    """What :func:`pack_all` returns: the manifest it wrote, and how long packing took."""
+
+    seconds: float
+
+
 def chunked(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
 
 def pack_split(out_dir: Path, split: str, rows: Iterable[Any], row_len: int, dtype: np.dtype,
-               rows_per_shard: int, with_mask: bool) -> dict[str, Any]:
+               rows_per_shard: int, with_mask: bool) -> SplitShards:
+    """``rows``: blocks of token rows, or with ``with_mask`` (ids, mask, segment) rows."""
     writer = ShardWriter(out_dir, split, row_len, dtype, rows_per_shard, with_mask)
     for row in rows:
         if with_mask:
@@ -205,7 +222,7 @@ def pack_all(tokenizer: LLMTokenizer, pretrain: dict[str, list[str]], sft: dict[
              out_dir: Path, seq_len: int, rows_per_shard: int = 4096,
              sft_overflow: str = "truncate", batch_documents: int = 256,
              sft_packed: bool = True, progress: Callable[[int], None] | None = None,
-             chat_share: float = 0.0, seed: int = 0) -> dict[str, Any]:
+             chat_share: float = 0.0, seed: int = 0) -> PackedManifest:
     """Encode and pack every split; write shards and ``manifest.json`` into ``out_dir``.
 
     ``pretrain`` maps split -> texts, ``sft`` maps split -> conversations (lists of messages).
@@ -217,7 +234,7 @@ def pack_all(tokenizer: LLMTokenizer, pretrain: dict[str, list[str]], sft: dict[
     out_dir = Path(out_dir)
     dtype = token_dtype(tokenizer.vocab_size)
     start = time.perf_counter()
-    splits: dict[str, Any] = {}
+    shards: dict[str, SplitShards] = {}
     stats: dict[str, PackStats] = {}
 
     def encoded_docs(texts: list[str], st: PackStats) -> Iterator[list[list[int]]]:
@@ -242,7 +259,7 @@ def pack_all(tokenizer: LLMTokenizer, pretrain: dict[str, list[str]], sft: dict[
             chunks = chain(chunks, chat_documents(tokenizer, sft["train"], chat_share, seed,
                                                   batch_documents, st))
         rows = pretrain_rows(chunks, seq_len, tokenizer.eot_id, st)
-        splits[name] = pack_split(out_dir, name, rows, seq_len + 1, dtype, rows_per_shard, False)
+        shards[name] = pack_split(out_dir, name, rows, seq_len + 1, dtype, rows_per_shard, False)
     for split, convs in sft.items():
         name = f"sft_{split}"
         st = stats[name] = PackStats()
@@ -253,20 +270,19 @@ def pack_all(tokenizer: LLMTokenizer, pretrain: dict[str, list[str]], sft: dict[
             convs = [convs[i] for i in np.random.default_rng(seed).permutation(len(convs))]
         sft_split = sft_rows(encoded_convs(convs), seq_len, tokenizer.pad_id, sft_overflow, st,
                              packed=sft_packed)
-        splits[name] = pack_split(out_dir, name, sft_split, seq_len + 1, dtype, rows_per_shard,
+        shards[name] = pack_split(out_dir, name, sft_split, seq_len + 1, dtype, rows_per_shard,
                                   True)
-    for name, st in stats.items():
-        splits[name].update(st.as_dict())
+    splits: dict[str, SplitManifest] = {name: {**shards[name], **st.as_dict()}
+                                        for name, st in stats.items()}
     manifest = write_manifest(out_dir, tokenizer, seq_len, dtype, chat_share, splits)
-    manifest["seconds"] = round(time.perf_counter() - start, 3)
-    return manifest
+    return {**manifest, "seconds": round(time.perf_counter() - start, 3)}
 
 
 def write_manifest(out_dir: Path, tokenizer: LLMTokenizer, seq_len: int, dtype: np.dtype,
-                   chat_share: float, splits: dict[str, Any]) -> dict[str, Any]:
+                   chat_share: float, splits: dict[str, SplitManifest]) -> Manifest:
     """``manifest.json``. It holds no timing: identical rows must give an identical shard
     directory, or DVC would see new data (and retrain everything) whenever packing re-runs."""
-    manifest = {
+    manifest: Manifest = {
         "format_version": FORMAT_VERSION,
         "seq_len": seq_len,
         "row_len": seq_len + 1,

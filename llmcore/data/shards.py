@@ -31,6 +31,62 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: SFT rows carry a segment column
 
 
+class ShardFile(TypedDict):
+    """One shard file of a split, as the manifest lists it."""
+
+    file: str
+    rows: int
+    sha256: str
+
+
+class SplitShards(TypedDict):
+    """What :meth:`ShardWriter.close` says of the split it wrote."""
+
+    shards: list[ShardFile]
+    rows: int
+    row_len: int
+    has_loss_mask: bool
+    has_segments: bool
+
+
+class PackCounts(TypedDict):
+    """The counts of packing one split (``llmcore.data.packing.PackStats.as_dict``)."""
+
+    rows: int
+    tokens: int
+    source_tokens: int
+    cropped_tokens: int
+    padded_tokens: int
+    conversations: int
+    dropped_rows: int
+    truncated_rows: int
+    target_tokens: int
+    doc_tokens: int
+    chat_tokens: int
+    chat_conversations: int
+
+
+class SplitManifest(SplitShards, PackCounts):
+    """A split's entry of ``manifest.json``: its shards and its packing counts (``rows`` is in
+    both and the same number)."""
+
+
+class Manifest(TypedDict):
+    """``manifest.json`` (written by ``llmcore.data.packing.write_manifest``)."""
+
+    format_version: int
+    seq_len: int
+    row_len: int
+    dtype: str  # a NumPy dtype name
+    vocab_size: int
+    tokenizer_sha256: str
+    eot_id: int
+    pad_id: int
+    loss_mask: str  # what the loss_mask column means, in words
+    pretrain_chat_share: float
+    splits: dict[str, SplitManifest]
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
@@ -57,7 +113,7 @@ class ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._blocks: dict[str, list[np.ndarray]] = {c: [] for c in self.dtypes}
         self._pending = 0
-        self.shards: list[dict[str, Any]] = []
+        self.shards: list[ShardFile] = []
 
     def add(self, ids: np.ndarray, mask: np.ndarray | None = None,
             segment: np.ndarray | None = None) -> None:
@@ -98,7 +154,7 @@ class ShardWriter:
         self._blocks = {c: [] for c in self.dtypes}
         self._pending = 0
 
-    def close(self) -> dict[str, Any]:
+    def close(self) -> SplitShards:
         self.flush()
         return {"shards": self.shards, "rows": sum(s["rows"] for s in self.shards),
                 "row_len": self.row_len, "has_loss_mask": self.with_mask,
@@ -114,13 +170,13 @@ class ShardError(UserError):
     """A shard directory cannot be read; the message names the file and says what to do."""
 
 
-def read_manifest(shard_dir: Path) -> dict[str, Any]:
+def read_manifest(shard_dir: Path) -> Manifest:
     path = Path(shard_dir) / MANIFEST
     if not path.is_file():
         raise ShardError(f"{path} not found: {shard_dir} is not a shard directory; run "
                          "`dvc repro pack`")
     try:
-        manifest = json.loads(path.read_text())
+        manifest: Manifest = json.loads(path.read_text())  # checked below: the format version
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ShardError(f"{path} is not valid JSON ({exc}); run `dvc repro pack`") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
@@ -247,7 +303,7 @@ class DataFingerprint(TypedDict):
     shards: dict[str, list[str]]  # split -> the SHA-256 of each of its shards
 
 
-def data_fingerprint(manifest: dict[str, Any], splits: list[str]) -> DataFingerprint:
+def data_fingerprint(manifest: Manifest, splits: list[str]) -> DataFingerprint:
     """What of the shards a training run's numbers depend on (its checkpoints' fingerprint):
     the tokenizer, the row length and the hash of every shard of ``splits``."""
     return {"tokenizer": manifest["tokenizer_sha256"], "seq_len": manifest["seq_len"],

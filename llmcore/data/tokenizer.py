@@ -244,9 +244,37 @@ def mask_from_offsets(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[
     return mask
 
 
-def tokenizer_config(model_max_length: int) -> dict[str, Any]:
+class AddedToken(TypedDict):
+    """A special token of ``tokenizer_config.json`` (Hugging Face's ``AddedToken`` fields)."""
+
+    content: str
+    lstrip: bool
+    normalized: bool
+    rstrip: bool
+    single_word: bool
+    special: bool
+
+
+class TokenizerConfig(TypedDict):
+    """``tokenizer_config.json`` (Hugging Face's keys), what :func:`tokenizer_config` gives."""
+
+    tokenizer_class: str
+    added_tokens_decoder: dict[str, AddedToken]  # token id (as a string) -> the token
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    additional_special_tokens: list[str]
+    chat_template: str
+    model_max_length: int
+    clean_up_tokenization_spaces: bool
+    add_bos_token: bool
+    add_eos_token: bool
+
+
+def tokenizer_config(model_max_length: int) -> TokenizerConfig:
     """The ``tokenizer_config.json`` that makes ``AutoTokenizer`` load the directory."""
-    added = {
+    added: dict[str, AddedToken] = {
         str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
                  "single_word": False, "special": True}
         for i, s in enumerate(SPECIAL_TOKENS)

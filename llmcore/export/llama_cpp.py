@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
 
 
 def available() -> tuple[bool, str]:
@@ -21,19 +24,19 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
-def load(path: Path, n_ctx: int = 512, vocab_only: bool = False) -> Any:
+def load(path: Path, n_ctx: int = 512, vocab_only: bool = False) -> Llama:
     from llama_cpp import Llama
 
     return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, vocab_only=vocab_only,
                  logits_all=True, verbose=False)  # scores are kept only with logits_all
 
 
-def tokenize(llm: Any, text: str) -> list[int]:
+def tokenize(llm: Llama, text: str) -> list[int]:
     """Ids for plain text: no BOS, special-token strings not parsed (as llmcore's encode)."""
     return list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
 
-def greedy(llm: Any, prompt: Sequence[int], max_new_tokens: int,
+def greedy(llm: Llama, prompt: Sequence[int], max_new_tokens: int,
            stop_ids: Sequence[int] = ()) -> list[int]:
     """Greedy continuation, one token at a time from llama.cpp's own logits."""
     import numpy as np

@@ -21,7 +21,7 @@ import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -39,6 +39,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 class ModelDirError(UserError):
     """A model directory (or weights) cannot be used; the message names the file and fix."""
+
+
+class GenerationConfig(TypedDict):
+    """``generation_config.json`` (Hugging Face's keys): how the model ends and pads a reply."""
+
+    eos_token_id: list[int]  # <|im_end|> and <|endoftext|>
+    pad_token_id: int
+    bos_token_id: int | None
+    do_sample: bool
+    max_new_tokens: int
 
 
 def state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -64,7 +74,7 @@ def load_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
 
 def save_model_dir(out: Path, cfg: ModelConfig, weights: Mapping[str, torch.Tensor],
                    tokenizer_dir: Path, meta: Mapping[str, Any],
-                   generation: Mapping[str, Any],
+                   generation: GenerationConfig,
                    quantization: QuantInfo | None = None) -> None:
     """Write a model directory atomically (the previous one stays until the new is whole)."""
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TypedDict
 
 import numpy as np
 
@@ -118,6 +118,28 @@ class SetSummary(TypedDict):
     by_stream: dict[str, int]  # stream -> examples that share a run with it
     overlap_half_or_more: int
     mean_overlap: float | None  # None: no examples
+
+
+class FlaggedExample(TypedDict):
+    """A test example that shares a run with training, in the report."""
+
+    set: str
+    index: int  # its place in the set's scoring order
+    streams: list[str]  # the training streams it shares a run with
+    overlap: float
+    match: str | None  # a shared run, as text (None: not decoded)
+
+
+class ContaminationReport(TypedDict):
+    """``contamination.json`` (:func:`contamination_report`)."""
+
+    ngram: int
+    unit: str  # what an n-gram counts: words
+    violation: str | None  # the first broken contract; None: every contract holds
+    below_minimum: list[str]  # sets with fewer test examples than their minimum
+    word_token_coverage: dict[str, float | int]
+    sets: dict[str, SetSummary]
+    examples: list[FlaggedExample]  # every contaminated test example
 
 
 @dataclass
@@ -224,7 +246,7 @@ def decontaminate(tok: LLMTokenizer, sets: Mapping[str, Sequence[str]], *,
 
 
 def first_violation(results: Mapping[str, SetResult],
-                    tables: Mapping[str, Sequence[Mapping[str, Any]]],
+                    tables: Mapping[str, Sequence[DocumentRow | ConversationRow | Preference]],
                     texts: Mapping[str, Sequence[str]], n: int = NGRAM) -> str | None:
     """The first broken contract as one line (None when every contract holds): a pool key in
     a training table and a held-out one, or a test example whose runs found in training
@@ -243,7 +265,8 @@ def first_violation(results: Mapping[str, SetResult],
     return None
 
 
-def word_token_coverage(tok: LLMTokenizer, tables: Mapping[str, Sequence[Mapping[str, Any]]],
+def word_token_coverage(tok: LLMTokenizer,
+                        tables: Mapping[str, Sequence[DocumentRow | ConversationRow | Preference]],
                         split: str = "test") -> dict[str, float | int]:
     """How many ``split`` words of the tasks are spelled, token by token, in training.
 
@@ -282,16 +305,16 @@ def contamination_metrics(results: dict[str, SetResult]) -> dict[str, int]:
 def contamination_report(results: dict[str, SetResult], n: int = NGRAM, listed: int = 10,
                          violation: str | None = None,
                          coverage: Mapping[str, float | int] | None = None
-                         ) -> tuple[dict[str, Any], str]:
+                         ) -> tuple[ContaminationReport, str]:
     """(JSON-ready summary with every contaminated example, Markdown page) of :func:`check_set`
     results, with each set's contract, the verdict (``violation``: the first broken contract,
     or None) and the test words' token coverage."""
     small = [f"{name} ({len(r.overlap)} < {MIN_TEST_EXAMPLES[name]})"
              for name, r in results.items() if len(r.overlap) < MIN_TEST_EXAMPLES.get(name, 0)]
-    data: dict[str, Any] = {"ngram": n, "unit": "words", "violation": violation,
-                            "below_minimum": small,
-                            "word_token_coverage": dict(coverage or {}), "sets": {},
-                            "examples": []}
+    data: ContaminationReport = {"ngram": n, "unit": "words", "violation": violation,
+                                 "below_minimum": small,
+                                 "word_token_coverage": dict(coverage or {}), "sets": {},
+                                 "examples": []}
     streams = sorted({s for r in results.values() for s in r.found})
     verdict = (f"**Contract broken**: {violation}" if violation else
                "**Every contract holds**: no pool key is in a training table and a held-out "
@@ -366,7 +389,7 @@ class Contract:
     checks: dict[str, SetResult]
     violation: str | None
     coverage: dict[str, float | int]  # word_token_coverage
-    data: dict[str, Any]
+    data: ContaminationReport
     page: str
 
 

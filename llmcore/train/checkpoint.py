@@ -43,13 +43,7 @@ from llmcore.files import atomic_dir, remove_leftovers, sha256_file
 from llmcore.model.modeldir import load_weights, state_dict_for_save
 
 if typing.TYPE_CHECKING:
-    from llmcore.train.optim import Optimizers
-
-
-class HasState(typing.Protocol):
-    """What a checkpoint saves of an optimizer (a torch optimizer, or several as one)."""
-
-    def state_dict(self) -> dict[str, Any]: ...
+    from llmcore.train.optim import Optimizers, OptimizersState
 
 
 STEP_PREFIX = "step-"
@@ -103,7 +97,7 @@ class Loaded:
     step: int
     path: Path
     model: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
+    optimizer: OptimizersState
     rng: dict[str, torch.Tensor]
     state: dict[str, Any]
 
@@ -139,7 +133,7 @@ class CheckpointManager:
         return [p for p in self.root.iterdir()
                 if p.is_dir() and p != self.dir and not p.name.startswith(".")]
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: HasState,
+    def save(self, step: int, model: torch.nn.Module, optimizer: Optimizers,
              state: dict[str, Any]) -> Path:
         final = self.dir / f"{STEP_PREFIX}{step:08d}"
 
@@ -215,7 +209,9 @@ class CheckpointManager:
 
         atomic_dir(self.dir / "best", fill)
 
-    def load_best(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    def load_best(self) -> tuple[dict[str, torch.Tensor], dict[str, float | str]] | None:
+        """The best weights and ``best.json`` (the evaluation's numbers, the run's fingerprint
+        and the weights' SHA-256), or None when there are none intact."""
         path = self.dir / "best"
         try:
             info = json.loads((path / "best.json").read_text())

@@ -22,7 +22,7 @@ or constant.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -46,6 +46,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+class OptimizersState(TypedDict, total=False):
+    """What :meth:`Optimizers.state_dict` gives (``optimizer.pt`` of a checkpoint): each
+    optimizer's own ``state_dict()``, in torch's format. Empty where a sharded checkpoint
+    keeps the optimizer state elsewhere (:mod:`llmcore.train.sharded`)."""
+
+    optimizers: list[dict[str, Any]]
+
+
 class Optimizers:
     """Several optimizers seen as one: their groups, their state, one zero_grad."""
 
@@ -64,10 +72,10 @@ class Optimizers:
         for o in self.optimizers:
             o.zero_grad(set_to_none=set_to_none)
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> OptimizersState:
         return {"optimizers": [o.state_dict() for o in self.optimizers]}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: OptimizersState) -> None:
         saved = state.get("optimizers", [])
         if len(saved) != len(self.optimizers):
             raise ValueError(f"the checkpoint holds {len(saved)} optimizers, this run has "

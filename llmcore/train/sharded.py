@@ -84,7 +84,7 @@ class ShardedCheckpoints(CheckpointManager):
 
     collective = True  # every rank calls save() and restore(), not rank 0 alone
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: Any,
+    def save(self, step: int, model: torch.nn.Module, optimizer: Optimizers,
              state: dict[str, Any]) -> Path:
         from torch.distributed.checkpoint.state_dict import get_state_dict
         from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
