@@ -849,6 +849,12 @@ def results_md(files: Files) -> str:
             "--seed-list 1337,1,2 --profile full --name firstfit --base-from arith2 "
             "--base-side arithmetic-2`:", ""]
     out += seeded_section(files, "firstfit", "first-fit packing over seeds")
+    out += ["`reports/compare/sft1200.json`: 1,200 SFT steps instead of 1,600 against the "
+            "first-fit default (`--variant sft.max_steps=1200 --base-from firstfit "
+            "--base-side first-fit --name sft1200`), the minutes the wall-time target asks "
+            "for; stopped after its first seed, which fell below every val task figure of "
+            "the baseline's same seed:", ""]
+    out += seeded_section(files, "sft1200", "1,200 SFT steps")
     out += ["### The letters curriculum over seeds", "",
             "`reports/compare/letters-quick.json`: the committed params against the same "
             "without the letters curriculum (`pack.letters_share=0`), the quick profile, "
