@@ -855,6 +855,12 @@ def results_md(files: Files) -> str:
             "for; stopped after its first seed, which fell below every val task figure of "
             "the baseline's same seed:", ""]
     out += seeded_section(files, "sft1200", "1,200 SFT steps")
+    out += ["### The quick profile of the default", "",
+            "`reports/compare/quick-firstfit.json`: the committed params alone in the quick "
+            "profile (`python -m stages.compare --seed-list 1337,1 --profile quick --name "
+            "quick-firstfit`): what a quick comparison can see of each task on val. A task "
+            "near zero here cannot be compared in the quick profile; use the full one.", ""]
+    out += seeded_section(files, "quick-firstfit", "the quick profile of the default")
     out += ["### The letters curriculum over seeds", "",
             "`reports/compare/letters-quick.json`: the committed params against the same "
             "without the letters curriculum (`pack.letters_share=0`), the quick profile, "
