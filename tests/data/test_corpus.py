@@ -14,6 +14,7 @@ from llmcore.data.corpus import (
     Conversation,
     CorpusError,
     Document,
+    expected_answer,
     read_conversations,
     read_texts,
 )
@@ -322,3 +323,11 @@ def test_text_utf8_cannot_encode_is_a_malformed_record(tmp_path):
         "encoded as UTF-8 (a lone UTF-16 surrogate); remove or replace it"]
     with pytest.raises(CorpusError, match=r"c\.jsonl:2: record\.text: character 10"):
         build_corpus(files_cfg(tmp_path, strict=True), tmp_path / "strict")
+
+
+def test_expected_answer_is_the_answer_and_a_chat_without_one_is_named():
+    conv = {"id": "abc", "messages": [], "task": "spell", "answer": "c-a-t", "source": "s",
+            "pool": []}
+    assert expected_answer(conv) == "c-a-t"
+    with pytest.raises(ValueError, match=r"conversation abc \(chat\) has no answer"):
+        expected_answer({**conv, "task": "chat", "answer": None})

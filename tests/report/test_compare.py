@@ -124,6 +124,21 @@ def test_the_plan_queues_every_side_seed_by_seed():
         plan(parse(["--variant", "model.positions"]))
 
 
+def stub_queue(monkeypatch, tmp_path, metric: str, score: dict[str, float]) -> list[str]:
+    """``stages.compare`` with the DVC queue and the experiment store stubbed at their
+    boundary: runs "finish" at once with ``score[name]`` as ``metric``; the report goes under
+    ``tmp_path``. Returns the list the queued names are appended to."""
+    import stages.compare as cmp
+
+    queued: list[str] = []
+    monkeypatch.setattr(cmp, "queue", lambda todo, target: queued.extend(n for n, _, _ in todo))
+    monkeypatch.setattr(cmp, "wait", lambda names, jobs: dict.fromkeys(names, "Success"))
+    monkeypatch.setattr(cmp, "collect", lambda names: {
+        n: {metric: score[n]} for n in names if n in score})
+    monkeypatch.setattr(cmp, "ROOT", tmp_path)
+    return queued
+
+
 def test_a_variant_can_be_compared_with_the_baseline_of_an_earlier_comparison(
         tmp_path, monkeypatch):
     import stages.compare as cmp
@@ -133,15 +148,9 @@ def test_a_variant_can_be_compared_with_the_baseline_of_an_earlier_comparison(
     runs = plan(args)
     assert [n for n, _, _ in runs] == ["default-3seeds-base-s1", "longer-max-steps-600-s1",
                                        "default-3seeds-base-s2", "longer-max-steps-600-s2"]
-    queued: list[str] = []
-    monkeypatch.setattr(cmp, "queue", lambda todo, target: queued.extend(n for n, _, _ in todo))
-    monkeypatch.setattr(cmp, "wait", lambda names, jobs: dict.fromkeys(names, "Success"))
-    score = {"default-3seeds-base-s1": .2, "default-3seeds-base-s2": .3,
-             "longer-max-steps-600-s1": .6, "longer-max-steps-600-s2": .7}
-    monkeypatch.setattr(cmp, "collect", lambda names: {
-        n: {"evaluate/val/arithmetic_exact_match": score[n], "evaluate/rl/docs_bpb": 2.0}
-        for n in names})
-    monkeypatch.setattr(cmp, "ROOT", tmp_path)
+    queued = stub_queue(monkeypatch, tmp_path, "evaluate/val/arithmetic_exact_match",
+                        {"default-3seeds-base-s1": .2, "default-3seeds-base-s2": .3,
+                         "longer-max-steps-600-s1": .6, "longer-max-steps-600-s2": .7})
     cmp.main(["--variant", "pretrain.max_steps=600", "--seed-list", "1,2", "--profile", "full",
               "--name", "longer", "--base-from", "default-3seeds",
               "--metric", "evaluate/val/arithmetic_exact_match"])
@@ -174,14 +183,9 @@ def test_a_labelled_side_of_code_is_compared_with_the_side_an_earlier_comparison
         ("pack-first-fit-s1", ["base.seed=1", *cmp.PROFILES["full"]]),
         ("arith2-arithmetic-2-s2", ["base.seed=2", *cmp.PROFILES["full"]]),
         ("pack-first-fit-s2", ["base.seed=2", *cmp.PROFILES["full"]])]
-    queued: list[str] = []
-    monkeypatch.setattr(cmp, "queue", lambda todo, target: queued.extend(n for n, _, _ in todo))
-    monkeypatch.setattr(cmp, "wait", lambda names, jobs: dict.fromkeys(names, "Success"))
-    score = {"arith2-arithmetic-2-s1": .6, "arith2-arithmetic-2-s2": .7,
-             "pack-first-fit-s1": .8, "pack-first-fit-s2": .9}
-    monkeypatch.setattr(cmp, "collect", lambda names: {
-        n: {"evaluate/val/count_exact_match": score[n]} for n in names if n in score})
-    monkeypatch.setattr(cmp, "ROOT", tmp_path)
+    queued = stub_queue(monkeypatch, tmp_path, "evaluate/val/count_exact_match",
+                        {"arith2-arithmetic-2-s1": .6, "arith2-arithmetic-2-s2": .7,
+                         "pack-first-fit-s1": .8, "pack-first-fit-s2": .9})
     cmp.main([*argv, "--metric", "evaluate/val/count_exact_match"])
     assert queued == ["pack-first-fit-s1", "pack-first-fit-s2"]
     result = json.loads((tmp_path / "reports/compare/pack.json").read_text())

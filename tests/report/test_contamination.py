@@ -50,6 +50,22 @@ def test_gram_hashes_are_equal_exactly_where_the_windows_are():
     assert len(gram_hashes(ids[:4], 5)) == 0
 
 
+def test_an_index_holds_the_runs_of_each_segment_and_none_across_two():
+    index = NgramIndex([np.array([1, 2, 3]), np.array([], dtype=np.int64), np.array([4, 5])])
+    asked = np.concatenate([gram_hashes(np.array(r), 2) for r in
+                            ([1, 2], [2, 3], [4, 5], [3, 4], [5, 1], [2, 1])])
+    # [3, 4] runs from the first segment into the last: no stream window holds it
+    assert index.contains(2, asked).tolist() == [True, True, True, False, False, False]
+    assert index.contains(3, gram_hashes(np.array([1, 2, 3]), 3)).tolist() == [True]
+    assert index.contains(3, gram_hashes(np.array([3, 4, 5]), 3)).tolist() == [False]
+    assert index.contains(4, gram_hashes(np.array([1, 2, 3, 4]), 4)).tolist() == [False]
+    # asking twice for one run answers both; asking nothing answers nothing
+    twice = np.concatenate([gram_hashes(np.array([4, 5]), 2)] * 2)
+    assert index.contains(2, twice).tolist() == [True, True]
+    assert index.contains(2, np.empty(0, dtype=np.uint64)).tolist() == []
+    assert NgramIndex([]).contains(1, gram_hashes(np.array([1]), 1)).tolist() == [False]
+
+
 def test_the_13_word_boundary_short_examples_and_spelling_differences():
     words = Words()
     train = prose(1, 200)
