@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmcore.schema import ConfigError, UserError, parse_dataclass, spec
+from llmcore.schema import ConfigError, JSONValue, UserError, parse_dataclass, spec
 
 __all__ = ["ConfigError", "UserError"]  # re-exported: every module takes them from here
 
@@ -572,9 +572,9 @@ def parse_sections(params: Mapping[str, Any], names: list[str]) -> dict[str, Any
     return out
 
 
-def flatten(prefix: str, cfg: object) -> dict[str, Any]:
+def flatten(prefix: str, cfg: object) -> dict[str, JSONValue]:
     """``{"prefix.key": value}`` for a config (or a plain dict), nested keys joined by dots."""
-    out: dict[str, Any] = {}
+    out: dict[str, JSONValue] = {}
 
     def walk(p: str, value: Any) -> None:
         if isinstance(value, dict):

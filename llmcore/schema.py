@@ -19,7 +19,11 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import field
-from typing import Any
+from typing import Any, TypeAlias
+
+# A value as JSON or YAML holds it: what json.load / yaml.safe_load give back, and what a
+# params section flattens to
+JSONValue: TypeAlias = "str | int | float | bool | None | list[JSONValue] | dict[str, JSONValue]"
 
 # the exit status of a stage or command that failed on a UserError: the message is the whole
 # report (no traceback), and the Prefect flow does not retry it (the same input fails again)

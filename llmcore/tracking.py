@@ -23,7 +23,11 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeAlias
+
+# A param's value: what a flattened params section holds (llmcore.schema.JSONValue, spelled
+# again here because this module imports no library code: see llmcore.lineage), logged as text
+ParamValue: TypeAlias = "str | int | float | bool | None | list[ParamValue] | dict[str, ParamValue]"
 
 EXPERIMENT = "llmcore"
 _PARAM_MAX = 6000  # MLflow's limit on a param value's length
@@ -34,7 +38,7 @@ class Tracker(Protocol):
     def run_id(self) -> str | None: ...
 
 
-    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def log_params(self, params: Mapping[str, ParamValue]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def flush(self) -> None: ...
@@ -47,12 +51,12 @@ class NullTracker:
 
     def __init__(self) -> None:
         self.run_id: str | None = None
-        self.params: dict[str, Any] = {}
+        self.params: dict[str, ParamValue] = {}
         self.metrics: list[tuple[int | None, dict[str, float]]] = []
         self.artifacts: list[tuple[Path, str | None]] = []
         self.status: str | None = None
 
-    def log_params(self, params: Mapping[str, Any]) -> None:
+    def log_params(self, params: Mapping[str, ParamValue]) -> None:
         self.params.update(params)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -124,7 +128,7 @@ class MlflowTracker:
                                             tracking_uri=self.client.tracking_uri)
         self._system.start()
 
-    def log_params(self, params: Mapping[str, Any]) -> None:
+    def log_params(self, params: Mapping[str, ParamValue]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:_PARAM_MAX]) for k, v in params.items()]
@@ -191,7 +195,8 @@ def pipeline_run(client_uri: str, invocation: str, name: str, tags: Mapping[str,
 
 
 def stage_run(client_uri: str, run_name: str, tags: Mapping[str, str],
-              params: Mapping[str, Any], artifact_root: Path, parent_run_id: str | None = None,
+              params: Mapping[str, ParamValue], artifact_root: Path,
+              parent_run_id: str | None = None,
               invocation: str | None = None, pipeline_name: str = "pipeline",
               pipeline_tags: Mapping[str, str] | None = None) -> MlflowTracker:
     """A stage's run with its params, the child of ``parent_run_id`` (a flow's run) or of the

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmcore.report.compare import compare, markdown, plot
+from llmcore.report.compare import Comparison, compare, markdown, plot
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES: dict[str, list[str]] = {
@@ -256,15 +256,15 @@ def report(args: argparse.Namespace, runs: list[tuple[str, int, list[str]]],
     for seeds in by_side.values():
         for metrics in seeds.values():
             metrics.update(final_model(metrics))
-    result = compare(by_side, "base", args.metric)
     reported = compare(by_side, "base", [f"evaluate/final/{m}" for m in args.report])
     base = (f"the {args.base_side} side of comparison {args.base_from}" if args.base_from
             else args.baseline)
-    result.update(name=args.name, profile=args.profile, seeds=args.seed_list,
-                  sides={"base": base or "",
-                         **{variant_side(v)[0]: v for v in args.variant}},
-                  missing=missing, seconds=None if seconds is None else round(seconds, 1),
-                  reported=reported["metrics"])
+    result: Comparison = {
+        **compare(by_side, "base", args.metric), "name": args.name, "profile": args.profile,
+        "seeds": args.seed_list,
+        "sides": {"base": base or "", **{variant_side(v)[0]: v for v in args.variant}},
+        "missing": missing, "seconds": None if seconds is None else round(seconds, 1),
+        "reported": reported["metrics"]}
     out = ROOT / "reports" / "compare"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -63,10 +63,17 @@ def log_curve(ctx: RunContext, row: Mapping[str, float], prefix: str = "") -> No
                                  if k != "step"}, step=int(row["step"]))
 
 
-def rng_to_json(rng: random.Random) -> list[int | list[int] | float | None]:
+# random.Random.getstate() as JSON can hold it: [version, [state words], gauss or None]
+RngJSON = list[int | list[int] | float | None]
+
+
+def rng_to_json(rng: random.Random) -> RngJSON:
     version, state, gauss = rng.getstate()
     return [version, list(state), gauss]
 
 
-def rng_from_json(rng: random.Random, saved: Sequence[Any]) -> None:
-    rng.setstate((saved[0], tuple(saved[1]), saved[2]))
+def rng_from_json(rng: random.Random, saved: RngJSON) -> None:
+    version, state, gauss = saved
+    if not isinstance(state, list):
+        raise ValueError(f"a saved random state holds its words as a list (got {state!r})")
+    rng.setstate((version, tuple(state), gauss))

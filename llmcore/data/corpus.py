@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from llmcore.config import UserError
 from llmcore.files import atomic_dir
+from llmcore.schema import JSONValue
 
 # train: every training stream; val: every decision; test: only reported (what decides a
 # row's split is llmcore.data.splits, which fetch alone needs)
@@ -53,7 +54,7 @@ class UnencodableText(UserError):
                          "as UTF-8 (a lone UTF-16 surrogate); remove or replace it")
 
 
-def unencodable(value: Any, field: str = "text") -> UnencodableText | None:
+def unencodable(value: JSONValue, field: str = "text") -> UnencodableText | None:
     """The first string inside ``value`` (a string, or lists and dicts of them) that UTF-8
     cannot encode, as an error naming where it is (``messages[1].content``), or None."""
     if isinstance(value, str):
@@ -75,7 +76,7 @@ def unencodable(value: Any, field: str = "text") -> UnencodableText | None:
     return None
 
 
-def check_encodable(value: Any, field: str) -> None:
+def check_encodable(value: JSONValue, field: str) -> None:
     """Raise :class:`UnencodableText` if any string in ``value`` cannot be encoded."""
     bad = unencodable(value, field)
     if bad is not None:

@@ -22,7 +22,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TypedDict
 
 import numpy as np
 from scipy import stats
@@ -67,6 +67,31 @@ class WelchTest(_Welch, total=False):
 
     verdict: str
     paired: PairedTest
+
+
+class MetricComparison(TypedDict):
+    """One metric of :func:`compare`: each side's values, and each non-baseline side's tests
+    against the baseline."""
+
+    sides: dict[str, SideStats]
+    lower_is_better: bool
+    against_baseline: dict[str, WelchTest]
+
+
+class Comparison(TypedDict, total=False):
+    """What :func:`compare` gives (``baseline``, ``alpha``, ``metrics``), and what a
+    comparison's JSON adds to it (``stages.compare``: the sides, seeds, the reported table)."""
+
+    baseline: str
+    alpha: float
+    metrics: dict[str, MetricComparison]
+    name: str
+    profile: str
+    seeds: list[int]
+    sides: dict[str, str]
+    missing: list[str]
+    seconds: float | None
+    reported: dict[str, MetricComparison]
 
 
 def describe(values: Sequence[float | None]) -> SideStats:
@@ -140,13 +165,13 @@ def lower_is_better(metric: str) -> bool:
 
 
 def compare(runs: dict[str, dict[int, dict[str, float]]], baseline: str,
-            metrics: Sequence[str]) -> dict[str, Any]:
+            metrics: Sequence[str]) -> Comparison:
     """``runs``: side -> seed -> flat metrics. Every side against ``baseline`` per metric."""
-    out: dict[str, Any] = {"baseline": baseline, "alpha": ALPHA, "metrics": {}}
+    out: Comparison = {"baseline": baseline, "alpha": ALPHA, "metrics": {}}
     for m in metrics:
         sides = {side: describe([r.get(m) for r in seeds.values()])
                  for side, seeds in runs.items()}
-        entry: dict[str, Any] = {"sides": sides, "lower_is_better": lower_is_better(m),
+        entry: MetricComparison = {"sides": sides, "lower_is_better": lower_is_better(m),
                                  "against_baseline": {}}
         for side, seeds in runs.items():
             if side == baseline:
@@ -162,7 +187,7 @@ def compare(runs: dict[str, dict[int, dict[str, float]]], baseline: str,
     return out
 
 
-def markdown(result: dict[str, Any]) -> str:
+def markdown(result: Comparison) -> str:
     """One table row per metric and side: mean +- sd [95% interval], difference, p, verdict."""
     lines = ["| metric | side | seeds | mean +- sd | 95% interval | difference [95%] | p (Welch) "
              "| verdict | p (paired by seed) | verdict (paired) |",
@@ -182,7 +207,7 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict[str, Any], path: Path) -> Path:
+def plot(result: Comparison, path: Path) -> Path:
     """One panel per metric, each seed a dot, each side's mean with its 95% interval."""
     import matplotlib
 
@@ -199,9 +224,10 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         for i, d in enumerate(e["sides"].values()):
             xs = i + rng.uniform(-0.08, 0.08, len(d["values"]))
             ax.plot(xs, d["values"], "o", alpha=0.6)
-            if d["mean"] is not None and d["ci95"][0] is not None:
-                ax.errorbar([i + 0.25], [d["mean"]], yerr=[[d["mean"] - d["ci95"][0]],
-                            [d["ci95"][1] - d["mean"]]], fmt="s", color="black", capsize=3)
+            mean, (lo, hi) = d["mean"], d["ci95"]
+            if mean is not None and lo is not None and hi is not None:
+                ax.errorbar([i + 0.25], [mean], yerr=[[mean - lo], [hi - mean]], fmt="s",
+                            color="black", capsize=3)
         ax.set_xticks(range(len(e["sides"])), list(e["sides"]), fontsize=7, rotation=25,
                       ha="right")
         tests = e["against_baseline"]
