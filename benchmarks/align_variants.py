@@ -29,7 +29,9 @@ sys.path.insert(0, str(REPO))
 
 from llmcore.align.dpo import encode_pairs, reference_logprobs, task_pairs, train_dpo  # noqa: E402
 from llmcore.align.grpo import train_grpo  # noqa: E402
-from llmcore.config import SYNTHETIC_TASKS, DPOConfig, RLConfig  # noqa: E402
+from llmcore.config.dpo import DPOConfig  # noqa: E402
+from llmcore.config.rl import RLConfig  # noqa: E402
+from llmcore.config.tasks import SYNTHETIC_TASKS  # noqa: E402
 from llmcore.data.corpus import read_conversations, task_subset  # noqa: E402
 from llmcore.data.tokenizer import LLMTokenizer  # noqa: E402
 from llmcore.model.modeldir import load_model_dir  # noqa: E402

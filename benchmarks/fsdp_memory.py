@@ -29,7 +29,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llmcore.config import OptimConfig, parse_model  # noqa: E402
+from llmcore.config.model import parse_model  # noqa: E402
+from llmcore.config.train import OptimConfig  # noqa: E402
 from llmcore.device import cpu_kind  # noqa: E402
 from llmcore.train.parallel import local_bytes, memory_per_rank  # noqa: E402
 

@@ -35,7 +35,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llmcore.config import OptimConfig, parse_model  # noqa: E402
+from llmcore.config.model import parse_model  # noqa: E402
+from llmcore.config.train import OptimConfig  # noqa: E402
 
 # dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, without sparsity);
 # matched against torch.cuda.get_device_name() in order

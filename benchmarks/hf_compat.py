@@ -21,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llmcore.config import parse_section  # noqa: E402
+from llmcore.config.model import parse_model  # noqa: E402
 from llmcore.data.tokenizer import LLMTokenizer, train_bpe  # noqa: E402
 from llmcore.export.hf import export_hf  # noqa: E402
 from llmcore.model.modeldir import load_model_dir, save_model_dir, state_dict_for_save  # noqa: E402
@@ -40,7 +40,7 @@ def main() -> None:
         else:
             tok = LLMTokenizer(train_bpe(["some text to train a tokenizer on"] * 20, 300, 1))
             tok.save(tmp / "tok")
-            cfg = parse_section("model", {"preset": "cpu-small", "vocab_size": tok.vocab_size})
+            cfg = parse_model({"preset": "cpu-small", "vocab_size": tok.vocab_size})
             torch.manual_seed(0)
             model = Transformer(cfg).eval()
             model_dir = tmp / "m"

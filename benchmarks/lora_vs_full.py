@@ -25,7 +25,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llmcore.config import parse_section  # noqa: E402
+from llmcore.config.base import parse_section  # noqa: E402
+from llmcore.config.sft import SFTConfig  # noqa: E402
 from llmcore.data.shards import data_fingerprint, read_manifest  # noqa: E402
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes  # noqa: E402
 from llmcore.model.lora import LoRASpec  # noqa: E402
@@ -45,7 +46,7 @@ def main() -> None:
            "lora": {**params["sft"]["lora"], "rank": args.rank, "alpha": 2.0 * args.rank}}
     if args.steps:
         raw["max_steps"] = args.steps
-    sft = parse_section("sft", raw)
+    sft = parse_section("sft", raw, SFTConfig)
     tok = LLMTokenizer.load(REPO / "data/tokenizer")
     manifest = read_manifest(REPO / "data/shards")
     model_cfg = dataclasses.replace(read_model_config(REPO / "data/models/pretrain"),

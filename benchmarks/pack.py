@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmcore.config import FetchConfig
+from llmcore.config.fetch import FetchConfig
 from llmcore.data.corpus import read_conversations, read_texts
 from llmcore.data.fetch import build_corpus
 from llmcore.data.packing import pack_all

@@ -47,13 +47,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmcore.config import TrainConfig, UserError, parse_section  # noqa: E402
+from llmcore.config.base import parse_section  # noqa: E402
+from llmcore.config.model import parse_model  # noqa: E402
+from llmcore.config.train import TrainConfig  # noqa: E402
 from llmcore.data.corpus import read_conversations, read_texts  # noqa: E402
 from llmcore.data.packing import pack_all  # noqa: E402
 from llmcore.data.shards import ShardDataset, ShardLoader, read_manifest  # noqa: E402
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes, train_bpe, training_texts  # noqa: E402
 from llmcore.device import measure_peak_flops, pick_device, precision  # noqa: E402
 from llmcore.model.transformer import Transformer, count_parameters, flops_per_token  # noqa: E402
+from llmcore.schema import UserError  # noqa: E402
 from llmcore.train.loop import RunContext, Trainer  # noqa: E402
 
 # (layers, width): ~0.05M to ~6M non-embedding parameters (swiglu MLP, as the presets)
@@ -97,7 +100,7 @@ def parse_overrides(text: str) -> dict[str, Any]:
 def model_config(layers: int, width: int, vocab: int) -> Any:
     """The cpu-small preset at another depth and width; heads of 32 up to width 160, then 64."""
     head = 32 if width <= 160 else 64
-    return parse_section("model", {"preset": "cpu-small", "n_layers": layers, "d_model": width,
+    return parse_model({"preset": "cpu-small", "n_layers": layers, "d_model": width,
                                    "n_heads": width // head, "n_kv_heads": width // head,
                                    "vocab_size": vocab})
 
@@ -155,7 +158,7 @@ def train_run(run: Run, data: Path, plan: dict[str, Any], args: argparse.Namespa
         "max_steps": steps, "batch_size": args.batch_size,
         "warmup_steps": max(1, min(50, steps // 10)), "eval_every": max(1, steps // 4),
         "eval_batches": -(-len(val) // args.batch_size), "log_every": max(1, steps // 4),
-        "checkpoint_every": steps + 1, "peak_flops": peak, **args.pretrain})
+        "checkpoint_every": steps + 1, "peak_flops": peak, **args.pretrain}, TrainConfig)
     torch.manual_seed(args.seed)
     model = Transformer(cfg).to(ctx.device)
     loader = ShardLoader(train, args.batch_size, seed=args.seed)

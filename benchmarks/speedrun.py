@@ -41,12 +41,18 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmcore.config import ModelConfig, TrainConfig, UserError, parse_section  # noqa: E402
+from llmcore.config.base import parse_section  # noqa: E402
+from llmcore.config.model import (
+    ModelConfig,  # noqa: E402
+    parse_model,  # noqa: E402
+)
+from llmcore.config.train import TrainConfig  # noqa: E402
 from llmcore.data.shards import ShardDataset, ShardLoader, read_manifest  # noqa: E402
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes  # noqa: E402
 from llmcore.device import autocast, pick_device, precision, sync  # noqa: E402
 from llmcore.model.loss import heldout_loss  # noqa: E402
 from llmcore.model.transformer import Transformer  # noqa: E402
+from llmcore.schema import UserError  # noqa: E402
 from llmcore.train.loop import RunContext, Trainer  # noqa: E402
 
 
@@ -255,7 +261,7 @@ def main() -> None:
     prec = precision(args.dtype, device)
     dtype = prec.autocast
     cfg = dataclasses.replace(TrainConfig(), batch_size=args.batch_size)
-    model_cfg = parse_section("model", {"preset": args.preset, "vocab_size": tok.vocab_size})
+    model_cfg = parse_model({"preset": args.preset, "vocab_size": tok.vocab_size})
     train, val = ShardDataset(shards, "pretrain_train"), ShardDataset(shards, "pretrain_val")
     rows = min(len(val), args.eval_rows)
     tb = torch.tensor(token_bytes(tok))
@@ -263,9 +269,9 @@ def main() -> None:
     ctx = RunContext(device, dtype, tb, log=lambda m: None, muon_dtype=prec.orthogonalize)
     sides: list[Side] = []
     for name, changes in [("llmcore", {"model": {}, "pretrain": {}}), *variants]:
-        m_cfg = parse_section("model", {"preset": args.preset, "vocab_size": tok.vocab_size,
+        m_cfg = parse_model({"preset": args.preset, "vocab_size": tok.vocab_size,
                                         **changes["model"]})
-        t_cfg = dataclasses.replace(parse_section("pretrain", changes["pretrain"]),
+        t_cfg = dataclasses.replace(parse_section("pretrain", changes["pretrain"], TrainConfig),
                                     batch_size=args.batch_size)
         torch.manual_seed(args.seed)
         model = Transformer(m_cfg).to(device)

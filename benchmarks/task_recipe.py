@@ -31,15 +31,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llmcore.config import (  # noqa: E402
-    SYNTHETIC_TASKS,
-    ConfigError,
-    EvaluateConfig,
-    FetchConfig,
-    SFTConfig,
-    TaskWeights,
-    parse_section,
-)
+from llmcore.config.base import parse_section  # noqa: E402
+from llmcore.config.evaluate import EvaluateConfig  # noqa: E402
+from llmcore.config.fetch import FetchConfig, TaskWeights  # noqa: E402
+from llmcore.config.sft import SFTConfig  # noqa: E402
+from llmcore.config.tasks import SYNTHETIC_TASKS  # noqa: E402
 from llmcore.data.corpus import read_conversations  # noqa: E402
 from llmcore.data.packing import pack_all  # noqa: E402
 from llmcore.data.tasks import (  # noqa: E402
@@ -52,6 +48,7 @@ from llmcore.data.tokenizer import LLMTokenizer, token_bytes  # noqa: E402
 from llmcore.data.working import pieces_of, work_pieces  # noqa: E402
 from llmcore.model.modeldir import read_model_config, save_model_dir  # noqa: E402
 from llmcore.report.evaluate import by_pieces, task_accuracy  # noqa: E402
+from llmcore.schema import ConfigError  # noqa: E402
 from llmcore.tracking import SPLIT_VERSION  # noqa: E402
 from llmcore.train.fit import FitSpec, fit  # noqa: E402
 
@@ -76,7 +73,7 @@ def task_weights(text: str) -> TaskWeights:
             raise SystemExit(f"--task-weights: {part!r} is not TASK=WEIGHT with a task of "
                              f"{', '.join(SYNTHETIC_TASKS)} and a number")
     try:
-        return parse_section("fetch", {"synthetic_task_weights": raw}).synthetic_task_weights
+        return parse_section("fetch", {"synthetic_task_weights": raw}, FetchConfig).synthetic_task_weights
     except ConfigError as exc:
         raise SystemExit(f"--task-weights: {exc}") from None
 

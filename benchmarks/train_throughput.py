@@ -34,7 +34,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llmcore.config import TrainConfig, parse_section  # noqa: E402
+from llmcore.config.model import parse_model  # noqa: E402
+from llmcore.config.train import TrainConfig  # noqa: E402
 from llmcore.data.shards import Batch  # noqa: E402
 from llmcore.device import measure_peak_flops, memory_mb, pick_device, precision, sync  # noqa: E402
 from llmcore.model.transformer import Transformer, count_parameters, flops_per_token  # noqa: E402
@@ -62,7 +63,7 @@ class Config:
         self.preset, self.optimizer, self.args = preset, optimizer, args
         self.device = pick_device(args.device)
         self.prec = precision(dtype_name, self.device)
-        self.cfg = parse_section("model", {"preset": preset, "vocab_size": args.vocab_size})
+        self.cfg = parse_model({"preset": preset, "vocab_size": args.vocab_size})
         torch.manual_seed(0)
         self.model = Transformer(self.cfg).to(self.device)
         module = torch.compile(self.model) if args.compile else self.model

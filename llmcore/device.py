@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from llmcore.config import UserError
+from llmcore.schema import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from llmcore.config import BaseConfig, LoRAConfig
+from llmcore.config.base import BaseConfig
+from llmcore.config.lora import LoRAConfig
 from llmcore.data.corpus import ConversationRow
 from llmcore.data.shards import ShardDataset
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes

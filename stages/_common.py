@@ -7,7 +7,7 @@ those sections and a tracker and returns a flat metrics dict. A section declared
 reaches ``body`` as a view that refuses the other keys, so a stage cannot come to depend on a
 param that DVC does not know it depends on.
 
-Errors the user can fix (:class:`llmcore.config.UserError`: params, input data, a missing
+Errors the user can fix (:class:`llmcore.schema.UserError`: params, input data, a missing
 stage output) are printed as one clear message, without a traceback, and the process exits
 with status 2. ``base.run_name`` and ``base.tracking`` only name and route the MLflow run, so
 no stage declares them and every stage may read them here.
@@ -21,22 +21,22 @@ import os
 import subprocess
 import sys
 import time
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
-from llmcore.config import (
+from llmcore.config.base import (
     PARAMS_FILE,
-    ConfigError,
-    UserError,
+    BaseConfig,
     check_sections,
     flatten,
     parse_sections,
 )
 from llmcore.files import write_json, write_text
-from llmcore.schema import USER_ERROR
+from llmcore.schema import USER_ERROR, ConfigError, UserError
 from llmcore.tracking import NullTracker, Tracker, default_uri, end_stage_run, stage_run
 from stages import paths
 
@@ -48,6 +48,13 @@ class StageParams:
     def sections(self) -> dict[str, Any]:
         """``section -> config``, for lineage tags and the MLflow params."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    @classmethod
+    def schemas(cls) -> dict[str, type]:
+        """``section -> its schema``, read from the fields' types: the sections a stage parses
+        are the ones it names (``base`` always, for tracking), and nothing imports the rest."""
+        hints = typing.get_type_hints(cls)
+        return {"base": BaseConfig, **{f.name: hints[f.name] for f in dataclasses.fields(cls)}}  # type: ignore[arg-type]
 
 
 P = TypeVar("P", bound=StageParams)
@@ -239,8 +246,11 @@ def run_stage(stage: str, keys: Sequence[str], body: Body[P], params: type[P]) -
     root = repo_root()
     start = time.perf_counter()
     try:
+        schemas = params.schemas()
         sections = list(dict.fromkeys(["base", *(k.partition(".")[0] for k in keys)]))
-        full = parse_sections(read_params(root), sections)
+        missing = [s for s in sections if s not in schemas]
+        assert not missing, f"{stage}: PARAMS names {missing}, which its Params class lacks"
+        full = parse_sections(read_params(root), {s: schemas[s] for s in sections})
         cfgs = declared(full, keys)
         typed = params(**cfgs)
         tracker = make_tracker(full["base"], stage, root, flat_params(cfgs))

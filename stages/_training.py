@@ -7,10 +7,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from llmcore.config import BaseConfig, ModelConfig, TrainConfig, UserError
+from llmcore.config.base import BaseConfig
+from llmcore.config.model import ModelConfig
+from llmcore.config.train import TrainConfig
 from llmcore.data.shards import data_fingerprint, read_manifest
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes
 from llmcore.model.modeldir import GenerationConfig, save_model_dir
+from llmcore.schema import UserError
 from llmcore.tracking import Tracker
 from llmcore.train.fit import FitSpec, fit
 from stages import paths

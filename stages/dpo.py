@@ -17,7 +17,9 @@ from typing import Any
 from llmcore.align.dpo import encode_pairs, reference_logprobs, task_pairs, train_dpo
 from llmcore.align.replies import sampled_kl
 from llmcore.align.run import data_hash, policy_context
-from llmcore.config import SYNTHETIC_TASKS, BaseConfig, DPOConfig
+from llmcore.config.base import BaseConfig
+from llmcore.config.dpo import DPOConfig
+from llmcore.config.tasks import SYNTHETIC_TASKS
 from llmcore.data.corpus import read_conversations, read_preferences, task_subset
 from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.files import sha256_file

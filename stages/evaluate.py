@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from llmcore.config import BaseConfig, EvaluateConfig
+from llmcore.config.base import BaseConfig
+from llmcore.config.evaluate import EvaluateConfig
 from llmcore.data.corpus import read_conversations
 from llmcore.data.shards import ShardDataset
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llmcore.config import FetchConfig
+from llmcore.config.fetch import FetchConfig
 from llmcore.data.corpus import BAD_RECORDS_FILE
 from llmcore.data.fetch import build_corpus
 from llmcore.tracking import Tracker

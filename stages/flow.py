@@ -38,7 +38,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from llmcore.config import FlowConfig, parse_section
+from llmcore.config.base import parse_section
+from llmcore.config.flow import FlowConfig
 from llmcore.schema import USER_ERROR
 from llmcore.tracking import MlflowTracker, default_uri
 from stages import paths
@@ -57,7 +58,7 @@ class StageFailed(RuntimeError):
 def flow_settings(root: Path) -> FlowConfig:
     """The ``flow:`` section, checked by its schema (a bad key or value names itself)."""
     params = yaml.safe_load((root / "params.yaml").read_text()) or {}
-    return parse_section("flow", params.get("flow"))
+    return parse_section("flow", params.get("flow"), FlowConfig)
 
 
 def run_command(args: list[str], cwd: Path, env: Mapping[str, str], timeout: float,

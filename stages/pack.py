@@ -7,13 +7,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from llmcore.config import PackConfig, UserError
+from llmcore.config.pack import PackConfig
 from llmcore.data.corpus import read_conversations, read_documents
 from llmcore.data.curriculum import mix_letters
 from llmcore.data.packing import pack_all
 from llmcore.data.splits import SPLITS, pool_breach
 from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.files import atomic_dir
+from llmcore.schema import UserError
 from llmcore.tracking import Tracker
 from stages import paths
 from stages._common import StageParams, log, repo_root, run_stage

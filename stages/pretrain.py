@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llmcore.config import BaseConfig, ModelConfig, TrainConfig
+from llmcore.config.base import BaseConfig
+from llmcore.config.model import ModelConfig
+from llmcore.config.train import TrainConfig
 from llmcore.tracking import Tracker, register_model
 from stages import paths
 from stages._common import (

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from llmcore.config import BaseConfig, QuantizeConfig, UserError
+from llmcore.config.base import BaseConfig
+from llmcore.config.quantize import QuantizeConfig
 from llmcore.data.corpus import read_conversations
 from llmcore.data.shards import ShardDataset
 from llmcore.data.tokenizer import LLMTokenizer, render_chat, token_bytes
@@ -19,6 +20,7 @@ from llmcore.export.hf import llama_compatible
 from llmcore.export.quantize import QuantSpec, compare, quantize_model, tensor_bytes
 from llmcore.model.modeldir import load_model_dir, save_model_dir
 from llmcore.report.evaluate import split_bpb
+from llmcore.schema import UserError
 from llmcore.tracking import Tracker, register_model
 from stages import paths
 from stages._common import StageParams, log, model_tags, repo_root, run_stage

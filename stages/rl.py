@@ -15,7 +15,8 @@ from typing import Any
 
 from llmcore.align.grpo import train_grpo
 from llmcore.align.run import data_hash, policy_context
-from llmcore.config import BaseConfig, RLConfig
+from llmcore.config.base import BaseConfig
+from llmcore.config.rl import RLConfig
 from llmcore.data.corpus import read_conversations, task_subset
 from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.files import sha256_file

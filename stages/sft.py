@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from llmcore.config import BaseConfig, SFTConfig
+from llmcore.config.base import BaseConfig
+from llmcore.config.sft import SFTConfig
 from llmcore.data.shards import ShardDataset
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes
 from llmcore.device import pick_device

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from llmcore.config import TokenizerConfig
+from llmcore.config.tokenizer import TokenizerConfig
 from llmcore.data.corpus import read_conversations, read_texts
 from llmcore.data.tokenizer import LLMTokenizer, bytes_per_token, train_bpe, training_texts
 from llmcore.files import atomic_dir

@@ -114,7 +114,7 @@ def test_chain_gain_pairs_the_models_of_each_seeds_run():
 def test_task_recipe_weights_start_from_the_pipeline_default_and_are_checked():
     """The probe's ``--task-weights`` overrides the pipeline's own weights (so a probe of the
     default is the default), and a bad weight is refused as params.yaml would refuse it."""
-    from llmcore.config import FetchConfig
+    from llmcore.config.fetch import FetchConfig
 
     path = BENCH_DIR / "task_recipe.py"
     spec = importlib.util.spec_from_file_location("bench_task_recipe_w", path)

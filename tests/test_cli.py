@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from llmcore.config import parse_section
+from llmcore.config.model import parse_model
 from llmcore.data.tokenizer import render_chat
 from llmcore.infer.generate import Sampling, generate
 from llmcore.model.modeldir import save_model_dir, state_dict_for_save
@@ -18,7 +18,7 @@ def model_dir(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("cli")
     tiny_tokenizer.save(root / "tok")
     torch.manual_seed(0)
-    cfg = parse_section("model", {"preset": "tiny", "vocab_size": 300})
+    cfg = parse_model({"preset": "tiny", "vocab_size": 300})
     model = Transformer(cfg).eval()
     save_model_dir(root / "m", cfg, state_dict_for_save(model), root / "tok", {}, {})
     return root / "m", model

@@ -18,9 +18,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from llmcore import device as devmod
-from llmcore.config import TrainConfig, UserError, parse_section
+from llmcore.config.model import parse_model
+from llmcore.config.train import TrainConfig
 from llmcore.data.tokenizer import token_bytes
 from llmcore.device import precision
+from llmcore.schema import UserError
 from llmcore.train.fit import FitSpec, fit
 from llmcore.train.muon import COEFFICIENTS, Muon, newton_schulz
 
@@ -174,7 +176,7 @@ def test_muon_without_nesterov_leaves_its_momentum_untouched_by_the_iteration():
 
 # -- every op of every training path -------------------------------------------------------------
 
-MODEL = parse_section("model", {"preset": "tiny", "vocab_size": 300, "max_seq_len": 64})
+MODEL = parse_model({"preset": "tiny", "vocab_size": 300, "max_seq_len": 64})
 ONE_STEP = TrainConfig(max_steps=1, batch_size=4, warmup_steps=0, eval_every=1, eval_batches=1,
                        log_every=1, checkpoint_every=1, peak_flops=1e12)
 
@@ -222,7 +224,8 @@ def test_no_half_precision_op_in_dpo_and_grpo_steps_without_native_bf16(cpu_kind
     from llmcore.align.dpo import encode_pairs, reference_logprobs, train_dpo
     from llmcore.align.grpo import train_grpo
     from llmcore.align.run import policy_context
-    from llmcore.config import DPOConfig, RLConfig
+    from llmcore.config.dpo import DPOConfig
+    from llmcore.config.rl import RLConfig
     from llmcore.model.transformer import Transformer
 
     cpu_kind(AVX2)

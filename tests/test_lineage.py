@@ -230,7 +230,7 @@ def test_stage_code_writes_no_data_path_literal():
 
 
 def test_a_stage_cannot_read_an_undeclared_param():
-    from llmcore.config import BaseConfig
+    from llmcore.config.base import BaseConfig
     from stages._common import SectionView
 
     view = SectionView("base", BaseConfig(), ["seed"])

@@ -1,5 +1,6 @@
 import pytest
 
+from llmcore.config.model import parse_model
 from llmcore.tracking import MlflowTracker, NullTracker, default_uri
 
 
@@ -172,7 +173,6 @@ def test_registry_models_load_and_predict_as_mlflow_pyfunc(tmp_path, tiny_tokeni
     import torch
     from mlflow.tracking import MlflowClient
 
-    from llmcore.config import parse_section
     from llmcore.data.tokenizer import render_chat
     from llmcore.infer.generate import Sampling, generate
     from llmcore.model.modeldir import save_model_dir, state_dict_for_save
@@ -180,7 +180,7 @@ def test_registry_models_load_and_predict_as_mlflow_pyfunc(tmp_path, tiny_tokeni
     from llmcore.tracking import register_model
 
     tiny_tokenizer.save(tmp_path / "tok")
-    cfg = parse_section("model", {"preset": "tiny", "vocab_size": tiny_tokenizer.vocab_size})
+    cfg = parse_model({"preset": "tiny", "vocab_size": tiny_tokenizer.vocab_size})
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
     save_model_dir(tmp_path / "m", cfg, state_dict_for_save(model), tmp_path / "tok", {},
@@ -258,7 +258,6 @@ def test_serve_a_registry_uri(tmp_path, tiny_tokenizer):
     import httpx
     import torch
 
-    from llmcore.config import parse_section
     from llmcore.infer.generate import Sampling, generate
     from llmcore.model.modeldir import save_model_dir, state_dict_for_save
     from llmcore.model.transformer import Transformer
@@ -267,7 +266,7 @@ def test_serve_a_registry_uri(tmp_path, tiny_tokenizer):
     from tests.serve.live_server import LiveServer
 
     tiny_tokenizer.save(tmp_path / "tok")
-    cfg = parse_section("model", {"preset": "tiny", "vocab_size": tiny_tokenizer.vocab_size})
+    cfg = parse_model({"preset": "tiny", "vocab_size": tiny_tokenizer.vocab_size})
     torch.manual_seed(1)
     model = Transformer(cfg).eval()
     save_model_dir(tmp_path / "m", cfg, state_dict_for_save(model), tmp_path / "tok", {}, {})

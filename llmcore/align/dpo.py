@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from llmcore.align.replies import batched_sequence_logprobs, reply_rows, sequence_logprobs
 from llmcore.align.run import log_curve, rng_from_json, rng_to_json
-from llmcore.config import DPOConfig
+from llmcore.config.dpo import DPOConfig
 from llmcore.data.corpus import ConversationRow, Preference, expected_answer
 from llmcore.data.tasks import is_correct, wrong_reply
 from llmcore.data.tokenizer import LLMTokenizer

@@ -23,7 +23,7 @@ import torch
 
 from llmcore.align.replies import prompt_reply_rows, token_logprobs
 from llmcore.align.run import log_curve, rng_from_json, rng_to_json
-from llmcore.config import RLConfig
+from llmcore.config.rl import RLConfig
 from llmcore.data.corpus import ConversationRow, expected_answer
 from llmcore.data.tasks import is_correct
 from llmcore.data.tokenizer import LLMTokenizer

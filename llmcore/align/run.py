@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from llmcore.config import NON_SHAPING, OptimConfig
+from llmcore.config.train import NON_SHAPING, OptimConfig
 from llmcore.device import precision
 from llmcore.lineage import code_hash
 from llmcore.tracking import Tracker

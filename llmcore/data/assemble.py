@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
-from llmcore.config import FetchConfig
+from llmcore.config.fetch import FetchConfig
 from llmcore.data.corpus import SPLITS, BadRecord, Conversation, CorpusError, Document, Record
 from llmcore.data.sources import content_key
 from llmcore.data.splits import assign_splits, merge_near_copies, pool_breach

@@ -27,9 +27,8 @@ from typing import Any, TypedDict
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llmcore.config import UserError
 from llmcore.files import atomic_dir
-from llmcore.schema import JSONValue
+from llmcore.schema import JSONValue, UserError
 
 # train: every training stream; val: every decision; test: only reported (what decides a
 # row's split is llmcore.data.splits, which fetch alone needs)

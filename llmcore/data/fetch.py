@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmcore.config import FetchConfig
+from llmcore.config.fetch import FetchConfig
 from llmcore.data.assemble import CorpusStats, collect
 from llmcore.data.corpus import write_corpus
 from llmcore.data.preferences import collect_preferences, read_preferences_file

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmcore.config import FetchConfig
+from llmcore.config.fetch import FetchConfig
 from llmcore.data.assemble import CorpusStats
 from llmcore.data.corpus import PREFERENCES, SPLITS, BadRecord
 from llmcore.data.sources import content_hash, parse_messages, read_rows

@@ -24,8 +24,8 @@ from typing import Any, TypedDict
 import numpy as np
 import pyarrow as pa
 
-from llmcore.config import UserError
 from llmcore.files import sha256_file
+from llmcore.schema import UserError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: SFT rows carry a segment column

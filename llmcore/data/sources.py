@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llmcore.config import FetchConfig
+from llmcore.config.fetch import FetchConfig
 from llmcore.data.corpus import (
     BadRecord,
     Conversation,

@@ -6,7 +6,7 @@ changes another's conversations; the words come from the pydoc topics
 (:func:`llmcore.data.pydocs.word_list`), stable for one Python version. The same module
 checks an answer (:func:`is_correct`: the reward of GRPO, the judge of on-policy DPO pairs
 and of task accuracy) and makes a plausible wrong one (:func:`wrong_answer`, DPO's rejected
-reply). The task names are :data:`llmcore.config.SYNTHETIC_TASKS`, the names params may use.
+reply). The task names are :data:`llmcore.config.tasks.SYNTHETIC_TASKS`, the names params may use.
 
 Held out by construction (:func:`task_pools`): words and operand pairs are split into train /
 val / test pools by a stable hash, and each split's questions are drawn from its own pools,
@@ -33,7 +33,7 @@ import re
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from llmcore.config import SYNTHETIC_TASKS
+from llmcore.config.tasks import SYNTHETIC_TASKS
 from llmcore.data.corpus import Conversation
 from llmcore.data.pydocs import SYSTEM_PROMPT, docstring_words, word_list
 from llmcore.data.splits import SPLITS, split_of

@@ -29,7 +29,7 @@ from typing import Any, TypedDict
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from llmcore.config import UserError
+from llmcore.schema import UserError
 
 EOT = "<|endoftext|>"
 IM_START = "<|im_start|>"

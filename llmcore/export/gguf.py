@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmcore.config import UserError
 from llmcore.data.tokenizer import CHAT_TEMPLATE
 from llmcore.export.hf import llama_compatible
 from llmcore.model.modeldir import load_model_dir
+from llmcore.schema import UserError
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 

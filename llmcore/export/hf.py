@@ -23,8 +23,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from llmcore.config import ModelConfig, UserError
+from llmcore.config.model import ModelConfig
 from llmcore.model.modeldir import TOKENIZER_FILES, load_model_dir, state_dict_for_save
+from llmcore.schema import UserError
 
 
 def llama_compatible(cfg: ModelConfig) -> list[str]:

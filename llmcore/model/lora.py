@@ -29,7 +29,7 @@ from typing import Any, TypedDict
 import torch
 from torch import nn
 
-from llmcore.config import LoRAConfig
+from llmcore.config.lora import LoRAConfig
 
 TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
            "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",

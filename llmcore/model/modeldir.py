@@ -27,9 +27,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llmcore.config import ModelConfig, UserError
+from llmcore.config.model import ModelConfig
 from llmcore.files import atomic_dir
 from llmcore.model.quant import QuantFormatError, QuantInfo, load_quantized, tied_names
+from llmcore.schema import UserError
 
 if TYPE_CHECKING:
     from llmcore.model.transformer import Transformer

@@ -25,7 +25,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from llmcore.config import ModelConfig
+from llmcore.config.model import ModelConfig
 
 
 class KVCacheLike(Protocol):

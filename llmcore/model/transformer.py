@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmcore.config import ModelConfig
+from llmcore.config.model import ModelConfig
 from llmcore.model.protocols import KVCacheLike
 
 

@@ -34,7 +34,6 @@ from typing import TypedDict
 
 import numpy as np
 
-from llmcore.config import UserError
 from llmcore.data.corpus import (
     ConversationRow,
     DocumentRow,
@@ -48,6 +47,7 @@ from llmcore.data.shards import ShardDataset
 from llmcore.data.splits import CONTRACTS, MIN_TEST_EXAMPLES, SPLITS, pool_breach
 from llmcore.data.tokenizer import Chat, LLMTokenizer, render_chat
 from llmcore.report.evaluate import doc_mc_questions, task_examples
+from llmcore.schema import UserError
 
 __all__ = ["NGRAM", "Contract", "ContractViolation", "NgramIndex", "SetResult", "Words",
            "check_contract", "check_set", "contamination_metrics", "contamination_report",

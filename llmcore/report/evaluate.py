@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llmcore.config import EvaluateConfig
+from llmcore.config.evaluate import EvaluateConfig
 from llmcore.data.corpus import ConversationRow, expected_answer
 from llmcore.data.shards import ShardDataset
 from llmcore.data.tasks import is_correct

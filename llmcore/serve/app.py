@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, StreamingResponse
 
-from llmcore.config import ModelConfig
+from llmcore.config.model import ModelConfig
 from llmcore.data.corpus import unencodable
 from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.infer.engine import Engine, Event, QueueFull

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from llmcore.config import NON_SHAPING, ModelConfig, TrainConfig, UserError
+from llmcore.config.model import ModelConfig
+from llmcore.config.train import NON_SHAPING, TrainConfig
 from llmcore.data.shards import ShardDataset, ShardLoader
 from llmcore.device import Precision, pick_device, precision
 from llmcore.files import sha256_file
@@ -41,6 +42,7 @@ from llmcore.lineage import code_hash
 from llmcore.model.loss import unigram_bpb
 from llmcore.model.modeldir import load_weights, read_weights
 from llmcore.model.transformer import Transformer
+from llmcore.schema import UserError
 from llmcore.tracking import Tracker
 from llmcore.train.checkpoint import CheckpointManager, fingerprint
 from llmcore.train.loop import Dist, Log, RunContext, Trainer, TrainResult

@@ -28,11 +28,12 @@ from typing import Any
 
 import torch
 
-from llmcore.config import TrainConfig, UserError
+from llmcore.config.train import TrainConfig
 from llmcore.data.shards import Batch, ShardDataset, ShardLoader
 from llmcore.device import measure_peak_flops, memory_mb, sync
 from llmcore.model.loss import heldout_loss, loss_sums
 from llmcore.model.transformer import Transformer, flops_per_token
+from llmcore.schema import UserError
 from llmcore.train.checkpoint import Loaded
 from llmcore.train.optim import Optimizers
 from llmcore.train.parallel import is_sharded

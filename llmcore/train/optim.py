@@ -26,7 +26,7 @@ from typing import Any, TypedDict
 
 import torch
 
-from llmcore.config import OptimConfig
+from llmcore.config.train import OptimConfig
 from llmcore.train.muon import Muon
 
 

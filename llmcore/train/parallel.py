@@ -30,7 +30,7 @@ from llmcore.model.modeldir import state_dict_for_save
 from llmcore.model.quant import tied_names
 
 if typing.TYPE_CHECKING:
-    from llmcore.config import ModelConfig
+    from llmcore.config.model import ModelConfig
     from llmcore.train.optim import Optimizers
 
 

@@ -37,8 +37,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from llmcore.config import OptimConfig, UserError
+from llmcore.config.train import OptimConfig
 from llmcore.device import autocast
+from llmcore.schema import UserError
 from llmcore.tracking import Tracker
 from llmcore.train.checkpoint import CheckpointManager, Loaded, set_rng_state
 from llmcore.train.optim import Optimizers, lr_at, make_optimizer

@@ -21,7 +21,9 @@ from llmcore.align.replies import (
     sequence_logprobs,
     token_logprobs,
 )
-from llmcore.config import DPOConfig, RLConfig, parse_section
+from llmcore.config.dpo import DPOConfig
+from llmcore.config.model import parse_model
+from llmcore.config.rl import RLConfig
 from llmcore.data.tasks import is_correct, wrong_answer
 from llmcore.model.transformer import Transformer
 from llmcore.train.step import RunContext
@@ -34,7 +36,7 @@ def quiet_context(name: str) -> RunContext:
 
 def tiny(seed=0, vocab=300):
     torch.manual_seed(seed)
-    cfg = parse_section("model", {"preset": "tiny", "vocab_size": vocab, "max_seq_len": 128})
+    cfg = parse_model({"preset": "tiny", "vocab_size": vocab, "max_seq_len": 128})
     return Transformer(cfg)
 
 

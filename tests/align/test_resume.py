@@ -12,15 +12,18 @@ import torch
 from llmcore.align.dpo import encode_pairs, reference_logprobs, train_dpo
 from llmcore.align.grpo import train_grpo
 from llmcore.align.run import policy_context
-from llmcore.config import DPOConfig, RLConfig, UserError, parse_section
+from llmcore.config.dpo import DPOConfig
+from llmcore.config.model import parse_model
+from llmcore.config.rl import RLConfig
 from llmcore.model.transformer import Transformer
+from llmcore.schema import UserError
 from llmcore.tracking import NullTracker
 from llmcore.train.checkpoint import CheckpointManager
 
 
 def tiny(seed: int, dropout: float = 0.1) -> Transformer:
     torch.manual_seed(seed)
-    cfg = parse_section("model", {"preset": "tiny", "vocab_size": 300, "max_seq_len": 128,
+    cfg = parse_model({"preset": "tiny", "vocab_size": 300, "max_seq_len": 128,
                                   "dropout": dropout})
     return Transformer(cfg)
 

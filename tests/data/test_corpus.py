@@ -6,7 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llmcore.config import ConfigError, FetchConfig, parse_sections
+from llmcore.config.base import parse_sections
+from llmcore.config.fetch import FetchConfig
 from llmcore.data.assemble import collect
 from llmcore.data.corpus import (
     BAD_RECORDS_FILE,
@@ -28,6 +29,7 @@ from llmcore.data.sources import (
 )
 from llmcore.data.splits import SPLITS, split_of
 from llmcore.data.tasks import final_answer, synthetic_conversations
+from llmcore.schema import ConfigError
 
 TASKS = ("arithmetic", "spell", "count", "reverse")
 
@@ -88,7 +90,7 @@ def test_synthetic_answers_are_exact():
 
 def test_task_weights_scale_one_task_and_leave_the_others_as_they_were():
     weights = parse_sections({"fetch": {"synthetic_task_weights": {
-        "arithmetic": 2.0, "reverse": 0.5}}}, ["fetch"])["fetch"].synthetic_task_weights
+        "arithmetic": 2.0, "reverse": 0.5}}}, {"fetch": FetchConfig})["fetch"].synthetic_task_weights
     counts = weights.counts(40)
     assert counts == {"arithmetic": 80, "spell": 40, "count": 40, "reverse": 20}
     weighted = list(synthetic_conversations(counts, seed=3, test_per_task=5))
@@ -103,7 +105,7 @@ def test_task_weights_scale_one_task_and_leave_the_others_as_they_were():
     # the held-out questions do not depend on the weights
     assert [c for c in weighted if c.split == "test"] == [c for c in plain if c.split == "test"]
     with pytest.raises(ConfigError, match="synthetic_task_weights.reverse must be >= 0"):
-        parse_sections({"fetch": {"synthetic_task_weights": {"reverse": -1}}}, ["fetch"])
+        parse_sections({"fetch": {"synthetic_task_weights": {"reverse": -1}}}, {"fetch": FetchConfig})
 
 
 def test_synthetic_held_out_sets_are_fixed_and_disjoint():

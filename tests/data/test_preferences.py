@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from llmcore.config import FetchConfig
+from llmcore.config.fetch import FetchConfig
 from llmcore.data.corpus import BadRecord, CorpusError, read_preferences, read_texts
 from llmcore.data.fetch import build_corpus
 from llmcore.data.preferences import PreferencePair, parse_preference, read_preferences_file

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llmcore.config import parse_section
+from llmcore.config.model import parse_model
 from llmcore.data.packing import pack_all
 from llmcore.data.shards import ShardDataset, ShardLoader
 from llmcore.data.tasks import synthetic_conversations
@@ -43,7 +43,7 @@ def test_user_tokens_never_reach_the_loss(sft_shards):
     shard_dir, tok = sft_shards
     batch = ShardLoader(ShardDataset(shard_dir, "sft_train"), 4, seed=0).next_batch()
     torch.manual_seed(0)
-    model = Transformer(parse_section("model", {"preset": "tiny", "vocab_size": 300})).eval()
+    model = Transformer(parse_model({"preset": "tiny", "vocab_size": 300})).eval()
     with torch.no_grad():
         logits = model(batch.input_ids)
     base, count = loss_sums(logits, batch.targets, batch.loss_mask)
@@ -90,7 +90,7 @@ def test_the_head_on_kept_positions_gives_the_full_loss_and_gradients(sft_shards
     shard_dir, _ = sft_shards
     batch = ShardLoader(ShardDataset(shard_dir, "sft_train"), 4, seed=0).next_batch()
     torch.manual_seed(0)
-    model = Transformer(parse_section("model", {"preset": "tiny", "vocab_size": 300}))
+    model = Transformer(parse_model({"preset": "tiny", "vocab_size": 300}))
     keep = batch.loss_mask.bool()
     full, _ = loss_sums(model(batch.input_ids), batch.targets, batch.loss_mask)
     full.backward()

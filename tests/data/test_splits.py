@@ -16,7 +16,8 @@ from collections import Counter, defaultdict
 import pyarrow.parquet as pq
 import pytest
 
-from llmcore.config import SYNTHETIC_TASKS, FetchConfig
+from llmcore.config.fetch import FetchConfig
+from llmcore.config.tasks import SYNTHETIC_TASKS
 from llmcore.data.assemble import collect
 from llmcore.data.corpus import (
     Conversation,

@@ -124,7 +124,9 @@ def test_a_wrong_spelled_answer_stays_spelled():
 
 
 def test_the_longest_worked_reply_fits_the_generation_budget(tiny_tokenizer):
-    from llmcore.config import DPOConfig, EvaluateConfig, RLConfig
+    from llmcore.config.dpo import DPOConfig
+    from llmcore.config.evaluate import EvaluateConfig
+    from llmcore.config.rl import RLConfig
 
     rng, words = random.Random(0), word_list()
     longest = max(words, key=len)

@@ -1,7 +1,6 @@
 import pytest
 from transformers import AutoTokenizer
 
-from llmcore.config import UserError
 from llmcore.data.tokenizer import (
     CHAT_TEMPLATE,
     EOT,
@@ -12,6 +11,7 @@ from llmcore.data.tokenizer import (
     render_chat,
     train_bpe,
 )
+from llmcore.schema import UserError
 from tests.conftest import SAMPLE_TEXTS
 
 CHAT = [

@@ -1,11 +1,12 @@
 import pytest
 import torch
 
-from llmcore.config import UserError, parse_section
+from llmcore.config.model import parse_model
 from llmcore.export.hf import export_hf
 from llmcore.export.quantize import QuantSpec, quantize_model
 from llmcore.model.modeldir import save_model_dir, state_dict_for_save
 from llmcore.model.transformer import Transformer
+from llmcore.schema import UserError
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -13,7 +14,7 @@ def test_hf_export_gives_the_same_logits(tmp_path, tiny_tokenizer, tie):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tiny_tokenizer.save(tmp_path / "tok")
-    cfg = parse_section("model", {"preset": "tiny", "vocab_size": 300, "tie_embeddings": tie})
+    cfg = parse_model({"preset": "tiny", "vocab_size": 300, "tie_embeddings": tie})
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
     save_model_dir(tmp_path / "m", cfg, state_dict_for_save(model), tmp_path / "tok", {},
@@ -28,7 +29,7 @@ def test_hf_export_gives_the_same_logits(tmp_path, tiny_tokenizer, tie):
 
 def test_quantized_directories_export_expanded(tmp_path, tiny_tokenizer):
     tiny_tokenizer.save(tmp_path / "tok")
-    cfg = parse_section("model", {"preset": "tiny", "vocab_size": 300})
+    cfg = parse_model({"preset": "tiny", "vocab_size": 300})
     model = Transformer(cfg).eval()
     tensors, _ = quantize_model(model, QuantSpec("int8"))
     save_model_dir(tmp_path / "q", cfg, tensors, tmp_path / "tok", {}, {},
@@ -42,7 +43,7 @@ def test_quantized_directories_export_expanded(tmp_path, tiny_tokenizer):
 
 def test_non_llama_models_are_refused(tmp_path, tiny_tokenizer):
     tiny_tokenizer.save(tmp_path / "tok")
-    cfg = parse_section("model", {"preset": "gpt2-mini", "vocab_size": 300, "n_layers": 1})
+    cfg = parse_model({"preset": "gpt2-mini", "vocab_size": 300, "n_layers": 1})
     save_model_dir(tmp_path / "g", cfg, state_dict_for_save(Transformer(cfg)), tmp_path / "tok",
                    {}, {})
     with pytest.raises(UserError, match="positions is learned.*norm is layernorm.*mlp is gelu"):
@@ -51,7 +52,7 @@ def test_non_llama_models_are_refused(tmp_path, tiny_tokenizer):
 
 def _tiny_model_dir(tmp_path, tiny_tokenizer, **overrides):
     tiny_tokenizer.save(tmp_path / "tok")
-    cfg = parse_section("model", {"preset": "tiny", "vocab_size": tiny_tokenizer.vocab_size,
+    cfg = parse_model({"preset": "tiny", "vocab_size": tiny_tokenizer.vocab_size,
                                   **overrides})
     torch.manual_seed(0)
     model = Transformer(cfg).eval()

@@ -6,7 +6,7 @@ from source: ``make llama-cpp``)."""
 import pytest
 import torch
 
-from llmcore.config import parse_section
+from llmcore.config.model import parse_model
 from llmcore.data.tokenizer import LLMTokenizer, train_bpe
 from llmcore.export import llama_cpp
 from llmcore.infer.generate import generate_no_cache
@@ -34,7 +34,7 @@ def exported(tmp_path_factory):
     tok = LLMTokenizer(train_bpe(TEXTS * 3 + ["some more english words to merge"] * 5,
                                  vocab_size=400, min_frequency=1))
     tok.save(tmp / "tok")
-    cfg = parse_section("model", {"preset": "tiny", "vocab_size": tok.vocab_size, "d_ff": 64,
+    cfg = parse_model({"preset": "tiny", "vocab_size": tok.vocab_size, "d_ff": 64,
                                   "n_kv_heads": 1, "max_seq_len": 256})
     torch.manual_seed(0)
     model = Transformer(cfg).eval()

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from llmcore.config import parse_section
+from llmcore.config.model import parse_model
 from llmcore.export.quantize import QuantSpec, quantize_model
 from llmcore.infer.generate import Sampling, generate
 from llmcore.model.modeldir import load_model_dir, save_model_dir, state_dict_for_save
@@ -19,7 +19,7 @@ from llmcore.model.quant import (
 )
 from llmcore.model.transformer import Transformer
 
-CFG = parse_section("model", {"preset": "tiny", "vocab_size": 300, "max_seq_len": 128})
+CFG = parse_model({"preset": "tiny", "vocab_size": 300, "max_seq_len": 128})
 
 
 def test_int8_error_is_at_most_half_a_step_per_weight():

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from llmcore.config import parse_section
+from llmcore.config.model import parse_model
 from llmcore.data.tokenizer import render_chat
 from llmcore.infer.engine import Engine, Event, QueueFull, Request, complete, wait_idle
 from llmcore.infer.generate import Sampling, generate
@@ -16,7 +16,7 @@ from llmcore.model.transformer import Transformer
 @pytest.fixture(scope="module", params=["rope", "learned"])
 def model(request):
     torch.manual_seed(0)
-    cfg = parse_section("model", {"preset": "tiny", "vocab_size": 300, "max_seq_len": 192,
+    cfg = parse_model({"preset": "tiny", "vocab_size": 300, "max_seq_len": 192,
                                   "positions": request.param, "n_kv_heads": 2})
     return Transformer(cfg).eval()
 
@@ -159,7 +159,7 @@ def test_compiled_engine_gives_the_eager_tokens(tiny_tokenizer):
     """torch.compile of the step (dynamic shapes: any batch, any cache span) changes speed,
     not answers; the engine runs in the caller's thread here, as under `llmcore serve`."""
     torch.manual_seed(0)
-    cfg = parse_section("model", {"preset": "tiny", "vocab_size": 300, "max_seq_len": 128})
+    cfg = parse_model({"preset": "tiny", "vocab_size": 300, "max_seq_len": 128})
     model = Transformer(cfg).eval()
     engine = Engine(model, tiny_tokenizer, max_batch=4, own_thread=False, compile=True)
     stops = [tiny_tokenizer.im_end_id, tiny_tokenizer.eot_id]

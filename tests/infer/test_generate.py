@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from llmcore.config import parse_section
+from llmcore.config.model import parse_model
 from llmcore.infer.generate import (
     Detokenizer,
     KVCache,
@@ -15,7 +15,7 @@ from llmcore.infer.generate import (
 )
 from llmcore.model.transformer import Transformer
 
-CFG = parse_section("model", {"preset": "tiny", "vocab_size": 50, "max_seq_len": 128})
+CFG = parse_model({"preset": "tiny", "vocab_size": 50, "max_seq_len": 128})
 
 
 @pytest.fixture(scope="module")

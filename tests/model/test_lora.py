@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llmcore.config import parse_section
+from llmcore.config.model import parse_model
 from llmcore.model.lora import (
     LoRALinear,
     LoRASpec,
@@ -20,7 +20,7 @@ from llmcore.model.transformer import Transformer
 
 def base_model(seed=0):
     torch.manual_seed(seed)
-    cfg = parse_section("model", {"preset": "tiny", "vocab_size": 300})
+    cfg = parse_model({"preset": "tiny", "vocab_size": 300})
     return Transformer(cfg).eval(), cfg
 
 
@@ -43,7 +43,7 @@ def test_zero_initialised_adapters_leave_logits_bit_identical():
 
 
 def test_only_adapters_train_and_their_share_is_small():
-    from llmcore.config import TrainConfig
+    from llmcore.config.train import TrainConfig
     from llmcore.train.optim import make_optimizer
 
     model, _ = base_model()
@@ -129,14 +129,14 @@ def test_lora_fit_trains_adapters_only_resumes_exactly_and_exports_merged(tiny_s
     import dataclasses
     import shutil
 
-    from llmcore.config import TrainConfig
+    from llmcore.config.train import TrainConfig
     from llmcore.data.tokenizer import token_bytes
     from llmcore.model.modeldir import read_weights
     from llmcore.train.checkpoint import CheckpointManager
     from llmcore.train.fit import FitSpec, fit
 
     shard_dir, tok = tiny_shards
-    cfg_model = parse_section("model", {"preset": "tiny", "vocab_size": 300, "max_seq_len": 64})
+    cfg_model = parse_model({"preset": "tiny", "vocab_size": 300, "max_seq_len": 64})
     torch.manual_seed(0)
     init = Transformer(cfg_model)
     tok.save(tmp_path / "tok")

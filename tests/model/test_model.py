@@ -4,10 +4,10 @@ import itertools
 import pytest
 import torch
 
-from llmcore.config import PRESETS, ModelConfig, parse_section
+from llmcore.config.model import PRESETS, ModelConfig, parse_model
 from llmcore.model.transformer import Transformer, count_parameters, flops_per_token
 
-TINY = parse_section("model", {"preset": "tiny", "vocab_size": 97, "max_seq_len": 64})
+TINY = parse_model({"preset": "tiny", "vocab_size": 97, "max_seq_len": 64})
 
 
 def build(**overrides) -> Transformer:
@@ -46,7 +46,7 @@ def test_each_switch_runs_forward_and_backward(positions, norm, mlp):
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_presets_formula_on_meta_device(preset):
-    cfg = parse_section("model", {"preset": preset})
+    cfg = parse_model({"preset": preset})
     with torch.device("meta"):
         model = Transformer(cfg)
     assert model.num_parameters() == count_parameters(cfg)
@@ -54,13 +54,13 @@ def test_presets_formula_on_meta_device(preset):
 
 
 def test_llama_preset_is_half_a_billion():
-    cfg = parse_section("model", {"preset": "llama-0.5b", "vocab_size": 6400})
+    cfg = parse_model({"preset": "llama-0.5b", "vocab_size": 6400})
     assert 400e6 <= count_parameters(cfg) <= 600e6
     assert cfg.n_kv_heads < cfg.n_heads and cfg.positions == "rope" and cfg.mlp == "swiglu"
 
 
 def test_gpt2_mini_is_gpt2_shaped():
-    cfg = parse_section("model", {"preset": "gpt2-mini"})
+    cfg = parse_model({"preset": "gpt2-mini"})
     assert (cfg.n_layers, cfg.n_heads, cfg.d_model) == (6, 6, 384)
     assert (cfg.norm, cfg.mlp, cfg.positions) == ("layernorm", "gelu", "learned")
 
@@ -164,13 +164,13 @@ def test_matches_huggingface_llama_logits():
 
 
 def test_model_config_validation_messages():
-    from llmcore.config import ConfigError
+    from llmcore.schema import ConfigError
 
     with pytest.raises(ConfigError, match="model.positions must be one of rope, learned, none"):
-        parse_section("model", {"positions": "alibi"})
+        parse_model({"positions": "alibi"})
     with pytest.raises(ConfigError, match="unknown key model.layers"):
-        parse_section("model", {"layers": 3})
-    cfg = parse_section("model", {"preset": "tiny", "n_layers": 3})
+        parse_model({"layers": 3})
+    cfg = parse_model({"preset": "tiny", "n_layers": 3})
     assert cfg.n_layers == 3 and cfg.d_model == PRESETS["tiny"]["d_model"]
     assert isinstance(cfg, ModelConfig)
 
@@ -178,7 +178,7 @@ def test_model_config_validation_messages():
 def test_document_mask_keeps_packed_documents_apart():
     from llmcore.data.shards import eot_segments
 
-    cfg = parse_section("model", {"preset": "tiny", "vocab_size": 300, "doc_mask": True})
+    cfg = parse_model({"preset": "tiny", "vocab_size": 300, "doc_mask": True})
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
     a, other_a = torch.randint(4, 300, (1, 10)), torch.randint(4, 300, (1, 10))

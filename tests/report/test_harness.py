@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmcore.config import parse_section
+from llmcore.config.model import parse_model
 from llmcore.data.tasks import final_answer
 from llmcore.data.tokenizer import IM_END
 from llmcore.export.hf import export_hf
@@ -44,7 +44,7 @@ def test_the_harness_scores_the_export_as_the_evaluate_stage_does(tmp_path, tiny
         pytest.skip("lm-evaluation-harness is not installed (make setup installs it)")
     tok = tiny_tokenizer
     tok.save(tmp_path / "tok")
-    cfg = parse_section("model", {"preset": "tiny", "vocab_size": tok.vocab_size})
+    cfg = parse_model({"preset": "tiny", "vocab_size": tok.vocab_size})
     torch.manual_seed(1)
     model = Transformer(cfg).eval()
     for p in model.parameters():  # large random weights: varied replies, no near-ties

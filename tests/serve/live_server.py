@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from llmcore.config import parse_section
+from llmcore.config.model import parse_model
 from llmcore.model.modeldir import save_model_dir, state_dict_for_save
 from llmcore.model.transformer import Transformer
 from tests.conftest import project_env
@@ -23,7 +23,7 @@ def never_stopping_model(root: Path, tok, max_seq_len: int = 2048, positions: st
     """A tiny random model whose stop tokens score exactly 0 while every reply token's score
     is positive somewhere: greedy replies run to max_tokens, so lengths are predictable."""
     torch.manual_seed(0)
-    cfg = parse_section("model", {"preset": "tiny", "vocab_size": tok.vocab_size,
+    cfg = parse_model({"preset": "tiny", "vocab_size": tok.vocab_size,
                                   "max_seq_len": max_seq_len, "positions": positions})
     model = Transformer(cfg).eval()
     with torch.no_grad():

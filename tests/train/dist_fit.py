@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from safetensors.torch import save_file  # noqa: E402
 
-from llmcore.config import UserError  # noqa: E402
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes  # noqa: E402
 from llmcore.model.lora import LoRASpec  # noqa: E402
+from llmcore.schema import UserError  # noqa: E402
 from llmcore.train.fit import FitSpec, fit  # noqa: E402
 from tests.train.test_train import CFG, MODEL  # noqa: E402
 

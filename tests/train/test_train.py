@@ -4,19 +4,23 @@ import math
 import pytest
 import torch
 
-from llmcore.config import ConfigError, TrainConfig, UserError, parse_section
+from llmcore.config.base import parse_section
+from llmcore.config.model import parse_model
+from llmcore.config.sft import SFTConfig
+from llmcore.config.train import TrainConfig
 from llmcore.data.shards import Batch, ShardDataset, ShardLoader
 from llmcore.data.tokenizer import token_bytes
 from llmcore.model.loss import heldout_loss, loss_sums, unigram_bpb
 from llmcore.model.modeldir import load_model_dir, save_model_dir, state_dict_for_save
 from llmcore.model.transformer import Transformer
+from llmcore.schema import ConfigError, UserError
 from llmcore.train.checkpoint import CheckpointManager
 from llmcore.train.fit import FitSpec, fit
 from llmcore.train.loop import RunContext, Trainer
 from llmcore.train.muon import Muon
 from llmcore.train.optim import lr_at, make_optimizer, param_groups
 
-MODEL = parse_section("model", {"preset": "tiny", "vocab_size": 300, "max_seq_len": 64,
+MODEL = parse_model({"preset": "tiny", "vocab_size": 300, "max_seq_len": 64,
                                 "d_model": 32, "n_heads": 2, "n_kv_heads": 1})
 CFG = TrainConfig(max_steps=24, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=4,
                   eval_every=8, eval_batches=2, log_every=8, checkpoint_every=8,
@@ -48,9 +52,9 @@ def test_schedule_warmup_cosine_and_wsd():
 
 def test_train_config_cross_checks():
     with pytest.raises(ConfigError, match=r"pretrain.warmup_steps \(10\) must be < max_steps"):
-        parse_section("pretrain", {"warmup_steps": 10, "max_steps": 10})
+        parse_section("pretrain", {"warmup_steps": 10, "max_steps": 10}, TrainConfig)
     with pytest.raises(ConfigError, match=r"sft.min_lr"):
-        parse_section("sft", {"lr": 1e-4, "min_lr": 1e-3})
+        parse_section("sft", {"lr": 1e-4, "min_lr": 1e-3}, SFTConfig)
 
 
 def test_no_weight_decay_on_norms_biases_embeddings():

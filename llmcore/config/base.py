@@ -1,0 +1,111 @@
+"""The ``base:`` section, and how a stage turns the sections of ``params.yaml`` it reads into
+typed configs.
+
+Every section is a frozen dataclass in its own module of this package (``llmcore.config.sft``
+holds ``sft:``), so a stage's DVC deps name only the sections it reads: an edit to the DPO
+section's docs leaves pretraining cached. Each schema is checked by :mod:`llmcore.schema`
+before any work starts, and every error names the key and what is allowed, e.g.
+``params.yaml: tokenizer.vocab_size must be >= 260 (got 12)``. The defaults of each schema are
+params.yaml's values (a test compares them), so a key left out means what the file says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from llmcore.schema import ConfigError, JSONValue, parse_dataclass, spec
+
+C = TypeVar("C")
+
+PARAMS_FILE = "params.yaml"
+# every top-level section of params.yaml (``flow:`` is the Prefect flow's, not a stage's); a
+# section's schema is the dataclass of llmcore.config.<name>
+SECTION_NAMES = ("base", "fetch", "tokenizer", "pack", "model", "pretrain", "sft", "dpo", "rl",
+                 "evaluate", "quantize", "flow")
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """``base:`` settings shared by every stage."""
+
+    seed: int = spec(1337, ge=0, doc="seed of every random choice in the pipeline")
+    device: str = spec("auto", doc="auto | cpu | cuda | cuda:N | mps")
+    dtype: str = spec("auto", choices=("auto", "float32", "bfloat16", "float16"))
+    run_name: str | None = spec(None, doc="MLflow run name prefix; default: the stage name")
+    tracking: str = spec("mlflow", choices=("mlflow", "none"))
+
+    def validate(self) -> list[str]:
+        ok = self.device in ("auto", "cpu", "cuda", "mps") or (
+            self.device.startswith("cuda:") and self.device[5:].isdigit()
+        )
+        if not ok:
+            return [f"base.device must be auto, cpu, cuda, cuda:N or mps (got {self.device!r})"]
+        return []
+
+
+def parse_section(name: str, raw: JSONValue, cls: type[C]) -> C:
+    """Validate section ``name`` of params.yaml (``raw``, as YAML gave it) against its schema
+    ``cls``; a schema with a ``from_params`` classmethod (``model:``, whose preset fills the
+    fields left out) parses itself.
+
+    Raises :class:`ConfigError` listing every problem as ``params.yaml: <key> ...``.
+    """
+    custom = getattr(cls, "from_params", None)
+    if custom is not None:
+        parsed: C = custom(raw)
+        return parsed
+    problems: list[str] = []
+    obj = parse_dataclass(cls, raw, name, problems)
+    if problems:
+        raise ConfigError([f"{PARAMS_FILE}: {p}" for p in problems])
+    return obj
+
+
+def check_sections(params: Mapping[str, JSONValue]) -> None:
+    """Every top-level section of params.yaml must be one that something reads."""
+    problems = []
+    for name in params:
+        if name not in SECTION_NAMES:
+            close = difflib.get_close_matches(str(name), SECTION_NAMES, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            problems.append(f"{PARAMS_FILE}: unknown section {name!r} ({hint}known: "
+                            f"{', '.join(SECTION_NAMES)})")
+    if problems:
+        raise ConfigError(problems)
+
+
+def parse_sections(params: Mapping[str, JSONValue], schemas: Mapping[str, type]
+                   ) -> dict[str, Any]:
+    """Validate several sections of a params mapping (``section -> schema``); all problems are
+    reported together."""
+    problems: list[str] = []
+    out: dict[str, Any] = {}
+    for name, cls in schemas.items():
+        try:
+            out[name] = parse_section(name, params.get(name), cls)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def flatten(prefix: str, cfg: object) -> dict[str, JSONValue]:
+    """``{"prefix.key": value}`` for a config (or a plain dict), nested keys joined by dots."""
+    out: dict[str, JSONValue] = {}
+
+    def walk(p: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{p}.{k}", v)
+        else:
+            out[p] = value
+
+    if not isinstance(cfg, dict) and not dataclasses.is_dataclass(cfg):
+        raise TypeError(f"flatten needs a dataclass or a dict (got {type(cfg).__name__})")
+    walk(prefix, cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg))  # type: ignore[arg-type]
+    return out

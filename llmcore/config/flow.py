@@ -1,0 +1,33 @@
+"""The ``flow:`` section: the Prefect flow's scheduling (read by the flow; no stage depends
+on it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmcore.schema import spec
+
+
+@dataclass(frozen=True)
+class FlowTimeouts:
+    """``flow.timeouts:`` seconds a stage may run under the Prefect flow before it is killed."""
+
+    fetch: float = spec(1800.0, gt=0)
+    tokenizer: float = spec(1800.0, gt=0)
+    pack: float = spec(3600.0, gt=0)
+    pretrain: float = spec(86400.0, gt=0)
+    sft: float = spec(86400.0, gt=0)
+    dpo: float = spec(14400.0, gt=0)
+    rl: float = spec(14400.0, gt=0)
+    evaluate: float = spec(7200.0, gt=0)
+    quantize: float = spec(3600.0, gt=0)
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """``flow:`` the Prefect flow's scheduling (read by stages/flow.py; no stage depends on it)."""
+
+    retries: int = spec(1, ge=0, doc="retries of a stage that failed for another reason than "
+                                     "bad input (a stage's bad-input exit is never retried)")
+    retry_delay: float = spec(10.0, ge=0, doc="seconds between tries")
+    timeouts: FlowTimeouts = spec(default_factory=FlowTimeouts)
