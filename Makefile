@@ -3,7 +3,7 @@
 #   make test       set up, then run the test suite
 #   make test-fast  set up, then run the tests not marked slow (no end-to-end, Prefect,
 #                   torchrun, browser or compile tests)
-#   make lint       ruff, then mypy on llmcore/ and stages/
+#   make lint       ruff, then mypy on llmcore/, stages/ and pipeline/
 #   make speedrun   quality per minute against the peer (benchmarks/speedrun.py)
 #   make plots      dvc plots show, rendered to reports/plots/index.html (works offline)
 #   make showcase   the README's results and samples and the chat page's picture, regenerated
@@ -124,7 +124,7 @@ prefect-server: setup
 	$(PREFECT_ENV) $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 serve: setup
-	$(PREFECT_ENV) $(BIN)/python -m stages.flow serve
+	$(PREFECT_ENV) $(BIN)/python -m pipeline.flow serve
 
 mlflow-ui: setup
 	$(BIN)/mlflow server --backend-store-uri sqlite:///$(abspath mlflow.db) \
@@ -132,12 +132,12 @@ mlflow-ui: setup
 
 # experiments side by side: only the params and metrics that differ, without timings. With
 # VARIANT='key=value ...': the committed params against the variant over SEEDS seeds, queued
-# as DVC experiments, with intervals and Welch p-values (python -m stages.compare --help)
+# as DVC experiments, with intervals and Welch p-values (python -m pipeline.compare --help)
 SEEDS ?= 5
 PROFILE ?= quick
 compare: setup
 ifdef VARIANT
-	$(BIN)/python -m stages.compare --variant '$(VARIANT)' --seeds $(SEEDS) --profile $(PROFILE)
+	$(BIN)/python -m pipeline.compare --variant '$(VARIANT)' --seeds $(SEEDS) --profile $(PROFILE)
 else
 	$(BIN)/dvc exp show --only-changed --md --drop '$(VOLATILE)'
 endif

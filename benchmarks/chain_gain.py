@@ -3,7 +3,7 @@
     python benchmarks/chain_gain.py --name default-3seeds
     python benchmarks/chain_gain.py --name align-vs-sft --side base
 
-Reads the runs of one side of a seeded comparison (``python -m stages.compare --name NAME``:
+Reads the runs of one side of a seeded comparison (``python -m pipeline.compare --name NAME``:
 the DVC experiments ``NAME-SIDE-s<seed>``, from ``dvc exp show``). Every run's evaluate
 stage scored each model of its chain (pretrain, SFT, DPO, RL) on the same test questions, so
 within a seed the models share everything upstream of the step between them and the
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llmcore.report.compare import ALPHA, paired, verdict  # noqa: E402
-from stages.compare import dvc, experiment_metrics  # noqa: E402
+from pipeline.compare import dvc, experiment_metrics  # noqa: E402
 
 STEPS = (("sft", "dpo"), ("dpo", "rl"), ("sft", "rl"))
 METRICS = ("arithmetic_exact_match", "count_exact_match", "spell_multi_exact_match",

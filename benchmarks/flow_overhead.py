@@ -2,7 +2,7 @@
 
 Clones the repository twice into a temporary folder, sets the tiny test params, and times
 (1) ``dvc repro`` in one clone and (2) the ``llm-pipeline`` flow run in-process
-(``python -m stages.flow run``) in the other; then both again with nothing to do. Prints JSON.
+(``python -m pipeline.flow run``) in the other; then both again with nothing to do. Prints JSON.
 
     python benchmarks/flow_overhead.py
 """
@@ -66,7 +66,7 @@ def main() -> None:
     env = env_()
     flow_env = dict(env, PREFECT_HOME=str(work / "prefect"),
                     PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    flow_cmd = [sys.executable, "-m", "stages.flow", "run"]
+    flow_cmd = [sys.executable, "-m", "pipeline.flow", "run"]
     result = {
         "dvc_repro_seconds": round(timed(["dvc", "repro"], a, env), 2),
         "flow_run_seconds": round(timed(flow_cmd, b, flow_env), 2),

@@ -253,12 +253,12 @@ def contamination(files: Files) -> list[str]:
 
 
 def seeded(files: Files, rel: str) -> list[str]:
-    """A seeded comparison (``python -m stages.compare``): per variant, per metric, both
+    """A seeded comparison (``python -m pipeline.compare``): per variant, per metric, both
     sides' mean +- sd over the seeds, the difference with its 95% interval, Welch's p and the
     verdict."""
     data = files.get(rel)
     if data is None:
-        return missing(rel, f"`python -m stages.compare --name {Path(rel).stem} ...`")
+        return missing(rel, f"`python -m pipeline.compare --name {Path(rel).stem} ...`")
     sides = data.get("sides", {})
     took = ("" if data.get("seconds") is None else
             f", {minutes(data.get('seconds'))} for every run of every side")
@@ -831,7 +831,7 @@ def results_md(files: Files) -> str:
             "Each variant against the params before it (`fetch.synthetic_task_weights` all 1; "
             "the baseline's runs are the previous default's, `default-3seeds-base-s*`, "
             "reused with `--base-from`), decided on val. The first is the default now. "
-            "`reports/compare/arith2.json`: `python -m stages.compare --variant "
+            "`reports/compare/arith2.json`: `python -m pipeline.compare --variant "
             "\"fetch.synthetic_task_weights.arithmetic=2\" --seed-list 1337,1,2 --profile "
             "full --name arith2 --base-from default-3seeds`:", ""]
     out += seeded_section(files, "arith2", "arithmetic x2 over seeds")
@@ -845,7 +845,7 @@ def results_md(files: Files) -> str:
             "new packing (`--variant first-fit:`) against the default of the comparison "
             "above (`--base-from arith2 --base-side arithmetic-2`). Same steps and rows per "
             "step; the rows hold 13% more conversations. The variant is the default now. "
-            "`reports/compare/firstfit.json`: `python -m stages.compare --variant first-fit: "
+            "`reports/compare/firstfit.json`: `python -m pipeline.compare --variant first-fit: "
             "--seed-list 1337,1,2 --profile full --name firstfit --base-from arith2 "
             "--base-side arithmetic-2`:", ""]
     out += seeded_section(files, "firstfit", "first-fit packing over seeds")
@@ -857,7 +857,7 @@ def results_md(files: Files) -> str:
     out += seeded_section(files, "sft1200", "1,200 SFT steps")
     out += ["### The quick profile of the default", "",
             "`reports/compare/quick-firstfit.json`: the committed params alone in the quick "
-            "profile (`python -m stages.compare --seed-list 1337,1 --profile quick --name "
+            "profile (`python -m pipeline.compare --seed-list 1337,1 --profile quick --name "
             "quick-firstfit`): what a quick comparison can see of each task on val. A task "
             "near zero here cannot be compared in the quick profile; use the full one.", ""]
     out += seeded_section(files, "quick-firstfit", "the quick profile of the default")
@@ -970,7 +970,7 @@ def samples(files: Files) -> list[str]:
 # and the command that made it
 SEEDED_DEFAULT = "reports/compare/firstfit.json"
 SEEDED_SIDE = "first-fit"
-SEEDED_COMMAND = ("python -m stages.compare --variant first-fit: --seed-list 1337,1,2 "
+SEEDED_COMMAND = ("python -m pipeline.compare --variant first-fit: --seed-list 1337,1,2 "
                   "--profile full --name firstfit --base-from arith2 --base-side arithmetic-2")
 # what the default is judged on (spell and reverse on their words of several tokens)
 JUDGED = ("arithmetic_exact_match", "count_exact_match", "spell_multi_exact_match",

@@ -102,7 +102,7 @@ def test_every_relative_link_of_the_docs_exists():
 
 
 def test_a_baseline_alone_over_seeds_renders_its_mean_interval_and_values(tmp_path):
-    """``stages.compare`` without a variant: one side, whose table is the default's over seeds."""
+    """``pipeline.compare`` without a variant: one side, whose table is the default's over seeds."""
     import importlib.util
 
     from llmcore.report.compare import compare

@@ -25,7 +25,7 @@ class FlowTimeouts:
 
 @dataclass(frozen=True)
 class FlowConfig:
-    """``flow:`` the Prefect flow's scheduling (read by stages/flow.py; no stage depends on it)."""
+    """``flow:`` the Prefect flow's scheduling (read by pipeline/flow.py; no stage depends on it)."""
 
     retries: int = spec(1, ge=0, doc="retries of a stage that failed for another reason than "
                                      "bad input (a stage's bad-input exit is never retried)")

@@ -80,7 +80,7 @@ class MetricComparison(TypedDict):
 
 class Comparison(TypedDict, total=False):
     """What :func:`compare` gives (``baseline``, ``alpha``, ``metrics``), and what a
-    comparison's JSON adds to it (``stages.compare``: the sides, seeds, the reported table)."""
+    comparison's JSON adds to it (``pipeline.compare``: the sides, seeds, the reported table)."""
 
     baseline: str
     alpha: float

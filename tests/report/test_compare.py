@@ -15,7 +15,7 @@ from llmcore.report.compare import (
     plot,
     welch,
 )
-from stages.compare import final_model, parse, plan, side_name
+from pipeline.compare import final_model, parse, plan, side_name
 
 
 def test_describe_gives_the_t_interval_of_the_mean():
@@ -125,10 +125,10 @@ def test_the_plan_queues_every_side_seed_by_seed():
 
 
 def stub_queue(monkeypatch, tmp_path, metric: str, score: dict[str, float]) -> list[str]:
-    """``stages.compare`` with the DVC queue and the experiment store stubbed at their
+    """``pipeline.compare`` with the DVC queue and the experiment store stubbed at their
     boundary: runs "finish" at once with ``score[name]`` as ``metric``; the report goes under
     ``tmp_path``. Returns the list the queued names are appended to."""
-    import stages.compare as cmp
+    import pipeline.compare as cmp
 
     queued: list[str] = []
     monkeypatch.setattr(cmp, "queue", lambda todo, target: queued.extend(n for n, _, _ in todo))
@@ -141,7 +141,7 @@ def stub_queue(monkeypatch, tmp_path, metric: str, score: dict[str, float]) -> l
 
 def test_a_variant_can_be_compared_with_the_baseline_of_an_earlier_comparison(
         tmp_path, monkeypatch):
-    import stages.compare as cmp
+    import pipeline.compare as cmp
 
     args = parse(["--variant", "pretrain.max_steps=600", "--seed-list", "1,2", "--profile",
                   "full", "--name", "longer", "--base-from", "default-3seeds"])
@@ -173,7 +173,7 @@ def test_a_labelled_side_of_code_is_compared_with_the_side_an_earlier_comparison
         tmp_path, monkeypatch):
     """A change of code has no override: ``LABEL:`` names its side, and ``--base-side`` takes
     the baseline from the variant an earlier comparison adopted (the default of today)."""
-    import stages.compare as cmp
+    import pipeline.compare as cmp
 
     argv = ["--variant", "first-fit:", "--seed-list", "1,2", "--profile", "full", "--name",
             "pack", "--base-from", "arith2", "--base-side", "arithmetic-2"]
@@ -203,7 +203,7 @@ def test_a_labelled_side_of_code_is_compared_with_the_side_an_earlier_comparison
 def test_only_finished_experiments_are_read():
     """DVC lists a queued, running or failed experiment with the metrics files of the commit
     it started from: another run's figures, which must not count as this seed's."""
-    from stages.compare import experiment_metrics
+    from pipeline.compare import experiment_metrics
 
     def exp(name, executor=None, error=None, value=0.5):
         return {"name": name, "executor": executor,

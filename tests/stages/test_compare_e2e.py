@@ -1,4 +1,4 @@
-"""`python -m stages.compare` end to end on the tiny params: DVC's queue runs every side and
+"""`python -m pipeline.compare` end to end on the tiny params: DVC's queue runs every side and
 seed, the seed changes the run and nothing else, and the report compares them."""
 
 import json
@@ -36,7 +36,7 @@ def test_a_seeded_comparison_through_the_dvc_queue(tmp_path):
                    check=True)
     # a variant that changes nothing the training computes: its runs must equal the
     # baseline's seed for seed, while two seeds must differ
-    cmd = [sys.executable, "-m", "stages.compare", "--variant", "pretrain.log_every=7",
+    cmd = [sys.executable, "-m", "pipeline.compare", "--variant", "pretrain.log_every=7",
            "--seed-list", "1,2", "--target", "pretrain", "--metric", "pretrain/val_bpb",
            "--metric", "pretrain/train_loss", "--name", "t"]
     try:

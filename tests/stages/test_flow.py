@@ -31,7 +31,7 @@ class _Logger:
 def test_timeout_kills_the_whole_process_tree(tmp_path):
     import psutil
 
-    from stages.flow import run_command
+    from pipeline.flow import run_command
 
     pid_file = tmp_path / "grandchild.pid"
     script = ("import subprocess, sys, time\n"
@@ -56,7 +56,7 @@ def test_timeout_kills_the_whole_process_tree(tmp_path):
 
 
 def test_stage_exit_code_two_is_not_retried():
-    from stages.flow import StageFailed, _no_retry_on_user_error
+    from pipeline.flow import StageFailed, _no_retry_on_user_error
 
     class State:
         def __init__(self, exc):
@@ -131,7 +131,7 @@ def prefect_setup(tmp_path_factory):
                                   start_new_session=True, stdout=server_log,
                                   stderr=subprocess.STDOUT)
         wait_for(lambda: _healthy(url), 120, "the Prefect server")
-        worker = subprocess.Popen([sys.executable, "-m", "stages.flow", "serve"], cwd=root,
+        worker = subprocess.Popen([sys.executable, "-m", "pipeline.flow", "serve"], cwd=root,
                                   env=env, start_new_session=True, stdout=serve_log,
                                   stderr=subprocess.STDOUT)
         wait_for(lambda: _deployment(url), 120, "deployment llm-pipeline/local")

@@ -1,7 +1,7 @@
 """Prefect flow ``llm-pipeline``: one task per DVC stage, DVC decides what is stale.
 
-    python -m stages.flow serve                      # serve deployment llm-pipeline/local
-    python -m stages.flow run --set pretrain.lr=0.001 --name lr-1e-3   # run once, no server
+    python -m pipeline.flow serve                      # serve deployment llm-pipeline/local
+    python -m pipeline.flow run --set pretrain.lr=0.001 --name lr-1e-3   # run once, no server
 
 Each task runs ``dvc repro <stage>`` in its own process group (a timeout or a cancellation
 kills the whole tree), retries transient failures (not a stage that failed on bad input,
@@ -254,7 +254,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.flow", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m pipeline.flow", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve the deployment llm-pipeline/local")
     s.add_argument("--name", default="local")

@@ -1,6 +1,6 @@
 """Seeds and significance: a baseline and its variants, each over N seeds, as DVC experiments.
 
-    python -m stages.compare --variant model.positions=learned --seeds 5
+    python -m pipeline.compare --variant model.positions=learned --seeds 5
     make compare VARIANT="model.positions=learned" SEEDS=5
 
 Every (side, seed) is one ``dvc exp run --queue`` experiment named ``<name>-<side>-s<seed>``
@@ -284,7 +284,7 @@ def report(args: argparse.Namespace, runs: list[tuple[str, int, list[str]]],
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m stages.compare", description=__doc__.split(
+    p = argparse.ArgumentParser(prog="python -m pipeline.compare", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", action="append", default=[],
                    help="overrides of one variant, 'key=value key=value' (repeatable)")
