@@ -28,13 +28,12 @@ import math
 import random
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple, TypedDict
+from typing import NamedTuple, Protocol, TypedDict
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llmcore.config.evaluate import EvaluateConfig
 from llmcore.data.corpus import ConversationRow, expected_answer
 from llmcore.data.shards import ShardDataset
 from llmcore.data.tasks import is_correct
@@ -361,9 +360,30 @@ def answer_prompts(model: LanguageModel, tok: LLMTokenizer, prompts: Sequence[st
     return [tok.decode(o).strip() for o in outs]
 
 
+class EvalSettings(Protocol):
+    """What :func:`evaluate_model` reads of the ``evaluate:`` section
+    (:class:`llmcore.config.evaluate.EvaluateConfig` is one), named here so that the training
+    stages, which score tasks with this module too, do not depend on that section."""
+
+    @property
+    def context_factors(self) -> Sequence[int]: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def max_rows(self) -> int | None: ...
+    @property
+    def max_task_examples(self) -> int: ...
+    @property
+    def max_new_tokens(self) -> int: ...
+    @property
+    def choices(self) -> int: ...
+    @property
+    def prompts(self) -> Sequence[str]: ...
+
+
 def evaluate_model(model: LanguageModel, tok: LLMTokenizer, *, docs: ShardDataset,
                    replies: ShardDataset, conversations: Sequence[ConversationRow],
-                   token_bytes: torch.Tensor, cfg: EvaluateConfig, device: torch.device,
+                   token_bytes: torch.Tensor, cfg: EvalSettings, device: torch.device,
                    dtype: torch.dtype) -> ModelResults:
     """Everything the evaluate stage reports for one model, as a nested dict: bits per byte
     on ``docs`` (pretraining rows) and on ``replies`` (SFT rows), the tasks and the multiple
