@@ -10,7 +10,9 @@ time (``--jobs`` for more: each is a full training); DVC's run cache restores th
 no override touches (fetch, tokenizer, pack). When the queue is done, the metrics of every
 experiment (``dvc exp show --json``) are compared by :mod:`llmcore.report.compare` and written
 to ``reports/compare/<name>.{json,md,png}``. ``--report-only`` compares experiments that ran
-before, by name.
+before, by name. The report keeps every run's figures (``runs``), so ``--extend`` adds seeds to
+a comparison whose experiments are gone (another checkout, another machine): the runs the
+report holds are read from it, only the others run.
 
 Profiles: ``quick`` (a short pretraining and SFT, alignment skipped, 100 questions per task,
 no MLflow runs: a 5-seed comparison of two sides in about half an hour on 2 cores) and
@@ -229,6 +231,41 @@ def experiment_metrics(names: set[str], show: list[dict[str, Any]]) -> dict[str,
     return found
 
 
+def recorded(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """name -> figures of the runs that ``reports/compare/<name>.json`` holds, for
+    ``--extend``. The report must be of the same comparison (profile and every side's
+    overrides), or its runs would be another recipe's. A report written before reports kept
+    ``runs`` gives them back from its per-side values, which follow the seed order of its
+    plan with the missing runs left out."""
+    path = ROOT / "reports" / "compare" / f"{args.name}.json"
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    sides = {"base": args.baseline or "", **{variant_side(v)[0]: v for v in args.variant}}
+    if old.get("profile") != args.profile or any(
+            old["sides"].get(k, v) != v for k, v in sides.items()):
+        raise SystemExit(f"compare: --extend: {path} is another comparison (profile "
+                         f"{old.get('profile')!r}, sides {old['sides']}); give the same "
+                         "profile and variants, or another --name")
+    if "runs" in old:
+        return {n: r["metrics"] for n, r in old["runs"].items()}
+    args_then = argparse.Namespace(**{**vars(args), "seed_list": old["seeds"]})
+    out: dict[str, dict[str, Any]] = {}
+    for side in old["sides"]:
+        names = [n for n, _, _ in plan(args_then)
+                 if (is_base(args, n) if side == "base" else n.startswith(f"{args.name}-{side}-s"))
+                 and n not in old["missing"]]
+        for table in (old["metrics"], old["reported"]):
+            for key, row in table.items():
+                values = row["sides"].get(side, {}).get("values", [])
+                if len(values) != len(names):
+                    raise SystemExit(f"compare: --extend: {path} has {len(values)} values of "
+                                     f"{key} for side {side}, its plan {len(names)} runs")
+                for name, value in zip(names, values):
+                    out.setdefault(name, {})[key] = value
+    return out
+
+
 def final_model(metrics: dict[str, Any]) -> dict[str, Any]:
     """``evaluate/final/<metric>``: the run's last scored model of the chain (rl in the full
     profile, sft in the quick one), so that sides of any profile report the same model."""
@@ -241,8 +278,12 @@ def final_model(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def report(args: argparse.Namespace, runs: list[tuple[str, int, list[str]]],
-           seconds: float | None) -> Path:
+           seconds: float | None, earlier: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Compare the finished runs (and, with ``--extend``, the ``earlier`` ones a previous
+    report holds) and write the report."""
     found = collect({n for n, _, _ in runs})
+    for name, metrics in (earlier or {}).items():
+        found.setdefault(name, dict(metrics))
     by_side: dict[str, dict[int, dict[str, Any]]] = {}
     for name, seed, _ in runs:
         side = "base" if is_base(args, name) else name[len(args.name) + 1 : name.rindex("-s")]
@@ -257,6 +298,7 @@ def report(args: argparse.Namespace, runs: list[tuple[str, int, list[str]]],
         for metrics in seeds.values():
             metrics.update(final_model(metrics))
     reported = compare(by_side, "base", [f"evaluate/final/{m}" for m in args.report])
+    keys = [*args.metric, *(f"evaluate/final/{m}" for m in args.report)]
     base = (f"the {args.base_side} side of comparison {args.base_from}" if args.base_from
             else args.baseline)
     result: Comparison = {
@@ -264,7 +306,10 @@ def report(args: argparse.Namespace, runs: list[tuple[str, int, list[str]]],
         "seeds": args.seed_list,
         "sides": {"base": base or "", **{variant_side(v)[0]: v for v in args.variant}},
         "missing": missing, "seconds": None if seconds is None else round(seconds, 1),
-        "reported": reported["metrics"]}
+        "reported": reported["metrics"],
+        "runs": {n: {"seed": seed, "source": "report" if n in (earlier or {}) else "experiment",
+                     "metrics": {k: found[n][k] for k in keys if k in found[n]}}
+                 for n, seed, _ in runs if n in found}}
     out = ROOT / "reports" / "compare"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -310,6 +355,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="queue workers (default 1)")
     p.add_argument("--report-only", action="store_true",
                    help="compare the experiments of --name that ran before; run nothing")
+    p.add_argument("--extend", action="store_true",
+                   help="add to the report reports/compare/NAME.json: the runs it holds are "
+                        "read from it (their experiments may be gone), only the others run")
     args = p.parse_args(argv)
     args.seed_list = args.seed_list or list(range(1, args.seeds + 1))
     args.metric = args.metric or METRICS
@@ -327,12 +375,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     runs = plan(args)
+    earlier = recorded(args) if args.extend else {}
     seconds = None
     if not args.report_only:
         start = time.time()
         # a baseline read from another comparison ran before: only the variants run, and
         # only once every baseline run is there (not an hour of training to find one missing)
-        todo = [r for r in runs if not (args.base_from and is_base(args, r[0]))]
+        todo = [r for r in runs if not (args.base_from and is_base(args, r[0]))
+                and r[0] not in earlier]
         if args.base_from:
             wanted = {n for n, _, _ in runs if is_base(args, n)}
             absent = sorted(wanted - set(collect(wanted)))
@@ -348,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
         failed = sorted(n for n, s in state.items() if s == "Failed")
         if failed:
             print(f"compare: failed: {', '.join(failed)} (`dvc queue logs NAME`)", file=sys.stderr)
-    report(args, runs, seconds)
+    report(args, runs, seconds, earlier)
 
 
 if __name__ == "__main__":

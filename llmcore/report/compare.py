@@ -78,6 +78,15 @@ class MetricComparison(TypedDict):
     against_baseline: dict[str, WelchTest]
 
 
+class RunFigures(TypedDict):
+    """One run of a comparison: its seed, where its figures were read (``experiment``: the
+    DVC experiment store; ``report``: an earlier report of the comparison), and the figures."""
+
+    seed: int
+    source: str
+    metrics: dict[str, float]
+
+
 class Comparison(TypedDict, total=False):
     """What :func:`compare` gives (``baseline``, ``alpha``, ``metrics``), and what a
     comparison's JSON adds to it (``pipeline.compare``: the sides, seeds, the reported table)."""
@@ -92,6 +101,7 @@ class Comparison(TypedDict, total=False):
     missing: list[str]
     seconds: float | None
     reported: dict[str, MetricComparison]
+    runs: dict[str, RunFigures]
 
 
 def describe(values: Sequence[float | None]) -> SideStats:

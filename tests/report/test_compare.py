@@ -218,3 +218,43 @@ def test_only_finished_experiments_are_read():
         exp("c-base-s5", executor={"state": "failed"})]}]
     found = experiment_metrics({f"c-base-s{i}" for i in range(1, 6)}, show)
     assert found == {"c-base-s1": {"evaluate/val/x": 0.9}}
+
+
+def test_extend_adds_seeds_to_a_report_whose_experiments_are_gone(tmp_path, monkeypatch):
+    """``--extend`` reads the runs an earlier report holds (here one written before reports
+    kept ``runs``: its per-side values in plan order, less the missing run) and runs only the
+    others; the new report keeps every run, so it can be extended again."""
+    import pipeline.compare as cmp
+
+    metric = "evaluate/val/count_exact_match"
+    argv = ["--variant", "v: sft.max_steps=9", "--profile", "full", "--name", "ext",
+            "--metric", metric, "--report", "count_exact_match"]
+    old = {"name": "ext", "profile": "full", "seeds": [7, 1, 2],
+           "sides": {"base": "", "v": "v: sft.max_steps=9"}, "missing": ["ext-v-s2"],
+           "metrics": {metric: {"sides": {"base": {"values": [.1, .2, .3]},
+                                          "v": {"values": [.5, .6]}}}},
+           "reported": {"evaluate/final/count_exact_match": {"sides": {
+               "base": {"values": [.11, .21, .31]}, "v": {"values": [.51, .61]}}}}}
+    (tmp_path / "reports/compare").mkdir(parents=True)
+    (tmp_path / "reports/compare/ext.json").write_text(json.dumps(old))
+    queued = stub_queue(monkeypatch, tmp_path, metric, {"ext-v-s2": .7, "ext-base-s3": .4,
+                                                       "ext-v-s3": .8})
+    cmp.main([*argv, "--seed-list", "7,1,2,3", "--extend"])
+    assert queued == ["ext-v-s2", "ext-base-s3", "ext-v-s3"]
+    result = json.loads((tmp_path / "reports/compare/ext.json").read_text())
+    assert result["metrics"][metric]["sides"]["base"]["values"] == [.1, .2, .3, .4]
+    assert result["metrics"][metric]["sides"]["v"]["values"] == [.5, .6, .7, .8]
+    assert result["runs"]["ext-base-s1"] == {"seed": 1, "source": "report", "metrics": {
+        metric: .2, "evaluate/final/count_exact_match": .21}}
+    assert result["runs"]["ext-v-s3"]["source"] == "experiment"
+    assert result["missing"] == []
+    # the new report holds its runs: nothing is left to run, nothing changes
+    queued.clear()
+    cmp.main([*argv, "--seed-list", "7,1,2,3", "--extend"])
+    assert queued == []
+    again = json.loads((tmp_path / "reports/compare/ext.json").read_text())
+    assert again["metrics"] == result["metrics"]
+    # a report of another recipe is not extended
+    with pytest.raises(SystemExit, match="another comparison"):
+        cmp.main(["--variant", "v: sft.max_steps=10", "--profile", "full", "--name", "ext",
+                  "--seed-list", "7,1", "--extend"])
