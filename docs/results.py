@@ -10,7 +10,8 @@ gets the four-model comparison of ``metrics/evaluate.json``. A missing file give
 saying so and what writes it, not a crash. The output depends only on the files read (no
 dates, no paths of this machine), so running the script twice changes nothing.
 
-Standard library and PyYAML only: it runs before the project is installed.
+Standard library and PyYAML only (and ``stages.chain``, which needs no more): it runs before
+the project is installed.
 """
 
 from __future__ import annotations
@@ -25,11 +26,17 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from stages import chain  # noqa: E402  (the chain's order, as dvc.yaml declares it)
+
 RESULTS = "docs/results.md"
 README = "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-MODELS = (("pretrain", "pretrained"), ("sft", "SFT"), ("dpo", "DPO"), ("rl", "RL (GRPO)"))
-STAGES = ("fetch", "tokenizer", "pack", "pretrain", "sft", "dpo", "rl", "evaluate", "quantize")
+# how the tables name each model of the chain (a model without a label shows its stage name)
+LABELS = {"pretrain": "pretrained", "sft": "SFT", "dpo": "DPO", "rl": "RL (GRPO)"}
+MODELS = tuple((m, LABELS.get(m, m)) for m in chain.models(ROOT))
+STAGES = tuple(chain.stage_order(ROOT))
 TASK_LABELS = {"count": '"count the letter"', "arithmetic": "arithmetic", "spell": "spell",
                "reverse": "reverse"}
 

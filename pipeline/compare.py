@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcore.report.compare import Comparison, compare, markdown, plot
+from stages import chain
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES: dict[str, list[str]] = {
@@ -65,7 +66,7 @@ METRICS = ["pretrain/val_bpb", "sft/val_bpb",
 REPORTED = ["docs_bpb", "arithmetic_exact_match", "count_exact_match", "spell_exact_match",
             "spell_multi_exact_match", "reverse_exact_match", "reverse_multi_exact_match",
             "doc_mc_accuracy"]
-CHAIN = ("pretrain", "sft", "dpo", "rl")
+CHAIN = tuple(chain.models(ROOT))  # the training stages, in order (dvc.yaml declares them)
 DONE = ("Success", "Failed")
 
 
@@ -261,7 +262,7 @@ def recorded(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                 if len(values) != len(names):
                     raise SystemExit(f"compare: --extend: {path} has {len(values)} values of "
                                      f"{key} for side {side}, its plan {len(names)} runs")
-                for name, value in zip(names, values):
+                for name, value in zip(names, values, strict=True):
                     out.setdefault(name, {})[key] = value
     return out
 

@@ -42,11 +42,11 @@ from llmcore.config.base import parse_section
 from llmcore.config.flow import FlowConfig
 from llmcore.schema import USER_ERROR
 from llmcore.tracking import MlflowTracker, default_uri
-from stages import paths
+from stages import chain, paths
 
 ROOT = Path(__file__).resolve().parents[1]
 # the stages in pipeline order, as dvc.yaml declares them (one place to add a stage)
-STAGES = tuple(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+STAGES = tuple(chain.stage_order(ROOT))
 
 
 class StageFailed(RuntimeError):
@@ -229,7 +229,7 @@ def llm_pipeline(stages: list[str] | None = None, overrides: dict[str, Any] | No
             dvc_stage.with_options(
                 name=f"dvc-{stage}", retries=settings.retries,
                 retry_delay_seconds=settings.retry_delay,
-            )(stage, str(root), env, float(getattr(settings.timeouts, stage)))
+            )(stage, str(root), env, settings.timeout(stage))
         if exp_name:
             dvc_exp_save(exp_name, str(root), env)
         metrics = read_metrics(root)

@@ -29,10 +29,10 @@ from stages import paths
 from stages._common import git_commit, log, model_tags, repo_root, write_tsv
 
 
-def copy_model(stage: str, src: str, out: str, curves: dict[str, list[str]]
-               ) -> dict[str, Any]:
-    """``max_steps: 0``: the stage's output is its input, unchanged (its curves empty)."""
-    root = repo_root()
+def copy_model(stage: str, src: str, curves: dict[str, list[str]]) -> dict[str, Any]:
+    """``max_steps: 0``: the stage's model is the one it starts from (``src``), unchanged
+    (its curves empty)."""
+    root, out = repo_root(), paths.model_dir(stage)
     for name, columns in curves.items():
         write_tsv(root / paths.METRICS / name, [], columns)
     tmp = root / f"{out}.tmp"

@@ -25,12 +25,12 @@ from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.files import sha256_file
 from llmcore.model.modeldir import load_model_dir
 from llmcore.tracking import Tracker
-from stages import paths
+from stages import chain, paths
 from stages._align import copy_model, load_policy, save_policy
 from stages._common import StageParams, log, repo_root, run_stage, write_tsv
 
 PARAMS = ("base.seed", "base.device", "base.dtype", "dpo")
-SRC, OUT = paths.model_dir("sft"), paths.model_dir("dpo")
+STAGE = "dpo"
 CURVES = {"dpo_train.tsv": ["step", "loss", "reward_accuracy", "lr", "grad_norm"],
           "dpo_val.tsv": ["step", "loss", "reward_accuracy", "reward_margin"]}
 
@@ -54,10 +54,11 @@ def _pairs(root, cfg, seed, ref, tok, split, per_task):
 def body(p: Params, tracker: Tracker) -> dict[str, Any]:
     cfg, base, root = p.dpo, p.base, repo_root()
     if cfg.max_steps == 0:
-        return copy_model("dpo", SRC, OUT, CURVES)
-    tok = LLMTokenizer.load(root / SRC)
-    policy, model_cfg, adapter, trainable = load_policy(root / SRC, base, cfg.method, cfg.lora)
-    ref, _ = load_model_dir(root / SRC, next(policy.parameters()).device)
+        return copy_model(STAGE, chain.source(STAGE, root), CURVES)
+    src = root / chain.source(STAGE, root)
+    tok = LLMTokenizer.load(src)
+    policy, model_cfg, adapter, trainable = load_policy(src, base, cfg.method, cfg.lora)
+    ref, _ = load_model_dir(src, next(policy.parameters()).device)
     ref = ref.float().eval()
     train, own = _pairs(root, cfg, base.seed, ref, tok, "train", cfg.pairs_per_task)
     val, val_own = _pairs(root, cfg, base.seed, ref, tok, "val", cfg.val_pairs_per_task)
@@ -72,10 +73,10 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
     val_ref = reference_logprobs(ref, val, rows)
     ctx = policy_context(
         "dpo", cfg, seed=base.seed, device=next(policy.parameters()).device, dtype=base.dtype,
-        data={"init_sha256": sha256_file(root / SRC / "model.safetensors"),
+        data={"init_sha256": sha256_file(src / "model.safetensors"),
               "pairs": data_hash([train, train_ref])},
         code=["llmcore.align.dpo", *(["llmcore.model.lora"] if adapter else [])],
-        checkpoint_dir=root / paths.checkpoint_dir("dpo"), log=log, tracker=tracker)
+        checkpoint_dir=root / paths.checkpoint_dir(STAGE), log=log, tracker=tracker)
     result = train_dpo(policy, train, train_ref, val, val_ref, rows, cfg, ctx, base.seed)
     kl = sampled_kl(policy, ref, tok, [p["prompt"] for p in val[:64]], cfg.max_new_tokens,
                     base.seed)
@@ -91,7 +92,7 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
                "dpo/resumed_from": -1 if result.resumed_from is None else result.resumed_from,
                **{f"dpo/{k}": v for k, v in trainable.items()}}
     meta = {"params": {"dpo": dataclasses.asdict(cfg)}, "pairs": len(train)}
-    metrics.update(save_policy("dpo", policy, model_cfg, root / SRC, adapter, p.sections(), tracker,
+    metrics.update(save_policy(STAGE, policy, model_cfg, src, adapter, p.sections(), tracker,
                                meta))
     return metrics
 

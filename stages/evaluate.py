@@ -38,13 +38,12 @@ from llmcore.report.evaluate import (
     task_metrics,
 )
 from llmcore.report.tables import clean_comparison, render_plots, write_reports
+from llmcore.schema import UserError
 from llmcore.tracking import Tracker
-from stages import paths
+from stages import chain, paths
 from stages._common import StageParams, log, repo_root, run_stage
 
 PARAMS = ("base.seed", "base.device", "base.dtype", "evaluate")
-MODELS = {"pretrain": paths.model_dir("pretrain"), "sft": paths.model_dir("sft"),
-          "dpo": paths.model_dir("dpo"), "rl": paths.model_dir("rl")}
 OUT = f"{paths.REPORTS}/evaluate"
 SAMPLES_PER_TASK = 2  # test questions per task drawn at random for the README
 
@@ -74,6 +73,12 @@ def _contract(p: Params, tok: LLMTokenizer) -> Contract:
 
 def body(p: Params, tracker: Tracker) -> dict[str, Any]:
     cfg, base, root = p.evaluate, p.base, repo_root()
+    chained = chain.model_deps("evaluate", root)
+    if [m for m in cfg.models if m not in chained] or \
+            sorted(cfg.models, key=chain.models(root).index) != cfg.models:
+        raise UserError(f"params.yaml: evaluate.models must name models of the chain in its "
+                        f"order, from those the evaluate stage depends on in dvc.yaml: "
+                        f"{', '.join(chained)} (got {cfg.models})")
     tok = LLMTokenizer.load(root / paths.TOKENIZER)
     device = pick_device(base.device)
     prec = precision(base.dtype, device)
@@ -87,7 +92,7 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
     tb = torch.tensor(token_bytes(tok))
     results = {}
     for name in cfg.models:
-        model, _ = load_model_dir(root / MODELS[name], device)
+        model, _ = load_model_dir(root / chain.model_dep("evaluate", name, root), device)
         log(f"evaluate: {name} model")
         results[name] = evaluate_model(model, tok, docs=docs_test, replies=sft_test,
                                        conversations=convs, token_bytes=tb, cfg=cfg,

@@ -11,7 +11,7 @@ from typing import Any
 
 from llmcore.config.base import BaseConfig
 from llmcore.config.model import ModelConfig
-from llmcore.config.train import TrainConfig
+from llmcore.config.pretrain import PretrainConfig
 from llmcore.tracking import Tracker, register_model
 from stages import paths
 from stages._common import (
@@ -31,7 +31,7 @@ PARAMS = ("base.seed", "base.device", "base.dtype", "model", "pretrain")
 class Params(StageParams):
     base: BaseConfig
     model: ModelConfig
-    pretrain: TrainConfig
+    pretrain: PretrainConfig
 
 
 def body(p: Params, tracker: Tracker) -> dict[str, Any]:

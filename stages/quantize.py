@@ -22,11 +22,11 @@ from llmcore.model.modeldir import load_model_dir, save_model_dir
 from llmcore.report.evaluate import split_bpb
 from llmcore.schema import UserError
 from llmcore.tracking import Tracker, register_model
-from stages import paths
+from stages import chain, paths
 from stages._common import StageParams, log, model_tags, repo_root, run_stage
 
 PARAMS = ("base.device", "quantize")
-SOURCE, SHARDS = paths.model_dir("rl"), paths.SHARDS  # the last model of the chain
+SHARDS = paths.SHARDS
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,8 @@ class Params(StageParams):
 def body(p: Params, tracker: Tracker) -> dict[str, Any]:
     cfg, root = p.quantize, repo_root()
     device = pick_device(p.base.device)
-    src, out = root / SOURCE, root / paths.model_dir(f"chat-{cfg.method}")
+    source = chain.source("quantize", root)  # the model the chain ships (dvc.yaml)
+    src, out = root / source, root / paths.model_dir(f"chat-{cfg.method}")
     fp_model, model_cfg = load_model_dir(src, device)
     # what quantization cost is reported on test, like every reported figure; a corpus too
     # small to have a test split falls back to val (said in the log and in the metrics)
@@ -53,7 +54,7 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
     spec = QuantSpec(cfg.method, cfg.group_size)
     tensors, errors = quantize_model(fp_model, spec)
     meta = json.loads((src / "meta.json").read_text())
-    meta.update(quantized_from=SOURCE, quantization=spec.to_json(), layer_errors=errors)
+    meta.update(quantized_from=source, quantization=spec.to_json(), layer_errors=errors)
     save_model_dir(out, model_cfg, tensors, src, meta,
                    json.loads((src / "generation_config.json").read_text()), spec.to_json())
     q_model, _ = load_model_dir(out, device, quant_runtime=cfg.runtime)

@@ -22,12 +22,12 @@ from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.files import sha256_file
 from llmcore.model.modeldir import load_model_dir
 from llmcore.tracking import Tracker
-from stages import paths
+from stages import chain, paths
 from stages._align import copy_model, exact_match, load_policy, save_policy
 from stages._common import StageParams, log, repo_root, run_stage, write_tsv
 
 PARAMS = ("base.seed", "base.device", "base.dtype", "rl")
-SRC, OUT = paths.model_dir("dpo"), paths.model_dir("rl")
+STAGE = "rl"
 CURVES = {"rl_train.tsv": ["step", "reward", "exact", "kl", "loss", "useful_groups"]}
 
 
@@ -40,10 +40,11 @@ class Params(StageParams):
 def body(p: Params, tracker: Tracker) -> dict[str, Any]:
     cfg, base, root = p.rl, p.base, repo_root()
     if cfg.max_steps == 0:
-        return copy_model("rl", SRC, OUT, CURVES)
-    tok = LLMTokenizer.load(root / SRC)
-    policy, model_cfg, adapter, trainable = load_policy(root / SRC, base, cfg.method, cfg.lora)
-    ref, _ = load_model_dir(root / SRC, next(policy.parameters()).device)
+        return copy_model(STAGE, chain.source(STAGE, root), CURVES)
+    src = root / chain.source(STAGE, root)
+    tok = LLMTokenizer.load(src)
+    policy, model_cfg, adapter, trainable = load_policy(src, base, cfg.method, cfg.lora)
+    ref, _ = load_model_dir(src, next(policy.parameters()).device)
     ref = ref.float().eval()
     train = task_subset(read_conversations(root / paths.CORPUS, "train"), cfg.tasks, 10**9)
     val = task_subset(read_conversations(root / paths.CORPUS, "val"), cfg.tasks,
@@ -57,10 +58,10 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
     log(f"rl: held-out exact match before: {before}")
     ctx = policy_context(
         "rl", cfg, seed=base.seed, device=next(policy.parameters()).device, dtype=base.dtype,
-        data={"init_sha256": sha256_file(root / SRC / "model.safetensors"),
+        data={"init_sha256": sha256_file(src / "model.safetensors"),
               "tasks": data_hash(train)},
         code=["llmcore.align.grpo", *(["llmcore.model.lora"] if adapter else [])],
-        checkpoint_dir=root / paths.checkpoint_dir("rl"), log=log, tracker=tracker)
+        checkpoint_dir=root / paths.checkpoint_dir(STAGE), log=log, tracker=tracker)
     result = train_grpo(policy, ref, tok, train, cfg, ctx, base.seed)
     after = exact_match(policy, tok, val, cfg.eval_per_task, cfg.max_new_tokens)
     log(f"rl: held-out exact match after: {after}")
@@ -75,7 +76,7 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
                **{f"rl/{t}_exact_after": v for t, v in after.items()},
                **{f"rl/{k}": v for k, v in trainable.items()}}
     meta = {"params": {"rl": dataclasses.asdict(cfg)}}
-    metrics.update(save_policy("rl", policy, model_cfg, root / SRC, adapter, p.sections(), tracker,
+    metrics.update(save_policy(STAGE, policy, model_cfg, src, adapter, p.sections(), tracker,
                                meta))
     return metrics
 

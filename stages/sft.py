@@ -24,7 +24,7 @@ from llmcore.model.lora import LoRASpec
 from llmcore.model.modeldir import load_model_dir, read_model_config
 from llmcore.report.evaluate import split_bpb
 from llmcore.tracking import Tracker, register_model
-from stages import paths
+from stages import chain, paths
 from stages._common import (
     StageParams,
     log,
@@ -36,7 +36,8 @@ from stages._common import (
 from stages._training import SHARDS, train_and_export
 
 PARAMS = ("base.seed", "base.device", "base.dtype", "sft")
-INIT, OUT = paths.model_dir("pretrain"), paths.model_dir("sft")
+STAGE = "sft"
+OUT = paths.model_dir(STAGE)
 
 
 @dataclass(frozen=True)
@@ -49,16 +50,17 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
     root = repo_root()
     cfg = p.sft
     adapter = LoRASpec.from_config(cfg.lora) if cfg.method == "lora" else None
-    metrics = train_and_export("sft", read_model_config(root / INIT), cfg, p.base,
-                               ("sft_train", "sft_val"), tracker, init_from=root / INIT,
+    init = root / chain.source(STAGE, root)
+    metrics = train_and_export(STAGE, read_model_config(init), cfg, p.base,
+                               ("sft_train", "sft_val"), tracker, init_from=init,
                                adapter=adapter)
     if metrics:  # rank 0: register the model with its bpb on all held-out SFT replies
         model, _ = load_model_dir(root / OUT, pick_device(p.base.device))
         tb = torch.tensor(token_bytes(LLMTokenizer.load(root / OUT)))
         bpb = split_bpb(model, ShardDataset(root / SHARDS, "sft_val"), tb)
         metrics["sft/registry_bpb"] = round(bpb, 5) if math.isfinite(bpb) else None
-        registered = register_model(tracker, root / OUT, bpb, "sft",
-                                    tags=model_tags(root, "sft", p.sections()))
+        registered = register_model(tracker, root / OUT, bpb, STAGE,
+                                    tags=model_tags(root, STAGE, p.sections()))
         if registered:
             log(f"sft: {registered.message}")
     return metrics

@@ -16,21 +16,19 @@ import pytest
 import yaml
 
 from llmcore.lineage import project_files
+from pipeline.deps import package_markers, rewrite, stage_module
+from pipeline.deps import problems as code_dep_problems
 from tests.conftest import project_env
 from tests.import_graph import (
     REPO,
     closure,
-    closure_files,
     direct_imports,
     graph,
     module_path,
 )
 
-# files a stage runs that cannot change any of its outputs (and why)
-EXEMPT = {"llmcore/tracking.py": "records runs in MLflow; writes nothing DVC tracks"}
 # package markers: exempt while empty (a test below checks that they are)
-PACKAGE_MARKERS = tuple(sorted(p.relative_to(REPO).as_posix() for pkg in ("llmcore", "stages")
-                               for p in (REPO / pkg).rglob("__init__.py")))
+PACKAGE_MARKERS = package_markers()
 
 # The layering as package rules: what each part of llmcore may import. The cross-cutting
 # modules at the top are listed by name; a package may always import its own modules.
@@ -90,27 +88,6 @@ def cycles(root: Path = REPO) -> list[list[str]]:
                 elif dep > start and dep not in path:
                     stack.append((dep, path + [dep]))
     return found
-
-
-def stage_module(cmd: str) -> str:
-    parts = cmd.split()
-    assert parts[:2] == ["python", "-m"], f"stage command {cmd!r} is not `python -m stages.x`"
-    return parts[2]
-
-
-def code_dep_problems(dvc_yaml: Path, root: Path = REPO) -> list[str]:
-    """Every way a stage's code deps in ``dvc_yaml`` differ from its import closure."""
-    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
-    problems = []
-    for name, stage in stages.items():
-        runs = closure_files(stage_module(stage["cmd"]), root=root)
-        wanted = runs - set(EXEMPT) - set(PACKAGE_MARKERS)
-        listed = {d for d in stage.get("deps", []) if isinstance(d, str) and d.endswith(".py")}
-        problems += [f"{name}: missing dep {p} (the stage imports it)"
-                     for p in sorted(wanted - listed)]
-        problems += [f"{name}: extra dep {p} (the stage does not run it)"
-                     for p in sorted(listed - wanted)]
-    return problems
 
 
 def stage_params(module: str) -> tuple[str, ...]:
@@ -181,6 +158,18 @@ def test_the_check_names_a_missing_and_an_extra_dep(tmp_path):
     assert code_dep_problems(broken) == [
         "pretrain: missing dep llmcore/model/transformer.py (the stage imports it)",
         "pretrain: extra dep llmcore/cli.py (the stage does not run it)"]
+
+
+def test_pipeline_deps_writes_back_what_the_check_wants():
+    """``python -m pipeline.deps`` is the fix the check names: from a dvc.yaml with a dep
+    missing, one extra and a stage whose deps list no code at all, it writes the committed
+    file back, line for line (data deps, comments and order kept)."""
+    committed = (REPO / "dvc.yaml").read_text()
+    broken = committed.replace("      - llmcore/model/transformer.py\n", "", 1).replace(
+        "      - stages/fetch.py\n", "      - stages/fetch.py\n      - llmcore/cli.py\n", 1)
+    assert broken != committed
+    assert rewrite(broken) == committed
+    assert rewrite(committed) == committed
 
 
 def test_the_check_follows_new_imports(tmp_path):

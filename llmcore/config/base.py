@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import pkgutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -22,10 +23,10 @@ from llmcore.schema import ConfigError, JSONValue, parse_dataclass, spec
 C = TypeVar("C")
 
 PARAMS_FILE = "params.yaml"
-# every top-level section of params.yaml (``flow:`` is the Prefect flow's, not a stage's); a
-# section's schema is the dataclass of llmcore.config.<name>
-SECTION_NAMES = ("base", "fetch", "tokenizer", "pack", "model", "pretrain", "sft", "dpo", "rl",
-                 "evaluate", "quantize", "flow")
+# modules of this package that are not a top-level section of params.yaml: shared
+# definitions (tasks; train, the loop's settings the training sections extend) and a
+# subsection (lora, inside sft:, dpo: and rl:)
+NOT_SECTIONS = ("tasks", "train", "lora")
 
 
 @dataclass(frozen=True)
@@ -65,15 +66,27 @@ def parse_section(name: str, raw: JSONValue, cls: type[C]) -> C:
     return obj
 
 
+def section_names() -> list[str]:
+    """Every top-level section params.yaml may have: one per module of this package
+    (``flow:`` is the Prefect flow's, not a stage's). Found, not listed, so that a stage added
+    with its section's module needs no edit here: this module is a dependency of every
+    stage, and an edit of it would re-run them all."""
+    import llmcore.config
+
+    return sorted(m.name for m in pkgutil.iter_modules(llmcore.config.__path__)
+                  if m.name not in NOT_SECTIONS)
+
+
 def check_sections(params: Mapping[str, JSONValue]) -> None:
     """Every top-level section of params.yaml must be one that something reads."""
     problems = []
+    known = section_names()
     for name in params:
-        if name not in SECTION_NAMES:
-            close = difflib.get_close_matches(str(name), SECTION_NAMES, n=1)
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
             hint = f"did you mean {close[0]}? " if close else ""
             problems.append(f"{PARAMS_FILE}: unknown section {name!r} ({hint}known: "
-                            f"{', '.join(SECTION_NAMES)})")
+                            f"{', '.join(known)})")
     if problems:
         raise ConfigError(problems)
 

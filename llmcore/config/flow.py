@@ -10,8 +10,10 @@ from llmcore.schema import spec
 
 @dataclass(frozen=True)
 class FlowTimeouts:
-    """``flow.timeouts:`` seconds a stage may run under the Prefect flow before it is killed."""
+    """``flow.timeouts:`` seconds a stage may run under the Prefect flow before it is killed;
+    a stage without a field of its own (one just added to dvc.yaml) gets ``default``."""
 
+    default: float = spec(3600.0, gt=0)
     fetch: float = spec(1800.0, gt=0)
     tokenizer: float = spec(1800.0, gt=0)
     pack: float = spec(3600.0, gt=0)
@@ -31,3 +33,7 @@ class FlowConfig:
                                      "bad input (a stage's bad-input exit is never retried)")
     retry_delay: float = spec(10.0, ge=0, doc="seconds between tries")
     timeouts: FlowTimeouts = spec(default_factory=FlowTimeouts)
+
+    def timeout(self, stage: str) -> float:
+        """Seconds ``stage`` may run: its own timeout, or the default one."""
+        return float(getattr(self.timeouts, stage, self.timeouts.default))
