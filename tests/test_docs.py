@@ -19,7 +19,8 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 # what docs/results.py reads and writes: the tables are checked against these as committed
-COMMITTED = ("README.md", "docs/results.md", "docs/results.py", "params.yaml", "metrics",
+COMMITTED = ("README.md", "docs/results.md", "docs/results.py", "params.yaml", "dvc.yaml",
+             "stages", "metrics",
              "reports")
 
 
