@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import random
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from llmcore.align.replies import batched_sequence_logprobs, reply_rows, sequence_logprobs
-from llmcore.align.run import log_curve, rng_from_json, rng_to_json
+from llmcore.align.run import rng_from_json, rng_to_json
 from llmcore.config.dpo import DPOConfig
 from llmcore.data.corpus import ConversationRow, Preference, expected_answer
 from llmcore.data.tasks import is_correct, wrong_reply
@@ -38,7 +37,7 @@ from llmcore.infer.generate import Sampling, generate
 from llmcore.model.protocols import LanguageModel
 from llmcore.model.transformer import Transformer
 from llmcore.train.checkpoint import Loaded
-from llmcore.train.step import OptimizerStep, Progress, RunContext
+from llmcore.train.step import OptimizerStep, RunContext, StepLoop
 
 
 def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -160,7 +159,7 @@ def train_dpo(model: Transformer, train: Sequence[Preference],
     resumes from the newest one of the same configuration.
     """
     stepper = OptimizerStep(model, cfg, ctx)
-    progress = Progress(ctx.name, cfg.max_steps, cfg.log_every, ctx.log)
+    loop = StepLoop(ctx, cfg, cfg.eval_every)
     rng = random.Random(seed)
     order: list[int] = []
     result, start = DPOResult(), 0
@@ -176,7 +175,7 @@ def train_dpo(model: Transformer, train: Sequence[Preference],
 
     loaded = stepper.restore(load)
     result.resumed_from = loaded.step if loaded is not None else None
-    mark = time.perf_counter()
+    loop.start(result.seconds)
     for step in range(start, cfg.max_steps):
         if len(order) < cfg.batch_size:
             more = list(range(len(train)))
@@ -196,24 +195,24 @@ def train_dpo(model: Transformer, train: Sequence[Preference],
         acc = float(torch.cat([p[1] for p in parts]).mean())
         result.history.append({"step": step + 1, "loss": round(loss, 5),
                                "reward_accuracy": round(acc, 4), "grad_norm": norm, "lr": lr})
-        log_curve(ctx, result.history[-1])
-        if progress.due(step + 1):
-            progress.report(step + 1, [f"loss {loss:.4f}", f"reward accuracy {acc:.3f}",
-                                       f"lr {lr:.2e}", f"grad {norm:.2f}"], *progress.lap())
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
+        loop.curve(result.history[-1])
+        if loop.progress.due(step + 1):
+            loop.progress.report(step + 1, [f"loss {loss:.4f}", f"reward accuracy {acc:.3f}",
+                                            f"lr {lr:.2e}", f"grad {norm:.2f}"],
+                                 *loop.progress.lap())
+        if loop.eval_due(step + 1):
             m = pair_metrics(model, val, val_ref, rows, cfg.beta) if val else {}
             result.evals.append({"step": step + 1, **{k: round(v, 5) for k, v in m.items()}})
-            log_curve(ctx, result.evals[-1], "val_")
+            loop.curve(result.evals[-1], "val_")
             ctx.log(f"{ctx.name} step {step + 1}: held-out reward accuracy "
                     f"{m.get('reward_accuracy', float('nan')):.3f} margin "
                     f"{m.get('reward_margin', float('nan')):.3f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps:
-            now = time.perf_counter()
-            result.seconds, mark = result.seconds + now - mark, now
+        if loop.checkpoint_due(step + 1):
+            result.seconds = loop.clock()
             stepper.save(step + 1, {"rng": rng_to_json(rng), "order": order,
                                     "history": result.history, "evals": result.evals,
                                     "train_seconds": result.seconds})
-    result.seconds += time.perf_counter() - mark
+    result.seconds = loop.clock()
     return result
 
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import functools
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from llmcore.align.replies import prompt_reply_rows, token_logprobs
-from llmcore.align.run import log_curve, rng_from_json, rng_to_json
+from llmcore.align.run import rng_from_json, rng_to_json
 from llmcore.config.rl import RLConfig
 from llmcore.data.corpus import ConversationRow, expected_answer
 from llmcore.data.tasks import is_correct
@@ -30,7 +29,7 @@ from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.infer.generate import Sampling, generate
 from llmcore.model.transformer import Transformer
 from llmcore.train.checkpoint import Loaded
-from llmcore.train.step import OptimizerStep, Progress, RunContext
+from llmcore.train.step import OptimizerStep, RunContext, StepLoop
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -139,7 +138,7 @@ def train_grpo(model: Transformer, ref_model: Transformer, tok: LLMTokenizer,
     ``cfg.checkpoint_every`` steps and resumes from the newest one of its configuration.
     """
     stepper = OptimizerStep(model, cfg, ctx)
-    progress = Progress(ctx.name, cfg.max_steps, cfg.log_every, ctx.log)
+    loop = StepLoop(ctx, cfg)
     rng = random.Random(seed)
     result, start = GRPOResult(), 0
 
@@ -153,7 +152,7 @@ def train_grpo(model: Transformer, ref_model: Transformer, tok: LLMTokenizer,
     loaded = stepper.restore(load)
     result.resumed_from = loaded.step if loaded is not None else None
     ref_model.eval()
-    mark = time.perf_counter()
+    loop.start(result.seconds)
     for step in range(start, cfg.max_steps):
         batch = rng.sample(list(tasks), min(cfg.prompts_per_step, len(tasks)))
         expanded, replies, rewards = _sample(model, tok, batch, cfg, seed, step)
@@ -166,16 +165,15 @@ def train_grpo(model: Transformer, ref_model: Transformer, tok: LLMTokenizer,
                "kl": round(kl, 6),
                "useful_groups": int((rewards.std(dim=1) > 0).sum())}
         result.history.append(row)
-        log_curve(ctx, row)
-        if progress.due(step + 1):
-            progress.report(step + 1, [
+        loop.curve(row)
+        if loop.progress.due(step + 1):
+            loop.progress.report(step + 1, [
                 f"mean reward {row['reward']:.3f}", f"exact {correct:.3f}",
                 f"kl {row['kl']:.4f}", f"groups with signal {row['useful_groups']}/{len(batch)}",
-                f"lr {lr:.2e}"], *progress.lap())
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps:
-            now = time.perf_counter()
-            result.seconds, mark = result.seconds + now - mark, now
+                f"lr {lr:.2e}"], *loop.progress.lap())
+        if loop.checkpoint_due(step + 1):
+            result.seconds = loop.clock()
             stepper.save(step + 1, {"rng": rng_to_json(rng), "history": result.history,
                                     "train_seconds": result.seconds})
-    result.seconds += time.perf_counter() - mark
+    result.seconds = loop.clock()
     return result

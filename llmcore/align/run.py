@@ -55,14 +55,6 @@ def policy_context(name: str, cfg: OptimConfig, *, seed: int, device: torch.devi
                       name=name, muon_dtype=prec.orthogonalize)
 
 
-def log_curve(ctx: RunContext, row: Mapping[str, float], prefix: str = "") -> None:
-    """One step's row (``step`` and its numbers) as ``<name>/<prefix><key>`` metrics of the
-    run's tracker, at that step: the curve a user opens in the MLflow UI."""
-    if ctx.tracker is not None:
-        ctx.tracker.log_metrics({f"{ctx.name}/{prefix}{k}": float(v) for k, v in row.items()
-                                 if k != "step"}, step=int(row["step"]))
-
-
 # random.Random.getstate() as JSON can hold it: [version, [state words], gauss or None]
 RngJSON = list[int | list[int] | float | None]
 

@@ -21,7 +21,6 @@ simple and deterministic, but idle time on big clusters.
 from __future__ import annotations
 
 import functools
-import time
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +36,15 @@ from llmcore.schema import UserError
 from llmcore.train.checkpoint import Loaded
 from llmcore.train.optim import Optimizers
 from llmcore.train.parallel import is_sharded
-from llmcore.train.step import Dist, Log, NonFiniteLoss, OptimizerStep, Progress, RunContext
+from llmcore.train.step import (
+    Dist,
+    Log,
+    NonFiniteLoss,
+    OptimizerStep,
+    Progress,
+    RunContext,
+    StepLoop,
+)
 
 __all__ = ["Dist", "Log", "NonFiniteLoss", "RunContext", "TrainResult", "Trainer"]
 
@@ -65,7 +72,8 @@ class Trainer:
                  val: ShardDataset | None, ctx: RunContext) -> None:
         self.model, self.cfg, self.loader, self.val, self.ctx = model, cfg, loader, val, ctx
         self.stepper = OptimizerStep(model, cfg, ctx)
-        self.progress = Progress(ctx.name, cfg.max_steps, cfg.log_every, ctx.log)
+        # cadence, clock, progress line and curve: the same as DPO's and GRPO's
+        self.loop = StepLoop(ctx, cfg, cfg.eval_every)
         self.step = 0
         self.peak: tuple[float, str] = (0.0, "")  # MFU denominator and where it came from
         self.best: dict[str, Any] | None = None
@@ -73,8 +81,6 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.evals: list[dict[str, float]] = []
         self.resumed_from: int | None = None
-        self.train_seconds = 0.0  # across every session of this run (restored on resume)
-        self._session_mark = time.perf_counter()
         self.stopped_early = False
         self._doc_mask = bool(getattr(getattr(model, "cfg", None), "doc_mask", False))
         self.last_eval: dict[str, float] | None = None
@@ -100,17 +106,20 @@ class Trainer:
         # the history of the steps before the kill, so curves and averages cover the whole run
         self.history = list(loaded.state.get("history", []))
         self.evals = list(loaded.state.get("evals", []))
-        self.train_seconds = float(loaded.state.get("train_seconds", 0.0))
+        self.loop.seconds = float(loaded.state.get("train_seconds", 0.0))
 
-    def _clock(self) -> None:
-        """Add the time since the last mark to the run's training seconds."""
-        now = time.perf_counter()
-        self.train_seconds += now - self._session_mark
-        self._session_mark = now
+    @property
+    def progress(self) -> Progress:
+        return self.loop.progress
+
+    @property
+    def train_seconds(self) -> float:
+        """Training seconds across every session of this run (restored on resume)."""
+        return self.loop.seconds
 
     def save_checkpoint(self) -> None:
         if self.ctx.dist.is_main:
-            self._clock()
+            self.loop.clock()
         self.stepper.save(self.step, {
             "loader": self.loader.state_dict(), "best": self.best,
             "train_seconds": self.train_seconds,
@@ -192,9 +201,7 @@ class Trainer:
                 self.evals_without_improvement += 1
             ctx.log(f"{ctx.name} step {self.step}: val loss {ev['loss']:.4f}, "
                     f"val bpb {ev['bpb']:.4f}{' (best)' if improved else ''}")
-            if ctx.tracker is not None:
-                ctx.tracker.log_metrics({f"{ctx.name}/val_loss": ev["loss"],
-                                         f"{ctx.name}/val_bpb": ev["bpb"]}, step=self.step)
+            self.loop.curve({"step": self.step, "loss": ev["loss"], "bpb": ev["bpb"]}, "val_")
         ctx.dist.barrier()
         return result
 
@@ -239,8 +246,7 @@ class Trainer:
                 + ("(peak_flops param)" if cfg.peak_flops else
                    "(measured now, best of 5 matmuls; a busy machine makes it read low and MFU "
                    "high: set peak_flops from benchmarks/peak_flops.py on a quiet machine)"))
-        self._session_mark = time.perf_counter()  # time before this call is not training
-        self.progress.restart()
+        self.loop.start(self.loop.seconds)  # time before this call is not training
         self.last_eval = self.evals[-1] if self.evals else None
         if self.step >= cfg.max_steps:
             ctx.log(f"{ctx.name}: checkpoint is at step {self.step} = max_steps; nothing to train")
@@ -250,18 +256,15 @@ class Trainer:
             loss, grad_norm = self.train_step(model, batches)
             self.step += 1
             row = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
-            last = self.step == cfg.max_steps
             if self.progress.due(self.step):
                 self._progress(row, fpt, peak)
             self.history.append(row)
-            if ctx.tracker is not None and ctx.dist.is_main:
-                ctx.tracker.log_metrics({f"{ctx.name}/{k}": v for k, v in row.items()
-                                         if k != "step"}, step=self.step)
-            if (self.step % cfg.eval_every == 0 or last) and self._eval_and_maybe_stop():
+            self.loop.curve(row)
+            if self.loop.eval_due(self.step) and self._eval_and_maybe_stop():
                 break
-            if self.step % cfg.checkpoint_every == 0 or last:
+            if self.loop.checkpoint_due(self.step):
                 self.save_checkpoint()
-        self._clock()
+        self.loop.clock()
         return self._result()
 
     def _result(self) -> TrainResult:

@@ -29,7 +29,7 @@ import contextlib
 import math
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -249,3 +249,53 @@ class Progress:
         eta = (self.total - step) * per_step
         self.log(f"{self.name} step {step}/{self.total} | " + " | ".join(fields)
                  + f" | {per_step:.2f} s/step | eta {eta / 60:.1f} min")
+
+
+class StepLoop:
+    """What every objective's loop holds around its step: pretraining and SFT
+    (:class:`llmcore.train.loop.Trainer`), DPO and GRPO (:mod:`llmcore.align`).
+
+    * the cadence: evaluate every ``eval_every`` steps and checkpoint every
+      ``checkpoint_every``, and both at the last step;
+    * the clock: training seconds summed over the sessions of a resumed run (a checkpoint
+      carries them; time before :meth:`start` is loading, not training);
+    * the progress line every ``log_every`` steps, with the rate and the ETA;
+    * the curve: each step's numbers as ``<name>/<key>`` metrics of the run's tracker at that
+      step (rank 0 only), what the MLflow UI plots for every stage alike.
+    """
+
+    def __init__(self, ctx: RunContext, cfg: OptimConfig, eval_every: int | None = None) -> None:
+        self.ctx, self.max_steps, self.eval_every = ctx, cfg.max_steps, eval_every
+        self.checkpoint_every = cfg.checkpoint_every
+        self.progress = Progress(ctx.name, cfg.max_steps, cfg.log_every, ctx.log)
+        self.seconds = 0.0
+        self._mark = time.perf_counter()
+
+    def start(self, seconds: float = 0.0) -> None:
+        """A session starts, after ``seconds`` of training in earlier ones."""
+        self.seconds, self._mark = seconds, time.perf_counter()
+        self.progress.restart()
+
+    def clock(self) -> float:
+        """The training seconds so far, this session's included."""
+        now = time.perf_counter()
+        self.seconds, self._mark = self.seconds + now - self._mark, now
+        return self.seconds
+
+    def eval_due(self, done: int) -> bool:
+        """Whether an evaluation follows step ``done`` (1-based)."""
+        return self.eval_every is not None and (done % self.eval_every == 0
+                                                or done == self.max_steps)
+
+    def checkpoint_due(self, done: int) -> bool:
+        """Whether a checkpoint follows step ``done`` (1-based)."""
+        return done % self.checkpoint_every == 0 or done == self.max_steps
+
+    def curve(self, row: Mapping[str, float | int | None], prefix: str = "") -> None:
+        """``row`` (``step`` and its numbers) as ``<name>/<prefix><key>`` tracker metrics at
+        that step."""
+        if self.ctx.tracker is not None and self.ctx.dist.is_main:
+            self.ctx.tracker.log_metrics({f"{self.ctx.name}/{prefix}{k}": float(v)
+                                          for k, v in row.items()
+                                          if k != "step" and v is not None},
+                                         step=int(row["step"] or 0))

@@ -266,3 +266,34 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     model(x).sum().backward()
     opt.step()
     assert not torch.equal(before, model.layers[0].mlp.up_proj.weight)
+
+
+def test_the_step_loop_every_objective_shares():
+    """Cadence (every N steps and the last), a clock that carries earlier sessions' seconds,
+    and the curve as ``<name>/<prefix><key>`` at the step, rank 0 only."""
+    from llmcore.train.step import Dist, StepLoop
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def log_metrics(self, metrics, step=None):
+            self.calls.append((step, metrics))
+
+    rec = Recorder()
+    ctx = RunContext(torch.device("cpu"), torch.float32, tracker=rec, name="dpo",
+                     log=lambda line: None)
+    loop = StepLoop(ctx, TrainConfig(max_steps=7, checkpoint_every=3, log_every=2), 5)
+    assert [s for s in range(1, 8) if loop.eval_due(s)] == [5, 7]
+    assert [s for s in range(1, 8) if loop.checkpoint_due(s)] == [3, 6, 7]
+    assert not StepLoop(ctx, TrainConfig(max_steps=7)).eval_due(7)  # no evaluations asked
+    loop.start(12.5)  # a resumed run: 12.5 s of training before this session
+    assert 12.5 <= loop.clock() < 13.5 and loop.seconds >= 12.5
+    loop.curve({"step": 4, "loss": 1.25, "reward_accuracy": 0.5, "mfu": None})
+    loop.curve({"step": 5, "loss": 1.0}, "val_")
+    assert rec.calls == [(4, {"dpo/loss": 1.25, "dpo/reward_accuracy": 0.5}),
+                         (5, {"dpo/val_loss": 1.0})]
+    other_rank = RunContext(torch.device("cpu"), torch.float32, tracker=rec, name="dpo",
+                            dist=Dist(rank=1, world_size=2))
+    StepLoop(other_rank, TrainConfig(max_steps=7)).curve({"step": 6, "loss": 0.5})
+    assert len(rec.calls) == 2
