@@ -28,6 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from docs import figures  # noqa: E402  (figures quoted in the prose of every page)
 from stages import chain  # noqa: E402  (the chain's order, as dvc.yaml declares it)
 
 RESULTS = "docs/results.md"
@@ -1111,6 +1112,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{README}: no region between {START} and {END}", file=sys.stderr)
         return 1
     wanted[README] = new_readme
+    # the figures quoted in the prose of every page (docs/figures.py)
+    read = figures.reader(root)
+    pages = [README, *sorted(p.relative_to(root).as_posix() for p in (root / "docs").glob("*.md"))]
+    for rel in pages:
+        if rel == RESULTS:
+            continue
+        text = wanted.get(rel) or (root / rel).read_text()
+        rendered, unknown = figures.render(text, read)
+        if unknown:
+            print(f"{rel}: no figure named {', '.join(unknown)} in docs/figures.py",
+                  file=sys.stderr)
+            return 1
+        wanted[rel] = rendered
     stale = []
     for rel, text in wanted.items():
         path = root / rel
@@ -1125,9 +1139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             where = " (the results region)" if rel == README else ""
             print(f"stale: {rel}{where}; run .venv/bin/python docs/results.py")
         if not stale:
-            print("up to date: " + ", ".join(wanted))
+            print(f"up to date: {len(wanted)} pages")
         return 1 if stale else 0
-    print("wrote: " + ", ".join(stale) if stale else "unchanged: " + ", ".join(wanted))
+    print("wrote: " + ", ".join(stale) if stale else f"unchanged: {len(wanted)} pages")
     return 0
 
 

@@ -15,7 +15,7 @@ a comparison whose experiments are gone (another checkout, another machine): the
 report holds are read from it, only the others run.
 
 Profiles: ``quick`` (a short pretraining and SFT, alignment skipped, 100 questions per task,
-no MLflow runs: a 5-seed comparison of two sides in about half an hour on 2 cores) and
+no MLflow runs: a few minutes a run on 2 cores, see docs/experiments.md) and
 ``full`` (the committed params). A variant is one or more ``key=value`` overrides separated by
 spaces: ``--variant "pretrain.optimizer=adamw pretrain.lr=0.003"``. Without a variant the
 baseline runs alone: its mean and interval over the seeds (the table a default is judged on).

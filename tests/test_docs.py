@@ -19,7 +19,7 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 # what docs/results.py reads and writes: the tables are checked against these as committed
-COMMITTED = ("README.md", "docs/results.md", "docs/results.py", "params.yaml", "dvc.yaml",
+COMMITTED = ("README.md", "docs", "params.yaml", "dvc.yaml",
              "stages", "metrics",
              "reports")
 
@@ -144,3 +144,74 @@ def test_every_report_is_read_by_a_page_and_history_is_dated():
         if not named:
             orphans.append(rel)
     assert orphans == []
+
+
+def test_a_figure_in_the_prose_is_rendered_from_its_file(committed):
+    """A figure span of any page follows its file: a changed metrics file makes the page
+    stale, regenerating renders the new figure, and an unknown figure name is an error."""
+    path = committed / "metrics" / "sft.json"
+    metrics = json.loads(path.read_text())
+    metrics["sft/stage_seconds"] += 6000  # a hundred minutes more
+    path.write_text(json.dumps(metrics))
+    out = results(committed, "--check")
+    assert out.returncode == 1 and "README.md" in out.stdout
+    assert results(committed).returncode == 0
+    readme = (committed / "README.md").read_text()
+    before = re.search(r"<!-- figure:pipeline-minutes -->about (\d+) minutes",
+                       (REPO / "README.md").read_text())
+    after = re.search(r"<!-- figure:pipeline-minutes -->about (\d+) minutes", readme)
+    assert before and after and int(after.group(1)) == int(before.group(1)) + 100
+    page = committed / "docs" / "model.md"
+    page.write_text(page.read_text() + "\nIt ran <!-- figure:no-such -->x<!-- /figure -->.\n")
+    out = results(committed, "--check")
+    assert out.returncode == 1 and "no figure named no-such" in out.stderr
+
+
+def test_the_recogniser_catches_the_stale_figures_it_was_built_from():
+    """Each of these was a hand-typed figure that had gone stale in the docs; the recogniser
+    must flag every one, and leave code, link targets and defaults alone."""
+    sys.path.insert(0, str(REPO))
+    from docs.figures import hand_typed
+
+    stale = [
+        "fetch 21 s, tokenizer 10 s, pack 11 s. These are the stage seconds of the committed "
+        "metrics files",
+        "`make pipeline` takes about 14 minutes on a 2-core CPU",
+        "The committed run is on a 2-core CPU (cpu-small, bf16, 300 s per side)",
+        "    make compare VARIANT='model.positions=learned' SEEDS=5    # ~30 min on 2 cores",
+        "25 runs, one shared baseline, 66 minutes on a 2-core AMX machine",
+        "`pack.pretrain_chat_share: 0.5` lowered the docs val bpb (1.336 -> 1.277)",
+        "llmcore decodes 885 tok/s, 0.14x of llama.cpp",
+        "the int8 model is 3.9x smaller and 1.2 MB",
+        "it moved arithmetic by 12% of its questions",
+    ]
+    for text in stale:
+        assert hand_typed(text), text
+    clean = ["Run `sft.max_steps=1890` for 600 steps ([link](reports/x-1.5s.json)).",
+             "    dvc exp run -S pretrain.lr=0.003", "```", "took 12 s", "```",
+             "<!-- results:start -->", "val bpb 1.234", "<!-- results:end -->",
+             "It ran <!-- figure:x -->4.5 s<!-- /figure --> in all."]
+    assert hand_typed("\n".join(clean)) == []
+
+
+def test_no_page_gains_a_hand_typed_figure():
+    """Every measurement in the prose of README.md and docs/*.md is rendered from a file
+    (``docs/figures.py``, ``docs/results.py``), or listed in ``docs/hand_typed.json``: the
+    ones still to move, a list that may only shrink (an entry whose figure is gone must be
+    removed, so the count stays true)."""
+    sys.path.insert(0, str(REPO))
+    from docs.figures import hand_typed
+
+    listed = json.loads((REPO / "docs" / "hand_typed.json").read_text())
+    new, gone = [], []
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        if page.name == "results.md":  # generated whole
+            continue
+        rel = page.relative_to(REPO).as_posix()
+        found = {f"{fig} | {line}" for _, fig, line in hand_typed(page.read_text())}
+        new += [f"{rel}: {f}" for f in sorted(found - set(listed.get(rel, [])))]
+        gone += [f"{rel}: {f}" for f in sorted(set(listed.get(rel, [])) - found)]
+    assert not new, ("hand-typed figures: render them from their file (docs/figures.py) or "
+                     "remove them:\n" + "\n".join(new))
+    assert not gone, ("docs/hand_typed.json lists figures no longer there; remove them:\n"
+                      + "\n".join(gone))

@@ -1,0 +1,183 @@
+"""Figures quoted in the prose of README.md and docs/*.md, rendered from committed files.
+
+A page quotes a measurement inside a marked span:
+
+    `make pipeline` runs <!-- figure:pipeline-minutes -->...<!-- /figure --> of stages
+
+and ``docs/results.py`` replaces the span's text with what the figure's function below gives
+from the files (``--check`` names a page whose span is stale). The rest of a page is prose,
+and :func:`hand_typed` finds the measurements typed into it by hand; ``tests/test_docs.py``
+holds them to the list in ``docs/hand_typed.json``, which may only shrink.
+
+What counts as a hand-typed measurement (:data:`MEASUREMENT`): a number with a unit of time
+(``s``, ``min``, ``ms``, ``h``), of speed (``tok/s``, ``GFLOP/s``, ``s/step``), of size (``MB``,
+``GiB``), a percentage, a ratio (``1.7x``), or a decimal with three places or more (bits per
+byte, accuracies, p-values). Code is not prose: fenced and indented blocks, inline code
+(a command, a params value) and the generated regions are skipped, but a comment in a code
+block is prose. It is a heuristic: "600 steps" is not caught (a default, not a measurement),
+nor is "0.5" (two places), nor a figure spelled in words.
+
+Standard library only, like docs/results.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+SPAN = re.compile(r"<!-- figure:([\w-]+) -->(.*?)<!-- /figure -->", re.S)
+GENERATED = re.compile(r"<!-- results:start -->.*?<!-- results:end -->", re.S)
+MEASUREMENT = re.compile(r"""(?x)
+    (?<![\w.\-/])(?:
+      \d[\d,]*(?:\.\d+)?\s?(?:ms|s|sec|seconds|min|minutes|h|hours)\b(?!/)
+    | \d[\d,]*(?:\.\d+)?\s?k?\s?(?:tok/s|tokens/s|tokens\ per\ second|GFLOP/s|TFLOP/s
+                                 |s/step|steps/s)
+    | \d[\d,]*(?:\.\d+)?\s?(?:MB|GB|GiB|MiB|KB|kB|KiB)\b
+    | \d[\d,]*(?:\.\d+)?\s?%
+    | \d+(?:\.\d+)?\s?x\b
+    | \d\.\d{3,}\b
+    )""")
+INLINE_CODE = re.compile(r"`[^`]*`")
+STAGES_FILE_ORDER = ("fetch", "tokenizer", "pack", "pretrain", "sft", "dpo", "rl", "evaluate",
+                     "quantize")
+
+Json = dict[str, Any]
+Read = Callable[[str], "Json | None"]
+
+
+def hand_typed(text: str) -> list[tuple[int, str, str]]:
+    """``(line number, figure, line)`` of every measurement typed into ``text``'s prose."""
+    # blank out what is generated, keeping line numbers
+    text = GENERATED.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+    text = SPAN.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+    found, fence = [], False
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith(("```", "~~~")):
+            fence = not fence
+            continue
+        if line.lstrip().startswith(("<!--", "![")):
+            continue
+        if fence or line.startswith(("    ", "\t")):
+            # code is not prose, but a comment in it is: "make compare  # ~30 min"
+            prose = line.split(" # ", 1)[1] if " # " in line else ""
+        else:
+            prose = INLINE_CODE.sub("", line)
+        prose = re.sub(r"\]\([^)]*\)", "]", prose)  # link targets are paths, not figures
+        found += [(number, m.group(0), line.strip()) for m in MEASUREMENT.finditer(prose)]
+    return found
+
+
+# --- the figures ---------------------------------------------------------------------------
+
+FIGURES: dict[str, Callable[[Read], str]] = {}
+
+
+def figure(name: str) -> Callable[[Callable[[Read], str]], Callable[[Read], str]]:
+    def register(fn: Callable[[Read], str]) -> Callable[[Read], str]:
+        FIGURES[name] = fn
+        return fn
+    return register
+
+
+def _missing(rel: str) -> str:
+    return f"(`{rel}` is missing)"
+
+
+def _machine(text: str) -> str:
+    """The machine's kind from a ``device``/``machine`` field: ``cpu with AVX-512 BF16``."""
+    return text.split(",")[0].strip()
+
+
+@figure("pipeline-minutes")
+def pipeline_minutes(read: Read) -> str:
+    """The committed default run: its stages' minutes and the machine they ran on."""
+    total, device = 0.0, None
+    for stage in STAGES_FILE_ORDER:
+        data = read(f"metrics/{stage}.json")
+        if not data or not isinstance(data.get(f"{stage}/stage_seconds"), (int, float)):
+            return _missing(f"metrics/{stage}.json")
+        total += data[f"{stage}/stage_seconds"]
+        device = device or data.get(f"{stage}/device")
+    where = f" on a 2-core {_machine(device)}" if isinstance(device, str) else ""
+    return f"about {total / 60:.0f} minutes of stages{where}"
+
+
+@figure("quick-compare-minutes")
+def quick_compare_minutes(read: Read) -> str:
+    """A quick comparison of 2 sides x 5 seeds, at the pace of the last quick one that was
+    timed (``reports/compare/letters-quick.json``)."""
+    rel = "reports/compare/letters-quick.json"
+    data = read(rel)
+    if not data or not data.get("seconds"):
+        return _missing(rel)
+    runs = len(data["seeds"]) * len(data["sides"]) - len(data.get("missing") or [])
+    return f"about {data['seconds'] / runs * 10 / 60:.0f} min"
+
+
+@figure("speedrun-setup")
+def speedrun_setup(read: Read) -> str:
+    """How the committed speedrun ran: machine, preset, budget per side."""
+    rel = "reports/speedrun.json"
+    data = read(rel)
+    if not data:
+        return _missing(rel)
+    return (f"on a 2-core {_machine(data['machine'])} ({data['preset']}, "
+            f"{data['budget_seconds']:.0f} s per side, one interleaved run, on the default "
+            "shards, chat mix included)")
+
+
+@figure("speedrun-verdict")
+def speedrun_verdict(read: Read) -> str:
+    """The committed speedrun's outcome: lower bpb at every checkpoint or not, and the
+    speed ratio (llmcore's tokens per second over the peer's)."""
+    rel = "reports/speedrun.json"
+    data = read(rel)
+    if not data or "llmcore_lower_bpb_at_every_checkpoint" not in data:
+        return _missing(rel)
+    lower = ("llmcore's held-out bpb is lower at every checkpoint"
+             if data["llmcore_lower_bpb_at_every_checkpoint"]
+             else "llmcore's held-out bpb is not lower at every checkpoint")
+    return f"{lower}, at {data['tokens_per_s_ratio']:.2f}x the peer's tokens per second"
+
+
+@figure("chat-share-docs-bpb")
+def chat_share_docs_bpb(read: Read) -> str:
+    """Docs val bpb of the pretrained model without the chat mix, against the default, over
+    the seeds of ``reports/compare/seeds-quick.json``."""
+    rel = "reports/compare/seeds-quick.json"
+    data = read(rel)
+    try:
+        row = data["metrics"]["evaluate/pretrain/val_bpb"]["against_baseline"][  # type: ignore[index]
+            "pretrain-chat-share-0"]
+    except (KeyError, TypeError):
+        return _missing(rel)
+    lo, hi = row["ci95"]
+    return (f"{row['diff']:+.3f} bpb [{lo:.3f}, {hi:.3f}] without the chat mix, over "
+            f"{len(data['seeds'])} seeds (verdict: {row['verdict']})")
+
+
+def render(text: str, read: Read) -> tuple[str, list[str]]:
+    """``text`` with every figure span rendered; the unknown figure names."""
+    unknown: list[str] = []
+
+    def one(m: re.Match[str]) -> str:
+        fn = FIGURES.get(m.group(1))
+        if fn is None:
+            unknown.append(m.group(1))
+            return m.group(0)
+        return f"<!-- figure:{m.group(1)} -->{fn(read)}<!-- /figure -->"
+
+    return SPAN.sub(one, text), unknown
+
+
+def reader(root: Path) -> Read:
+    def read(rel: str) -> Json | None:
+        try:
+            data = json.loads((root / rel).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+    return read
