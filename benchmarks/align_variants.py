@@ -34,8 +34,8 @@ from llmcore.config.rl import RLConfig  # noqa: E402
 from llmcore.config.tasks import SYNTHETIC_TASKS  # noqa: E402
 from llmcore.data.corpus import read_conversations, task_subset  # noqa: E402
 from llmcore.data.tokenizer import LLMTokenizer  # noqa: E402
+from llmcore.eval.evaluate import task_accuracy  # noqa: E402
 from llmcore.model.modeldir import load_model_dir  # noqa: E402
-from llmcore.report.evaluate import task_accuracy  # noqa: E402
 from llmcore.train.step import RunContext  # noqa: E402
 
 TASKS = SYNTHETIC_TASKS

@@ -30,14 +30,14 @@ sys.path.insert(0, str(REPO))
 
 from llmcore.data.corpus import read_conversations  # noqa: E402
 from llmcore.data.tokenizer import LLMTokenizer  # noqa: E402
-from llmcore.export.hf import export_hf  # noqa: E402
-from llmcore.model.modeldir import load_model_dir  # noqa: E402
-from llmcore.report.harness import (  # noqa: E402
+from llmcore.eval.harness import (  # noqa: E402
     read_results,
     results_file,
     summed_logprob_accuracy,
     write_tasks,
 )
+from llmcore.export.hf import export_hf  # noqa: E402
+from llmcore.model.modeldir import load_model_dir  # noqa: E402
 
 
 def main() -> None:

@@ -46,8 +46,8 @@ from llmcore.data.tasks import (  # noqa: E402
 )
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes  # noqa: E402
 from llmcore.data.working import pieces_of, work_pieces  # noqa: E402
+from llmcore.eval.evaluate import by_pieces, task_accuracy  # noqa: E402
 from llmcore.model.modeldir import read_model_config, save_model_dir  # noqa: E402
-from llmcore.report.evaluate import by_pieces, task_accuracy  # noqa: E402
 from llmcore.schema import ConfigError  # noqa: E402
 from llmcore.tracking import SPLIT_VERSION  # noqa: E402
 from llmcore.train.fit import FitSpec, fit  # noqa: E402

@@ -21,9 +21,9 @@ from llmcore.data.corpus import ConversationRow
 from llmcore.data.shards import ShardDataset
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes
 from llmcore.device import pick_device
+from llmcore.eval.evaluate import split_bpb, task_accuracy
 from llmcore.model.lora import LoRASpec, trainable_parameters
 from llmcore.model.modeldir import load_model_dir, save_model_dir, state_dict_for_save
-from llmcore.report.evaluate import split_bpb, task_accuracy
 from llmcore.tracking import register_model
 from stages import paths
 from stages._common import git_commit, log, model_tags, repo_root, write_tsv

@@ -2,7 +2,7 @@
 test split; write ``reports/evaluate/``.
 
 First it checks every evaluation set's contract against every training stream
-(:mod:`llmcore.report.contamination`) and stops, naming the set and the example, when one is
+(:mod:`llmcore.eval.contamination`) and stops, naming the set and the example, when one is
 broken: no param turns the check off. Only then are the models scored on test (every
 decision of the chain read val). The final model also answers the val task questions
 (``evaluate/val/...``): the figures a comparison of recipes decides on, never test's.
@@ -22,14 +22,13 @@ from llmcore.data.corpus import read_conversations
 from llmcore.data.shards import ShardDataset
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes
 from llmcore.device import pick_device, precision
-from llmcore.model.modeldir import load_model_dir
-from llmcore.report.contamination import (
+from llmcore.eval.contamination import (
     Contract,
     ContractViolation,
     check_contract,
     contamination_metrics,
 )
-from llmcore.report.evaluate import (
+from llmcore.eval.evaluate import (
     clean_metrics,
     drawn_samples,
     evaluate_model,
@@ -37,6 +36,7 @@ from llmcore.report.evaluate import (
     task_accuracy,
     task_metrics,
 )
+from llmcore.model.modeldir import load_model_dir
 from llmcore.report.tables import clean_comparison, render_plots, write_reports
 from llmcore.schema import UserError
 from llmcore.tracking import Tracker

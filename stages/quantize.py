@@ -15,11 +15,11 @@ from llmcore.data.corpus import read_conversations
 from llmcore.data.shards import ShardDataset
 from llmcore.data.tokenizer import LLMTokenizer, render_chat, token_bytes
 from llmcore.device import pick_device
+from llmcore.eval.evaluate import split_bpb
 from llmcore.export.gguf import export_gguf
 from llmcore.export.hf import llama_compatible
 from llmcore.export.quantize import QuantSpec, compare, quantize_model, tensor_bytes
 from llmcore.model.modeldir import load_model_dir, save_model_dir
-from llmcore.report.evaluate import split_bpb
 from llmcore.schema import UserError
 from llmcore.tracking import Tracker, register_model
 from stages import chain, paths

@@ -20,9 +20,9 @@ from llmcore.config.sft import SFTConfig
 from llmcore.data.shards import ShardDataset
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes
 from llmcore.device import pick_device
+from llmcore.eval.evaluate import split_bpb
 from llmcore.model.lora import LoRASpec
 from llmcore.model.modeldir import load_model_dir, read_model_config
-from llmcore.report.evaluate import split_bpb
 from llmcore.tracking import Tracker, register_model
 from stages import chain, paths
 from stages._common import (

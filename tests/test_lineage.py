@@ -41,7 +41,8 @@ ALLOWED = {
     "train": LOW | {"model", "data", "lineage", "tracking"},
     "align": LOW | {"train", "model", "infer", "data", "lineage", "tracking"},
     "infer": LOW | {"model", "data"},
-    "report": LOW | {"model", "data", "infer"},
+    "eval": LOW | {"model", "data", "infer"},
+    "report": LOW | {"model", "data", "infer", "eval"},
     "export": LOW | {"model", "data", "infer"},
     "serve": LOW | {"model", "data", "infer"},
     "cli": LOW | {"model", "data", "infer", "serve", "export", "tracking"},
@@ -307,7 +308,7 @@ def test_editing_any_file_of_the_closure_changes_the_fingerprint(tmp_path):
 
 
 INFERENCE = ("llmcore.serve.app", "llmcore.infer.generate", "llmcore.infer.engine",
-             "llmcore.report.evaluate", "llmcore.export.hf", "llmcore.export.gguf",
+             "llmcore.eval.evaluate", "llmcore.export.hf", "llmcore.export.gguf",
              "llmcore.export.pyfunc", "llmcore.export.quantize", "llmcore.cli",
              "llmcore.model.modeldir")
 

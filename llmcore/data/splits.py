@@ -175,7 +175,7 @@ def pool_breach(tables: Mapping[str, Sequence[Mapping[str, Any]]]) -> str | None
 
 
 # Each evaluation set's contract: what its test examples are drawn from, what they may share
-# with training and why. The evaluate stage checks every one (llmcore.report.contamination)
+# with training and why. The evaluate stage checks every one (llmcore.eval.contamination)
 # and prints them in its report; docs/evaluation.md shows the same table.
 CONTRACTS = {
     "arithmetic": "sums and differences of operand pairs {a, b} of the test pool (unordered: "

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from llmcore.data.tasks import question_subject
-from llmcore.report.evaluate import DrawnSample, Metrics, ModelResults
+from llmcore.eval.evaluate import DrawnSample, Metrics, ModelResults
 
 
 def fmt(x: float | None) -> str:
@@ -76,7 +76,7 @@ def write_reports(out: Path, results: Mapping[str, ModelResults], factors: list[
 
 def clean_comparison(metrics: Metrics, models: list[str]) -> str:
     """A Markdown table of every metric that has a ``_clean`` twin (from
-    :func:`llmcore.report.evaluate.clean_metrics`): on every example / without the
+    :func:`llmcore.eval.evaluate.clean_metrics`): on every example / without the
     contaminated ones (how many are left)."""
     first = f"evaluate/{models[0]}/"
     names = sorted(k[len(first):-len("_clean")] for k in metrics

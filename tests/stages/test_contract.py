@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 
 from llmcore.data.corpus import PRETRAIN_SCHEMA, SFT_SCHEMA
 from llmcore.data.tokenizer import LLMTokenizer
-from llmcore.report.contamination import check_contract
+from llmcore.eval.contamination import check_contract
 from tests.stages.test_stage_errors import error_line, run
 
 

@@ -46,7 +46,7 @@ from llmcore.data.ngrams import NGRAM, Words, example_grams, gram_hashes
 from llmcore.data.shards import ShardDataset
 from llmcore.data.splits import CONTRACTS, MIN_TEST_EXAMPLES, SPLITS, pool_breach
 from llmcore.data.tokenizer import Chat, LLMTokenizer, render_chat
-from llmcore.report.evaluate import doc_mc_questions, task_examples
+from llmcore.eval.evaluate import doc_mc_questions, task_examples
 from llmcore.schema import UserError
 
 __all__ = ["NGRAM", "Contract", "ContractViolation", "NgramIndex", "SetResult", "Words",

@@ -10,7 +10,7 @@ import torch
 
 from llmcore.data.shards import ShardDataset
 from llmcore.data.tokenizer import IM_END, render_chat, token_bytes
-from llmcore.report.evaluate import (
+from llmcore.eval.evaluate import (
     _mean_logprob,
     bpb_at_contexts,
     by_pieces,

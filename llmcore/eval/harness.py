@@ -31,8 +31,8 @@ import yaml
 
 from llmcore.data.corpus import ConversationRow
 from llmcore.data.tokenizer import EOT, IM_END, Chat, LLMTokenizer, render_chat
+from llmcore.eval.evaluate import choice_credit, doc_mc_items, task_examples
 from llmcore.model.protocols import LanguageModel
-from llmcore.report.evaluate import choice_credit, doc_mc_items, task_examples
 
 PREFIX = "llmcore_"
 # the reply's last non-blank line, trimmed: what is_correct compares with the answer. Lines

@@ -11,7 +11,7 @@ import pytest
 
 from llmcore.data.packing import pack_all
 from llmcore.data.shards import ShardDataset
-from llmcore.report.contamination import (
+from llmcore.eval.contamination import (
     NgramIndex,
     Words,
     check_set,
@@ -22,7 +22,7 @@ from llmcore.report.contamination import (
     first_violation,
     gram_hashes,
 )
-from llmcore.report.evaluate import clean_metrics
+from llmcore.eval.evaluate import clean_metrics
 from llmcore.report.tables import clean_comparison
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",

@@ -5,7 +5,7 @@ import math
 import pytest
 from scipy.stats import binomtest  # an independent reference (installed with mlflow)
 
-from llmcore.report.evaluate import wilson_interval
+from llmcore.eval.evaluate import wilson_interval
 from llmcore.report.tables import fmt_ci
 
 

@@ -16,18 +16,18 @@ import torch
 from llmcore.config.model import parse_model
 from llmcore.data.tasks import final_answer
 from llmcore.data.tokenizer import IM_END
-from llmcore.export.hf import export_hf
-from llmcore.infer.generate import Sampling, generate
-from llmcore.model.modeldir import save_model_dir, state_dict_for_save
-from llmcore.model.transformer import Transformer
-from llmcore.report.evaluate import doc_mc_items, task_accuracy
-from llmcore.report.harness import (
+from llmcore.eval.evaluate import doc_mc_items, task_accuracy
+from llmcore.eval.harness import (
     read_results,
     results_file,
     summed_logprob_accuracy,
     write_tasks,
 )
-from tests.report.test_evaluate import BiasLM
+from llmcore.export.hf import export_hf
+from llmcore.infer.generate import Sampling, generate
+from llmcore.model.modeldir import save_model_dir, state_dict_for_save
+from llmcore.model.transformer import Transformer
+from tests.eval.test_evaluate import BiasLM
 
 pytestmark = pytest.mark.slow  # lm_eval and transformers in a subprocess
 
