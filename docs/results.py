@@ -531,7 +531,7 @@ def decode(files: Files) -> list[str]:
     batches = data.get("batches") or {}
     if not batches:
         return ["_`reports/decode_speed.json` holds no decode rates (`batches`)._", ""]
-    before = (files.get("reports/decode_speed-before.json") or {}).get("batches") or {}
+    before = (files.get("reports/history/2026-12-02-decode_speed-before.json") or {}).get("batches") or {}
     labels = {"generate": "`llmcore.infer.generate`", "engine": "the serving engine",
               "engine_compiled": "the engine, `--compile`",
               "transformers": "transformers `generate`"}
@@ -560,7 +560,7 @@ def decode(files: Files) -> list[str]:
                      "token")
     facts += [f"{k} not run: {v}" for k, v in (data.get("skipped") or {}).items()]
     if before:
-        facts.append("\"before\": `reports/decode_speed-before.json`, the same benchmark on the "
+        facts.append("\"before\": `reports/history/2026-12-02-decode_speed-before.json`, the same benchmark on the "
                      "code before the decode work")
     return out + ["; ".join(facts) + ".", ""]
 
