@@ -159,6 +159,59 @@ def chat_share_docs_bpb(read: Read) -> str:
             f"{len(data['seeds'])} seeds (verdict: {row['verdict']})")
 
 
+def _fsdp(read: Read) -> Json | None:
+    return read("reports/fsdp_memory.json")
+
+
+@figure("fsdp-computed")
+def fsdp_computed(read: Read) -> str:
+    """Bytes per rank under DDP and FSDP, computed from the model's shapes."""
+    data = _fsdp(read)
+    if not data:
+        return _missing("reports/fsdp_memory.json")
+    rows = {(r["world"], r["opt"], r["parallel"]): r["total"] for r in data["computed"]["rows"]}
+    names = {"muon": "Muon + AdamW", "adamw": "AdamW"}
+    out = ["", "| world size | optimizer | `ddp` per rank | `fsdp` per rank | ratio |",
+           "|---|---|---|---|---|"]
+    for world, opt in sorted({(w, o) for w, o, _ in rows}, key=lambda k: (k[0], k[1] != "muon")):
+        ddp, fsdp = rows[(world, opt, "ddp")], rows[(world, opt, "fsdp")]
+        fsdp_gib = fsdp / 2**30
+        out.append(f"| {world} | {names.get(opt, opt)} | {ddp / 2**30:.2f} GiB | "
+                   f"{fsdp_gib:.3f} GiB | {ddp / fsdp:.1f}x |" if fsdp_gib < 0.5 else
+                   f"| {world} | {names.get(opt, opt)} | {ddp / 2**30:.2f} GiB | "
+                   f"{fsdp_gib:.2f} GiB | {ddp / fsdp:.1f}x |")
+    return "\n".join(out) + "\n"
+
+
+@figure("fsdp-measured-setup")
+def fsdp_measured_setup(read: Read) -> str:
+    data = _fsdp(read)
+    if not data or not data.get("measured"):
+        return _missing("reports/fsdp_memory.json")
+    first = data["measured"][0]
+    return (f"on a 2-core {data['machine']} CPU; {first['shape']}, "
+            f"{first['params'] / 1e6:.1f}M parameters")
+
+
+@figure("fsdp-measured")
+def fsdp_measured(read: Read) -> str:
+    """What each rank's local tensors held at world size 2, and its peak resident memory."""
+    data = _fsdp(read)
+    if not data or not data.get("measured"):
+        return _missing("reports/fsdp_memory.json")
+    mb = 2**20
+    out = ["", "| parallel | rank | params | grads | optimizer | tensors (computed) | peak RSS |",
+           "|---|---|---|---|---|---|---|"]
+    for side in data["measured"]:
+        computed = sum(side["computed"].values())
+        for r in side["ranks"]:
+            out.append(f"| {side['parallel']} | {r['rank']} | {r['params'] / mb:.1f} MB | "
+                       f"{r['grads'] / mb:.1f} MB | {r['optimizer'] / mb:.1f} MB | "
+                       f"{r['total'] / mb:.1f} MB ({computed / mb:.1f}) | "
+                       f"{r['peak_rss'] / mb:.0f} MB |")
+    return "\n".join(out) + "\n"
+
+
 def render(text: str, read: Read) -> tuple[str, list[str]]:
     """``text`` with every figure span rendered; the unknown figure names."""
     unknown: list[str] = []
