@@ -212,6 +212,33 @@ def fsdp_measured(read: Read) -> str:
     return "\n".join(out) + "\n"
 
 
+DEFAULT_QUOTE = re.compile(r"`([a-z_]+(?:\.[a-z_]+)+)` \(default:? ([^;),]+)")
+
+
+def stale_defaults(text: str, params: Json) -> list[str]:
+    """Defaults quoted in prose as `` `section.key` (default VALUE`` whose value is not
+    params.yaml's (or whose key params.yaml lacks): one line each."""
+    out = []
+    for key, quoted in DEFAULT_QUOTE.findall(text):
+        node: Any = params
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        words = quoted.strip().split()
+        value = words[0] if words else ""
+        if node is None:
+            out.append(f"`{key}`: not a key of params.yaml")
+        elif str(node).lower() != value.lower() and _number(node) != _number(value):
+            out.append(f"`{key}` (default {value}): params.yaml has {node!r}")
+    return out
+
+
+def _number(value: object) -> float | None:
+    try:
+        return float(str(value))
+    except ValueError:
+        return None
+
+
 def render(text: str, read: Read) -> tuple[str, list[str]]:
     """``text`` with every figure span rendered; the unknown figure names."""
     unknown: list[str] = []

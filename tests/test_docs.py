@@ -215,3 +215,29 @@ def test_no_page_gains_a_hand_typed_figure():
                      "remove them:\n" + "\n".join(new))
     assert not gone, ("docs/hand_typed.json lists figures no longer there; remove them:\n"
                       + "\n".join(gone))
+
+
+def test_defaults_quoted_in_prose_are_the_params():
+    """A default quoted as `` `section.key` (default VALUE`` is params.yaml's value (the way
+    "60 steps" outlived a default of 20)."""
+    import yaml
+
+    sys.path.insert(0, str(REPO))
+    from docs.figures import stale_defaults
+
+    import dataclasses
+
+    from llmcore.config.base import parse_sections
+    from tests.test_config import SCHEMAS
+
+    # every key with its value as the stages see it (params.yaml, and the preset's fields)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = {k: dataclasses.asdict(v) for k, v in parse_sections(raw, SCHEMAS).items()}
+    assert stale_defaults("`rl.max_steps` (default 60)", params)
+    assert stale_defaults("`rl.no_such_key` (default 1)", params)
+    assert not stale_defaults(f"`rl.max_steps` (default {params['rl']['max_steps']})", params)
+    stale = []
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        stale += [f"{page.relative_to(REPO)}: {s}" for s in stale_defaults(page.read_text(),
+                                                                          params)]
+    assert not stale, "\n".join(stale)
