@@ -223,10 +223,9 @@ def test_defaults_quoted_in_prose_are_the_params():
     import yaml
 
     sys.path.insert(0, str(REPO))
-    from docs.figures import stale_defaults
-
     import dataclasses
 
+    from docs.figures import stale_defaults
     from llmcore.config.base import parse_sections
     from tests.test_config import SCHEMAS
 
