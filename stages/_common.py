@@ -1,11 +1,10 @@
 """What every stage shares: params loading, the tracker, metrics files, clean failures.
 
-A stage module declares the params it reads, ``PARAMS = ("base.seed", "pack")`` (whole
-sections or single keys; the same list as its ``params:`` in dvc.yaml, which a test checks),
-and its ``main()`` is ``run_stage(name, PARAMS, body)``. ``body`` gets the typed configs of
-those sections and a tracker and returns a flat metrics dict. A section declared key by key
-reaches ``body`` as a view that refuses the other keys, so a stage cannot come to depend on a
-param that DVC does not know it depends on.
+A stage reads the params its ``params:`` in dvc.yaml list (whole sections or single keys,
+``base.seed``; :func:`stages.chain.params`), and its ``main()`` is ``run_stage(name, body,
+Params)``. ``body`` gets the typed configs of those sections and a tracker and returns a flat
+metrics dict. A section listed key by key reaches ``body`` as a view that refuses the other
+keys, so a stage cannot come to depend on a param that DVC does not know it depends on.
 
 Errors the user can fix (:class:`llmcore.schema.UserError`: params, input data, a missing
 stage output) are printed as one clear message, without a traceback, and the process exits
@@ -38,7 +37,7 @@ from llmcore.config.base import (
 from llmcore.files import write_json, write_text
 from llmcore.schema import USER_ERROR, ConfigError, UserError
 from llmcore.tracking import NullTracker, Tracker, default_uri, end_stage_run, stage_run
-from stages import paths
+from stages import chain, paths
 
 
 class StageParams:
@@ -84,6 +83,12 @@ def read_params(root: Path) -> dict[str, Any]:
     return data
 
 
+class UndeclaredParam(UserError, AttributeError):
+    """A stage read a param that its params in dvc.yaml do not list: the user's to fix (in
+    dvc.yaml), so it ends the stage with one line like any bad input; an AttributeError too,
+    so that ``getattr(view, key, default)`` keeps working."""
+
+
 class SectionView:
     """The keys of a params section that a stage declared; reading any other is an error."""
 
@@ -92,8 +97,8 @@ class SectionView:
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_") or name not in self._keys:
-            raise AttributeError(f"the stage reads {self._section}.{name} but does not declare "
-                                 "it: add it to the stage's PARAMS and its params in dvc.yaml")
+            raise UndeclaredParam(f"the stage reads {self._section}.{name} but does not declare "
+                                 "it: add it to the stage's params in dvc.yaml")
         return getattr(self._cfg, name)
 
     def as_dict(self) -> dict[str, Any]:
@@ -241,17 +246,26 @@ def fail(stage: str, exc: BaseException) -> None:
     sys.exit(USER_ERROR)
 
 
-def run_stage(stage: str, keys: Sequence[str], body: Body[P], params: type[P]) -> None:
-    """Load params, run ``body``, write ``metrics/<stage>.json``; exit 2 on a user error."""
+def run_stage(stage: str, body: Body[P], params: type[P]) -> None:
+    """Load the params dvc.yaml lists for ``stage``, run ``body``, write
+    ``metrics/<stage>.json``; exit 2 on a user error."""
     root = repo_root()
     start = time.perf_counter()
     try:
+        keys = chain.params(stage, root)
         schemas = params.schemas()
         sections = list(dict.fromkeys(["base", *(k.partition(".")[0] for k in keys)]))
         missing = [s for s in sections if s not in schemas]
-        assert not missing, f"{stage}: PARAMS names {missing}, which its Params class lacks"
+        if missing:
+            raise UserError(f"{chain.DVC_FILE}: stage {stage!r} lists params of "
+                            f"{', '.join(missing)}, which it does not read (its Params class "
+                            f"has {', '.join(schemas)})")
         full = parse_sections(read_params(root), {s: schemas[s] for s in sections})
         cfgs = declared(full, keys)
+        unlisted = [f.name for f in dataclasses.fields(params) if f.name not in cfgs]
+        if unlisted:
+            raise UserError(f"{chain.DVC_FILE}: stage {stage!r} reads the params of "
+                            f"{', '.join(unlisted)}, which its params there do not list")
         typed = params(**cfgs)
         tracker = make_tracker(full["base"], stage, root, flat_params(cfgs))
     except UserError as exc:

@@ -65,6 +65,20 @@ def model_deps(stage: str, root: Path) -> list[str]:
     return _model_names((stages[stage] or {}).get("deps", []))
 
 
+def params(stage: str, root: Path) -> list[str]:
+    """The params ``stage`` reads, as its ``params:`` in dvc.yaml lists them: whole sections
+    (``pack``) or single keys (``base.seed``). The stage reads these and no other, so what it
+    depends on and what DVC re-runs it for are one list."""
+    stages = _stages(root)
+    if stage not in stages:
+        raise UserError(f"{DVC_FILE}: no stage {stage!r} (stages: {', '.join(stages)})")
+    listed = (stages[stage] or {}).get("params") or []
+    if not all(isinstance(k, str) for k in listed):
+        raise UserError(f"{DVC_FILE}: stage {stage!r} lists params of another file; its "
+                        "params are keys of params.yaml")
+    return list(listed)
+
+
 def model_dep(stage: str, name: str, root: Path) -> str:
     """``data/models/<name>``, a model ``stage`` depends on (a stage reads no model that its
     deps do not list: DVC would not re-run it when that model changes)."""

@@ -29,7 +29,6 @@ from stages import chain, paths
 from stages._align import copy_model, load_policy, save_policy
 from stages._common import StageParams, log, repo_root, run_stage, write_tsv
 
-PARAMS = ("base.seed", "base.device", "base.dtype", "dpo")
 STAGE = "dpo"
 CURVES = {"dpo_train.tsv": ["step", "loss", "reward_accuracy", "lr", "grad_norm"],
           "dpo_val.tsv": ["step", "loss", "reward_accuracy", "reward_margin"]}
@@ -98,7 +97,7 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
 
 
 def main() -> None:
-    run_stage("dpo", PARAMS, body, Params)
+    run_stage(STAGE, body, Params)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from llmcore.tracking import Tracker
 from stages import chain, paths
 from stages._common import StageParams, log, repo_root, run_stage
 
-PARAMS = ("base.seed", "base.device", "base.dtype", "evaluate")
+STAGE = "evaluate"
 OUT = f"{paths.REPORTS}/evaluate"
 SAMPLES_PER_TASK = 2  # test questions per task drawn at random for the README
 
@@ -120,7 +120,7 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
 
 
 def main() -> None:
-    run_stage("evaluate", PARAMS, body, Params)
+    run_stage(STAGE, body, Params)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from llmcore.tracking import Tracker
 from stages import paths
 from stages._common import StageParams, log, repo_root, run_stage
 
-PARAMS = ("fetch",)
+STAGE = "fetch"
 OUT = paths.CORPUS
 
 
@@ -45,7 +45,7 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
 
 
 def main() -> None:
-    run_stage("fetch", PARAMS, body, Params)
+    run_stage(STAGE, body, Params)
 
 
 if __name__ == "__main__":

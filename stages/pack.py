@@ -19,7 +19,7 @@ from llmcore.tracking import Tracker
 from stages import paths
 from stages._common import StageParams, log, repo_root, run_stage
 
-PARAMS = ("pack",)
+STAGE = "pack"
 CORPUS, TOKENIZER, OUT = paths.CORPUS, paths.TOKENIZER, paths.SHARDS
 
 
@@ -78,7 +78,7 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
 
 
 def main() -> None:
-    run_stage("pack", PARAMS, body, Params)
+    run_stage(STAGE, body, Params)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from stages._common import (
 )
 from stages._training import train_and_export
 
-PARAMS = ("base.seed", "base.device", "base.dtype", "model", "pretrain")
+STAGE = "pretrain"
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
 
 def main() -> None:
     relaunch_under_torchrun("pretrain", "stages.pretrain")
-    run_stage("pretrain", PARAMS, body, Params)
+    run_stage(STAGE, body, Params)
 
 
 if __name__ == "__main__":

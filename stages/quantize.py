@@ -25,7 +25,7 @@ from llmcore.tracking import Tracker, register_model
 from stages import chain, paths
 from stages._common import StageParams, log, model_tags, repo_root, run_stage
 
-PARAMS = ("base.device", "quantize")
+STAGE = "quantize"
 SHARDS = paths.SHARDS
 
 
@@ -98,7 +98,7 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
 
 
 def main() -> None:
-    run_stage("quantize", PARAMS, body, Params)
+    run_stage(STAGE, body, Params)
 
 
 if __name__ == "__main__":

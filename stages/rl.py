@@ -26,7 +26,6 @@ from stages import chain, paths
 from stages._align import copy_model, exact_match, load_policy, save_policy
 from stages._common import StageParams, log, repo_root, run_stage, write_tsv
 
-PARAMS = ("base.seed", "base.device", "base.dtype", "rl")
 STAGE = "rl"
 CURVES = {"rl_train.tsv": ["step", "reward", "exact", "kl", "loss", "useful_groups"]}
 
@@ -82,7 +81,7 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
 
 
 def main() -> None:
-    run_stage("rl", PARAMS, body, Params)
+    run_stage(STAGE, body, Params)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ from stages._common import (
 )
 from stages._training import SHARDS, train_and_export
 
-PARAMS = ("base.seed", "base.device", "base.dtype", "sft")
 STAGE = "sft"
 OUT = paths.model_dir(STAGE)
 
@@ -68,7 +67,7 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
 
 def main() -> None:
     relaunch_under_torchrun("sft", "stages.sft")
-    run_stage("sft", PARAMS, body, Params)
+    run_stage(STAGE, body, Params)
 
 
 if __name__ == "__main__":

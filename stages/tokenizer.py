@@ -14,7 +14,7 @@ from llmcore.tracking import Tracker
 from stages import paths
 from stages._common import StageParams, log, repo_root, run_stage
 
-PARAMS = ("tokenizer",)
+STAGE = "tokenizer"
 CORPUS, OUT = paths.CORPUS, paths.TOKENIZER
 
 
@@ -39,7 +39,7 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
 
 
 def main() -> None:
-    run_stage("tokenizer", PARAMS, body, Params)
+    run_stage(STAGE, body, Params)
 
 
 if __name__ == "__main__":

@@ -91,16 +91,6 @@ def cycles(root: Path = REPO) -> list[list[str]]:
     return found
 
 
-def stage_params(module: str) -> tuple[str, ...]:
-    """The ``PARAMS`` a stage module declares (read from its source, not imported)."""
-    tree = ast.parse(module_path(module).read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "PARAMS"
-                                                 for t in node.targets):
-            return tuple(ast.literal_eval(node.value))
-    raise AssertionError(f"{module} declares no PARAMS")
-
-
 def stage_paths(module: str, stage: str) -> set[str]:
     """The paths a stage's own files name through :mod:`stages.paths` (``paths.CORPUS``,
     ``paths.model_dir("sft")``). A helper's ``paths.model_dir(stage)`` (a name, not a
@@ -191,10 +181,20 @@ def test_exempt_files_really_change_nothing():
     assert direct_imports(REPO / "llmcore/tracking.py") == set()
 
 
-def test_stages_declare_the_params_dvc_lists():
+def test_each_stage_reads_the_sections_dvc_lists_for_it():
+    """The params a stage reads are its ``params:`` in dvc.yaml (read when it runs), and its
+    Params class has a field for each of their sections, and no other (``base`` aside, which
+    every stage may read for MLflow's run name)."""
+    import importlib
+
+    from stages import chain
+
     for name, stage in dvc_stages().items():
-        declared = stage_params(stage_module(stage["cmd"]))
-        assert list(declared) == stage["params"], name
+        assert chain.params(name, REPO) == stage["params"], name
+        module = importlib.import_module(stage_module(stage["cmd"]))
+        fields = set(module.Params.schemas()) - {"base"}
+        listed = {k.partition(".")[0] for k in stage["params"]} - {"base"}
+        assert fields == listed, name
 
 
 def test_data_paths_in_stage_code_are_deps_or_outs():
@@ -225,7 +225,8 @@ def test_a_stage_cannot_read_an_undeclared_param():
 
     view = SectionView("base", BaseConfig(), ["seed"])
     assert view.seed == 1337 and view.as_dict() == {"seed": 1337}
-    with pytest.raises(AttributeError, match=r"reads base.dtype but does not declare it"):
+    with pytest.raises(AttributeError, match=r"reads base.dtype but does not declare it: "
+                                             r"add it to the stage's params in dvc.yaml"):
         _ = view.dtype
 
 

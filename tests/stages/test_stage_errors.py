@@ -68,6 +68,31 @@ def test_unknown_section_is_an_error_when_a_stage_runs_alone(project, monkeypatc
     assert code == 2 and "unknown section 'pakc' (did you mean pack?" in err
 
 
+def test_a_stage_reads_the_params_dvc_yaml_lists_for_it(project, monkeypatch, capsys):
+    """The params a stage may read are its ``params:`` in dvc.yaml: a section it does not
+    read, a section it reads left out, or a key it reads left out each end the stage with one
+    line naming dvc.yaml (and nothing written)."""
+    graph = yaml.safe_load((project / "dvc.yaml").read_text())
+
+    def with_params(stage, listed):
+        changed = yaml.safe_load(yaml.safe_dump(graph))
+        changed["stages"][stage]["params"] = listed
+        (project / "dvc.yaml").write_text(yaml.safe_dump(changed))
+
+    with_params("pack", ["pack", "sft"])
+    code, err = run("pack", project, monkeypatch, capsys)
+    assert code == 2 and "stage 'pack' lists params of sft, which it does not read" in err
+    with_params("pack", [])
+    code, err = run("pack", project, monkeypatch, capsys)
+    assert code == 2 and "stage 'pack' reads the params of pack, which its params there do " \
+                         "not list" in err
+    with_params("pretrain", ["base.seed", "base.device", "model", "pretrain"])  # no base.dtype
+    code, err = run("pretrain", project, monkeypatch, capsys)
+    assert code == 2 and "reads base.dtype but does not declare it: add it to the stage's " \
+                         "params in dvc.yaml" in err
+    assert not (project / "metrics/pretrain.json").exists()
+
+
 def test_exponent_without_a_dot_gets_the_yaml_hint(project, monkeypatch, capsys):
     text = (project / "params.yaml").read_text().replace("lr: 0.015", "lr: 15e-3")
     (project / "params.yaml").write_text(text)
