@@ -892,11 +892,14 @@ def results_md(files: Files) -> str:
             "`reports/compare/rl-vs-sft.json`: the committed chain (SFT, then DPO, then GRPO) "
             "against SFT alone given about the minutes DPO and GRPO take, in extra SFT steps "
             "(`python -m pipeline.compare --variant \"sft-same-minutes: sft.max_steps=1890 "
-            "dpo.max_steps=0 rl.max_steps=0\" --seed-list 1337,1,2 --profile full --name "
-            "rl-vs-sft`). Both sides' final models are scored; a seed's two sides share their "
-            "pretraining, so the paired test is the one to read. The table after it is what "
-            "each alignment step adds to the model before it within the chain (the baseline "
-            "side's runs, `benchmarks/chain_gain.py --name rl-vs-sft --side base`).", ""]
+            "dpo.max_steps=0 rl.max_steps=0\" --seed-list 1337,1,2,3,4 --profile full --name "
+            "rl-vs-sft --extend`: the runs of seeds 1337, 1 and 2 (and the SFT side's seed "
+            "1337 and 1) ran in an earlier checkout and are read from the report, the others "
+            "were added to it). Both sides' final models are scored; a seed's two sides share "
+            "their pretraining, so the paired test is the one to read. The table after it is "
+            "what each alignment step adds to the model before it within the chain, over the "
+            "seeds whose experiments it could read (the baseline side's runs, "
+            "`benchmarks/chain_gain.py --name rl-vs-sft --side base`).", ""]
     out += seeded_section(files, "rl-vs-sft", "the chain against SFT given the same minutes")
     out += chain_gain(files, "reports/compare/rl-vs-sft-chain.json")
     out += ["### The quick profile of the default", "",
