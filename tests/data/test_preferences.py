@@ -327,6 +327,8 @@ def test_without_preference_paths_the_corpus_is_as_before(tmp_path):
 def run_fetch(root: Path, fetch: dict, monkeypatch, capsys) -> tuple[int, str]:
     (root / "params.yaml").write_text(yaml.safe_dump({"base": {"tracking": "none"},
                                                       "fetch": fetch}))
+    # the pipeline the stage runs in: it reads its params list from it
+    (root / "dvc.yaml").write_text((Path(__file__).parents[2] / "dvc.yaml").read_text())
     monkeypatch.chdir(root)
     code = 0
     try:
