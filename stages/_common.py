@@ -262,7 +262,8 @@ def run_stage(stage: str, body: Body[P], params: type[P]) -> None:
                             f"has {', '.join(schemas)})")
         full = parse_sections(read_params(root), {s: schemas[s] for s in sections})
         cfgs = declared(full, keys)
-        unlisted = [f.name for f in dataclasses.fields(params) if f.name not in cfgs]
+        unlisted = [f.name for f in dataclasses.fields(params)  # type: ignore[arg-type]
+                    if f.name not in cfgs]
         if unlisted:
             raise UserError(f"{chain.DVC_FILE}: stage {stage!r} reads the params of "
                             f"{', '.join(unlisted)}, which its params there do not list")
