@@ -17,7 +17,7 @@ byte, accuracies, p-values). Code is not prose: fenced and indented blocks, inli
 block is prose. It is a heuristic: "600 steps" is not caught (a default, not a measurement),
 nor is "0.5" (two places), nor a figure spelled in words.
 
-Standard library only, like docs/results.py.
+Standard library only (and ``stages.chain``), like docs/results.py.
 """
 
 from __future__ import annotations
@@ -41,8 +41,6 @@ MEASUREMENT = re.compile(r"""(?x)
     | \d\.\d{3,}\b
     )""")
 INLINE_CODE = re.compile(r"`[^`]*`")
-STAGES_FILE_ORDER = ("fetch", "tokenizer", "pack", "pretrain", "sft", "dpo", "rl", "evaluate",
-                     "quantize")
 
 Json = dict[str, Any]
 Read = Callable[[str], "Json | None"]
@@ -94,8 +92,10 @@ def _machine(text: str) -> str:
 @figure("pipeline-minutes")
 def pipeline_minutes(read: Read) -> str:
     """The committed default run: its stages' minutes and the machine they ran on."""
+    from stages import chain  # the stages, as dvc.yaml declares them
+
     total, device = 0.0, None
-    for stage in STAGES_FILE_ORDER:
+    for stage in chain.stage_order(Path(__file__).resolve().parents[1]):
         data = read(f"metrics/{stage}.json")
         if not data or not isinstance(data.get(f"{stage}/stage_seconds"), (int, float)):
             return _missing(f"metrics/{stage}.json")
