@@ -12,7 +12,8 @@ experiment (``dvc exp show --json``) are compared by :mod:`llmcore.report.compar
 to ``reports/compare/<name>.{json,md,png}``. ``--report-only`` compares experiments that ran
 before, by name. The report keeps every run's figures (``runs``), so ``--extend`` adds seeds to
 a comparison whose experiments are gone (another checkout, another machine): the runs the
-report holds are read from it, only the others run.
+report holds are read from it, only the others run. ``--base-from NAME`` likewise reads the
+baseline from NAME's experiments, or from its report where they are gone.
 
 Profiles: ``quick`` (a short pretraining and SFT, alignment skipped, 100 questions per task,
 no MLflow runs: a few minutes a run on 2 cores, see docs/experiments.md) and
@@ -267,6 +268,20 @@ def recorded(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return out
 
 
+def recorded_base(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """name -> figures of the baseline runs that ``--base-from NAME``'s report holds: its
+    experiments may be gone (another checkout), its figures are not. The report must be of
+    the same profile, or its baseline would be another recipe."""
+    path = ROOT / "reports" / "compare" / f"{args.base_from}.json"
+    if not args.base_from or not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    if old.get("profile") != args.profile:
+        raise SystemExit(f"compare: --base-from {args.base_from}: {path} ran profile "
+                         f"{old.get('profile')!r}, this comparison {args.profile!r}")
+    return {n: r["metrics"] for n, r in old.get("runs", {}).items() if is_base(args, n)}
+
+
 def final_model(metrics: dict[str, Any]) -> dict[str, Any]:
     """``evaluate/final/<metric>``: the run's last scored model of the chain (rl in the full
     profile, sft in the quick one), so that sides of any profile report the same model."""
@@ -376,7 +391,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     runs = plan(args)
-    earlier = recorded(args) if args.extend else {}
+    # runs whose figures a report holds: the baseline of --base-from, this report's own
+    earlier = {**recorded_base(args), **(recorded(args) if args.extend else {})}
     seconds = None
     if not args.report_only:
         start = time.time()
@@ -386,10 +402,11 @@ def main(argv: list[str] | None = None) -> None:
                 and r[0] not in earlier]
         if args.base_from:
             wanted = {n for n, _, _ in runs if is_base(args, n)}
-            absent = sorted(wanted - set(collect(wanted)))
+            absent = sorted(wanted - set(collect(wanted)) - set(earlier))
             if absent:
                 raise SystemExit(f"compare: --base-from {args.base_from}: no finished run "
-                                 f"{', '.join(absent)} (`dvc exp show` lists what exists; "
+                                 f"{', '.join(absent)} (`dvc exp show` lists what exists, "
+                                 f"reports/compare/{args.base_from}.json what ran before; "
                                  "the seeds and profile must be the ones it ran with)")
         queue(todo, args.target)
         # the workers stop by themselves once the queue is idle (`dvc queue stop` would leave

@@ -258,3 +258,35 @@ def test_extend_adds_seeds_to_a_report_whose_experiments_are_gone(tmp_path, monk
     with pytest.raises(SystemExit, match="another comparison"):
         cmp.main(["--variant", "v: sft.max_steps=10", "--profile", "full", "--name", "ext",
                   "--seed-list", "7,1", "--extend"])
+
+
+def test_the_baseline_of_an_earlier_comparison_is_read_from_its_report_once_its_runs_are_gone(
+        tmp_path, monkeypatch):
+    """``--base-from NAME`` in a checkout without NAME's experiments: the baseline runs NAME's
+    report holds are its figures; only the variant runs, and a seed the report lacks stops
+    the comparison before anything is queued."""
+    import pipeline.compare as cmp
+
+    metric = "evaluate/val/reverse_exact_match"
+    old = {"name": "old", "profile": "full", "runs": {
+        "old-base-s1": {"seed": 1, "source": "experiment", "metrics": {metric: .4}},
+        "old-base-s2": {"seed": 2, "source": "experiment", "metrics": {metric: .5}},
+        "old-other-s1": {"seed": 1, "source": "experiment", "metrics": {metric: .9}}}}
+    (tmp_path / "reports/compare").mkdir(parents=True)
+    (tmp_path / "reports/compare/old.json").write_text(json.dumps(old))
+    queued = stub_queue(monkeypatch, tmp_path, metric, {"new-v-s1": .6, "new-v-s2": .7})
+    argv = ["--variant", "v: base.dtype=bfloat16", "--profile", "full", "--name", "new",
+            "--base-from", "old", "--metric", metric, "--report", "count_exact_match"]
+    cmp.main([*argv, "--seed-list", "1,2"])
+    assert queued == ["new-v-s1", "new-v-s2"]
+    result = json.loads((tmp_path / "reports/compare/new.json").read_text())
+    assert result["metrics"][metric]["sides"]["base"]["values"] == [.4, .5]
+    assert result["metrics"][metric]["sides"]["v"]["values"] == [.6, .7]
+    assert result["runs"]["old-base-s2"]["source"] == "report"
+    assert "old-other-s1" not in result["runs"]
+    queued.clear()
+    with pytest.raises(SystemExit, match="no finished run old-base-s3"):
+        cmp.main([*argv, "--seed-list", "1,3"])
+    assert queued == []
+    with pytest.raises(SystemExit, match="ran profile 'full'"):
+        cmp.main([*argv[:2], "--profile", "quick", *argv[4:], "--seed-list", "1,2"])
