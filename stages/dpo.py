@@ -75,7 +75,8 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
         data={"init_sha256": sha256_file(src / "model.safetensors"),
               "pairs": data_hash([train, train_ref])},
         code=["llmcore.align.dpo", *(["llmcore.model.lora"] if adapter else [])],
-        checkpoint_dir=root / paths.checkpoint_dir(STAGE), log=log, tracker=tracker)
+        checkpoint_dir=root / paths.checkpoint_dir(STAGE), log=log, tracker=tracker,
+        model_cfg=model_cfg)
     result = train_dpo(policy, train, train_ref, val, val_ref, rows, cfg, ctx, base.seed)
     kl = sampled_kl(policy, ref, tok, [p["prompt"] for p in val[:64]], cfg.max_new_tokens,
                     base.seed)

@@ -60,7 +60,8 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
         data={"init_sha256": sha256_file(src / "model.safetensors"),
               "tasks": data_hash(train)},
         code=["llmcore.align.grpo", *(["llmcore.model.lora"] if adapter else [])],
-        checkpoint_dir=root / paths.checkpoint_dir(STAGE), log=log, tracker=tracker)
+        checkpoint_dir=root / paths.checkpoint_dir(STAGE), log=log, tracker=tracker,
+        model_cfg=model_cfg)
     result = train_grpo(policy, ref, tok, train, cfg, ctx, base.seed)
     after = exact_match(policy, tok, val, cfg.eval_per_task, cfg.max_new_tokens)
     log(f"rl: held-out exact match after: {after}")

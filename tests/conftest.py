@@ -17,6 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# base.dtype auto means float32 on every CPU here (not a per-machine measurement), so that a
+# test's numbers do not depend on the machine it runs on; tests of the measurement unset it
+os.environ.setdefault("LLMCORE_AUTO_DTYPE", "float32")
 
 SAMPLE_TEXTS = [
     "The quick brown fox jumps over the lazy dog. " * 3,

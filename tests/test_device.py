@@ -265,3 +265,25 @@ def test_with_native_bf16_asked_muon_and_autocast_issue_bf16(cpu_kind, tiny_shar
         out = _fit(tiny_shards, tmp_path / "auto", "muon", dtype="auto")
     assert out.precision.orthogonalize == torch.float32
     assert ops.half_ops() == set()
+
+
+def test_auto_on_a_cpu_trains_in_what_measured_faster(cpu_kind, tiny_shards, tmp_path,
+                                                       monkeypatch):
+    """Unpinned, ``auto`` on a native-bf16 CPU asks the probe; the run trains (autocast and
+    Muon) in its verdict, and the fingerprint holds it (a resume cannot mix the two)."""
+    import llmcore.train.autocast_probe as probe
+
+    cpu_kind(BF16)
+    monkeypatch.delenv(probe.PIN_ENV)
+    monkeypatch.setenv(probe.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(probe, "step_seconds", lambda *a, **k: {"float32": 2.0, "bfloat16": 1.0})
+    with OpDtypes() as ops:
+        fast = _fit(tiny_shards, tmp_path / "bf16", "muon", dtype="auto")
+    assert fast.precision.autocast == fast.precision.orthogonalize == torch.bfloat16
+    assert ops.matmuls(torch.bfloat16) > 0 and "2.00x" in fast.precision.note
+    (tmp_path / "cache" / probe.CACHE_FILE).unlink()
+    monkeypatch.setattr(probe, "step_seconds", lambda *a, **k: {"float32": 1.0, "bfloat16": 2.0})
+    with OpDtypes() as ops:
+        slow = _fit(tiny_shards, tmp_path / "fp32", "muon", dtype="auto")
+    assert slow.precision.autocast == torch.float32 and ops.half_ops() == set()
+    assert slow.fingerprint != fast.fingerprint

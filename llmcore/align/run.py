@@ -23,10 +23,12 @@ from typing import Any
 
 import torch
 
+from llmcore.config.model import ModelConfig
 from llmcore.config.train import NON_SHAPING, OptimConfig
 from llmcore.device import precision
 from llmcore.lineage import code_hash
 from llmcore.tracking import Tracker
+from llmcore.train.autocast_probe import auto_precision
 from llmcore.train.checkpoint import CheckpointManager, fingerprint
 from llmcore.train.step import Log, RunContext
 
@@ -40,10 +42,13 @@ def data_hash(value: Any) -> str:
 def policy_context(name: str, cfg: OptimConfig, *, seed: int, device: torch.device,
                    dtype: str, data: Mapping[str, str], code: Sequence[str],
                    checkpoint_dir: Path | None = None, log: Log = print,
-                   tracker: Tracker | None = None) -> RunContext:
+                   tracker: Tracker | None = None,
+                   model_cfg: ModelConfig | None = None) -> RunContext:
     """The :class:`RunContext` of one alignment run (checkpoints only with a directory; the
-    per-step curves go to ``tracker`` as pretraining's and SFT's do)."""
-    prec = precision(dtype, device)
+    per-step curves go to ``tracker`` as pretraining's and SFT's do). With the policy's
+    ``model_cfg``, ``auto`` on a CPU is resolved as training's is (measured once per shape)."""
+    prec = (precision(dtype, device) if model_cfg is None else
+            auto_precision(dtype, device, model_cfg, cfg, 8, min(256, model_cfg.max_seq_len)))
     shaping = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NON_SHAPING}
     fp = fingerprint({"params": shaping, "seed": seed, "code": code_hash(*code),
                       "dtype": str(prec.autocast), "muon_dtype": str(prec.orthogonalize),

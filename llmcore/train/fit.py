@@ -36,7 +36,7 @@ import torch.distributed as dist
 from llmcore.config.model import ModelConfig
 from llmcore.config.train import NON_SHAPING, TrainConfig
 from llmcore.data.shards import ShardDataset, ShardLoader
-from llmcore.device import Precision, pick_device, precision
+from llmcore.device import Precision, pick_device
 from llmcore.files import sha256_file
 from llmcore.lineage import code_hash
 from llmcore.model.loss import unigram_bpb
@@ -44,6 +44,7 @@ from llmcore.model.modeldir import load_weights, read_weights
 from llmcore.model.transformer import Transformer
 from llmcore.schema import UserError
 from llmcore.tracking import Tracker
+from llmcore.train.autocast_probe import auto_precision
 from llmcore.train.checkpoint import CheckpointManager, fingerprint
 from llmcore.train.loop import Dist, Log, RunContext, Trainer, TrainResult
 from llmcore.train.parallel import full_state_dict, shard_model
@@ -227,9 +228,10 @@ def fit(spec: FitSpec, tracker: Tracker | None = None, log: Log = print) -> FitO
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist_info, device = init_distributed(pick_device(spec.device), cfg.dist_timeout)
-    prec = precision(spec.dtype, device)
-    dtype = prec.autocast
     train_ds = ShardDataset(spec.shard_dir, spec.train_split)
+    prec = auto_precision(spec.dtype, device, spec.model, cfg, cfg.batch_size,
+                          train_ds.row_len - 1, distributed=dist_info.enabled)
+    dtype = prec.autocast
     val_ds = _validation(spec, log)
     if train_ds.row_len - 1 > spec.model.max_seq_len:
         raise UserError(f"rows have {train_ds.row_len - 1} tokens but model.max_seq_len is "
