@@ -4,8 +4,9 @@ Training, evaluation, generation and serving all pick their device and dtype her
 ``base.device: auto`` means the same thing everywhere and no inference code has to import the
 training loop to find out.
 
-``dtype: auto`` picks bf16 autocast on GPUs that have it (fp16 on older ones) and on CPUs
-with native bf16 matrix instructions (AVX-512 BF16 or AMX); elsewhere fp32. On a CPU without
+``dtype: auto`` picks bf16 autocast on GPUs that have it (fp16 on older ones); on a CPU with
+native bf16 matrix instructions (AVX-512 BF16 or AMX) training measures which is faster at
+its shape (:mod:`llmcore.train.autocast_probe`); elsewhere fp32. On a CPU without
 them every bf16 product is emulated: measured ~50x slower than fp32 on an AVX2-only CPU and
 4-8x slower on an AVX-512 one without the BF16 extension. So bf16 is a cliff there, also when
 params ask for it: ``base.dtype: bfloat16`` then falls back to fp32 with a note in the log,
@@ -125,11 +126,11 @@ def _name(dtype: torch.dtype) -> str:
 def precision(name: str, device: torch.device) -> Precision:
     """What ``base.dtype`` (auto | float32 | bfloat16 | float16) means on ``device``.
 
-    ``auto`` is bf16 on a GPU that has it (fp16 on older ones) and float32 on every CPU: on a
-    2-core AVX-512 BF16 machine, bf16 autocast trained 1.6-1.8x slower than float32 at every
-    shape from 4x128 to 8x768 and Muon's iteration in bf16 ~1.2x slower (the casts and the
-    non-matmul work cost more than the faster products save at these sizes), and where bf16
-    is emulated it is many times slower. ``bfloat16`` asked on a CPU that has it is honoured.
+    ``auto`` here is bf16 on a GPU that has it (fp16 on older ones) and float32 on a CPU;
+    training resolves ``auto`` on a CPU with native bf16 further, by measuring both at the
+    model's shape (:mod:`llmcore.train.autocast_probe`): whether bf16 pays there depends on
+    the chip and the shape, not on a flag. Where bf16 is emulated it is many times slower, and
+    ``bfloat16`` asked falls back to float32 with a note; asked where native, it is honoured.
     """
     native = native_bf16(device)
     fast = torch.bfloat16 if native and device.type == "cuda" else torch.float32
