@@ -148,9 +148,9 @@ def chat_share_docs_bpb(read: Read) -> str:
     """Docs val bpb of the pretrained model without the chat mix, against the default, over
     the seeds of ``reports/compare/seeds-quick.json``."""
     rel = "reports/compare/seeds-quick.json"
-    data = read(rel)
+    data = read(rel) or {}
     try:
-        row = data["metrics"]["evaluate/pretrain/val_bpb"]["against_baseline"][  # type: ignore[index]
+        row = data["metrics"]["evaluate/pretrain/val_bpb"]["against_baseline"][
             "pretrain-chat-share-0"]
     except (KeyError, TypeError):
         return _missing(rel)

@@ -104,18 +104,15 @@ def test_every_relative_link_of_the_docs_exists():
 
 def test_a_baseline_alone_over_seeds_renders_its_mean_interval_and_values(tmp_path):
     """``pipeline.compare`` without a variant: one side, whose table is the default's over seeds."""
-    import importlib.util
-
+    from docs.tables.base import Files
+    from docs.tables.seeds import seeded
     from llmcore.report.compare import compare
 
-    spec = importlib.util.spec_from_file_location("results_page", REPO / "docs" / "results.py")
-    page = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(page)
     runs = {"base": {1: {"m/acc": 0.5}, 2: {"m/acc": 0.7}, 3: {"m/acc": 0.6}}}
     data = {"profile": "full", "seeds": [1, 2, 3], "sides": {"base": ""}, "alpha": 0.05,
             "metrics": compare(runs, "base", ["m/acc"])["metrics"]}
     (tmp_path / "c.json").write_text(json.dumps(data))
-    text = "\n".join(page.seeded(page.Files(tmp_path), "c.json"))
+    text = "\n".join(seeded(Files(tmp_path), "c.json"))
     row = next(line for line in text.splitlines() if line.startswith("| `m/acc`"))
     # mean 0.6, sd 0.1, t(0.975, 2) = 4.303: 0.6 +- 0.248
     assert row == "| `m/acc` | 3 | 0.600 +- 0.100 | [0.352, 0.848] | 0.500, 0.700, 0.600 |"
@@ -127,7 +124,7 @@ def test_every_report_is_read_by_a_page_and_history_is_dated():
     superseded one goes to ``reports/history/`` under its date. Files a named folder holds
     (``reports/evaluate/``, a comparison's .md and .png beside its .json) ride with it."""
     readers = "\n".join(p.read_text() for p in [REPO / "README.md", *REPO.glob("docs/*.md"),
-                                                 *REPO.glob("docs/*.py"),
+                                                 *REPO.glob("docs/**/*.py"),
                                                  *REPO.glob("benchmarks/*.py")])
     orphans = []
     for path in sorted((REPO / "reports").rglob("*.json*")):
