@@ -212,6 +212,28 @@ def fsdp_measured(read: Read) -> str:
     return "\n".join(out) + "\n"
 
 
+@figure("cpu-precision")
+def cpu_precision(read: Read) -> str:
+    """Training tokens/s in float32 and bf16 autocast per shape, on the machine of
+    ``reports/precision_cpu.json`` (``benchmarks/train_throughput.py``, interleaved rounds)."""
+    rel = "reports/precision_cpu.json"
+    data = read(rel)
+    if not data or not data.get("results"):
+        return _missing(rel)
+    speed = {(r["preset"], r["dtype"]): r for r in data["results"]}
+    out = ["", f"On a 2-core {_machine(data['machine'])} (torch {data.get('torch', '-')}), "
+           "one training step of the default loop (Muon), tokens/s:", "",
+           "| preset | batch | float32 | bf16 autocast | bf16 / float32 |", "|---|---|---|---|---|"]
+    for preset in dict.fromkeys(p for p, _ in speed):
+        f32, b16 = speed.get((preset, "float32")), speed.get((preset, "bfloat16"))
+        if not f32 or not b16:
+            continue
+        out.append(f"| {preset} | {f32['batch_size']} x {f32['seq_len']} | "
+                   f"{f32['tokens_per_s']:,.0f} | {b16['tokens_per_s']:,.0f} | "
+                   f"{b16['tokens_per_s'] / f32['tokens_per_s']:.2f}x |")
+    return "\n".join(out) + "\n"
+
+
 DEFAULT_QUOTE = re.compile(r"`([a-z_]+(?:\.[a-z_]+)+)` \(default:? ([^;),]+)")
 
 

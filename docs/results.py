@@ -155,6 +155,19 @@ def variants_over_seeds(files: base.Files) -> list[str]:
             "for; stopped after its first seed, which fell below every val task figure of "
             "the baseline's same seed:", ""]
     out += seeds.seeded_section(files, "sft1200", "1,200 SFT steps")
+    out += ["### bf16 autocast against float32 over seeds", "",
+            "`reports/compare/bf16-vs-fp32.json`: every training stage in bf16 autocast (and "
+            "Muon's iteration in bf16) against the committed float32 runs of the same seeds, "
+            "on a CPU where bf16 is native; what `base.dtype: auto` chooses where bf16 "
+            "measured faster ([scaling](scaling.md#precision-on-a-cpu)). The baseline's runs "
+            "are the chain side of the alignment comparison below, read from its report "
+            "(`python -m pipeline.compare --base-from rl-vs-sft --variant \"bf16: "
+            "base.dtype=bfloat16\" --seed-list 3,4,1337,1,2 --profile full --name "
+            "bf16-vs-fp32`). The two sides share no stage (pretraining differs from its "
+            "first step), so the seed pairs data order and initial weights only; the "
+            "training stages' val bpb of the bf16 side is itself measured under bf16 "
+            "autocast.", ""]
+    out += seeds.seeded_section(files, "bf16-vs-fp32", "bf16 autocast over seeds")
     return out
 
 
