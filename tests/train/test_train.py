@@ -297,3 +297,30 @@ def test_the_step_loop_every_objective_shares():
                             dist=Dist(rank=1, world_size=2))
     StepLoop(other_rank, TrainConfig(max_steps=7)).curve({"step": 6, "loss": 0.5})
     assert len(rec.calls) == 2
+
+
+def test_kept_positions_are_rounded_up_with_zero_loss_positions_only():
+    """Under autocast the head runs on a row count rounded up to a multiple (few kernel shapes
+    instead of one per step); the positions added carry no loss, so the loss is the same."""
+    from llmcore.train.loop import round_up_positions
+
+    torch.manual_seed(0)
+    mask = torch.rand(3, 20) < 0.3
+    n = int(mask.sum())
+    keep = round_up_positions(mask, 16)
+    assert int(keep.sum()) % 16 == 0 and int(keep.sum()) - n < 16
+    assert bool(keep[mask].all())  # every position with a loss stays
+    added = (keep & ~mask).flatten().nonzero().flatten()
+    absent = (~mask).flatten().nonzero().flatten()
+    assert torch.equal(added, absent[: len(added)])  # the first ones left out, in order
+    assert torch.equal(round_up_positions(mask, 1), mask)
+    assert bool(round_up_positions(mask, 1000).all())  # at most every position
+    # the loss over the rounded-up positions is the loss over the masked ones
+    cfg = parse_model({"preset": "tiny", "vocab_size": 50})
+    model = Transformer(cfg)
+    x, y = torch.randint(0, 50, (3, 20)), torch.randint(0, 50, (3, 20))
+    m = mask.long()
+    exact, count = loss_sums(model(x, keep=mask), y[mask], m[mask])
+    rounded, count2 = loss_sums(model(x, keep=keep), y[keep], m[keep])
+    assert count == count2 == n
+    assert torch.allclose(exact, rounded, rtol=1e-5)
