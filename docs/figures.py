@@ -234,6 +234,24 @@ def cpu_precision(read: Read) -> str:
     return "\n".join(out) + "\n"
 
 
+@figure("scaling-sweep")
+def scaling_sweep(read: Read) -> str:
+    """The pretraining recipe's sweep: the tagged runs of ``reports/scaling/runs.jsonl`` (one
+    change per run against the default shape and budget), best docs val bpb bold."""
+    rel = "reports/scaling/runs.jsonl"
+    data = read(rel)
+    rows = [r for r in (data or {}).get("rows", []) if r.get("tag")]
+    if not rows:
+        return _missing(rel)
+    best = min(r["best_val_bpb"] for r in rows)
+    out = ["", "| change | lr | rows per step | docs val bpb |", "|---|---|---|---|"]
+    for r in rows:
+        bpb = f"{r['best_val_bpb']:.3f}"
+        out.append(f"| `{r['tag']}` | {r['lr']:g} | {r['batch_size']} | "
+                   + (f"**{bpb}** |" if r["best_val_bpb"] == best else f"{bpb} |"))
+    return "\n".join(out) + "\n"
+
+
 DEFAULT_QUOTE = re.compile(r"`([a-z_]+(?:\.[a-z_]+)+)` \(default:? ([^;),]+)")
 
 
@@ -276,9 +294,14 @@ def render(text: str, read: Read) -> tuple[str, list[str]]:
 
 
 def reader(root: Path) -> Read:
+    """``read(rel)``: a JSON file's object, or a JSON-lines file's records as ``{"rows": [...]}``;
+    None where the file is missing or unreadable."""
     def read(rel: str) -> Json | None:
         try:
-            data = json.loads((root / rel).read_text())
+            text = (root / rel).read_text()
+            if rel.endswith(".jsonl"):
+                return {"rows": [json.loads(line) for line in text.splitlines() if line.strip()]}
+            data = json.loads(text)
         except (OSError, ValueError):
             return None
         return data if isinstance(data, dict) else None
