@@ -11,7 +11,7 @@ holds them to the list in ``docs/hand_typed.json``, which may only shrink.
 
 What counts as a hand-typed measurement (:data:`MEASUREMENT`): a number with a unit of time
 (``s``, ``min``, ``ms``, ``h``), of speed (``tok/s``, ``GFLOP/s``, ``s/step``), of size (``MB``,
-``GiB``), a percentage, a ratio (``1.7x``; not a shape such as ``4 x 128``), or a decimal with three places or more (bits per
+``GiB``), a percentage (not the level of an interval: "95% interval"), a ratio (``1.7x``; not a shape such as ``4 x 128``), or a decimal with three places or more (bits per
 byte, accuracies, p-values). Code is not prose: fenced and indented blocks, inline code
 (a command, a params value) and the generated regions are skipped, but a comment in a code
 block is prose. It is a heuristic: "600 steps" is not caught (a default, not a measurement),
@@ -36,7 +36,7 @@ MEASUREMENT = re.compile(r"""(?x)
     | \d[\d,]*(?:\.\d+)?\s?k?\s?(?:tok/s|tokens/s|tokens\ per\ second|GFLOP/s|TFLOP/s
                                  |s/step|steps/s)
     | \d[\d,]*(?:\.\d+)?\s?(?:MB|GB|GiB|MiB|KB|kB|KiB)\b
-    | \d[\d,]*(?:\.\d+)?\s?%
+    | \d[\d,]*(?:\.\d+)?\s?%(?!\s(?:t\s|Welch\s|Wilson\s)?(?:interval|confidence))
     | \d+(?:\.\d+)?\s?x\b(?!\s?\d)
     | \d\.\d{3,}\b
     )""")

@@ -189,7 +189,8 @@ def test_the_recogniser_catches_the_stale_figures_it_was_built_from():
              "    dvc exp run -S pretrain.lr=0.003", "```", "took 12 s", "```",
              "<!-- results:start -->", "val bpb 1.234", "<!-- results:end -->",
              "It ran <!-- figure:x -->4.5 s<!-- /figure --> in all.",
-             "a 4 x 128 model, 16 x 256 tokens a step"]  # shapes, not ratios
+             "a 4 x 128 model, 16 x 256 tokens a step",  # shapes, not ratios
+             "the mean with its 95% t interval, the difference with its 95% Welch interval"]
     assert hand_typed("\n".join(clean)) == []
 
 
