@@ -252,6 +252,41 @@ def scaling_sweep(read: Read) -> str:
     return "\n".join(out) + "\n"
 
 
+def _grid(read: Read) -> dict[tuple[int, str, float], float] | None:
+    """(vocab, shape, budget) -> best docs val bpb of the scaling grid's runs (untagged)."""
+    data = read("reports/scaling/runs.jsonl")
+    if not data:
+        return None
+    return {(r["vocab"], r["shape"], float(r["budget"])): r["best_val_bpb"]
+            for r in data.get("rows", []) if not r.get("tag")}
+
+
+@figure("scaling-vocab")
+def scaling_vocab(read: Read) -> str:
+    """Docs val bpb of vocabularies 2048 / 4096 / 6400 at 1e13 FLOPs, per shape of the grid."""
+    grid = _grid(read)
+    parts = []
+    for shape in ("4x64", "4x96", "4x128"):
+        bpb = [(grid or {}).get((v, shape, 1e13)) for v in (2048, 4096, 6400)]
+        if None in bpb:
+            return _missing("reports/scaling/runs.jsonl")
+        parts.append(" / ".join(f"{b:.3f}" for b in bpb) + f" ({shape.replace('x', ' x ')})")
+    return "docs val bpb " + ", ".join(parts)
+
+
+@figure("scaling-shape")
+def scaling_shape(read: Read) -> str:
+    """Docs val bpb of the grid's shapes at vocabulary 4096 and 1e13 FLOPs, best first."""
+    grid = _grid(read)
+    runs = sorted((b, shape) for (v, shape, f), b in (grid or {}).items()
+                  if v == 4096 and f == 1e13 and shape in ("2x64", "4x64", "4x96", "4x128"))
+    if len(runs) < 4:
+        return _missing("reports/scaling/runs.jsonl")
+    (best, name), rest = runs[0], runs[1:]
+    return (f"{name.replace('x', ' x ')}: {best:.3f}; "
+            + ", ".join(f"{s.replace('x', ' x ')} {b:.3f}" for b, s in rest))
+
+
 DEFAULT_QUOTE = re.compile(r"`([a-z_]+(?:\.[a-z_]+)+)` \(default:? ([^;),]+)")
 
 
