@@ -163,8 +163,9 @@ def variants_over_seeds(files: base.Files) -> list[str]:
             "are the chain side of the alignment comparison below, read from its report "
             "(`python -m pipeline.compare --base-from rl-vs-sft --variant \"bf16: "
             "base.dtype=bfloat16\" --seed-list 3,4,1337,1,2 --profile full --name "
-            "bf16-vs-fp32`). The two sides share no stage (pretraining differs from its "
-            "first step), so the seed pairs data order and initial weights only; the "
+            "bf16-vs-fp32`, stopped after seeds 3, 4 and 1337 and reported with "
+            "`--seed-list 3,4,1337 --report-only`). The two sides share no stage "
+            "(pretraining differs from its first step), so the seed pairs data order and initial weights only; the "
             "training stages' val bpb of the bf16 side is itself measured under bf16 "
             "autocast.", ""]
     out += seeds.seeded_section(files, "bf16-vs-fp32", "bf16 autocast over seeds")

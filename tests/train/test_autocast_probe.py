@@ -48,17 +48,20 @@ def test_bf16_is_kept_where_it_measured_faster_and_the_verdict_is_reused(machine
     # a later run of the shape reads the verdict: no second measurement, even if it would
     # now come out the other way (a resume must not flip its precision)
     timings.update(float32=0.1)
-    again = probe.auto_precision("auto", CPU, MODEL, PretrainConfig(), 16, 64)
+    again = probe.auto_precision("auto", CPU, MODEL, PretrainConfig(), 8, 64)
     assert again.autocast == torch.bfloat16 and "measured before" in again.note
     assert measured == [(8, 64)]
+    # another batch is measured on its own (the gain grows with the products' size)
+    other_batch = probe.auto_precision("auto", CPU, MODEL, PretrainConfig(), 16, 64)
+    assert other_batch.autocast == torch.float32 and measured == [(8, 64), (16, 64)]
     cache = json.loads(probe.cache_path().read_text())
-    (verdict,) = cache.values()
-    assert verdict["choice"] == "bfloat16" and verdict["speedup"] == 1.5
+    assert sorted(v["choice"] for v in cache.values()) == ["bfloat16", "float32"]
+    assert sorted(v["speedup"] for v in cache.values()) == [0.5, 1.5]
     # another shape is another verdict
     other = parse_model({"preset": "tiny", "vocab_size": 128, "d_model": 128})
     slower = probe.auto_precision("auto", CPU, other, PretrainConfig(), 8, 64)
     assert slower.autocast == torch.float32 and slower.orthogonalize == torch.float32
-    assert len(measured) == 2
+    assert len(measured) == 3
 
 
 def test_a_tie_is_not_worth_bf16s_rounding(machine):
