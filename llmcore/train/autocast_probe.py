@@ -144,8 +144,9 @@ def auto_precision(name: str, device: torch.device, model_cfg: ModelConfig,
         how = "measured now"
     else:
         how = "measured before"
+    # no path in the note: it goes into metrics and the README, which name no machine's paths
     note = (f"auto: bf16 autocast {verdict['speedup']:.2f}x float32's training speed at this "
-            f"shape on this machine ({how}; {path}), so {verdict['choice']}")
+            f"shape and batch on this machine ({how}, cached), so {verdict['choice']}")
     return _resolved(prec, str(verdict["choice"]), note)
 
 
