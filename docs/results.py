@@ -196,6 +196,11 @@ def alignment_and_curricula(files: base.Files) -> list[str]:
             "quick-firstfit`): what a quick comparison can see of each task on val. A task "
             "near zero here cannot be compared in the quick profile; use the full one.", ""]
     out += seeds.seeded_section(files, "quick-firstfit", "the quick profile of the default")
+    out += ["`reports/compare/quick-bf16.json`: the same after the default took bf16 autocast "
+            "where it measured faster (`python -m pipeline.compare --seed-list 1337,1 "
+            "--profile quick --name quick-bf16`, on a CPU where it did; the probe's verdicts "
+            "were cached by an earlier run):", ""]
+    out += seeds.seeded_section(files, "quick-bf16", "the quick profile, bf16")
     out += ["### The letters curriculum over seeds", "",
             "`reports/compare/letters-quick.json`: the committed params against the same "
             "without the letters curriculum (`pack.letters_share=0`), the quick profile, "
