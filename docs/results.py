@@ -165,8 +165,8 @@ def variants_over_seeds(files: base.Files) -> list[str]:
             "base.dtype=bfloat16\" --seed-list 3,4,1337,1,2 --profile full --name "
             "bf16-vs-fp32`, stopped after seeds 3, 4 and 1337 and reported with "
             "`--seed-list 3,4,1337 --report-only`). The two sides share no stage "
-            "(pretraining differs from its first step), so the seed pairs data order and initial weights only; the "
-            "training stages' val bpb of the bf16 side is itself measured under bf16 "
+            "(pretraining differs from its first step), so the seed pairs data order and "
+            "initial weights only; the training stages' val bpb of the bf16 side is itself measured under bf16 "
             "autocast.", ""]
     out += seeds.seeded_section(files, "bf16-vs-fp32", "bf16 autocast over seeds")
     return out

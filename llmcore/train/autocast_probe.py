@@ -4,15 +4,16 @@ Whether bf16 autocast trains faster than float32 on a CPU depends on the chip, t
 and the shape, not on a flag: on one 2-core AVX-512 BF16 machine bf16 trained 1.6-1.8x slower
 than float32 at every shape from 4x128 to 8x768 (casts and non-matmul work cost more than the
 faster products saved); on another (AMD EPYC, AVX-512 BF16, torch 2.13) the default 4x128
-model trained 1.2-1.3x faster in bf16. So where bf16 is native (AVX-512 BF16 or AMX; where it
+model's bare step ran 1.2-1.3x faster in bf16 (the whole loop, with its data, masks and
+reply-only head, gained less: about 5% in pretraining, 10% in SFT). So where bf16 is native (AVX-512 BF16 or AMX; where it
 is emulated it is many times slower and never tried), the first run of a model shape on a
 machine times a few training steps of a throwaway model of that shape and batch in each dtype,
 interleaved, and keeps bf16 only if it is at least :data:`MARGIN` times faster.
 
 The verdict is written to ``autocast.json`` in the cache folder (``$LLMCORE_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/llmcore``, else ``~/.cache/llmcore``), keyed by the CPU's name, torch's
-version, the thread count, the model's shape, the batch and the optimizer: every later run of that shape
-on that machine reuses it, so a noisy moment cannot flip a run's precision between a run and
+version, the thread count, the model's shape, the batch and the optimizer: every later run of
+that shape on that machine reuses it, so a noisy moment cannot flip a run's precision between a run and
 its resume (the checkpoint fingerprint holds the dtype). Delete the file to measure again.
 ``LLMCORE_AUTO_DTYPE=float32`` (or ``bfloat16``) pins what ``auto`` means on a CPU without
 measuring, e.g. to compare machines at one precision; the test suite pins float32.
@@ -28,6 +29,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -130,7 +132,7 @@ def auto_precision(name: str, device: torch.device, model_cfg: ModelConfig,
     key, path = machine_key(model_cfg, optim, batch_size, seq_len), cache_path()
     cache = _read(path)
     verdict = cache.get(key)
-    if verdict is None:
+    if not _valid(verdict):  # absent, or an entry edited by hand into something else
         secs = step_seconds(model_cfg, optim, batch_size, seq_len)
         speedup = secs["float32"] / secs["bfloat16"]
         verdict = {"choice": "bfloat16" if speedup >= MARGIN else "float32",
@@ -148,6 +150,12 @@ def auto_precision(name: str, device: torch.device, model_cfg: ModelConfig,
     note = (f"auto: bf16 autocast {verdict['speedup']:.2f}x float32's training speed at this "
             f"shape and batch on this machine ({how}, cached), so {verdict['choice']}")
     return _resolved(prec, str(verdict["choice"]), note)
+
+
+def _valid(verdict: object) -> TypeGuard[dict[str, object]]:
+    """A cache entry this code wrote: a choice it knows and a measured ratio."""
+    return (isinstance(verdict, dict) and verdict.get("choice") in ("float32", "bfloat16")
+            and isinstance(verdict.get("speedup"), (int, float)))
 
 
 def _resolved(prec: Precision, choice: str, note: str) -> Precision:

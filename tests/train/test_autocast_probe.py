@@ -109,12 +109,20 @@ def test_a_broken_cache_is_measured_again_and_an_unwritable_one_costs_nothing(
     assert probe.auto_precision("auto", CPU, MODEL, PretrainConfig(), 8, 64).autocast \
         == torch.bfloat16
     assert len(measured) == 1 and len(json.loads(path.read_text())) == 1
+    # an entry edited into something else is measured again, not trusted or crashed on
+    cache = json.loads(path.read_text())
+    (key,) = cache
+    cache[key] = {"choice": "fp8"}
+    path.write_text(json.dumps(cache))
+    assert probe.auto_precision("auto", CPU, MODEL, PretrainConfig(), 8, 64).autocast \
+        == torch.bfloat16
+    assert len(measured) == 2 and json.loads(path.read_text())[key]["choice"] == "bfloat16"
     # a cache folder that cannot be made (under a file: refused even to root)
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv(probe.CACHE_ENV, str(tmp_path / "a-file" / "cache"))
     assert probe.auto_precision("auto", CPU, MODEL, PretrainConfig(), 8, 64).autocast \
         == torch.bfloat16
-    assert len(measured) == 2
+    assert len(measured) == 3
 
 
 def test_the_measurement_times_both_dtypes_and_leaves_the_global_rng_alone():

@@ -324,3 +324,34 @@ def test_kept_positions_are_rounded_up_with_zero_loss_positions_only():
     rounded, count2 = loss_sums(model(x, keep=keep), y[keep], m[keep])
     assert count == count2 == n
     assert torch.allclose(exact, rounded, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_loop_rounds_the_heads_rows_up_only_under_autocast(tiny_shards, dtype):
+    """SFT's head runs where a loss is taken; under autocast that row count is rounded up
+    (here past every position: 32 < 128), in float32 it is the mask's own, and the step's
+    loss is the masked mean either way."""
+    torch.manual_seed(0)
+    model = Transformer(parse_model({"preset": "tiny", "vocab_size": 300}))
+    x = torch.randint(0, 300, (4, 9))
+    mask = torch.tensor([[1] * 8, [0] * 7 + [1], [1, 0] * 4, [0, 0, 1, 1, 1, 1, 0, 0]],
+                        dtype=torch.float32)
+    rows: list[int] = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        rows.append(int(kwargs["keep"].sum()))
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    ds = ShardDataset(tiny_shards[0], "pretrain_train")
+    ctx = RunContext(torch.device("cpu"), dtype, torch.ones(300, dtype=torch.long),
+                     log=lambda m: None)
+    cfg = TrainConfig(max_steps=1, warmup_steps=0, optimizer="adamw")
+    t = Trainer(model, cfg, ShardLoader(ds, 2), None, ctx)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        logits = forward(x[:, :-1])  # before the step moves the weights
+    expected = loss_sums(logits, x[:, 1:], mask)[0] / mask.sum()
+    loss, _ = t.train_step(model, [Batch(x[:, :-1], x[:, 1:], mask)])
+    assert rows == ([int(mask.sum())] if dtype == torch.float32 else [32])
+    assert loss == pytest.approx(float(expected), rel=2e-2)
