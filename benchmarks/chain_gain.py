@@ -28,12 +28,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from llmcore import metric_keys as keys  # noqa: E402
 from llmcore.report.compare import ALPHA, paired, verdict  # noqa: E402
 from pipeline.compare import dvc, experiment_metrics  # noqa: E402
 
 STEPS = (("sft", "dpo"), ("dpo", "rl"), ("sft", "rl"))
-METRICS = ("arithmetic_exact_match", "count_exact_match", "spell_multi_exact_match",
-           "reverse_multi_exact_match", "docs_bpb")
+METRICS = (*keys.JUDGED, keys.DOCS_BPB)
 
 
 def runs_of(name: str, side: str, show: list[dict]) -> dict[int, dict[str, float]]:
@@ -57,8 +57,8 @@ def chain_gain(runs: dict[int, dict[str, float]]) -> dict[str, dict[str, dict]]:
     for before, after in STEPS:
         step = out[f"{before}->{after}"] = {}
         for m in METRICS:
-            a = {s: r.get(f"evaluate/{before}/{m}") for s, r in runs.items()}
-            b = {s: r.get(f"evaluate/{after}/{m}") for s, r in runs.items()}
+            a = {s: r.get(keys.model_metric(before, m)) for s, r in runs.items()}
+            b = {s: r.get(keys.model_metric(after, m)) for s, r in runs.items()}
             test = paired(a, b)
             test["verdict"] = verdict(test, m.endswith("bpb"))
             step[m] = test

@@ -28,6 +28,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from llmcore import metric_keys as keys  # noqa: E402
 from llmcore.data.corpus import read_conversations  # noqa: E402
 from llmcore.data.tokenizer import LLMTokenizer  # noqa: E402
 from llmcore.eval.harness import (  # noqa: E402
@@ -65,7 +66,6 @@ def main() -> None:
                                          "HF_HUB_OFFLINE": "1"})
     seconds = time.perf_counter() - start
     got = read_results(results_file(build / "out"))
-    p = f"evaluate/{args.model}"
     rows = []
     for name in names:
         task = name.removeprefix("llmcore_")
@@ -75,10 +75,10 @@ def main() -> None:
                                            params["choices"], params["max_task_examples"])
             rows.append({"task": "doc_mc (acc: summed log-prob)", "harness": got[name]["acc"],
                          "llmcore": ours, "stage_mean_per_token": metrics.get(
-                             f"{p}/doc_mc_accuracy"), "harness_acc_norm": got[name]["acc_norm"]})
+                             keys.model_metric(args.model, "doc_mc_accuracy")), "harness_acc_norm": got[name]["acc_norm"]})
         else:
             rows.append({"task": task, "harness": got[name]["exact_match"],
-                         "llmcore": metrics.get(f"{p}/{task}_exact_match")})
+                         "llmcore": metrics.get(keys.model_metric(args.model, keys.exact_match(task)))})
     result = {"model": args.model, "lm_eval_seconds": round(seconds, 1), "tasks": rows,
               "command": " ".join(cmd)}
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -255,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = wanted.get(rel) or (root / rel).read_text()
         rendered, unknown = figures.render(text, read)
         if unknown:
-            print(f"{rel}: no figure named {', '.join(unknown)} in docs/figures.py",
+            print(f"{rel}: no figure named {', '.join(unknown)} in docs/prose/",
                   file=sys.stderr)
             return 1
         wanted[rel] = rendered

@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmcore import metric_keys as keys
 from llmcore.report.compare import Comparison, compare, markdown, plot
 from stages import chain
 
@@ -59,13 +60,15 @@ PROFILES: dict[str, list[str]] = {
 # a comparison is a decision: it reads val (the training stages' held-out bpb and the final
 # model's task questions of the val split, which the evaluate stage scores for this)
 METRICS = ["pretrain/val_bpb", "sft/val_bpb",
-           *(f"evaluate/val/{t}_exact_match" for t in ("arithmetic", "count", "spell",
-                                                        "spell_multi", "reverse",
-                                                        "reverse_multi"))]
+           *(keys.model_metric(keys.VAL, keys.exact_match(t, kind))
+             for t, kind in (("arithmetic", None), ("count", None), ("spell", None),
+                             ("spell", keys.MULTI), ("reverse", None),
+                             ("reverse", keys.MULTI)))]
 # ...and reports the final model (the last of the chain each run scored) on test, in a table
 # of its own: figures to quote once a choice is made, never to make it
-REPORTED = ["docs_bpb", "arithmetic_exact_match", "count_exact_match", "spell_exact_match",
-            "spell_multi_exact_match", "reverse_exact_match", "reverse_multi_exact_match",
+REPORTED = [keys.DOCS_BPB, keys.exact_match("arithmetic"), keys.exact_match("count"),
+            keys.exact_match("spell"), keys.exact_match("spell", keys.MULTI),
+            keys.exact_match("reverse"), keys.exact_match("reverse", keys.MULTI),
             "doc_mc_accuracy"]
 CHAIN = tuple(chain.models(ROOT))  # the training stages, in order (dvc.yaml declares them)
 DONE = ("Success", "Failed")
@@ -285,11 +288,11 @@ def recorded_base(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def final_model(metrics: dict[str, Any]) -> dict[str, Any]:
     """``evaluate/final/<metric>``: the run's last scored model of the chain (rl in the full
     profile, sft in the quick one), so that sides of any profile report the same model."""
-    scored = [m for m in CHAIN if f"evaluate/{m}/docs_bpb" in metrics]
+    scored = [m for m in CHAIN if keys.model_metric(m, keys.DOCS_BPB) in metrics]
     if not scored:
         return {}
-    prefix = f"evaluate/{scored[-1]}/"
-    return {f"evaluate/final/{k[len(prefix):]}": v for k, v in metrics.items()
+    prefix = keys.model_metric(scored[-1], "")
+    return {keys.model_metric(keys.FINAL, k[len(prefix):]): v for k, v in metrics.items()
             if k.startswith(prefix)}
 
 
@@ -313,8 +316,8 @@ def report(args: argparse.Namespace, runs: list[tuple[str, int, list[str]]],
     for seeds in by_side.values():
         for metrics in seeds.values():
             metrics.update(final_model(metrics))
-    reported = compare(by_side, "base", [f"evaluate/final/{m}" for m in args.report])
-    keys = [*args.metric, *(f"evaluate/final/{m}" for m in args.report)]
+    reported = compare(by_side, "base", [keys.model_metric(keys.FINAL, m) for m in args.report])
+    names = [*args.metric, *(keys.model_metric(keys.FINAL, m) for m in args.report)]
     base = (f"the {args.base_side} side of comparison {args.base_from}" if args.base_from
             else args.baseline)
     result: Comparison = {
@@ -324,7 +327,7 @@ def report(args: argparse.Namespace, runs: list[tuple[str, int, list[str]]],
         "missing": missing, "seconds": None if seconds is None else round(seconds, 1),
         "reported": reported["metrics"],
         "runs": {n: {"seed": seed, "source": "report" if n in (earlier or {}) else "experiment",
-                     "metrics": {k: found[n][k] for k in keys if k in found[n]}}
+                     "metrics": {k: found[n][k] for k in names if k in found[n]}}
                  for n, seed, _ in runs if n in found}}
     out = ROOT / "reports" / "compare"
     out.mkdir(parents=True, exist_ok=True)

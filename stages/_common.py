@@ -35,6 +35,7 @@ from llmcore.config.base import (
     parse_sections,
 )
 from llmcore.files import write_json, write_text
+from llmcore.metric_keys import stage_seconds
 from llmcore.schema import USER_ERROR, ConfigError, UserError
 from llmcore.tracking import NullTracker, Tracker, default_uri, end_stage_run, stage_run
 from stages import chain, paths
@@ -276,7 +277,7 @@ def run_stage(stage: str, body: Body[P], params: type[P]) -> None:
                    for k, v in body(typed, tracker).items()}  # NaN is not JSON
         if rank() != 0:
             return
-        metrics[f"{stage}/stage_seconds"] = round(time.perf_counter() - start, 3)
+        metrics[stage_seconds(stage)] = round(time.perf_counter() - start, 3)
         write_json(root / paths.METRICS / f"{stage}.json", metrics)
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         end_stage_run(tracker, "FINISHED")

@@ -36,6 +36,7 @@ from llmcore.eval.evaluate import (
     task_accuracy,
     task_metrics,
 )
+from llmcore.metric_keys import VAL, contract_metric
 from llmcore.model.modeldir import load_model_dir
 from llmcore.report.tables import clean_comparison, render_plots, write_reports
 from llmcore.schema import UserError
@@ -109,10 +110,10 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
     tracker.log_artifact(out, "reports")
     log((out / "comparison.md").read_text())
     metrics = summary_metrics(results, cfg.context_factors)
-    metrics.update(task_metrics("evaluate/val", val_tasks))
+    metrics.update(task_metrics(VAL, val_tasks))
     metrics.update(contamination_metrics(contract.checks))
-    metrics["evaluate/contract/violations"] = 0  # a violation stopped the stage above
-    metrics["evaluate/contract/test_words_token_covered"] = contract.coverage["share"]
+    metrics[contract_metric("violations")] = 0  # a violation stopped the stage above
+    metrics[contract_metric("test_words_token_covered")] = contract.coverage["share"]
     metrics.update(clean_metrics(results, {k: r.contaminated for k, r in contract.checks.items()}))
     with (out / "contamination.md").open("a") as f:
         f.write("\n## The metrics without them\n\n" + clean_comparison(metrics, list(results)))

@@ -23,18 +23,22 @@ from docs.tables.base import (
     whole,
     with_ci,
 )
+from llmcore import metric_keys as keys
 
 
 def models_in(ev: Json) -> list[tuple[str, str]]:
-    return [(m, label) for m, label in MODELS if f"evaluate/{m}/docs_bpb" in ev]
+    return [(m, label) for m, label in MODELS if keys.model_metric(m, keys.DOCS_BPB) in ev]
 
 
 def tasks_in(ev: Json, models: Sequence[tuple[str, str]]) -> list[str]:
-    found = {k.split("/")[2][: -len("_exact_match")] for k in ev
-             if k.startswith("evaluate/") and k.endswith("_exact_match") and k.count("/") == 2
-             and not k.endswith(("_multi_exact_match", "_single_exact_match"))}
+    suffix = keys.exact_match("")  # "_exact_match"
+    split = tuple(keys.exact_match("", kind) for kind in (keys.MULTI, keys.SINGLE))
+    found = {k.split("/")[2][: -len(suffix)] for k in ev
+             if k.startswith(keys.EVALUATE + "/") and k.endswith(suffix) and k.count("/") == 2
+             and not k.endswith(split)}
     order = [t for t in TASK_LABELS if t in found] + sorted(found - set(TASK_LABELS))
-    return [t for t in order if any(f"evaluate/{m}/{t}_exact_match" in ev for m, _ in models)]
+    return [t for t in order
+            if any(keys.model_metric(m, keys.exact_match(t)) in ev for m, _ in models)]
 
 
 def comparison(files: Files) -> list[str]:
@@ -49,7 +53,7 @@ def comparison(files: Files) -> list[str]:
     unigram = dig(files.get("metrics/pretrain.json"), "pretrain/unigram_bpb")
 
     def cells(metric: str, fmt: Callable[[str], str]) -> list[str]:
-        return [fmt(f"evaluate/{m}/{metric}") for m, _ in models]
+        return [fmt(keys.model_metric(m, metric)) for m, _ in models]
 
     def acc(metric: str) -> Callable[[str], str]:
         return lambda k: with_ci(ev.get(k), ev.get(k + "_ci95_low"), ev.get(k + "_ci95_high"))
@@ -57,25 +61,26 @@ def comparison(files: Files) -> list[str]:
     base = f" (unigram baseline {unigram:.2f})" if isinstance(unigram, (int, float)) else ""
     mc = (f"{choices}-way multiple choice (chance {1 / choices:.2f})"
           if isinstance(choices, int) and choices > 0 else "multiple choice")
-    rows = [[f"bits per byte, test docs{base}", *cells("docs_bpb", lambda k: num(ev.get(k)))],
-            ["bits per byte, test SFT replies", *cells("sft_bpb", lambda k: num(ev.get(k)))],
+    rows = [[f"bits per byte, test docs{base}", *cells(keys.DOCS_BPB, lambda k: num(ev.get(k)))],
+            ["bits per byte, test SFT replies", *cells(keys.SFT_BPB, lambda k: num(ev.get(k)))],
             [f"doc questions, {mc}", *cells("doc_mc_accuracy", acc("doc_mc_accuracy"))]]
     tasks = tasks_in(ev, models)
     for task in tasks:
-        metric = f"{task}_exact_match"
+        metric = keys.exact_match(task)
         rows.append([f"{TASK_LABELS.get(task, task)} exact match", *cells(metric, acc(metric))])
-        for kind, what in (("multi", "words of several tokens"), ("single", "one-token words")):
-            metric = f"{task}_{kind}_exact_match"
-            if any(f"evaluate/{m}/{metric}" in ev for m, _ in models):
-                n = ev.get(f"evaluate/{models[-1][0]}/{task}_{kind}_n")
+        for kind, what in ((keys.MULTI, "words of several tokens"),
+                           (keys.SINGLE, "one-token words")):
+            metric = keys.exact_match(task, kind)
+            if any(keys.model_metric(m, metric) in ev for m, _ in models):
+                n = ev.get(keys.model_metric(models[-1][0], f"{task}_{kind}_n"))
                 rows.append([f"&nbsp;&nbsp;on {what} (n = {whole(n)})",
                              *cells(metric, acc(metric))])
     rows.append(["replies that end with `<|im_end|>`",
-                 *cells("im_end_rate", lambda k: num(ev.get(k)))])
+                 *cells(keys.IM_END_RATE, lambda k: num(ev.get(k)))])
     out = table(["", *(label for _, label in models)], rows)
 
     def sizes(name: str) -> set[Any]:
-        return {ev.get(f"evaluate/{m}/{name}_n") for m, _ in models} - {None}
+        return {ev.get(keys.model_metric(m, f"{name}_n")) for m, _ in models} - {None}
 
     doc_n, task_n = sizes("doc_mc"), set().union(*(sizes(t) for t in tasks)) if tasks else set()
     counts = []
@@ -95,12 +100,10 @@ def extrapolation(files: Files) -> list[str]:
     ev = files.get("metrics/evaluate.json")
     if ev is None:
         return missing("metrics/evaluate.json", "`dvc repro evaluate`")
-    factors = sorted({int(k.rsplit("bpb_ctx", 1)[1][:-1]) for k in ev
-                      if "/bpb_ctx" in k and k.endswith("x") and k.rsplit("bpb_ctx", 1)[1][:-1]
-                      .isdigit()})
+    factors = sorted({f for k in ev if (f := keys.context_factor(k.rsplit("/", 1)[-1]))})
     seq_len = dig(files.params(), "pack", "seq_len")
     head = [f"{f}x ({f * seq_len})" if isinstance(seq_len, int) else f"{f}x" for f in factors]
-    rows = [[label, *(num(ev.get(f"evaluate/{m}/bpb_ctx{f}x")) for f in factors)]
+    rows = [[label, *(num(ev.get(keys.model_metric(m, keys.bpb_at_context(f)))) for f in factors)]
             for m, label in models_in(ev)]
     out = [f"Bits per byte on the test docs re-cut into windows of 1x, 2x and 4x the training "
            f"context ({seq_len} tokens)." if isinstance(seq_len, int) else ""]
@@ -114,31 +117,32 @@ def contamination(files: Files) -> list[str]:
     ev = files.get("metrics/evaluate.json")
     if ev is None:
         return missing("metrics/evaluate.json", "`dvc repro evaluate`")
-    pre = "evaluate/contamination/"
+    pre = keys.CONTAMINATION
     sets = sorted({k[len(pre):].split("/")[0] for k in ev if k.startswith(pre)})
     if not sets:
         return ["_`metrics/evaluate.json` holds no contract check: it was written before "
                 "the check ran on every evaluation (`dvc repro evaluate`)._", ""]
     streams = sorted({k.rsplit("/", 1)[1] for k in ev if k.startswith(pre)}
                      - {"examples", "contaminated"})
-    rows = [[s, whole(ev.get(f"{pre}{s}/examples")), whole(ev.get(f"{pre}{s}/contaminated")),
-             *(whole(ev.get(f"{pre}{s}/{st}")) for st in streams)] for s in sets]
-    out = [f"Contract violations: {whole(ev.get('evaluate/contract/violations'))} (a "
+    rows = [[s, *(whole(ev.get(keys.contamination_metric(s, c)))
+                  for c in ("examples", "contaminated", *streams))] for s in sets]
+    out = [f"Contract violations: {whole(ev.get(keys.contract_metric('violations')))} (a "
            "violation stops the evaluate stage). Test words whose every token is spelled in "
            "some training word: "
-           f"{pct(ev.get('evaluate/contract/test_words_token_covered'))}.", ""]
+           f"{pct(ev.get(keys.contract_metric('test_words_token_covered')))}.", ""]
     out += table(["set", "test examples", "share a run", *(f"via {st}" for st in streams)],
                  rows)
     models = models_in(ev)
     if not models:
         return out
     metrics = sorted({k.split("/", 2)[2][: -len("_clean")] for k in ev
-                      if k.endswith("_clean") and k.startswith(f"evaluate/{models[0][0]}/")})
+                      if k.endswith("_clean") and k.startswith(keys.model_metric(models[0][0], ""))})
 
     def cell(m: str, metric: str) -> str:
-        n = ev.get(f"evaluate/{m}/{metric}_clean_n")
+        n = ev.get(keys.model_metric(m, f"{metric}_clean_n"))
         left = "" if n is None else f" (n={n})"
-        return f"{num(ev.get(f'evaluate/{m}/{metric}'))} / {num(ev.get(f'evaluate/{m}/{metric}_clean'))}{left}"
+        every, clean = ev.get(keys.model_metric(m, metric)), ev.get(keys.model_metric(m, f"{metric}_clean"))
+        return f"{num(every)} / {num(clean)}{left}"
 
     out += ["Every example / without the ones that share a run (examples left):", ""]
     out += table(["metric", *(label for _, label in models)],
@@ -276,7 +280,7 @@ def stage_times(files: Files) -> list[str]:
         if data is None:
             rows.append((stage, "(no metrics file)", "-"))
             continue
-        seconds = data.get(f"{stage}/stage_seconds")
+        seconds = data.get(keys.stage_seconds(stage))
         train = data.get(f"{stage}/train_seconds")
         total += seconds if isinstance(seconds, (int, float)) else 0.0
         resumed = data.get(f"{stage}/resumed_from")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from docs.tables.base import Files, Json, minutes, missing, num, table
+from llmcore import metric_keys as keys
 
 # the committed params over seeds: a comparison's file and the side whose runs had exactly
 # these params (the baseline of a default run alone, or the variant a comparison adopted),
@@ -21,8 +22,7 @@ SEEDED_COMMAND = ("python -m pipeline.compare --base-from rl-vs-sft --variant \"
 SEEDED_RUNS = ("which trained as the committed params do where bf16 autocast measured faster "
                "than float32, the machine of the committed run")
 # what the default is judged on (spell and reverse on their words of several tokens)
-JUDGED = ("arithmetic_exact_match", "count_exact_match", "spell_multi_exact_match",
-          "reverse_multi_exact_match")
+JUDGED = keys.JUDGED
 
 
 def _interval(metric: str, lo: float | None, hi: float | None) -> str:

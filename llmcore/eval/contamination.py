@@ -47,6 +47,7 @@ from llmcore.data.shards import ShardDataset
 from llmcore.data.splits import CONTRACTS, MIN_TEST_EXAMPLES, SPLITS, pool_breach
 from llmcore.data.tokenizer import Chat, LLMTokenizer, render_chat
 from llmcore.eval.evaluate import doc_mc_questions, task_examples
+from llmcore.metric_keys import contamination_metric
 from llmcore.schema import UserError
 
 __all__ = ["NGRAM", "Contract", "ContractViolation", "NgramIndex", "SetResult", "Words",
@@ -296,9 +297,9 @@ def contamination_metrics(results: dict[str, SetResult]) -> dict[str, int]:
     out = {}
     for name, r in results.items():
         s = r.summary()
-        out[f"evaluate/contamination/{name}/examples"] = s["examples"]
-        out[f"evaluate/contamination/{name}/contaminated"] = s["contaminated"]
-        out.update({f"evaluate/contamination/{name}/{st}": c for st, c in s["by_stream"].items()})
+        out[contamination_metric(name, "examples")] = s["examples"]
+        out[contamination_metric(name, "contaminated")] = s["contaminated"]
+        out.update({contamination_metric(name, st): c for st, c in s["by_stream"].items()})
     return out
 
 

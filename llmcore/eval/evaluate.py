@@ -24,6 +24,7 @@ answer always first and ``max`` keeping the first of equal scores).
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections import defaultdict
@@ -39,6 +40,16 @@ from llmcore.data.shards import ShardDataset
 from llmcore.data.tasks import is_correct
 from llmcore.data.tokenizer import IM_END, LLMTokenizer, render_chat
 from llmcore.infer.generate import Sampling, generate
+from llmcore.metric_keys import (
+    DOCS_BPB,
+    IM_END_RATE,
+    MULTI,
+    SFT_BPB,
+    SINGLE,
+    bpb_at_context,
+    exact_match,
+    model_metric,
+)
 from llmcore.model.loss import heldout_loss
 from llmcore.model.protocols import LanguageModel
 
@@ -209,7 +220,7 @@ def by_pieces(result: TaskResult) -> dict[str, tuple[float, int]]:
     out: dict[str, list[int]] = {}
     for ok, n in zip(result.get("correct") or (), result.get("pieces") or (), strict=False):
         if n is not None:
-            out.setdefault("single" if n == 1 else "multi", []).append(int(ok))
+            out.setdefault(SINGLE if n == 1 else MULTI, []).append(int(ok))
     return {k: (sum(v), len(v)) for k, v in sorted(out.items())}
 
 
@@ -407,40 +418,43 @@ def summary_metrics(results: Mapping[str, ModelResults], factors: Sequence[int])
     """
     metrics: Metrics = {}
     for name, r in results.items():
-        p = f"evaluate/{name}"
-        metrics[f"{p}/docs_bpb"] = r["contexts"][1]["bpb"] if r["contexts"][1] else None
-        metrics[f"{p}/sft_bpb"] = r["sft"]["bpb"]
-        metrics[f"{p}/sft_loss"] = r["sft"]["loss"]
+        key = functools.partial(model_metric, name)
+        metrics[key(DOCS_BPB)] = r["contexts"][1]["bpb"] if r["contexts"][1] else None
+        metrics[key(SFT_BPB)] = r["sft"]["bpb"]
+        metrics[key("sft_loss")] = r["sft"]["loss"]
         for f in factors:
             at = r["contexts"][f]
-            metrics[f"{p}/bpb_ctx{f}x"] = at["bpb"] if at else None
-        metrics.update(task_metrics(p, r["tasks"]))
+            metrics[key(bpb_at_context(f))] = at["bpb"] if at else None
+        metrics.update(task_metrics(name, r["tasks"]))
         n = sum(v["n"] for v in r["tasks"].values())
-        metrics[f"{p}/im_end_rate"] = sum(v["im_end_rate"] * v["n"]
-                                          for v in r["tasks"].values()) / max(n, 1)
-        metrics[f"{p}/doc_mc_accuracy"] = r["doc_mc"]["accuracy"]
-        metrics[f"{p}/doc_mc_accuracy_ci95_low"] = r["doc_mc"]["ci95"][0]
-        metrics[f"{p}/doc_mc_accuracy_ci95_high"] = r["doc_mc"]["ci95"][1]
-        metrics[f"{p}/doc_mc_n"] = r["doc_mc"]["n"]
+        metrics[key(IM_END_RATE)] = sum(v["im_end_rate"] * v["n"]
+                                        for v in r["tasks"].values()) / max(n, 1)
+        metrics[key("doc_mc_accuracy")] = r["doc_mc"]["accuracy"]
+        metrics[key("doc_mc_accuracy_ci95_low")] = r["doc_mc"]["ci95"][0]
+        metrics[key("doc_mc_accuracy_ci95_high")] = r["doc_mc"]["ci95"][1]
+        metrics[key("doc_mc_n")] = r["doc_mc"]["n"]
     return {k: (None if isinstance(v, float) and math.isnan(v) else
                 round(v, 5) if isinstance(v, float) else v) for k, v in metrics.items()}
 
 
-def task_metrics(prefix: str, tasks: Mapping[str, TaskResult]) -> Metrics:
-    """``<prefix>/<task>_exact_match`` with its interval and n, and for a word task the same
-    on single-token and on multi-token words (``<task>_multi_exact_match``...)."""
+def task_metrics(model: str, tasks: Mapping[str, TaskResult]) -> Metrics:
+    """``evaluate/<model>/<task>_exact_match`` with its interval and n, and for a word task the
+    same on single-token and on multi-token words (``<task>_multi_exact_match``...); ``model``
+    may be :data:`llmcore.metric_keys.VAL`."""
     metrics: Metrics = {}
     for task, v in tasks.items():
-        metrics[f"{prefix}/{task}_exact_match"] = v["exact_match"]
-        metrics[f"{prefix}/{task}_exact_match_ci95_low"] = v["ci95"][0]
-        metrics[f"{prefix}/{task}_exact_match_ci95_high"] = v["ci95"][1]
-        metrics[f"{prefix}/{task}_n"] = v["n"]
+        em = model_metric(model, exact_match(task))
+        metrics[em] = v["exact_match"]
+        metrics[f"{em}_ci95_low"] = v["ci95"][0]
+        metrics[f"{em}_ci95_high"] = v["ci95"][1]
+        metrics[model_metric(model, f"{task}_n")] = v["n"]
         for kind, (right, n) in by_pieces(v).items():
             low, high = wilson_interval(right, n)
-            metrics[f"{prefix}/{task}_{kind}_exact_match"] = right / n
-            metrics[f"{prefix}/{task}_{kind}_exact_match_ci95_low"] = low
-            metrics[f"{prefix}/{task}_{kind}_exact_match_ci95_high"] = high
-            metrics[f"{prefix}/{task}_{kind}_n"] = n
+            em = model_metric(model, exact_match(task, kind))
+            metrics[em] = right / n
+            metrics[f"{em}_ci95_low"] = low
+            metrics[f"{em}_ci95_high"] = high
+            metrics[model_metric(model, f"{task}_{kind}_n")] = n
     return {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
@@ -451,9 +465,8 @@ def clean_metrics(results: Mapping[str, ModelResults],
     scoring order: the tasks by name, ``doc_questions``). None where no example is left."""
     metrics: Metrics = {}
     for name, r in results.items():
-        p = f"evaluate/{name}"
         scored: list[tuple[str, str, Sequence[float]]] = [
-            (f"{t}_exact_match", t, v["correct"]) for t, v in r["tasks"].items()]
+            (exact_match(t), t, v["correct"]) for t, v in r["tasks"].items()]
         scored.append(("doc_mc_accuracy", "doc_questions", r["doc_mc"]["correct"]))
         for metric, set_name, correct in scored:
             flags = list(contaminated.get(set_name, [False] * len(correct)))
@@ -462,10 +475,11 @@ def clean_metrics(results: Mapping[str, ModelResults],
                                  f"{len(correct)} scored examples")
             kept = [c for c, f in zip(correct, flags, strict=True) if not f]
             low, high = wilson_interval(sum(kept), len(kept))
-            metrics[f"{p}/{metric}_clean"] = sum(kept) / len(kept) if kept else None
-            metrics[f"{p}/{metric}_clean_ci95_low"] = None if math.isnan(low) else round(low, 5)
-            metrics[f"{p}/{metric}_clean_ci95_high"] = None if math.isnan(high) else round(high, 5)
-            metrics[f"{p}/{metric}_clean_n"] = len(kept)
+            clean = model_metric(name, f"{metric}_clean")
+            metrics[clean] = sum(kept) / len(kept) if kept else None
+            metrics[f"{clean}_ci95_low"] = None if math.isnan(low) else round(low, 5)
+            metrics[f"{clean}_ci95_high"] = None if math.isnan(high) else round(high, 5)
+            metrics[f"{clean}_n"] = len(kept)
     return {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}
 
 

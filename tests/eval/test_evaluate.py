@@ -145,7 +145,7 @@ def test_word_tasks_are_reported_on_multi_and_single_token_words():
     tasks = {"spell": {"exact_match": 0.6, "ci95": (0.2, 0.9), "n": 5, **result},
              "arithmetic": {"exact_match": 0.5, "ci95": (0.1, 0.9), "n": 2,
                             "correct": [True, False], "pieces": [None, None]}}
-    m = task_metrics("evaluate/val", tasks)
+    m = task_metrics("val", tasks)
     assert m["evaluate/val/spell_multi_exact_match"] == 0.5
     assert m["evaluate/val/spell_single_n"] == 2 and m["evaluate/val/spell_multi_n"] == 2
     assert m["evaluate/val/spell_multi_exact_match_ci95_low"] == round(wilson_interval(1, 2)[0], 5)

@@ -1,0 +1,121 @@
+"""Figures of the default run and its comparisons: the pipeline's minutes, the corpus, the
+speedrun, the seeded comparisons' pace and findings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from docs.figures import Read, figure, machine_kind, missing
+from llmcore import metric_keys as keys
+
+
+@figure("pipeline-minutes")
+def pipeline_minutes(read: Read) -> str:
+    """The committed default run: its stages' minutes and the machine they ran on."""
+    from stages import chain  # the stages, as dvc.yaml declares them
+
+    total, device = 0.0, None
+    for stage in chain.stage_order(Path(__file__).resolve().parents[2]):
+        data = read(f"metrics/{stage}.json")
+        if not data or not isinstance(data.get(keys.stage_seconds(stage)), (int, float)):
+            return missing(f"metrics/{stage}.json")
+        total += data[keys.stage_seconds(stage)]
+        device = device or data.get(f"{stage}/device")
+    where = f" on a 2-core {machine_kind(device)}" if isinstance(device, str) else ""
+    return f"about {total / 60:.0f} minutes of stages{where}"
+
+
+@figure("quick-compare-minutes")
+def quick_compare_minutes(read: Read) -> str:
+    """A quick comparison of 2 sides x 5 seeds, at the pace of the last quick one that was
+    timed (``reports/compare/letters-quick.json``)."""
+    rel = "reports/compare/letters-quick.json"
+    data = read(rel)
+    if not data or not data.get("seconds"):
+        return missing(rel)
+    runs = len(data["seeds"]) * len(data["sides"]) - len(data.get("missing") or [])
+    return f"about {data['seconds'] / runs * 10 / 60:.0f} min"
+
+
+@figure("speedrun-setup")
+def speedrun_setup(read: Read) -> str:
+    """How the committed speedrun ran: machine, preset, budget per side."""
+    rel = "reports/speedrun.json"
+    data = read(rel)
+    if not data:
+        return missing(rel)
+    return (
+        f"on a 2-core {machine_kind(data['machine'])} ({data['preset']}, "
+        f"{data['budget_seconds']:.0f} s per side, one interleaved run, on the default "
+        "shards, chat mix included)"
+    )
+
+
+@figure("speedrun-verdict")
+def speedrun_verdict(read: Read) -> str:
+    """The committed speedrun's outcome: lower bpb at every checkpoint or not, and the
+    speed ratio (llmcore's tokens per second over the peer's)."""
+    rel = "reports/speedrun.json"
+    data = read(rel)
+    if not data or "llmcore_lower_bpb_at_every_checkpoint" not in data:
+        return missing(rel)
+    lower = (
+        "llmcore's held-out bpb is lower at every checkpoint"
+        if data["llmcore_lower_bpb_at_every_checkpoint"]
+        else "llmcore's held-out bpb is not lower at every checkpoint"
+    )
+    return f"{lower}, at {data['tokens_per_s_ratio']:.2f}x the peer's tokens per second"
+
+
+@figure("chat-share-docs-bpb")
+def chat_share_docs_bpb(read: Read) -> str:
+    """Docs val bpb of the pretrained model without the chat mix, against the default, over
+    the seeds of ``reports/compare/seeds-quick.json``."""
+    rel = "reports/compare/seeds-quick.json"
+    data = read(rel) or {}
+    try:
+        row = data["metrics"][keys.model_metric("pretrain", "val_bpb")]["against_baseline"][
+            "pretrain-chat-share-0"
+        ]
+    except (KeyError, TypeError):
+        return missing(rel)
+    lo, hi = row["ci95"]
+    return (
+        f"{row['diff']:+.3f} bpb [{lo:.3f}, {hi:.3f}] without the chat mix, over "
+        f"{len(data['seeds'])} seeds (verdict: {row['verdict']})"
+    )
+
+
+@figure("pretrain-budget")
+def pretrain_budget(read: Read) -> str:
+    """The FLOPs the default's pretraining spent (MFU x peak x its training seconds) and its
+    minutes, from the committed ``metrics/pretrain.json``."""
+    rel = "metrics/pretrain.json"
+    m = read(rel) or {}
+    try:
+        flops = m["pretrain/mfu"] * m["pretrain/peak_flops"] * m["pretrain/train_seconds"]
+    except (KeyError, TypeError):
+        return missing(rel)
+    minutes = m["pretrain/train_seconds"] / 60
+    return f"{flops:.1e}".replace("e+", "e") + f" FLOPs in {minutes:.1f} minutes of training"
+
+
+@figure("sft-step-seconds")
+def sft_step_seconds(read: Read) -> str:
+    """Seconds per SFT step of the committed default run, and its machine."""
+    rel = "metrics/sft.json"
+    m = read(rel) or {}
+    if not m.get("sft/steps") or not m.get("sft/train_seconds"):
+        return missing(rel)
+    return (f"about {m['sft/train_seconds'] / m['sft/steps']:.2f} s on a 2-core "
+            f"{machine_kind(m.get('sft/device', 'machine'))}")
+
+
+@figure("corpus-size")
+def corpus_size(read: Read) -> str:
+    """The builtin corpus: bytes and documents (``metrics/fetch.json``)."""
+    rel = "metrics/fetch.json"
+    m = read(rel) or {}
+    if not m.get("fetch/bytes"):
+        return missing(rel)
+    return f"about {m['fetch/bytes'] / 1e6:.1f} MB of English prose and code in {m['fetch/documents']:,} documents"
