@@ -28,7 +28,10 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := true
 
 LLAMA_CPP_SPEC ?= llama-cpp-python==0.3.36
-WHEEL_CACHE ?= $(HOME)/.cache/llmcore/wheels
+# llama.cpp is built for the CPU it runs on (GGML_NATIVE: its AVX-512 / AMX kernels where the
+# CPU has them), so the wheel cache is kept per CPU: its model name and flags, hashed
+CPU_TAG := $(shell { grep -m1 '^model name' /proc/cpuinfo; grep -m1 '^flags' /proc/cpuinfo; } 2>/dev/null | md5sum | cut -c1-12)
+WHEEL_CACHE ?= $(HOME)/.cache/llmcore/wheels/$(CPU_TAG)
 
 PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
@@ -106,11 +109,12 @@ speedrun: setup
 plots: setup
 	$(BIN)/python -m llmcore.report.plots --out reports/plots
 
-# llama.cpp's Python binding, built from source once (minutes) into a wheel cache outside the
-# repository; setup installs a cached wheel, the GGUF round-trip tests use it
+# llama.cpp's Python binding, built from source once per CPU (minutes) into a wheel cache
+# outside the repository, native to this CPU (a speed baseline must be); setup installs a
+# cached wheel, the GGUF round-trip tests and benchmarks/decode_speed.py use it
 llama-cpp: setup
 	@ls $(WHEEL_CACHE)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
-	  CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
+	  CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
 	  -DLLAMA_BUILD_SERVER=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
 	  $(BIN)/python -m pip wheel --no-deps '$(LLAMA_CPP_SPEC)' -w $(WHEEL_CACHE)
 	$(BIN)/python -m pip install -q --no-deps $(WHEEL_CACHE)/llama_cpp_python-*.whl diskcache

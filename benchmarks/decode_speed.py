@@ -1,8 +1,15 @@
-"""Greedy decode speed, batch 1 and batch 8: llmcore against transformers and llama.cpp.
+"""Greedy decode speed at batches up to 32: llmcore (float and int8) against transformers and
+llama.cpp (f32, f16, q8_0), on a trained model or on random weights of any shape.
 
     python benchmarks/decode_speed.py [--model data/models/sft] [--tokens 128] [--rounds 5]
+    python benchmarks/decode_speed.py --preset llama-0.5b --tokens 32 --rounds 3 --label 0.5b
+    python benchmarks/decode_speed.py --shape 8x512 --batches 1 8 32 --label 27m
     python benchmarks/decode_speed.py --tree /path/to/other/checkout --label before
-    python benchmarks/decode_speed.py --batches 1 --no-llama-cpp --no-profile   # quick
+    python benchmarks/decode_speed.py --batches 1 --sides engine "llmcore int8" --no-profile
+
+``--preset NAME`` (a ``model.preset``) or ``--shape LxD`` (L layers of width D, heads of 64,
+the preset ``cpu-mini``'s other fields) builds a model directory of random weights with the
+project's tokenizer (``data/tokenizer``, vocabulary 4096): speed only, the replies are noise.
 
 Sides, all on the same weights at float32 unless named otherwise, each producing exactly
 ``--tokens`` new tokens per sequence (no early stop):
@@ -12,8 +19,11 @@ Sides, all on the same weights at float32 unless named otherwise, each producing
   so on the model the engine prepared for inference (as ``llmcore generate`` prepares it).
 * ``engine`` / ``engine_compiled``: the continuous-batching engine that ``llmcore serve``
   runs, eager and with ``--compile``, driven from this (the main) thread as the server does.
+* ``llmcore int8``: the same engine on the model quantized to int8 (``llmcore.export.quantize``,
+  what the quantize stage writes), loaded with the runtime ``auto`` picks on this machine
+  (``llmcore.model.quant.int8_runtime``), as ``llmcore serve`` loads a quantized directory.
 * ``transformers``: ``LlamaForCausalLM.generate`` on the Hugging Face export.
-* ``llama.cpp f32`` / ``llama.cpp f16``: the GGUF export (``llmcore export --format gguf``)
+* ``llama.cpp f32`` / ``f16`` / ``q8_0``: the GGUF export (``llmcore export --format gguf``)
   in llama.cpp through llama-cpp-python's low-level API: one context holding 8 sequences,
   every step one ``llama_decode`` of one token per sequence and an argmax of its logits, which
   is what llama.cpp's own server does; skipped, with the reason, when llama-cpp-python is not
@@ -111,28 +121,107 @@ def _engine_run(engine: Any, prompts: Sequence[Sequence[int]], tokens: int) -> l
     return [done[i] for i in range(len(prompts))]
 
 
-def build_sides(model_dir: Path, tokens: int, llama: bool, tmp: Path
+SIDES = ("generate", "engine", "engine_compiled", "llmcore int8", "transformers",
+         "llama.cpp f32", "llama.cpp f16", "llama.cpp q8_0")
+
+
+def random_model_dir(out: Path, preset: str, shape: str | None) -> Path:
+    """A model directory of random weights: ``preset``'s config, or ``shape`` (``LxD``: L
+    layers of width D, heads of 64) on cpu-mini's other fields; the project's tokenizer."""
+    import torch
+
+    from llmcore.config.model import parse_model
+    from llmcore.data.tokenizer import LLMTokenizer
+    from llmcore.model.modeldir import generation_config, save_model_dir, state_dict_for_save
+    from llmcore.model.transformer import Transformer
+
+    tok_dir = REPO / "data" / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise SystemExit(f"decode_speed: {tok_dir} is missing: run `dvc repro tokenizer`")
+    tok = LLMTokenizer.load(tok_dir)
+    raw: dict[str, Any] = {"preset": preset, "vocab_size": tok.vocab_size}
+    if shape:
+        layers, width = (int(v) for v in shape.lower().split("x"))
+        raw.update(n_layers=layers, d_model=width, n_heads=max(1, width // 64),
+                   n_kv_heads=max(1, width // 64))
+    cfg = parse_model(raw)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    save_model_dir(out, cfg, state_dict_for_save(model), tok_dir, {"random_weights": True},
+                   generation_config([tok.im_end_id, tok.eot_id], tok.pad_id))
+    return out
+
+
+def build_sides(model_dir: Path, tokens: int, wanted: Sequence[str], max_batch: int, tmp: Path
                 ) -> tuple[dict[str, Callable[[list[list[int]]], list[list[int]]]],
                            list[list[int]], dict[str, str]]:
-    """name -> f(prompts) -> new tokens per prompt; the prompts; sides skipped and why."""
+    """name -> f(prompts) -> new tokens per prompt; the prompts (``max_batch`` of them, the
+    questions repeated); sides skipped and why."""
+    import torch
+
+    from llmcore.data.tokenizer import LLMTokenizer
+    from llmcore.export.quantize import QuantSpec, quantize_model
+    from llmcore.infer.engine import Engine
+    from llmcore.infer.generate import Sampling, generate
+    from llmcore.model.modeldir import load_model_dir, save_model_dir
+
+    model, cfg = load_model_dir(model_dir, torch.device("cpu"))
+    model = model.float().eval()
+    tok = LLMTokenizer.load(model_dir)
+    prompts = [tok.encode_prompt([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])
+               for i in range(max_batch)]
+    sides: dict[str, Callable[[list[list[int]]], list[list[int]]]] = {}
+    skipped: dict[str, str] = {}
+    if "generate" in wanted:
+        sides["generate"] = lambda ps: generate(model, ps, Sampling(max_new_tokens=tokens))
+
+    def engine_side(m: Any, compiled: bool) -> Callable[[list[list[int]]], list[list[int]]]:
+        eng = Engine(m, tok, max_batch=max_batch, own_thread=False, compile=compiled)
+        eng.warm_up()
+        return lambda ps: _engine_run(eng, ps, tokens)
+
+    for name, compiled in (("engine", False), ("engine_compiled", True)):
+        if name in wanted:
+            sides[name] = engine_side(model, compiled)
+    if "llmcore int8" in wanted:
+        tensors, _ = quantize_model(model, QuantSpec("int8"))
+        spec = QuantSpec("int8").to_json()
+        save_model_dir(tmp / "int8", cfg, tensors, model_dir, {}, json.loads(
+            (model_dir / "generation_config.json").read_text()), spec)
+        q_model, _ = load_model_dir(tmp / "int8", torch.device("cpu"))
+        sides["llmcore int8"] = engine_side(q_model.eval(), False)
+    if "transformers" in wanted:
+        sides["transformers"] = _transformers_side(model_dir, tok, tokens, tmp)
+    kinds = [k for k in ("f32", "f16", "q8_0") if f"llama.cpp {k}" in wanted]
+    if kinds:
+        from llmcore.export.gguf import export_gguf
+        from llmcore.export.llama_cpp import available
+
+        ok, why = available()
+        for kind in kinds:
+            if not ok:
+                skipped[f"llama.cpp {kind}"] = why
+                continue
+            gguf = export_gguf(model_dir, tmp / f"model-{kind}.gguf", kind)
+            runner = LlamaCpp(gguf, max_batch, max(map(len, prompts)) + tokens + 1,
+                              torch.get_num_threads())
+            sides[f"llama.cpp {kind}"] = lambda ps, r=runner: r.greedy(ps, tokens)
+    return sides, prompts, skipped
+
+
+def _transformers_side(model_dir: Path, tok: Any, tokens: int, tmp: Path
+                       ) -> Callable[[list[list[int]]], list[list[int]]]:
+    """``LlamaForCausalLM.generate`` on the Hugging Face export, left-padded, no early stop."""
     import torch
     from transformers import LlamaForCausalLM
 
-    from llmcore.data.tokenizer import LLMTokenizer
     from llmcore.export.hf import export_hf
-    from llmcore.infer.engine import Engine
-    from llmcore.infer.generate import Sampling, generate
-    from llmcore.model.modeldir import load_model_dir
 
-    model, _ = load_model_dir(model_dir, torch.device("cpu"))
-    model = model.float().eval()
-    tok = LLMTokenizer.load(model_dir)
-    prompts = [tok.encode_prompt([{"role": "user", "content": q}]) for q in QUESTIONS]
     export_hf(model_dir, tmp / "hf")
     hf = LlamaForCausalLM.from_pretrained(tmp / "hf", torch_dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None  # exactly `tokens` steps, like the others
 
-    def transformers_side(ps: list[list[int]]) -> list[list[int]]:
+    def run(ps: list[list[int]]) -> list[list[int]]:
         width = max(map(len, ps))
         ids = torch.tensor([[tok.pad_id] * (width - len(p)) + p for p in ps])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps])
@@ -141,28 +230,7 @@ def build_sides(model_dir: Path, tokens: int, llama: bool, tmp: Path
                               pad_token_id=tok.pad_id)
         return out[:, width:].tolist()
 
-    sides: dict[str, Callable[[list[list[int]]], list[list[int]]]] = {
-        "generate": lambda ps: generate(model, ps, Sampling(max_new_tokens=tokens))}
-    for name, compiled in (("engine", False), ("engine_compiled", True)):
-        eng = Engine(model, tok, max_batch=len(QUESTIONS), own_thread=False, compile=compiled)
-        eng.warm_up()
-        sides[name] = lambda ps, eng=eng: _engine_run(eng, ps, tokens)
-    sides["transformers"] = transformers_side
-    skipped: dict[str, str] = {}
-    if llama:
-        from llmcore.export.gguf import export_gguf
-        from llmcore.export.llama_cpp import available
-
-        ok, why = available()
-        for kind in ("f32", "f16"):
-            if not ok:
-                skipped[f"llama.cpp {kind}"] = why
-                continue
-            gguf = export_gguf(model_dir, tmp / f"model-{kind}.gguf", kind)
-            runner = LlamaCpp(gguf, len(QUESTIONS), max(map(len, prompts)) + tokens + 1,
-                              torch.get_num_threads())
-            sides[f"llama.cpp {kind}"] = lambda ps, r=runner: r.greedy(ps, tokens)
-    return sides, prompts, skipped
+    return run
 
 
 def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -172,30 +240,54 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def measure(model_dir: Path, tokens: int, rounds: int, batches: Sequence[int],
-            llama: bool = True, profile: bool = True) -> dict[str, Any]:
+            wanted: Sequence[str] = SIDES, profile: bool = True) -> dict[str, Any]:
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
-        sides, prompts, skipped = build_sides(model_dir, tokens, llama, Path(tmp))
+        sides, prompts, skipped = build_sides(model_dir, tokens, wanted, max(batches), Path(tmp))
         result: dict[str, Any] = {"tokens": tokens, "rounds": rounds, "skipped": skipped,
                                   "threads": torch.get_num_threads(), "batches": {}}
+        reference = next(iter(sides))  # the first side: generate, unless left out
         for batch in batches:
             ps = prompts[:batch]
             outs = {name: fn(ps) for name, fn in sides.items()}  # warm-up
             rates: dict[str, list[float]] = {name: [] for name in sides}
-            for _ in range(rounds):
+            for r in range(rounds):
                 for name, fn in sides.items():
                     start = time.perf_counter()
                     outs[name] = fn(ps)
                     rates[name].append(batch * tokens / (time.perf_counter() - start))
+                print(f"batch {batch} round {r + 1}/{rounds}: " + ", ".join(
+                    f"{n} {v[-1]:,.0f}" for n, v in rates.items()), flush=True)
             result["batches"][str(batch)] = {
                 "tok_s": {k: round(statistics.median(v), 1) for k, v in rates.items()},
-                "agreement_with_generate": {k: round(_agreement(outs["generate"], v), 4)
-                                            for k, v in outs.items() if k != "generate"},
-                "all_rates": {k: [round(r, 1) for r in v] for k, v in rates.items()}}
-        if profile:
+                "agreement_with": reference,
+                "agreement_with_generate": {k: round(_agreement(outs[reference], v), 4)
+                                            for k, v in outs.items() if k != reference},
+                "all_rates": {k: [round(r, 1) for r in v] for k, v in rates.items()},
+                "ratios": _ratios(rates)}
+        if profile and "engine" in sides:
             result["profile"] = _profile(lambda: sides["engine"](prompts[:1]), tokens)
     return result
+
+
+# side over side, round by round (each round ran both, one after the other): what the targets
+# of the quantized runtime and the compiled engine are read on
+RATIOS = (("llmcore int8", "engine"), ("llmcore int8", "llama.cpp q8_0"),
+          ("engine_compiled", "llama.cpp f32"), ("engine", "llama.cpp f32"))
+
+
+def _ratios(rates: dict[str, list[float]]) -> dict[str, Any]:
+    """Per pair of :data:`RATIOS` both timed: the per-round rate ratios, their mean and the
+    95% t interval of the mean."""
+    from llmcore.report.compare import describe
+
+    out = {}
+    for a, b in RATIOS:
+        if a in rates and b in rates:
+            r = describe([x / y for x, y in zip(rates[a], rates[b], strict=True)])
+            out[f"{a} / {b}"] = {"mean": r["mean"], "ci95": r["ci95"], "n": r["n"]}
+    return out
 
 
 def _profile(run: Callable[[], Any], tokens: int) -> dict[str, Any]:
@@ -217,7 +309,12 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=REPO / "data/models/sft")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8], choices=range(1, 9))
+    ap.add_argument("--preset", help="random weights of this model.preset (speed only)")
+    ap.add_argument("--shape", help="random weights of LxD: L layers of width D, heads of 64")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8], choices=range(1, 33),
+                    metavar="1..32")
+    ap.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES, metavar="SIDE",
+                    help=f"the sides to time (default all: {', '.join(SIDES)})")
     ap.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out")
     ap.add_argument("--no-profile", action="store_true", help="no torch.profiler table")
     ap.add_argument("--tree", type=Path, default=REPO, help="checkout whose llmcore to time")
@@ -226,16 +323,31 @@ def main() -> None:
     sys.path.insert(0, str(args.tree.resolve()))
     from llmcore.device import cpu_kind
 
-    r = measure(args.model.resolve(), args.tokens, args.rounds, args.batches,
-                llama=not args.no_llama_cpp, profile=not args.no_profile)
+    wanted = [w for w in args.sides if not (args.no_llama_cpp and w.startswith("llama.cpp"))]
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model.resolve()
+        if args.preset or args.shape:
+            model_dir = random_model_dir(Path(tmp) / "model", args.preset or "cpu-mini",
+                                         args.shape)
+        r = measure(model_dir, args.tokens, args.rounds, args.batches, wanted,
+                    profile=not args.no_profile)
+        cfg = json.loads((model_dir / "config.json").read_text())
     r["machine"] = cpu_kind()
+    r["model"] = {"source": (f"random weights, preset {args.preset or 'cpu-mini'}"
+                             + (f", shape {args.shape}" if args.shape else "")
+                             if args.preset or args.shape else str(args.model)),
+                  **{k: cfg[k] for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff",
+                                         "vocab_size")}}
     print(r.get("profile", {}).get("table", ""))
     for batch, b in r["batches"].items():
         print(f"batch {batch}: new tokens per second (median of {args.rounds}), "
-              f"agreement with generate")
+              f"agreement with {b['agreement_with']}")
         for name, rate in b["tok_s"].items():
             agree = b["agreement_with_generate"].get(name)
             print(f"  {name:>16} {rate:>8.1f}" + (f"   {agree:.3f}" if agree is not None else ""))
+        for pair, r in b["ratios"].items():
+            lo, hi = r["ci95"]
+            print(f"  {pair}: {r['mean']:.2f}x" + (f" [{lo:.2f}, {hi:.2f}]" if lo else ""))
     for name, why in r["skipped"].items():
         print(f"  {name}: skipped, {why}")
     print(f"{r['threads']} threads, {r['machine']}")

@@ -47,7 +47,7 @@ from llmcore.data.tasks import (  # noqa: E402
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes  # noqa: E402
 from llmcore.data.working import pieces_of, work_pieces  # noqa: E402
 from llmcore.eval.evaluate import by_pieces, task_accuracy  # noqa: E402
-from llmcore.model.modeldir import read_model_config, save_model_dir  # noqa: E402
+from llmcore.model.modeldir import generation_config, read_model_config, save_model_dir  # noqa: E402
 from llmcore.schema import ConfigError  # noqa: E402
 from llmcore.tracking import SPLIT_VERSION  # noqa: E402
 from llmcore.train.fit import FitSpec, fit  # noqa: E402
@@ -170,8 +170,8 @@ def main() -> None:
     model = out.model.eval()
     if args.save:
         save_model_dir(Path(args.save), model_cfg, out.export_weights, ROOT / args.tokenizer,
-                       {"tag": args.tag}, {"eos_token_id": [tok.im_end_id, tok.eot_id],
-                                           "pad_token_id": tok.pad_id})
+                       {"tag": args.tag}, generation_config([tok.im_end_id, tok.eot_id],
+                                                            tok.pad_id))
     scores = score(model, tok, val, args.eval_per_task, args.max_new_tokens)
     tokens = args.steps * args.batch_size * args.seq_len
     row = {"tag": args.tag, "split_version": SPLIT_VERSION, "machine": out.device,

@@ -89,8 +89,13 @@ def benchmarks(files: base.Files) -> list[str]:
            "`reports/train_throughput.json` (the machine as it is) and "
            "`reports/train_throughput_avx2cap.json` (its kernels capped to AVX2):", ""]
     out += bench.throughput(files)
-    out += ["### Decode speed", "", "`reports/decode_speed.json`:", ""]
+    out += ["### Decode speed", "", "The default model, `reports/decode_speed.json`:", ""]
     out += bench.decode(files)
+    for label, rel in (("The 27M shape (random weights)", "reports/decode_speed-27m.json"),
+                       ("The 0.5B shape (random weights)", "reports/decode_speed-0.5b.json")):
+        out += [f"{label}, `{rel}`:", ""] + bench.decode(files, rel, None)
+    out += ["### int8 weights against float, one product", ""]
+    out += bench.int8_kernels(files)
     out += ["### Serving under load", "",
             "`reports/serve_load*.json`: streaming clients against a real `llmcore serve` on "
             "127.0.0.1, greedy. \"One at a time\" is the earlier server (one request at a time "

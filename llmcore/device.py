@@ -61,8 +61,15 @@ def cpu_flags() -> frozenset[str]:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    """Whether this CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX) and torch
+    may use them: ``ATEN_CPU_CAPABILITY=avx2`` (how the benchmarks imitate an AVX2 machine on
+    a newer one) caps torch's kernels, and then bf16 is as emulated as on that machine."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and not kernels_capped()
+
+
+def kernels_capped() -> bool:
+    """Whether torch's CPU kernels are held below AVX-512 (``ATEN_CPU_CAPABILITY``)."""
+    return torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "AVX", "AVX2")
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -77,8 +84,11 @@ def native_bf16(device: torch.device) -> bool:
 def cpu_kind() -> str:
     """The vector extension that decides this CPU's speed per dtype, as a short name."""
     flags = cpu_flags()
-    return ("AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags
+    kind = ("AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags
             else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "basic")
+    if kernels_capped() and kind not in ("AVX2", "basic"):
+        return f"AVX2 (torch's kernels capped on an {kind} CPU)"
+    return kind
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from llmcore.config.model import ModelConfig
 from llmcore.config.train import TrainConfig
 from llmcore.data.shards import data_fingerprint, read_manifest
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes
-from llmcore.model.modeldir import GenerationConfig, save_model_dir
+from llmcore.model.modeldir import generation_config, save_model_dir
 from llmcore.schema import UserError
 from llmcore.tracking import Tracker
 from llmcore.train.fit import FitSpec, fit
@@ -49,9 +49,7 @@ def train_and_export(stage: str, model_cfg: ModelConfig, cfg: TrainConfig, base:
             "git_commit": git_commit(root), "fingerprint": out.fingerprint, "params": params,
             "data": out.data, "best": r.best, "dvc_exp_name": os.environ.get("DVC_EXP_NAME"),
             "init_from": str(init_from.relative_to(root)) if init_from else None}
-    generation: GenerationConfig = {
-        "eos_token_id": [tok.im_end_id, tok.eot_id], "pad_token_id": tok.pad_id,
-        "bos_token_id": None, "do_sample": False, "max_new_tokens": 256}
+    generation = generation_config([tok.im_end_id, tok.eot_id], tok.pad_id)
     model_dir = root / paths.model_dir(stage)
     save_model_dir(model_dir, model_cfg, out.export_weights, root / TOKENIZER, meta, generation)
     if out.adapter is not None:  # the adapters alone too (for LoRA: PEFT's layout)

@@ -141,3 +141,36 @@ def test_text_utf8_cannot_encode_is_one_line(model_dir):
     chat = run_cli("chat", str(path), "--max-new-tokens", "2", "--device", "cpu",
                    "--system", "\udcfe")
     assert chat.returncode == 2 and "--system: character 0 (U+DCFE)" in chat.stderr
+
+
+def test_chat_runs_a_quantized_directory_with_the_int8_kernel(tmp_path, tiny_tokenizer):
+    """`llmcore chat` on an int8 directory: layers large enough run the int8 kernel (what
+    `auto` loads), and the reply is that runtime's greedy one."""
+    from llmcore.cli import _load
+    from llmcore.export.quantize import QuantSpec, quantize_model
+    from llmcore.model.quant import Int8Linear, int8_runtime
+
+    if int8_runtime(torch.device("cpu"))[0] != "int8mm":
+        pytest.skip("torch._weight_int8pack_mm with bf16 activations not in this build")
+    tiny_tokenizer.save(tmp_path / "tok")
+    torch.manual_seed(2)
+    cfg = parse_model({"preset": "tiny", "vocab_size": 300, "d_model": 256, "d_ff": 704})
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # weights far from init, so that greedy replies vary
+        for w in (p for p in model.parameters() if p.dim() > 1):
+            w.normal_(0, 0.3)
+    tensors, _ = quantize_model(model, QuantSpec("int8"))
+    save_model_dir(tmp_path / "q", cfg, tensors, tmp_path / "tok", {}, {},
+                   QuantSpec("int8").to_json())
+    loaded, _ = _load(str(tmp_path / "q"), "cpu")
+    assert isinstance(loaded.layers[0].mlp.up_proj, Int8Linear)
+    out = run_cli("chat", str(tmp_path / "q"), "--max-new-tokens", "6", "--device", "cpu",
+                  stdin="hi\n/quit\n")
+    assert out.returncode == 0, out.stderr
+    ids = tiny_tokenizer.encode(render_chat([{"role": "user", "content": "hi"}],
+                                            add_generation_prompt=True))
+    toks = generate(loaded, [ids], Sampling(max_new_tokens=6),
+                    [tiny_tokenizer.im_end_id, tiny_tokenizer.eot_id])[0]
+    # the stream holds back a last incomplete UTF-8 character that decode() shows as U+FFFD
+    assert out.stdout == tiny_tokenizer.decode(toks).rstrip("\ufffd") + "\n"
+    assert len(set(toks)) > 2

@@ -38,22 +38,30 @@ def throughput(files: Files) -> list[str]:
     return out + [f"- {m}" for m in machines] + [""]
 
 
-def decode(files: Files) -> list[str]:
-    data = files.get("reports/decode_speed.json")
+DECODE_BEFORE = "reports/history/2026-12-02-decode_speed-before.json"
+
+
+def decode(files: Files, rel: str = "reports/decode_speed.json",
+           before_rel: str | None = DECODE_BEFORE) -> list[str]:
+    """One ``benchmarks/decode_speed.py`` report: tokens/s per side and batch, agreement,
+    the round-by-round ratios the targets are read on, and its facts."""
+    data = files.get(rel)
     if data is None:
-        return missing("reports/decode_speed.json", "`benchmarks/decode_speed.py`")
+        return missing(rel, "`benchmarks/decode_speed.py`")
     batches = data.get("batches") or {}
     if not batches:
-        return ["_`reports/decode_speed.json` holds no decode rates (`batches`)._", ""]
-    before = (files.get("reports/history/2026-12-02-decode_speed-before.json") or {}).get("batches") or {}
+        return [f"_`{rel}` holds no decode rates (`batches`)._", ""]
+    before = ((files.get(before_rel) or {}).get("batches") or {}) if before_rel else {}
     labels = {"generate": "`llmcore.infer.generate`", "engine": "the serving engine",
               "engine_compiled": "the engine, `--compile`",
+              "llmcore int8": "the engine, int8 weights (`auto` runtime)",
               "transformers": "transformers `generate`"}
     names = list(dict.fromkeys(k for b in batches.values() for k in b.get("tok_s", {})))
     header = ["decoder"]
     for b in batches:
         header += [f"batch {b}: tokens/s"] + ([f"batch {b}: before"] if b in before else [])
-    header.append("agreement with `generate` (batch 1)")
+    reference = dig(batches, next(iter(batches)), "agreement_with") or "generate"
+    header.append(f"agreement with {labels.get(reference, reference)} (batch 1)")
     rows = []
     for name in names:
         row = [labels.get(name, name)]
@@ -62,21 +70,54 @@ def decode(files: Files) -> list[str]:
             if b in before:
                 row.append(num(dig(before, b, "tok_s", name), 1))
         agree = dig(batches, "1", "agreement_with_generate", name)
-        row.append("-" if name == "generate" else num(agree))
+        row.append("-" if name == reference else num(agree))
         rows.append(row)
     out = table(header, rows)
+    ratios = [(b, pair, r) for b, d in batches.items() for pair, r in (d.get("ratios") or {}).items()]
+    if ratios:
+        out += ["Round by round (each round ran every side once):", ""]
+        out += table(["batch", "ratio", "mean", "95% t interval"],
+                     [[b, pair, f"{num(r.get('mean'), 2)}x",
+                       f"[{num(dig(r, 'ci95', 0), 2)}, {num(dig(r, 'ci95', 1), 2)}]"]
+                      for b, pair, r in ratios])
+    model = data.get("model") or {}
     facts = [f"{data.get('tokens', '-')} greedy new tokens per sequence, median of "
              f"{data.get('rounds', '-')} interleaved rounds, {data.get('threads', '-')} threads",
              f"machine: {data.get('machine', 'not recorded in the file')}"]
+    if model:
+        facts.append(f"model: {model.get('source', '-')} ({model.get('n_layers')} layers x "
+                     f"{model.get('d_model')}, {model.get('n_heads')} / {model.get('n_kv_heads')}"
+                     f" heads, MLP {model.get('d_ff')}, vocabulary {model.get('vocab_size')})")
     if dig(data, "profile", "per_token_ms") is not None:
         facts.append(f"the engine at batch 1 profiled: {num(dig(data, 'profile', 'per_token_ms'))}"
                      f" ms and {num(dig(data, 'profile', 'ops_per_token'), 1)} torch ops per "
                      "token")
     facts += [f"{k} not run: {v}" for k, v in (data.get("skipped") or {}).items()]
     if before:
-        facts.append("\"before\": `reports/history/2026-12-02-decode_speed-before.json`, the same benchmark on the "
-                     "code before the decode work")
+        facts.append(f"\"before\": `{before_rel}`, the same benchmark on the code before the "
+                     "decode work")
     return out + ["; ".join(facts) + ".", ""]
+
+
+def int8_kernels(files: Files) -> list[str]:
+    """``benchmarks/int8_kernels.py``: one decode product per runtime, as the machine is and
+    with its kernels capped to AVX2."""
+    out = []
+    for rel in ("reports/int8_kernels.json", "reports/int8_kernels-avx2cap.json"):
+        data = files.get(rel)
+        if data is None:
+            out += missing(rel, "`benchmarks/int8_kernels.py`")
+            continue
+        sides = list(dict.fromkeys(k for p in data.get("products", []) for k in p["us"]))
+        rows = [[f"{p['rows']} x {p['in']} @ {p['in']} x {p['out']}",
+                 *(num(p["us"].get(sd), 1) for sd in sides),
+                 f"{p['us']['float32'] / p['us']['int8 x bf16, casts']:.2f}x"]
+                for p in data.get("products", [])]
+        out += [f"`{rel}`: {data.get('machine', '-')}, {data.get('threads', '-')} threads, best "
+                f"of {data.get('rounds', '-')} rounds, microseconds per product; `auto` runs "
+                f"{data.get('runtime_auto', '-')}:", ""]
+        out += table(["product", *sides, "float32 / int8 with casts"], rows)
+    return out
 
 
 def serve_load(files: Files) -> list[str]:

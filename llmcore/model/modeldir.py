@@ -52,6 +52,13 @@ class GenerationConfig(TypedDict):
     max_new_tokens: int
 
 
+def generation_config(eos_ids: list[int], pad_id: int, max_new_tokens: int = 256
+                      ) -> GenerationConfig:
+    """A model directory's ``generation_config.json``: greedy, ending at any of ``eos_ids``."""
+    return {"eos_token_id": list(eos_ids), "pad_token_id": pad_id, "bos_token_id": None,
+            "do_sample": False, "max_new_tokens": max_new_tokens}
+
+
 def state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
     """Contiguous CPU tensors, tied weights stored once (safetensors rejects shared storage)."""
     out: dict[str, torch.Tensor] = {}

@@ -9,7 +9,15 @@ A quantized model directory stores ``<layer>.qweight`` and ``<layer>.scales`` pe
 layer. Both directions live here, so the packer (:mod:`llmcore.export.quantize`) and the
 loader (:mod:`llmcore.model.modeldir`) cannot disagree on the layout, and loading a quantized
 model needs nothing of the quantizer. At load the weights are either expanded to float once
-(``dequant``) or kept as int8 for an int8 kernel (``int8mm``, the default on CUDA).
+(``dequant``) or kept as int8 for torch's int8 weight-only kernel (``int8mm``:
+``torch._weight_int8pack_mm``, int8 weights times activations of a float dtype, one scale per
+output channel). :func:`int8_runtime` picks between them per device: at decode a product reads
+every weight once per token, so a quarter of the bytes is the gain, and on CPUs the kernel
+delivers it with bf16 activations (it widens them to float32 itself, so no bf16 arithmetic is
+needed: AVX2 gains as well), while with float32 activations it is several times slower than a
+float product. A layer too small for the bytes to matter (:data:`MIN_KERNEL_WEIGHTS`) stays
+float: there the casts around the kernel cost more than it saves
+(``benchmarks/int8_kernels.py``, ``docs/serving.md#quantized-decode``).
 
 Trade-off: round-to-nearest with absmax scales, no calibration data (GPTQ / AWQ would lose
 less at int4); it is exact to explain and needs nothing but the weights.
@@ -107,15 +115,17 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, group_size: int,
 
 
 class Int8Linear(nn.Module):
-    """A Linear whose int8 weights stay int8; the product runs in ``_weight_int8pack_mm``."""
+    """A Linear whose int8 weights stay int8; the product runs in ``_weight_int8pack_mm`` with
+    activations (and scales) in ``act_dtype``, the output back in the input's dtype."""
 
     qweight: torch.Tensor
     scales: torch.Tensor
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 act_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.register_buffer("qweight", q.contiguous())
-        self.register_buffer("scales", scale.float().contiguous())
+        self.register_buffer("scales", scale.to(act_dtype).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.in_features, self.out_features = q.shape[1], q.shape[0]
 
@@ -127,31 +137,59 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def int8mm_available(device: torch.device) -> bool:
+def int8mm_available(device: torch.device, act_dtype: torch.dtype = torch.float32) -> bool:
+    """Whether torch has the int8 weight-only kernel on ``device`` for ``act_dtype``."""
     try:
-        x = torch.randn(2, 32, device=device)
+        x = torch.randn(2, 32, device=device, dtype=act_dtype)
         q = torch.ones(8, 32, dtype=torch.int8, device=device)
-        torch._weight_int8pack_mm(x, q, torch.ones(8, device=device))
+        torch._weight_int8pack_mm(x, q, torch.ones(8, device=device, dtype=act_dtype))
         return True
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
+
+
+# Fewer weights than this and a layer's product stays float under ``auto``: measured at decode
+# (one row) on AVX-512 BF16, the kernel with its casts is slower at 128 x 352 (45k weights),
+# even at 128 x 1024 (131k) and faster from 256 x 704 (180k) up (2.1x at 128 x 4096)
+MIN_KERNEL_WEIGHTS = 1 << 17
+
+
+def int8_runtime(device: torch.device) -> tuple[str, torch.dtype]:
+    """What ``auto`` runs int8 weights with on ``device``: (mode, activation dtype).
+
+    CUDA: the int8 kernel with float32 activations. A CPU: the int8 kernel with bf16
+    activations wherever torch has it (AVX2 and up: measured faster than float32 products at
+    decode there too, the kernel widening bf16 itself), else the weights expanded to float32
+    at load. MPS and others: expanded.
+    """
+    if device.type == "cuda":
+        return "int8mm", torch.float32
+    if device.type == "cpu" and int8mm_available(device, torch.bfloat16):
+        return "int8mm", torch.bfloat16
+    return "dequant", torch.float32
 
 
 def load_quantized(model: nn.Module, tensors: Mapping[str, torch.Tensor],
                    quant: QuantInfo, mode: str = "auto") -> nn.Module:
     """Fill ``model`` (built from the config) from quantized tensors.
 
-    ``mode``: ``dequant`` expands weights to float at load; ``int8mm`` keeps int8 weights
-    (int8 method only); ``auto`` picks int8mm on CUDA and dequant elsewhere (on CPUs torch's
-    int8 kernel was measured slower than a float matrix-vector product at batch 1).
+    ``mode``: ``dequant`` expands weights to float at load; ``int8mm`` keeps every int8
+    Linear's weights int8 (int8 method only) in :class:`Int8Linear`; ``auto`` is
+    :func:`int8_runtime`'s choice for the device, with layers under
+    :data:`MIN_KERNEL_WEIGHTS` weights expanded. ``int8mm`` asked for computes in the
+    activation dtype ``auto`` would use there.
     """
     method, group = quant.get("method"), quant.get("group_size")
     if method not in ("int8", "int4"):
         raise QuantFormatError(f"config.json: unknown quantization method {method!r}")
     device = next(model.parameters()).device
+    picked, act = int8_runtime(device)
+    if mode == "int8mm" and picked != "int8mm":
+        act = torch.float32  # asked for where auto would not: float32 activations
+    smallest = 0
     if mode == "auto":
-        mode = "int8mm" if device.type == "cuda" and method == "int8" else "dequant"
-    if mode == "int8mm" and (method != "int8" or not int8mm_available(device)):
+        mode, smallest = picked, MIN_KERNEL_WEIGHTS
+    if mode == "int8mm" and (method != "int8" or not int8mm_available(device, act)):
         mode = "dequant"
     plain = {k: v for k, v in tensors.items() if not k.endswith((".qweight", ".scales"))}
     missing, unexpected = model.load_state_dict(plain, strict=False)
@@ -164,10 +202,10 @@ def load_quantized(model: nn.Module, tensors: Mapping[str, torch.Tensor],
                             f"{(bad + absent)[:5]}, unexpected {unexpected[:5]}")
     for name, layer in layers.items():
         q, s = tensors[f"{name}.qweight"], tensors[f"{name}.scales"]
-        if mode == "int8mm" and isinstance(layer, nn.Linear):
+        if mode == "int8mm" and isinstance(layer, nn.Linear) and q.numel() >= smallest:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, Int8Linear(q.to(device), s.to(device), layer.bias))
+            setattr(parent, child, Int8Linear(q.to(device), s.to(device), layer.bias, act))
             continue
         weight = layer.weight
         assert isinstance(weight, torch.Tensor)

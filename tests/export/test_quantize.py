@@ -114,5 +114,73 @@ def test_int8_kernel_runtime_matches_dequantized():
     kern = load_quantized(Transformer(CFG).eval(), tensors, {"method": "int8"}, "int8mm")
     assert type(kern.layers[0].mlp.down_proj).__name__ == "Int8Linear"
     x = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():  # the kernel's activations are bf16 on a CPU (8-bit mantissa)
+        a, b = deq(x), kern(x)
+        assert (a - b).abs().max() < 0.05 * a.std()
+
+
+BF16_FLAGS = frozenset({"avx2", "avx512f", "avx512_bf16"})
+
+
+def test_auto_keeps_large_layers_int8_and_expands_small_ones():
+    """On a CPU with the kernel: layers of at least MIN_KERNEL_WEIGHTS weights run int8 with
+    bf16 activations, smaller ones are expanded to float32 (the casts would cost more)."""
+    from llmcore.model.quant import MIN_KERNEL_WEIGHTS, int8_runtime
+
+    cpu = torch.device("cpu")
+    if not int8mm_available(cpu, torch.bfloat16):
+        assert int8_runtime(cpu) == ("dequant", torch.float32)
+        pytest.skip("torch._weight_int8pack_mm with bf16 activations not in this build")
+    assert int8_runtime(cpu) == ("int8mm", torch.bfloat16)
+    cfg = dataclasses.replace(CFG, d_model=256, n_heads=4, n_kv_heads=4, d_ff=704)
+    tensors, _ = quantize_model(Transformer(cfg).eval(), QuantSpec("int8"))
+    loaded = load_quantized(Transformer(cfg).eval(), tensors, {"method": "int8"}, "auto")
+    big, small = loaded.layers[0].mlp.up_proj, loaded.layers[0].self_attn.q_proj
+    assert 256 * 704 >= MIN_KERNEL_WEIGHTS > 256 * 256
+    assert type(big).__name__ == "Int8Linear" and big.scales.dtype == torch.bfloat16
+    assert isinstance(small, torch.nn.Linear) and small.weight.dtype == torch.float32
+
+
+def test_a_kernel_cap_means_no_native_bf16(monkeypatch):
+    """``ATEN_CPU_CAPABILITY=avx2`` (the benchmarks' imitation of an AVX2 machine) holds
+    torch to AVX2 kernels: bf16 is emulated then, whatever the CPU's flags say."""
+    import llmcore.device as devmod
+
+    monkeypatch.setattr(devmod, "cpu_flags", lambda: BF16_FLAGS)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not devmod.native_bf16(torch.device("cpu"))
+    assert devmod.cpu_kind().startswith("AVX2 (")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert devmod.native_bf16(torch.device("cpu")) and devmod.cpu_kind() == "AVX-512 BF16"
+
+
+@pytest.mark.skipif(not int8mm_available(torch.device("cpu"), torch.bfloat16),
+                    reason="torch._weight_int8pack_mm with bf16 activations not in this build")
+def test_int8_kernel_with_bf16_activations_stays_close_and_picks_the_same_tokens():
+    """bf16 activations round each input of a product to 8 bits of mantissa: the logits move
+    by far less than their spread, and the dequantized model (float32) and the kernel one pick
+    the same token wherever the choice is not a near-tie."""
+    from llmcore.model.quant import Int8Linear
+
+    torch.manual_seed(5)
+    model = Transformer(CFG).eval()
+    tensors, _ = quantize_model(model, QuantSpec("int8"))
+    deq = load_quantized(Transformer(CFG).eval(), tensors, {"method": "int8"}, "dequant")
+    kern = load_quantized(Transformer(CFG).eval(), tensors, {"method": "int8"}, "dequant")
+    for name, layer in list(kern.named_modules()):
+        if isinstance(layer, torch.nn.Linear) and f"{name}.qweight" in tensors:
+            parent, _, child = name.rpartition(".")
+            setattr(kern.get_submodule(parent), child,
+                    Int8Linear(tensors[f"{name}.qweight"], tensors[f"{name}.scales"], None,
+                               torch.bfloat16))
+    x = torch.randint(0, 300, (2, 16))
     with torch.no_grad():
-        assert torch.allclose(deq(x), kern(x), atol=1e-3, rtol=1e-3)
+        a, b = deq(x), kern(x)
+    assert b.dtype == torch.float32
+    diff = (a - b).abs().max()
+    assert diff < 0.05 * a.std()
+    # greedy picks agree wherever the float model's top two are further apart than the change
+    top2 = a.topk(2, dim=-1).values
+    decided = (top2[..., 0] - top2[..., 1]) > 2 * diff
+    assert decided.any()
+    assert torch.equal(a.argmax(-1)[decided], b.argmax(-1)[decided])
