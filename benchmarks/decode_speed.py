@@ -125,7 +125,8 @@ SIDES = ("generate", "engine", "engine_compiled", "llmcore int8", "transformers"
          "llama.cpp f32", "llama.cpp f16", "llama.cpp q8_0")
 
 
-def random_model_dir(out: Path, preset: str, shape: str | None) -> Path:
+def random_model_dir(out: Path, preset: str, shape: str | None,
+                     tok_dir: Path = REPO / "data" / "tokenizer") -> Path:
     """A model directory of random weights: ``preset``'s config, or ``shape`` (``LxD``: L
     layers of width D, heads of 64) on cpu-mini's other fields; the project's tokenizer."""
     import torch
@@ -135,7 +136,6 @@ def random_model_dir(out: Path, preset: str, shape: str | None) -> Path:
     from llmcore.model.modeldir import generation_config, save_model_dir, state_dict_for_save
     from llmcore.model.transformer import Transformer
 
-    tok_dir = REPO / "data" / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         raise SystemExit(f"decode_speed: {tok_dir} is missing: run `dvc repro tokenizer`")
     tok = LLMTokenizer.load(tok_dir)
@@ -338,6 +338,9 @@ def main() -> None:
                              if args.preset or args.shape else str(args.model)),
                   **{k: cfg[k] for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff",
                                          "vocab_size")}}
+    out = REPO / "reports" / f"decode_speed{'-' + args.label if args.label else ''}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(r, indent=2) + "\n")  # first: a printing slip loses nothing
     print(r.get("profile", {}).get("table", ""))
     for batch, b in r["batches"].items():
         print(f"batch {batch}: new tokens per second (median of {args.rounds}), "
@@ -345,15 +348,12 @@ def main() -> None:
         for name, rate in b["tok_s"].items():
             agree = b["agreement_with_generate"].get(name)
             print(f"  {name:>16} {rate:>8.1f}" + (f"   {agree:.3f}" if agree is not None else ""))
-        for pair, r in b["ratios"].items():
-            lo, hi = r["ci95"]
-            print(f"  {pair}: {r['mean']:.2f}x" + (f" [{lo:.2f}, {hi:.2f}]" if lo else ""))
+        for pair, ratio in b["ratios"].items():
+            lo, hi = ratio["ci95"]
+            print(f"  {pair}: {ratio['mean']:.2f}x" + (f" [{lo:.2f}, {hi:.2f}]" if lo else ""))
     for name, why in r["skipped"].items():
         print(f"  {name}: skipped, {why}")
     print(f"{r['threads']} threads, {r['machine']}")
-    out = REPO / "reports" / f"decode_speed{'-' + args.label if args.label else ''}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(r, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -126,3 +126,29 @@ def test_task_recipe_weights_start_from_the_pipeline_default_and_are_checked():
                       ("spell=x", "TASK=WEIGHT")):
         with pytest.raises(SystemExit, match=says):
             module.task_weights(bad)
+
+
+def test_decode_speed_builds_a_random_model_of_a_shape_and_pairs_rounds(tmp_path,
+                                                                        tiny_tokenizer):
+    """``--shape LxD`` gives a loadable model directory of that shape (heads of 64), and a
+    ratio is taken round by round, with its interval."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(BENCH_DIR))
+    import decode_speed
+
+    from llmcore.model.modeldir import load_model_dir
+
+    tiny_tokenizer.save(tmp_path / "tok")
+    path = decode_speed.random_model_dir(tmp_path / "m", "tiny", "3x128", tmp_path / "tok")
+    model, cfg = load_model_dir(path, torch.device("cpu"))
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.vocab_size) == (
+        3, 128, 2, tiny_tokenizer.vocab_size)
+    r = decode_speed._ratios({"llmcore int8": [2.0, 4.0, 3.0], "engine": [1.0, 2.0, 1.0],
+                              "generate": [1.0, 1.0, 1.0]})
+    assert list(r) == ["llmcore int8 / engine"]
+    assert r["llmcore int8 / engine"]["mean"] == 7 / 3 and r["llmcore int8 / engine"]["n"] == 3
+    lo, hi = r["llmcore int8 / engine"]["ci95"]
+    assert lo < 7 / 3 < hi

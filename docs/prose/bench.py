@@ -183,3 +183,81 @@ def avx2_muon_cliff(read: Read) -> str:
             return missing(rel)
         ratios.append(value)
     return f"{ratios[0]:.1f}x an AdamW step's time with AVX2 kernels, {ratios[1]:.1f}x as it is"
+
+
+def _kernel_ratio(read: Read, rel: str, shapes: list[tuple[int, int]]) -> str:
+    """float32 over int8 (with its casts) per decode product of one row, from one report."""
+    data = read(rel)
+    if not data or not data.get("products"):
+        return missing(rel)
+    by = {(p["in"], p["out"], p["rows"]): p["us"] for p in data["products"]}
+    parts = []
+    for k, n in shapes:
+        us = by.get((k, n, 1))
+        if us is None:
+            return missing(rel)
+        parts.append(f"{us['float32'] / us['int8 x bf16, casts']:.1f}x at {k} x {n}")
+    return ", ".join(parts)
+
+
+@figure("int8-kernel-gain")
+def int8_kernel_gain(read: Read) -> str:
+    """How much faster one decode product is with int8 weights and bf16 activations than in
+    float32, at the default's, the 27M shape's and the 0.5B shape's sizes."""
+    return _kernel_ratio(read, "reports/int8_kernels.json", [(128, 352), (512, 1536), (1536, 4096)])
+
+
+@figure("int8-kernel-avx2")
+def int8_kernel_avx2(read: Read) -> str:
+    """The same with torch's kernels capped to AVX2."""
+    return _kernel_ratio(read, "reports/int8_kernels-avx2cap.json",
+                         [(128, 352), (512, 1536), (1536, 4096)])
+
+
+def _ratio(read: Read, rel: str, pair: str, batch: str) -> str:
+    """A round-by-round ratio of a decode_speed report: mean and 95% interval."""
+    r = (((read(rel) or {}).get("batches") or {}).get(batch) or {}).get("ratios", {}).get(pair)
+    if not r or r.get("mean") is None:
+        return missing(rel)
+    lo, hi = r["ci95"]
+    return f"{r['mean']:.2f}x" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None else "")
+
+
+@figure("int8-decode-27m")
+def int8_decode_27m(read: Read) -> str:
+    """int8 engine over float engine at the 27M shape, batch 1 and 8."""
+    rel = "reports/decode_speed-27m.json"
+    return (f"{_ratio(read, rel, 'llmcore int8 / engine', '1')} at batch 1 and "
+            f"{_ratio(read, rel, 'llmcore int8 / engine', '8')} at batch 8")
+
+
+@figure("int8-decode-05b")
+def int8_decode_05b(read: Read) -> str:
+    """int8 engine over float engine, and over llama.cpp q8_0, at the 0.5B shape, batch 1."""
+    rel = "reports/decode_speed-0.5b.json"
+    return (f"{_ratio(read, rel, 'llmcore int8 / engine', '1')} the float32 engine's rate and "
+            f"{_ratio(read, rel, 'llmcore int8 / llama.cpp q8_0', '1')} llama.cpp q8_0's")
+
+
+@figure("compiled-vs-llama-27m")
+def compiled_vs_llama_27m(read: Read) -> str:
+    """The compiled engine over llama.cpp f32 at the 27M shape, batch 1 and 8."""
+    rel = "reports/decode_speed-27m.json"
+    return (f"{_ratio(read, rel, 'engine_compiled / llama.cpp f32', '1')} at batch 1 and "
+            f"{_ratio(read, rel, 'engine_compiled / llama.cpp f32', '8')} at batch 8")
+
+
+@figure("quantize-default-ratio")
+def quantize_default_ratio(read: Read) -> str:
+    """The quantize stage's decode speed ratio on the default model (best of 3 each)."""
+    m = read("metrics/quantize.json") or {}
+    if m.get("quantize/decode_speed_ratio") is None:
+        return missing("metrics/quantize.json")
+    return (f"{m['quantize/decode_speed_ratio']:.2f}x (`quantize/decode_speed_ratio`, best of "
+            "three runs each)")
+
+
+@figure("int8-decode-default")
+def int8_decode_default(read: Read) -> str:
+    """int8 engine over float engine on the default model, batch 1, interleaved rounds."""
+    return _ratio(read, "reports/decode_speed.json", "llmcore int8 / engine", "1")

@@ -124,8 +124,10 @@ class Int8Linear(nn.Module):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  act_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.register_buffer("qweight", q.contiguous())
-        self.register_buffer("scales", scale.to(act_dtype).contiguous())
+        # fresh copies: a tensor read from a safetensors file may sit at any byte offset of
+        # the mapping, and the kernel's vector loads crashed (SIGSEGV) on such weights
+        self.register_buffer("qweight", q.clone(memory_format=torch.contiguous_format))
+        self.register_buffer("scales", scale.to(act_dtype, copy=True).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.in_features, self.out_features = q.shape[1], q.shape[0]
 

@@ -184,3 +184,23 @@ def test_int8_kernel_with_bf16_activations_stays_close_and_picks_the_same_tokens
     decided = (top2[..., 0] - top2[..., 1]) > 2 * diff
     assert decided.any()
     assert torch.equal(a.argmax(-1)[decided], b.argmax(-1)[decided])
+
+
+def test_int8_layers_own_fresh_aligned_weights(tmp_path):
+    """A tensor read from a safetensors file may sit at any byte offset of its mapping; the
+    kernel's vector loads crashed (SIGSEGV, a 0.5B model) on such weights, so an Int8Linear
+    holds its own copy, aligned as torch allocates."""
+    from llmcore.model.quant import Int8Linear
+
+    model = Transformer(CFG).eval()
+    tensors, _ = quantize_model(model, QuantSpec("int8"))
+    (tmp_path / "tok").mkdir()
+    save_model_dir(tmp_path / "q", model.cfg, tensors, tmp_path / "tok", {}, {},
+                   QuantSpec("int8").to_json())
+    loaded, _ = load_model_dir(tmp_path / "q", torch.device("cpu"), quant_runtime="int8mm")
+    layers = [m for m in loaded.modules() if isinstance(m, Int8Linear)]
+    if not layers:
+        pytest.skip("torch._weight_int8pack_mm not in this build")
+    for layer in layers:
+        assert layer.qweight.data_ptr() % 64 == 0 and layer.qweight.is_contiguous()
+        assert layer.qweight.untyped_storage().nbytes() == layer.qweight.numel()
