@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -135,16 +136,23 @@ def random_model_dir(out: Path, preset: str, shape: str | None,
     from llmcore.data.tokenizer import LLMTokenizer
     from llmcore.model.modeldir import generation_config, save_model_dir, state_dict_for_save
     from llmcore.model.transformer import Transformer
+    from llmcore.schema import ConfigError
 
     if not (tok_dir / "tokenizer.json").is_file():
         raise SystemExit(f"decode_speed: {tok_dir} is missing: run `dvc repro tokenizer`")
     tok = LLMTokenizer.load(tok_dir)
     raw: dict[str, Any] = {"preset": preset, "vocab_size": tok.vocab_size}
     if shape:
-        layers, width = (int(v) for v in shape.lower().split("x"))
-        raw.update(n_layers=layers, d_model=width, n_heads=max(1, width // 64),
-                   n_kv_heads=max(1, width // 64))
-    cfg = parse_model(raw)
+        m = re.fullmatch(r"(\d+)x(\d+)", shape.lower())
+        if not m or int(m[1]) < 1 or int(m[2]) < 64 or int(m[2]) % 64:
+            raise SystemExit(f"decode_speed: --shape {shape!r}: give LxD, L layers of width D, "
+                             "D a multiple of 64 (heads of 64), e.g. 8x512")
+        heads = int(m[2]) // 64
+        raw.update(n_layers=int(m[1]), d_model=int(m[2]), n_heads=heads, n_kv_heads=heads)
+    try:
+        cfg = parse_model(raw)
+    except ConfigError as e:
+        raise SystemExit(f"decode_speed: --preset {preset!r}: {e}") from e
     torch.manual_seed(0)
     model = Transformer(cfg)
     save_model_dir(out, cfg, state_dict_for_save(model), tok_dir, {"random_weights": True},

@@ -146,6 +146,11 @@ def test_decode_speed_builds_a_random_model_of_a_shape_and_pairs_rounds(tmp_path
     model, cfg = load_model_dir(path, torch.device("cpu"))
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.vocab_size) == (
         3, 128, 2, tiny_tokenizer.vocab_size)
+    for bad in ("8x", "8x100", "x512"):  # a shape it cannot build: one line naming the fix
+        with pytest.raises(SystemExit, match="give LxD"):
+            decode_speed.random_model_dir(tmp_path / "bad", "tiny", bad, tmp_path / "tok")
+    with pytest.raises(SystemExit, match="--preset 'nope'"):
+        decode_speed.random_model_dir(tmp_path / "bad", "nope", None, tmp_path / "tok")
     r = decode_speed._ratios({"llmcore int8": [2.0, 4.0, 3.0], "engine": [1.0, 2.0, 1.0],
                               "generate": [1.0, 1.0, 1.0]})
     assert list(r) == ["llmcore int8 / engine"]

@@ -223,12 +223,14 @@ def _ratio(read: Read, rel: str, pair: str, batch: str) -> str:
     return f"{r['mean']:.2f}x" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None else "")
 
 
+def _batches_1_and_8(read: Read, rel: str, pair: str) -> str:
+    return f"{_ratio(read, rel, pair, '1')} at batch 1 and {_ratio(read, rel, pair, '8')} at batch 8"
+
+
 @figure("int8-decode-27m")
 def int8_decode_27m(read: Read) -> str:
     """int8 engine over float engine at the 27M shape, batch 1 and 8."""
-    rel = "reports/decode_speed-27m.json"
-    return (f"{_ratio(read, rel, 'llmcore int8 / engine', '1')} at batch 1 and "
-            f"{_ratio(read, rel, 'llmcore int8 / engine', '8')} at batch 8")
+    return _batches_1_and_8(read, "reports/decode_speed-27m.json", "llmcore int8 / engine")
 
 
 @figure("int8-decode-05b")
@@ -242,9 +244,8 @@ def int8_decode_05b(read: Read) -> str:
 @figure("compiled-vs-llama-27m")
 def compiled_vs_llama_27m(read: Read) -> str:
     """The compiled engine over llama.cpp f32 at the 27M shape, batch 1 and 8."""
-    rel = "reports/decode_speed-27m.json"
-    return (f"{_ratio(read, rel, 'engine_compiled / llama.cpp f32', '1')} at batch 1 and "
-            f"{_ratio(read, rel, 'engine_compiled / llama.cpp f32', '8')} at batch 8")
+    return _batches_1_and_8(read, "reports/decode_speed-27m.json",
+                            "engine_compiled / llama.cpp f32")
 
 
 @figure("quantize-default-ratio")

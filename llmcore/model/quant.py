@@ -25,6 +25,7 @@ less at int4); it is exact to explain and needs nothing but the weights.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import TypedDict
 
@@ -139,8 +140,10 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+@functools.cache
 def int8mm_available(device: torch.device, act_dtype: torch.dtype = torch.float32) -> bool:
-    """Whether torch has the int8 weight-only kernel on ``device`` for ``act_dtype``."""
+    """Whether torch has the int8 weight-only kernel on ``device`` for ``act_dtype`` (tried
+    once per device and dtype)."""
     try:
         x = torch.randn(2, 32, device=device, dtype=act_dtype)
         q = torch.ones(8, 32, dtype=torch.int8, device=device)
