@@ -92,11 +92,12 @@ def pretrain_budget(read: Read) -> str:
     minutes, from the committed ``metrics/pretrain.json``."""
     rel = "metrics/pretrain.json"
     m = read(rel) or {}
-    try:
-        flops = m["pretrain/mfu"] * m["pretrain/peak_flops"] * m["pretrain/train_seconds"]
-    except (KeyError, TypeError):
+    mfu, peak, seconds = (m.get(keys.stage_metric("pretrain", k))
+                          for k in ("mfu", "peak_flops", "train_seconds"))
+    if not (isinstance(mfu, (int, float)) and isinstance(peak, (int, float))
+            and isinstance(seconds, (int, float))):
         return missing(rel)
-    minutes = m["pretrain/train_seconds"] / 60
+    flops, minutes = mfu * peak * seconds, seconds / 60
     return f"{flops:.1e}".replace("e+", "e") + f" FLOPs in {minutes:.1f} minutes of training"
 
 
@@ -105,10 +106,12 @@ def sft_step_seconds(read: Read) -> str:
     """Seconds per SFT step of the committed default run, and its machine."""
     rel = "metrics/sft.json"
     m = read(rel) or {}
-    if not m.get("sft/steps") or not m.get("sft/train_seconds"):
+    steps, seconds = m.get(keys.stage_metric("sft", "steps")), m.get(
+        keys.stage_metric("sft", "train_seconds"))
+    if not steps or not isinstance(seconds, (int, float)):
         return missing(rel)
-    return (f"about {m['sft/train_seconds'] / m['sft/steps']:.2f} s on a 2-core "
-            f"{machine_kind(m.get('sft/device', 'machine'))}")
+    device = m.get(keys.stage_metric("sft", "device"), "machine")
+    return f"about {seconds / steps:.2f} s on a 2-core {machine_kind(str(device))}"
 
 
 @figure("corpus-size")
@@ -116,6 +119,7 @@ def corpus_size(read: Read) -> str:
     """The builtin corpus: bytes and documents (``metrics/fetch.json``)."""
     rel = "metrics/fetch.json"
     m = read(rel) or {}
-    if not m.get("fetch/bytes"):
+    size, docs = (m.get(keys.stage_metric("fetch", k)) for k in ("bytes", "documents"))
+    if not size or not isinstance(docs, int):
         return missing(rel)
-    return f"about {m['fetch/bytes'] / 1e6:.1f} MB of English prose and code in {m['fetch/documents']:,} documents"
+    return f"about {size / 1e6:.1f} MB of English prose and code in {docs:,} documents"
