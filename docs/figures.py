@@ -129,7 +129,12 @@ def render(text: str, read: Read) -> tuple[str, list[str]]:
         if fn is None:
             unknown.append(m.group(1))
             return m.group(0)
-        return f"<!-- figure:{m.group(1)} -->{fn(read)}<!-- /figure -->"
+        try:
+            text = fn(read)
+        except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError) as e:
+            # a file of another shape than the figure reads: the page says so, the rest renders
+            text = f"(figure `{m.group(1)}`: its file lacks {e!r})"
+        return f"<!-- figure:{m.group(1)} -->{text}<!-- /figure -->"
 
     return SPAN.sub(one, text), unknown
 

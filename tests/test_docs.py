@@ -234,3 +234,19 @@ def test_defaults_quoted_in_prose_are_the_params():
         stale += [f"{page.relative_to(REPO)}: {s}" for s in stale_defaults(page.read_text(),
                                                                           params)]
     assert not stale, "\n".join(stale)
+
+
+@pytest.mark.parametrize("content", [None, {}, {"rows": []}, {"batches": {}, "products": []}],
+                         ids=["missing", "empty", "no-rows", "no-results"])
+def test_every_figure_renders_a_sentence_when_its_file_is_missing_or_empty(content):
+    """A figure's file gone or emptied makes the page say so (or say less), never stops
+    docs/results.py with a traceback."""
+    sys.path.insert(0, str(REPO))
+    from docs.figures import FIGURES, render
+
+    for name in FIGURES:
+        out, unknown = render(f"a <!-- figure:{name} -->STALE<!-- /figure --> b",
+                              lambda rel, c=content: c)
+        assert not unknown and out.startswith(f"a <!-- figure:{name} -->") and "STALE" not in out
+        assert out.endswith("<!-- /figure --> b") and len(out) > len(f"a <!-- figure:{name} "
+                                                                     "--><!-- /figure --> b")
