@@ -99,6 +99,12 @@ def decode(files: Files, rel: str = "reports/decode_speed.json",
     return out + ["; ".join(facts) + ".", ""]
 
 
+def _over(a: Any, b: Any) -> str:
+    """``a / b`` as a ratio, "-" unless both are positive numbers."""
+    ok = all(isinstance(v, (int, float)) and v > 0 for v in (a, b))
+    return ratio(a / b) if ok else "-"
+
+
 def int8_kernels(files: Files) -> list[str]:
     """``benchmarks/int8_kernels.py``: one decode product per runtime, as the machine is and
     with its kernels capped to AVX2."""
@@ -108,11 +114,12 @@ def int8_kernels(files: Files) -> list[str]:
         if data is None:
             out += missing(rel, "`benchmarks/int8_kernels.py`")
             continue
-        sides = list(dict.fromkeys(k for p in data.get("products", []) for k in p["us"]))
-        rows = [[f"{p['rows']} x {p['in']} @ {p['in']} x {p['out']}",
+        sides = list(dict.fromkeys(k for p in data.get("products", [])
+                                   for k in (p.get("us") or {})))
+        rows = [[f"{p.get('rows')} x {p.get('in')} @ {p.get('in')} x {p.get('out')}",
                  *(num(p["us"].get(sd), 1) for sd in sides),
-                 f"{p['us']['float32'] / p['us']['int8 x bf16, casts']:.2f}x"]
-                for p in data.get("products", [])]
+                 _over(dig(p, "us", "float32"), dig(p, "us", "int8 x bf16, casts"))]
+                for p in data.get("products", []) if isinstance(p.get("us"), dict)]
         out += [f"`{rel}`: {data.get('machine', '-')}, {data.get('threads', '-')} threads, best "
                 f"of {data.get('rounds', '-')} rounds, microseconds per product; `auto` runs "
                 f"{data.get('runtime_auto', '-')}:", ""]
