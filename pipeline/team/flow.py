@@ -1,0 +1,110 @@
+"""What a worker runs: the pipeline at the commit a run names, in the worker's own checkout.
+
+Flow ``llm-team-pipeline`` (deployment ``llm-team-pipeline/team`` on pool ``llmcore``):
+
+1. fetch the team's git remote and check out the commit the run names, detached and forced
+   (a worker never trains on a tree no one committed; an unknown commit fails the run). The
+   checkout is persistent: ignored files, the checkpoint folders among them, survive, so a
+   run killed mid-stage resumes from its last checkpoint when it is run again;
+2. ``dvc pull`` what the team's DVC remote already has (a stage that is cached there is not
+   trained again; what it lacks is recomputed, so a failed pull only warns);
+3. the stages, as flow ``llm-pipeline`` runs them (a subflow), saved as DVC experiment
+   ``experiment`` (``team-<flow run>`` by default), logged to the team's MLflow server;
+4. ``dvc exp push``: the experiment's git ref to the team's git remote and its outputs to the
+   DVC remote. A failed push fails the run with one line; nothing is lost, the experiment
+   stays in this checkout and its DVC cache, and the same run again pushes it.
+
+The orchestration code is the worker's checkout as it was when the run started; the stages
+run the requested commit's code (each ``dvc repro`` starts them afresh from the checkout).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from pipeline.flow import llm_pipeline, run_command
+from pipeline.team.settings import REMOTE
+
+GIT_TIMEOUT_S = 300
+
+
+class TeamRunError(RuntimeError):
+    """A step of a team run failed for a reason its message states in one line."""
+
+
+def git(root: Path, *args: str, timeout: float = GIT_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+@task(cache_policy=NO_CACHE)
+def sync_checkout(root: str, commit: str) -> str:
+    """Check out ``commit`` from the team's git remote; the full commit id."""
+    logger = get_run_logger()
+    path = Path(root)
+    if not (path / ".git").exists():
+        raise TeamRunError(f"{root} is not a git checkout: start the worker with "
+                           "`python -m pipeline.team worker --checkout DIR`")
+    fetched = git(path, "fetch", "--quiet", REMOTE)
+    if fetched.returncode:
+        logger.warning(f"git fetch {REMOTE}: {last_line(fetched.stderr)}")
+    found = git(path, "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}")
+    if found.returncode:
+        raise TeamRunError(f"commit {commit!r} is not on the team's git remote: push it "
+                           f"(`git push {REMOTE} HEAD`) and run again")
+    full = found.stdout.strip()
+    done = git(path, "checkout", "--quiet", "--force", "--detach", full)
+    if done.returncode:
+        raise TeamRunError(f"git checkout {full}: {last_line(done.stderr)}")
+    logger.info(f"checked out {full} in {root}")
+    return full
+
+
+@task(cache_policy=NO_CACHE)
+def dvc_pull(root: str, env: dict[str, str]) -> None:
+    logger = get_run_logger()
+    code, tail = run_command(["dvc", "pull", "--allow-missing"], Path(root), env, 1800, logger)
+    if code:
+        logger.warning(f"dvc pull: {last_line(tail)} (going on: the stages recompute what "
+                       "this host lacks)")
+
+
+@task(cache_policy=NO_CACHE)
+def dvc_exp_push(root: str, name: str, env: dict[str, str]) -> None:
+    logger = get_run_logger()
+    code, tail = run_command(["dvc", "exp", "push", REMOTE, name], Path(root), env, 3600, logger)
+    if code:
+        raise TeamRunError(
+            f"dvc exp push {REMOTE} {name} failed: {last_line(tail)}. Nothing is lost: the "
+            f"experiment and its outputs stay in {root} and its DVC cache; run the same "
+            "flow again (its stages are cached) to push them")
+
+
+@flow(name="llm-team-pipeline", log_prints=True)
+def team_pipeline(commit: str, stages: list[str] | None = None,
+                  overrides: dict[str, Any] | None = None,
+                  experiment: str | None = None) -> dict[str, Any]:
+    """Run the pipeline at ``commit`` in this worker's checkout and push what it made."""
+    from prefect.runtime import flow_run
+
+    root = Path(os.environ.get("LLMCORE_WORKER_CHECKOUT") or os.getcwd()).resolve()
+    full = sync_checkout(str(root), commit)
+    env = {**os.environ, "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1"}
+    dvc_pull(str(root), env)
+    name = experiment or f"team-{flow_run.get_name() or 'run'}"
+    os.environ["LLMCORE_ROOT"] = str(root)
+    os.environ["LLMCORE_EXP_NAME"] = name
+    result = llm_pipeline(stages=stages, overrides=overrides, experiment=name)
+    dvc_exp_push(str(root), name, env)
+    return {**result, "commit": full}
