@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -82,6 +83,31 @@ class NullTracker:
         self.finish("FAILED" if exc_type else "FINISHED")
 
 
+def host_name() -> str:
+    """The host a run ran on (tag ``llmcore.host``): which machine of a team made a model."""
+    return socket.gethostname()
+
+
+def is_server(tracking_uri: str) -> bool:
+    """A tracking server (``http(s)://``): it stores artifacts itself (``mlflow-artifacts:``)."""
+    return tracking_uri.startswith(("http://", "https://"))
+
+
+def unreachable(exc: BaseException) -> str | None:
+    """One line saying the tracking server cannot be reached, if that is what ``exc`` is."""
+    import requests
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        if isinstance(seen, (requests.ConnectionError, requests.Timeout)) or (
+                "Max retries exceeded" in text or "Connection refused" in text):
+            first = text.strip().splitlines()[0] if text.strip() else type(seen).__name__
+            return first[:300]
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def default_uri(repo_root: Path) -> str:
     return f"sqlite:///{Path(repo_root).resolve() / 'mlflow.db'}"
 
@@ -104,7 +130,9 @@ class MlflowTracker:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
-            location = Path(artifact_root).resolve().as_uri() if artifact_root else None
+            # a server keeps artifacts itself; a folder here would be one only this host sees
+            location = (Path(artifact_root).resolve().as_uri()
+                        if artifact_root and not is_server(tracking_uri) else None)
             exp_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             exp_id = exp.experiment_id
@@ -311,7 +339,14 @@ def register_model(tracker: Tracker, model_dir: Path, val_bpb: float | None, kin
                     "split_version": split_version}  # the argument wins over a tag of that name
     version = str(client.create_model_version(name, f"runs:/{tracker.run_id}/model",
                                               run_id=tracker.run_id, tags=version_tags).version)
-    return _promote(client, name, version, val_bpb, margin, split_version)
+    try:
+        return _promote(client, name, version, val_bpb, margin, split_version)
+    except BaseException:
+        # no half-registered model: a version without its alias is taken back (when the
+        # server that refused the alias still answers the delete)
+        with contextlib.suppress(Exception):
+            client.delete_model_version(name, version)
+        raise
 
 
 def _bpb(tags: Mapping[str, str]) -> float:

@@ -41,7 +41,7 @@ from prefect.cache_policies import NO_CACHE
 from llmcore.config.base import parse_section
 from llmcore.config.flow import FlowConfig
 from llmcore.schema import USER_ERROR
-from llmcore.tracking import MlflowTracker, default_uri
+from llmcore.tracking import MlflowTracker, default_uri, host_name, unreachable
 from stages import chain, paths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,10 +115,13 @@ def dvc_stage(stage: str, root: str, env: dict[str, str], timeout: float) -> str
 
 
 @task(cache_policy=NO_CACHE)
-def dvc_exp_save(name: str, root: str, env: dict[str, str]) -> None:
+def dvc_exp_save(name: str, root: str, env: dict[str, str],
+                 targets: list[str] | None = None) -> None:
+    """``dvc exp save``; with ``targets`` (a run of some stages), only those stages' outputs
+    (the others may not exist in this workspace)."""
     logger = get_run_logger()
-    code, tail = run_command(["dvc", "exp", "save", "-f", "-n", name], Path(root), env, 600,
-                             logger)
+    code, tail = run_command(["dvc", "exp", "save", "-f", "-n", name, *(targets or [])],
+                             Path(root), env, 600, logger)
     if code != 0:
         raise RuntimeError(f"dvc exp save failed:\n{tail}")
 
@@ -210,7 +213,8 @@ def llm_pipeline(stages: list[str] | None = None, overrides: dict[str, Any] | No
                            tags={"llmcore.stage": "pipeline", "prefect.flow_run": run_name,
                                  "prefect.flow_run_id": str(flow_run.get_id() or ""),
                                  "dvc.exp_name": exp_name or "",
-                                 "llmcore.overrides": json.dumps(overrides or {})},
+                                 "llmcore.overrides": json.dumps(overrides or {}),
+                                 "llmcore.host": host_name()},
                            artifact_root=root / "mlartifacts")
     parent.log_params({f"override.{k}": v for k, v in (overrides or {}).items()})
     env["LLMCORE_PARENT_RUN_ID"] = parent.run_id or ""
@@ -231,14 +235,21 @@ def llm_pipeline(stages: list[str] | None = None, overrides: dict[str, Any] | No
                 retry_delay_seconds=settings.retry_delay,
             )(stage, str(root), env, settings.timeout(stage))
         if exp_name:
-            dvc_exp_save(exp_name, str(root), env)
+            dvc_exp_save(exp_name, str(root), env,
+                         None if len(selected) == len(STAGES) else selected)
         metrics = read_metrics(root)
         parent.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         status = "FINISHED"
     finally:
         if snapshot is not None:
             snapshot.restore(env)
-        parent.finish(status)
+        try:
+            parent.finish(status)
+        except Exception as exc:  # the server went away: say so, keep the stage's own error
+            if (why := unreachable(exc)) is None:
+                raise
+            logger.warning(f"the MLflow server cannot be reached ({why}): run "
+                           f"{parent.run_id} is left unfinished there")
         summary_artifact(metrics, parent.run_id, exp_name, run_name)
     return {"mlflow_parent_run_id": parent.run_id, "experiment": exp_name, "metrics": metrics}
 

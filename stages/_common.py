@@ -37,7 +37,15 @@ from llmcore.config.base import (
 from llmcore.files import write_json, write_text
 from llmcore.metric_keys import stage_seconds
 from llmcore.schema import USER_ERROR, ConfigError, UserError
-from llmcore.tracking import NullTracker, Tracker, default_uri, end_stage_run, stage_run
+from llmcore.tracking import (
+    NullTracker,
+    Tracker,
+    default_uri,
+    end_stage_run,
+    host_name,
+    stage_run,
+    unreachable,
+)
 from stages import chain, paths
 
 
@@ -221,9 +229,11 @@ def make_tracker(base: Any, stage: str, root: Path, params: Mapping[str, Any]) -
     """The stage's MLflow run (a child of its pipeline's run), or a do-nothing tracker."""
     if base.tracking == "none" or rank() != 0:
         return NullTracker()
-    exp_name = os.environ.get("DVC_EXP_NAME", "")
+    # DVC names the experiment under `dvc exp run`; a team run names it for `dvc exp save`
+    exp_name = os.environ.get("DVC_EXP_NAME") or os.environ.get("LLMCORE_EXP_NAME", "")
     lineage = {"git_commit": git_commit(root), "dvc.exp_name": exp_name,
-               "dvc.exp_baseline": os.environ.get("DVC_EXP_BASELINE_REV", "")}
+               "dvc.exp_baseline": os.environ.get("DVC_EXP_BASELINE_REV", ""),
+               "llmcore.host": host_name()}
     tags = {"llmcore.stage": stage, "dvc.stage": os.environ.get("DVC_STAGE", ""), **lineage,
             **data_hashes(root, stage)}
     store = tracking_root(root)
@@ -245,6 +255,15 @@ def flat_params(cfgs: Mapping[str, Any]) -> dict[str, Any]:
 def fail(stage: str, exc: BaseException) -> None:
     log(f"{stage}: error: {exc}")
     sys.exit(USER_ERROR)
+
+
+def tracking_down(stage: str, exc: BaseException) -> None:
+    """The tracking server went away: one line, and exit 1 (not the user's error, so the
+    flow may retry); no model is registered, and DVC records no output of a failed stage."""
+    log(f"{stage}: error: the MLflow server {os.environ.get('MLFLOW_TRACKING_URI', '')} cannot "
+        f"be reached ({unreachable(exc)}); nothing of this stage was registered: run it again "
+        "once the server is back")
+    sys.exit(1)
 
 
 def run_stage(stage: str, body: Body[P], params: type[P]) -> None:
@@ -272,6 +291,10 @@ def run_stage(stage: str, body: Body[P], params: type[P]) -> None:
         tracker = make_tracker(full["base"], stage, root, flat_params(cfgs))
     except UserError as exc:
         fail(stage, exc)
+    except Exception as exc:
+        if unreachable(exc) is None:
+            raise
+        tracking_down(stage, exc)
     try:
         metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v
                    for k, v in body(typed, tracker).items()}  # NaN is not JSON
@@ -284,7 +307,9 @@ def run_stage(stage: str, body: Body[P], params: type[P]) -> None:
     except (UserError, FileNotFoundError) as exc:
         end_stage_run(tracker, "FAILED")
         fail(stage, exc)
-    except BaseException:
-        end_stage_run(tracker, "FAILED")
-        raise
+    except BaseException as exc:
+        if unreachable(exc) is None:
+            end_stage_run(tracker, "FAILED")
+            raise
+        tracking_down(stage, exc)
     log(f"{stage}: done in {time.perf_counter() - start:.1f}s")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.team import client, stack
 from pipeline.team.services import StackError, authorize_key
-from pipeline.team.settings import ENV_FILE, PORTS, Hub, default_state_dir
+from pipeline.team.settings import ENV_FILE, PORTS, Hub, default_state_dir, load_team_env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "worker":
             client.worker(args.checkout, args.env, args.key, args.name)
         else:
+            # before Prefect is imported: it reads its settings (the hub's API) at import
+            load_team_env(args.checkout.resolve())
             from pipeline.flow import parse_overrides
 
             print(json.dumps(client.trigger(args.checkout, args.commit,

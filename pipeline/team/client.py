@@ -45,14 +45,35 @@ def ssh_command(key: Path) -> str:
 
 def pin_host_key(url: str, host_key: str) -> None:
     """``[host]:port KEY`` in ~/.ssh/known_hosts (what OpenSSH and asyncssh both read)."""
-    hostport = url.split("@", 1)[1].split("/", 1)[0]
-    host, _, port = hostport.partition(":")
+    host, port = hub_address(url)
     entry = f"[{host}]:{port} {' '.join(host_key.split()[:2])}"
     known = Path.home() / ".ssh" / "known_hosts"
     known.parent.mkdir(mode=0o700, exist_ok=True)
     lines = known.read_text().splitlines() if known.exists() else []
     lines = [ln for ln in lines if not ln.startswith(f"[{host}]:{port} ")]
     write_private(known, "\n".join([*lines, entry]) + "\n")
+
+
+def hub_address(url: str) -> tuple[str, str]:
+    host, _, port = url.split("@", 1)[1].split("/", 1)[0].partition(":")
+    return host, port or "22"
+
+
+def ssh_config_entry(url: str, key: Path) -> None:
+    """This host's key for the hub in ~/.ssh/config: git, DVC's SSH remote and DVC's own git
+    client (``dvc exp push``) all read it, where only git reads ``core.sshCommand``."""
+    host, port = hub_address(url)
+    begin, end = f"# >>> llmcore team hub {host}:{port}", f"# <<< llmcore team hub {host}:{port}"
+    path = Path.home() / ".ssh" / "config"
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    text = path.read_text() if path.exists() else ""
+    if begin in text:  # replace this hub's block, keep everything else
+        head, _, rest = text.partition(begin)
+        text = head + rest.partition(end)[2].lstrip("\n")
+    block = (f"{begin}\nHost {host}\n  Port {port}\n  IdentityFile {key}\n"
+             f"  IdentitiesOnly yes\n  StrictHostKeyChecking yes\n"
+             f"  ConnectTimeout {SSH_TIMEOUT_S}\n{end}\n")
+    write_private(path, (text.rstrip("\n") + "\n\n" if text.strip() else "") + block)
 
 
 def connect(checkout: Path, env_file: Path, key: Path) -> dict[str, str]:
@@ -65,6 +86,7 @@ def connect(checkout: Path, env_file: Path, key: Path) -> dict[str, str]:
     if env_file.resolve() != (checkout / ENV_FILE).resolve():
         write_private(checkout / ENV_FILE, env_file.read_text())
     pin_host_key(values["LLMCORE_TEAM_GIT"], values["LLMCORE_TEAM_HOST_KEY"])
+    ssh_config_entry(values["LLMCORE_TEAM_GIT"], key)
     remotes = _run(["git", "remote"], checkout).split()
     verb = "set-url" if REMOTE in remotes else "add"
     _run(["git", "remote", verb, REMOTE, values["LLMCORE_TEAM_GIT"]], checkout)
@@ -82,6 +104,13 @@ def clone(url: str, dest: Path, key: Path, host_key: str) -> None:
     env = {**os.environ, "GIT_SSH_COMMAND": ssh_command(key.expanduser().resolve())}
     _run(["git", "clone", "--quiet", url, str(dest)], dest.parent, env)
     _run(["git", "remote", "rename", "origin", REMOTE], dest)
+    if subprocess.run(["git", "rev-parse", "--verify", "--quiet", "HEAD"], cwd=dest,
+                      capture_output=True).returncode:
+        branches = _run(["git", "branch", "-r", "--format=%(refname:short)"], dest).split()
+        if not branches:
+            raise SystemExit(f"the team's git remote {url} has no commit yet: push one "
+                             f"(`git push {REMOTE} HEAD:main`) and start the worker again")
+        _run(["git", "checkout", "--quiet", "--detach", branches[0]], dest)
 
 
 def worker_env(checkout: Path) -> dict[str, str]:

@@ -2,10 +2,12 @@
 
 Flow ``llm-team-pipeline`` (deployment ``llm-team-pipeline/team`` on pool ``llmcore``):
 
-1. fetch the team's git remote and check out the commit the run names, detached and forced
-   (a worker never trains on a tree no one committed; an unknown commit fails the run). The
+1. (the deployment's pull step, pipeline/team/steps.py, before this module is imported) fetch
+   the team's git remote and check out the commit the run names, detached and forced: a
+   worker never trains on a tree no one committed, and an unknown commit fails the run. The
    checkout is persistent: ignored files, the checkpoint folders among them, survive, so a
-   run killed mid-stage resumes from its last checkpoint when it is run again;
+   run killed mid-stage resumes from its last checkpoint when it is run again. The task
+   ``sync_checkout`` checks the same again where it shows in the run's record;
 2. ``dvc pull`` what the team's DVC remote already has (a stage that is cached there is not
    trained again; what it lacks is recomputed, so a failed pull only warns);
 3. the stages, as flow ``llm-pipeline`` runs them (a subflow), saved as DVC experiment
@@ -13,9 +15,6 @@ Flow ``llm-team-pipeline`` (deployment ``llm-team-pipeline/team`` on pool ``llmc
 4. ``dvc exp push``: the experiment's git ref to the team's git remote and its outputs to the
    DVC remote. A failed push fails the run with one line; nothing is lost, the experiment
    stays in this checkout and its DVC cache, and the same run again pushes it.
-
-The orchestration code is the worker's checkout as it was when the run started; the stages
-run the requested commit's code (each ``dvc repro`` starts them afresh from the checkout).
 """
 
 from __future__ import annotations

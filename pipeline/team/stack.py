@@ -7,6 +7,7 @@ keeps the data (``<state>/postgres``, ``mlartifacts``, ``git``, ``dvc-remote``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -140,20 +141,21 @@ def configure_prefect(hub: Hub, sec: dict[str, str]) -> None:
                                                    base_job_template=template))
         flow_name, dep_name = DEPLOYMENT.split("/")
         flow_id = client.create_flow_from_name(flow_name)
-        # the run's code is the worker's own checkout: it changes into it, then checks out
-        # the commit the run names (pipeline/team/flow.py)
+        # the run's code is the worker's own checkout: it changes into it and checks out the
+        # commit the run names before the flow is imported (pipeline/team/steps.py)
         client.create_deployment(
             flow_id, dep_name, work_pool_name=POOL,
             entrypoint="pipeline/team/flow.py:team_pipeline",
             pull_steps=[{"prefect.deployments.steps.set_working_directory": {
-                "directory": "{{ $LLMCORE_WORKER_CHECKOUT }}"}}],
+                "directory": "{{ $LLMCORE_WORKER_CHECKOUT }}"}},
+                        {"pipeline.team.steps.checkout_commit": {}}],
             parameter_openapi_schema=parameter_schema(team_pipeline).model_dump_for_openapi(),
             enforce_parameter_schema=True,
             description="The llmcore pipeline at a named commit, on a worker of pool llmcore")
     try:
         Automation.read(name=ZOMBIE_AUTOMATION)
     except (ValueError, ObjectNotFound):
-        try:
+        with contextlib.suppress(ObjectAlreadyExists):
             Automation(
                 name=ZOMBIE_AUTOMATION,
                 trigger=EventTrigger(
@@ -168,15 +170,14 @@ def configure_prefect(hub: Hub, sec: dict[str, str]) -> None:
                                             message=f"no heartbeat for {CRASH_AFTER_S}s: its "
                                             "worker died; run it again to resume")],
             ).create()
-        except ObjectAlreadyExists:
-            pass
 
 
 def init_repos(hub: Hub) -> None:
     bare = hub.path("git", "llmcore.git")
     if not (bare / "HEAD").exists():
         bare.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["git", "init", "-q", "--bare", str(bare)], check=True)
+        subprocess.run(["git", "init", "-q", "--bare", "--initial-branch=main", str(bare)],
+                       check=True)
     hub.path("dvc-remote").mkdir(parents=True, exist_ok=True)
 
 
