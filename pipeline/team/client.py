@@ -120,7 +120,11 @@ def worker_env(checkout: Path) -> dict[str, str]:
                DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true",
                PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(HEARTBEAT_S),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
-    env.pop("MLFLOW_TRACKING_URI_FILE", None)
+    # `dvc exp save` commits: a host without a git identity gets one naming it
+    for var in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
+        env.setdefault(var, f"llmcore worker {socket.gethostname()}")
+    for var in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
+        env.setdefault(var, f"llmcore@{socket.gethostname()}")
     return env
 
 
