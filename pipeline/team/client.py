@@ -39,8 +39,10 @@ def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
 
 
 def ssh_command(key: Path) -> str:
+    # known_hosts named: OpenSSH looks in the passwd entry's home, DVC's SSH client in $HOME
+    known = Path.home() / ".ssh" / "known_hosts"
     return (f"ssh -i {key} -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=yes "
-            f"-o ConnectTimeout={SSH_TIMEOUT_S}")
+            f"-o UserKnownHostsFile={known} -o ConnectTimeout={SSH_TIMEOUT_S}")
 
 
 def pin_host_key(url: str, host_key: str) -> None:
@@ -70,8 +72,11 @@ def ssh_config_entry(url: str, key: Path) -> None:
     if begin in text:  # replace this hub's block, keep everything else
         head, _, rest = text.partition(begin)
         text = head + rest.partition(end)[2].lstrip("\n")
+    # only options DVC's SSH client (asyncssh) knows: with any other, DVC's git falls back to
+    # plain OpenSSH without this block's key (an unknown host key is refused either way)
+    known = path.parent / "known_hosts"
     block = (f"{begin}\nHost {host}\n  Port {port}\n  IdentityFile {key}\n"
-             f"  IdentitiesOnly yes\n  StrictHostKeyChecking yes\n"
+             f"  IdentitiesOnly yes\n  UserKnownHostsFile {known}\n"
              f"  ConnectTimeout {SSH_TIMEOUT_S}\n{end}\n")
     write_private(path, (text.rstrip("\n") + "\n\n" if text.strip() else "") + block)
 

@@ -14,11 +14,13 @@ Flow ``llm-team-pipeline`` (deployment ``llm-team-pipeline/team`` on pool ``llmc
    ``experiment`` (``team-<flow run>`` by default), logged to the team's MLflow server;
 4. ``dvc exp push``: the experiment's git ref to the team's git remote and its outputs to the
    DVC remote. A failed push fails the run with one line; nothing is lost, the experiment
-   stays in this checkout and its DVC cache, and the same run again pushes it.
+   stays in this checkout and its DVC cache, and the same run again (same commit, stages and
+   overrides) only pushes it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -43,8 +45,10 @@ def git(root: Path, *args: str, timeout: float = GIT_TIMEOUT_S) -> subprocess.Co
 
 
 def last_line(text: str) -> str:
+    """The line that says what went wrong: DVC's last ``ERROR:`` line, else the last line."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else "(no output)"
+    errors = [ln for ln in lines if ln.startswith("ERROR:")]
+    return (errors or lines or ["(no output)"])[-1]
 
 
 @task(cache_policy=NO_CACHE)
@@ -86,8 +90,24 @@ def dvc_exp_push(root: str, name: str, env: dict[str, str]) -> None:
     if code:
         raise TeamRunError(
             f"dvc exp push {REMOTE} {name} failed: {last_line(tail)}. Nothing is lost: the "
-            f"experiment and its outputs stay in {root} and its DVC cache; run the same "
-            "flow again (its stages are cached) to push them")
+            f"experiment and its outputs stay in {root} and its DVC cache; the same run "
+            "again (same commit, stages and overrides) pushes them")
+
+
+def unpushed_marker(root: Path, name: str) -> Path:
+    """Where a run records an experiment it saved but could not push (inside ``.git``: no
+    checkout touches it)."""
+    return root / ".git" / "llmcore-unpushed" / f"{name}.json"
+
+
+def made_here_unpushed(root: Path, name: str, request: dict[str, Any]) -> bool:
+    """Whether experiment ``name`` was made here, for the same request, by a run whose push
+    failed: then only the push is left to do (the stages would only repeat themselves)."""
+    marker = unpushed_marker(root, name)
+    try:
+        return json.loads(marker.read_text()) == request
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 @flow(name="llm-team-pipeline", log_prints=True)
@@ -102,8 +122,18 @@ def team_pipeline(commit: str, stages: list[str] | None = None,
     env = {**os.environ, "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1"}
     dvc_pull(str(root), env)
     name = experiment or f"team-{flow_run.get_name() or 'run'}"
-    os.environ["LLMCORE_ROOT"] = str(root)
-    os.environ["LLMCORE_EXP_NAME"] = name
-    result = llm_pipeline(stages=stages, overrides=overrides, experiment=name)
+    request = {"commit": full, "stages": stages, "overrides": overrides}
+    result: dict[str, Any] = {"experiment": name}
+    if made_here_unpushed(root, name, request):
+        get_run_logger().info(f"experiment {name} was made here by a run whose push failed: "
+                              "pushing it")
+    else:
+        os.environ["LLMCORE_ROOT"] = str(root)
+        os.environ["LLMCORE_EXP_NAME"] = name
+        result = llm_pipeline(stages=stages, overrides=overrides, experiment=name)
+        marker = unpushed_marker(root, name)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(request))
     dvc_exp_push(str(root), name, env)
+    unpushed_marker(root, name).unlink(missing_ok=True)
     return {**result, "commit": full}

@@ -229,7 +229,8 @@ def team():
         for pid_file in (t.state / "run").glob("*.pid") if (t.state / "run").exists() else []:
             with contextlib.suppress(Exception):
                 kill_tree(int(pid_file.read_text().split()[0]))
-        shutil.rmtree(base, ignore_errors=True)
+        if os.environ.get("LLMCORE_TEAM_KEEP") != "1":  # 1: keep the logs and checkouts
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def test_unauthenticated_requests_are_refused(team):
@@ -273,7 +274,8 @@ def test_two_runs_reach_the_laptop_and_a_dead_remote_loses_nothing(team):
     for name in ("lr-a", "lr-b"):
         finished = [r for r in seen[name]["runs"] if r["status"] == "FINISHED"]
         stages = {r["stage"] for r in finished}
-        assert set(STAGES) <= stages, seen[name]
+        # run b found fetch, tokenizer and pack in DVC's run cache: only a's ran them
+        assert (set(STAGES) if name == "lr-a" else {"pretrain"}) <= stages, seen[name]
         assert {r["host"] for r in finished} == {"gpu-box"}
         assert {r["git_commit"] for r in finished if r["stage"] != "pipeline"} == {team.commit}
         assert all(r["artifact_uri"].startswith("mlflow-artifacts:") for r in finished)
