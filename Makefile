@@ -11,6 +11,9 @@
 #   make scaling    the scaling study (benchmarks/scaling.py: isoFLOP curves, hours on 2 cores)
 #   make compare    experiments side by side; VARIANT='key=value' SEEDS=5: with significance
 #   make harness    the held-out tasks in lm-evaluation-harness, on the exported model
+#   make team-up HOST=ADDR   the team hub on this host (docs/teams.md); make team-down stops it
+#   make team-worker CHECKOUT=DIR ENV=client.env   a training host serving the team's pool
+#   make team-test  the team stack across three network namespaces (root; ~8 minutes)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -41,7 +44,7 @@ PREFECT_ENV := PREFECT_HOME=$(abspath .prefect) \
 # columns that change on every run (timings, throughput): hidden in `make compare`
 VOLATILE := .*(seconds|per_s|mfu|memory|speed|resumed).*
 
-.PHONY: setup pipeline test test-fast lint bench speedrun showcase scaling plots llama-cpp clean-venv prefect-server serve mlflow-ui compare harness
+.PHONY: team-setup team-up team-down team-worker team-test setup pipeline test test-fast lint bench speedrun showcase scaling plots llama-cpp clean-venv prefect-server serve mlflow-ui compare harness
 
 setup: $(STAMP)
 
@@ -150,3 +153,37 @@ endif
 harness: setup
 	$(BIN)/dvc repro evaluate
 	$(BIN)/python benchmarks/harness.py
+
+# Team mode (docs/teams.md): PostgreSQL and sshd from the system's packages (installed here
+# when root on Debian), the `team` extra into the venv. `make pipeline` and `make test` need
+# none of it.
+TEAM_STATE ?=
+TEAM_STATE_ARG := $(if $(TEAM_STATE),--state $(TEAM_STATE),)
+team-setup: setup
+	@missing=""; [ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
+	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	  if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      echo "team-setup: installing$$missing"; \
+	      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; } \
+	        >/tmp/llmcore-team-apt.log 2>&1 || { echo "team-setup: apt-get failed (/tmp/llmcore-team-apt.log)"; exit 1; }; \
+	    else echo "team-setup: install$$missing (as root: apt-get install$$missing)"; exit 1; fi; \
+	  fi
+	@$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e '.[dev,team]' \
+	  || $(BIN)/python -m pip install -q -e '.[dev,team]'
+
+team-up: team-setup
+	@test -n "$(HOST)" || { echo "team-up: name the address the other hosts reach this one at: make team-up HOST=10.0.0.5"; exit 2; }
+	$(BIN)/python -m pipeline.team $(TEAM_STATE_ARG) up --host $(HOST)
+
+team-down: setup
+	$(BIN)/python -m pipeline.team $(TEAM_STATE_ARG) down
+
+team-worker: team-setup
+	@test -n "$(CHECKOUT)" -a -n "$(ENV)" || { echo "team-worker: make team-worker CHECKOUT=DIR ENV=path/to/client.env [KEY=~/.ssh/id_ed25519]"; exit 2; }
+	$(BIN)/python -m pipeline.team worker --checkout $(CHECKOUT) --env $(ENV) $(if $(KEY),--key $(KEY),)
+
+# the three-namespace test (tests/team/test_team.py): root, ~8 minutes; its phases' seconds
+# in reports/team_test.json
+team-test: team-setup
+	LLMCORE_TEAM_TEST=1 LLMCORE_TEAM_REPORT=reports/team_test.json $(BIN)/python -m pytest -q -p no:cacheprovider tests/team

@@ -23,6 +23,7 @@ from pipeline.team.settings import (
     REMOTE,
     load_team_env,
     read_env_file,
+    team_values,
     write_private,
 )
 from pipeline.team.stack import HEARTBEAT_S
@@ -120,7 +121,7 @@ def clone(url: str, dest: Path, key: Path, host_key: str) -> None:
 
 def worker_env(checkout: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(load_team_env(checkout))
+    env.update(team_values(checkout))
     env.update(LLMCORE_WORKER_CHECKOUT=str(checkout), DO_NOT_TRACK="true",
                DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true",
                PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(HEARTBEAT_S),
@@ -164,7 +165,8 @@ def trigger(checkout: Path, commit: str, overrides: dict[str, Any], stages: list
 
     params: dict[str, Any] = {"commit": full, "overrides": overrides or None,
                               "stages": stages, "experiment": experiment}
-    run = run_deployment(DEPLOYMENT, parameters=params, timeout=None if wait else 0)
+    # typed as a coroutine too (Prefect's sync/async dual API); called here, it runs at once
+    run: Any = run_deployment(DEPLOYMENT, parameters=params, timeout=None if wait else 0)
     state = run.state.name if run.state else "?"
     return {"flow_run_id": str(run.id), "flow_run": run.name, "state": state,
             "commit": full, "experiment": experiment}

@@ -156,13 +156,18 @@ def read_env_file(path: Path) -> dict[str, str]:
     return out
 
 
-def load_team_env(checkout: Path) -> dict[str, str]:
-    """The checkout's ``team.env`` merged into ``os.environ`` (set variables win)."""
+def team_values(checkout: Path) -> dict[str, str]:
+    """The checkout's ``team.env`` (or the file ``LLMCORE_TEAM_ENV`` names)."""
     path = Path(os.environ.get("LLMCORE_TEAM_ENV") or checkout / ENV_FILE)
     if not path.exists():
         raise SystemExit(f"{path} is missing: copy the hub's client.env there and run "
                          "`python -m pipeline.team connect --env FILE`")
-    values = read_env_file(path)
+    return read_env_file(path)
+
+
+def load_team_env(checkout: Path) -> dict[str, str]:
+    """The checkout's ``team.env`` merged into ``os.environ`` (set variables win)."""
+    values = team_values(checkout)
     for key, value in values.items():
         os.environ.setdefault(key, value)
     return values

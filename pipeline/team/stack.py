@@ -15,6 +15,7 @@ import time
 import urllib.request
 from base64 import b64encode
 from pathlib import Path
+from typing import Any
 
 from pipeline.team import services as sv
 from pipeline.team.settings import (
@@ -59,7 +60,10 @@ def start_mlflow(hub: Hub, sec: dict[str, str]) -> None:
                                               "mlflow"),
            "MLFLOW_AUTH_CONFIG_PATH": str(ini),
            "MLFLOW_AUTH_ADMIN_PASSWORD": sec["mlflow_admin"],
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": sec["flask_secret"]}
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": sec["flask_secret"],
+           # its job runner serves MLflow's GenAI evaluations, which nothing here uses: two
+           # consumer processes less on the hub
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     hub.path("mlartifacts").mkdir(parents=True, exist_ok=True)
     args = [sv.python_bin(), "-m", "mlflow", "server", "--serve-artifacts",
             "--artifacts-destination", str(hub.path("mlartifacts")), "--host", hub.listen,
@@ -152,11 +156,13 @@ def configure_prefect(hub: Hub, sec: dict[str, str]) -> None:
             parameter_openapi_schema=parameter_schema(team_pipeline).model_dump_for_openapi(),
             enforce_parameter_schema=True,
             description="The llmcore pipeline at a named commit, on a worker of pool llmcore")
+    # Automation's methods are typed as coroutines (Prefect's sync/async dual API); called
+    # outside an event loop they run at once
+    automations: Any = Automation
     try:
-        Automation.read(name=ZOMBIE_AUTOMATION)
+        automations.read(name=ZOMBIE_AUTOMATION)
     except (ValueError, ObjectNotFound):
-        with contextlib.suppress(ObjectAlreadyExists):
-            Automation(
+        automation: Any = Automation(
                 name=ZOMBIE_AUTOMATION,
                 trigger=EventTrigger(
                     after={"prefect.flow-run.heartbeat"},
@@ -166,10 +172,12 @@ def configure_prefect(hub: Hub, sec: dict[str, str]) -> None:
                     match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
                     for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
                     within=timedelta(seconds=CRASH_AFTER_S)),
-                actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                actions=[ChangeFlowRunState(state=StateType.CRASHED, name=None, force=False,
                                             message=f"no heartbeat for {CRASH_AFTER_S}s: its "
                                             "worker died; run it again to resume")],
-            ).create()
+            )
+        with contextlib.suppress(ObjectAlreadyExists):
+            automation.create()
 
 
 def init_repos(hub: Hub) -> None:

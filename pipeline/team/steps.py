@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from uuid import UUID
 
 REMOTE = "team"  # pipeline.team.settings.REMOTE (not imported: see above)
 
@@ -24,7 +25,7 @@ def checkout_commit() -> dict[str, str]:
     if not run_id:
         raise RuntimeError("PREFECT__FLOW_RUN_ID is not set: this step runs in a flow run")
     with get_client(sync_client=True) as client:
-        commit = str(client.read_flow_run(run_id).parameters.get("commit") or "")
+        commit = str(client.read_flow_run(UUID(run_id)).parameters.get("commit") or "")
     if not commit:
         raise RuntimeError("the run names no commit (parameter 'commit')")
     subprocess.run(["git", "fetch", "--quiet", REMOTE], capture_output=True, timeout=300)

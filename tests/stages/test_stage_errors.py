@@ -260,3 +260,22 @@ def test_dpo_trains_on_pairs_from_a_minimind_file_and_refuses_no_pairs(project, 
                                            "corpus_pairs": False}})
     code, err = run("dpo", project, monkeypatch, capsys)
     assert code == 2 and "no preference pairs" in err and "Traceback" not in err
+
+
+def test_a_tracking_server_that_is_down_fails_the_stage_in_one_line(project, monkeypatch,
+                                                                    capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    write_params(project, {**TINY, "base": {"tracking": "mlflow"}})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    before = sorted(p.name for p in (project / "data").rglob("*"))
+    code, err = run("tokenizer", project, monkeypatch, capsys)
+    assert code == 1  # not the user's error: a flow may retry it
+    line = error_line(err)
+    assert "cannot be reached" in line and f"127.0.0.1:{port}" in line
+    assert "Traceback" not in err
+    assert sorted(p.name for p in (project / "data").rglob("*")) == before

@@ -134,7 +134,9 @@ def equal(a: dict, b: dict) -> bool:
 def weights(exp: str) -> dict:
     from safetensors.torch import load_file
 
-    for cmd in (["dvc", "exp", "apply", exp], ["dvc", "pull", "pretrain"]):
+    # the experiment as a branch, checked out, then its outputs from the DVC remote
+    for cmd in (["dvc", "exp", "branch", exp, f"exp-{exp}"],
+                ["git", "checkout", "-q", f"exp-{exp}"], ["dvc", "pull", "pretrain"]):
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"{' '.join(cmd)}: {done.stderr.strip()[-500:]}")

@@ -194,6 +194,7 @@ def _make_checkout(team: Team) -> None:
 
 @pytest.fixture(scope="module")
 def team():
+    began = time.monotonic()
     base = Path(tempfile.mkdtemp(prefix="llmc-team-"))
     os.chmod(base, 0o755)  # PostgreSQL's own user reaches its folder under the hub's
     t = Team(base)
@@ -229,6 +230,7 @@ def team():
         for pid_file in (t.state / "run").glob("*.pid") if (t.state / "run").exists() else []:
             with contextlib.suppress(Exception):
                 kill_tree(int(pid_file.read_text().split()[0]))
+        t.record("test_s", time.monotonic() - began)
         if os.environ.get("LLMCORE_TEAM_KEEP") != "1":  # 1: keep the logs and checkouts
             shutil.rmtree(base, ignore_errors=True)
 
@@ -331,8 +333,10 @@ def test_mlflow_down_when_a_stage_finishes_fails_it_in_one_line(team):
     m = team.trigger("lr-m", **{"pretrain.lr": 0.005})
     team.wait_new_checkpoint(before, 20)
     services.stop(Hub.load(team.state), "mlflow")
+    stopped = time.monotonic()
     st = team.wait(m)
     assert st["type"] == "FAILED", st
+    team.record("mlflow_down_failed_s", time.monotonic() - stopped)
     lines = [ln for ln in st["message"].splitlines() if "cannot be reached" in ln]
     assert len(lines) == 1 and lines[0].startswith("pretrain: error: the MLflow server"), st
     assert "Traceback" not in st["message"]
