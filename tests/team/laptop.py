@@ -141,6 +141,7 @@ def weights(exp: str) -> dict:
         if done.returncode:
             raise SystemExit(f"{' '.join(cmd)}: {done.stderr.strip()[-500:]}")
     pulled = load_file(str(ROOT / "data/models/pretrain/model.safetensors"))
+    subprocess.run(["git", "checkout", "-q", "-"], check=True)  # back to the branch it was on
     with tempfile.TemporaryDirectory() as tmp:
         version, registered = version_weights(exp, Path(tmp))
     return {"version": version, "tensors": len(pulled), "equal": equal(pulled, registered)}

@@ -78,6 +78,7 @@ class Team:
         self.worker: subprocess.Popen | None = None
         self.times: dict[str, float] = {}
         self.env = project_env()
+        self.commit = ""
 
     # --- hosts --------------------------------------------------------------------------
     def on(self, host: str, *args: str, timeout: float = 300,
@@ -118,7 +119,7 @@ class Team:
 
     # --- runs -----------------------------------------------------------------------------
     def trigger(self, name: str, **overrides: object) -> str:
-        args = ["-m", "pipeline.team", "run", "--name", name]
+        args = ["-m", "pipeline.team", "run", "--name", name, "--commit", self.commit]
         for stage in STAGES:
             args += ["--stage", stage]
         for key, value in overrides.items():
@@ -343,3 +344,15 @@ def test_mlflow_down_when_a_stage_finishes_fails_it_in_one_line(team):
     team.up()  # the MLflow server back: the failed run registered nothing
     seen = team.ask("runs", "lr-m")["lr-m"]
     assert seen["versions"] == [], seen
+
+
+def test_backup_dumps_the_databases_users_included(team):
+    dest = team.base / "backup"
+    done = team.hub("backup", str(dest))
+    assert done.returncode == 0, done.stdout + done.stderr
+    dumps = {p.name.split("-", 2)[-1]: p for p in dest.iterdir()}
+    assert {"mlflow.dump", "mlflow_auth.dump", "prefect.dump", "mlartifacts.tar.gz",
+            "git.tar.gz", "dvc-remote.tar.gz"} <= set(dumps), sorted(dumps)
+    listing = subprocess.run(["pg_restore", "--list", str(dumps["mlflow_auth.dump"])],
+                             capture_output=True, text=True)
+    assert listing.returncode == 0 and " users " in listing.stdout, listing.stderr
