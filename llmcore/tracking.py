@@ -96,12 +96,16 @@ def is_server(tracking_uri: str) -> bool:
 def unreachable(exc: BaseException) -> str | None:
     """One line saying the tracking server cannot be reached, if that is what ``exc`` is."""
     import requests
+    from mlflow.exceptions import MlflowException
 
     seen: BaseException | None = exc
     while seen is not None:
         text = str(seen)
+        # MLflow's REST client wraps what requests raised in this message; an error of
+        # anything else (a rendezvous, a download) is not the tracking server's
         if isinstance(seen, (requests.ConnectionError, requests.Timeout)) or (
-                "Max retries exceeded" in text or "Connection refused" in text):
+                isinstance(seen, MlflowException) and text.startswith("API request to")
+                and "failed with exception" in text):
             first = text.strip().splitlines()[0] if text.strip() else type(seen).__name__
             return first[:300]
         seen = seen.__cause__ or seen.__context__

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 from docs.figures import Read, figure, missing
 
 REPORT = "reports/team_test.json"
@@ -40,3 +42,25 @@ def team_up_seconds(read: Read) -> str:
     if not data or "team_up_s" not in data:
         return missing(REPORT)
     return f"{data['team_up_s']:.0f} s"
+
+
+# the settings the page quotes, read from the code that uses them (not measurements)
+def _setting(name: str, module: str, attr: str, text: str) -> None:
+    @figure(name)
+    def quote(read: Read) -> str:
+        return text.format(getattr(importlib.import_module(module), attr))
+
+
+_setting("team-ssh-timeout", "pipeline.team.client", "SSH_TIMEOUT_S", "{} s")
+_setting("team-heartbeat", "pipeline.team.stack", "HEARTBEAT_S", "every {} s")
+_setting("team-crash-after", "pipeline.team.stack", "CRASH_AFTER_S", "{} s")
+
+
+@figure("team-mlflow-giveup")
+def team_mlflow_giveup(read: Read) -> str:
+    """How long an MLflow call to a dead server retries: the backoff's sleeps added up."""
+    from pipeline.team.settings import MLFLOW_CLIENT_LIMITS
+
+    retries = int(MLFLOW_CLIENT_LIMITS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+    factor = float(MLFLOW_CLIENT_LIMITS["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"])
+    return f"~{factor * sum(2**i for i in range(retries)):.0f} s"

@@ -122,6 +122,8 @@ def test_a_tracking_server_that_is_down_is_told_apart(monkeypatch):
     why = unreachable(info.value)
     assert why is not None and "\n" not in why
     assert unreachable(ValueError("bad value")) is None
+    # a refused connection of something else (a rendezvous) is not the tracking server's
+    assert unreachable(RuntimeError("connect(): Connection refused")) is None
 
 
 def test_worker_environment_names_the_checkout_and_heartbeats(tmp_path, monkeypatch):
