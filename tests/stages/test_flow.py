@@ -261,7 +261,10 @@ def failed_then_fixed(prefect_setup, override_run):
     failed = trigger(root, env, f'overrides={{"pack.seq_len": 2, {sft}}}')
     failed_run = final_state(url, failed)
     params_after_failure = (root / "params.yaml").read_text()
-    fixed = trigger(root, env, f'overrides={{"pack.seq_len": 32, {sft}}}', "experiment=lr-1e-4")
+    # up to sft (what the registry test needs): also the `dvc exp save` of a stage subset
+    upto_sft = '["fetch", "tokenizer", "pack", "pretrain", "sft"]'
+    fixed = trigger(root, env, f'overrides={{"pack.seq_len": 32, {sft}}}', "experiment=lr-1e-4",
+                    f"stages={upto_sft}")
     return (failed, failed_run, params_after_failure), (fixed, final_state(url, fixed))
 
 
@@ -285,6 +288,10 @@ def test_failing_stage_fails_the_flow_run_then_a_fixed_run_reuses_outputs(prefec
     if "Running stage 'pretrain'" in logs:
         assert "pretrain: checkpoint is at step" in logs
     assert "Running stage 'sft'" in logs
+    assert "Running stage 'dpo'" not in logs  # the run named its stages
+    show = subprocess.run(["dvc", "exp", "show", "--json"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert "lr-1e-4" in show.stdout  # saved with only its stages' outputs
 
 
 @pytest.mark.slow

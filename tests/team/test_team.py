@@ -356,3 +356,13 @@ def test_backup_dumps_the_databases_users_included(team):
     listing = subprocess.run(["pg_restore", "--list", str(dumps["mlflow_auth.dump"])],
                              capture_output=True, text=True)
     assert listing.returncode == 0 and " users " in listing.stdout, listing.stderr
+
+
+def test_no_secret_is_in_any_log(team):
+    secrets = json.loads((team.state / "secrets.json").read_text())
+    logs = [*sorted((team.state / "logs").glob("*.log")), team.worker_log]
+    assert len(logs) >= 5  # postgres, sshd, mlflow, prefect, the worker
+    for log in logs:
+        text = log.read_text(errors="replace")
+        leaked = [name for name, value in secrets.items() if value in text]
+        assert not leaked, f"{log.name} holds the secrets {leaked}"
