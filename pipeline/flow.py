@@ -126,6 +126,15 @@ def dvc_exp_save(name: str, root: str, env: dict[str, str],
         raise RuntimeError(f"dvc exp save failed:\n{tail}")
 
 
+def select_stages(stages: list[str] | None) -> list[str]:
+    """The stages a run names, in pipeline order; every stage when it names none."""
+    selected = list(stages or STAGES)
+    unknown = [s for s in selected if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    return [s for s in STAGES if s in selected]
+
+
 def set_dotted(params: dict[str, Any], key: str, value: Any) -> None:
     node = params
     parts = key.split(".")
@@ -197,11 +206,7 @@ def llm_pipeline(stages: list[str] | None = None, overrides: dict[str, Any] | No
 
     logger = get_run_logger()
     root = Path(os.environ.get("LLMCORE_ROOT", ROOT)).resolve()
-    selected = list(stages or STAGES)
-    unknown = [s for s in selected if s not in STAGES]
-    if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
-    selected = [s for s in STAGES if s in selected]  # pipeline order
+    selected = select_stages(stages)
     settings = flow_settings(root)
     run_name = str(flow_run.get_name() or "manual")
     exp_name = experiment or (f"prefect-{run_name}" if overrides else None)
