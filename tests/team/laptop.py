@@ -58,12 +58,14 @@ def state(run_id: str) -> dict:
 def refused() -> dict:
     mlflow, prefect = os.environ["MLFLOW_TRACKING_URI"], os.environ["PREFECT_API_URL"]
     host = mlflow.split("//")[1].split(":")[0]
+    password = os.environ["MLFLOW_TRACKING_PASSWORD"]
     out = {
         "mlflow_no_credentials": http(f"{mlflow}/api/2.0/mlflow/experiments/search"
                                       "?max_results=1")[0],
         "mlflow_wrong_password": http(f"{mlflow}/api/2.0/mlflow/experiments/search"
                                       "?max_results=1", auth="team:wrong")[0],
         "mlflow_ui_no_credentials": http(f"{mlflow}/")[0],
+        "mlflow_ui_with_credentials": http(f"{mlflow}/", auth=f"team:{password}")[0],
         "prefect_no_credentials": http(f"{prefect}/flow_runs/filter", "POST", {})[0],
         "prefect_wrong_auth": http(f"{prefect}/flow_runs/filter", "POST", {},
                                    auth="admin:wrong")[0],
@@ -109,6 +111,8 @@ def runs(names: list[str]) -> dict:
                 entry["versions"].append({"name": v.name, "version": v.version,
                                           "aliases": list(v.aliases),
                                           "tags": dict(v.tags)})
+    # what users load: `models:/llmcore-pretrain@best`, resolved by the shared registry
+    out["best"] = client.get_model_version_by_alias(MODEL, "best").version
     return out
 
 

@@ -239,7 +239,7 @@ def team():
 def test_unauthenticated_requests_are_refused(team):
     got = team.ask("refused")
     assert got["mlflow_no_credentials"] == 401 and got["mlflow_wrong_password"] == 401
-    assert got["mlflow_ui_no_credentials"] == 401
+    assert got["mlflow_ui_no_credentials"] == 401 and got["mlflow_ui_with_credentials"] == 200
     assert got["prefect_no_credentials"] == 401 and got["prefect_wrong_auth"] == 401
     assert got["prefect_with_auth"] == 200
     assert got["postgres_from_laptop"] != "open"  # PostgreSQL listens on the hub's loopback
@@ -288,6 +288,8 @@ def test_two_runs_reach_the_laptop_and_a_dead_remote_loses_nothing(team):
         assert len(versions) == 1 and versions[0]["tags"]["git_commit"] == team.commit
         assert versions[0]["tags"]["param.pretrain.lr"] == str(
             {"lr-a": 0.002, "lr-b": 0.004}[name])
+    registered = {v["version"] for n in ("lr-a", "lr-b") for v in seen[n]["versions"]}
+    assert seen["best"] in registered  # models:/llmcore-pretrain@best is one of them
     pulled = subprocess.run(team.lan.cmd("laptop", "dvc", "exp", "pull", "--no-cache", "team",
                                          "lr-a", "lr-b"),
                             cwd=team.laptop, env=team.env, capture_output=True, text=True)
