@@ -13,7 +13,7 @@
 #   make harness    the held-out tasks in lm-evaluation-harness, on the exported model
 #   make team-up HOST=ADDR   the team hub on this host (docs/teams.md); make team-down stops it
 #   make team-worker CHECKOUT=DIR ENV=client.env   a training host serving the team's pool
-#   make team-test  the team stack across three network namespaces (root; ~8 minutes)
+#   make team-test  the team stack across three network namespaces (root; ~10 minutes)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -183,7 +183,7 @@ team-worker: team-setup
 	@test -n "$(CHECKOUT)" -a -n "$(ENV)" || { echo "team-worker: make team-worker CHECKOUT=DIR ENV=path/to/client.env [KEY=~/.ssh/id_ed25519]"; exit 2; }
 	$(BIN)/python -m pipeline.team worker --checkout $(CHECKOUT) --env $(ENV) $(if $(KEY),--key $(KEY),)
 
-# the three-namespace test (tests/team/test_team.py): root, ~8 minutes; its phases' seconds
+# the three-namespace test (tests/team/test_team.py): root, ~10 minutes; its phases' seconds
 # in reports/team_test.json
 team-test: team-setup
 	LLMCORE_TEAM_TEST=1 LLMCORE_TEAM_REPORT=reports/team_test.json $(BIN)/python -m pytest -q -p no:cacheprovider tests/team

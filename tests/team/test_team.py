@@ -43,7 +43,7 @@ pytestmark = [pytest.mark.slow]
 def _why_not() -> str | None:
     if os.environ.get("LLMCORE_TEAM_TEST") != "1":
         return ("the team stack's test runs with `make team-test` (three network namespaces, "
-                "PostgreSQL, sshd; about 8 minutes)")
+                "PostgreSQL, sshd; about 10 minutes)")
     if os.geteuid() != 0:
         return "network namespaces need root"
     for tool in ("ip", "unshare", "ssh", "ssh-keygen"):
