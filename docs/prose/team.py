@@ -52,8 +52,8 @@ def _setting(name: str, module: str, attr: str, text: str) -> None:
 
 
 _setting("team-ssh-timeout", "pipeline.team.client", "SSH_TIMEOUT_S", "{} s")
-_setting("team-heartbeat", "pipeline.team.stack", "HEARTBEAT_S", "every {} s")
-_setting("team-crash-after", "pipeline.team.stack", "CRASH_AFTER_S", "{} s")
+_setting("team-heartbeat", "pipeline.team.settings", "HEARTBEAT_S", "every {} s")
+_setting("team-crash-after", "pipeline.team.settings", "CRASH_AFTER_S", "{} s")
 
 
 @figure("team-mlflow-giveup")

@@ -19,6 +19,7 @@ from typing import Any
 from pipeline.team.settings import (
     DEPLOYMENT,
     ENV_FILE,
+    HEARTBEAT_S,
     POOL,
     REMOTE,
     load_team_env,
@@ -26,7 +27,6 @@ from pipeline.team.settings import (
     team_values,
     write_private,
 )
-from pipeline.team.stack import HEARTBEAT_S
 
 SSH_TIMEOUT_S = 15  # a hub that does not answer fails git and DVC in seconds, not minutes
 

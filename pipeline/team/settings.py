@@ -23,6 +23,10 @@ REMOTE = "team"  # the git remote and the DVC remote of every checkout, named al
 POOL = "llmcore"  # the Prefect work pool (process type) every worker serves
 DEPLOYMENT = "llm-team-pipeline/team"
 MLFLOW_USER = "team"  # the account clients log with (the admin account only manages users)
+# a flow run whose heartbeats stop for CRASH_AFTER_S is marked Crashed (workers send one every
+# HEARTBEAT_S, Prefect's minimum): a dead worker's run is Crashed within about the sum
+HEARTBEAT_S = 30
+CRASH_AFTER_S = 45
 SECRET_NAMES = ("postgres", "pg_mlflow", "pg_prefect", "mlflow_admin", "mlflow_team",
                 "flask_secret", "prefect_auth")
 # an MLflow call to a server that is down fails after ~7 s (retries sleep 1, 2, 4 s), not the

@@ -19,6 +19,7 @@ from typing import Any
 
 from pipeline.team import services as sv
 from pipeline.team.settings import (
+    CRASH_AFTER_S,
     DEPLOYMENT,
     MLFLOW_USER,
     POOL,
@@ -29,10 +30,6 @@ from pipeline.team.settings import (
     write_private,
 )
 
-# a flow run whose heartbeats stop for this long is marked Crashed (heartbeats every 30 s,
-# Prefect's minimum): a dead worker's run is Crashed within ~HEARTBEAT + CRASH_AFTER seconds
-HEARTBEAT_S = 30
-CRASH_AFTER_S = 45
 ZOMBIE_AUTOMATION = "llmcore: crash flow runs whose heartbeats stopped"
 
 
