@@ -7,7 +7,7 @@ Flow ``llm-team-pipeline`` (deployment ``llm-team-pipeline/team`` on pool ``llmc
    worker never trains on a tree no one committed, and an unknown commit fails the run. The
    checkout is persistent: ignored files, the checkpoint folders among them, survive, so a
    run killed mid-stage resumes from its last checkpoint when it is run again. The task
-   ``sync_checkout`` checks the same again where it shows in the run's record;
+   ``sync_checkout`` checks that the checkout is at that commit, in the run's record;
 2. ``dvc pull`` what the team's DVC remote already has (a stage that is cached there is not
    trained again; what it lacks is recomputed, so a failed pull only warns);
 3. the stages, as flow ``llm-pipeline`` runs them (a subflow), saved as DVC experiment
@@ -53,25 +53,20 @@ def last_line(text: str) -> str:
 
 @task(cache_policy=NO_CACHE)
 def sync_checkout(root: str, commit: str) -> str:
-    """Check out ``commit`` from the team's git remote; the full commit id."""
-    logger = get_run_logger()
+    """The full id of ``commit``, checked to be what the checkout holds: the deployment's
+    pull step (pipeline/team/steps.py) checked it out before this flow was imported."""
     path = Path(root)
     if not (path / ".git").exists():
         raise TeamRunError(f"{root} is not a git checkout: start the worker with "
                            "`python -m pipeline.team worker --checkout DIR`")
-    fetched = git(path, "fetch", "--quiet", REMOTE)
-    if fetched.returncode:
-        logger.warning(f"git fetch {REMOTE}: {last_line(fetched.stderr)}")
-    found = git(path, "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}")
-    if found.returncode:
-        raise TeamRunError(f"commit {commit!r} is not on the team's git remote: push it "
-                           f"(`git push {REMOTE} HEAD`) and run again")
-    full = found.stdout.strip()
-    done = git(path, "checkout", "--quiet", "--force", "--detach", full)
-    if done.returncode:
-        raise TeamRunError(f"git checkout {full}: {last_line(done.stderr)}")
-    logger.info(f"checked out {full} in {root}")
-    return full
+    wanted = git(path, "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}")
+    head = git(path, "rev-parse", "HEAD").stdout.strip()
+    if wanted.returncode or wanted.stdout.strip() != head:
+        raise TeamRunError(f"the checkout {root} is at {head[:12] or 'no commit'}, not at "
+                           f"{commit!r}: the run must come from deployment "
+                           "llm-team-pipeline/team, whose pull step checks its commit out")
+    get_run_logger().info(f"running commit {head} in {root}")
+    return head
 
 
 @task(cache_policy=NO_CACHE)

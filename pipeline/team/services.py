@@ -9,6 +9,7 @@ their environment or a 0600 file, never their command line.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -72,7 +73,7 @@ def wait_until(check, what: str, hub: Hub, name: str, timeout: float) -> None:
     while time.monotonic() < deadline:
         if check():
             return
-        if running_pid(hub, name) is None and name != "postgres":
+        if running_pid(hub, name) is None:
             raise StackError(f"{what} exited while starting; its log "
                              f"({hub.path('logs', name + '.log')}) ends:\n{log_tail(hub, name)}")
         time.sleep(0.5)
@@ -86,14 +87,17 @@ def port_open(host: str, port: int) -> bool:
     return False
 
 
-def http_status(url: str, auth: tuple[str, str] | None = None) -> int | None:
+def http_status(url: str, auth: tuple[str, str] | None = None, method: str = "GET",
+                body: dict | None = None, timeout: float = 5) -> int | None:
     """The HTTP status ``url`` answers with (401 included); None when nothing answers."""
-    req = urllib.request.Request(url)
+    req = urllib.request.Request(url, method=method,
+                                 data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
     if auth:
         token = b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
         req.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return int(resp.status)
     except urllib.error.HTTPError as exc:
         return int(exc.code)

@@ -8,12 +8,9 @@ keeps the data (``<state>/postgres``, ``mlartifacts``, ``git``, ``dvc-remote``).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import time
-import urllib.request
-from base64 import b64encode
 from pathlib import Path
 from typing import Any
 
@@ -74,17 +71,10 @@ def start_mlflow(hub: Hub, sec: dict[str, str]) -> None:
     ensure_mlflow_user(hub, sec)
 
 
-def _mlflow_call(hub: Hub, sec: dict[str, str], method: str, path: str, body: dict) -> int:
-    req = urllib.request.Request(f"{hub.mlflow_url}{path}", method=method,
-                                 data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    token = b64encode(f"admin:{sec['mlflow_admin']}".encode()).decode()
-    req.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
+def _mlflow_call(hub: Hub, sec: dict[str, str], method: str, path: str,
+                 body: dict) -> int | None:
+    return sv.http_status(f"{hub.mlflow_url}{path}", ("admin", sec["mlflow_admin"]), method,
+                          body, timeout=30)
 
 
 def ensure_mlflow_user(hub: Hub, sec: dict[str, str]) -> None:

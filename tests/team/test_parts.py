@@ -134,3 +134,30 @@ def test_worker_environment_names_the_checkout_and_heartbeats(tmp_path, monkeypa
     assert env["PREFECT_API_URL"] == "http://10.0.0.5:4200/api"
     assert int(env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) >= 30  # Prefect's minimum
     assert os.path.dirname(os.sys.executable) in env["PATH"].split(os.pathsep)[0]
+
+
+def test_a_run_refuses_a_checkout_that_is_not_at_its_commit(tmp_path):
+    import subprocess
+
+    from pipeline.team.flow import TeamRunError, sync_checkout
+
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    shas = []
+    for n in range(2):
+        (tmp_path / "f").write_text(str(n))
+        subprocess.run(["git", "add", "f"], cwd=tmp_path, check=True)
+        subprocess.run(["git", "commit", "-qm", str(n)], cwd=tmp_path, check=True, env=env)
+        shas.append(subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, check=True,
+                                   capture_output=True, text=True).stdout.strip())
+    from prefect.logging import disable_run_logger
+
+    with disable_run_logger():
+        assert sync_checkout.fn(str(tmp_path), shas[1][:8]) == shas[1]
+        with pytest.raises(TeamRunError, match="not at"):
+            sync_checkout.fn(str(tmp_path), shas[0])  # known, but not checked out
+        with pytest.raises(TeamRunError, match="not at"):
+            sync_checkout.fn(str(tmp_path), "f" * 40)  # unknown
+    with pytest.raises(TeamRunError, match="not a git checkout"):
+        sync_checkout.fn(str(tmp_path / "nowhere"), shas[1])
