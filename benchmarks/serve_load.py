@@ -2,6 +2,7 @@
 
     python benchmarks/serve_load.py [--model data/models/sft] [--clients 1 8 32]
     python benchmarks/serve_load.py --tree /path/to/other/checkout --label before
+    python benchmarks/serve_load.py --shape 8x512 --label 27m    # random weights, speed only
 
 Starts the server on 127.0.0.1 (from this checkout, or from ``--tree``, another checkout of
 the project, to measure a different version on the same machine), then for each concurrency
@@ -10,6 +11,11 @@ after the other (greedy, ``--max-tokens`` at most, held-out questions as prompts
 level: aggregate generated tokens/s (tokens from the server's usage when it sends it, else the
 streamed pieces), p50/p95 time to first token, p50/p95 gap between streamed pieces (per-token
 latency), errors. Prints a table, writes reports/serve_load[-LABEL].json.
+
+The bound it is read against: the same engine in this process (no HTTP, no JSON, no event
+loop), on the same model, prompts and server flags, with as many requests at once as the
+largest level has clients, ``--requests`` rounds, measured before the server starts and after
+it stops (``in_process``); ``http_vs_in_process`` is the largest level's rate over their mean.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -103,6 +110,43 @@ async def level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
             "mean_tokens": round(statistics.mean([r["tokens"] for r in ok]), 1) if ok else 0}
 
 
+def in_process(model: Path, clients: int, rounds: int, max_tokens: int, server_args: list[str]
+               ) -> dict:
+    """Generated tokens/s of the engine run here on ``clients`` requests at once, ``rounds``
+    times: what the server could deliver if HTTP cost nothing."""
+    from llmcore.data.tokenizer import LLMTokenizer
+    from llmcore.device import pick_device
+    from llmcore.infer.engine import Engine, Request
+    from llmcore.infer.generate import Sampling
+    from llmcore.model.modeldir import load_model_dir
+
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--max-batch", type=int, default=8)
+    flags.add_argument("--compile", action="store_true")
+    known, _ = flags.parse_known_args(server_args)
+    model_obj, _ = load_model_dir(model, pick_device("auto"))
+    tok = LLMTokenizer.load(model)
+    engine = Engine(model_obj, tok, max_batch=known.max_batch, max_queue=clients + 1,
+                    own_thread=False, compile=known.compile)
+    prompts = [tok.encode_prompt([{"role": "user", "content": p}]) for p in PROMPTS]
+    sampling = Sampling(max_new_tokens=max_tokens, temperature=0.0)
+
+    def batch(n: int) -> int:
+        counts: list[int] = []
+        for i in range(n):
+            engine.submit(Request(prompts[i % len(prompts)], sampling,
+                                  lambda e: counts.append(e.tokens) if e.finish else None,
+                                  (tok.im_end_id, tok.eot_id)))
+        engine.run(until_idle=True)
+        return sum(counts)
+
+    batch(2)  # warm-up (and the compile, with --compile)
+    start, tokens = time.perf_counter(), sum(batch(clients) for _ in range(rounds))
+    wall = time.perf_counter() - start
+    return {"requests": clients * rounds, "tokens": tokens, "seconds": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 1)}
+
+
 def start_server(tree: Path, model: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(tree)}
@@ -125,6 +169,8 @@ def start_server(tree: Path, model: Path, extra: list[str]) -> tuple[subprocess.
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=REPO / "data/models/sft")
+    ap.add_argument("--shape", help="random weights of LxD (as benchmarks/decode_speed.py "
+                    "--shape): L layers of width D; replies then run to --max-tokens")
     ap.add_argument("--tree", type=Path, default=REPO, help="checkout whose server to run")
     ap.add_argument("--label", default="", help="suffix of the report file")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
@@ -134,7 +180,20 @@ def main() -> None:
     ap.add_argument("--server-args", default="--max-batch 32 --max-queue 64",
                     help="extra `llmcore serve` flags ('' for a server without them)")
     args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.shape:
+            from benchmarks.decode_speed import random_model_dir
+            args.model = random_model_dir(Path(tmp) / f"random-{args.shape}", "cpu-mini",
+                                          args.shape)
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     model = args.model.resolve()
+    top = max(args.clients)
+    top_rounds = args.requests or {1: 8, 8: 4}.get(top, 2)
+    engine_runs = [in_process(model, top, top_rounds, args.max_tokens, args.server_args.split())]
+    print(f"in process, {top} at once: {engine_runs[0]['tokens_per_s']:.1f} tok/s", flush=True)
     proc, url = start_server(args.tree.resolve(), model, args.server_args.split())
     rows = []
     try:
@@ -150,16 +209,27 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(20)
+    engine_runs.append(in_process(model, top, top_rounds, args.max_tokens,
+                                  args.server_args.split()))
+    print(f"in process, {top} at once: {engine_runs[1]['tokens_per_s']:.1f} tok/s", flush=True)
+    bound = statistics.mean(r["tokens_per_s"] for r in engine_runs)
+    served = next((r["tokens_per_s"] for r in rows if r["clients"] == top), None)
     single = rows[0]["tokens_per_s"] if rows and rows[0]["clients"] == 1 else None
-    report = {"machine": describe(torch.device("cpu"), torch.float32), "model": str(model.relative_to(REPO)) if
-              model.is_relative_to(REPO) else str(model), "tree": str(args.tree),
+    source = (f"random weights, shape {args.shape}" if args.shape else
+              str(model.relative_to(REPO)) if model.is_relative_to(REPO) else str(model))
+    report = {"machine": describe(torch.device("cpu"), torch.float32), "model": source,
+              "tree": str(args.tree),
               "server_args": args.server_args, "max_tokens": args.max_tokens, "levels": rows,
               "scaling_vs_1_client": {r["clients"]: round(r["tokens_per_s"] / single, 2)
-                                      for r in rows} if single else None}
+                                      for r in rows} if single else None,
+              "in_process": {"requests_at_once": top, "runs": engine_runs,
+                             "tokens_per_s": round(bound, 1)},
+              "http_vs_in_process": round(served / bound, 3) if served and bound else None}
     out = REPO / "reports" / f"serve_load{'-' + args.label if args.label else ''}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"scaling vs 1 client: {report['scaling_vs_1_client']}; wrote {out}")
+    print(f"scaling vs 1 client: {report['scaling_vs_1_client']}; {top} clients over the "
+          f"engine in process: {report['http_vs_in_process']}; wrote {out}")
 
 
 if __name__ == "__main__":

@@ -49,12 +49,13 @@ from llmcore.report.compare import Comparison, compare, markdown, plot
 from stages import chain
 
 ROOT = Path(__file__).resolve().parents[1]
-# quick: 600 SFT steps because the tasks emerge late (on val, one seed: 400 steps left
-# arithmetic at 0.09, 600 took every task past 0.28); only the SFT model is scored, the one
-# a quick comparison reads, which pays for most of the 200 extra steps
+# quick: the tasks emerge late in SFT, so its minutes go there (on val, seed 1: 200
+# pretraining + 600 SFT steps left reversal at 0.08, over seeds 1-3 at 0.09; 100 + 700, for
+# 11 s more a run, took every task past 0.24); only the SFT model is scored, the one a quick
+# comparison reads. Its pretraining is short: a switch of pretraining alone wants `full`.
 PROFILES: dict[str, list[str]] = {
-    "quick": ["pretrain.max_steps=200", "pretrain.eval_every=100", "sft.max_steps=600",
-              "sft.eval_every=300", "dpo.max_steps=0", "rl.max_steps=0",
+    "quick": ["pretrain.max_steps=100", "pretrain.eval_every=50", "sft.max_steps=700",
+              "sft.eval_every=350", "dpo.max_steps=0", "rl.max_steps=0",
               "evaluate.max_task_examples=100", "evaluate.context_factors=[1]",
               "evaluate.models=[sft]",
               "base.tracking=none"],
@@ -255,6 +256,7 @@ def recorded(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         raise SystemExit(f"compare: --extend: {path} is another comparison (profile "
                          f"{old.get('profile')!r}, sides {old['sides']}); give the same "
                          "profile and variants, or another --name")
+    other_profile(old, args, f"--extend: {path}")
     if "runs" in old:
         return {n: r["metrics"] for n, r in old["runs"].items()}
     args_then = argparse.Namespace(**{**vars(args), "seed_list": old["seeds"]})
@@ -274,6 +276,26 @@ def recorded(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return out
 
 
+# what the profiles set before reports recorded it (their ``profile_overrides``)
+UNRECORDED = {"full": [],
+              "quick": ["pretrain.max_steps=200", "pretrain.eval_every=100",
+                        "sft.max_steps=400", "sft.eval_every=200", "dpo.max_steps=0",
+                        "rl.max_steps=0", "evaluate.max_task_examples=100",
+                        "evaluate.context_factors=[1]", "evaluate.models=[pretrain,sft]",
+                        "base.tracking=none"]}
+
+
+def other_profile(old: dict[str, Any], args: argparse.Namespace, what: str) -> None:
+    """Stop when ``old`` (a report) ran its profile with other overrides than the profile
+    has today: a profile's definition changes, and its runs would then be another recipe's."""
+    then = old.get("profile_overrides", UNRECORDED.get(args.profile))
+    if then != PROFILES[args.profile]:
+        raise SystemExit(
+            f"compare: {what} ran profile {args.profile!r} as {' '.join(then or [])!r}, "
+            f"today it is {' '.join(PROFILES[args.profile])!r}; its runs are another "
+            "recipe's: run the comparison again under another --name")
+
+
 def recorded_base(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """name -> figures of the baseline runs that ``--base-from NAME``'s report holds: its
     experiments may be gone (another checkout), its figures are not. The report must be of
@@ -285,6 +307,7 @@ def recorded_base(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     if old.get("profile") != args.profile:
         raise SystemExit(f"compare: --base-from {args.base_from}: {path} ran profile "
                          f"{old.get('profile')!r}, this comparison {args.profile!r}")
+    other_profile(old, args, f"--base-from {args.base_from}: {path}")
     return {n: r["metrics"] for n, r in old.get("runs", {}).items() if is_base(args, n)}
 
 
@@ -325,7 +348,7 @@ def report(args: argparse.Namespace, runs: list[tuple[str, int, list[str]]],
             else args.baseline)
     result: Comparison = {
         **compare(by_side, "base", args.metric), "name": args.name, "profile": args.profile,
-        "seeds": args.seed_list,
+        "profile_overrides": PROFILES[args.profile], "seeds": args.seed_list,
         "sides": {"base": base or "", **{variant_side(v)[0]: v for v in args.variant}},
         "missing": missing, "seconds": None if seconds is None else round(seconds, 1),
         "reported": reported["metrics"],

@@ -96,6 +96,7 @@ class Comparison(TypedDict, total=False):
     metrics: dict[str, MetricComparison]
     name: str
     profile: str
+    profile_overrides: list[str]  # what the profile set when it ran (profiles change)
     seeds: list[int]
     sides: dict[str, str]
     missing: list[str]

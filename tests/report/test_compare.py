@@ -290,3 +290,35 @@ def test_the_baseline_of_an_earlier_comparison_is_read_from_its_report_once_its_
     assert queued == []
     with pytest.raises(SystemExit, match="ran profile 'full'"):
         cmp.main([*argv[:2], "--profile", "quick", *argv[4:], "--seed-list", "1,2"])
+
+
+def test_a_report_of_an_earlier_definition_of_its_profile_is_not_reused(tmp_path, monkeypatch):
+    """A profile's steps change over time: a report records what its profile set, and one
+    made with other steps (or an older report of the quick profile, which recorded nothing
+    and ran 400 SFT steps) gives neither a baseline nor runs to extend."""
+    import pipeline.compare as cmp
+
+    metric = "evaluate/val/spell_exact_match"
+    runs = {f"old-base-s{i}": {"seed": i, "source": "experiment", "metrics": {metric: .3}}
+            for i in (1, 2)}
+    queued = stub_queue(monkeypatch, tmp_path, metric, {"new-v-s1": .6, "new-v-s2": .7,
+                                                       "old-base-s1": .3, "old-base-s2": .3})
+    (tmp_path / "reports/compare").mkdir(parents=True)
+    argv = ["--variant", "v: sft.lr=0.01", "--name", "new", "--base-from", "old", "--metric",
+            metric, "--seed-list", "1,2"]
+    for recorded in (None, ["sft.max_steps=5"]):
+        old = {"name": "old", "profile": "quick", "runs": runs}
+        if recorded is not None:
+            old["profile_overrides"] = recorded
+        (tmp_path / "reports/compare/old.json").write_text(json.dumps(old))
+        with pytest.raises(SystemExit, match="ran profile 'quick' as .*another recipe's"):
+            cmp.main(argv)
+    assert queued == []
+    # recorded as today's quick profile: the baseline is read from it, the variant runs
+    old["profile_overrides"] = cmp.PROFILES["quick"]
+    (tmp_path / "reports/compare/old.json").write_text(json.dumps(old))
+    cmp.main(argv)
+    assert queued == ["new-v-s1", "new-v-s2"]
+    report = json.loads((tmp_path / "reports/compare/new.json").read_text())
+    assert report["profile_overrides"] == cmp.PROFILES["quick"]
+    assert "sft.max_steps=700" in report["profile_overrides"]
