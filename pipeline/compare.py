@@ -145,6 +145,14 @@ def queue(runs: list[tuple[str, int, list[str]]], target: str) -> None:
         print(f"compare: queued {name}", flush=True)
 
 
+def taken(names: set[str]) -> list[str]:
+    """Those of ``names`` that an experiment or an entry of the queue's history already has:
+    the figures read after the run would be theirs as well (an earlier run of the same
+    comparison, or a queue that still holds its entries)."""
+    listed = dvc("exp", "list", "--all-commits", "--name-only", check=False).stdout.split()
+    return sorted((set(listed) | set(statuses(names)[0])) & names)
+
+
 def statuses(names: set[str]) -> tuple[dict[str, str], int | None]:
     """Our experiments' state in ``dvc queue status`` (Queued, Running, Success, Failed), and
     how many workers are active (None if the line is missing)."""
@@ -437,6 +445,13 @@ def main(argv: list[str] | None = None) -> None:
                                  f"{', '.join(absent)} (`dvc exp show` lists what exists, "
                                  f"reports/compare/{args.base_from}.json what ran before; "
                                  "the seeds and profile must be the ones it ran with)")
+        clash = taken({n for n, _, _ in todo})
+        if clash:
+            raise SystemExit(
+                f"compare: experiments named {', '.join(clash)} exist already (an earlier run "
+                "of this comparison): --report-only reads them, --extend adds seeds to them; "
+                "or give another --name, or remove them (`dvc exp remove NAME`, `dvc queue "
+                "remove --all`)")
         queue(todo, args.target)
         # the workers stop by themselves once the queue is idle (`dvc queue stop` would leave
         # a shutdown in the broker that stops the next comparison's worker after one task)

@@ -131,6 +131,7 @@ def stub_queue(monkeypatch, tmp_path, metric: str, score: dict[str, float]) -> l
     import pipeline.compare as cmp
 
     queued: list[str] = []
+    monkeypatch.setattr(cmp, "taken", lambda names: [])
     monkeypatch.setattr(cmp, "queue", lambda todo, target: queued.extend(n for n, _, _ in todo))
     monkeypatch.setattr(cmp, "wait", lambda names, jobs: dict.fromkeys(names, "Success"))
     monkeypatch.setattr(cmp, "collect", lambda names: {
@@ -198,6 +199,27 @@ def test_a_labelled_side_of_code_is_compared_with_the_side_an_earlier_comparison
         parse(["--variant", "a:", "--seed-list", "1,2", "--base-side", "arithmetic-2"])
     with pytest.raises(SystemExit, match="side label"):
         plan(parse(["--variant", "bad label!: x=1", "--seed-list", "1,2"]))
+
+
+def test_a_comparison_whose_names_are_taken_runs_nothing(tmp_path, monkeypatch):
+    """Run again under the same name, a comparison would queue runs whose names the earlier
+    experiments (or the queue's history) still hold, and read their figures as its own: it
+    stops before queueing anything, naming them and the ways out."""
+    import subprocess
+
+    import pipeline.compare as cmp
+
+    real_taken = cmp.taken
+    queued = stub_queue(monkeypatch, tmp_path, "sft/val_bpb", {})
+    monkeypatch.setattr(cmp, "taken", real_taken)
+    out = {("exp", "list"): "c-base-s1\nother-base-s1\n",  # experiments that exist
+           ("queue", "status"): "Task  Name  Created  Status\nab12  c-v-s2  03:11 PM  Success\n"}
+    monkeypatch.setattr(cmp, "dvc", lambda *args, check=True: subprocess.CompletedProcess(
+        ["dvc", *args], 0, out[args[:2]], ""))
+    with pytest.raises(SystemExit, match=r"named c-base-s1, c-v-s2 exist already.*--report-only"):
+        cmp.main(["--variant", "v: sft.lr=0.01", "--seed-list", "1,2", "--name", "c"])
+    assert queued == []
+    assert real_taken({"d-base-s1", "d-v-s1"}) == []  # another name runs
 
 
 def test_only_finished_experiments_are_read():
