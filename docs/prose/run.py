@@ -27,14 +27,47 @@ def pipeline_minutes(read: Read) -> str:
 
 @figure("quick-compare-minutes")
 def quick_compare_minutes(read: Read) -> str:
-    """A quick comparison of 2 sides x 5 seeds, at the pace of the last quick one that was
-    timed (``reports/compare/letters-quick.json``)."""
+    """The last quick comparison that was timed (``reports/compare/letters-quick.json``): its
+    minutes, and the pace of 2 sides x 5 seeds from them."""
     rel = "reports/compare/letters-quick.json"
     data = read(rel)
     if not data or not data.get("seconds"):
         return missing(rel)
     runs = len(data["seeds"]) * len(data["sides"]) - len(data.get("missing") or [])
-    return f"about {data['seconds'] / runs * 10 / 60:.0f} min"
+    return (f"{data['seconds'] / 60:.1f} min for {len(data['sides'])} sides x "
+            f"{len(data['seeds'])} seeds ({runs} runs), so about "
+            f"{data['seconds'] / runs * 10 / 60:.0f} min for 2 sides x 5 seeds")
+
+
+@figure("quick-profile-tasks")
+def quick_profile_tasks(read: Read) -> str:
+    """What the quick profile measures of each task: the baseline's mean exact match on val
+    in ``reports/compare/letters-quick.json`` (the committed params, quick profile)."""
+    rel = "reports/compare/letters-quick.json"
+    data = read(rel)
+    if not data:
+        return missing(rel)
+    parts = []
+    for task in ("arithmetic", "count", "spell", "reverse"):
+        row = data["metrics"].get(keys.model_metric(keys.VAL, keys.exact_match(task)))
+        if row is None or row["sides"]["base"]["mean"] is None:
+            return missing(f"{rel}: {task}")
+        parts.append(f"{task} {row['sides']['base']['mean']:.2f}")
+    return (", ".join(parts) + f" on val (the committed params, mean of seeds "
+            f"{', '.join(map(str, data['seeds']))})")
+
+
+@figure("quick-600-reverse")
+def quick_600_reverse(read: Read) -> str:
+    """Reversal on val under the quick profile's earlier steps (200 + 600), over the seeds of
+    ``reports/compare/letters-quick-600.json``: why its minutes moved to SFT."""
+    rel = "reports/compare/letters-quick-600.json"
+    data = read(rel)
+    row = (data or {}).get("metrics", {}).get(
+        keys.model_metric(keys.VAL, keys.exact_match("reverse")))
+    if not row:
+        return missing(rel)
+    return f"{row['sides']['base']['mean']:.2f} over seeds {', '.join(map(str, data['seeds']))}"
 
 
 @figure("speedrun-setup")

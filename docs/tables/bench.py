@@ -131,7 +131,8 @@ def serve_load(files: Files) -> list[str]:
     runs = [(label, rel, files.get(rel)) for label, rel in (
         ("one at a time", "reports/serve_load-before.json"),
         ("batched", "reports/serve_load.json"),
-        ("batched, `--compile`", "reports/serve_load-compiled.json"))]
+        ("batched, `--compile`", "reports/serve_load-compiled.json"),
+        ("batched, 27M shape", "reports/serve_load-27m.json"))]
     present = [(label, rel, data) for label, rel, data in runs if data is not None]
     if not present:
         return missing("reports/serve_load.json", "`benchmarks/serve_load.py`")
@@ -162,8 +163,19 @@ def serve_load(files: Files) -> list[str]:
         out.append(f"- {label} (`{rel}`): server args `{data.get('server_args') or '(none)'}`, "
                    f"model `{data.get('model', '-')}`, at most {data.get('max_tokens', '-')} "
                    f"tokens per reply; throughput against one client: {scaling or '-'}; "
-                   f"machine: {data.get('machine', 'not recorded')}.")
+                   + in_process(data) + f"machine: {data.get('machine', 'not recorded')}.")
     return out + [f"- Errors, all runs and levels: {errors}.", ""]
+
+
+def in_process(data: Json) -> str:
+    """The busiest level's rate over the same engine's in this process (no HTTP), when the
+    report measured it."""
+    bound = data.get("in_process") or {}
+    if not bound.get("tokens_per_s") or data.get("http_vs_in_process") is None:
+        return ""
+    return (f"{bound['requests_at_once']} clients over the engine in process on "
+            f"{bound['requests_at_once']} requests at once ({whole(bound['tokens_per_s'])} "
+            f"tok/s, before and after the server): {ratio(data['http_vs_in_process'])}; ")
 
 
 def first_time_below(evals: Sequence[Json], target: float) -> Any:

@@ -91,7 +91,9 @@ def seeded(files: Files, rel: str) -> list[str]:
         base = f"{base} (its runs, reused)"
     else:
         base = "the params as committed when it ran" + (f" with `{base}`" if base else "")
-    out = [f"Profile `{data.get('profile')}`, seeds {data.get('seeds')}, {len(sides)} sides"
+    steps = [o for o in data.get("profile_overrides") or [] if ".max_steps=" in o]
+    out = [f"Profile `{data.get('profile')}`" + (f" (`{' '.join(steps)}`)" if steps else "")
+           + f", seeds {data.get('seeds')}, {len(sides)} sides"
            f"{took}; verdicts at p < {data.get('alpha')}. Baseline: {base}.", ""]
     tables = [("", data.get("metrics", {}))]
     if data.get("reported"):
