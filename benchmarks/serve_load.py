@@ -10,7 +10,8 @@ level runs that many asyncio clients, each sending ``--requests`` streaming chat
 after the other (greedy, ``--max-tokens`` at most, held-out questions as prompts). Reports per
 level: aggregate generated tokens/s (tokens from the server's usage when it sends it, else the
 streamed pieces), p50/p95 time to first token, p50/p95 gap between streamed pieces (per-token
-latency), errors. Prints a table, writes reports/serve_load[-LABEL].json.
+latency), errors, and the cores the clients themselves took (``client_cores``: they run on
+the server's machine and compete with it). Prints a table, writes reports/serve_load[-LABEL].json.
 
 The bound it is read against: the same engine in this process (no HTTP, no JSON, no event
 loop), on the same model, prompts and server flags, with as many requests at once as the
@@ -92,10 +93,12 @@ async def level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
                     out.append({"error": repr(exc)[:120]})
             return out
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         results = [x for xs in await asyncio.gather(*(worker(w) for w in range(clients)))
                    for x in xs]
         wall = time.perf_counter() - start
+        # the clients run on the server's machine: the cores they take are not the server's
+        client_cores = (time.process_time() - cpu) / wall
     ok = [r for r in results if "error" not in r]
     tokens = sum(r["tokens"] for r in ok)
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
@@ -107,7 +110,8 @@ async def level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
             "ttft_p95_ms": round(1000 * pct(ttft, 0.95), 1),
             "token_p50_ms": round(1000 * pct(gaps, 0.5), 2),
             "token_p95_ms": round(1000 * pct(gaps, 0.95), 2),
-            "mean_tokens": round(statistics.mean([r["tokens"] for r in ok]), 1) if ok else 0}
+            "mean_tokens": round(statistics.mean([r["tokens"] for r in ok]), 1) if ok else 0,
+            "client_cores": round(client_cores, 2)}
 
 
 def in_process(model: Path, clients: int, rounds: int, max_tokens: int, server_args: list[str]
@@ -205,7 +209,7 @@ def run(args: argparse.Namespace) -> None:
             print(f"{c:>3} clients  {row['tokens_per_s']:>7.1f} tok/s  ttft p50 "
                   f"{row['ttft_p50_ms']:>7.1f} ms p95 {row['ttft_p95_ms']:>7.1f} ms  token p50 "
                   f"{row['token_p50_ms']:>6.2f} ms p95 {row['token_p95_ms']:>6.2f} ms  errors "
-                  f"{row['errors']}", flush=True)
+                  f"{row['errors']}  client cores {row['client_cores']:.2f}", flush=True)
     finally:
         proc.terminate()
         proc.wait(20)

@@ -262,3 +262,20 @@ def quantize_default_ratio(read: Read) -> str:
 def int8_decode_default(read: Read) -> str:
     """int8 engine over float engine on the default model, batch 1, interleaved rounds."""
     return _ratio(read, "reports/decode_speed.json", "llmcore int8 / engine", "1")
+
+
+@figure("serve-vs-in-process")
+def serve_vs_in_process(read: Read) -> str:
+    """The busiest level of ``serve_load`` against the same engine in process, at the default
+    shape and at 27M (``reports/serve_load.json``, ``reports/serve_load-27m.json``)."""
+    parts = []
+    for rel, what in (("reports/serve_load.json", "at the default shape"),
+                      ("reports/serve_load-27m.json", "at the 27M shape")):
+        data = read(rel)
+        if not data or data.get("http_vs_in_process") is None:
+            return missing(rel)
+        top = max(data["levels"], key=lambda lvl: lvl["clients"])
+        parts.append(f"{data['http_vs_in_process']:.2f}x {what} ({top['tokens_per_s']:,.0f} "
+                     f"against {data['in_process']['tokens_per_s']:,.0f} tok/s, the clients "
+                     f"taking {top.get('client_cores', float('nan')):.2f} of the cores)")
+    return "; ".join(parts)
