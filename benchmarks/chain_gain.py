@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from llmcore import metric_keys as keys  # noqa: E402
 from llmcore.report.compare import ALPHA, paired, verdict  # noqa: E402
-from pipeline.compare import dvc, experiment_metrics  # noqa: E402
+from pipeline.exp_queue import dvc, experiment_metrics  # noqa: E402
 
 STEPS = (("sft", "dpo"), ("dpo", "rl"), ("sft", "rl"))
 METRICS = (*keys.JUDGED, keys.DOCS_BPB)

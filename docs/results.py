@@ -218,6 +218,13 @@ def alignment_and_curricula(files: base.Files) -> list[str]:
             "earlier steps (200 pretraining and 600 SFT), where reversal stayed under 0.1: "
             "why the profile moved its minutes to SFT.", ""]
     out += seeds.seeded_section(files, "letters-quick-600", "letters curriculum, 600 SFT steps")
+    out += ["### The document mask over seeds", "",
+            "`reports/compare/docmask-quick.json`: packed conversations that see each other "
+            "(`model.doc_mask=false`) against the committed params, the quick profile; the "
+            "baseline's runs are those of `letters-quick` (`python -m pipeline.compare --name "
+            "docmask-quick --base-from letters-quick --seed-list 1,2,3 --variant "
+            "model.doc_mask=false`: only the variant ran):", ""]
+    out += seeds.seeded_section(files, "docmask-quick", "document mask over seeds")
     return out
 
 

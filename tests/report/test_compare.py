@@ -208,24 +208,24 @@ def test_a_comparison_whose_names_are_taken_runs_nothing(tmp_path, monkeypatch):
     import subprocess
 
     import pipeline.compare as cmp
+    import pipeline.exp_queue as exp_queue
 
-    real_taken = cmp.taken
     queued = stub_queue(monkeypatch, tmp_path, "sft/val_bpb", {})
-    monkeypatch.setattr(cmp, "taken", real_taken)
+    monkeypatch.setattr(cmp, "taken", exp_queue.taken)
     out = {("exp", "list"): "c-base-s1\nother-base-s1\n",  # experiments that exist
            ("queue", "status"): "Task  Name  Created  Status\nab12  c-v-s2  03:11 PM  Success\n"}
-    monkeypatch.setattr(cmp, "dvc", lambda *args, check=True: subprocess.CompletedProcess(
+    monkeypatch.setattr(exp_queue, "dvc", lambda *args, check=True: subprocess.CompletedProcess(
         ["dvc", *args], 0, out[args[:2]], ""))
     with pytest.raises(SystemExit, match=r"named c-base-s1, c-v-s2 exist already.*--report-only"):
         cmp.main(["--variant", "v: sft.lr=0.01", "--seed-list", "1,2", "--name", "c"])
     assert queued == []
-    assert real_taken({"d-base-s1", "d-v-s1"}) == []  # another name runs
+    assert exp_queue.taken({"d-base-s1", "d-v-s1"}) == []  # another name runs
 
 
 def test_only_finished_experiments_are_read():
     """DVC lists a queued, running or failed experiment with the metrics files of the commit
     it started from: another run's figures, which must not count as this seed's."""
-    from pipeline.compare import experiment_metrics
+    from pipeline.exp_queue import experiment_metrics
 
     def exp(name, executor=None, error=None, value=0.5):
         return {"name": name, "executor": executor,
