@@ -74,6 +74,8 @@ REPORTED = [keys.DOCS_BPB, keys.exact_match("arithmetic"), keys.exact_match("cou
             keys.exact_match("reverse"), keys.exact_match("reverse", keys.MULTI),
             "doc_mc_accuracy"]
 CHAIN = tuple(chain.models(ROOT))  # the training stages, in order (dvc.yaml declares them)
+
+
 def side_name(variant: str) -> str:
     """A short name for a variant's overrides: ``model.positions=learned`` -> ``positions-learned``."""
     parts = []

@@ -32,8 +32,6 @@ def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-
-
 def queue(runs: list[tuple[str, int, list[str]]], target: str) -> None:
     for name, _, overrides in runs:
         sets = [a for o in overrides for a in ("-S", o)]
