@@ -82,7 +82,8 @@ class TrainConfig(OptimConfig):
                                        "has no rows (exports the last weights)")
     early_stopping_patience: int | None = spec(None, ge=1, doc="evals without improvement")
     export: str = spec("best", choices=("best", "last"), doc="which weights become the model")
-    compile: bool = spec(False, doc="torch.compile the model")
+    compile: bool = spec(False, doc="torch.compile each transformer block (eager where no "
+                                    "compiler is found, said in the log)")
     nproc_per_node: int = spec(1, ge=1, doc="> 1: run under torchrun (DDP or FSDP)")
     parallel: str = spec("ddp", choices=("ddp", "fsdp"),
                          doc="under torchrun: ddp (every rank holds the whole model) | fsdp "

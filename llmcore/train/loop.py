@@ -6,7 +6,8 @@ micro-batches (and, under DDP, of all ranks) is summed first, so gradient accumu
 DDP give the same gradient as one big batch even when SFT masks differ between rows.
 
 Global gradient-norm clipping; bf16 autocast where the hardware has it, fp16 with a gradient
-scaler where only that exists, fp32 otherwise; optional ``torch.compile``.
+scaler where only that exists, fp32 otherwise; ``compile``: each transformer block compiled
+(``llmcore.train.compiled``; the whole model under FSDP).
 
 Every ``eval_every`` steps: validation loss and bits per byte on the first ``eval_batches``
 batches of the held-out rows (the same rows every time); the best weights are kept; optional
@@ -34,6 +35,7 @@ from llmcore.model.loss import heldout_loss, loss_sums
 from llmcore.model.transformer import Transformer, flops_per_token
 from llmcore.schema import UserError
 from llmcore.train.checkpoint import Loaded
+from llmcore.train.compiled import compiled_blocks
 from llmcore.train.optim import Optimizers
 from llmcore.train.parallel import is_sharded
 from llmcore.train.step import (
@@ -150,7 +152,7 @@ class Trainer:
     def _wrap(self) -> torch.nn.Module:
         """The module the loop calls: compiled and/or DDP-wrapped around the same weights."""
         model: torch.nn.Module = self.model
-        if self.cfg.compile:
+        if self._whole_compiled:
             model = typing.cast(torch.nn.Module, torch.compile(model))
         if self.ctx.dist.enabled and not is_sharded(self.model):  # FSDP syncs by itself
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -174,9 +176,9 @@ class Trainer:
             m = b.loss_mask.to(ctx.device)
             seg = b.segments.to(ctx.device) if self._doc_mask and b.segments is not None \
                 else None
-            # the head only where a loss is taken (SFT's replies); a compiled graph keeps
+            # the head only where a loss is taken (SFT's replies); a whole-model graph keeps
             # static shapes, and pretraining's mask is all ones
-            keep = None if self.cfg.compile or bool(b.loss_mask.all()) else m.bool()
+            keep = None if self._whole_compiled or bool(b.loss_mask.all()) else m.bool()
             if keep is not None and ctx.dtype != torch.float32:
                 keep = round_up_positions(keep, KEEP_MULTIPLE)
             with self.stepper.autocast():
@@ -256,7 +258,18 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
 
+    @property
+    def _whole_compiled(self) -> bool:
+        # FSDP's per-block hooks are not traced inside a compiled block: there the whole model
+        return self.cfg.compile and is_sharded(self.model)
+
     def run(self) -> TrainResult:
+        regional = self.cfg.compile and not is_sharded(self.model)
+        with compiled_blocks(self.model.blocks() if regional else [], self.ctx.device,
+                             self.ctx.log):
+            return self._run()
+
+    def _run(self) -> TrainResult:
         cfg, ctx = self.cfg, self.ctx
         model = self._wrap()
         model.train()

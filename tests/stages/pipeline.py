@@ -16,9 +16,10 @@ TINY = {
     "pack": {"seq_len": 32, "rows_per_shard": 64},
     "model": {"preset": "tiny", "dropout": 0.1},
     "pretrain": {"max_steps": 600, "batch_size": 8, "warmup_steps": 10, "eval_every": 300,
-                 "eval_batches": 2, "checkpoint_every": 20, "log_every": 100, "export": "last"},
+                 "eval_batches": 2, "checkpoint_every": 20, "log_every": 100, "export": "last",
+                 "compile": False},  # compiling costs more than it saves at these sizes
     "sft": {"max_steps": 30, "batch_size": 8, "warmup_steps": 5, "eval_every": 10,
-            "eval_batches": 2, "checkpoint_every": 10, "log_every": 10},
+            "eval_batches": 2, "checkpoint_every": 10, "log_every": 10, "compile": False},
     "dpo": {"max_steps": 4, "batch_size": 4, "warmup_steps": 1, "eval_every": 2,
             "pairs_per_task": 6, "val_pairs_per_task": 2, "max_new_tokens": 6,
             "method": "lora"},

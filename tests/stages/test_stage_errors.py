@@ -25,9 +25,9 @@ TINY = {
     "pack": {"seq_len": 32, "rows_per_shard": 64},
     "model": {"preset": "tiny"},
     "pretrain": {"max_steps": 4, "batch_size": 4, "warmup_steps": 1, "eval_every": 2,
-                 "eval_batches": 1, "checkpoint_every": 2, "log_every": 2, "peak_flops": 1e12},
+                 "eval_batches": 1, "checkpoint_every": 2, "log_every": 2, "peak_flops": 1e12, "compile": False},
     "sft": {"max_steps": 4, "batch_size": 4, "warmup_steps": 1, "eval_every": 2,
-            "eval_batches": 1, "checkpoint_every": 2, "log_every": 2, "peak_flops": 1e12},
+            "eval_batches": 1, "checkpoint_every": 2, "log_every": 2, "peak_flops": 1e12, "compile": False},
     "dpo": {"max_steps": 0},
     "rl": {"max_steps": 0},
 }

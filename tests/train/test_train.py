@@ -355,3 +355,35 @@ def test_the_loop_rounds_the_heads_rows_up_only_under_autocast(tiny_shards, dtyp
     loss, _ = t.train_step(model, [Batch(x[:, :-1], x[:, 1:], mask)])
     assert rows == ([int(mask.sum())] if dtype == torch.float32 else [32])
     assert loss == pytest.approx(float(expected), rel=2e-2)
+
+
+@pytest.mark.slow  # torch.compile: seconds of kernel building
+def test_compile_compiles_each_block_and_trains_like_eager(tiny_shards, tmp_path):
+    """``compile: true`` compiles the blocks, not the model: the losses are eager's up to float
+    rounding, the exported names are the eager model's, and after the run the model is eager
+    again (for decoding)."""
+    cfg = dataclasses.replace(CFG, max_steps=8, eval_every=4)
+    eager = run_fit(tiny_shards, tmp_path / "e", cfg=cfg)
+    logs: list[str] = []
+    compiled = run_fit(tiny_shards, tmp_path / "c", cfg=dataclasses.replace(cfg, compile=True),
+                       log=logs.append)
+    assert any("compile: 2 blocks compiled" in m for m in logs), logs
+    assert [h["loss"] for h in compiled.result.history] == pytest.approx(
+        [h["loss"] for h in eager.result.history], rel=1e-4)
+    assert compiled.export_weights.keys() == eager.export_weights.keys()
+    blocks = compiled.model.blocks()
+    assert blocks and all(b._compiled_call_impl is None for b in blocks)
+
+
+def test_compile_falls_back_to_eager_without_a_compiler(monkeypatch):
+    from llmcore.train.compiled import compiled_blocks, missing_compiler
+
+    monkeypatch.setenv("CXX", "no-such-compiler-llmcore")
+    assert "no C++ compiler ('no-such-compiler-llmcore')" in missing_compiler(torch.device("cpu"))
+    model = Transformer(MODEL)
+    logs: list[str] = []
+    with compiled_blocks(model.blocks(), torch.device("cpu"), logs.append) as compiled:
+        assert not compiled
+        assert all(b._compiled_call_impl is None for b in model.blocks())
+    assert logs == ["compile: no C++ compiler ('no-such-compiler-llmcore') on PATH; "
+                    "training eagerly"]
