@@ -100,6 +100,36 @@ def cpu_precision(read: Read) -> str:
     return "\n".join(out) + "\n"
 
 
+@figure("compile-step")
+def compile_step(read: Read) -> str:
+    """Seconds per training step, eager / blocks compiled / whole model compiled, per shape
+    (``benchmarks/compile_step.py``, interleaved rounds)."""
+    rel = "reports/compile_step.json"
+    data = read(rel)
+    if not data or not data.get("results"):
+        return missing(rel)
+    by = {(r["shape"], r["mode"]): r for r in data["results"]}
+    modes = [m for m in ("eager", "blocks", "whole") if any(k[1] == m for k in by)]
+    out = ["", f"On a 2-core {machine_kind(data['machine'])} (torch {data.get('torch', '-')}), "
+           f"{data['results'][0]['preset']}, seconds per optimizer step (median of "
+           f"{len(data['results'][0]['seconds_per_step_rounds'])} interleaved rounds; the "
+           "first steps, which build the kernels, apart):", "",
+           "| shape | " + " | ".join(modes) + f" | first {data.get('warmup_steps', '-')} steps, "
+           "cold kernel cache: " + " / ".join(modes) + " |",
+           "|---|" + "---|" * (len(modes) + 1)]
+    for shape in dict.fromkeys(k[0] for k in by):
+        row = [by.get((shape, m)) for m in modes]
+        eager = by.get((shape, "eager"))
+        cells = [f"{r['seconds_per_step']:.3f}" + (
+            f" ({r['seconds_per_step'] / eager['seconds_per_step']:.2f}x)"
+            if eager and r is not eager else "") if r else "-" for r in row]
+        first = " / ".join(f"{r['first_steps_s']:.0f} s" if r else "-" for r in row)
+        b = next(r for r in row if r)
+        out.append(f"| {shape} ({b['batch_size']} x {b['seq_len']}) | " + " | ".join(cells)
+                   + f" | {first} |")
+    return "\n".join(out) + "\n"
+
+
 DECODE_BEFORE = "reports/history/2026-12-02-decode_speed-before.json"
 DECODE_NOW = "reports/decode_speed.json"
 
