@@ -113,9 +113,10 @@ def compile_step(read: Read) -> str:
     out = ["", f"On a 2-core {machine_kind(data['machine'])} (torch {data.get('torch', '-')}), "
            f"{data['results'][0]['preset']}, seconds per optimizer step (median of "
            f"{len(data['results'][0]['seconds_per_step_rounds'])} interleaved rounds; the "
-           "first steps, which build the kernels, apart):", "",
-           "| shape | " + " | ".join(modes) + f" | first {data.get('warmup_steps', '-')} steps, "
-           "cold kernel cache: " + " / ".join(modes) + " |",
+           "first steps, which build the kernels, apart: the first shape's build starts from an "
+           "empty cache, the later ones reuse part of it):", "",
+           "| shape | " + " | ".join(modes) + f" | first {data.get('warmup_steps', '-')} steps: "
+           + " / ".join(modes) + " |",
            "|---|" + "---|" * (len(modes) + 1)]
     for shape in dict.fromkeys(k[0] for k in by):
         row = [by.get((shape, m)) for m in modes]
