@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from llmcore.config.pack import PackConfig
 from llmcore.data.corpus import read_conversations, read_documents
-from llmcore.data.curriculum import mix_letters
+from llmcore.data.curriculum import held_out_words, mix_letters
 from llmcore.data.packing import pack_all
 from llmcore.data.splits import SPLITS, pool_breach
 from llmcore.data.tokenizer import LLMTokenizer
@@ -41,8 +41,7 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
     pretrain = {s: [d["text"] for d in v] for s, v in docs.items()}
     sft = {s: [c["messages"] for c in v] for s, v in convs.items()}
     # the letters curriculum: never a piece that is a val or test word
-    held = {k.split(":", 1)[1] for s in ("val", "test") for c in convs[s]
-            for k in c.get("pool") or () if k.startswith("word:")}
+    held = held_out_words(convs)
     letters = mix_letters(sft["train"], (tok.decode([i]) for i in range(tok.vocab_size)), held,
                           cfg.letters_share)
     total = sum(map(len, pretrain.values())) + sum(map(len, sft.values()))

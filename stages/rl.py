@@ -4,10 +4,14 @@ Rewards are verifiable: 1 for the exact answer of an arithmetic / spell / count 
 question, 0 otherwise, minus ``rl.no_end_penalty`` for a reply that does not end with
 ``<|im_end|>``. The reference (KL penalty) is the starting model, frozen. Metrics: mean reward
 per step (``metrics/rl_train.tsv``) and held-out exact match before and after.
+
+``rl.words: compounds`` asks the word tasks about compounds of vocabulary pieces instead of
+the training words (``llmcore.data.curriculum.compound_task_rows``: why).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import random
 from dataclasses import dataclass
@@ -18,6 +22,8 @@ from llmcore.align.run import data_hash, policy_context
 from llmcore.config.base import BaseConfig
 from llmcore.config.rl import RLConfig
 from llmcore.data.corpus import read_conversations, task_subset
+from llmcore.data.curriculum import compound_task_rows, held_out_words
+from llmcore.data.tasks import WORD_TASKS
 from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.files import sha256_file
 from llmcore.model.modeldir import load_model_dir
@@ -45,9 +51,17 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
     policy, model_cfg, adapter, trainable = load_policy(src, base, cfg.method, cfg.lora)
     ref, _ = load_model_dir(src, next(policy.parameters()).device)
     ref = ref.float().eval()
-    train = task_subset(read_conversations(root / paths.CORPUS, "train"), cfg.tasks, 10**9)
-    val = task_subset(read_conversations(root / paths.CORPUS, "val"), cfg.tasks,
-                      cfg.eval_per_task)
+    convs = {s: read_conversations(root / paths.CORPUS, s) for s in ("train", "val", "test")}
+    train = task_subset(convs["train"], cfg.tasks, 10**9)
+    val = task_subset(convs["val"], cfg.tasks, cfg.eval_per_task)
+    if cfg.words == "compounds":  # as many questions per word task, about compounds instead
+        counts = collections.Counter(c["task"] for c in train if c["task"] in WORD_TASKS)
+        compounds = compound_task_rows(
+            counts, (tok.decode([i]) for i in range(tok.vocab_size)), held_out_words(convs),
+            base.seed)
+        log(f"rl: the word tasks ask about compounds of vocabulary pieces ({len(compounds)} "
+            f"questions in place of {sum(counts.values())} about training words)")
+        train = [c for c in train if c["task"] not in WORD_TASKS] + compounds
     if not train:
         raise FileNotFoundError(f"rl: the corpus has no training conversations of the tasks "
                                 f"{cfg.tasks} (fetch.synthetic_per_task is 0?); set "

@@ -322,8 +322,8 @@ def letters_conversations(pieces: Sequence[str], n: int, seed: int,
     for _ in range(n):
         word = next(compounds, None) if rng.random() < COMPOUND_SHARE else None
         if word is not None:
-            task = rng.choice(("spell", "count", "reverse"))
-            q, reply, answer, _ = _synthetic_one(task, rng, TaskPool((word,), (), False))
+            task = rng.choice(WORD_TASKS)
+            q, reply, answer = word_question(task, word, rng)
             yield Conversation((("user", q), ("assistant", reply)), "builtin:letters",
                                "letters", answer, "train", (f"compound:{word}",))
             continue
@@ -334,6 +334,16 @@ def letters_conversations(pieces: Sequence[str], n: int, seed: int,
         q = rng.choice(LETTERS_TEMPLATES).format(w=piece)
         yield Conversation((("user", q), ("assistant", spelled(piece))), "builtin:letters",
                            "letters", spelled(piece), "train", (f"piece:{piece}",))
+
+
+WORD_TASKS = ("spell", "count", "reverse")
+
+
+def word_question(task: str, word: str, rng: random.Random) -> tuple[str, str, str]:
+    """(question, worked reply, final answer) of a word task about ``word``, in the format
+    of the task's corpus conversations."""
+    q, reply, answer, _ = _synthetic_one(task, rng, TaskPool((word,), (), False))
+    return q, reply, answer
 
 
 def compound_words(pieces: Sequence[str], held_out: Collection[str], seed: int

@@ -223,3 +223,33 @@ def test_question_subject_names_the_split_a_showcase_question_is_about():
         (word_key("zzqqx"), "none")
     assert question_subject("Compute 3 * 4.") == ("product:3,4", "train")
     assert question_subject("What does `os.path` do?") is None
+
+
+def test_compound_task_rows_ask_each_word_task_about_fresh_compounds():
+    """GRPO's ``rl.words: compounds``: as many questions per word task as asked, each about
+    a compound of the vocabulary's pieces (never near a held-out word), judged by its answer,
+    seeded, and another seed gives other strings."""
+    from llmcore.data.curriculum import compound_task_rows, held_out_words
+
+    convs = {"train": [{"pool": ["word:python"]}],
+             "val": [{"pool": ["word:concrete", "x"]}], "test": [{"pool": ["word:absent"]}]}
+    held = held_out_words(convs)  # type: ignore[arg-type]
+    assert held == {"concrete", "absent"}
+    vocab = ["con", "crete", "ab", "sent", "xy", "zq", "conc", "py", "thon", "<|im_end|>"]
+    rows = compound_task_rows({"spell": 30, "count": 20, "reverse": 10, "arithmetic": 5},
+                              vocab, held, seed=7)
+    assert [r["task"] for r in rows] == ["spell"] * 30 + ["count"] * 20 + ["reverse"] * 10
+    for r in rows:
+        word = r["pool"][0].removeprefix("compound:")
+        assert re.fullmatch("(con|crete|ab|sent|xy|zq|conc|py|thon){2,3}", word)
+        assert f"'{word}'" in r["messages"][0]["content"]
+        assert is_correct(r["messages"][1]["content"], r["answer"])
+        for h in held:
+            assert all(h[i:i + 5] not in word for i in range(len(h) - 4))
+    assert len({r["pool"][0] for r in rows}) > 30
+    again = compound_task_rows({"spell": 30, "count": 20, "reverse": 10}, vocab, held, seed=7)
+    assert again == rows
+    other = compound_task_rows({"spell": 30}, vocab, held, seed=8)
+    assert [r["pool"] for r in other] != [r["pool"] for r in rows[:30]]
+    # pieces too short for any compound: no rows, no hang
+    assert compound_task_rows({"spell": 5}, ["a", "b"], (), seed=0) == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -233,6 +234,19 @@ def test_quantize_writes_gguf_only_where_llama_cpp_can_run_it(project, monkeypat
     else:
         assert not gguf.exists()
         assert "no GGUF written" in err and "positions is learned" in err
+
+
+def test_rl_on_compounds_asks_about_compounds_not_training_words(project, monkeypatch, capsys):
+    write_params(project, {**TINY, "rl": {"max_steps": 2, "prompts_per_step": 2,
+                                          "group_size": 2, "max_new_tokens": 6,
+                                          "eval_per_task": 2, "tasks": ["spell", "reverse"],
+                                          "words": "compounds"}})
+    for stage in ("pretrain", "sft", "dpo", "rl"):
+        code, err = run(stage, project, monkeypatch, capsys)
+        assert code == 0, (stage, err)
+    asked = re.search(r"compounds of vocabulary pieces \((\d+) questions in place of (\d+)", err)
+    assert asked and int(asked[1]) > 0 and int(asked[2]) > 0, err
+    assert json.loads((project / "metrics/rl.json").read_text())["rl/steps"] == 2
 
 
 def test_dpo_trains_on_pairs_from_a_minimind_file_and_refuses_no_pairs(project, monkeypatch,
