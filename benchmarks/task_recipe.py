@@ -8,7 +8,7 @@
 Each run fine-tunes one starting model (``--init``, default the pretrain stage's model) with
 the SFT stage's own loop on conversations this script builds from the corpus's training
 pools (the tasks' train words and operand pairs, the letters curriculum of
-:func:`llmcore.data.tasks.letters_conversations`, optionally the corpus's doc
+:func:`llmcore.data.curriculum.letters_conversations`, optionally the corpus's doc
 conversations), then scores greedy exact match on the corpus's ``val`` task questions, with
 spell / reverse / count split into single-token and multi-token words. Decisions about the
 default recipe are made on these figures; the test split is not read.
@@ -37,13 +37,13 @@ from llmcore.config.fetch import FetchConfig, TaskWeights  # noqa: E402
 from llmcore.config.sft import SFTConfig  # noqa: E402
 from llmcore.config.tasks import SYNTHETIC_TASKS  # noqa: E402
 from llmcore.data.corpus import read_conversations  # noqa: E402
-from llmcore.data.packing import pack_all  # noqa: E402
-from llmcore.data.tasks import (  # noqa: E402
+from llmcore.data.curriculum import (  # noqa: E402
     COMPOUND_SHARE,
     letter_pieces,
     letters_conversations,
-    synthetic_conversations,
 )
+from llmcore.data.packing import pack_all  # noqa: E402
+from llmcore.data.tasks import synthetic_conversations  # noqa: E402
 from llmcore.data.tokenizer import LLMTokenizer, token_bytes  # noqa: E402
 from llmcore.data.working import pieces_of, work_pieces  # noqa: E402
 from llmcore.eval.evaluate import by_pieces, task_accuracy  # noqa: E402

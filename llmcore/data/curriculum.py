@@ -1,26 +1,101 @@
-"""The letters curriculum mixed into the SFT training conversations (the pack stage's step),
-and the compound-word questions GRPO may practise on (the rl stage's ``rl.words``).
-
-The conversations themselves are :func:`llmcore.data.tasks.letters_conversations`; this
-module decides how many there are and where they go, once the tokenizer (whose pieces they
-spell) exists.
+"""The letters curriculum: what it asks (:func:`letters_conversations`: the letters of each
+vocabulary piece, and word tasks about compounds of pieces), how much of it the SFT training
+conversations get (:func:`mix_letters`, the pack stage's step, once the tokenizer whose pieces
+it spells exists), and the compound-word questions GRPO may practise on (the rl stage's
+``rl.words``).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 
-from llmcore.data.corpus import ConversationRow
-from llmcore.data.tasks import (
-    WORD_TASKS,
-    compound_words,
-    letter_pieces,
-    letters_conversations,
-    word_question,
-)
+from llmcore.data.corpus import Conversation, ConversationRow
+from llmcore.data.tasks import WORD_TASKS, spelled, word_question
 
-__all__ = ["compound_task_rows", "held_out_words", "mix_letters"]
+__all__ = ["compound_task_rows", "compound_words", "held_out_words", "letter_pieces",
+           "letters_conversations", "mix_letters"]
+
+# the questions of the letters curriculum (one vocabulary piece spelled; training only)
+LETTERS_TEMPLATES = ("Which letters make up '{w}'?", "Spell '{w}'.")
+
+# share of the letters curriculum asking a word task about a compound of pieces
+COMPOUND_SHARE = 0.5
+
+
+def letter_pieces(vocab: Iterable[str], held_out: Collection[str]) -> list[str]:
+    """The vocabulary's pieces a quoted word is made of, minus the held-out words.
+
+    A word in quotes (``'python'``) is encoded as pieces without a leading space, so those
+    are the ones whose letters a model must know to spell any word: the lowercase ASCII
+    alphabetic pieces of ``vocab`` (its tokens as text), sorted. A piece that is a held-out
+    word (``held_out``: the val and test words) is left out, or spelling the piece would
+    spell a test word in training.
+    """
+    held = {w.lower() for w in held_out}
+    return sorted({v for v in vocab
+                   if v.isascii() and v.isalpha() and v.islower() and v not in held})
+
+
+def letters_conversations(pieces: Sequence[str], n: int, seed: int,
+                          held_out: Collection[str] = ()) -> Iterator[Conversation]:
+    """``n`` training conversations of the letters curriculum. Half spell one piece of the
+    vocabulary (``Which letters make up 'thon'?`` -> ``t-h-o-n``; every piece once per pass,
+    each pass in a seeded order); half ask a word task (spell, count or reverse, in the
+    tasks' own formats) about a *compound*: two or three pieces joined (``thon`` + ``ex``).
+
+    Why: spelling a word means writing the letters of each of its tokens, and a model sees
+    a token's letters nowhere else (the token is one id). Taught piece by piece, the letters
+    compose into the spelling of a word never spelled in training (``py`` + ``thon``); without
+    it, spell and reverse only recall the training words. The compounds teach the composing
+    itself on strings no word list holds, so a held-out word is one more new combination.
+    A compound never shares five letters in a row (or a whole shorter word) with a
+    ``held_out`` word, forwards or backwards (:func:`compound_words`).
+    """
+    rng = random.Random(f"{seed}:letters")
+    order: list[str] = []
+    compounds = compound_words(pieces, held_out, seed)
+    for _ in range(n):
+        word = next(compounds, None) if rng.random() < COMPOUND_SHARE else None
+        if word is not None:
+            task = rng.choice(WORD_TASKS)
+            q, reply, answer = word_question(task, word, rng)
+            yield Conversation((("user", q), ("assistant", reply)), "builtin:letters",
+                               "letters", answer, "train", (f"compound:{word}",))
+            continue
+        if not order:
+            order = list(pieces)
+            rng.shuffle(order)
+        piece = order.pop()
+        q = rng.choice(LETTERS_TEMPLATES).format(w=piece)
+        yield Conversation((("user", q), ("assistant", spelled(piece))), "builtin:letters",
+                           "letters", spelled(piece), "train", (f"piece:{piece}",))
+
+
+def compound_words(pieces: Sequence[str], held_out: Collection[str], seed: int
+                   ) -> Iterator[str]:
+    """An endless seeded stream of two or three ``pieces`` joined, 5 to 12 letters, none of
+    which shares a run of five letters (or a whole word of four) with a ``held_out`` word or
+    that word reversed: spelling or reversing one never writes out part of a test answer.
+    The stream ends when 10,000 draws in a row find none (pieces too short, or every
+    combination too close to a held-out word), so that a small vocabulary cannot hang it."""
+    if not pieces:
+        return
+    held = {w.lower() for w in held_out}
+    held |= {w[::-1] for w in held}
+    runs = {w[i:i + 5] for w in held if len(w) >= 5 for i in range(len(w) - 4)}
+    short = {w for w in held if len(w) == 4}
+    rng = random.Random(f"{seed}:compounds")
+    misses = 0
+    while misses < 10_000:
+        word = "".join(rng.choice(pieces) for _ in range(rng.choice((2, 2, 3))))
+        if (not 5 <= len(word) <= 12 or word in held
+                or any(word[i:i + 5] in runs for i in range(len(word) - 4))
+                or any(word[i:i + 4] in short for i in range(len(word) - 3))):
+            misses += 1
+            continue
+        misses = 0
+        yield word
 
 
 def held_out_words(convs: Mapping[str, Sequence[ConversationRow]]) -> set[str]:

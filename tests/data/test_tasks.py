@@ -142,7 +142,7 @@ def test_the_longest_worked_reply_fits_the_generation_budget(tiny_tokenizer):
 
 
 def test_letter_pieces_are_the_quoted_word_pieces_minus_held_out_words():
-    from llmcore.data.tasks import letter_pieces, letters_conversations
+    from llmcore.data.curriculum import letter_pieces, letters_conversations
 
     vocab = ["<|pad|>", "thon", "py", "Ġthe", " the", "Py", "ab1", "é", "stack", "a", "cache"]
     pieces = letter_pieces(vocab, held_out={"cache"})
@@ -170,7 +170,7 @@ def test_letter_pieces_are_the_quoted_word_pieces_minus_held_out_words():
 
 
 def test_compounds_never_write_out_a_run_of_a_held_out_word():
-    from llmcore.data.tasks import compound_words
+    from llmcore.data.curriculum import compound_words
 
     pieces = ["con", "crete", "ab", "sent", "xy", "zq", "conc"]
     stream = compound_words(pieces, {"concrete", "absent"}, seed=3)
@@ -187,7 +187,7 @@ def test_compounds_never_write_out_a_run_of_a_held_out_word():
 
 
 def test_letters_from_pieces_too_short_for_a_compound_end_without_hanging():
-    from llmcore.data.tasks import compound_words, letters_conversations
+    from llmcore.data.curriculum import compound_words, letters_conversations
 
     assert list(compound_words(["a", "b"], (), seed=0)) == []  # two letters at most: none
     convs = list(letters_conversations(["a", "b"], 20, seed=0))
