@@ -195,6 +195,16 @@ def alignment_and_curricula(files: base.Files) -> list[str]:
     out += seeds.seeded_section(files, "rl-vs-sft",
                                 "the chain against SFT given the same minutes")
     out += seeds.chain_gain(files, "reports/compare/rl-vs-sft-chain.json")
+    out += ["### GRPO on compound words", "",
+            "`reports/compare/rl-words.json`: the committed chain against the same chain "
+            "whose GRPO asks its spell, count and reverse questions about compounds of "
+            "vocabulary pieces instead of the training words (`rl.words=compounds`, "
+            "[alignment](alignment.md#grpo); `python -m pipeline.compare --name rl-words "
+            "--profile full --seed-list 1337,1,2 --variant \"compounds: "
+            "rl.words=compounds\"`). Within a seed the two sides' pretraining, SFT and DPO are "
+            "the same computation (their val bpb agree to the last digit), so the difference "
+            "is GRPO's own and the paired test is the one to read.", ""]
+    out += seeds.seeded_section(files, "rl-words", "GRPO on compounds over seeds")
     out += ["### The quick profile of the default", "",
             "`reports/compare/quick-firstfit.json`: the committed params alone in the quick "
             "profile (`python -m pipeline.compare --seed-list 1337,1 --profile quick --name "

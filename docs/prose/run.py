@@ -156,3 +156,25 @@ def corpus_size(read: Read) -> str:
     if not size or not isinstance(docs, int):
         return missing(rel)
     return f"about {size / 1e6:.1f} MB of English prose and code in {docs:,} documents"
+
+
+@figure("rl-words-val")
+def rl_words_val(read: Read) -> str:
+    """GRPO on compounds against GRPO on the training words, on val, seed by seed
+    (``reports/compare/rl-words.json``): each task's means and the paired difference."""
+    rel = "reports/compare/rl-words.json"
+    data = read(rel)
+    if not data:
+        return missing(rel)
+    parts = []
+    for task, kind in (("arithmetic", None), ("count", None), ("spell", keys.MULTI),
+                       ("reverse", keys.MULTI)):
+        row = data["metrics"].get(keys.model_metric(keys.VAL, keys.exact_match(task, kind)))
+        if row is None or "compounds" not in row["sides"]:
+            return missing(f"{rel}: {task}")
+        base, var = row["sides"]["base"]["mean"], row["sides"]["compounds"]["mean"]
+        paired = row["against_baseline"]["compounds"].get("paired") or {}
+        p = paired.get("p")
+        parts.append(f"{task}{' (words of several tokens)' if kind else ''} {base:.2f} -> "
+                     f"{var:.2f}" + (f" (paired p {p:.2f})" if p is not None else ""))
+    return "; ".join(parts) + f" (seeds {', '.join(map(str, data['seeds']))})"
