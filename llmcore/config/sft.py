@@ -24,3 +24,5 @@ class SFTConfig(TrainConfig):
     warmup_steps: int = with_default(TrainConfig, "warmup_steps", 20)
     optimizer: str = with_default(TrainConfig, "optimizer", "muon")
     eval_every: int = with_default(TrainConfig, "eval_every", 400)
+    # 1,600 steps repay building the compiled blocks (docs/training.md#compile)
+    compile: bool = with_default(TrainConfig, "compile", True)
