@@ -40,9 +40,6 @@ def copy_model(stage: str, src: str, curves: dict[str, list[str]]) -> dict[str, 
     shutil.copytree(root / src, tmp)
     shutil.rmtree(root / out, ignore_errors=True)
     tmp.rename(root / out)
-    # the checkpoint folder is a DVC out too: it must exist, even empty, or DVC fails the
-    # stage (a fresh clone or a queued experiment has none yet)
-    (root / paths.checkpoint_dir(stage)).mkdir(parents=True, exist_ok=True)
     log(f"{stage}: max_steps is 0, {out} is a copy of {src}")
     return {f"{stage}/skipped": 1}
 

@@ -11,7 +11,7 @@ CORPUS = "data/corpus"  # fetch: Parquet tables of documents, conversations, pre
 TOKENIZER = "data/tokenizer"  # tokenizer: tokenizer.json + tokenizer_config.json
 SHARDS = "data/shards"  # pack: Arrow shards + manifest.json
 MODELS = "data/models"  # one model directory per training stage, and the quantized one
-CHECKPOINTS = "data/checkpoints"  # one folder per training stage (persistent DVC outputs)
+CHECKPOINTS = "data/checkpoints"  # one folder per training stage (not DVC outs: docs/orchestration.md)
 METRICS = "metrics"  # small git-tracked metrics JSON and plot TSVs
 REPORTS = "reports"  # evaluation tables, samples, charts
 

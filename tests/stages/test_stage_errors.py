@@ -227,8 +227,6 @@ def test_quantize_writes_gguf_only_where_llama_cpp_can_run_it(project, monkeypat
         assert code == 0, err
     gguf = project / "data/models/chat-int8/model.gguf"
     assert (project / "data/models/chat-int8/model.safetensors").is_file()
-    # dpo and rl skipped (max_steps 0) still leave their checkpoint folders, DVC outs
-    assert (project / "data/checkpoints/dpo").is_dir() and (project / "data/checkpoints/rl").is_dir()
     if positions == "rope":
         assert gguf.is_file() and gguf.read_bytes()[:4] == b"GGUF"
     else:
