@@ -12,15 +12,14 @@ from llmcore import metric_keys as keys
 # the committed params over seeds: a comparison's file and the side whose runs had exactly
 # these params (the baseline of a default run alone, or the variant a comparison adopted),
 # and the command that made it
-# the default over seeds: the side whose runs trained as the committed params do on the
-# machine of the committed run (a CPU where bf16 autocast measured faster than float32)
-SEEDED_DEFAULT = "reports/compare/bf16-vs-fp32.json"
-SEEDED_SIDE = "bf16"
-SEEDED_COMMAND = ("python -m pipeline.compare --base-from rl-vs-sft --variant \"bf16: "
-                  "base.dtype=bfloat16\" --seed-list 3,4,1337 --profile full --name "
-                  "bf16-vs-fp32")
-SEEDED_RUNS = ("which trained as the committed params do where bf16 autocast measured faster "
-               "than float32, the machine of the committed run")
+# the default over seeds: the side whose runs trained as the committed params do, on the
+# machine of the committed run
+SEEDED_DEFAULT = "reports/compare/rl-words.json"
+SEEDED_SIDE = "compounds"
+SEEDED_COMMAND = ("python -m pipeline.compare --name rl-words --profile full --seed-list "
+                  "1337,1,2 --variant \"compounds: rl.words=compounds\"")
+SEEDED_RUNS = ("which trained as the committed params do, on the machine kind of the "
+               "committed run")
 # what the default is judged on (spell and reverse on their words of several tokens)
 JUDGED = keys.JUDGED
 

@@ -35,10 +35,10 @@ class RLConfig(OptimConfig):
     no_end_penalty: float = spec(0.1, ge=0, doc="subtracted when a reply does not end with "
                                                "<|im_end|>")
     tasks: list[str] = spec(default_factory=lambda: list(SYNTHETIC_TASKS))
-    words: str = spec("train", choices=("train", "compounds"),
-                      doc="what the spell, count and reverse prompts are about: train (the "
-                          "training words' questions) | compounds (two or three vocabulary "
-                          "pieces joined: strings no training stream spelled)")
+    words: str = spec("compounds", choices=("compounds", "train"),
+                      doc="what the spell, count and reverse prompts are about: compounds (two "
+                          "or three vocabulary pieces joined: strings no training stream "
+                          "spelled) | train (the training words' questions)")
     eval_per_task: int = spec(100, ge=0, doc="held-out conversations per task for the "
                                              "before / after exact match")
     method: str = spec("full", choices=("full", "lora"))
