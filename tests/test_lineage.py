@@ -198,8 +198,11 @@ def test_each_stage_reads_the_sections_dvc_lists_for_it():
 
 
 def test_data_paths_in_stage_code_are_deps_or_outs():
-    """Every data path a stage names (through stages.paths) is one of its deps or outs."""
+    """Every data path a stage names (through stages.paths) is one of its deps or outs, but
+    its checkpoint folder: working state for resume, kept out of the outs so that DVC's run
+    cache can restore the stage (docs/orchestration.md)."""
     helpers = {"data/checkpoints", "data/models", "metrics", "reports"}  # folders of many
+    from stages import paths
     for name, stage in dvc_stages().items():
         listed = {d for d in stage.get("deps", []) if isinstance(d, str)}
         listed |= {next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])}
@@ -208,7 +211,8 @@ def test_data_paths_in_stage_code_are_deps_or_outs():
         listed = {p.split("${")[0].rstrip("-") if "${" in p else p for p in listed}
         used = stage_paths(stage_module(stage["cmd"]), name)
         assert used, name
-        for path in used - helpers:
+        assert paths.checkpoint_dir(name) not in listed, name  # not an out: see above
+        for path in used - helpers - {paths.checkpoint_dir(name)}:
             assert path in listed or any(p.startswith(path) or path.startswith(p)
                                          for p in listed), (name, path)
 
