@@ -27,6 +27,7 @@ from llmcore.data.tasks import WORD_TASKS
 from llmcore.data.tokenizer import LLMTokenizer
 from llmcore.files import sha256_file
 from llmcore.model.modeldir import load_model_dir
+from llmcore.schema import UserError
 from llmcore.tracking import Tracker
 from stages import chain, paths
 from stages._align import copy_model, exact_match, load_policy, save_policy
@@ -59,6 +60,10 @@ def body(p: Params, tracker: Tracker) -> dict[str, Any]:
         compounds = compound_task_rows(
             counts, (tok.decode([i]) for i in range(tok.vocab_size)), held_out_words(convs),
             base.seed)
+        if counts and not compounds:
+            raise UserError("rl: no compound of two or three vocabulary pieces can be made "
+                            "here (too few lowercase pieces, or all too close to held-out "
+                            "words): set rl.words: train")
         log(f"rl: the word tasks ask about compounds of vocabulary pieces ({len(compounds)} "
             f"questions in place of {sum(counts.values())} about training words)")
         train = [c for c in train if c["task"] not in WORD_TASKS] + compounds

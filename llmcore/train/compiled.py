@@ -2,13 +2,13 @@
 
 Why blocks and not the whole model: the blocks hold the small elementwise ops (norms, RoPE,
 SiLU, residual adds) that a compiler fuses, and every block runs the same code, so one graph
-serves them all and compiling costs seconds. The embedding and the head stay eager, so SFT keeps
-its loss-mask head (logits only where a loss is taken, a data-dependent shape that a whole-model
-graph cannot keep). Measured on a 2-core AVX-512 CPU, an SFT step of the default shape: eager
-0.30 s, blocks compiled 0.24-0.26 s, the whole model compiled with a full head 0.32-0.34 s.
+serves them all. The embedding and the head stay eager, so SFT keeps its loss-mask head (logits
+only where a loss is taken, a data-dependent shape that a whole-model graph cannot keep).
+``benchmarks/compile_step.py`` measures the three ways (``reports/compile_step.json``,
+docs/training.md#compile), and what building the kernels costs.
 
 Each block is compiled in place (``nn.Module.compile``): the weights, their names and the
-state dict stay those of the eager model. ``uncompiled`` undoes it when training ends, so the
+state dict stay those of the eager model. Leaving :func:`compiled_blocks` undoes it, so the
 same model object then decodes with a KV cache eagerly.
 """
 

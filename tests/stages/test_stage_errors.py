@@ -245,6 +245,14 @@ def test_rl_on_compounds_asks_about_compounds_not_training_words(project, monkey
     asked = re.search(r"compounds of vocabulary pieces \((\d+) questions in place of (\d+)", err)
     assert asked and int(asked[1]) > 0 and int(asked[2]) > 0, err
     assert json.loads((project / "metrics/rl.json").read_text())["rl/steps"] == 2
+    # a vocabulary that makes no compound: one line that names the way out, no model written
+    import stages.rl
+
+    shutil.rmtree(project / "data/models/rl")
+    monkeypatch.setattr(stages.rl, "compound_task_rows", lambda *a, **k: [])
+    code, err = run("rl", project, monkeypatch, capsys)
+    assert code == 2 and "set rl.words: train" in error_line(err), err
+    assert not (project / "data/models/rl").exists()
 
 
 def test_dpo_trains_on_pairs_from_a_minimind_file_and_refuses_no_pairs(project, monkeypatch,
