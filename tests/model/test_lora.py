@@ -176,3 +176,38 @@ def test_lora_fit_trains_adapters_only_resumes_exactly_and_exports_merged(tiny_s
     assert resumed.result.resumed_from == 8
     for k, v in full.export_weights.items():
         assert torch.equal(v, resumed.export_weights[k]), k
+
+
+@pytest.mark.slow  # torch.compile: seconds of kernel building
+def test_lora_fit_with_compiled_blocks_trains_like_eager(tiny_shards, tmp_path):
+    """SFT's default ``compile: true`` with ``method: lora``: the blocks holding the adapters
+    compile, and the run's losses are the eager run's up to float rounding."""
+    import dataclasses
+
+    from llmcore.config.train import TrainConfig
+    from llmcore.data.tokenizer import token_bytes
+    from llmcore.train.fit import FitSpec, fit
+
+    shard_dir, tok = tiny_shards
+    cfg_model = parse_model({"preset": "tiny", "vocab_size": 300, "max_seq_len": 64})
+    torch.manual_seed(0)
+    tok.save(tmp_path / "tok")
+    save_model_dir(tmp_path / "init", cfg_model, state_dict_for_save(Transformer(cfg_model)),
+                   tmp_path / "tok", {}, {})
+    cfg = TrainConfig(max_steps=6, batch_size=4, lr=1e-2, warmup_steps=1, eval_every=6,
+                      eval_batches=1, log_every=6, checkpoint_every=6, peak_flops=1e12,
+                      optimizer="adamw")
+    logs: list[str] = []
+
+    def run(name, **kw):
+        return fit(FitSpec(model=cfg_model, train=dataclasses.replace(cfg, **kw), seed=1,
+                           device="cpu", dtype="float32", shard_dir=shard_dir,
+                           train_split="pretrain_train", val_split="pretrain_val",
+                           token_bytes=tuple(token_bytes(tok)), checkpoint_dir=tmp_path / name,
+                           data={"t": 1}, init_from=tmp_path / "init",
+                           adapter=LoRASpec(rank=4, alpha=8)), log=logs.append)
+
+    eager, compiled = run("e"), run("c", compile=True)
+    assert any("blocks compiled" in m for m in logs), logs
+    assert [h["loss"] for h in compiled.result.history] == pytest.approx(
+        [h["loss"] for h in eager.result.history], rel=1e-4)
