@@ -295,6 +295,28 @@ def int8_decode_default(read: Read) -> str:
     return _ratio(read, "reports/decode_speed.json", "llmcore int8 / engine", "1")
 
 
+@figure("serve-batched-prefill")
+def serve_batched_prefill(read: Read) -> str:
+    """32 streaming clients and the in-process bound before and after the batched prefill and
+    the per-step delivery of events (``reports/history/2026-12-07-serve_load*-{before,after}.json``,
+    one after the other on one machine)."""
+    parts = []
+    for tag, what in (("", "at the default shape"), ("-27m", "at the 27M shape")):
+        runs = []
+        for side in ("before", "after"):
+            rel = f"reports/history/2026-12-07-serve_load{tag}-{side}.json"
+            data = read(rel)
+            if not data:
+                return missing(rel)
+            top = max(data["levels"], key=lambda lvl: lvl["clients"])
+            runs.append((top["tokens_per_s"], top["ttft_p50_ms"],
+                         data["in_process"]["tokens_per_s"]))
+        (s0, t0, b0), (s1, t1, b1) = runs
+        parts.append(f"{what}, 32 clients {s0:,.0f} -> {s1:,.0f} tok/s (first token p50 "
+                     f"{t0:.0f} -> {t1:.0f} ms), the engine in process {b0:,.0f} -> {b1:,.0f}")
+    return "; ".join(parts)
+
+
 @figure("serve-vs-in-process")
 def serve_vs_in_process(read: Read) -> str:
     """The busiest level of ``serve_load`` against the same engine in process, at the default

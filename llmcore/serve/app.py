@@ -23,13 +23,10 @@ is full. Nothing a client sends is a 500.
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -42,10 +39,11 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from llmcore.config.model import ModelConfig
 from llmcore.data.corpus import unencodable
 from llmcore.data.tokenizer import LLMTokenizer
-from llmcore.infer.engine import Engine, Event, QueueFull
+from llmcore.infer.engine import Engine, QueueFull
 from llmcore.infer.engine import Request as EngineRequest
 from llmcore.infer.generate import Sampling
 from llmcore.model.protocols import LanguageModel
+from llmcore.serve.events import Inbox, events
 from llmcore.serve.guard import ApiError, ApiKey, BodyLimit, error_body, install_error_handlers
 from llmcore.serve.protocol import ChatRequest, CompletionRequest, GenerateRequest, SamplingFields
 
@@ -259,31 +257,8 @@ class _Result:
         self.text, self.finish, self.tokens = "", "", 0
 
 
-class _Inbox:
-    """Events from the engine thread to one request's coroutine: a deque the engine appends
-    to (through the event loop) and a flag the coroutine waits on. Waiting with a timeout
-    cannot lose an event: they stay in the deque."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.items: collections.deque[tuple[int, Event]] = collections.deque()
-        self.flag = asyncio.Event()
-
-    def sink(self, k: int) -> Any:
-        def put(event: Event) -> None:
-            self.items.append((k, event))
-            self.flag.set()
-        return lambda e: self.loop.call_soon_threadsafe(put, e)
-
-    async def wait(self, timeout: float) -> None:
-        if not self.items:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.flag.wait(), timeout)
-        self.flag.clear()
-
-
 def _submit(engine: Engine, jobs: list[Job], stop_ids: Sequence[int], stops: Sequence[str],
-            inbox: _Inbox) -> list[EngineRequest]:
+            inbox: Inbox) -> list[EngineRequest]:
     """Queue the jobs on the engine; their events arrive in ``inbox`` as (index, Event)."""
     reqs = [EngineRequest(ids, s, inbox.sink(k), stop_ids, stops)
             for k, (_, _, ids, s) in enumerate(jobs)]
@@ -294,41 +269,18 @@ def _submit(engine: Engine, jobs: list[Job], stop_ids: Sequence[int], stops: Seq
     return reqs
 
 
-async def _events(request: Request, inbox: _Inbox, reqs: list[EngineRequest]
-                  ) -> AsyncGenerator[tuple[int, Event], None]:
-    """The engine's events until every request finished. Looks for a client disconnect every
-    half second even while tokens flow, and cancels the requests when the client went away or
-    the consumer stopped early (the ``finally``), which frees their slots."""
-    left = len(reqs)
-    next_check = time.monotonic() + 0.5
-    try:
-        while left:
-            await inbox.wait(max(0.01, next_check - time.monotonic()))
-            if time.monotonic() >= next_check:
-                if await request.is_disconnected():
-                    return
-                next_check = time.monotonic() + 0.5
-            while inbox.items:
-                k, event = inbox.items.popleft()
-                if event.finish:
-                    left -= 1
-                yield k, event
-    finally:
-        for r in reqs:
-            r.cancel()
-
-
 async def _collect(request: Request, engine: Engine, jobs: list[Job], stop_ids: Sequence[int],
                    stops: Sequence[str]) -> list[_Result]:
-    inbox = _Inbox()
+    inbox = Inbox()
     reqs = _submit(engine, jobs, stop_ids, stops, inbox)
     results = [_Result() for _ in jobs]
-    async with aclosing(_events(request, inbox, reqs)) as events:
-        async for k, event in events:
-            r = results[k]
-            r.parts.append(event.text)
-            if event.finish:
-                r.finish, r.tokens = event.finish, event.tokens
+    async with aclosing(events(request, inbox, reqs)) as batches:
+        async for batch in batches:
+            for k, event in batch:
+                r = results[k]
+                r.parts.append(event.text)
+                if event.finish:
+                    r.finish, r.tokens = event.finish, event.tokens
     for r in results:
         _check_finished(r.finish)
         r.text = "".join(r.parts)
@@ -346,7 +298,7 @@ def _check_finished(finish: str) -> None:
 async def _stream(request: Request, engine: Engine, jobs: list[Job], stop_ids: Sequence[int],
                   stops: Sequence[str], kind: str, rid: str, created: int, model_id: str,
                   prompt_tokens: int | None) -> AsyncIterator[str]:
-    inbox = _Inbox()
+    inbox = Inbox()
     reqs = _submit(engine, jobs, stop_ids, stops, inbox)  # a 429 here comes before any byte
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else kind
 
@@ -368,17 +320,29 @@ async def _stream(request: Request, engine: Engine, jobs: list[Job], stop_ids: S
         if kind == "chat.completion":
             for i in (j.choice for j in jobs):
                 yield chunk(i, "", None, role=True)
-        async with aclosing(_events(request, inbox, reqs)) as events:
-            async for k, event in events:
-                index = jobs[k].choice
-                if event.text:
-                    yield chunk(index, event.text, None)
-                if event.finish in ("cancelled", "error"):
-                    yield f"data: {json.dumps(error_body(503, 'generation was cancelled'))}\n\n"
-                    return
-                if event.finish:
-                    completion += event.tokens
-                    yield chunk(index, None, event.finish)
+        async with aclosing(events(request, inbox, reqs)) as batches:
+            # all that arrived since the last write goes out in one write, with one piece of
+            # text per choice: the text of several steps when the client fell behind
+            async for batch in batches:
+                out: list[str] = []
+                pending: dict[int, str] = {}
+                for k, event in batch:
+                    index = jobs[k].choice
+                    if event.text:
+                        pending[index] = pending.get(index, "") + event.text
+                    if event.finish in ("cancelled", "error"):
+                        out.extend(chunk(i, text, None) for i, text in pending.items())
+                        out.append(f"data: {json.dumps(error_body(503, 'generation was cancelled'))}\n\n")
+                        yield "".join(out)
+                        return
+                    if event.finish:
+                        if index in pending:
+                            out.append(chunk(index, pending.pop(index), None))
+                        completion += event.tokens
+                        out.append(chunk(index, None, event.finish))
+                out.extend(chunk(i, text, None) for i, text in pending.items())
+                if out:
+                    yield "".join(out)
         if prompt_tokens is not None:
             usage = {"id": rid, "object": chunk_kind, "created": created, "model": model_id,
                      "choices": [], "usage": _usage(prompt_tokens, completion)}

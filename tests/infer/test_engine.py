@@ -226,3 +226,29 @@ def test_reply_text_is_decoded_step_by_step_as_decoding_every_id_would(tiny_toke
     assert last is not None and last.finish == "stop"
     pieces = [e.text for e in events if e is not None] + [last.text]
     assert "".join(pieces) == tiny_tokenizer.decode(ids) == text
+
+
+def test_requests_admitted_together_share_one_prefill_and_answer_as_alone(model, tiny_tokenizer):
+    """Prompts of different lengths, right-padded into one forward: each request's tokens
+    are still those it gets alone (greedy and seeded sampling)."""
+    engine = Engine(model, tiny_tokenizer, max_batch=8, max_queue=8, own_thread=False)
+    calls = []
+    forward = engine.forward
+
+    def counting(ids, **kw):
+        calls.append(tuple(ids.shape))
+        return forward(ids, **kw)
+
+    engine.forward = counting
+    jobs = [(p, Sampling(max_new_tokens=12, temperature=0.0 if i % 2 else 0.9, seed=i))
+            for i, p in enumerate(prompts(tiny_tokenizer, 6))]
+    assert len({len(p) for p, _ in jobs}) > 2  # the padding is really exercised
+    texts: dict[int, list[str]] = {i: [] for i in range(len(jobs))}
+    for i, (p, s) in enumerate(jobs):
+        engine.submit(Request(p, s, lambda e, i=i: texts[i].append(e.text),
+                              (tiny_tokenizer.im_end_id, tiny_tokenizer.eot_id)))
+    engine.run(until_idle=True)
+    prefills = [c for c in calls if c[1] > 1]
+    assert prefills == [(6, max(len(p) for p, _ in jobs))]  # one forward for all six
+    for i, (p, s) in enumerate(jobs):
+        assert "".join(texts[i]) == alone(model, tiny_tokenizer, p, s), f"request {i}"
