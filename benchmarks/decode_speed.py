@@ -22,6 +22,8 @@ Sides, all on the same weights at float32 unless named otherwise, each producing
 * ``llmcore int8``: the same engine on the model quantized to int8 (``llmcore.export.quantize``,
   what the quantize stage writes), loaded with the runtime ``auto`` picks on this machine
   (``llmcore.model.quant.int8_runtime``), as ``llmcore serve`` loads a quantized directory.
+* ``llmcore int4``: the same with int4 weights in groups of 64 (``quantize.method: int4``):
+  torch's int4 kernel where the CPU has AVX-512, expanded to float32 elsewhere.
 * ``transformers``: ``LlamaForCausalLM.generate`` on the Hugging Face export.
 * ``llama.cpp f32`` / ``f16`` / ``q8_0``: the GGUF export (``llmcore export --format gguf``)
   in llama.cpp through llama-cpp-python's low-level API: one context holding 8 sequences,
@@ -122,7 +124,7 @@ def _engine_run(engine: Any, prompts: Sequence[Sequence[int]], tokens: int) -> l
     return [done[i] for i in range(len(prompts))]
 
 
-SIDES = ("generate", "engine", "engine_compiled", "llmcore int8", "transformers",
+SIDES = ("generate", "engine", "engine_compiled", "llmcore int8", "llmcore int4", "transformers",
          "llama.cpp f32", "llama.cpp f16", "llama.cpp q8_0")
 
 
@@ -191,13 +193,14 @@ def build_sides(model_dir: Path, tokens: int, wanted: Sequence[str], max_batch: 
     for name, compiled in (("engine", False), ("engine_compiled", True)):
         if name in wanted:
             sides[name] = engine_side(model, compiled)
-    if "llmcore int8" in wanted:
-        tensors, _ = quantize_model(model, QuantSpec("int8"))
-        spec = QuantSpec("int8").to_json()
-        save_model_dir(tmp / "int8", cfg, tensors, model_dir, {}, json.loads(
-            (model_dir / "generation_config.json").read_text()), spec)
-        q_model, _ = load_model_dir(tmp / "int8", torch.device("cpu"))
-        sides["llmcore int8"] = engine_side(q_model.eval(), False)
+    for method in ("int8", "int4"):  # as the quantize stage writes them, as serve loads them
+        if f"llmcore {method}" in wanted:
+            spec = QuantSpec(method)
+            tensors, _ = quantize_model(model, spec)
+            save_model_dir(tmp / method, cfg, tensors, model_dir, {}, json.loads(
+                (model_dir / "generation_config.json").read_text()), spec.to_json())
+            q_model, _ = load_model_dir(tmp / method, torch.device("cpu"))
+            sides[f"llmcore {method}"] = engine_side(q_model.eval(), False)
     if "transformers" in wanted:
         sides["transformers"] = _transformers_side(model_dir, tok, tokens, tmp)
     kinds = [k for k in ("f32", "f16", "q8_0") if f"llama.cpp {k}" in wanted]
@@ -282,6 +285,7 @@ def measure(model_dir: Path, tokens: int, rounds: int, batches: Sequence[int],
 # side over side, round by round (each round ran both, one after the other): what the targets
 # of the quantized runtime and the compiled engine are read on
 RATIOS = (("llmcore int8", "engine"), ("llmcore int8", "llama.cpp q8_0"),
+          ("llmcore int4", "engine"), ("llmcore int4", "llmcore int8"),
           ("engine_compiled", "llama.cpp f32"), ("engine", "llama.cpp f32"))
 
 

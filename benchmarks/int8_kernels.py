@@ -10,8 +10,10 @@ rows ``M`` is bound by the weights' bytes. Timed here, per shape (the default mo
 ``F.linear`` in float32 and in bf16 (weights and activations), and
 ``torch._weight_int8pack_mm`` (int8 weights, one scale per output channel) with float32 and
 with bf16 activations, the latter also with the casts a float32 model around it pays (input
-to bf16, output back to float32). :func:`llmcore.model.quant.int8_runtime` picks from what
-this shows. Writes ``reports/int8_kernels[-LABEL].json``.
+to bf16, output back to float32); and torch's CPU int4 kernel (groups of 64, bf16
+activations, with the casts) as :class:`llmcore.model.quant.Int4Linear` runs it.
+:func:`llmcore.model.quant.int8_runtime` and :func:`~llmcore.model.quant.int4_kernel_threshold`
+pick from what this shows. Writes ``reports/int8_kernels[-LABEL].json``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from llmcore.device import cpu_kind  # noqa: E402
-from llmcore.model.quant import int8_runtime  # noqa: E402
+from llmcore.model.quant import INT4_INNER_K_TILES, int8_runtime  # noqa: E402
 
 # (in, out) of a decode product: the default's MLP up-projection, the 27M shape's fused q/k/v
 # and MLP, the 0.5B shape's MLP up- and down-projections
@@ -52,12 +54,18 @@ def measure(k: int, n: int, m: int, rounds: int) -> dict[str, float]:
     s32 = torch.rand(n, generator=gen) / 127
     x = torch.randn(m, k, generator=gen)
     wb, xb, sb = w.bfloat16(), x.bfloat16(), s32.bfloat16()
+    codes = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INT4_INNER_K_TILES)
+    s4 = torch.rand(k // 64, n, generator=gen) / 7
+    sz = torch.stack([s4, torch.zeros_like(s4)], dim=-1).bfloat16().contiguous()
     sides: dict[str, Callable[[], object]] = {
         "float32": lambda: F.linear(x, w),
         "bf16": lambda: F.linear(xb, wb),
         "int8 x float32": lambda: torch._weight_int8pack_mm(x, q, s32),
         "int8 x bf16": lambda: torch._weight_int8pack_mm(xb, q, sb),
         "int8 x bf16, casts": lambda: torch._weight_int8pack_mm(x.bfloat16(), q, sb).float(),
+        "int4 x bf16, casts": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.bfloat16(), packed, 64, sz).float(),
     }
     reps = max(5, int(2e7 / (k * n)))  # ~ the same bytes read per timing at every shape
     for fn in sides.values():

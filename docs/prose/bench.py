@@ -216,8 +216,9 @@ def avx2_muon_cliff(read: Read) -> str:
     return f"{ratios[0]:.1f}x an AdamW step's time with AVX2 kernels, {ratios[1]:.1f}x as it is"
 
 
-def _kernel_ratio(read: Read, rel: str, shapes: list[tuple[int, int]]) -> str:
-    """float32 over int8 (with its casts) per decode product of one row, from one report."""
+def _kernel_ratio(read: Read, rel: str, shapes: list[tuple[int, int]],
+                  side: str = "int8 x bf16, casts") -> str:
+    """float32 over ``side`` per decode product of one row, from one report."""
     data = read(rel)
     if not data or not data.get("products"):
         return missing(rel)
@@ -227,7 +228,9 @@ def _kernel_ratio(read: Read, rel: str, shapes: list[tuple[int, int]]) -> str:
         us = by.get((k, n, 1))
         if us is None:
             return missing(rel)
-        parts.append(f"{us['float32'] / us['int8 x bf16, casts']:.1f}x at {k} x {n}")
+        if side not in us:
+            return missing(rel)
+        parts.append(f"{us['float32'] / us[side]:.1f}x at {k} x {n}")
     return ", ".join(parts)
 
 
@@ -243,6 +246,17 @@ def int8_kernel_avx2(read: Read) -> str:
     """The same with torch's kernels capped to AVX2."""
     return _kernel_ratio(read, "reports/int8_kernels-avx2cap.json",
                          [(128, 352), (512, 1536), (1536, 4096)])
+
+
+@figure("int4-kernel")
+def int4_kernel(read: Read) -> str:
+    """float32 over the int4 kernel (with its casts), one row, on this machine and capped to
+    AVX2."""
+    shapes = [(512, 1536), (1536, 4096), (4096, 1536)]
+    side = "int4 x bf16, casts"
+    return (f"{_kernel_ratio(read, 'reports/int8_kernels.json', shapes, side)} on this machine, "
+            f"{_kernel_ratio(read, 'reports/int8_kernels-avx2cap.json', shapes, side)} capped "
+            "to AVX2")
 
 
 def _ratio(read: Read, rel: str, pair: str, batch: str) -> str:
@@ -270,6 +284,19 @@ def int8_decode_05b(read: Read) -> str:
     rel = "reports/decode_speed-0.5b.json"
     return (f"{_ratio(read, rel, 'llmcore int8 / engine', '1')} the float32 engine's rate and "
             f"{_ratio(read, rel, 'llmcore int8 / llama.cpp q8_0', '1')} llama.cpp q8_0's")
+
+
+@figure("int4-decode")
+def int4_decode(read: Read) -> str:
+    """int4 engine over the float and the int8 engine at the 0.5B and 27M shapes, batch 1 and
+    8 (``reports/decode_speed-{0.5b,27m}-int4.json``: the three in the same rounds)."""
+    parts = []
+    for rel, what in (("reports/decode_speed-0.5b-int4.json", "at the 0.5B shape"),
+                      ("reports/decode_speed-27m-int4.json", "at the 27M shape")):
+        parts.append(f"{what}, over the float32 engine "
+                     f"{_batches_1_and_8(read, rel, 'llmcore int4 / engine')}, over the int8 "
+                     f"engine {_batches_1_and_8(read, rel, 'llmcore int4 / llmcore int8')}")
+    return "; ".join(parts)
 
 
 @figure("compiled-vs-llama-27m")

@@ -17,7 +17,9 @@ delivers it with bf16 activations (it widens them to float32 itself, so no bf16 
 needed: AVX2 gains as well), while with float32 activations it is several times slower than a
 float product. A layer too small for the bytes to matter (:data:`MIN_KERNEL_WEIGHTS`) stays
 float: there the casts around the kernel cost more than it saves
-(``benchmarks/int8_kernels.py``, ``docs/serving.md#quantized-decode``).
+(``benchmarks/int8_kernels.py``, ``docs/serving.md#quantized-decode``). int4 weights run in
+torch's CPU int4 kernel (:class:`Int4Linear`, bf16 activations) in layers large enough for it
+to pay on the CPU (:func:`int4_kernel_threshold`), and are expanded to float everywhere else.
 
 Trade-off: round-to-nearest with absmax scales, no calibration data (GPTQ / AWQ would lose
 less at int4); it is exact to explain and needs nothing but the weights.
@@ -140,6 +142,66 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class Int4Linear(nn.Module):
+    """A Linear whose int4 weights stay int4: torch's CPU int4 kernel
+    (``_weight_int4pack_mm_for_cpu``), bf16 activations, the output back in the input's dtype.
+
+    The kernel's layout is its own: the 0..15 codes (ours: ``q + 8``) repacked once at load by
+    ``_convert_weight_to_int4pack_for_cpu``, and per group a (scale, zero) pair with
+    ``w = (code - 8) * scale + zero``, which is this format with every zero 0."""
+
+    packed: torch.Tensor
+    scales_zeros: torch.Tensor
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None, act_dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            codes.to(torch.int32).contiguous(), INT4_INNER_K_TILES))
+        s = scale.t().to(act_dtype)  # (groups, out)
+        self.register_buffer("scales_zeros", torch.stack([s, torch.zeros_like(s)], dim=-1)
+                             .contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.group_size, self.act_dtype = group_size, act_dtype
+        self.in_features, self.out_features = codes.shape[1], codes.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, shape[-1]).to(self.act_dtype), self.packed, self.group_size,
+            self.scales_zeros)
+        y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+INT4_INNER_K_TILES = 8  # the repacking's tile of the input dimension (2, 4 or 8 for torch)
+
+
+@functools.cache
+def int4_kernel_threshold(group_size: int) -> int | None:
+    """The fewest weights a layer needs for its int4 product to run in the kernel on this CPU
+    (its width in groups of ``group_size``: 32, 64, 128 or 256), or None where the kernel is
+    absent. From one product of one row against float32 (``benchmarks/int8_kernels.py``): with
+    AVX-512 it is at least as fast from the 27M shape's products up, as int8's threshold; with
+    AVX2 it is slower at 512 x 1536 and faster only at the 0.5B shape's (1536 x 4096 and up),
+    hence 2^22 there."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    smallest = {"AVX512": MIN_KERNEL_WEIGHTS, "AVX512_BF16": MIN_KERNEL_WEIGHTS,
+                "AMX": MIN_KERNEL_WEIGHTS, "AVX2": 1 << 22}.get(cap)
+    if smallest is None:
+        return None
+    try:
+        codes = torch.full((16, 2 * group_size), 8, dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INT4_INNER_K_TILES)
+        sz = torch.ones(2, 16, 2, dtype=torch.bfloat16)
+        torch.ops.aten._weight_int4pack_mm_for_cpu(
+            torch.ones(1, 2 * group_size, dtype=torch.bfloat16), packed, group_size, sz)
+        return smallest
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return None
+
+
 @functools.cache
 def int8mm_available(device: torch.device, act_dtype: torch.dtype = torch.float32) -> bool:
     """Whether torch has the int8 weight-only kernel on ``device`` for ``act_dtype`` (tried
@@ -181,7 +243,9 @@ def load_quantized(model: nn.Module, tensors: Mapping[str, torch.Tensor],
     ``mode``: ``dequant`` expands weights to float at load; ``int8mm`` keeps every int8
     Linear's weights int8 (int8 method only) in :class:`Int8Linear`; ``auto`` is
     :func:`int8_runtime`'s choice for the device, with layers under
-    :data:`MIN_KERNEL_WEIGHTS` weights expanded. ``int8mm`` asked for computes in the
+    :data:`MIN_KERNEL_WEIGHTS` weights expanded, and for int4 weights on a CPU
+    :class:`Int4Linear` for layers of at least :func:`int4_kernel_threshold` weights (every
+    other case expands them). ``int8mm`` asked for computes in the
     activation dtype ``auto`` would use there.
     """
     method, group = quant.get("method"), quant.get("group_size")
@@ -191,6 +255,8 @@ def load_quantized(model: nn.Module, tensors: Mapping[str, torch.Tensor],
     picked, act = int8_runtime(device)
     if mode == "int8mm" and picked != "int8mm":
         act = torch.float32  # asked for where auto would not: float32 activations
+    int4 = (int4_kernel_threshold(int(group or 0)) if method == "int4" and mode == "auto"
+            and device.type == "cpu" else None)
     smallest = 0
     if mode == "auto":
         mode, smallest = picked, MIN_KERNEL_WEIGHTS
@@ -207,6 +273,14 @@ def load_quantized(model: nn.Module, tensors: Mapping[str, torch.Tensor],
                             f"{(bad + absent)[:5]}, unexpected {unexpected[:5]}")
     for name, layer in layers.items():
         q, s = tensors[f"{name}.qweight"], tensors[f"{name}.scales"]
+        if (int4 is not None and isinstance(layer, nn.Linear) and 2 * q.numel() >= int4
+                and 2 * q.shape[1] == layer.in_features  # a width the groups divide
+                and layer.out_features % 16 == 0):  # the kernel's layout needs it
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, Int4Linear(q.to(device), s.to(device), int(group or 0),
+                                              layer.bias))
+            continue
         if mode == "int8mm" and isinstance(layer, nn.Linear) and q.numel() >= smallest:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model

@@ -204,3 +204,52 @@ def test_int8_layers_own_fresh_aligned_weights(tmp_path):
     for layer in layers:
         assert layer.qweight.data_ptr() % 64 == 0 and layer.qweight.is_contiguous()
         assert layer.qweight.untyped_storage().nbytes() == layer.qweight.numel()
+
+
+def test_int4_kernel_layer_computes_the_dequantized_product():
+    from llmcore.model.quant import Int4Linear, int4_kernel_threshold
+
+    if int4_kernel_threshold(64) is None:
+        pytest.skip(f"the int4 kernel is not used on this CPU "
+                    f"({torch.backends.cpu.get_cpu_capability()})")
+    torch.manual_seed(5)
+    w, bias = torch.randn(96, 256), torch.randn(96)
+    packed, s = quantize_int4(w, 64)
+    layer = Int4Linear(packed, s, 64, bias)
+    x = torch.randn(3, 7, 256)
+    ref = x @ dequantize_int4(packed, s, 64).t() + bias
+    y = layer(x)
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    assert float((y - ref).abs().max()) < 0.01 * float(ref.abs().max())  # bf16 activations
+
+
+def test_auto_runs_int4_weights_in_the_kernel_where_it_pays(monkeypatch):
+    """int4 under ``auto``: large layers whose out width the kernel's layout takes run in
+    Int4Linear and give the dequantized model's greedy tokens; under AVX2 only layers of 2^22
+    weights and up would (slower than float32 below), so this model's are all expanded, and
+    without AVX2 none runs in the kernel."""
+    import llmcore.model.quant as quant
+
+    cfg = dataclasses.replace(CFG, d_model=256, n_heads=4, n_kv_heads=4, d_ff=704)
+    torch.manual_seed(6)
+    tensors, _ = quantize_model(Transformer(cfg).eval(), QuantSpec("int4", group_size=64))
+    info = {"method": "int4", "group_size": 64}
+    deq = load_quantized(Transformer(cfg).eval(), tensors, info, "dequant")
+    if quant.int4_kernel_threshold(64) == quant.MIN_KERNEL_WEIGHTS:
+        auto = load_quantized(Transformer(cfg).eval(), tensors, info, "auto")
+        assert type(auto.layers[0].mlp.up_proj).__name__ == "Int4Linear"  # 704 x 256
+        assert isinstance(auto.layers[0].self_attn.q_proj, torch.nn.Linear)  # under the size
+        prompts = [[1, 2, 3], [7, 8, 9, 10]]
+        a = generate(deq, prompts, Sampling(max_new_tokens=12), [])
+        b = generate(auto, prompts, Sampling(max_new_tokens=12), [])
+        same = sum(x == y for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=False))
+        assert same >= 0.75 * sum(len(r) for r in a)  # bf16 activations may flip a near tie
+    for cap, threshold in (("AVX2", 1 << 22), ("DEFAULT", None)):
+        quant.int4_kernel_threshold.cache_clear()
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda cap=cap: cap)
+        try:
+            assert quant.int4_kernel_threshold(64) in (threshold, None)  # None: no kernel
+            capped = load_quantized(Transformer(cfg).eval(), tensors, info, "auto")
+            assert not any(type(m).__name__ == "Int4Linear" for m in capped.modules())
+        finally:
+            quant.int4_kernel_threshold.cache_clear()
