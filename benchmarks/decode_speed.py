@@ -23,7 +23,9 @@ Sides, all on the same weights at float32 unless named otherwise, each producing
   what the quantize stage writes), loaded with the runtime ``auto`` picks on this machine
   (``llmcore.model.quant.int8_runtime``), as ``llmcore serve`` loads a quantized directory.
 * ``llmcore int4``: the same with int4 weights in groups of 64 (``quantize.method: int4``):
-  torch's int4 kernel where the CPU has AVX-512, expanded to float32 elsewhere.
+  torch's int4 kernel in the layers where it pays on this CPU, the others expanded to float32.
+* ``llmcore int8 compiled`` / ``llmcore int4 compiled``: those engines with ``--compile``
+  (compared with ``engine_compiled``: both sides without the per-op dispatch).
 * ``transformers``: ``LlamaForCausalLM.generate`` on the Hugging Face export.
 * ``llama.cpp f32`` / ``f16`` / ``q8_0``: the GGUF export (``llmcore export --format gguf``)
   in llama.cpp through llama-cpp-python's low-level API: one context holding 8 sequences,
@@ -124,7 +126,8 @@ def _engine_run(engine: Any, prompts: Sequence[Sequence[int]], tokens: int) -> l
     return [done[i] for i in range(len(prompts))]
 
 
-SIDES = ("generate", "engine", "engine_compiled", "llmcore int8", "llmcore int4", "transformers",
+SIDES = ("generate", "engine", "engine_compiled", "llmcore int8", "llmcore int8 compiled",
+         "llmcore int4", "llmcore int4 compiled", "transformers",
          "llama.cpp f32", "llama.cpp f16", "llama.cpp q8_0")
 
 
@@ -194,13 +197,15 @@ def build_sides(model_dir: Path, tokens: int, wanted: Sequence[str], max_batch: 
         if name in wanted:
             sides[name] = engine_side(model, compiled)
     for method in ("int8", "int4"):  # as the quantize stage writes them, as serve loads them
-        if f"llmcore {method}" in wanted:
+        names = [n for n in (f"llmcore {method}", f"llmcore {method} compiled") if n in wanted]
+        if names:
             spec = QuantSpec(method)
             tensors, _ = quantize_model(model, spec)
             save_model_dir(tmp / method, cfg, tensors, model_dir, {}, json.loads(
                 (model_dir / "generation_config.json").read_text()), spec.to_json())
             q_model, _ = load_model_dir(tmp / method, torch.device("cpu"))
-            sides[f"llmcore {method}"] = engine_side(q_model.eval(), False)
+            for name in names:  # (serve --compile on a quantized directory)
+                sides[name] = engine_side(q_model.eval(), name.endswith("compiled"))
     if "transformers" in wanted:
         sides["transformers"] = _transformers_side(model_dir, tok, tokens, tmp)
     kinds = [k for k in ("f32", "f16", "q8_0") if f"llama.cpp {k}" in wanted]
@@ -286,6 +291,7 @@ def measure(model_dir: Path, tokens: int, rounds: int, batches: Sequence[int],
 # of the quantized runtime and the compiled engine are read on
 RATIOS = (("llmcore int8", "engine"), ("llmcore int8", "llama.cpp q8_0"),
           ("llmcore int4", "engine"), ("llmcore int4", "llmcore int8"),
+          ("llmcore int8 compiled", "engine_compiled"), ("llmcore int4 compiled", "engine_compiled"),
           ("engine_compiled", "llama.cpp f32"), ("engine", "llama.cpp f32"))
 
 

@@ -299,6 +299,21 @@ def int4_decode(read: Read) -> str:
     return "; ".join(parts)
 
 
+@figure("quant-compiled-05b")
+def quant_compiled_05b(read: Read) -> str:
+    """int8 and int4 engines compiled over the compiled float engine at the 0.5B shape
+    (``reports/decode_speed-0.5b-int4.json``)."""
+    rel = "reports/decode_speed-0.5b-int4.json"
+    return (f"int8 {_batches_1_and_8(read, rel, 'llmcore int8 compiled / engine_compiled')}, "
+            f"int4 {_batches_1_and_8(read, rel, 'llmcore int4 compiled / engine_compiled')}")
+
+
+@figure("int8-decode-05b-today")
+def int8_decode_05b_today(read: Read) -> str:
+    """int8 over float32, both eager, at the 0.5B shape in the int4 run."""
+    return _batches_1_and_8(read, "reports/decode_speed-0.5b-int4.json", "llmcore int8 / engine")
+
+
 @figure("compiled-vs-llama-27m")
 def compiled_vs_llama_27m(read: Read) -> str:
     """The compiled engine over llama.cpp f32 at the 27M shape, batch 1 and 8."""

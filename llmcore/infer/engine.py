@@ -264,7 +264,10 @@ class Engine:
         keep = torch.arange(longest, device=self.device)[None, :] == torch.tensor(
             lengths, device=self.device)[:, None] - 1  # (n, T): each row's last token
         cache = KVCache.for_model(self.model, len(live), longest)
-        logits = self.forward(ids, cache=cache, keep=keep)  # (n, V), in row order
+        # eager even with ``compile``: the step is what runs per token, and a compiled prefill
+        # (other cache, shapes and ``keep``) recompiled until dynamo's limit turned the step
+        # eager too (measured: the compiled engines then decoded at the eager rate)
+        logits = self.model(ids, cache=cache, keep=keep)  # (n, V), in row order
         self.cache.fill([i for i, _ in live], cache, lengths)
         for row, (i, req) in enumerate(live):
             run = _Running(req, self.tok, self.device)
