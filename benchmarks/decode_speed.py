@@ -1,5 +1,5 @@
-"""Greedy decode speed at batches up to 32: llmcore (float and int8) against transformers and
-llama.cpp (f32, f16, q8_0), on a trained model or on random weights of any shape.
+"""Greedy decode speed at batches up to 32: llmcore (float, int8, int4) against transformers and
+llama.cpp (f32, f16, q8_0, q4_0), on a trained model or on random weights of any shape.
 
     python benchmarks/decode_speed.py [--model data/models/sft] [--tokens 128] [--rounds 5]
     python benchmarks/decode_speed.py --preset llama-0.5b --tokens 32 --rounds 3 --label 0.5b
@@ -27,7 +27,7 @@ Sides, all on the same weights at float32 unless named otherwise, each producing
 * ``llmcore int8 compiled`` / ``llmcore int4 compiled``: those engines with ``--compile``
   (compared with ``engine_compiled``: both sides without the per-op dispatch).
 * ``transformers``: ``LlamaForCausalLM.generate`` on the Hugging Face export.
-* ``llama.cpp f32`` / ``f16`` / ``q8_0``: the GGUF export (``llmcore export --format gguf``)
+* ``llama.cpp f32`` / ``f16`` / ``q8_0`` / ``q4_0``: the GGUF export (``llmcore export --format gguf``)
   in llama.cpp through llama-cpp-python's low-level API: one context holding 8 sequences,
   every step one ``llama_decode`` of one token per sequence and an argmax of its logits, which
   is what llama.cpp's own server does; skipped, with the reason, when llama-cpp-python is not
@@ -128,7 +128,7 @@ def _engine_run(engine: Any, prompts: Sequence[Sequence[int]], tokens: int) -> l
 
 SIDES = ("generate", "engine", "engine_compiled", "llmcore int8", "llmcore int8 compiled",
          "llmcore int4", "llmcore int4 compiled", "transformers",
-         "llama.cpp f32", "llama.cpp f16", "llama.cpp q8_0")
+         "llama.cpp f32", "llama.cpp f16", "llama.cpp q8_0", "llama.cpp q4_0")
 
 
 def random_model_dir(out: Path, preset: str, shape: str | None,
@@ -208,7 +208,7 @@ def build_sides(model_dir: Path, tokens: int, wanted: Sequence[str], max_batch: 
                 sides[name] = engine_side(q_model.eval(), name.endswith("compiled"))
     if "transformers" in wanted:
         sides["transformers"] = _transformers_side(model_dir, tok, tokens, tmp)
-    kinds = [k for k in ("f32", "f16", "q8_0") if f"llama.cpp {k}" in wanted]
+    kinds = [k for k in ("f32", "f16", "q8_0", "q4_0") if f"llama.cpp {k}" in wanted]
     if kinds:
         from llmcore.export.gguf import export_gguf
         from llmcore.export.llama_cpp import available
@@ -291,6 +291,7 @@ def measure(model_dir: Path, tokens: int, rounds: int, batches: Sequence[int],
 # of the quantized runtime and the compiled engine are read on
 RATIOS = (("llmcore int8", "engine"), ("llmcore int8", "llama.cpp q8_0"),
           ("llmcore int4", "engine"), ("llmcore int4", "llmcore int8"),
+          ("llmcore int4", "llama.cpp q4_0"),
           ("llmcore int8 compiled", "engine_compiled"), ("llmcore int4 compiled", "engine_compiled"),
           ("engine_compiled", "llama.cpp f32"), ("engine", "llama.cpp f32"))
 

@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out", help="the Hugging Face directory, or the .gguf file, to write")
     e.add_argument("--format", choices=("hf", "gguf"), default="hf",
                    help="hf: transformers directory; gguf: llama.cpp file (default: %(default)s)")
-    e.add_argument("--gguf-type", choices=("f32", "f16", "q8_0"), default="f32",
+    e.add_argument("--gguf-type", choices=("f32", "f16", "q8_0", "q4_0"), default="f32",
                    help="GGUF weight type (norms stay f32; default: %(default)s)")
     e.set_defaults(func=cmd_export)
     return parser

@@ -19,6 +19,6 @@ class QuantizeConfig:
     agreement_prompts: int = spec(32, ge=1, doc="held-out prompts for greedy agreement")
     agreement_tokens: int = spec(32, ge=1)
     decode_tokens: int = spec(64, ge=8, doc="tokens decoded to time decode speed")
-    gguf: str | None = spec("q8_0", choices=(None, "f32", "f16", "q8_0"),
+    gguf: str | None = spec("q8_0", choices=(None, "f32", "f16", "q8_0", "q4_0"),
                             doc="also write the SFT model as model.gguf (llama.cpp) in the "
                                 "quantized directory, of this type")

@@ -19,9 +19,10 @@ needed and are the whole of what can go wrong:
   The four special tokens are control tokens; no BOS is added (llmcore's generation adds none);
   ``<|im_end|>`` is the end-of-turn token and the ChatML template is embedded.
 
-Types: ``f32`` (exact), ``f16``, ``q8_0`` (llama.cpp's 8-bit blocks of 32). Norm weights stay
-f32 and so does any tensor whose rows do not divide into q8_0 blocks, as llama.cpp's converter
-does.
+Types: ``f32`` (exact), ``f16``, ``q8_0`` (llama.cpp's 8-bit blocks of 32: one scale per 32
+weights), ``q4_0`` (4-bit blocks of 32, one scale each: a quarter of f16's bytes, coarser; every
+matrix, as ``llama-quantize`` writes it with ``--pure``). Norm weights stay f32 and so does any
+tensor whose rows do not divide into blocks of 32, as llama.cpp's converter does.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from llmcore.export.hf import llama_compatible
 from llmcore.model.modeldir import load_model_dir
 from llmcore.schema import UserError
 
-GGUF_TYPES = ("f32", "f16", "q8_0")
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 
 
 def permute_for_llama_cpp(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -108,9 +109,11 @@ def _tensor(t: torch.Tensor, gguf_type: str) -> tuple[np.ndarray, Any]:
         return a.astype(np.float32), None
     if gguf_type == "f16":
         return a.astype(np.float16), None
-    if a.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]:
+    kind = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[
+        gguf_type]
+    if a.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
         return a.astype(np.float32), None
-    return gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    return gguf.quants.quantize(a, kind), kind
 
 
 def gguf_tensors(state: dict[str, torch.Tensor], n_heads: int, n_kv_heads: int
@@ -166,7 +169,8 @@ def export_gguf(model_dir: Path, out: Path, gguf_type: str = "f32") -> Path:
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type])
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                          "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[gguf_type])
     _add_tokenizer(writer, model_dir, gen)
     state = {k: v for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:

@@ -103,7 +103,7 @@ def test_gguf_permutation_turns_rotate_half_into_adjacent_pairs():
     assert torch.allclose(scores, llama_cpp(w_q) @ llama_cpp(w_k).transpose(-1, -2), atol=1e-4)
 
 
-@pytest.mark.parametrize("gguf_type", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("gguf_type", ["f32", "f16", "q8_0", "q4_0"])
 def test_gguf_export_reads_back(tmp_path, tiny_tokenizer, gguf_type):
     import numpy as np
     from gguf import GGUFReader
@@ -133,11 +133,15 @@ def test_gguf_export_reads_back(tmp_path, tiny_tokenizer, gguf_type):
     assert len(tensors) == 2 + 9 * cfg.n_layers
     q = tensors["blk.0.attn_q.weight"]
     expected = permute_for_llama_cpp(model.layers[0].self_attn.q_proj.weight, cfg.n_heads)
-    if gguf_type == "q8_0":
-        assert q.tensor_type.name == "Q8_0"
+    if gguf_type in ("q8_0", "q4_0"):  # gguf's own dequantizer: an independent reading
+        assert q.tensor_type.name == gguf_type.upper()
         from gguf.quants import dequantize
         got = dequantize(q.data, q.tensor_type).reshape(expected.shape)
-        assert np.abs(got - expected.detach().numpy()).max() < 0.01
+        w = expected.detach().numpy()
+        steps = 127 if gguf_type == "q8_0" else 7  # levels each side of zero per block of 32
+        block_max = np.abs(w.reshape(w.shape[0], -1, 32)).max(axis=-1, keepdims=True)
+        err = np.abs(got - w).reshape(block_max.shape[0], -1, 32)
+        assert (err <= block_max / steps + 1e-3).all()  # within a step of its block's scale
     else:
         got = np.asarray(q.data).reshape(expected.shape)
         tol = 0 if gguf_type == "f32" else 1e-3
