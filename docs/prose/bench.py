@@ -314,6 +314,21 @@ def int8_decode_05b_today(read: Read) -> str:
     return _batches_1_and_8(read, "reports/decode_speed-0.5b-int4.json", "llmcore int8 / engine")
 
 
+@figure("int8-decode-avx2")
+def int8_decode_avx2(read: Read) -> str:
+    """int8 over float32 engine with torch's kernels capped to AVX2, 27M and 0.5B shapes."""
+    return "; ".join(
+        f"{what}, {_batches_1_and_8(read, rel, 'llmcore int8 / engine')}"
+        for rel, what in (("reports/decode_speed-27m-avx2cap.json", "27M shape"),
+                          ("reports/decode_speed-0.5b-avx2cap.json", "0.5B shape")))
+
+
+@figure("int4-decode-avx2")
+def int4_decode_avx2(read: Read) -> str:
+    """int4 over float32 engine at the 0.5B shape with torch's kernels capped to AVX2."""
+    return _batches_1_and_8(read, "reports/decode_speed-0.5b-avx2cap.json", "llmcore int4 / engine")
+
+
 @figure("compiled-vs-llama-27m")
 def compiled_vs_llama_27m(read: Read) -> str:
     """The compiled engine over llama.cpp f32 at the 27M shape, batch 1 and 8."""

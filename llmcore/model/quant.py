@@ -13,9 +13,9 @@ model needs nothing of the quantizer. At load the weights are either expanded to
 ``torch._weight_int8pack_mm``, int8 weights times activations of a float dtype, one scale per
 output channel). :func:`int8_runtime` picks between them per device: at decode a product reads
 every weight once per token, so a quarter of the bytes is the gain, and on CPUs the kernel
-delivers it with bf16 activations (it widens them to float32 itself, so no bf16 arithmetic is
-needed: AVX2 gains as well), while with float32 activations it is several times slower than a
-float product. A layer too small for the bytes to matter (:data:`MIN_KERNEL_WEIGHTS`) stays
+delivers it with bf16 activations (it widens them to float32 itself) where torch's kernels are
+AVX-512, while with float32 activations it is several times slower than a float product; under
+AVX2 whole-model decode did not gain, so there int8 is expanded. A layer too small for the bytes to matter (:data:`MIN_KERNEL_WEIGHTS`) stays
 float: there the casts around the kernel cost more than it saves
 (``benchmarks/int8_kernels.py``, ``docs/serving.md#quantized-decode``). int4 weights run in
 torch's CPU int4 kernel (:class:`Int4Linear`, bf16 activations) in layers large enough for it
@@ -187,8 +187,8 @@ def int4_kernel_threshold(group_size: int) -> int | None:
     AVX2 it is slower at 512 x 1536 and faster only at the 0.5B shape's (1536 x 4096 and up),
     hence 2^22 there."""
     cap = torch.backends.cpu.get_cpu_capability()
-    smallest = {"AVX512": MIN_KERNEL_WEIGHTS, "AVX512_BF16": MIN_KERNEL_WEIGHTS,
-                "AMX": MIN_KERNEL_WEIGHTS, "AVX2": 1 << 22}.get(cap)
+    smallest = (MIN_KERNEL_WEIGHTS if cap in AVX512_KERNELS else 1 << 22 if cap == "AVX2"
+                else None)
     if smallest is None:
         return None
     try:
@@ -224,16 +224,22 @@ MIN_KERNEL_WEIGHTS = 1 << 17
 def int8_runtime(device: torch.device) -> tuple[str, torch.dtype]:
     """What ``auto`` runs int8 weights with on ``device``: (mode, activation dtype).
 
-    CUDA: the int8 kernel with float32 activations. A CPU: the int8 kernel with bf16
-    activations wherever torch has it (AVX2 and up: measured faster than float32 products at
-    decode there too, the kernel widening bf16 itself), else the weights expanded to float32
-    at load. MPS and others: expanded.
+    CUDA: the int8 kernel with float32 activations. A CPU whose torch kernels are AVX-512:
+    the int8 kernel with bf16 activations, where torch has it. Anywhere else, AVX2 included,
+    the weights are expanded to float32 at load: with torch capped to AVX2 the kernel decoded
+    no faster than float32, and slower at batch 8 (``reports/decode_speed-*-avx2cap.json``),
+    and a quantized model must not be slower than its float one. MPS and others: expanded.
     """
     if device.type == "cuda":
         return "int8mm", torch.float32
-    if device.type == "cpu" and int8mm_available(device, torch.bfloat16):
+    if (device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in AVX512_KERNELS
+            and int8mm_available(device, torch.bfloat16)):
         return "int8mm", torch.bfloat16
     return "dequant", torch.float32
+
+
+# torch's names for CPU kernels of AVX-512 width (``torch.backends.cpu.get_cpu_capability``)
+AVX512_KERNELS = ("AVX512", "AVX512_BF16", "AMX")
 
 
 def load_quantized(model: nn.Module, tensors: Mapping[str, torch.Tensor],

@@ -253,3 +253,20 @@ def test_auto_runs_int4_weights_in_the_kernel_where_it_pays(monkeypatch):
             assert not any(type(m).__name__ == "Int4Linear" for m in capped.modules())
         finally:
             quant.int4_kernel_threshold.cache_clear()
+
+
+def test_int8_is_expanded_where_torch_kernels_are_avx2(monkeypatch):
+    """Under AVX2 the int8 kernel decoded no faster than float32: ``auto`` expands there, and
+    runs the kernel where torch's kernels are AVX-512."""
+    from llmcore.model.quant import int8_runtime
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert int8_runtime(cpu) == ("dequant", torch.float32)
+    cfg = dataclasses.replace(CFG, d_model=256, n_heads=4, n_kv_heads=4, d_ff=704)
+    tensors, _ = quantize_model(Transformer(cfg).eval(), QuantSpec("int8"))
+    loaded = load_quantized(Transformer(cfg).eval(), tensors, {"method": "int8"}, "auto")
+    assert not any(type(m).__name__ == "Int8Linear" for m in loaded.modules())
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    if int8mm_available(cpu, torch.bfloat16):
+        assert int8_runtime(cpu) == ("int8mm", torch.bfloat16)
