@@ -143,15 +143,26 @@ def test_text_utf8_cannot_encode_is_one_line(model_dir):
     assert chat.returncode == 2 and "--system: character 0 (U+DCFE)" in chat.stderr
 
 
-def test_chat_runs_a_quantized_directory_with_the_int8_kernel(tmp_path, tiny_tokenizer):
-    """`llmcore chat` on an int8 directory: layers large enough run the int8 kernel (what
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_chat_runs_a_quantized_directory_with_its_kernel(tmp_path, tiny_tokenizer, method):
+    """`llmcore chat` on an int8 (int4) directory: layers large enough run the kernel (what
     `auto` loads), and the reply is that runtime's greedy one."""
     from llmcore.cli import _load
     from llmcore.export.quantize import QuantSpec, quantize_model
-    from llmcore.model.quant import Int8Linear, int8_runtime
+    from llmcore.model.quant import (
+        MIN_KERNEL_WEIGHTS,
+        Int4Linear,
+        Int8Linear,
+        int4_kernel_threshold,
+        int8_runtime,
+    )
 
-    if int8_runtime(torch.device("cpu"))[0] != "int8mm":
-        pytest.skip("torch._weight_int8pack_mm with bf16 activations not in this build")
+    if method == "int8" and int8_runtime(torch.device("cpu"))[0] != "int8mm":
+        pytest.skip("auto does not run the int8 kernel on this CPU (AVX2 or less, or a torch "
+                    "build without torch._weight_int8pack_mm)")
+    if method == "int4" and int4_kernel_threshold(64) != MIN_KERNEL_WEIGHTS:
+        pytest.skip("auto does not run this model's int4 layers in the kernel on this CPU "
+                    f"({torch.backends.cpu.get_cpu_capability()})")
     tiny_tokenizer.save(tmp_path / "tok")
     torch.manual_seed(2)
     cfg = parse_model({"preset": "tiny", "vocab_size": 300, "d_model": 256, "d_ff": 704})
@@ -159,11 +170,11 @@ def test_chat_runs_a_quantized_directory_with_the_int8_kernel(tmp_path, tiny_tok
     with torch.no_grad():  # weights far from init, so that greedy replies vary
         for w in (p for p in model.parameters() if p.dim() > 1):
             w.normal_(0, 0.3)
-    tensors, _ = quantize_model(model, QuantSpec("int8"))
+    tensors, _ = quantize_model(model, QuantSpec(method))
     save_model_dir(tmp_path / "q", cfg, tensors, tmp_path / "tok", {}, {},
-                   QuantSpec("int8").to_json())
+                   QuantSpec(method).to_json())
     loaded, _ = _load(str(tmp_path / "q"), "cpu")
-    assert isinstance(loaded.layers[0].mlp.up_proj, Int8Linear)
+    assert isinstance(loaded.layers[0].mlp.up_proj, Int8Linear if method == "int8" else Int4Linear)
     out = run_cli("chat", str(tmp_path / "q"), "--max-new-tokens", "6", "--device", "cpu",
                   stdin="hi\n/quit\n")
     assert out.returncode == 0, out.stderr

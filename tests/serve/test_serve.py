@@ -245,19 +245,31 @@ def test_quantized_directories_are_served(tmp_path, served, method):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
 
 
-def test_a_quantized_directory_is_served_with_the_int8_kernel(tmp_path, tiny_tokenizer):
-    """Layers large enough for the kernel run int8 in the server (the runtime ``auto`` picks:
-    bf16 activations on a CPU), and the server's greedy reply is the one that runtime gives
-    in-process."""
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_quantized_directory_is_served_with_its_kernel(tmp_path, tiny_tokenizer, method):
+    """Layers large enough for the kernel run int8 (int4) in the server (the runtime ``auto``
+    picks: bf16 activations on a CPU), and the server's greedy reply is the one that runtime
+    gives in-process."""
     import dataclasses
 
     from llmcore.export.quantize import QuantSpec, quantize_model
     from llmcore.model.modeldir import load_model_dir, save_model_dir
-    from llmcore.model.quant import Int8Linear, int8_runtime
+    from llmcore.model.quant import (
+        MIN_KERNEL_WEIGHTS,
+        Int4Linear,
+        Int8Linear,
+        int4_kernel_threshold,
+        int8_runtime,
+    )
     from llmcore.model.transformer import Transformer
 
-    if int8_runtime(torch.device("cpu"))[0] != "int8mm":
-        pytest.skip("torch._weight_int8pack_mm with bf16 activations not in this build")
+    if method == "int8" and int8_runtime(torch.device("cpu"))[0] != "int8mm":
+        pytest.skip("auto does not run the int8 kernel on this CPU (AVX2 or less, or a torch "
+                    "build without torch._weight_int8pack_mm)")
+    if method == "int4" and int4_kernel_threshold(64) != MIN_KERNEL_WEIGHTS:
+        pytest.skip("auto does not run this model's int4 layers in the kernel on this CPU "
+                    f"({torch.backends.cpu.get_cpu_capability()})")
+    kernel = Int8Linear if method == "int8" else Int4Linear
     path, model = never_stopping_model(tmp_path, tiny_tokenizer, max_seq_len=128)
     cfg = dataclasses.replace(model.cfg, d_model=256, n_heads=4, n_kv_heads=4, d_ff=704)
     torch.manual_seed(1)
@@ -265,13 +277,13 @@ def test_a_quantized_directory_is_served_with_the_int8_kernel(tmp_path, tiny_tok
     with torch.no_grad():  # weights far from init, so that greedy replies vary
         for w in (p for p in big.parameters() if p.dim() > 1):
             w.normal_(0, 0.3)
-    tensors, _ = quantize_model(big, QuantSpec("int8"))
-    save_model_dir(tmp_path / "q", cfg, tensors, path, {}, {}, QuantSpec("int8").to_json())
+    tensors, _ = quantize_model(big, QuantSpec(method))
+    save_model_dir(tmp_path / "q", cfg, tensors, path, {}, {}, QuantSpec(method).to_json())
     q, _ = load_model_dir(tmp_path / "q", torch.device("cpu"))
     ids = chat_ids(tiny_tokenizer, "hello there")
     with TestClient(create_app(tmp_path / "q", "cpu")) as client:
         served = client.app.state.engine.model
-        assert isinstance(served.layers[0].mlp.up_proj, Int8Linear)
+        assert isinstance(served.layers[0].mlp.up_proj, kernel)
         r = client.post("/v1/chat/completions", json={"messages": [
             {"role": "user", "content": "hello there"}], "max_tokens": 8, "temperature": 0})
     assert r.status_code == 200, r.text
