@@ -149,20 +149,9 @@ def test_chat_runs_a_quantized_directory_with_its_kernel(tmp_path, tiny_tokenize
     `auto` loads), and the reply is that runtime's greedy one."""
     from llmcore.cli import _load
     from llmcore.export.quantize import QuantSpec, quantize_model
-    from llmcore.model.quant import (
-        MIN_KERNEL_WEIGHTS,
-        Int4Linear,
-        Int8Linear,
-        int4_kernel_threshold,
-        int8_runtime,
-    )
+    from tests.kernels import kernel_or_skip
 
-    if method == "int8" and int8_runtime(torch.device("cpu"))[0] != "int8mm":
-        pytest.skip("auto does not run the int8 kernel on this CPU (AVX2 or less, or a torch "
-                    "build without torch._weight_int8pack_mm)")
-    if method == "int4" and int4_kernel_threshold(64) != MIN_KERNEL_WEIGHTS:
-        pytest.skip("auto does not run this model's int4 layers in the kernel on this CPU "
-                    f"({torch.backends.cpu.get_cpu_capability()})")
+    kernel = kernel_or_skip(method)
     tiny_tokenizer.save(tmp_path / "tok")
     torch.manual_seed(2)
     cfg = parse_model({"preset": "tiny", "vocab_size": 300, "d_model": 256, "d_ff": 704})
@@ -174,7 +163,7 @@ def test_chat_runs_a_quantized_directory_with_its_kernel(tmp_path, tiny_tokenize
     save_model_dir(tmp_path / "q", cfg, tensors, tmp_path / "tok", {}, {},
                    QuantSpec(method).to_json())
     loaded, _ = _load(str(tmp_path / "q"), "cpu")
-    assert isinstance(loaded.layers[0].mlp.up_proj, Int8Linear if method == "int8" else Int4Linear)
+    assert isinstance(loaded.layers[0].mlp.up_proj, kernel)
     out = run_cli("chat", str(tmp_path / "q"), "--max-new-tokens", "6", "--device", "cpu",
                   stdin="hi\n/quit\n")
     assert out.returncode == 0, out.stderr

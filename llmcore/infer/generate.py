@@ -61,12 +61,6 @@ class KVCache:
                   key_padding: torch.Tensor | None = None) -> KVCache:
         return cls(*cache_tensors(model, batch, max_len), key_padding)
 
-    @classmethod
-    def over(cls, k: list[torch.Tensor], v: list[torch.Tensor]) -> KVCache:
-        """A cache writing into existing (B, K, max_len, Hd) tensors, e.g. views of one slot
-        of a :class:`~llmcore.infer.engine.SlotCache`."""
-        return cls(k, v)
-
     def attn_mask(self, T: int) -> tuple[torch.Tensor | None, bool]:
         """(mask, is_causal) for T queries at positions offset..offset+T-1; the same for every
         layer of one forward, so it is built once per step."""

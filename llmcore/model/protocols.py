@@ -2,7 +2,7 @@
 
 * :class:`KVCacheLike` is the contract :class:`~llmcore.model.transformer.Transformer`'s
   forward relies on. :class:`llmcore.infer.generate.KVCache` (one batch of sequences) and
-  :class:`llmcore.infer.engine.SlotCache` (independent slots of a batching engine) are its
+  :class:`llmcore.infer.slots.SlotCache` (independent slots of a batching engine) are its
   two implementations; the model imports neither.
 * :class:`LanguageModel` is what generation, evaluation, alignment and serving call: token
   ids (B, T) in, logits (B, T, V) out, with an optional cache and positions, plus the config

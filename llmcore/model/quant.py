@@ -15,8 +15,9 @@ output channel). :func:`int8_runtime` picks between them per device: at decode a
 every weight once per token, so a quarter of the bytes is the gain, and on CPUs the kernel
 delivers it with bf16 activations (it widens them to float32 itself) where torch's kernels are
 AVX-512, while with float32 activations it is several times slower than a float product; under
-AVX2 whole-model decode did not gain, so there int8 is expanded. A layer too small for the bytes to matter (:data:`MIN_KERNEL_WEIGHTS`) stays
-float: there the casts around the kernel cost more than it saves
+AVX2 whole-model decode did not gain, so there int8 is expanded. A layer too small for the
+bytes to matter (:data:`MIN_KERNEL_WEIGHTS`) stays float: there the casts around the kernel
+cost more than it saves
 (``benchmarks/int8_kernels.py``, ``docs/serving.md#quantized-decode``). int4 weights run in
 torch's CPU int4 kernel (:class:`Int4Linear`, bf16 activations) in layers large enough for it
 to pay on the CPU (:func:`int4_kernel_threshold`), and are expanded to float everywhere else.
@@ -220,6 +221,9 @@ def int8mm_available(device: torch.device, act_dtype: torch.dtype = torch.float3
 # even at 128 x 1024 (131k) and faster from 256 x 704 (180k) up (2.1x at 128 x 4096)
 MIN_KERNEL_WEIGHTS = 1 << 17
 
+# torch's names for CPU kernels of AVX-512 width (``torch.backends.cpu.get_cpu_capability``)
+AVX512_KERNELS = ("AVX512", "AVX512_BF16", "AMX")
+
 
 def int8_runtime(device: torch.device) -> tuple[str, torch.dtype]:
     """What ``auto`` runs int8 weights with on ``device``: (mode, activation dtype).
@@ -237,9 +241,6 @@ def int8_runtime(device: torch.device) -> tuple[str, torch.dtype]:
         return "int8mm", torch.bfloat16
     return "dequant", torch.float32
 
-
-# torch's names for CPU kernels of AVX-512 width (``torch.backends.cpu.get_cpu_capability``)
-AVX512_KERNELS = ("AVX512", "AVX512_BF16", "AMX")
 
 
 def load_quantized(model: nn.Module, tensors: Mapping[str, torch.Tensor],

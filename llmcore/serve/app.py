@@ -43,7 +43,7 @@ from llmcore.infer.engine import Engine, QueueFull
 from llmcore.infer.engine import Request as EngineRequest
 from llmcore.infer.generate import Sampling
 from llmcore.model.protocols import LanguageModel
-from llmcore.serve.events import Inbox, events
+from llmcore.serve.events import Inbox, events, pieces
 from llmcore.serve.guard import ApiError, ApiKey, BodyLimit, error_body, install_error_handlers
 from llmcore.serve.protocol import ChatRequest, CompletionRequest, GenerateRequest, SamplingFields
 
@@ -321,28 +321,15 @@ async def _stream(request: Request, engine: Engine, jobs: list[Job], stop_ids: S
             for i in (j.choice for j in jobs):
                 yield chunk(i, "", None, role=True)
         async with aclosing(events(request, inbox, reqs)) as batches:
-            # all that arrived since the last write goes out in one write, with one piece of
-            # text per choice: the text of several steps when the client fell behind
-            async for batch in batches:
-                out: list[str] = []
-                pending: dict[int, str] = {}
-                for k, event in batch:
-                    index = jobs[k].choice
-                    if event.text:
-                        pending[index] = pending.get(index, "") + event.text
-                    if event.finish in ("cancelled", "error"):
-                        out.extend(chunk(i, text, None) for i, text in pending.items())
-                        out.append(f"data: {json.dumps(error_body(503, 'generation was cancelled'))}\n\n")
-                        yield "".join(out)
-                        return
-                    if event.finish:
-                        if index in pending:
-                            out.append(chunk(index, pending.pop(index), None))
-                        completion += event.tokens
-                        out.append(chunk(index, None, event.finish))
-                out.extend(chunk(i, text, None) for i, text in pending.items())
-                if out:
-                    yield "".join(out)
+            async for batch in batches:  # all that arrived since the last write: one write
+                out, failed = pieces(batch, lambda k: jobs[k].choice)
+                text = "".join(chunk(*p) for p in out)
+                if failed:
+                    yield text + f"data: {json.dumps(error_body(503, 'generation was cancelled'))}\n\n"
+                    return
+                completion += sum(e.tokens for _, e in batch if e.finish)
+                if text:
+                    yield text
         if prompt_tokens is not None:
             usage = {"id": rid, "object": chunk_kind, "created": created, "model": model_id,
                      "choices": [], "usage": _usage(prompt_tokens, completion)}

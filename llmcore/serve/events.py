@@ -6,8 +6,8 @@ loop, a write to its self-pipe, per token per request: at 32 streaming requests 
 system calls per decode step, paid on the engine's thread. Here the events of a step go into
 one :class:`Mailbox` per loop, which schedules a single delivery for everything posted until
 the loop runs it; each request's :class:`Inbox` then holds every event that arrived, and
-:func:`events` yields them as one batch, so a stream writes one piece of text per wake-up
-rather than one per token (``app._stream``).
+:func:`events` yields them as one batch, which :func:`pieces` turns into one piece of text per
+choice, so a stream writes once per wake-up rather than once per token (``app._stream``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import contextlib
 import time
 import weakref
 from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import NamedTuple
 
 from starlette.requests import Request
 
@@ -114,3 +115,34 @@ async def events(request: Request, inbox: Inbox, reqs: Sequence[EngineRequest]
     finally:
         for r in reqs:
             r.cancel()
+
+
+class Piece(NamedTuple):
+    """What one streamed chunk carries: a choice's new text, or its finish reason."""
+
+    choice: int
+    text: str | None
+    finish: str | None
+
+
+def pieces(batch: Sequence[tuple[int, Event]], choice_of: Callable[[int], int]
+           ) -> tuple[list[Piece], bool]:
+    """A batch of events as the chunks to write: each choice's text merged into one piece
+    (the text of several steps when the client fell behind), and a finish after its last
+    text. The bool says the batch ended a request with ``cancelled`` or ``error``: the pieces
+    stop there, the text before it included."""
+    out: list[Piece] = []
+    pending: dict[int, str] = {}
+    for k, event in batch:
+        index = choice_of(k)
+        if event.text:
+            pending[index] = pending.get(index, "") + event.text
+        if event.finish in ("cancelled", "error"):
+            out.extend(Piece(i, text, None) for i, text in pending.items())
+            return out, True
+        if event.finish:
+            if index in pending:
+                out.append(Piece(index, pending.pop(index), None))
+            out.append(Piece(index, None, event.finish))
+    out.extend(Piece(i, text, None) for i, text in pending.items())
+    return out, False

@@ -244,11 +244,12 @@ def test_auto_runs_int4_weights_in_the_kernel_where_it_pays(monkeypatch):
         b = generate(auto, prompts, Sampling(max_new_tokens=12), [])
         same = sum(x == y for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=False))
         assert same >= 0.75 * sum(len(r) for r in a)  # bf16 activations may flip a near tie
+    has_kernel = quant.int4_kernel_threshold(64) is not None  # in this torch, on this CPU
     for cap, threshold in (("AVX2", 1 << 22), ("DEFAULT", None)):
         quant.int4_kernel_threshold.cache_clear()
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda cap=cap: cap)
         try:
-            assert quant.int4_kernel_threshold(64) in (threshold, None)  # None: no kernel
+            assert quant.int4_kernel_threshold(64) == (threshold if has_kernel else None)
             capped = load_quantized(Transformer(cfg).eval(), tensors, info, "auto")
             assert not any(type(m).__name__ == "Int4Linear" for m in capped.modules())
         finally:

@@ -54,3 +54,23 @@ def test_a_wait_with_a_timeout_keeps_what_arrived_after_it() -> None:
         return [e.text for _, e in inbox.items]
 
     assert asyncio.run(main()) == ["late"]
+
+
+def test_pieces_merge_a_choices_text_and_keep_finishes_after_it() -> None:
+    from llmcore.serve.events import Piece, pieces
+
+    batch = [(0, Event("he", 1)), (1, Event("x", 1)), (0, Event("llo", 2)),
+             (1, Event("y", 2, finish="stop")), (0, Event("!", 3))]
+    out, failed = pieces(batch, lambda k: k + 10)  # job k streams as choice k + 10
+    assert not failed
+    assert out == [Piece(11, "xy", None), Piece(11, None, "stop"), Piece(10, "hello!", None)]
+    assert "".join(p.text or "" for p in out if p.choice == 10) == "hello!"
+
+
+def test_pieces_stop_at_a_failure_with_the_text_before_it() -> None:
+    from llmcore.serve.events import Piece, pieces
+
+    batch = [(0, Event("ab", 1)), (0, Event("", 1, finish="error", error="boom")),
+             (0, Event("never", 2))]
+    out, failed = pieces(batch, lambda k: k)
+    assert failed and out == [Piece(0, "ab", None)]

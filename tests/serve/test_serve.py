@@ -254,22 +254,10 @@ def test_a_quantized_directory_is_served_with_its_kernel(tmp_path, tiny_tokenize
 
     from llmcore.export.quantize import QuantSpec, quantize_model
     from llmcore.model.modeldir import load_model_dir, save_model_dir
-    from llmcore.model.quant import (
-        MIN_KERNEL_WEIGHTS,
-        Int4Linear,
-        Int8Linear,
-        int4_kernel_threshold,
-        int8_runtime,
-    )
     from llmcore.model.transformer import Transformer
+    from tests.kernels import kernel_or_skip
 
-    if method == "int8" and int8_runtime(torch.device("cpu"))[0] != "int8mm":
-        pytest.skip("auto does not run the int8 kernel on this CPU (AVX2 or less, or a torch "
-                    "build without torch._weight_int8pack_mm)")
-    if method == "int4" and int4_kernel_threshold(64) != MIN_KERNEL_WEIGHTS:
-        pytest.skip("auto does not run this model's int4 layers in the kernel on this CPU "
-                    f"({torch.backends.cpu.get_cpu_capability()})")
-    kernel = Int8Linear if method == "int8" else Int4Linear
+    kernel = kernel_or_skip(method)
     path, model = never_stopping_model(tmp_path, tiny_tokenizer, max_seq_len=128)
     cfg = dataclasses.replace(model.cfg, d_model=256, n_heads=4, n_kv_heads=4, d_ff=704)
     torch.manual_seed(1)
