@@ -22,6 +22,9 @@ Sides, all on the same weights at float32 unless named otherwise, each producing
 * ``llmcore int8``: the same engine on the model quantized to int8 (``llmcore.export.quantize``,
   what the quantize stage writes), loaded with the runtime ``auto`` picks on this machine
   (``llmcore.model.quant.int8_runtime``), as ``llmcore serve`` loads a quantized directory.
+* ``llmcore int8 weight-only``: the same int8 directory under ``quantize.runtime: int8mm``
+  (torch's weight-only kernel, float activations), for what ``auto``'s ``w8a8`` (int8
+  activations too, where the CPU has int8 dot products) adds over it.
 * ``llmcore int4``: the same with int4 weights in groups of 64 (``quantize.method: int4``):
   torch's int4 kernel in the layers where it pays on this CPU, the others expanded to float32.
 * ``llmcore int8 compiled`` / ``llmcore int4 compiled``: those engines with ``--compile``
@@ -127,7 +130,7 @@ def _engine_run(engine: Any, prompts: Sequence[Sequence[int]], tokens: int) -> l
 
 
 SIDES = ("generate", "engine", "engine_compiled", "llmcore int8", "llmcore int8 compiled",
-         "llmcore int4", "llmcore int4 compiled", "transformers",
+         "llmcore int8 weight-only", "llmcore int4", "llmcore int4 compiled", "transformers",
          "llama.cpp f32", "llama.cpp f16", "llama.cpp q8_0", "llama.cpp q4_0")
 
 
@@ -197,7 +200,8 @@ def build_sides(model_dir: Path, tokens: int, wanted: Sequence[str], max_batch: 
         if name in wanted:
             sides[name] = engine_side(model, compiled)
     for method in ("int8", "int4"):  # as the quantize stage writes them, as serve loads them
-        names = [n for n in (f"llmcore {method}", f"llmcore {method} compiled") if n in wanted]
+        names = [n for n in (f"llmcore {method}", f"llmcore {method} compiled",
+                             f"llmcore {method} weight-only") if n in wanted]
         if names:
             spec = QuantSpec(method)
             tensors, _ = quantize_model(model, spec)
@@ -205,7 +209,9 @@ def build_sides(model_dir: Path, tokens: int, wanted: Sequence[str], max_batch: 
                 (model_dir / "generation_config.json").read_text()), spec.to_json())
             q_model, _ = load_model_dir(tmp / method, torch.device("cpu"))
             for name in names:  # (serve --compile on a quantized directory)
-                sides[name] = engine_side(q_model.eval(), name.endswith("compiled"))
+                m = (load_model_dir(tmp / method, torch.device("cpu"), quant_runtime="int8mm")[0]
+                     if name.endswith("weight-only") else q_model)
+                sides[name] = engine_side(m.eval(), name.endswith("compiled"))
     if "transformers" in wanted:
         sides["transformers"] = _transformers_side(model_dir, tok, tokens, tmp)
     kinds = [k for k in ("f32", "f16", "q8_0", "q4_0") if f"llama.cpp {k}" in wanted]
@@ -290,6 +296,7 @@ def measure(model_dir: Path, tokens: int, rounds: int, batches: Sequence[int],
 # side over side, round by round (each round ran both, one after the other): what the targets
 # of the quantized runtime and the compiled engine are read on
 RATIOS = (("llmcore int8", "engine"), ("llmcore int8", "llama.cpp q8_0"),
+          ("llmcore int8 weight-only", "engine"), ("llmcore int8", "llmcore int8 weight-only"),
           ("llmcore int4", "engine"), ("llmcore int4", "llmcore int8"),
           ("llmcore int4", "llama.cpp q4_0"),
           ("llmcore int8 compiled", "engine_compiled"), ("llmcore int4 compiled", "engine_compiled"),

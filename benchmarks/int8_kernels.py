@@ -11,7 +11,9 @@ rows ``M`` is bound by the weights' bytes. Timed here, per shape (the default mo
 ``torch._weight_int8pack_mm`` (int8 weights, one scale per output channel) with float32 and
 with bf16 activations, the latter also with the casts a float32 model around it pays (input
 to bf16, output back to float32); and torch's CPU int4 kernel (groups of 64, bf16
-activations, with the casts) as :class:`llmcore.model.quant.Int4Linear` runs it.
+activations, with the casts) as :class:`llmcore.model.quant.Int4Linear` runs it; and
+``w8a8``, :class:`llmcore.model.quant.W8A8Linear` (the row rounded to int8, ``torch._int_mm``,
+rescaled), where ``torch._int_mm`` is exact on this CPU.
 :func:`llmcore.model.quant.int8_runtime` and :func:`~llmcore.model.quant.int4_kernel_threshold`
 pick from what this shows. Writes ``reports/int8_kernels[-LABEL].json``.
 """
@@ -19,6 +21,7 @@ pick from what this shows. Writes ``reports/int8_kernels[-LABEL].json``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -32,7 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from llmcore.device import cpu_kind  # noqa: E402
-from llmcore.model.quant import INT4_INNER_K_TILES, int8_runtime  # noqa: E402
+from llmcore.model.quant import (  # noqa: E402
+    INT4_INNER_K_TILES,
+    W8A8Linear,
+    int8_runtime,
+    int_mm_exact,
+)
 
 # (in, out) of a decode product: the default's MLP up-projection, the 27M shape's fused q/k/v
 # and MLP, the 0.5B shape's MLP up- and down-projections
@@ -67,6 +75,8 @@ def measure(k: int, n: int, m: int, rounds: int) -> dict[str, float]:
         "int4 x bf16, casts": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.bfloat16(), packed, 64, sz).float(),
     }
+    if int_mm_exact(torch.device("cpu")):  # elsewhere its sums are wrong: not a side
+        sides["w8a8"] = functools.partial(W8A8Linear(q, s32, None), x)
     reps = max(5, int(2e7 / (k * n)))  # ~ the same bytes read per timing at every shape
     for fn in sides.values():
         _time(fn, 3)  # warm-up: kernels chosen, packs made

@@ -157,4 +157,4 @@ def reader(root: Path) -> Read:
 
 
 # the figures register themselves on import (after the names above exist)
-from docs.prose import bench, run, scaling, team  # noqa: E402,F401
+from docs.prose import bench, quant, run, scaling, team  # noqa: E402,F401

@@ -98,8 +98,9 @@ class Precision:
     ``autocast``: training's forward and backward, and held-out losses (during training and in
     the evaluate stage; float32 means no autocast). ``orthogonalize``: Muon's Newton-Schulz
     iteration. Weights, optimizer state, gradients, the registry's ranking bpb, generation and
-    serving stay in float32 (quantized models store int8/int4; their large layers run torch's
-    int8 kernel with bf16 activations where :func:`llmcore.model.quant.int8_runtime` finds it).
+    serving stay in float32 (quantized models store int8/int4; their large layers run int8
+    products, or torch's weight-only int8 kernel with bf16 activations, where
+    :func:`llmcore.model.quant.int8_runtime` finds them).
     """
 
     device: torch.device

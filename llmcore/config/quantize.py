@@ -13,9 +13,10 @@ class QuantizeConfig:
 
     method: str = spec("int8", choices=("int8", "int4"))
     group_size: int = spec(64, ge=2, doc="int4: input columns sharing one scale")
-    runtime: str = spec("auto", choices=("auto", "dequant", "int8mm"),
-                        doc="how quantized weights run: expanded at load, the int8 kernel, or "
-                        "auto: the kernel for large layers where it is faster (per device)")
+    runtime: str = spec("auto", choices=("auto", "dequant", "int8mm", "w8a8"),
+                        doc="how quantized weights run: expanded at load, the weight-only int8 "
+                        "kernel, int8 products (activations rounded to int8 per row), or "
+                        "auto: a kernel for large layers where it is faster (per device)")
     agreement_prompts: int = spec(32, ge=1, doc="held-out prompts for greedy agreement")
     agreement_tokens: int = spec(32, ge=1)
     decode_tokens: int = spec(64, ge=8, doc="tokens decoded to time decode speed")

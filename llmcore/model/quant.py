@@ -9,13 +9,15 @@ A quantized model directory stores ``<layer>.qweight`` and ``<layer>.scales`` pe
 layer. Both directions live here, so the packer (:mod:`llmcore.export.quantize`) and the
 loader (:mod:`llmcore.model.modeldir`) cannot disagree on the layout, and loading a quantized
 model needs nothing of the quantizer. At load the weights are either expanded to float once
-(``dequant``) or kept as int8 for torch's int8 weight-only kernel (``int8mm``:
+(``dequant``), or kept as int8 for torch's int8 weight-only kernel (``int8mm``:
 ``torch._weight_int8pack_mm``, int8 weights times activations of a float dtype, one scale per
-output channel). :func:`int8_runtime` picks between them per device: at decode a product reads
-every weight once per token, so a quarter of the bytes is the gain, and on CPUs the kernel
-delivers it with bf16 activations (it widens them to float32 itself) where torch's kernels are
-AVX-512, while with float32 activations it is several times slower than a float product; under
-AVX2 whole-model decode did not gain, so there int8 is expanded. A layer too small for the
+output channel) or for int8 products (``w8a8``: activations rounded to int8 per row on the fly,
+``torch._int_mm``). :func:`int8_runtime` picks per device: at decode a product reads every
+weight once per token, so a quarter of the bytes is the gain; on CPUs with int8 dot products
+(VNNI, AMX) ``w8a8`` also does the arithmetic in int8 and decodes fastest; the weight-only
+kernel delivers the bytes with bf16 activations (it widens them to float32 itself) where
+torch's kernels are AVX-512, while with float32 activations it is several times slower than a
+float product; under AVX2 whole-model decode did not gain, so there int8 is expanded. A layer too small for the
 bytes to matter (:data:`MIN_KERNEL_WEIGHTS`) stays float: there the casts around the kernel
 cost more than it saves
 (``benchmarks/int8_kernels.py``, ``docs/serving.md#quantized-decode``). int4 weights run in
@@ -143,6 +145,41 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class W8A8Linear(nn.Module):
+    """A Linear whose int8 weights meet int8 activations: each row of the input is quantized
+    on the fly to [-127, 127] with its own scale ``max|x_row| / 127``, the product runs in
+    int32 (``torch._int_mm``, VNNI dot products on a CPU through oneDNN) and is rescaled by
+    the row's scale times each output channel's, the output in the input's dtype.
+
+    Rounding the activations adds an error of at most half a step of each row's scale to
+    every input (more than bf16's, which keeps 8 bits of mantissa per value); llama.cpp's
+    q8_0 does the same in blocks of 32. ``runtime: int8mm`` keeps float activations."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        # (out, in) row-major, read as its (in, out) transpose: the layout in which oneDNN's
+        # product measured fastest at one row (2.5x the contiguous (in, out) copy)
+        self.register_buffer("qweight", q.clone(memory_format=torch.contiguous_format))
+        # each channel's scale over 127 (a row's step is its max / 127): one op fewer a call
+        self.register_buffer("scales", (scale.to(torch.float32) / 127).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # few ops on purpose: at decode each is a dispatch, and at the 27M shape they are
+        # what a step costs (a leaner form measured 10% faster per layer than a plain one)
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1]).float()
+        peak = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_(min=1e-30)
+        codes = (rows * (127 / peak)).round_().to(torch.int8)
+        y: torch.Tensor = torch._int_mm(codes, self.qweight.t()) * peak * self.scales
+        y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
 class Int4Linear(nn.Module):
     """A Linear whose int4 weights stay int4: torch's CPU int4 kernel
     (``_weight_int4pack_mm_for_cpu``), bf16 activations, the output back in the input's dtype.
@@ -216,6 +253,28 @@ def int8mm_available(device: torch.device, act_dtype: torch.dtype = torch.float3
         return False
 
 
+@functools.cache
+def int_mm_exact(device: torch.device) -> bool:
+    """Whether ``torch._int_mm`` on ``device`` gives exact int32 products of int8 codes at
+    their extremes (tried once per device). Where the CPU has no int8 dot-product instruction
+    (VNNI, AMX), torch's oneDNN path was measured to return wrong sums (127 * 127 * 64 came
+    back as 8,160, with torch's kernels capped to AVX2 or AVX-512 without VNNI): the check
+    is of the result, not of CPU flags, so no such path is ever used."""
+    try:
+        for k in (64, 256):
+            a = torch.full((2, k), 127, dtype=torch.int8, device=device)
+            a[1] = -127
+            b = torch.full((k, 16), 127, dtype=torch.int8, device=device)
+            b[:, 1] = -127
+            b[::3, 2] = 5
+            want = a.cpu().long() @ b.cpu().long()
+            if not torch.equal(torch._int_mm(a, b).cpu().long(), want):
+                return False
+        return True
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
 # Fewer weights than this and a layer's product stays float under ``auto``: measured at decode
 # (one row) on AVX-512 BF16, the kernel with its casts is slower at 128 x 352 (45k weights),
 # even at 128 x 1024 (131k) and faster from 256 x 704 (180k) up (2.1x at 128 x 4096)
@@ -228,17 +287,22 @@ AVX512_KERNELS = ("AVX512", "AVX512_BF16", "AMX")
 def int8_runtime(device: torch.device) -> tuple[str, torch.dtype]:
     """What ``auto`` runs int8 weights with on ``device``: (mode, activation dtype).
 
-    CUDA: the int8 kernel with float32 activations. A CPU whose torch kernels are AVX-512:
-    the int8 kernel with bf16 activations, where torch has it. Anywhere else, AVX2 included,
-    the weights are expanded to float32 at load: with torch capped to AVX2 the kernel decoded
-    no faster than float32, and slower at batch 8 (``reports/decode_speed-*-avx2cap.json``),
-    and a quantized model must not be slower than its float one. MPS and others: expanded.
+    CUDA: the weight-only kernel with float32 activations. A CPU whose torch kernels are
+    AVX-512: int8 activations too (``w8a8``) where ``torch._int_mm`` is exact there (int8
+    dot products in hardware: 2.1x float32 at the 0.5B shape's decode, against 1.5x for the
+    weight-only kernel), else the weight-only kernel with bf16 activations, where torch has
+    it. Anywhere else, AVX2 included, the weights are expanded to float32 at load: with torch
+    capped to AVX2 the weight-only kernel decoded no faster than float32, and slower at batch
+    8 (``reports/decode_speed-*-avx2cap.json``), ``_int_mm`` was wrong there, and a quantized
+    model must not be slower than its float one. MPS and others: expanded.
     """
     if device.type == "cuda":
         return "int8mm", torch.float32
-    if (device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in AVX512_KERNELS
-            and int8mm_available(device, torch.bfloat16)):
-        return "int8mm", torch.bfloat16
+    if device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in AVX512_KERNELS:
+        if int_mm_exact(device):
+            return "w8a8", torch.float32
+        if int8mm_available(device, torch.bfloat16):
+            return "int8mm", torch.bfloat16
     return "dequant", torch.float32
 
 
@@ -248,12 +312,13 @@ def load_quantized(model: nn.Module, tensors: Mapping[str, torch.Tensor],
     """Fill ``model`` (built from the config) from quantized tensors.
 
     ``mode``: ``dequant`` expands weights to float at load; ``int8mm`` keeps every int8
-    Linear's weights int8 (int8 method only) in :class:`Int8Linear`; ``auto`` is
-    :func:`int8_runtime`'s choice for the device, with layers under
+    Linear's weights int8 (int8 method only) in :class:`Int8Linear` (weight-only); ``w8a8``
+    in :class:`W8A8Linear` (int8 activations too, where ``_int_mm`` is exact: else
+    expanded); ``auto`` is :func:`int8_runtime`'s choice for the device, with layers under
     :data:`MIN_KERNEL_WEIGHTS` weights expanded, and for int4 weights on a CPU
     :class:`Int4Linear` for layers of at least :func:`int4_kernel_threshold` weights (every
-    other case expands them). ``int8mm`` asked for computes in the
-    activation dtype ``auto`` would use there.
+    other case expands them). ``int8mm`` asked for computes in bf16 on a CPU of AVX-512
+    kernels, in float32 elsewhere.
     """
     method, group = quant.get("method"), quant.get("group_size")
     if method not in ("int8", "int4"):
@@ -261,7 +326,11 @@ def load_quantized(model: nn.Module, tensors: Mapping[str, torch.Tensor],
     device = next(model.parameters()).device
     picked, act = int8_runtime(device)
     if mode == "int8mm" and picked != "int8mm":
-        act = torch.float32  # asked for where auto would not: float32 activations
+        # asked for: bf16 activations where they are fast (a CPU of AVX-512 kernels, whose
+        # auto is w8a8), float32 elsewhere
+        act = (torch.bfloat16 if device.type == "cpu" and torch.backends.cpu
+               .get_cpu_capability() in AVX512_KERNELS and int8mm_available(device, torch.bfloat16)
+               else torch.float32)
     int4 = (int4_kernel_threshold(int(group or 0)) if method == "int4" and mode == "auto"
             and device.type == "cpu" else None)
     smallest = 0
@@ -269,6 +338,8 @@ def load_quantized(model: nn.Module, tensors: Mapping[str, torch.Tensor],
         mode, smallest = picked, MIN_KERNEL_WEIGHTS
     if mode == "int8mm" and (method != "int8" or not int8mm_available(device, act)):
         mode = "dequant"
+    if mode == "w8a8" and (method != "int8" or not int_mm_exact(device)):
+        mode = "dequant"  # (asked for where the product is not exact: expanded instead)
     plain = {k: v for k, v in tensors.items() if not k.endswith((".qweight", ".scales"))}
     missing, unexpected = model.load_state_dict(plain, strict=False)
     layers = quantizable(model)
@@ -288,10 +359,13 @@ def load_quantized(model: nn.Module, tensors: Mapping[str, torch.Tensor],
             setattr(parent, child, Int4Linear(q.to(device), s.to(device), int(group or 0),
                                               layer.bias))
             continue
-        if mode == "int8mm" and isinstance(layer, nn.Linear) and q.numel() >= smallest:
+        if mode in ("int8mm", "w8a8") and isinstance(layer, nn.Linear) and \
+                q.numel() >= smallest:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, Int8Linear(q.to(device), s.to(device), layer.bias, act))
+            setattr(parent, child,
+                    Int8Linear(q.to(device), s.to(device), layer.bias, act) if mode == "int8mm"
+                    else W8A8Linear(q.to(device), s.to(device), layer.bias))
             continue
         weight = layer.weight
         assert isinstance(weight, torch.Tensor)

@@ -1,5 +1,7 @@
 import dataclasses
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,20 +127,102 @@ BF16_FLAGS = frozenset({"avx2", "avx512f", "avx512_bf16"})
 def test_auto_keeps_large_layers_int8_and_expands_small_ones():
     """On a CPU with the kernel: layers of at least MIN_KERNEL_WEIGHTS weights run int8 with
     bf16 activations, smaller ones are expanded to float32 (the casts would cost more)."""
-    from llmcore.model.quant import MIN_KERNEL_WEIGHTS, int8_runtime
+    from llmcore.model.quant import AVX512_KERNELS, MIN_KERNEL_WEIGHTS, int8_runtime, int_mm_exact
 
     cpu = torch.device("cpu")
-    if not int8mm_available(cpu, torch.bfloat16):
+    avx512 = torch.backends.cpu.get_cpu_capability() in AVX512_KERNELS
+    if avx512 and int_mm_exact(cpu):
+        assert int8_runtime(cpu) == ("w8a8", torch.float32)
+        kind = "W8A8Linear"
+    elif avx512 and int8mm_available(cpu, torch.bfloat16):
+        assert int8_runtime(cpu) == ("int8mm", torch.bfloat16)
+        kind = "Int8Linear"
+    else:
         assert int8_runtime(cpu) == ("dequant", torch.float32)
-        pytest.skip("torch._weight_int8pack_mm with bf16 activations not in this build")
-    assert int8_runtime(cpu) == ("int8mm", torch.bfloat16)
+        pytest.skip("no int8 kernel auto would run on this CPU")
     cfg = dataclasses.replace(CFG, d_model=256, n_heads=4, n_kv_heads=4, d_ff=704)
     tensors, _ = quantize_model(Transformer(cfg).eval(), QuantSpec("int8"))
     loaded = load_quantized(Transformer(cfg).eval(), tensors, {"method": "int8"}, "auto")
     big, small = loaded.layers[0].mlp.up_proj, loaded.layers[0].self_attn.q_proj
     assert 256 * 704 >= MIN_KERNEL_WEIGHTS > 256 * 256
-    assert type(big).__name__ == "Int8Linear" and big.scales.dtype == torch.bfloat16
+    assert type(big).__name__ == kind
     assert isinstance(small, torch.nn.Linear) and small.weight.dtype == torch.float32
+
+
+def test_w8a8_layer_is_within_its_rounding_bound_of_the_dequantized_product():
+    """Each input rounded to int8 per row moves by at most half a step (max|row| / 254), so
+    an output moves by at most that times the row of |weights| it meets (plus float32's
+    rounding); the integer product itself is exact."""
+    from llmcore.model.quant import W8A8Linear, int_mm_exact
+
+    if not int_mm_exact(torch.device("cpu")):
+        pytest.skip("torch._int_mm is not exact on this CPU (no int8 dot products)")
+    torch.manual_seed(8)
+    w, bias = torch.randn(48, 160), torch.randn(48)
+    q, s = quantize_int8(w)
+    layer = W8A8Linear(q, s, bias)
+    x = torch.randn(3, 5, 160) * torch.linspace(0.1, 4, 160)  # rows of uneven range
+    wq = dequantize_int8(q, s)
+    y, ref = layer(x), x @ wq.t() + bias
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    half_step = x.abs().amax(-1, keepdim=True) / 254
+    bound = half_step * wq.abs().sum(1) + 1e-4 * ref.abs().amax()
+    assert bool(((y - ref).abs() <= bound).all())
+    assert float((y - ref).abs().max()) > 0  # the activations were rounded: not float
+    zero = layer(torch.zeros(2, 160))  # a row of zeros has no range to divide by
+    assert torch.allclose(zero, bias.expand(2, -1))
+
+
+def test_a_wrong_int_mm_is_never_used(monkeypatch):
+    """``w8a8`` runs only where the check of ``torch._int_mm`` finds exact sums: with a
+    product that saturates (what torch gave with its kernels capped below VNNI), auto falls
+    back to the weight-only kernel or to float, and a model asked for ``w8a8`` is expanded."""
+    import llmcore.model.quant as quant
+
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: real(a, b).clamp(-32768, 32767))
+    quant.int_mm_exact.cache_clear()
+    try:
+        cpu = torch.device("cpu")
+        assert not quant.int_mm_exact(cpu)
+        assert quant.int8_runtime(cpu)[0] in ("int8mm", "dequant")
+        tensors, _ = quantize_model(Transformer(CFG).eval(), QuantSpec("int8"))
+        asked = load_quantized(Transformer(CFG).eval(), tensors, {"method": "int8"}, "w8a8")
+        assert not any(isinstance(m, quant.W8A8Linear) for m in asked.modules())
+    finally:
+        quant.int_mm_exact.cache_clear()
+
+
+def test_auto_int8_is_close_to_float_with_kernels_capped_below_vnni(tmp_path):
+    """In a process whose oneDNN is held to AVX-512 without VNNI (or to AVX2), where
+    ``torch._int_mm`` was measured to return wrong sums, ``auto``'s int8 model computes what
+    the dequantized one does, within bf16 rounding: whatever kernel it picked there is right."""
+    import subprocess
+    import sys
+
+    code = """
+import dataclasses, torch
+from llmcore.export.quantize import QuantSpec, quantize_model
+from llmcore.model.quant import load_quantized, int8_runtime
+from llmcore.model.transformer import Transformer
+from tests.export.test_quantize import CFG
+cfg = dataclasses.replace(CFG, d_model=256, n_heads=4, n_kv_heads=4, d_ff=704)
+torch.manual_seed(4)
+tensors, _ = quantize_model(Transformer(cfg).eval(), QuantSpec("int8"))
+deq = load_quantized(Transformer(cfg).eval(), tensors, {"method": "int8"}, "dequant")
+auto = load_quantized(Transformer(cfg).eval(), tensors, {"method": "int8"}, "auto")
+x = torch.randint(0, 300, (2, 16))
+with torch.no_grad():
+    a, b = deq(x), auto(x)
+print(int8_runtime(torch.device("cpu"))[0], float((a - b).abs().max() / a.std()))
+"""
+    for isa in ("AVX512_CORE", "AVX2"):
+        env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+        assert out.returncode == 0, out.stderr[-2000:]
+        mode, rel = out.stdout.split()
+        assert float(rel) < 0.05, (isa, mode, rel)
 
 
 def test_a_kernel_cap_means_no_native_bf16(monkeypatch):
@@ -269,5 +353,9 @@ def test_int8_is_expanded_where_torch_kernels_are_avx2(monkeypatch):
     loaded = load_quantized(Transformer(cfg).eval(), tensors, {"method": "int8"}, "auto")
     assert not any(type(m).__name__ == "Int8Linear" for m in loaded.modules())
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    if int8mm_available(cpu, torch.bfloat16):
+    from llmcore.model.quant import int_mm_exact
+
+    if int_mm_exact(cpu):
+        assert int8_runtime(cpu) == ("w8a8", torch.float32)
+    elif int8mm_available(cpu, torch.bfloat16):
         assert int8_runtime(cpu) == ("int8mm", torch.bfloat16)
