@@ -21,7 +21,7 @@ Sides, all on the same weights at float32 unless named otherwise, each producing
   runs, eager and with ``--compile``, driven from this (the main) thread as the server does.
 * ``llmcore int8``: the same engine on the model quantized to int8 (``llmcore.export.quantize``,
   what the quantize stage writes), loaded with the runtime ``auto`` picks on this machine
-  (``llmcore.model.quant.int8_runtime``), as ``llmcore serve`` loads a quantized directory.
+  (``llmcore.model.qlinear.int8_runtime``), as ``llmcore serve`` loads a quantized directory.
 * ``llmcore int8 weight-only``: the same int8 directory under ``quantize.runtime: int8mm``
   (torch's weight-only kernel, float activations), for what ``auto``'s ``w8a8`` (int8
   activations too, where the CPU has int8 dot products) adds over it.
@@ -300,6 +300,7 @@ RATIOS = (("llmcore int8", "engine"), ("llmcore int8", "llama.cpp q8_0"),
           ("llmcore int4", "engine"), ("llmcore int4", "llmcore int8"),
           ("llmcore int4", "llama.cpp q4_0"),
           ("llmcore int8 compiled", "engine_compiled"), ("llmcore int4 compiled", "engine_compiled"),
+          ("llmcore int8 compiled", "llama.cpp q8_0"), ("llmcore int4 compiled", "llama.cpp q4_0"),
           ("engine_compiled", "llama.cpp f32"), ("engine", "llama.cpp f32"))
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/gguf_roundtrip.py [--model data/models/sft] [--prompts 32] [--tokens 32]
 
-For f32, f16 and q8_0: file size, whether llama.cpp tokenizes the held-out SFT prompts and
+For f32, f16, q8_0 and q4_0: file size, whether llama.cpp tokenizes the held-out SFT prompts and
 some awkward texts exactly as llmcore does, and greedy agreement with ``llmcore generate``
 (share of prompts whose whole continuation is identical, and share of identical tokens up to
 the first difference). Needs llama-cpp-python (``make llama-cpp``). Writes

@@ -11,10 +11,10 @@ rows ``M`` is bound by the weights' bytes. Timed here, per shape (the default mo
 ``torch._weight_int8pack_mm`` (int8 weights, one scale per output channel) with float32 and
 with bf16 activations, the latter also with the casts a float32 model around it pays (input
 to bf16, output back to float32); and torch's CPU int4 kernel (groups of 64, bf16
-activations, with the casts) as :class:`llmcore.model.quant.Int4Linear` runs it; and
-``w8a8``, :class:`llmcore.model.quant.W8A8Linear` (the row rounded to int8, ``torch._int_mm``,
+activations, with the casts) as :class:`llmcore.model.qlinear.Int4Linear` runs it; and
+``w8a8``, :class:`llmcore.model.qlinear.W8A8Linear` (the row rounded to int8, ``torch._int_mm``,
 rescaled), where ``torch._int_mm`` is exact on this CPU.
-:func:`llmcore.model.quant.int8_runtime` and :func:`~llmcore.model.quant.int4_kernel_threshold`
+:func:`llmcore.model.qlinear.int8_runtime` and :func:`~llmcore.model.qlinear.int4_kernel_threshold`
 pick from what this shows. Writes ``reports/int8_kernels[-LABEL].json``.
 """
 
@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from llmcore.device import cpu_kind  # noqa: E402
-from llmcore.model.quant import (  # noqa: E402
+from llmcore.model.qlinear import (  # noqa: E402
     INT4_INNER_K_TILES,
     W8A8Linear,
     int8_runtime,

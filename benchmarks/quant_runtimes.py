@@ -31,7 +31,7 @@ from llmcore.data.shards import ShardDataset  # noqa: E402
 from llmcore.data.tokenizer import LLMTokenizer, render_chat, token_bytes  # noqa: E402
 from llmcore.device import cpu_kind  # noqa: E402
 from llmcore.export.quantize import QuantSpec, greedy_agreement, quantize_model  # noqa: E402
-from llmcore.model import quant  # noqa: E402
+from llmcore.model import qlinear  # noqa: E402
 from llmcore.model.loss import heldout_loss  # noqa: E402
 from llmcore.model.modeldir import load_model_dir, save_model_dir  # noqa: E402
 
@@ -43,7 +43,7 @@ RUNTIMES = (("int8, expanded", "int8", "dequant"),
 
 
 def kernel_layers(model: torch.nn.Module) -> int:
-    kinds = (quant.Int8Linear, quant.W8A8Linear, quant.Int4Linear)
+    kinds = (qlinear.Int8Linear, qlinear.W8A8Linear, qlinear.Int4Linear)
     return sum(isinstance(m, kinds) for m in model.modules())
 
 

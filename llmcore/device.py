@@ -100,7 +100,7 @@ class Precision:
     iteration. Weights, optimizer state, gradients, the registry's ranking bpb, generation and
     serving stay in float32 (quantized models store int8/int4; their large layers run int8
     products, or torch's weight-only int8 kernel with bf16 activations, where
-    :func:`llmcore.model.quant.int8_runtime` finds them).
+    :func:`llmcore.model.qlinear.int8_runtime` finds them).
     """
 
     device: torch.device

@@ -10,7 +10,7 @@ def kernel_or_skip(method: str) -> type:
     """The class ``load_quantized(..., "auto")`` gives a 704 x 256 layer quantized with
     ``method`` (int8 or int4, groups of 64) on this CPU; the test is skipped, with the
     reason, where ``auto`` expands it to float instead."""
-    from llmcore.model.quant import (
+    from llmcore.model.qlinear import (
         MIN_KERNEL_WEIGHTS,
         Int4Linear,
         Int8Linear,

@@ -77,19 +77,30 @@ def int8_decode_27m(read: Read) -> str:
 
 @figure("int8-decode-05b")
 def int8_decode_05b(read: Read) -> str:
-    """int8 engine over float engine, and over llama.cpp q8_0, at the 0.5B shape, batch 1."""
+    """int8 engine over the float engine and over llama.cpp q8_0 at the 0.5B shape, batch 1,
+    eager and compiled."""
     rel = "reports/decode_speed-0.5b.json"
-    return (f"{_ratio(read, rel, 'llmcore int8 / engine', '1')} the float32 engine's rate and "
-            f"{_ratio(read, rel, 'llmcore int8 / llama.cpp q8_0', '1')} llama.cpp q8_0's")
+    return (f"int8 decodes {_ratio(read, rel, 'llmcore int8 / engine', '1')} the float32 "
+            f"engine's rate and {_ratio(read, rel, 'llmcore int8 / llama.cpp q8_0', '1')} "
+            "llama.cpp q8_0's (compiled: "
+            f"{_ratio(read, rel, 'llmcore int8 compiled / llama.cpp q8_0', '1')})")
+
+
+@figure("int4-vs-q4")
+def int4_vs_q4(read: Read) -> str:
+    """int4 engine over llama.cpp q4_0 at the 0.5B shape, batch 1, eager and compiled."""
+    rel = "reports/decode_speed-0.5b.json"
+    return (f"{_ratio(read, rel, 'llmcore int4 / llama.cpp q4_0', '1')} llama.cpp q4_0's "
+            f"(compiled: {_ratio(read, rel, 'llmcore int4 compiled / llama.cpp q4_0', '1')})")
 
 
 @figure("int4-decode")
 def int4_decode(read: Read) -> str:
     """int4 engine over the float and the int8 engine at the 0.5B and 27M shapes, batch 1 and
-    8 (``reports/decode_speed-{0.5b,27m}-int4.json``: the three in the same rounds)."""
+    8 (``reports/decode_speed-{0.5b,27m}.json``: the three in the same rounds)."""
     parts = []
-    for rel, what in (("reports/decode_speed-0.5b-int4.json", "at the 0.5B shape"),
-                      ("reports/decode_speed-27m-int4.json", "at the 27M shape")):
+    for rel, what in (("reports/decode_speed-0.5b.json", "at the 0.5B shape"),
+                      ("reports/decode_speed-27m.json", "at the 27M shape")):
         parts.append(f"{what}, over the float32 engine "
                      f"{_batches_1_and_8(read, rel, 'llmcore int4 / engine')}, over the int8 "
                      f"engine {_batches_1_and_8(read, rel, 'llmcore int4 / llmcore int8')}")
@@ -99,8 +110,8 @@ def int4_decode(read: Read) -> str:
 @figure("quant-compiled-05b")
 def quant_compiled_05b(read: Read) -> str:
     """int8 and int4 engines compiled over the compiled float engine at the 0.5B shape
-    (``reports/decode_speed-0.5b-int4.json``)."""
-    rel = "reports/decode_speed-0.5b-int4.json"
+    (``reports/decode_speed-0.5b.json``)."""
+    rel = "reports/decode_speed-0.5b.json"
     return (f"int8 {_batches_1_and_8(read, rel, 'llmcore int8 compiled / engine_compiled')}, "
             f"int4 {_batches_1_and_8(read, rel, 'llmcore int4 compiled / engine_compiled')}")
 
@@ -148,8 +159,8 @@ def w8a8_decode(read: Read) -> str:
     """Whole-model decode: int8 as auto runs it (w8a8 on this machine) and the weight-only
     kernel, each over the float32 engine, eager and compiled, at the 0.5B and 27M shapes."""
     parts = []
-    for rel, what in (("reports/decode_speed-0.5b-int4.json", "at the 0.5B shape"),
-                      ("reports/decode_speed-27m-int4.json", "at the 27M shape")):
+    for rel, what in (("reports/decode_speed-0.5b.json", "at the 0.5B shape"),
+                      ("reports/decode_speed-27m.json", "at the 27M shape")):
         parts.append(
             f"{what}, int8 products over float32 "
             f"{_batches_1_and_8(read, rel, 'llmcore int8 / engine')} (compiled over compiled: "

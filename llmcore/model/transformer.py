@@ -40,6 +40,7 @@ from torch import nn
 
 from llmcore.config.model import ModelConfig
 from llmcore.model.protocols import KVCacheLike
+from llmcore.model.qlinear import fuse_quantized
 
 
 def rope_cache(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, ...]:
@@ -62,12 +63,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-def fuse_linears(modules: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+# a prepared projection: (weight, bias) for ``F.linear``, or a stacked quantized layer's call
+Fused = tuple[torch.Tensor, torch.Tensor | None] | Callable[[torch.Tensor], torch.Tensor]
+
+
+def fuse_linears(modules: list[nn.Module]) -> Fused | None:
     """One (sum of outs, in) weight (and bias) for linears sharing their input, the linears'
-    own weights re-pointed at views of it; None unless all are plain ``nn.Linear`` (a LoRA or
-    quantized layer computes more than its weight)."""
+    own weights re-pointed at views of it; for int8 layers the stacked layer's call
+    (:func:`llmcore.model.qlinear.fuse_quantized`); None otherwise (a LoRA layer computes
+    more than its weight)."""
     if not all(type(m) is nn.Linear for m in modules):
-        return None
+        return fuse_quantized(modules)
     linears = typing.cast(list[nn.Linear], modules)
     with torch.no_grad():
         weight = torch.cat([m.weight for m in linears])  # (sum of outs, in)
@@ -115,7 +121,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.bias)
         self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=cfg.bias)
-        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # prepare_inference
+        self.qkv: Fused | None = None  # prepare_inference
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCacheLike | None = None, doc_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -123,7 +129,8 @@ class Attention(nn.Module):
         H, K, Hd = self.n_heads, self.n_kv, self.head_dim
         if self.qkv is not None and not torch.is_grad_enabled():
             # inference: one matmul, and q and k rotated together
-            qkv = F.linear(x, *self.qkv).view(B, T, H + 2 * K, Hd).transpose(1, 2)
+            qkv = (self.qkv(x) if callable(self.qkv) else F.linear(x, *self.qkv)
+                   ).view(B, T, H + 2 * K, Hd).transpose(1, 2)
             qk, v = qkv[:, : H + K], qkv[:, H + K :]  # (B, H+K, T, Hd), (B, K, T, Hd)
             if rope is not None:
                 qk = apply_rope(qk, *rope)
@@ -160,11 +167,12 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
-        self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # prepare_inference
+        self.gate_up: Fused | None = None  # prepare_inference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
         if self.gate_up is not None and not torch.is_grad_enabled():
-            gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)  # one matmul: (B, T, F) x 2
+            fused = self.gate_up(x) if callable(self.gate_up) else F.linear(x, *self.gate_up)
+            gate, up = fused.chunk(2, dim=-1)  # one matmul: (B, T, F) x 2
             h = F.silu(gate) * up
         elif self.kind == "swiglu":
             h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, F)
@@ -238,11 +246,10 @@ class Transformer(nn.Module):
                                    (mlp.gate_up, (getattr(mlp, "gate_proj", None), mlp.up_proj))):
                 if fused is None:
                     continue
-                for m in linears:
-                    assert isinstance(m, nn.Linear)
-                    m.weight.data = m.weight.data.clone()
-                    if m.bias is not None:
-                        m.bias.data = m.bias.data.clone()
+                for m in linears:  # (an int8 layer's weights are a buffer)
+                    if m is not None:
+                        for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
+                            t.data = t.data.clone()
             attn.qkv, mlp.gate_up = None, None
 
     def train(self, mode: bool = True) -> Transformer:

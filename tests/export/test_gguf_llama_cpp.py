@@ -42,7 +42,7 @@ def exported(tmp_path_factory):
         model.embed_tokens.weight.mul_(8)
     save_model_dir(tmp / "m", cfg, state_dict_for_save(model), tmp / "tok", {},
                    {"eos_token_id": [2, 0], "pad_token_id": 3})
-    files = {t: export_gguf(tmp / "m", tmp / f"m-{t}.gguf", t) for t in ("f32", "q8_0")}
+    files = {t: export_gguf(tmp / "m", tmp / f"m-{t}.gguf", t) for t in ("f32", "q8_0", "q4_0")}
     return tok, model, files
 
 
@@ -73,3 +73,37 @@ def test_llama_cpp_logits_match_at_f32(exported):
     with torch.no_grad():
         ours = model(torch.tensor([prompt]))[0, -1].numpy()
     assert np.abs(np.asarray(llm.scores[len(prompt) - 1]) - ours).max() < 1e-3
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_llama_cpp_computes_the_quantized_export_as_its_rounded_weights(exported, kind):
+    """A q8_0 / q4_0 file in llama.cpp gives the logits of llmcore's model with every matrix
+    rounded as the file stores it (``gguf``'s own quantizer and dequantizer), up to what
+    llama.cpp adds by rounding the activations to 8 bits for its integer dot products; at
+    q4_0 that is far closer than the unrounded model's logits are."""
+    import copy
+
+    import gguf
+    import numpy as np
+
+    tok, model, files = exported
+    qtype = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[kind]
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            if p.ndim == 2 and p.shape[-1] % 32 == 0:  # what the export quantizes
+                a = p.numpy()
+                back = gguf.quants.dequantize(gguf.quants.quantize(a, qtype), qtype)
+                p.copy_(torch.from_numpy(np.ascontiguousarray(back).reshape(a.shape)))
+    prompt = tok.encode("def f(x): return 12345")
+    llm = llama_cpp.load(files[kind])
+    llm.reset()
+    llm.eval(prompt)
+    theirs = np.asarray(llm.scores[len(prompt) - 1])
+    with torch.no_grad():
+        ours = rounded(torch.tensor([prompt]))[0, -1].numpy()
+        unrounded = model(torch.tensor([prompt]))[0, -1].numpy()
+    err = float(np.abs(theirs - ours).max())
+    assert err < 0.05 * float(ours.std())
+    if kind == "q4_0":
+        assert err < 0.5 * float(np.abs(theirs - unrounded).max())

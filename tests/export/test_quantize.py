@@ -10,10 +10,10 @@ from llmcore.config.model import parse_model
 from llmcore.export.quantize import QuantSpec, quantize_model
 from llmcore.infer.generate import Sampling, generate
 from llmcore.model.modeldir import load_model_dir, save_model_dir, state_dict_for_save
+from llmcore.model.qlinear import int8mm_available
 from llmcore.model.quant import (
     dequantize_int4,
     dequantize_int8,
-    int8mm_available,
     load_quantized,
     quantizable,
     quantize_int4,
@@ -127,7 +127,7 @@ BF16_FLAGS = frozenset({"avx2", "avx512f", "avx512_bf16"})
 def test_auto_keeps_large_layers_int8_and_expands_small_ones():
     """On a CPU with the kernel: layers of at least MIN_KERNEL_WEIGHTS weights run int8 with
     bf16 activations, smaller ones are expanded to float32 (the casts would cost more)."""
-    from llmcore.model.quant import AVX512_KERNELS, MIN_KERNEL_WEIGHTS, int8_runtime, int_mm_exact
+    from llmcore.model.qlinear import AVX512_KERNELS, MIN_KERNEL_WEIGHTS, int8_runtime, int_mm_exact
 
     cpu = torch.device("cpu")
     avx512 = torch.backends.cpu.get_cpu_capability() in AVX512_KERNELS
@@ -153,7 +153,7 @@ def test_w8a8_layer_is_within_its_rounding_bound_of_the_dequantized_product():
     """Each input rounded to int8 per row moves by at most half a step (max|row| / 254), so
     an output moves by at most that times the row of |weights| it meets (plus float32's
     rounding); the integer product itself is exact."""
-    from llmcore.model.quant import W8A8Linear, int_mm_exact
+    from llmcore.model.qlinear import W8A8Linear, int_mm_exact
 
     if not int_mm_exact(torch.device("cpu")):
         pytest.skip("torch._int_mm is not exact on this CPU (no int8 dot products)")
@@ -177,20 +177,20 @@ def test_a_wrong_int_mm_is_never_used(monkeypatch):
     """``w8a8`` runs only where the check of ``torch._int_mm`` finds exact sums: with a
     product that saturates (what torch gave with its kernels capped below VNNI), auto falls
     back to the weight-only kernel or to float, and a model asked for ``w8a8`` is expanded."""
-    import llmcore.model.quant as quant
+    import llmcore.model.qlinear as qlinear
 
     real = torch._int_mm
     monkeypatch.setattr(torch, "_int_mm", lambda a, b: real(a, b).clamp(-32768, 32767))
-    quant.int_mm_exact.cache_clear()
+    qlinear.int_mm_exact.cache_clear()
     try:
         cpu = torch.device("cpu")
-        assert not quant.int_mm_exact(cpu)
-        assert quant.int8_runtime(cpu)[0] in ("int8mm", "dequant")
+        assert not qlinear.int_mm_exact(cpu)
+        assert qlinear.int8_runtime(cpu)[0] in ("int8mm", "dequant")
         tensors, _ = quantize_model(Transformer(CFG).eval(), QuantSpec("int8"))
         asked = load_quantized(Transformer(CFG).eval(), tensors, {"method": "int8"}, "w8a8")
-        assert not any(isinstance(m, quant.W8A8Linear) for m in asked.modules())
+        assert not any(isinstance(m, qlinear.W8A8Linear) for m in asked.modules())
     finally:
-        quant.int_mm_exact.cache_clear()
+        qlinear.int_mm_exact.cache_clear()
 
 
 def test_auto_int8_is_close_to_float_with_kernels_capped_below_vnni(tmp_path):
@@ -203,7 +203,8 @@ def test_auto_int8_is_close_to_float_with_kernels_capped_below_vnni(tmp_path):
     code = """
 import dataclasses, torch
 from llmcore.export.quantize import QuantSpec, quantize_model
-from llmcore.model.quant import load_quantized, int8_runtime
+from llmcore.model.quant import load_quantized
+from llmcore.model.qlinear import int8_runtime
 from llmcore.model.transformer import Transformer
 from tests.export.test_quantize import CFG
 cfg = dataclasses.replace(CFG, d_model=256, n_heads=4, n_kv_heads=4, d_ff=704)
@@ -244,7 +245,7 @@ def test_int8_kernel_with_bf16_activations_stays_close_and_picks_the_same_tokens
     """bf16 activations round each input of a product to 8 bits of mantissa: the logits move
     by far less than their spread, and the dequantized model (float32) and the kernel one pick
     the same token wherever the choice is not a near-tie."""
-    from llmcore.model.quant import Int8Linear
+    from llmcore.model.qlinear import Int8Linear
 
     torch.manual_seed(5)
     model = Transformer(CFG).eval()
@@ -274,7 +275,7 @@ def test_int8_layers_own_fresh_aligned_weights(tmp_path):
     """A tensor read from a safetensors file may sit at any byte offset of its mapping; the
     kernel's vector loads crashed (SIGSEGV, a 0.5B model) on such weights, so an Int8Linear
     holds its own copy, aligned as torch allocates."""
-    from llmcore.model.quant import Int8Linear
+    from llmcore.model.qlinear import Int8Linear
 
     model = Transformer(CFG).eval()
     tensors, _ = quantize_model(model, QuantSpec("int8"))
@@ -291,7 +292,7 @@ def test_int8_layers_own_fresh_aligned_weights(tmp_path):
 
 
 def test_int4_kernel_layer_computes_the_dequantized_product():
-    from llmcore.model.quant import Int4Linear, int4_kernel_threshold
+    from llmcore.model.qlinear import Int4Linear, int4_kernel_threshold
 
     if int4_kernel_threshold(64) is None:
         pytest.skip(f"the int4 kernel is not used on this CPU "
@@ -312,14 +313,14 @@ def test_auto_runs_int4_weights_in_the_kernel_where_it_pays(monkeypatch):
     Int4Linear and give the dequantized model's greedy tokens; under AVX2 only layers of 2^22
     weights and up would (slower than float32 below), so this model's are all expanded, and
     without AVX2 none runs in the kernel."""
-    import llmcore.model.quant as quant
+    import llmcore.model.qlinear as qlinear
 
     cfg = dataclasses.replace(CFG, d_model=256, n_heads=4, n_kv_heads=4, d_ff=704)
     torch.manual_seed(6)
     tensors, _ = quantize_model(Transformer(cfg).eval(), QuantSpec("int4", group_size=64))
     info = {"method": "int4", "group_size": 64}
     deq = load_quantized(Transformer(cfg).eval(), tensors, info, "dequant")
-    if quant.int4_kernel_threshold(64) == quant.MIN_KERNEL_WEIGHTS:
+    if qlinear.int4_kernel_threshold(64) == qlinear.MIN_KERNEL_WEIGHTS:
         auto = load_quantized(Transformer(cfg).eval(), tensors, info, "auto")
         assert type(auto.layers[0].mlp.up_proj).__name__ == "Int4Linear"  # 704 x 256
         assert isinstance(auto.layers[0].self_attn.q_proj, torch.nn.Linear)  # under the size
@@ -328,22 +329,22 @@ def test_auto_runs_int4_weights_in_the_kernel_where_it_pays(monkeypatch):
         b = generate(auto, prompts, Sampling(max_new_tokens=12), [])
         same = sum(x == y for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=False))
         assert same >= 0.75 * sum(len(r) for r in a)  # bf16 activations may flip a near tie
-    has_kernel = quant.int4_kernel_threshold(64) is not None  # in this torch, on this CPU
+    has_kernel = qlinear.int4_kernel_threshold(64) is not None  # in this torch, on this CPU
     for cap, threshold in (("AVX2", 1 << 22), ("DEFAULT", None)):
-        quant.int4_kernel_threshold.cache_clear()
+        qlinear.int4_kernel_threshold.cache_clear()
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda cap=cap: cap)
         try:
-            assert quant.int4_kernel_threshold(64) == (threshold if has_kernel else None)
+            assert qlinear.int4_kernel_threshold(64) == (threshold if has_kernel else None)
             capped = load_quantized(Transformer(cfg).eval(), tensors, info, "auto")
             assert not any(type(m).__name__ == "Int4Linear" for m in capped.modules())
         finally:
-            quant.int4_kernel_threshold.cache_clear()
+            qlinear.int4_kernel_threshold.cache_clear()
 
 
 def test_int8_is_expanded_where_torch_kernels_are_avx2(monkeypatch):
     """Under AVX2 the int8 kernel decoded no faster than float32: ``auto`` expands there, and
     runs the kernel where torch's kernels are AVX-512."""
-    from llmcore.model.quant import int8_runtime
+    from llmcore.model.qlinear import int8_runtime
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
@@ -353,9 +354,45 @@ def test_int8_is_expanded_where_torch_kernels_are_avx2(monkeypatch):
     loaded = load_quantized(Transformer(cfg).eval(), tensors, {"method": "int8"}, "auto")
     assert not any(type(m).__name__ == "Int8Linear" for m in loaded.modules())
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    from llmcore.model.quant import int_mm_exact
+    from llmcore.model.qlinear import int_mm_exact
 
     if int_mm_exact(cpu):
         assert int8_runtime(cpu) == ("w8a8", torch.float32)
     elif int8mm_available(cpu, torch.bfloat16):
         assert int8_runtime(cpu) == ("int8mm", torch.bfloat16)
+
+
+@pytest.mark.parametrize("runtime", ["w8a8", "int8mm"])
+def test_prepared_int8_layers_are_stacked_and_compute_what_the_separate_ones_do(runtime):
+    """Prepared for inference, an int8 model's q/k/v and gate/up run as one stacked layer each
+    (one product; for w8a8 one rounding of the input), the separate layers' weights views of
+    the stacked ones; logits and greedy tokens are the unstacked model's, and ``train()``
+    gives every layer its own weights back."""
+    from llmcore.model.qlinear import W8A8Linear, int_mm_exact
+
+    cpu = torch.device("cpu")
+    if runtime == "w8a8" and not int_mm_exact(cpu):
+        pytest.skip("torch._int_mm is not exact on this CPU (no int8 dot products)")
+    if runtime == "int8mm" and not int8mm_available(cpu, torch.bfloat16):
+        pytest.skip("torch._weight_int8pack_mm with bf16 activations not in this build")
+    cfg = dataclasses.replace(CFG, d_model=128, n_heads=4, n_kv_heads=2, d_ff=352)
+    torch.manual_seed(9)
+    tensors, _ = quantize_model(Transformer(cfg).eval(), QuantSpec("int8"))
+    plain = load_quantized(Transformer(cfg).eval(), tensors, {"method": "int8"}, runtime)
+    prepared = load_quantized(Transformer(cfg).eval(), tensors, {"method": "int8"}, runtime)
+    prepared.prepare_inference()
+    attn, mlp = prepared.layers[0].self_attn, prepared.layers[0].mlp
+    assert callable(attn.qkv) and callable(mlp.gate_up)
+    stacked = attn.qkv.__self__
+    assert type(stacked) is type(attn.q_proj) and (runtime != "w8a8" or
+                                                   isinstance(stacked, W8A8Linear))
+    assert stacked.out_features == 128 + 2 * 64
+    ptr = stacked.qweight.untyped_storage().data_ptr()
+    assert attn.k_proj.qweight.untyped_storage().data_ptr() == ptr  # a view: no copy
+    x = torch.randint(0, 300, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), plain(x), rtol=1e-5, atol=1e-5)
+    s = Sampling(max_new_tokens=10)
+    assert generate(prepared, [[5, 6, 7], [9, 8]], s) == generate(plain, [[5, 6, 7], [9, 8]], s)
+    prepared.train()
+    assert attn.qkv is None and attn.k_proj.qweight.untyped_storage().data_ptr() != ptr
