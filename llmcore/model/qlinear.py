@@ -6,6 +6,16 @@
   product in int32 (``torch._int_mm``).
 * :class:`Int4Linear`: int4 weights in torch's CPU int4 kernel.
 
+At decode a product reads every weight once per token, so a quarter of the bytes is the gain;
+on CPUs with int8 dot products (VNNI, AMX) ``w8a8`` also does the arithmetic in int8 and
+decodes fastest; the weight-only kernel delivers the bytes with bf16 activations (it widens
+them to float32 itself) where torch's kernels are AVX-512, while with float32 activations it
+is several times slower than a float product; under AVX2 whole-model decode did not gain, so
+there int8 is expanded. A layer too small for the bytes to matter
+(:data:`MIN_KERNEL_WEIGHTS`) stays float: there the casts around the kernel cost more than it
+saves. int4 weights run in their kernel in layers large enough for it to pay on the CPU, and
+are expanded to float everywhere else.
+
 :func:`int8_runtime` and :func:`int4_kernel_threshold` say what a device runs, from checks of
 what its kernels do (exact sums, availability) and from measured speed
 (``benchmarks/int8_kernels.py``, ``benchmarks/decode_speed.py``). :func:`fuse_quantized`

@@ -8,21 +8,9 @@
 A quantized model directory stores ``<layer>.qweight`` and ``<layer>.scales`` per quantized
 layer. Both directions live here, so the packer (:mod:`llmcore.export.quantize`) and the
 loader (:mod:`llmcore.model.modeldir`) cannot disagree on the layout, and loading a quantized
-model needs nothing of the quantizer. At load the weights are either expanded to float once
-(``dequant``), or kept as int8 for torch's int8 weight-only kernel (``int8mm``:
-``torch._weight_int8pack_mm``, int8 weights times activations of a float dtype, one scale per
-output channel) or for int8 products (``w8a8``: activations rounded to int8 per row on the fly,
-``torch._int_mm``). :func:`int8_runtime` picks per device: at decode a product reads every
-weight once per token, so a quarter of the bytes is the gain; on CPUs with int8 dot products
-(VNNI, AMX) ``w8a8`` also does the arithmetic in int8 and decodes fastest; the weight-only
-kernel delivers the bytes with bf16 activations (it widens them to float32 itself) where
-torch's kernels are AVX-512, while with float32 activations it is several times slower than a
-float product; under AVX2 whole-model decode did not gain, so there int8 is expanded. A layer
-too small for the bytes to matter (:data:`MIN_KERNEL_WEIGHTS`) stays float: there the casts
-around the kernel cost more than it saves
-(``benchmarks/int8_kernels.py``, ``docs/serving.md#quantized-decode``). int4 weights run in
-torch's CPU int4 kernel (:class:`Int4Linear`, bf16 activations) in layers large enough for it
-to pay on the CPU (:func:`int4_kernel_threshold`), and are expanded to float everywhere else.
+model needs nothing of the quantizer. At load (:func:`load_quantized`) the weights are
+expanded to float once (``dequant``) or kept quantized in the layers of
+:mod:`llmcore.model.qlinear`, which says what runs where and why.
 
 Trade-off: round-to-nearest with absmax scales, no calibration data (GPTQ / AWQ would lose
 less at int4); it is exact to explain and needs nothing but the weights.
