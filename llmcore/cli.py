@@ -183,8 +183,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.compile:
         print("llmcore: compiling the decode step (torch.compile, once)...", file=sys.stderr)
         app.state.engine.warm_up()
+    from llmcore.model.qlinear import kernel_layers
+
+    kernels = "".join(f", {n} layers run {kind}"  # a quantized directory's kernels
+                      for kind, n in kernel_layers(app.state.engine.model).items())
     print(f"llmcore: serving {name or model.name} on http://{args.host}:{args.port}/ "
-          f"(max batch {args.max_batch}, queue {args.max_queue}"
+          f"(max batch {args.max_batch}, queue {args.max_queue}{kernels}"
           f"{', API key required' if key else ''})", file=sys.stderr)
     _run_server(app, args.host, args.port)
     return 0

@@ -26,6 +26,7 @@ stored format and the loader are :mod:`llmcore.model.quant`'s.
 
 from __future__ import annotations
 
+import collections
 import functools
 import typing
 from collections.abc import Callable, Sequence
@@ -263,3 +264,16 @@ def int8_runtime(device: torch.device) -> tuple[str, torch.dtype]:
         if int8mm_available(device, torch.bfloat16):
             return "int8mm", torch.bfloat16
     return "dequant", torch.float32
+
+
+# each quantized layer class by the runtime name ``quantize.runtime`` gives it
+KINDS = {"W8A8Linear": "w8a8", "Int8Linear": "int8mm", "Int4Linear": "int4"}
+
+
+def kernel_layers(model: object) -> dict[str, int]:
+    """How many layers run in each quantized kernel, by runtime name (:data:`KINDS`; a
+    stacked q/k/v counts as its separate layers); empty where every layer is float (a float
+    model, or a quantized one expanded at load)."""
+    modules = model.modules() if isinstance(model, nn.Module) else ()
+    return dict(collections.Counter(KINDS[type(m).__name__] for m in modules
+                                    if type(m).__name__ in KINDS))

@@ -43,6 +43,7 @@ from llmcore.infer.engine import Engine, QueueFull
 from llmcore.infer.engine import Request as EngineRequest
 from llmcore.infer.generate import Sampling
 from llmcore.model.protocols import LanguageModel
+from llmcore.model.qlinear import kernel_layers
 from llmcore.serve.events import Inbox, events, pieces
 from llmcore.serve.guard import ApiError, ApiKey, BodyLimit, error_body, install_error_handlers
 from llmcore.serve.protocol import ChatRequest, CompletionRequest, GenerateRequest, SamplingFields
@@ -139,7 +140,8 @@ def _info_routes(app: FastAPI, s: _Served) -> None:
     def health() -> dict[str, Any]:
         return {"status": "ok", "model": s.model_id, "params": s.model.num_parameters(),
                 "api_key_required": app.state.api_key_required,
-                "positions": s.cfg.positions, "max_seq_len": s.context, **s.engine.load()}
+                "positions": s.cfg.positions, "max_seq_len": s.context,
+                "kernel_layers": kernel_layers(s.model), **s.engine.load()}
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:

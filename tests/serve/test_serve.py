@@ -38,6 +38,7 @@ def test_health_names_the_model_not_its_path(served):
     body = r.json()
     assert body["status"] == "ok" and body["params"] == model.num_parameters()
     assert body["model"] == "m" and body["max_seq_len"] == 128 and body["running"] == 0
+    assert body["kernel_layers"] == {}  # a float model: no quantized kernel
     assert str(path.parent) not in r.text and "/tmp" not in r.text
 
 
@@ -272,6 +273,10 @@ def test_a_quantized_directory_is_served_with_its_kernel(tmp_path, tiny_tokenize
     with TestClient(create_app(tmp_path / "q", "cpu")) as client:
         served = client.app.state.engine.model
         assert isinstance(served.layers[0].mlp.up_proj, kernel)
+        from llmcore.model.qlinear import KINDS
+
+        n = sum(isinstance(m, kernel) for m in served.modules())  # the separate layers
+        assert client.get("/health").json()["kernel_layers"] == {KINDS[kernel.__name__]: n}
         r = client.post("/v1/chat/completions", json={"messages": [
             {"role": "user", "content": "hello there"}], "max_tokens": 8, "temperature": 0})
     assert r.status_code == 200, r.text
