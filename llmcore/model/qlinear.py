@@ -100,6 +100,13 @@ class Int8Linear(_Int8Layer):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.in_features, self.out_features = q.shape[1], q.shape[0]
 
+    @staticmethod
+    def fits(in_features: int, act_dtype: torch.dtype) -> bool:
+        """Whether the kernel takes a layer this wide: with bf16 activations torch's CPU
+        kernel crashed the process (SIGSEGV) on widths that are not a multiple of 16 (8,
+        24, 40, 100 measured), so such layers are expanded instead."""
+        return act_dtype != torch.bfloat16 or in_features % 16 == 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.scales.dtype),
@@ -244,16 +251,28 @@ MIN_KERNEL_WEIGHTS = 1 << 17
 AVX512_KERNELS = ("AVX512", "AVX512_BF16", "AMX")
 
 
+def weight_only_act(device: torch.device) -> torch.dtype:
+    """The activation dtype torch's weight-only int8 kernel runs with on ``device``: bf16 on a
+    CPU whose torch kernels are AVX-512 and whose torch has the bf16 kernel (the kernel widens
+    them itself; with float32 activations it is several times slower than a float product),
+    float32 elsewhere (CUDA included)."""
+    if (device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in AVX512_KERNELS
+            and int8mm_available(device, torch.bfloat16)):
+        return torch.bfloat16
+    return torch.float32
+
+
 def int8_runtime(device: torch.device) -> tuple[str, torch.dtype]:
     """What ``auto`` runs int8 weights with on ``device``: (mode, activation dtype).
 
     CUDA: the weight-only kernel with float32 activations. A CPU whose torch kernels are
     AVX-512: int8 activations too (``w8a8``) where ``torch._int_mm`` is exact there (int8
     dot products in hardware: at the 0.5B shape's decode about twice float32's rate, the
-    weight-only kernel about 1.5 times, ``reports/decode_speed-0.5b.json``), else the weight-only kernel with bf16 activations, where torch has
-    it. Anywhere else, AVX2 included, the weights are expanded to float32 at load: with torch
-    capped to AVX2 the weight-only kernel decoded no faster than float32, and slower at batch
-    8 (``reports/decode_speed-*-avx2cap.json``), ``_int_mm`` was wrong there, and a quantized
+    weight-only kernel about 1.5 times, ``reports/decode_speed-0.5b.json``), else the
+    weight-only kernel with bf16 activations, where torch has it. Anywhere else, AVX2
+    included, the weights are expanded to float32 at load: with torch capped to AVX2 the
+    weight-only kernel decoded no faster than float32, and slower at batch 8
+    (``reports/decode_speed-*-avx2cap.json``), ``_int_mm`` was wrong there, and a quantized
     model must not be slower than its float one. MPS and others: expanded.
     """
     if device.type == "cuda":
@@ -261,7 +280,7 @@ def int8_runtime(device: torch.device) -> tuple[str, torch.dtype]:
     if device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in AVX512_KERNELS:
         if int_mm_exact(device):
             return "w8a8", torch.float32
-        if int8mm_available(device, torch.bfloat16):
+        if weight_only_act(device) == torch.bfloat16:
             return "int8mm", torch.bfloat16
     return "dequant", torch.float32
 

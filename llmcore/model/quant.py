@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from llmcore.model.qlinear import (
-    AVX512_KERNELS,
     MIN_KERNEL_WEIGHTS,
     Int4Linear,
     Int8Linear,
@@ -34,6 +33,7 @@ from llmcore.model.qlinear import (
     int8_runtime,
     int8mm_available,
     int_mm_exact,
+    weight_only_act,
 )
 from llmcore.schema import UserError
 
@@ -128,20 +128,15 @@ def load_quantized(model: nn.Module, tensors: Mapping[str, torch.Tensor],
     expanded); ``auto`` is :func:`int8_runtime`'s choice for the device, with layers under
     :data:`MIN_KERNEL_WEIGHTS` weights expanded, and for int4 weights on a CPU
     :class:`Int4Linear` for layers of at least :func:`int4_kernel_threshold` weights (every
-    other case expands them). ``int8mm`` asked for computes in bf16 on a CPU of AVX-512
-    kernels, in float32 elsewhere.
+    other case expands them). :class:`Int8Linear` computes in :func:`weight_only_act`'s
+    dtype.
     """
     method, group = quant.get("method"), quant.get("group_size")
     if method not in ("int8", "int4"):
         raise QuantFormatError(f"config.json: unknown quantization method {method!r}")
     device = next(model.parameters()).device
-    picked, act = int8_runtime(device)
-    if mode == "int8mm" and picked != "int8mm":
-        # asked for: bf16 activations where they are fast (a CPU of AVX-512 kernels, whose
-        # auto is w8a8), float32 elsewhere
-        act = (torch.bfloat16 if device.type == "cpu" and torch.backends.cpu
-               .get_cpu_capability() in AVX512_KERNELS and int8mm_available(device, torch.bfloat16)
-               else torch.float32)
+    picked, _ = int8_runtime(device)
+    act = weight_only_act(device)  # what an Int8Linear computes in, asked for or picked
     int4 = (int4_kernel_threshold(int(group or 0)) if method == "int4" and mode == "auto"
             and device.type == "cpu" else None)
     smallest = 0
@@ -162,21 +157,20 @@ def load_quantized(model: nn.Module, tensors: Mapping[str, torch.Tensor],
                             f"{(bad + absent)[:5]}, unexpected {unexpected[:5]}")
     for name, layer in layers.items():
         q, s = tensors[f"{name}.qweight"], tensors[f"{name}.scales"]
+        q, s = q.to(device), s.to(device)
+        kernel: nn.Module | None = None
         if (int4 is not None and isinstance(layer, nn.Linear) and 2 * q.numel() >= int4
                 and 2 * q.shape[1] == layer.in_features  # a width the groups divide
                 and layer.out_features % 16 == 0):  # the kernel's layout needs it
+            kernel = Int4Linear(q, s, int(group or 0), layer.bias)
+        elif (mode in ("int8mm", "w8a8") and isinstance(layer, nn.Linear)
+              and q.numel() >= smallest
+              and (mode == "w8a8" or Int8Linear.fits(layer.in_features, act))):
+            kernel = (Int8Linear(q, s, layer.bias, act) if mode == "int8mm"
+                      else W8A8Linear(q, s, layer.bias))
+        if kernel is not None:
             parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, Int4Linear(q.to(device), s.to(device), int(group or 0),
-                                              layer.bias))
-            continue
-        if mode in ("int8mm", "w8a8") and isinstance(layer, nn.Linear) and \
-                q.numel() >= smallest:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child,
-                    Int8Linear(q.to(device), s.to(device), layer.bias, act) if mode == "int8mm"
-                    else W8A8Linear(q.to(device), s.to(device), layer.bias))
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, kernel)
             continue
         weight = layer.weight
         assert isinstance(weight, torch.Tensor)

@@ -396,3 +396,44 @@ def test_prepared_int8_layers_are_stacked_and_compute_what_the_separate_ones_do(
     assert generate(prepared, [[5, 6, 7], [9, 8]], s) == generate(plain, [[5, 6, 7], [9, 8]], s)
     prepared.train()
     assert attn.qkv is None and attn.k_proj.qweight.untyped_storage().data_ptr() != ptr
+
+
+def test_stacking_copies_where_a_view_would_start_off_a_64_byte_boundary():
+    """A layer whose rows would start inside the stacked weights at an offset that is not a
+    multiple of 64 bytes keeps its own (aligned) weights; the stacked product is unchanged."""
+    from llmcore.model.qlinear import Int8Linear, fuse_quantized, weight_only_act
+
+    torch.manual_seed(2)
+    act = weight_only_act(torch.device("cpu"))
+    layers = [Int8Linear(*quantize_int8(torch.randn(out, 48)), None, act) for out in (5, 16)]
+    alone = [m.qweight.untyped_storage().data_ptr() for m in layers]
+    fused = fuse_quantized(layers)
+    assert fused is not None
+    stacked = fused.__self__.qweight.untyped_storage().data_ptr()
+    assert layers[0].qweight.untyped_storage().data_ptr() == stacked  # offset 0: a view
+    assert layers[1].qweight.untyped_storage().data_ptr() == alone[1]  # 5 * 48 bytes: kept
+    x = torch.randn(2, 48)
+    torch.testing.assert_close(fused(x), torch.cat([m(x) for m in layers], dim=-1))
+
+
+def test_int8mm_expands_layers_too_narrow_for_the_bf16_kernel():
+    """torch's weight-only kernel with bf16 activations crashed the process on a width that
+    is not a multiple of 16; such layers are expanded, the others keep the kernel, and the
+    model computes what the expanded one does."""
+    from llmcore.model.qlinear import Int8Linear, weight_only_act
+
+    cpu = torch.device("cpu")
+    if weight_only_act(cpu) != torch.bfloat16:
+        pytest.skip("the weight-only kernel runs float32 activations on this CPU")
+    cfg = dataclasses.replace(CFG, d_model=40, n_heads=2, n_kv_heads=2, d_ff=96)
+    torch.manual_seed(3)
+    tensors, _ = quantize_model(Transformer(cfg).eval(), QuantSpec("int8"))
+    deq = load_quantized(Transformer(cfg).eval(), tensors, {"method": "int8"}, "dequant")
+    kern = load_quantized(Transformer(cfg).eval(), tensors, {"method": "int8"}, "int8mm")
+    mlp = kern.layers[0].mlp
+    assert type(mlp.up_proj) is torch.nn.Linear  # 40 wide: expanded
+    assert isinstance(mlp.down_proj, Int8Linear)  # 96 wide: the kernel
+    x = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        a, b = deq(x), kern(x)
+    assert float((a - b).abs().max()) < 0.05 * float(a.std())
